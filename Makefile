@@ -1,0 +1,47 @@
+# Every target does its own set-up on a fresh machine: a virtual environment in .venv with the
+# pinned development requirements (torch pinned to the CPU build) and ddk installed editable.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+EXT_STAMP := $(VENV)/.ext-built
+
+export PYTHONHASHSEED := 0
+
+.PHONY: setup ext demo test test-all bench bench-gpu clean
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+# The compiled extension is built in place (no build isolation, so it sees the pinned torch).
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $(EXT_STAMP)
+
+setup: $(EXT_STAMP)
+
+ext: setup
+
+demo: setup
+	$(PY) -m ddk.cli demo
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)
+
+test-all: setup
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q --timeout=3600 $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/latest.json $(PYTEST_ARGS)
+	$(PY) bench/report.py bench/results/latest.json
+
+bench-gpu:
+	bash bench/gpu/run.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info ddk_kernels/_C*.so .pytest_cache .hypothesis .benchmarks

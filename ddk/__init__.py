@@ -1,0 +1,34 @@
+"""DDK: domain-aware knowledge distillation of LLMs (arXiv 2407.16154).
+
+Composable pieces for any training loop:
+
+* :class:`DomainPartitioner` — examples -> domain ids, stable per-domain train/validation splits.
+* :class:`DiscrepancyEstimator` — per-domain student/teacher CE -> perplexity ratios.
+* :class:`FactorSmoother` — ratios -> domain weights (Eq. 1 and the smoothed update of Eq. 2).
+* :class:`MixtureSampler` — weights -> exact-count, resumable, rank-sliced batches of indices.
+* :class:`DDKController` — ties the three to the distillation interval K.
+* :func:`kd_loss` — ``CE + gamma * KL(p_T || p_S)`` with per-domain sums, on fast backends.
+"""
+
+from ddk.controller import DDKController
+from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
+from ddk.losses import KDLoss, KDLossOutput, kd_loss
+from ddk.partition import DomainPartitioner, DomainSplits
+from ddk.sampling import MixtureSampler
+from ddk.schedule import FactorSmoother
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DDKController",
+    "DiscrepancyEstimator",
+    "DomainDiscrepancy",
+    "DomainPartitioner",
+    "DomainSplits",
+    "FactorSmoother",
+    "KDLoss",
+    "KDLossOutput",
+    "MixtureSampler",
+    "kd_loss",
+    "__version__",
+]

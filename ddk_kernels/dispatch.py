@@ -1,0 +1,98 @@
+"""The one place where a backend of the KD loss is chosen.
+
+Every backend exposes the same per-row contract::
+
+    row_losses(student_logits (N, V), teacher_logits (N, V), labels (N,), config: KDConfig)
+        -> (ce (N,), kd (N,))
+
+differentiable w.r.t. ``student_logits`` (float32 results for float32/bfloat16/float16 inputs,
+float64 for float64), zero on ignored rows. ``teacher_logits`` may be a column slice of a wider
+tensor (row stride larger than V). The reduction to ``KDLossOutput`` is shared
+(``ddk_kernels.reduce``).
+
+``backend="auto"`` picks the fastest available backend for the device; the ``DDK_BACKEND``
+environment variable overrides that choice. An explicit backend that cannot run raises a
+``RuntimeError`` naming the backends that can.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from ddk_kernels.types import KDConfig
+
+RowLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KDConfig], "tuple[torch.Tensor, torch.Tensor]"]
+
+BACKENDS: tuple[str, ...] = ("reference", "chunked", "cpp", "triton")
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpp", "chunked", "reference"),
+    "cuda": ("triton", "cpp", "chunked", "reference"),
+}
+
+
+def _reference_row_losses(zs, zt, labels, config):  # type: ignore[no-untyped-def]
+    from ddk_kernels.reference import kd_row_losses_reference
+
+    return kd_row_losses_reference(zs, zt, labels, config)
+
+
+def _probe(name: str, device: torch.device) -> tuple[RowLossFn | None, str]:
+    """Return ``(row_losses, "")`` if backend ``name`` runs on ``device`` else ``(None, reason)``."""
+    if name == "reference":
+        return _reference_row_losses, ""
+    try:
+        if name == "chunked":
+            from ddk_kernels import chunked as mod
+        elif name == "cpp":
+            from ddk_kernels import cpp as mod  # type: ignore[no-redef]
+        elif name == "triton":
+            from ddk_kernels import triton as mod  # type: ignore[no-redef]
+        else:
+            return None, f"unknown backend {name!r}"
+    except ImportError as exc:  # the backend module itself is not there yet or lacks a dependency
+        return None, f"cannot import ({exc})"
+    ok, reason = mod.is_available(device)
+    return (mod.row_losses if ok else None), reason
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
+    """Map every backend name to ``""`` if it runs on ``device``, else to the reason it cannot."""
+    device = torch.device(device)
+    return {name: _probe(name, device)[1] for name in BACKENDS}
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Resolve ``"auto"`` (or ``DDK_BACKEND``) to a concrete backend name that runs on ``device``."""
+    device = torch.device(device)
+    if backend == "auto":
+        env = os.environ.get("DDK_BACKEND", "").strip()
+        if env and env != "auto":
+            backend = env
+        else:
+            for name in _AUTO_ORDER.get(device.type, ("chunked", "reference")):
+                if _probe(name, device)[0] is not None:
+                    return name
+            return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"kd_loss: backend must be one of {('auto',) + BACKENDS}; got {backend!r}."
+        )
+    fn, reason = _probe(backend, device)
+    if fn is None:
+        runnable = [n for n, r in available_backends(device).items() if not r]
+        raise RuntimeError(
+            f"kd_loss: backend {backend!r} cannot run on {device.type}: {reason}. "
+            f"Available there: {runnable}; use backend='auto' to pick the fastest."
+        )
+    return backend
+
+
+def get_row_losses(backend: str, device: torch.device | str) -> RowLossFn:
+    """The ``row_losses`` function of ``backend`` (``"auto"`` allowed) for ``device``."""
+    name = resolve_backend(backend, device)
+    fn, _ = _probe(name, torch.device(device))
+    assert fn is not None  # resolve_backend raised otherwise
+    return fn

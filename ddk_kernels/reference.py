@@ -1,0 +1,209 @@
+"""The plain-PyTorch oracle of every op in ddk_kernels.
+
+Readable, unfused and materialising: every fast backend is tested against these functions in
+float64, and benchmarks use them as the naive path. Nothing here is tuned for speed or memory.
+
+Notation of one row: ``s = zS / T``, ``t = zT / T``, ``q = softmax(s)`` (student),
+``p = softmax(t)`` (teacher).
+
+* forward KL  = KL(p || q) = sum p (log p - log q)
+* reverse KL  = KL(q || p) = sum q (log q - log p)
+* JSD(beta)   = beta * KL(p || m) + (1 - beta) * KL(q || m), ``m = beta p + (1 - beta) q``;
+  ``beta = 0`` is forward KL and ``beta = 1`` reverse KL exactly.
+* CE          = cross entropy of ``softmax(zS)`` (temperature 1) against the label.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ddk_kernels.types import KDConfig, KDLossOutput
+
+__all__ = [
+    "kd_row_losses_reference",
+    "kd_loss_reference",
+    "kd_logits_grad_reference",
+    "divergence_reference",
+]
+
+
+def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``a * (log a - log b)`` with the convention ``0 * anything = 0``."""
+    a = log_a.exp()
+    term = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+    return term.sum(dim=-1)
+
+
+def divergence_reference(
+    log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float
+) -> torch.Tensor:
+    """Per-row divergence between teacher ``p`` and student ``q`` given their log-probabilities.
+
+    Args:
+        log_q: ``(N, V)`` student log-probabilities at temperature T.
+        log_p: ``(N, V)`` teacher log-probabilities at temperature T.
+        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        beta: JSD weight; 0 gives forward KL and 1 reverse KL exactly.
+
+    Returns:
+        ``(N,)`` divergence per row, in the dtype of the inputs.
+    """
+    cfg = KDConfig(divergence=divergence, beta=beta)
+    kind = cfg.effective_divergence
+    if kind == "forward_kl":
+        return _plogp_diff(log_p, log_q)
+    if kind == "reverse_kl":
+        return _plogp_diff(log_q, log_p)
+    log_m = torch.logsumexp(
+        torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0
+    )
+    return beta * _plogp_diff(log_p, log_m) + (1.0 - beta) * _plogp_diff(log_q, log_m)
+
+
+def kd_row_losses_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: KDConfig = KDConfig(),
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row CE and divergence, differentiable through autograd.
+
+    Args:
+        student_logits: ``(N, V)`` any float dtype.
+        teacher_logits: ``(N, V)`` (already sliced to the student's vocabulary).
+        labels: ``(N,)`` int64; rows equal to ``config.ignore_index`` give 0 for both terms.
+        config: temperature, divergence, beta, ignore_index.
+        compute_dtype: dtype of the math; default float32, or float64 for float64 inputs.
+
+    Returns:
+        ``(ce, kd)``: two ``(N,)`` tensors in ``compute_dtype``.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    zs = student_logits.to(compute_dtype)
+    zt = teacher_logits.to(compute_dtype)
+    valid = labels != config.ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    ce = F.cross_entropy(zs, safe_labels, reduction="none")
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    log_q = F.log_softmax(zs / config.temperature, dim=-1)
+    log_p = F.log_softmax(zt / config.temperature, dim=-1)
+    kd = divergence_reference(log_q, log_p, config.divergence, config.beta)
+    kd = torch.where(valid, kd, torch.zeros_like(kd))
+    return ce, kd
+
+
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    domain_ids: torch.Tensor | None = None,
+    num_domains: int = 1,
+    gamma: float = 0.2,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    t2_scale: bool = False,
+    normalizer: float | torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> KDLossOutput:
+    """The whole KD loss of DESIGN.md 3.1, materialising everything (the oracle).
+
+    ``loss = (sum CE + gamma * s * sum KD) / normalizer`` over valid tokens, with
+    ``s = T**2`` if ``t2_scale`` else 1 and ``normalizer`` = number of valid tokens (at least 1)
+    unless given. A teacher vocabulary larger than the student's is sliced to the student's.
+
+    Args:
+        student_logits: ``(N, V)``.
+        teacher_logits: ``(N, Vt)`` with ``Vt >= V``.
+        labels: ``(N,)`` int64.
+        domain_ids: ``(N,)`` int64 in ``[0, num_domains)``, or None for one domain.
+        num_domains: D, the length of the per-domain outputs.
+        gamma, temperature, divergence, beta, ignore_index, t2_scale, normalizer: see ``ddk.kd_loss``.
+        compute_dtype: dtype of the math (float64 for the oracle in tests).
+
+    Returns:
+        ``KDLossOutput``; per-domain sums are computed with a one-hot matmul.
+    """
+    vocab = student_logits.shape[-1]
+    teacher_logits = teacher_logits[:, :vocab]
+    cfg = KDConfig(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index)
+    ce, kd = kd_row_losses_reference(student_logits, teacher_logits, labels, cfg, compute_dtype)
+    valid = labels != ignore_index
+    num_tokens = valid.sum()
+    if domain_ids is None:
+        domain_ids = torch.zeros_like(labels)
+    onehot = F.one_hot(domain_ids.long(), num_domains).to(ce.dtype) * valid.unsqueeze(-1).to(ce.dtype)
+    scale = temperature**2 if t2_scale else 1.0
+    if normalizer is None:
+        norm = num_tokens.clamp(min=1).to(ce.dtype)
+    else:
+        norm = torch.as_tensor(normalizer, dtype=ce.dtype, device=ce.device)
+    loss = (ce.sum() + gamma * scale * kd.sum()) / norm
+    return KDLossOutput(
+        loss=loss,
+        ce_sum=ce.sum().detach(),
+        kd_sum=kd.sum().detach(),
+        num_tokens=num_tokens,
+        domain_ce_sum=(onehot.T @ ce).detach(),
+        domain_kd_sum=(onehot.T @ kd).detach(),
+        domain_tokens=onehot.T.sum(dim=-1).round().long(),
+    )
+
+
+def kd_logits_grad_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_ce: torch.Tensor,
+    grad_kd: torch.Tensor,
+    config: KDConfig = KDConfig(),
+) -> torch.Tensor:
+    """Closed-form gradient of ``sum(grad_ce * ce + grad_kd * kd)`` w.r.t. the student logits.
+
+    With ``s = zS / T``, ``q = softmax(s)``, ``p = softmax(t)``:
+
+    * CE:          ``softmax(zS) - onehot(label)``
+    * forward KL:  ``(q - p) / T``
+    * reverse KL:  ``q * (log q - log p - KL(q || p)) / T``
+    * JSD(beta):   ``q * (g - sum q g) / T`` with ``g = (1 - beta) log(q / m)``
+
+    Args:
+        student_logits, teacher_logits: ``(N, V)``.
+        labels: ``(N,)``; ignored rows get a zero gradient.
+        grad_ce, grad_kd: ``(N,)`` upstream gradients of each row's CE and divergence.
+        config: temperature, divergence, beta, ignore_index.
+
+    Returns:
+        ``(N, V)`` gradient in float64.
+    """
+    zs = student_logits.double()
+    zt = teacher_logits.double()
+    T = config.temperature
+    valid = labels != config.ignore_index
+    soft = torch.softmax(zs, dim=-1)
+    onehot = F.one_hot(torch.where(valid, labels, torch.zeros_like(labels)), zs.shape[-1]).double()
+    d_ce = soft - onehot
+    log_q = F.log_softmax(zs / T, dim=-1)
+    log_p = F.log_softmax(zt / T, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    kind = config.effective_divergence
+    if kind == "forward_kl":
+        d_kd = q - p
+    elif kind == "reverse_kl":
+        g = log_q - log_p
+        d_kd = q * (g - (q * g).sum(-1, keepdim=True))
+    else:
+        beta = config.beta
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+        g = (1.0 - beta) * (log_q - log_m)
+        d_kd = q * (g - (q * g).sum(-1, keepdim=True))
+    d_kd = d_kd / T
+    grad = grad_ce.double().unsqueeze(-1) * d_ce + grad_kd.double().unsqueeze(-1) * d_kd
+    return torch.where(valid.unsqueeze(-1), grad, torch.zeros_like(grad))
