@@ -1,0 +1,1 @@
+"""Runnable end-to-end programs built from the DDK components."""
