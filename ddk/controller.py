@@ -1,0 +1,233 @@
+"""``DDKController``: ties the estimator, the smoother and the sampler to the interval K."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddk.discrepancy.estimator import DiscrepancyEstimator, DomainDiscrepancy
+from ddk.integrations.distributed import rank_world
+from ddk.schedule.smoother import FactorSmoother
+
+
+class DDKController:
+    """Runs DDK's schedule: ``r_0`` at ``start``, a smoothed update every ``interval`` steps.
+
+    Call ``start(student)`` once before training, ``step_end(global_step, student)`` after every
+    optimizer step (with the number of optimizer steps done so far), and, in online mode,
+    ``observe(loss_output)`` after every forward pass. Under ``torch.distributed`` every rank
+    must make these calls (the estimates are all-reduced); only rank 0 writes the log.
+
+    Each initialisation/update is a record ``{"event": "init"|"update", "step", "batch"
+    (sampler.batches_yielded), "domain_names", "weights", "ratio", "student_ce", "teacher_ce",
+    "tokens", "time"}`` kept in ``records`` and appended as one JSON line to ``log_path``.
+
+    Args:
+        estimator: a ``DiscrepancyEstimator`` (its teacher CE must be computed before ``start``).
+        smoother: a ``FactorSmoother`` with the same number of domains.
+        sampler: a ``MixtureSampler`` (anything with ``set_weights``, ``batches_yielded``,
+            ``num_domains``, ``state_dict`` and ``load_state_dict``) over the same domains, in
+            the same order; its ``domain_names`` must equal the estimator's unless they are the
+            sampler's defaults ``"domain0", ...``.
+        interval: K, optimizer steps between updates (paper: 1000).
+        log_path: JSON-lines file (appended to; parent folders are created), or None.
+        online: estimate from the training batches passed to ``observe`` instead of validation
+            passes at each update (``start`` still runs one validation pass for ``r_0``).
+
+    Example:
+        >>> # controller = DDKController(estimator, FactorSmoother(D), sampler, interval=1000)
+        >>> # controller.start(student)
+        >>> # for step, batch in enumerate(loader, 1): ...; controller.step_end(step, student)
+    """
+
+    def __init__(
+        self,
+        estimator: DiscrepancyEstimator,
+        smoother: FactorSmoother,
+        sampler: Any,
+        *,
+        interval: int = 1000,
+        log_path: str | os.PathLike[str] | None = None,
+        online: bool = False,
+    ) -> None:
+        fn = "DDKController"
+        if not isinstance(estimator, DiscrepancyEstimator):
+            raise TypeError(f"{fn}: estimator must be a DiscrepancyEstimator; got {type(estimator).__name__}.")
+        if not isinstance(smoother, FactorSmoother):
+            raise TypeError(f"{fn}: smoother must be a FactorSmoother; got {type(smoother).__name__}.")
+        missing = [m for m in ("set_weights", "state_dict", "load_state_dict") if not hasattr(sampler, m)]
+        if missing:
+            raise TypeError(f"{fn}: sampler must be a MixtureSampler (with {missing}); got {type(sampler).__name__}.")
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ValueError(f"{fn}: interval must be an int >= 1 (optimizer steps between updates; paper: 1000); got {interval!r}.")
+        d = estimator.num_domains
+        if smoother.num_domains != d:
+            raise ValueError(f"{fn}: smoother.num_domains must equal the estimator's {d} domains; got {smoother.num_domains}.")
+        sampler_d = getattr(sampler, "num_domains", d)
+        if sampler_d != d:
+            raise ValueError(f"{fn}: sampler.num_domains must equal the estimator's {d} domains; got {sampler_d}.")
+        sampler_names = getattr(sampler, "domain_names", None)
+        default_names = tuple(f"domain{i}" for i in range(d))  # MixtureSampler's default
+        if (
+            sampler_names is not None
+            and tuple(sampler_names) != default_names
+            and tuple(sampler_names) != estimator.domain_names
+        ):
+            raise ValueError(
+                f"{fn}: sampler.domain_names must equal the estimator's {list(estimator.domain_names)} (same order); "
+                f"got {list(sampler_names)}."
+            )
+        self.estimator = estimator
+        self.smoother = smoother
+        self.sampler = sampler
+        self.interval = interval
+        self.online = bool(online)
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.records: list[dict[str, Any]] = []
+        self._started = False
+        self._last_update_step = 0
+        self._num_updates = 0
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def started(self) -> bool:
+        """True after ``start`` (or loading a started state)."""
+        return self._started
+
+    @property
+    def num_updates(self) -> int:
+        """Number of Eq. 2 updates done so far."""
+        return self._num_updates
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Current ``(D,)`` float64 domain weights."""
+        return self.smoother.weights
+
+    def start(self, student: nn.Module) -> torch.Tensor:
+        """Eq. 1: estimate the discrepancy, set ``r_0`` on the sampler and log it.
+
+        Args:
+            student: the student model (evaluated on the validation sets).
+
+        Returns:
+            ``(D,)`` float64 initial weights.
+        """
+        if not self.estimator.has_teacher_ce:
+            raise RuntimeError(
+                "DDKController.start: the estimator must have the teacher CE; call "
+                "estimator.compute_teacher(teacher) first (or pass teacher_ce= to the estimator)."
+            )
+        disc = self.estimator.estimate(student)
+        weights = self.smoother.initialize(disc)
+        self.sampler.set_weights(weights.tolist())
+        self._started = True
+        self._last_update_step = 0
+        self._log("init", 0, disc, weights)
+        return weights
+
+    def step_end(self, global_step: int, student: nn.Module | None = None) -> torch.Tensor | None:
+        """Call after every optimizer step; updates the weights when ``global_step % interval == 0``.
+
+        Args:
+            global_step: optimizer steps done so far (>= 0).
+            student: the student (needed unless ``online``).
+
+        Returns:
+            The new ``(D,)`` float64 weights at an update step, else None. A step at or before
+            the last update (a repeated call, or steps replayed after resuming) does nothing.
+        """
+        fn = "DDKController.step_end"
+        if not isinstance(global_step, int) or isinstance(global_step, bool) or global_step < 0:
+            raise ValueError(f"{fn}: global_step must be an int >= 0; got {global_step!r}.")
+        if not self._started:
+            raise RuntimeError(f"{fn}: the controller must be started first; call controller.start(student).")
+        if global_step % self.interval != 0 or global_step <= self._last_update_step:
+            return None
+        if self.online:
+            disc = self.estimator.estimate_online()
+        else:
+            if student is None:
+                raise ValueError(f"{fn}: student must be given unless online=True; got None.")
+            disc = self.estimator.estimate(student)
+        weights = self.smoother.update(disc)
+        self.sampler.set_weights(weights.tolist())
+        self._last_update_step = global_step
+        self._num_updates += 1
+        self._log("update", global_step, disc, weights)
+        return weights
+
+    def observe(self, output: Any, teacher_ce_sum: torch.Tensor | None = None) -> None:
+        """Forward a training step's ``KDLossOutput`` to ``estimator.observe`` (online mode)."""
+        self.estimator.observe(output, teacher_ce_sum)
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, event: str, step: int, disc: DomainDiscrepancy, weights: torch.Tensor) -> None:
+        rec = {
+            "event": event,
+            "step": step,
+            "batch": int(getattr(self.sampler, "batches_yielded", 0)),
+            "domain_names": list(disc.domain_names),
+            "weights": weights.tolist(),
+            "ratio": disc.ratio.tolist(),
+            "student_ce": disc.student_ce.tolist(),
+            "teacher_ce": disc.teacher_ce.tolist(),
+            "tokens": disc.tokens.tolist(),
+            "time": time.time(),
+        }
+        self.records.append(rec)
+        if self.log_path is not None and rank_world()[0] == 0:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, at_batch: int | None = None) -> dict[str, Any]:
+        """JSON-serialisable state of the controller, the estimator, the smoother and the sampler.
+
+        Args:
+            at_batch: forwarded to ``MixtureSampler.state_dict(at_batch=...)`` when given (the
+                first global batch the training loop has not consumed, if a DataLoader
+                prefetches ahead of it).
+        """
+        sampler_state = self.sampler.state_dict() if at_batch is None else self.sampler.state_dict(at_batch=at_batch)
+        return {
+            "controller": {
+                "interval": self.interval,
+                "online": self.online,
+                "started": self._started,
+                "last_update_step": self._last_update_step,
+                "num_updates": self._num_updates,
+            },
+            "estimator": self.estimator.state_dict(),
+            "smoother": self.smoother.state_dict(),
+            "sampler": sampler_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` (the interval and online flag stay the constructor's)."""
+        fn = "DDKController.load_state_dict"
+        if not isinstance(state, dict) or not {"controller", "estimator", "smoother", "sampler"} <= set(state):
+            raise TypeError(
+                f"{fn}: state must be a dict from DDKController.state_dict() with keys controller, estimator, "
+                f"smoother, sampler; got {sorted(state) if isinstance(state, dict) else type(state).__name__}."
+            )
+        self.estimator.load_state_dict(state["estimator"])
+        self.smoother.load_state_dict(state["smoother"])
+        self.sampler.load_state_dict(state["sampler"])
+        c = state["controller"]
+        self._started = bool(c["started"])
+        self._last_update_step = int(c["last_update_step"])
+        self._num_updates = int(c["num_updates"])
+
+    def __repr__(self) -> str:
+        return (
+            f"DDKController(interval={self.interval}, online={self.online}, started={self._started}, "
+            f"updates={self._num_updates})"
+        )

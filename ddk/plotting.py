@@ -1,0 +1,136 @@
+"""Plots of a ``DDKController`` log: domain weights and student-teacher gaps over training.
+
+matplotlib is imported lazily (``pip install ddk[plot]``) and drawn with the Agg canvas, so no
+display and no pyplot global state are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+_GAP_QUANTITIES = ("gap", "ratio", "student_ce")
+
+
+def load_records(log_path_or_records: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Read controller records from a JSON-lines log, or pass records through.
+
+    Args:
+        log_path_or_records: path of a ``DDKController`` log, or its ``records``.
+
+    Returns:
+        The records (dicts), in file order.
+    """
+    fn = "load_records"
+    if isinstance(log_path_or_records, (str, os.PathLike)):
+        path = Path(log_path_or_records)
+        if not path.is_file():
+            raise ValueError(f"{fn}: log_path_or_records must be an existing JSON-lines file; got {str(path)!r}.")
+        with path.open(encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    else:
+        records = [dict(r) for r in log_path_or_records]
+    if not records:
+        raise ValueError(f"{fn}: log_path_or_records must hold at least one record; got none.")
+    for r in records:
+        missing = [k for k in ("step", "domain_names", "weights") if k not in r]
+        if missing:
+            raise ValueError(f"{fn}: every record must have keys step, domain_names, weights; got a record missing {missing}.")
+    return records
+
+
+def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("ddk.plotting needs matplotlib: pip install 'ddk[plot]'.") from e
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Any, ax: Any, out_png: str | os.PathLike[str]) -> Path:
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def plot_weights(
+    log_path_or_records: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+    out_png: str | os.PathLike[str],
+    *,
+    title: str = "DDK domain weights",
+) -> Path:
+    """Plot each domain's sampling weight against the optimizer step (a step line per domain).
+
+    Args:
+        log_path_or_records: a ``DDKController`` JSON-lines log or its ``records``.
+        out_png: output image path (parent folders are created).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    records = load_records(log_path_or_records)
+    names = records[-1]["domain_names"]
+    steps = [r["step"] for r in records]
+    fig, ax = _figure(title, "optimizer step", "sampling weight")
+    for i, name in enumerate(names):
+        ax.step(steps, [r["weights"][i] for r in records], where="post", label=name, marker="o", markersize=3)
+    ax.set_ylim(bottom=0)
+    return _save(fig, ax, out_png)
+
+
+def plot_gaps(
+    log_path_or_records: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+    out_png: str | os.PathLike[str],
+    *,
+    quantity: str = "gap",
+    title: str | None = None,
+) -> Path:
+    """Plot the per-domain student-teacher discrepancy against the optimizer step.
+
+    Args:
+        log_path_or_records: a ``DDKController`` JSON-lines log or its ``records``.
+        out_png: output image path (parent folders are created).
+        quantity: ``"gap"`` (``student_ce - teacher_ce``, nats/token), ``"ratio"``
+            (``ppl_S / ppl_T``) or ``"student_ce"``.
+        title: figure title (default from ``quantity``).
+
+    Returns:
+        The path written.
+    """
+    if quantity not in _GAP_QUANTITIES:
+        raise ValueError(f"plot_gaps: quantity must be one of {_GAP_QUANTITIES}; got {quantity!r}.")
+    records = load_records(log_path_or_records)
+    for r in records:
+        if "student_ce" not in r or "teacher_ce" not in r:
+            raise ValueError("plot_gaps: every record must have keys student_ce, teacher_ce; got a record without them.")
+    names = records[-1]["domain_names"]
+    steps = [r["step"] for r in records]
+    labels = {"gap": "CE_S - CE_T (nats/token)", "ratio": "ppl_S / ppl_T", "student_ce": "student CE (nats/token)"}
+    fig, ax = _figure(title or f"DDK per-domain {quantity}", "optimizer step", labels[quantity])
+    for i, name in enumerate(names):
+        s = [r["student_ce"][i] for r in records]
+        t = [r["teacher_ce"][i] for r in records]
+        if quantity == "gap":
+            ys = [a - b for a, b in zip(s, t)]
+        elif quantity == "ratio":
+            ys = [math.exp(a - b) for a, b in zip(s, t)]
+        else:
+            ys = s
+        ax.plot(steps, ys, label=name, marker="o", markersize=3)
+    return _save(fig, ax, out_png)

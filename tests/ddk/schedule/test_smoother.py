@@ -1,0 +1,229 @@
+"""Tests of ddk/schedule/smoother.py: Eq. 1, Eq. 2, the ablation modes and their properties."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ddk.discrepancy import DomainDiscrepancy
+from ddk.schedule import FactorSmoother
+
+ratios = st.integers(1, 8).flatmap(
+    lambda d: st.lists(st.floats(0.01, 60.0, allow_nan=False), min_size=d, max_size=d)
+)
+alphas = st.floats(0.01, 1.0)
+
+
+def _closed_form_eq2(r_t: list[float], ratio: list[float], alpha: float) -> list[float]:
+    psi = [a * math.exp(b) for a, b in zip(r_t, ratio)]
+    s = sum(psi)
+    return [alpha * p / s + (1 - alpha) / len(r_t) for p in psi]
+
+
+def test_smoother_initialize_is_softmax_of_ratio() -> None:
+    s = FactorSmoother(3)
+    w = s.initialize([1.0, 2.0, 3.0])
+    assert w.dtype == torch.float64 and w.shape == (3,)
+    e = [math.exp(x) for x in (1.0, 2.0, 3.0)]
+    torch.testing.assert_close(w, torch.tensor([x / sum(e) for x in e], dtype=torch.float64))
+
+
+def test_smoother_update_matches_eq2_hand_example() -> None:
+    # r_0 = softmax([1, 1]) = [0.5, 0.5]; psi = [0.5 e, 0.5 e^2]; psi/sum = [1/(1+e), e/(1+e)].
+    s = FactorSmoother(2, alpha=0.5)
+    s.initialize([1.0, 1.0])
+    w = s.update([1.0, 2.0])
+    p1 = 1.0 / (1.0 + math.e)
+    expected = [0.5 * p1 + 0.25, 0.5 * (1 - p1) + 0.25]
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+    # a second update carries the history r_1.
+    w2 = s.update([1.5, 1.2])
+    torch.testing.assert_close(
+        w2, torch.tensor(_closed_form_eq2(expected, [1.5, 1.2], 0.5), dtype=torch.float64), rtol=0, atol=1e-15
+    )
+
+
+def test_smoother_update_huge_ratios_do_not_overflow() -> None:
+    s = FactorSmoother(3, alpha=0.5)
+    s.initialize([1.0, 1.0, 1.0])
+    w = s.update([1e6, 1e6 + 1, 5.0])
+    assert torch.isfinite(w).all()
+    assert abs(float(w.sum()) - 1.0) < 1e-12
+    assert float(w[2]) == pytest.approx(0.5 / 3)
+    # a weight driven to exactly 0 by Eq. 1 stays at the floor, never NaN.
+    s2 = FactorSmoother(2, alpha=0.5)
+    w0 = s2.initialize([1.0, 1e4])
+    assert float(w0[0]) == 0.0
+    w1 = s2.update([1e4, 1.0])
+    assert torch.isfinite(w1).all() and float(w1[0]) == pytest.approx(0.25)
+
+
+@given(ratios, ratios, alphas)
+def test_smoother_update_weights_on_simplex_and_in_bounds(r0: list[float], r1: list[float], alpha: float) -> None:
+    d = len(r0)
+    r1 = (r1 * d)[:d]
+    s = FactorSmoother(d, alpha=alpha)
+    w0 = s.initialize(r0)
+    assert abs(float(w0.sum()) - 1.0) < 1e-12 and bool((w0 >= 0).all())
+    w = s.update(r1)
+    assert abs(float(w.sum()) - 1.0) < 1e-12
+    lo, hi = (1 - alpha) / d, alpha + (1 - alpha) / d
+    assert bool((w >= lo - 1e-12).all()) and bool((w <= hi + 1e-12).all())
+
+
+@given(ratios, st.randoms(use_true_random=False), alphas)
+def test_smoother_permutation_equivariant(r: list[float], rnd, alpha: float) -> None:
+    d = len(r)
+    perm = list(range(d))
+    rnd.shuffle(perm)
+    a, b = FactorSmoother(d, alpha=alpha), FactorSmoother(d, alpha=alpha)
+    wa0 = a.initialize(r)
+    wb0 = b.initialize([r[p] for p in perm])
+    torch.testing.assert_close(wb0, wa0[perm], rtol=1e-12, atol=1e-15)
+    r2 = list(reversed(r))
+    wa = a.update(r2)
+    wb = b.update([r2[p] for p in perm])
+    torch.testing.assert_close(wb, wa[perm], rtol=1e-12, atol=1e-15)
+
+
+@given(ratios, st.integers(0, 7), st.floats(0.0, 20.0), alphas)
+def test_smoother_update_monotone_in_own_ratio(r: list[float], i: int, bump: float, alpha: float) -> None:
+    d = len(r)
+    i %= d
+    a, b = FactorSmoother(d, alpha=alpha), FactorSmoother(d, alpha=alpha)
+    a.initialize(r)
+    b.initialize(r)
+    r2 = list(r)
+    r2[i] += bump
+    assert float(b.update(r2)[i]) >= float(a.update(r)[i]) - 1e-12
+    # Eq. 1 too.
+    c, e = FactorSmoother(d), FactorSmoother(d)
+    assert float(e.initialize(r2)[i]) >= float(c.initialize(r)[i]) - 1e-12
+
+
+@given(st.integers(1, 10), st.floats(0.01, 50.0), alphas, st.integers(1, 4))
+def test_smoother_equal_ratios_keep_uniform(d: int, value: float, alpha: float, n_updates: int) -> None:
+    s = FactorSmoother(d, alpha=alpha)
+    uniform = torch.full((d,), 1.0 / d, dtype=torch.float64)
+    torch.testing.assert_close(s.initialize([value] * d), uniform, rtol=0, atol=1e-14)
+    for _ in range(n_updates):
+        torch.testing.assert_close(s.update([value] * d), uniform, rtol=0, atol=1e-14)
+
+
+@given(ratios, ratios)
+def test_smoother_no_smoothing_is_softmax(r0: list[float], r1: list[float]) -> None:
+    d = len(r0)
+    r1 = (r1 * d)[:d]
+    s = FactorSmoother(d, mode="no_smoothing")
+    s.initialize(r0)
+    w = s.update(r1)
+    torch.testing.assert_close(w, torch.softmax(torch.tensor(r1, dtype=torch.float64), 0), rtol=1e-12, atol=1e-15)
+
+
+def test_smoother_uniform_mode_and_uniform_init() -> None:
+    s = FactorSmoother(4, mode="uniform")
+    assert s.initialize([1, 2, 3, 4]).tolist() == [0.25] * 4
+    assert s.update([9, 1, 1, 1]).tolist() == [0.25] * 4
+    s = FactorSmoother(4, init="uniform")
+    assert s.initialize([1, 2, 3, 4]).tolist() == [0.25] * 4
+    w = s.update([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(w, torch.tensor(_closed_form_eq2([0.25] * 4, [1, 2, 3, 4], 0.5), dtype=torch.float64))
+
+
+def test_smoother_alpha_one_has_no_floor() -> None:
+    s = FactorSmoother(2, alpha=1.0)
+    s.initialize([1.0, 1.0])
+    w = s.update([1.0, 40.0])
+    assert float(w[0]) < 1e-15
+
+
+def test_smoother_accepts_ndarray_tensor_and_discrepancy() -> None:
+    s = FactorSmoother(2)
+    a = s.initialize(np.array([1.0, 2.0]))
+    b = FactorSmoother(2).initialize(torch.tensor([1.0, 2.0]))
+    disc = DomainDiscrepancy([2.0, 2.0 + math.log(2.0)], [1.0, 1.0], [5, 5], ("x", "y"))
+    c = FactorSmoother(2).initialize(disc)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(c, torch.softmax(torch.tensor([math.e, 2 * math.e], dtype=torch.float64), 0))
+
+
+def test_smoother_weights_copy_and_history() -> None:
+    s = FactorSmoother(2)
+    s.initialize([1.0, 2.0])
+    w = s.weights
+    w[0] = 99.0
+    assert float(s.weights[0]) != 99.0
+    s.update([2.0, 1.0])
+    h = s.history
+    assert [x["kind"] for x in h] == ["init", "update"]
+    assert h[1]["ratio"] == [2.0, 1.0] and h[1]["weights"] == s.weights.tolist()
+
+
+def test_smoother_state_dict_roundtrip_json() -> None:
+    s = FactorSmoother(3, alpha=0.3)
+    s.initialize([1.0, 2.0, 3.0])
+    s.update([3.0, 2.0, 1.0])
+    state = json.loads(json.dumps(s.state_dict()))
+    t = FactorSmoother(3, alpha=0.3)
+    t.load_state_dict(state)
+    torch.testing.assert_close(t.weights, s.weights, rtol=0, atol=0)
+    assert t.history == s.history
+    torch.testing.assert_close(t.update([1.0, 1.5, 2.0]), s.update([1.0, 1.5, 2.0]), rtol=0, atol=0)
+
+
+def test_smoother_load_state_dict_wrong_domains_raises() -> None:
+    state = FactorSmoother(3).state_dict()
+    with pytest.raises(ValueError, match=r"FactorSmoother.load_state_dict: state\['num_domains'\] must equal .*num_domains=2; got 3\."):
+        FactorSmoother(2).load_state_dict(state)
+
+
+def test_smoother_update_before_initialize_raises() -> None:
+    with pytest.raises(RuntimeError, match=r"FactorSmoother.update: the smoother must be initialised first; call smoother.initialize\(ratio\)"):
+        FactorSmoother(2).update([1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"FactorSmoother.weights: .*call smoother.initialize\(ratio\)"):
+        FactorSmoother(2).weights
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_smoother_bad_alpha_raises(alpha) -> None:
+    with pytest.raises(ValueError, match=r"FactorSmoother: alpha must be in \(0, 1\] \(paper default 0.5\); got "):
+        FactorSmoother(2, alpha=alpha)
+
+
+def test_smoother_bad_options_raise() -> None:
+    with pytest.raises(ValueError, match=r"FactorSmoother: num_domains must be an int >= 1; got 0\."):
+        FactorSmoother(0)
+    with pytest.raises(ValueError, match=r"FactorSmoother: mode must be one of \('ddk', 'no_smoothing', 'uniform'\); got 'soft'\."):
+        FactorSmoother(2, mode="soft")
+    with pytest.raises(ValueError, match=r"FactorSmoother: init must be one of \('discrepancy', 'uniform'\); got 'random'\."):
+        FactorSmoother(2, init="random")
+
+
+@pytest.mark.parametrize(
+    ("ratio", "exc", "match"),
+    [
+        ([1.0, 2.0, 3.0], ValueError, r"FactorSmoother.initialize: ratio must have shape \(2,\) \(one value per domain\); got \(3,\)\."),
+        ([1.0, float("nan")], ValueError, r"FactorSmoother.initialize: ratio must be finite; got \[1.0, nan\]\."),
+        ([1.0, float("inf")], ValueError, r"FactorSmoother.initialize: ratio must be finite; got"),
+        ([1.0, -2.0], ValueError, r"FactorSmoother.initialize: ratio must be > 0 \(ppl_S / ppl_T\); got \[1.0, -2.0\]\."),
+        ([1.0, 0.0], ValueError, r"FactorSmoother.initialize: ratio must be > 0"),
+        ("ab", TypeError, r"FactorSmoother.initialize: ratio must be a sequence, ndarray, tensor or DomainDiscrepancy of 2 floats; got str\."),
+        ([[1.0, 2.0]], ValueError, r"ratio must have shape \(2,\)"),
+    ],
+)
+def test_smoother_bad_ratio_raises(ratio, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        FactorSmoother(2).initialize(ratio)
+
+
+def test_smoother_update_bad_ratio_raises() -> None:
+    s = FactorSmoother(2)
+    s.initialize([1.0, 1.0])
+    with pytest.raises(ValueError, match=r"FactorSmoother.update: ratio must be > 0"):
+        s.update(torch.tensor([1.0, -1.0]))

@@ -1,0 +1,51 @@
+"""Tests of ddk/plotting.py: weights and gap plots from controller logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from ddk.plotting import load_records, plot_gaps, plot_weights  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _records() -> list[dict]:
+    out = []
+    for k, step in enumerate((0, 100, 200)):
+        out.append({
+            "event": "init" if k == 0 else "update", "step": step, "batch": step,
+            "domain_names": ["code", "web"], "weights": [0.5 - 0.1 * k, 0.5 + 0.1 * k],
+            "ratio": [1.2, 1.1 + k], "student_ce": [2.0, 2.5 - 0.1 * k], "teacher_ce": [1.8, 2.0],
+            "tokens": [10, 12], "time": 0.0,
+        })
+    return out
+
+
+def test_plot_weights_from_log_file(tmp_path: Path) -> None:
+    log = tmp_path / "ddk.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in _records()) + "\n")
+    out = plot_weights(log, tmp_path / "plots" / "weights.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert load_records(log) == _records()
+
+
+@pytest.mark.parametrize("quantity", ["gap", "ratio", "student_ce"])
+def test_plot_gaps_from_records(tmp_path: Path, quantity: str) -> None:
+    out = plot_gaps(_records(), tmp_path / f"{quantity}.png", quantity=quantity)
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plotting_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"load_records: log_path_or_records must be an existing JSON-lines file; got '.*missing.jsonl'\."):
+        plot_weights(tmp_path / "missing.jsonl", tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"load_records: log_path_or_records must hold at least one record; got none\."):
+        plot_weights([], tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"load_records: every record must have keys step, domain_names, weights; got a record missing \['weights'\]\."):
+        plot_weights([{"step": 0, "domain_names": ["a"]}], tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"plot_gaps: quantity must be one of \('gap', 'ratio', 'student_ce'\); got 'kl'\."):
+        plot_gaps(_records(), tmp_path / "x.png", quantity="kl")
