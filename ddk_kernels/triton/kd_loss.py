@@ -187,11 +187,12 @@ def _kd_bwd_kernel(
     zero = tl.zeros((), ACC)
     g_ce = tl.where(valid, tl.load(gce_ptr + row).to(ACC), zero)
     g_kd_t = tl.where(valid, tl.load(gkd_ptr + row).to(ACC), zero) * inv_t
+    v_load = tl.where(valid, V, 0)  # ignored rows read nothing and write zeros
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = cols < V
-        ld_mask = mask & valid  # ignored rows read nothing and write zeros
+        ld_mask = cols < v_load
         zs = tl.load(zs_row + cols, mask=ld_mask, other=0.0).to(ACC)
         soft = tl.exp(zs - lse_z)
         d_ce = soft - tl.where(cols == label, 1.0, 0.0).to(ACC)
@@ -228,7 +229,7 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 
 def _block_v(vocab: int, block_v: int | None) -> int:
     if block_v is None:
-        block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 1)))
+        block_v = min(_MAX_BLOCK_V, max(16, triton.next_power_of_2(vocab)))
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"kd_forward_triton: block_v must be a power of two >= 16; got {block_v}.")
     return block_v
@@ -259,7 +260,7 @@ def kd_forward_triton(
         teacher_logits: ``(N, V)``, may be a column slice of a wider tensor (row stride > V).
         labels: ``(N,)`` int64; ``config.ignore_index`` rows give 0.
         config: temperature, divergence, beta, ignore_index.
-        block_v: vocabulary tile (power of two); default ``min(4096, next_pow2(V))``.
+        block_v: vocabulary tile (power of two); default ``min(4096, max(16, next_pow2(V)))``.
 
     Returns:
         ``(ce (N,), kd (N,), stats (N, 4))`` in float32 (float64 for float64 students), with

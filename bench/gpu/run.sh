@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU check and benchmark of the KD loss backends, for one CUDA machine (e.g. an H100 / H200).
+#
+#   bash bench/gpu/run.sh            # build, oracle checks, timings; JSON to $OUT if set
+#   PYTHON=/path/to/python bash bench/gpu/run.sh
+#   DDK_GPU_PYTEST=1 bash bench/gpu/run.sh   # also run the Triton tests on the GPU first
+#   KD_BENCH_ARGS="--divergence jsd" bash bench/gpu/run.sh
+#
+# Assumptions (the lent machines have no network): a Python that already holds a CUDA build of
+# torch, triton, setuptools, ninja, pytest (the image's `python3`, /opt/torch/.venv there), and
+# nvcc. Nothing is downloaded: no venv is created and the install uses --no-index --no-deps. The
+# repository's .venv (a CPU build of torch) is never used here. The extension is built for the
+# GPU in the machine (TORCH_CUDA_ARCH_LIST from the device, default 9.0 for Hopper).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+START=$(date +%s)
+say() { printf '\n== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3 /opt/torch/.venv/bin/python3 python; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+      PY=$(command -v "$cand"); break
+    fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "run.sh: no Python with a CUDA build of torch and a visible GPU found (set PYTHON=...)" >&2
+  exit 2
+fi
+say "python: $PY"
+"$PY" - <<'EOF'
+import torch, shutil
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as e:
+    print("triton missing:", e)
+print("nvcc", shutil.which("nvcc"))
+EOF
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")' 2>/dev/null || echo 9.0)
+fi
+export TORCH_CUDA_ARCH_LIST
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export DDK_REQUIRE_EXTENSION=1  # a failed CUDA build is reported, not silently skipped
+
+say "build ddk_kernels._C (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+rm -f ddk_kernels/_C*.so  # a CPU-only build carried from elsewhere must not shadow this one
+if ! "$PY" -m pip install --no-build-isolation --no-index --no-deps -e . 2>&1 | tail -n 25; then
+  echo "pip install -e . failed; trying setup.py build_ext --inplace" >&2
+fi
+if ! ls ddk_kernels/_C*.so >/dev/null 2>&1; then
+  "$PY" setup.py build_ext --inplace 2>&1 | tail -n 40 || true
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'EOF'
+import torch
+from ddk_kernels import cpp
+print("cpp backend on cuda:", cpp.is_available("cuda"))
+EOF
+
+if [ "${DDK_GPU_PYTEST:-0}" = "1" ]; then
+  say "pytest tests/ddk_kernels/test_triton.py on the GPU"
+  "$PY" -m pytest -q -p no:cacheprovider tests/ddk_kernels/test_triton.py 2>&1 | tail -n 25
+fi
+
+say "oracle checks and timings (bench/gpu/kd_bench.py ${KD_BENCH_ARGS:-})"
+# shellcheck disable=SC2086
+PYTHONUNBUFFERED=1 "$PY" bench/gpu/kd_bench.py ${KD_BENCH_ARGS:-}
+rc=$?
+say "done (kd_bench exit code $rc)"
+exit $rc
