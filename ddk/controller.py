@@ -36,7 +36,8 @@ class DDKController:
             the same order; its ``domain_names`` must equal the estimator's unless they are the
             sampler's defaults ``"domain0", ...``.
         interval: K, optimizer steps between updates (paper: 1000).
-        log_path: JSON-lines file (appended to; parent folders are created), or None.
+        log_path: JSON-lines file, or None. ``start`` begins it afresh; records after a
+            ``load_state_dict`` are appended. Parent folders are created.
         online: estimate from the training batches passed to ``observe`` instead of validation
             passes at each update (``start`` still runs one validation pass for ``r_0``).
 
@@ -129,6 +130,8 @@ class DDKController:
         self.sampler.set_weights(weights.tolist())
         self._started = True
         self._last_update_step = 0
+        if self.log_path is not None and rank_world()[0] == 0 and self.log_path.exists():
+            self.log_path.unlink()  # a fresh start begins a fresh log; a resumed run appends
         self._log("init", 0, disc, weights)
         return weights
 

@@ -1,10 +1,11 @@
 """A small, fully local DDK run on synthetic multi-domain token streams.
 
-Each domain is a first-order Markov chain over its own block of the vocabulary, with its own
-sharpness: sharper chains carry more structure, so a narrow student lags a wide teacher more on
-them. The recipe pretrains the teacher, then distills two students from it at an equal token
-budget — plain KD on a uniform mixture and DDK — with every DDK component in a plain PyTorch
-loop, and reports the per-domain gap to the teacher.
+Each domain is a first-order Markov chain over its own block of the vocabulary. Domains differ
+in size of that block (how much there is to learn) and in sharpness (how much structure the
+chain carries), so under a fixed token budget a student learns some domains long before others. The recipe pretrains the teacher and a small base student (as in the paper, distillation starts from a
+pretrained student), then distills copies of the base student at an equal token budget — plain KD
+on a uniform mixture and DDK — with every DDK component in a plain PyTorch loop, and reports the
+per-domain gap to the teacher.
 
 This is the quick demonstration of the machinery; the real-text pipeline lives in the corpus
 recipes.
@@ -12,8 +13,8 @@ recipes.
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,17 +34,18 @@ from ddk.schedule import FactorSmoother
 class SyntheticConfig:
     """Sizes of the synthetic run (defaults finish in about a minute on 2 CPU cores)."""
 
-    domain_sharpness: tuple[float, ...] = (0.3, 1.0, 2.0, 3.0)
-    tokens_per_domain: int = 48
+    domain_tokens: tuple[int, ...] = (16, 32, 64, 128)
+    domain_sharpness: tuple[float, ...] = (1.5, 1.5, 1.5, 1.5)
     seq_len: int = 33
     train_seqs_per_domain: int = 1500
     val_seqs_per_domain: int = 64
     teacher_hidden: int = 128
-    student_hidden: int = 8
+    student_hidden: int = 32
     teacher_steps: int = 400
-    student_steps: int = 600
+    student_pretrain_steps: int = 40
+    student_steps: int = 300
     batch_size: int = 64
-    interval: int = 60
+    interval: int = 30
     gamma: float = 0.2
     temperature: float = 1.0
     alpha: float = 0.5
@@ -75,20 +77,26 @@ def make_domains(cfg: SyntheticConfig) -> tuple[torch.Tensor, list[torch.Tensor]
         ``(train, val, names)``: ``train`` is ``(D * train_seqs, seq_len)`` int64 ordered by domain
         (so a global sampler index is a row), ``val`` one ``(val_seqs, seq_len)`` tensor per domain.
     """
+    if len(cfg.domain_tokens) != len(cfg.domain_sharpness):
+        raise ValueError(
+            "make_domains: domain_tokens and domain_sharpness must have one entry per domain; "
+            f"got {len(cfg.domain_tokens)} and {len(cfg.domain_sharpness)}."
+        )
     g = torch.Generator().manual_seed(cfg.seed)
-    k = cfg.tokens_per_domain
     train, val, names = [], [], []
-    for d, sharp in enumerate(cfg.domain_sharpness):
+    offset = 0
+    for k, sharp in zip(cfg.domain_tokens, cfg.domain_sharpness):
         trans = torch.softmax(sharp * torch.randn(k, k, generator=g, dtype=torch.float64) * 2.0, dim=-1)
         n = cfg.train_seqs_per_domain + cfg.val_seqs_per_domain
         seq = torch.empty(n, cfg.seq_len, dtype=torch.long)
         seq[:, 0] = torch.randint(0, k, (n,), generator=g)
         for t in range(1, cfg.seq_len):
             seq[:, t] = torch.multinomial(trans[seq[:, t - 1]], 1, generator=g).squeeze(-1)
-        seq += d * k
+        seq += offset
+        offset += k
         train.append(seq[: cfg.train_seqs_per_domain])
         val.append(seq[cfg.train_seqs_per_domain :])
-        names.append(f"sharp{sharp:g}")
+        names.append(f"v{k}-s{sharp:g}")
     return torch.cat(train), val, names
 
 
@@ -109,21 +117,29 @@ def _step_loss(student, teacher, batch, domain_ids, num_domains, cfg, use_teache
     )
 
 
-def train_teacher(train: torch.Tensor, names: list[str], cfg: SyntheticConfig, progress: bool = True) -> TinyLM:
-    """Pretrain the teacher on a uniform mixture of the domains."""
-    torch.manual_seed(cfg.seed)
-    vocab = len(names) * cfg.tokens_per_domain
-    teacher = TinyLM(vocab, cfg.teacher_hidden)
-    opt = torch.optim.Adam(teacher.parameters(), lr=cfg.lr)
+def pretrain(
+    train: torch.Tensor, names: list[str], cfg: SyntheticConfig, hidden: int, steps: int,
+    seed: int, desc: str, progress: bool = True,
+) -> TinyLM:
+    """Language-model pretraining (CE only) of a ``TinyLM`` on a uniform mixture of the domains."""
+    torch.manual_seed(seed)
     d = len(names)
-    sampler = MixtureSampler([cfg.train_seqs_per_domain] * d, cfg.batch_size, seed=cfg.seed + 1)
+    model = TinyLM(sum(cfg.domain_tokens), hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = MixtureSampler([cfg.train_seqs_per_domain] * d, cfg.batch_size, seed=seed + 1)
     it = iter(sampler)
-    for _ in tqdm(range(cfg.teacher_steps), desc="teacher", disable=not progress):
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
         idx = torch.as_tensor(next(it))
-        out = _step_loss(teacher, teacher, train[idx], torch.as_tensor(sampler.domain_of(idx)), d, cfg, False)
+        out = _step_loss(model, model, train[idx], torch.as_tensor(sampler.domain_of(idx)), d, cfg, False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+    return model
+
+
+def train_teacher(train: torch.Tensor, names: list[str], cfg: SyntheticConfig, progress: bool = True) -> TinyLM:
+    """Pretrain the (wide) teacher and freeze it."""
+    teacher = pretrain(train, names, cfg, cfg.teacher_hidden, cfg.teacher_steps, cfg.seed, "teacher", progress)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -132,6 +148,7 @@ def train_teacher(train: torch.Tensor, names: list[str], cfg: SyntheticConfig, p
 
 def distill(
     method: str,
+    base_student: TinyLM,
     teacher: TinyLM,
     train: torch.Tensor,
     estimator: DiscrepancyEstimator,
@@ -140,10 +157,13 @@ def distill(
     out_dir: Path,
     progress: bool = True,
 ) -> dict:
-    """Distill one student with ``method`` in ``{"kd", "ddk", "ddk-no-smoothing"}``; return its summary."""
-    torch.manual_seed(cfg.seed + 7)
+    """Distill a copy of ``base_student`` with ``method`` in ``{"kd", "ddk", "ddk-no-smoothing"}``.
+
+    Returns:
+        A JSON-ready summary: per-domain student/teacher CE and gap, final weights, samples seen.
+    """
     d = len(names)
-    student = TinyLM(d * cfg.tokens_per_domain, cfg.student_hidden)
+    student = copy.deepcopy(base_student)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sampler = MixtureSampler(
         [cfg.train_seqs_per_domain] * d, cfg.batch_size, seed=cfg.seed + 2, domain_names=names
@@ -183,10 +203,13 @@ def run(cfg: SyntheticConfig = SyntheticConfig(), out_dir: str | Path = "runs/de
     t0 = time.perf_counter()
     train, val, names = make_domains(cfg)
     teacher = train_teacher(train, names, cfg, progress)
+    base = pretrain(
+        train, names, cfg, cfg.student_hidden, cfg.student_pretrain_steps, cfg.seed + 7, "base student", progress
+    )
     validation = {name: [{"input_ids": v}] for name, v in zip(names, val)}
     estimator = DiscrepancyEstimator(validation, progress=False)
     estimator.compute_teacher(teacher)
-    results = [distill(m, teacher, train, estimator, names, cfg, out, progress) for m in cfg.methods]
+    results = [distill(m, base, teacher, train, estimator, names, cfg, out, progress) for m in cfg.methods]
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     plots = []
     try:
