@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 # The compiled extension is built in place (no build isolation, so it sees the pinned torch).
-$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $(EXT_STAMP)
 

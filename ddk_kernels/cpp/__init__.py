@@ -1,0 +1,170 @@
+"""The compiled backend of the KD loss: ops ``torch.ops.ddk.kd_fwd`` / ``kd_bwd`` from ``ddk_kernels._C``.
+
+The extension is loaded lazily on first use; when it is missing (not built, no compiler) the
+backend reports itself unavailable with the reason instead of failing at import. CPU kernels are
+in ``csrc/kd_loss_cpu.cpp``; the CUDA kernels of the same ops, where built, in ``csrc/cuda/``.
+
+Op ladder: ``kd_forward`` / ``kd_backward`` (plain tensors) -> ``KDLossCppFunction`` (autograd) ->
+``row_losses`` (the backend contract of ``ddk_kernels.dispatch``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from ddk_kernels.types import KDConfig
+
+__all__ = ["KDLossCppFunction", "is_available", "kd_backward", "kd_forward", "load_extension", "row_losses"]
+
+#: divergence code of the ops for each ``KDConfig.effective_divergence``.
+DIVERGENCE_CODES: dict[str, int] = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+
+_state: dict[str, Any] = {"loaded": None, "reason": ""}
+
+
+def load_extension() -> tuple[bool, str]:
+    """Import ``ddk_kernels._C`` once (registering the ops and their fake kernels).
+
+    Returns:
+        ``(True, "")`` if the ops are registered, else ``(False, reason)``.
+    """
+    if _state["loaded"] is None:
+        try:
+            importlib.import_module("ddk_kernels._C")
+        except Exception as exc:  # noqa: BLE001 - ImportError, OSError (bad .so), undefined symbols
+            _state["loaded"] = False
+            _state["reason"] = (
+                f"the compiled extension ddk_kernels._C is not importable ({exc}); "
+                "build it with `make setup` (pip install --no-build-isolation -e .)"
+            )
+        else:
+            _register_fakes()
+            _state["loaded"] = True
+    return bool(_state["loaded"]), str(_state["reason"])
+
+
+def _register_fakes() -> None:
+    """Shape/dtype-only (meta) kernels so torch.compile and FakeTensor trace the ops."""
+
+    def acc_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    def kd_fwd_fake(student, teacher, labels, temperature, divergence, beta, ignore_index):  # type: ignore[no-untyped-def]
+        n = student.shape[0]
+        acc = acc_dtype(student)
+        return (
+            student.new_empty((n,), dtype=acc),
+            student.new_empty((n,), dtype=acc),
+            student.new_empty((n, 4), dtype=acc),
+        )
+
+    def kd_bwd_fake(student, teacher, labels, stats, grad_ce, grad_kd, temperature, divergence, beta, ignore_index):  # type: ignore[no-untyped-def]
+        return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+    for name, fn in (("ddk::kd_fwd", kd_fwd_fake), ("ddk::kd_bwd", kd_bwd_fake)):
+        try:
+            torch.library.register_fake(name, fn)
+        except RuntimeError as exc:  # already registered (module reloaded): keep the first one
+            if "already" not in str(exc):
+                raise
+
+
+def is_available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the compiled ops run on ``device``: ``(ok, reason_if_not)``.
+
+    CPU needs the extension; CUDA also needs it to have been built with the CUDA kernels.
+    """
+    device = torch.device(device)
+    ok, reason = load_extension()
+    if not ok:
+        return False, reason
+    if device.type == "cpu":
+        return True, ""
+    if device.type == "cuda":
+        if torch._C._dispatch_has_kernel_for_dispatch_key("ddk::kd_fwd", "CUDA"):
+            return True, ""
+        return False, "ddk_kernels._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+    return False, f"no compiled kernels for device type {device.type!r}"
+
+
+def _code(config: KDConfig) -> int:
+    return DIVERGENCE_CODES[config.effective_divergence]
+
+
+def kd_forward(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ce (N,), kd (N,), stats (N, 4))``, float32 (float64 for float64 inputs), no autograd."""
+    return torch.ops.ddk.kd_fwd(
+        student, teacher, labels, float(config.temperature), _code(config), float(config.beta), int(config.ignore_index)
+    )
+
+
+def kd_backward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    grad_ce: torch.Tensor,
+    grad_kd: torch.Tensor,
+    config: KDConfig,
+) -> torch.Tensor:
+    """``(N, V)`` gradient w.r.t. ``student`` in its dtype, of ``sum(grad_ce * ce + grad_kd * kd)``."""
+    return torch.ops.ddk.kd_bwd(
+        student, teacher, labels, stats, grad_ce, grad_kd,
+        float(config.temperature), _code(config), float(config.beta), int(config.ignore_index),
+    )
+
+
+class KDLossCppFunction(torch.autograd.Function):
+    """Autograd of the compiled KD row losses; saves only the inputs (no copies) and ``stats``."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, config):  # type: ignore[no-untyped-def, override]
+        ce, kd, stats = kd_forward(student, teacher, labels, config)
+        ctx.save_for_backward(student, teacher, labels, stats)
+        ctx.config = config
+        return ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kd):  # type: ignore[no-untyped-def, override]
+        student, teacher, labels, stats = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        n = student.shape[0]
+        acc = stats.dtype
+        if grad_ce is None:
+            grad_ce = torch.zeros(n, dtype=acc, device=student.device)
+        if grad_kd is None:
+            grad_kd = torch.zeros(n, dtype=acc, device=student.device)
+        grad = kd_backward(student, teacher, labels, stats, grad_ce, grad_kd, ctx.config)
+        return grad, None, None, None
+
+
+def row_losses(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, config: KDConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(ce (N,), kd (N,))`` of the compiled backend (see ``ddk_kernels.dispatch``).
+
+    Args:
+        student_logits: ``(N, V)`` float32/bfloat16/float16/float64, last dim contiguous.
+        teacher_logits: ``(N, V)``, may be a column slice of a wider tensor; cast to the student's
+            dtype if it differs (a copy), never differentiated.
+        labels: ``(N,)`` int64; ``config.ignore_index`` rows give 0.
+        config: temperature, divergence (``effective_divergence`` picks the op code), beta.
+
+    Returns:
+        ``(ce, kd)`` float32 (float64 for float64 inputs), differentiable w.r.t. ``student_logits``.
+    """
+    ok, reason = load_extension()
+    if not ok:
+        raise RuntimeError(f"cpp backend: {reason}")
+    teacher = teacher_logits.detach()
+    if teacher.dtype != student_logits.dtype:
+        teacher = teacher.to(student_logits.dtype)
+    if labels.dtype != torch.long:
+        labels = labels.long()
+    return KDLossCppFunction.apply(student_logits, teacher, labels, config)
