@@ -8,11 +8,13 @@ Composable pieces for any training loop:
 * :class:`MixtureSampler` — weights -> exact-count, resumable, rank-sliced batches of indices.
 * :class:`DDKController` — ties the three to the distillation interval K.
 * :func:`kd_loss` — ``CE + gamma * KL(p_T || p_S)`` with per-domain sums, on fast backends.
+* :func:`fused_linear_kd_loss` — the same loss from hidden states and ``lm_head`` weights, tiled
+  over the vocabulary so no ``(N, V)`` logits are ever allocated.
 """
 
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
-from ddk.losses import KDLoss, KDLossOutput, kd_loss
+from ddk.losses import FusedLinearKDLoss, KDLoss, KDLossOutput, causal_lm_kd_loss, fused_linear_kd_loss, kd_loss
 from ddk.partition import DomainPartitioner, DomainSplits
 from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
@@ -26,9 +28,12 @@ __all__ = [
     "DomainPartitioner",
     "DomainSplits",
     "FactorSmoother",
+    "FusedLinearKDLoss",
     "KDLoss",
     "KDLossOutput",
     "MixtureSampler",
+    "causal_lm_kd_loss",
+    "fused_linear_kd_loss",
     "kd_loss",
     "__version__",
 ]

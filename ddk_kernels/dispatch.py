@@ -11,7 +11,8 @@ tensor (row stride larger than V). The reduction to ``KDLossOutput`` is shared
 (``ddk_kernels.reduce``).
 
 ``backend="auto"`` picks the fastest available backend for the device; the ``DDK_BACKEND``
-environment variable overrides that choice. An explicit backend that cannot run raises a
+environment variable overrides that choice. The fused ``lm_head`` + KD loss has its own, smaller
+set of backends (``FUSED_BACKENDS``), resolved by ``resolve_fused_backend``. An explicit backend that cannot run raises a
 ``RuntimeError`` naming the backends that can.
 """
 
@@ -85,6 +86,64 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         runnable = [n for n, r in available_backends(device).items() if not r]
         raise RuntimeError(
             f"kd_loss: backend {backend!r} cannot run on {device.type}: {reason}. "
+            f"Available there: {runnable}; use backend='auto' to pick the fastest."
+        )
+    return backend
+
+
+# ---------------------------------------------------------------- fused lm_head + KD loss
+FUSED_BACKENDS: tuple[str, ...] = ("reference", "chunked", "triton")
+_FUSED_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("chunked",), "cuda": ("triton", "chunked")}
+
+
+def _fused_backend_reason(name: str, device: torch.device) -> str:
+    """``""`` if fused backend ``name`` runs on ``device``, else why not."""
+    if name in ("reference", "chunked"):
+        return ""
+    if name == "triton":
+        try:
+            from ddk_kernels import triton as triton_pkg
+        except ImportError as exc:
+            return f"cannot import ({exc})"
+        ok, reason = triton_pkg.is_available(device)
+        if not ok:
+            return reason
+        try:
+            import ddk_kernels.triton.fused_linear_kd  # noqa: F401
+        except ImportError as exc:
+            return f"cannot import ddk_kernels.triton.fused_linear_kd ({exc})"
+        return ""
+    return f"no fused implementation (fused backends: {FUSED_BACKENDS})"
+
+
+def resolve_fused_backend(backend: str, device: torch.device | str) -> str:
+    """Resolve the backend of ``fused_linear_kd_loss`` to one that runs on ``device``.
+
+    ``"auto"`` takes ``DDK_BACKEND`` when it names a fused backend (``"reference"``,
+    ``"chunked"``, ``"triton"``; other values, e.g. ``"cpp"`` which has no fused kernel, are
+    ignored here), else the first runnable of ``triton, chunked`` on CUDA and ``chunked`` on CPU
+    (Triton on CPU runs only under ``TRITON_INTERPRET=1`` and is never auto-picked there).
+    An explicit backend that cannot run raises ``RuntimeError`` naming the ones that can; an
+    unknown name raises ``ValueError``.
+
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        env = os.environ.get("DDK_BACKEND", "").strip()
+        if env in FUSED_BACKENDS:
+            backend = env
+        else:
+            for name in _FUSED_AUTO_ORDER.get(device.type, ("chunked",)):
+                if not _fused_backend_reason(name, device):
+                    return name
+            return "chunked"
+    if backend not in FUSED_BACKENDS:
+        raise ValueError(f"fused_linear_kd_loss: backend must be one of {('auto',) + FUSED_BACKENDS}; got {backend!r}.")
+    reason = _fused_backend_reason(backend, device)
+    if reason:
+        runnable = [n for n in FUSED_BACKENDS if not _fused_backend_reason(n, device)]
+        raise RuntimeError(
+            f"fused_linear_kd_loss: backend {backend!r} cannot run on {device.type}: {reason}. "
             f"Available there: {runnable}; use backend='auto' to pick the fastest."
         )
     return backend

@@ -1,6 +1,8 @@
-"""Public KD losses of DDK."""
+"""Public KD losses of DDK: on logits (``kd_loss``) and fused with the ``lm_head``
+(``fused_linear_kd_loss``, never materialising ``(N, V)`` logits)."""
 
+from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss
 from ddk.losses.kd import KDLoss, kd_loss
 from ddk_kernels.types import KDLossOutput
 
-__all__ = ["KDLoss", "KDLossOutput", "kd_loss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossOutput", "causal_lm_kd_loss", "fused_linear_kd_loss", "kd_loss"]

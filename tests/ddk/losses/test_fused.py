@@ -1,0 +1,276 @@
+"""Public ``fused_linear_kd_loss``: oracle agreement through the public API, per-domain sums,
+normalizer, memory (no ``(N, V)`` buffer), backend resolution, bad input, and the
+transformers helper ``causal_lm_kd_loss``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss, resolve_fused_backend
+from ddk.losses.kd import kd_loss
+from ddk_kernels import fused_chunked
+from ddk_kernels.reference import kd_loss_reference
+from fused_cases import make_case
+from kd_cases import max_err
+
+STRATEGIES = ["recompute", "token_chunks"]
+SMALL_WS = 8 * 4 * 16 * 32  # forces several chunks and (recompute) several vocab tiles here
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids OpenMP spin-waits on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _public(case, *, strategy="auto", workspace_bytes=SMALL_WS, **opts):  # type: ignore[no-untyped-def]
+    h = case.h.detach().clone().requires_grad_()
+    w = case.w.detach().clone().requires_grad_()
+    b = None if case.b is None else case.b.detach().clone().requires_grad_()
+    out = fused_linear_kd_loss(
+        h, w, case.labels, student_bias=b, strategy=strategy, workspace_bytes=workspace_bytes,
+        **case.teacher_kwargs(), **opts,
+    )
+    out.loss.backward()
+    return out, (h.grad, w.grad, None if b is None else b.grad)
+
+
+def _oracle(case, **opts):  # type: ignore[no-untyped-def]
+    h = case.h.detach().double().requires_grad_()
+    w = case.w.detach().double().requires_grad_()
+    b = None if case.b is None else case.b.detach().double().requires_grad_()
+    zs = h @ w.T + (b if b is not None else 0.0)
+    zt = case.tl.double() if case.tl is not None else case.th.double() @ case.tw.double().T
+    out = kd_loss_reference(zs, zt, case.labels, compute_dtype=torch.float64, **opts)
+    out.loss.backward()
+    return out, (h.grad, w.grad, None if b is None else b.grad)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> bool:
+    return max_err(a, b) <= tol * (1 + float(b.double().abs().max()))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("teacher_as_logits", [False, True])
+def test_fused_linear_kd_loss_matches_oracle_with_domains(strategy: str, teacher_as_logits: bool) -> None:
+    case = make_case(29, 12, 20, 67, 70, seed=21, bias=True, teacher_as_logits=teacher_as_logits, num_domains=4)
+    opts = dict(domain_ids=case.domain_ids, num_domains=4, gamma=0.4, temperature=2.0, t2_scale=True, divergence="jsd", beta=0.3)
+    out, grads = _public(case, strategy=strategy, **opts)
+    ref, ref_grads = _oracle(case, **opts)
+    for field in ("loss", "ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum"):
+        assert _close(getattr(out, field), getattr(ref, field)), field
+    assert out.num_tokens == ref.num_tokens
+    assert out.domain_tokens.tolist() == ref.domain_tokens.tolist()
+    assert out.domain_tokens[3] == 0 and out.domain_ce_sum[3] == 0  # the empty domain
+    assert not out.domain_ce_sum.requires_grad and not out.ce_sum.requires_grad
+    for g, r in zip(grads, ref_grads):
+        assert _close(g, r)
+
+
+def test_fused_linear_kd_loss_reference_backend_agrees() -> None:
+    case = make_case(17, 8, 8, 31, seed=22, bias=True)
+    out, grads = _public(case, backend="reference", divergence="reverse_kl")
+    ref, ref_grads = _oracle(case, divergence="reverse_kl")
+    assert _close(out.loss, ref.loss)
+    for g, r in zip(grads, ref_grads):
+        assert _close(g, r)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fused_linear_kd_loss_normalizer_two_halves_equal_full_batch(strategy: str) -> None:
+    case = make_case(30, 10, 14, 53, seed=23, bias=True)
+    full, full_grads = _public(case, strategy=strategy)
+    h = case.h.clone().requires_grad_()
+    w = case.w.clone().requires_grad_()
+    b = case.b.clone().requires_grad_()
+    total = full.num_tokens
+    loss = 0.0
+    for sl in (slice(0, 15), slice(15, 30)):
+        out = fused_linear_kd_loss(
+            h[sl], w, case.labels[sl], teacher_hidden=case.th[sl], teacher_weight=case.tw, student_bias=b,
+            normalizer=total, strategy=strategy, workspace_bytes=SMALL_WS,
+        )
+        out.loss.backward()
+        loss = loss + out.loss.detach()
+    assert _close(loss, full.loss)
+    for g, r in zip((h.grad, w.grad, b.grad), full_grads):
+        assert _close(g, r)
+
+
+def test_fused_linear_kd_loss_fully_masked_batch() -> None:
+    case = make_case(6, 5, 5, 11, seed=24, masked_fraction=1.0)
+    out, (dh, dw, _) = _public(case)
+    assert float(out.loss) == 0.0 and int(out.num_tokens) == 0
+    assert float(dh.abs().max()) == 0.0 and float(dw.abs().max()) == 0.0
+
+
+def test_fused_linear_kd_loss_never_allocates_n_by_v() -> None:
+    """Memory: no buffer of (N, V) size is allocated, for either strategy.
+
+    Method: (1) ``torch.profiler`` with ``profile_memory=True`` attributes every CPU allocation to
+    the op that made it; the largest single op allocation (``cpu_memory_usage``, net bytes of one
+    op event) must stay below ``N * V * 4 / 4``. The same detector run on the materialising
+    ``backend="reference"`` must see at least ``N * V * 4`` bytes, proving it can fail.
+    (2) The test hook ``ddk_kernels.fused_chunked._TILE_OBSERVER`` records the shape of every
+    logits tile the chunked path builds; the largest must have far fewer than N * V elements.
+    N=512 and V=1024 dwarf the (V, H) and (N, H) gradients (H=16), so only a logits-sized buffer
+    can break the bound; the 512 KiB workspace forces 32 token chunks.
+    """
+    n, v, hid = 512, 1024, 16
+    g = torch.Generator().manual_seed(25)
+    h = torch.randn(n, hid, generator=g, requires_grad=True)
+    w = torch.randn(v, hid, generator=g, requires_grad=True)
+    th, tw = torch.randn(n, hid, generator=g), torch.randn(v + 3, hid, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    nv_bytes = n * v * 4
+
+    def peak_op_bytes(**kw) -> tuple[int, list[tuple[int, int]]]:  # type: ignore[no-untyped-def]
+        tiles: list[tuple[int, int]] = []
+        fused_chunked._TILE_OBSERVER = tiles.append
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, workspace_bytes=512 << 10, **kw)
+                out.loss.backward()
+        finally:
+            fused_chunked._TILE_OBSERVER = None
+        return max(e.cpu_memory_usage for e in prof.events()), tiles
+
+    naive_peak, _ = peak_op_bytes(backend="reference")
+    assert naive_peak >= nv_bytes  # the detector sees a materialised (N, V) buffer
+    for strategy in STRATEGIES:
+        peak, tiles = peak_op_bytes(backend="chunked", strategy=strategy)
+        assert peak < nv_bytes // 4, (strategy, peak)
+        assert tiles and max(a * b for a, b in tiles) <= n * v // 8, (strategy, max(tiles))
+
+
+def test_fused_linear_kd_loss_module_wrapper() -> None:
+    case = make_case(12, 6, 6, 23, seed=26, num_domains=2)
+    mod = FusedLinearKDLoss(num_domains=2, gamma=0.5, divergence="reverse_kl", strategy="recompute")
+    assert "reverse_kl" in repr(mod)
+    out = mod(case.h, case.w, case.labels, teacher_hidden=case.th, teacher_weight=case.tw, domain_ids=case.domain_ids)
+    ref = fused_linear_kd_loss(
+        case.h, case.w, case.labels, teacher_hidden=case.th, teacher_weight=case.tw, domain_ids=case.domain_ids,
+        num_domains=2, gamma=0.5, divergence="reverse_kl",
+    )
+    assert _close(out.loss, ref.loss) and out.domain_tokens.tolist() == ref.domain_tokens.tolist()
+
+
+def test_resolve_fused_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DDK_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_fused_backend("auto", "cpu") == "chunked"
+    assert resolve_fused_backend("reference", "cpu") == "reference"
+    monkeypatch.setenv("DDK_BACKEND", "reference")
+    assert resolve_fused_backend("auto", "cpu") == "reference"
+    monkeypatch.setenv("DDK_BACKEND", "cpp")  # no fused cpp kernel: ignored by the fused op
+    assert resolve_fused_backend("auto", "cpu") == "chunked"
+    with pytest.raises(ValueError, match=r"^fused_linear_kd_loss: backend must be one of .*; got 'cpp'\.$"):
+        resolve_fused_backend("cpp", "cpu")
+    with pytest.raises(RuntimeError, match=r"^fused_linear_kd_loss: backend 'triton' cannot run on cpu: .*Available there: \['reference', 'chunked'\]"):
+        resolve_fused_backend("triton", "cpu")
+
+
+def _bad_inputs():  # type: ignore[no-untyped-def]
+    n, v, hs, ht = 4, 7, 3, 5
+    h, w = torch.randn(n, hs), torch.randn(v, hs)
+    th, tw, tl = torch.randn(n, ht), torch.randn(v + 2, ht), torch.randn(n, v + 1)
+    labels = torch.tensor([0, 1, -100, 6])
+    base = dict(student_hidden=h, student_weight=w, labels=labels, teacher_hidden=th, teacher_weight=tw)
+    F = "fused_linear_kd_loss: "
+    return [
+        (dict(student_hidden=[1.0]), TypeError, F + "student_hidden must be a torch.Tensor; got list."),
+        (dict(student_hidden=torch.randn(n)), ValueError, F + "student_hidden must be a 2-D float tensor; got shape (4,) and dtype torch.float32."),
+        (dict(student_weight=torch.randn(v, hs + 1)), ValueError, F + "student_weight must have shape (V, Hs) with Hs=3 like student_hidden; got (7, 4)."),
+        (dict(student_weight=w.double()), TypeError, F + "student_weight must have the dtype of student_hidden (torch.float32); got torch.float64."),
+        (dict(student_bias=torch.randn(v + 1)), ValueError, F + "student_bias must be a 1-D tensor of length V=7 or None; got (8,)."),
+        (dict(teacher_logits=tl), ValueError, F + "teacher must be given exactly one way, teacher_hidden + teacher_weight or teacher_logits; got teacher_hidden=set, teacher_weight=set, teacher_logits=set."),
+        (dict(teacher_hidden=None, teacher_weight=None), ValueError, F + "teacher must be given exactly one way, teacher_hidden + teacher_weight or teacher_logits; got teacher_hidden=None, teacher_weight=None, teacher_logits=None."),
+        (dict(teacher_weight=None), ValueError, F + "teacher_weight must be given together with the other teacher tensor; got None."),
+        (dict(teacher_hidden=torch.randn(n + 1, ht)), ValueError, F + "teacher_hidden must have N=4 rows like student_hidden; got (5, 5)."),
+        (dict(teacher_weight=torch.randn(v, ht + 1)), ValueError, F + "teacher_weight must have shape (Vt, Ht) with Ht=5 like teacher_hidden; got (7, 6)."),
+        (dict(teacher_weight=torch.randn(v - 1, ht)), ValueError, F + "teacher_weight must have at least the student's V=7 rows (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer."),
+        (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n, v - 1)), ValueError, F + "teacher_logits must have at least the student's V=7 columns (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer."),
+        (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n + 1, v)), ValueError, F + "teacher_logits must have N=4 rows like student_hidden; got (5, 7)."),
+        (dict(labels=torch.tensor([0, 1, 7, 2])), ValueError, F + "labels must be in [0, 7) or equal ignore_index=-100; got 7."),
+        (dict(labels=labels.float()), TypeError, F + "labels must be int64 or int32; got torch.float32."),
+        (dict(domain_ids=torch.tensor([0, 1, 2, 3]), num_domains=3), ValueError, F + "domain_ids must be in [0, 3); got 3."),
+        (dict(divergence="kl"), ValueError, F + "divergence must be one of ('forward_kl', 'reverse_kl', 'jsd'); got 'kl'."),
+        (dict(temperature=0.0), ValueError, F + "temperature must be a finite number > 0; got 0.0."),
+        (dict(normalizer=0), ValueError, F + "normalizer must be > 0 (e.g. the token count of the whole accumulated batch); got 0."),
+        (dict(strategy="fast"), ValueError, F + "strategy must be one of ('auto', 'recompute', 'token_chunks'); got 'fast'."),
+        (dict(workspace_bytes=0), ValueError, F + "workspace_bytes must be a positive int or None; got 0."),
+        (dict(backend="cuda"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked', 'triton'); got 'cuda'."),
+    ], base
+
+
+_CASES, _BASE = _bad_inputs()
+
+
+@pytest.mark.parametrize("change,exc,message", _CASES, ids=[m.split(": ")[1][:40] for _, _, m in _CASES])
+def test_fused_linear_kd_loss_bad_input_message(change, exc, message) -> None:  # type: ignore[no-untyped-def]
+    kw = {**_BASE, **change}
+    args = (kw.pop("student_hidden"), kw.pop("student_weight"), kw.pop("labels"))
+    with pytest.raises(exc) as info:
+        fused_linear_kd_loss(*args, **kw)
+    assert str(info.value) == message
+
+
+# -- transformers helper ----------------------------------------------------------------------
+
+
+def _tiny_llama(vocab: int, seed: int):  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).double()
+    with torch.no_grad():  # realistic logit spread for a sharper test
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+def test_causal_lm_kd_loss_matches_full_logits_kd_loss() -> None:
+    student, teacher = _tiny_llama(101, seed=0), _tiny_llama(105, seed=1)
+    g = torch.Generator().manual_seed(27)
+    input_ids = torch.randint(0, 101, (3, 9), generator=g)
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[2, 6:] = 0  # right padding
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "domain_ids": torch.tensor([0, 2, 0])}
+    opts = dict(num_domains=3, gamma=0.5, temperature=2.0, divergence="forward_kl")
+    out = causal_lm_kd_loss(student, teacher, batch, strategy="recompute", workspace_bytes=SMALL_WS, **opts)
+    out.loss.backward()
+    fused_grads = [p.grad.clone() for p in (student.lm_head.weight, student.model.layers[0].mlp.up_proj.weight)]
+    student.zero_grad()
+
+    zs = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].reshape(-1, 101)
+    with torch.no_grad():
+        zt = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].reshape(-1, 105)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:].reshape(-1)
+    domain_ids = torch.tensor([0, 2, 0]).repeat_interleave(8)
+    ref = kd_loss(zs, zt, labels, domain_ids=domain_ids, backend="reference", **opts)
+    ref.loss.backward()
+    ref_grads = [student.lm_head.weight.grad, student.model.layers[0].mlp.up_proj.weight.grad]
+    assert int(out.num_tokens) == 3 * 8 - 3
+    assert _close(out.loss, ref.loss, 1e-9)
+    assert _close(out.domain_kd_sum, ref.domain_kd_sum, 1e-9)
+    assert out.domain_tokens.tolist() == ref.domain_tokens.tolist() == [13, 0, 8]
+    for gf, gr in zip(fused_grads, ref_grads):
+        assert _close(gf, gr, 1e-9)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_fused_linear_kd_loss_never_differentiates_teacher(backend: str) -> None:
+    case = make_case(8, 6, 7, 19, 21, seed=28)
+    th = case.th.clone().requires_grad_()
+    tw = case.tw.clone().requires_grad_()
+    h = case.h.clone().requires_grad_()
+    out = fused_linear_kd_loss(h, case.w, case.labels, teacher_hidden=th, teacher_weight=tw, backend=backend)
+    out.loss.backward()
+    assert th.grad is None and tw.grad is None and h.grad is not None
