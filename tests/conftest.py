@@ -22,6 +22,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # One thread: the test shapes are small, and OpenMP fan-out only costs time on a shared machine.
 torch.set_num_threads(1)
 
+# Without CUDA, Triton kernels run under its interpreter. The variable must be set before any
+# module decorates a kernel with @triton.jit, so it is set here, before test modules are imported,
+# rather than in each test module (import order would then decide which kernels are interpreted).
+# Dispatch never auto-picks triton on CPU; tests ask for it explicitly.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
