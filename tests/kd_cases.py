@@ -66,7 +66,7 @@ def oracle_grad(zs, zt, labels, grad_ce, grad_kd, config: KDConfig) -> torch.Ten
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
 def assert_close_error_relative(
