@@ -24,6 +24,63 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    import json
+
+    from ddk.data import CorpusConfig, build_corpus
+    from ddk.data.sources import DOMAINS
+
+    domains = tuple(args.domains) if args.domains else tuple(DOMAINS)
+    if args.no_builtin:
+        domains = ()
+    folders = dict(args.user_folder or {})
+    cfg = CorpusConfig(domains=domains, user_folders=folders, user_jsonl=tuple(args.user_jsonl or ()),
+                       max_chars=args.max_chars if args.max_chars > 0 else None,
+                       validation_fraction=args.validation_fraction, record_chars=args.record_chars,
+                       seed=args.seed, cache_dir=args.cache_dir, offline=args.offline)
+    man = build_corpus(args.out, cfg, force=args.force)
+    print(json.dumps({"out": args.out, "domains": {k: {s: v[s]["chars"] for s in ("train", "validation")}
+                                                  for k, v in man["domains"].items()},
+                      "skipped": man["skipped"]}, indent=2))
+    return 0
+
+
+def _recipe_config(args: argparse.Namespace, base: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    from ddk.recipes.config import config_from_args
+
+    return config_from_args(args, base)
+
+
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from ddk.recipes.real import prepare_data, train_teacher
+
+    cfg = _recipe_config(args)
+    _, ce, path = train_teacher(cfg, prepare_data(cfg))
+    print(f"teacher: {path}\nteacher CE per domain: {[round(x, 4) for x in ce.tolist()]}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from ddk.recipes.real import distill
+
+    distill(_recipe_config(args))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ddk.recipes.real import evaluate
+
+    evaluate(args.run)
+    return 0
+
+
+def _cmd_demo_real(args: argparse.Namespace) -> int:
+    from ddk.recipes.real import run_demo
+
+    run_demo(_recipe_config(args, base=("demo",)))
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -35,18 +92,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="distill a student with KD and DDK on synthetic domains and compare")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--steps", type=int, default=600, help="student optimizer steps per method")
+    demo.add_argument("--steps", type=int, default=300, help="student optimizer steps per method")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
     backends = sub.add_parser("backends", help="list the KD loss backends and why any cannot run")
     backends.set_defaults(func=_cmd_backends)
+
+    from ddk.recipes.config import _KeyValue, add_config_arguments
+
+    data = sub.add_parser("data", help="build the real multi-domain corpus")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser("build", help="collect the domains into per-domain train/validation JSONL + manifest")
+    build.add_argument("--out", default="data/corpus", help="corpus folder (default: data/corpus)")
+    build.add_argument("--domains", nargs="+", help="built-in domains to collect (default: all eight)")
+    build.add_argument("--no-builtin", action="store_true", help="only the user domains")
+    build.add_argument("--user-folder", nargs="+", action=_KeyValue, metavar="NAME=DIR", help="extra domain from a folder of files")
+    build.add_argument("--user-jsonl", nargs="+", metavar="FILE", help="JSONL files with 'domain' and 'text' fields")
+    build.add_argument("--max-chars", type=int, default=2_000_000, help="per-domain cap in characters (0: none)")
+    build.add_argument("--validation-fraction", type=float, default=0.05)
+    build.add_argument("--record-chars", type=int, default=4000, help="longest record; longer units are cut at line breaks")
+    build.add_argument("--seed", type=int, default=0, help="seed of the split hash")
+    build.add_argument("--cache-dir", default=None, help="package cache (default: ~/.cache/ddk/debs)")
+    build.add_argument("--offline", action="store_true", help="use only packages already in the cache")
+    build.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    build.set_defaults(func=_cmd_data_build)
+
+    for name, func, text in (
+        ("teacher", _cmd_teacher, "pretrain (or load the cached) Llama-style teacher on the real corpus"),
+        ("distill", _cmd_distill, "distill a student: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online"),
+        ("demo-real", _cmd_demo_real, "corpus + tokenizer + teacher + one DDK distillation (config preset 'demo')"),
+    ):
+        p = sub.add_parser(name, help=text)
+        add_config_arguments(p)
+        p.set_defaults(func=func)
+    ev = sub.add_parser("evaluate", help="per-domain validation CE of a run's student and its teacher")
+    ev.add_argument("run", help="a distill run folder")
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValueError as e:  # bad options or inputs: the message says what to fix
+        print(f"ddk {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

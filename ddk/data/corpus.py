@@ -1,0 +1,386 @@
+"""Corpus builder: domains -> per-domain ``train`` / ``validation`` JSONL and a manifest.
+
+Layout of a built corpus folder::
+
+    <out>/manifest.json              sizes, licences, provenance, skipped domains, build options
+    <out>/<domain>/train.jsonl       one record per line: {"id", "domain", "source", "text"}
+    <out>/<domain>/validation.jsonl
+
+Split: a unit (``source``) goes to validation iff ``stable_unit_hash(source, seed) <
+validation_fraction`` (the partitioner's BLAKE2b hash), so a file, conversation, entry or chapter
+is never cut between the sides and never changes side when data is added. A domain with at least
+two units always gets both sides (the lowest-hash unit is moved to validation, or the highest to
+train, when the threshold leaves a side empty).
+
+Cap: ``max_chars`` per domain, shared ``(1 - f) : f`` between train and validation; on each side
+units are taken in hash order until the budget is spent (the last one truncated), so the kept
+subset is stable too. Long units are cut into records of at most ``record_chars`` at line
+breaks; all records of a unit share its ``source`` and side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddk.data.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
+from ddk.partition.partitioner import stable_unit_hash
+
+__all__ = [
+    "CorpusConfig",
+    "CorpusError",
+    "build_corpus",
+    "jsonl_units",
+    "load_corpus",
+    "read_jsonl",
+    "split_units",
+]
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation")
+_MANIFEST_VERSION = 1
+
+
+class CorpusError(ValueError):
+    """Bad corpus input (e.g. corrupted JSONL lines); the message names every file and line."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Options of ``build_corpus``.
+
+    Attributes:
+        domains: built-in domains to collect (names of ``ddk.data.sources.DOMAINS``); ``()`` for none.
+        user_folders: extra domains ``name -> folder of text files`` (one unit per file).
+        user_jsonl: JSONL files whose records carry ``"domain"`` and ``"text"`` (and optionally
+            ``"id"``, ``"source"``: records sharing a source, e.g. a conversation, stay together).
+        max_chars: per-domain size cap in characters (train + validation), ``None`` = no cap.
+        validation_fraction: share of units (by hash) in validation, in ``(0, 1)``.
+        record_chars: longest record; longer units are cut at line breaks.
+        seed: seed of the split hash.
+        cache_dir: package cache (default ``~/.cache/ddk/debs``).
+        offline: use only packages already in the cache.
+    """
+
+    domains: tuple[str, ...] = tuple(DOMAINS)
+    user_folders: Mapping[str, str] = field(default_factory=dict)
+    user_jsonl: tuple[str, ...] = ()
+    max_chars: int | None = 2_000_000
+    validation_fraction: float = 0.05
+    record_chars: int = 4000
+    seed: int = 0
+    cache_dir: str | None = None
+    offline: bool = False
+
+    def key(self) -> str:
+        """Hash of everything that changes the built corpus (not the cache location)."""
+        d = asdict(self)
+        d.pop("cache_dir")
+        d.pop("offline")
+        d["user_folders"] = sorted((k, str(Path(v).resolve())) for k, v in self.user_folders.items())
+        d["user_jsonl"] = [str(Path(p).resolve()) for p in self.user_jsonl]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_config(cfg: CorpusConfig) -> None:
+    fn = "build_corpus"
+    unknown = [d for d in cfg.domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"{fn}: domains must be among the built-in {list(DOMAINS)} (add others with user_folders/user_jsonl); got unknown {unknown}.")
+    if cfg.max_chars is not None and (not isinstance(cfg.max_chars, int) or cfg.max_chars < 1):
+        raise ValueError(f"{fn}: max_chars must be a positive int or None; got {cfg.max_chars!r}.")
+    if not 0.0 < cfg.validation_fraction < 1.0:
+        raise ValueError(f"{fn}: validation_fraction must be in (0, 1); got {cfg.validation_fraction!r}.")
+    if not isinstance(cfg.record_chars, int) or cfg.record_chars < 16:
+        raise ValueError(f"{fn}: record_chars must be an int >= 16; got {cfg.record_chars!r}.")
+    clash = sorted(set(cfg.user_folders) & set(cfg.domains))
+    if clash:
+        raise ValueError(f"{fn}: user_folders names must differ from the built-in domains collected; got {clash}.")
+
+
+# ---------------------------------------------------------------------------- JSONL
+def read_jsonl(path: str | os.PathLike[str], *, on_error: str = "raise",
+               required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Read a JSONL file, reporting every corrupted line with its file and line number.
+
+    Args:
+        path: the file.
+        on_error: ``"raise"`` (a ``CorpusError`` listing all bad lines) or ``"skip"`` (drop them
+            and print one warning listing them to stderr).
+        required: keys every record must have (a record missing one counts as corrupted).
+
+    Returns:
+        The records (dicts) in file order; blank lines are ignored.
+    """
+    fn = "read_jsonl"
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"{fn}: on_error must be 'raise' or 'skip'; got {on_error!r}.")
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{fn}: path must be an existing file; got {str(p)!r}.")
+    out: list[dict[str, Any]] = []
+    bad: list[str] = []
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                bad.append(f"{p}:{lineno}: {type(e).__name__}: {e}")
+                continue
+            if not isinstance(rec, dict):
+                bad.append(f"{p}:{lineno}: a record must be a JSON object; got {type(rec).__name__}")
+                continue
+            missing = [k for k in required if k not in rec]
+            if missing:
+                bad.append(f"{p}:{lineno}: a record must have keys {list(required)}; missing {missing}")
+                continue
+            out.append(rec)
+    if bad:
+        listing = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+        if on_error == "raise":
+            raise CorpusError(f"{fn}: every line of {p} must be a JSON object; got {len(bad)} corrupted line(s):\n  {listing}")
+        print(f"warning: {fn}: skipped {len(bad)} corrupted line(s):\n  {listing}", file=sys.stderr)
+    return out
+
+
+def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise") -> dict[str, list[Unit]]:
+    """Units of a user JSONL file with a ``domain`` field: ``domain -> units``.
+
+    Records sharing ``source`` (default: ``id``, else ``<file>:<line>``) are joined into one unit
+    (blank line between them), so a conversation given as several records stays on one side.
+    """
+    fn = "jsonl_units"
+    recs = read_jsonl(path, on_error=on_error, required=("domain", "text"))
+    grouped: dict[str, dict[str, list[str]]] = {}
+    for i, r in enumerate(recs):
+        if not isinstance(r["domain"], str) or not r["domain"] or not isinstance(r["text"], str):
+            raise CorpusError(f"{fn}: records of {path} must have a non-empty str 'domain' and a str 'text'; got record {i}: {str(r)[:120]}.")
+        src = str(r.get("source") or r.get("id") or f"{Path(path).name}:{i}")
+        grouped.setdefault(r["domain"], {}).setdefault(src, []).append(r["text"])
+    return {
+        d: [Unit(src, (lambda t="\n\n".join(texts): t)) for src, texts in sorted(g.items())]
+        for d, g in grouped.items()
+    }
+
+
+def _write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- split + cap
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """Pieces of at most ``size`` chars, cut at the last line break of each window when there is one."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            nl = text.rfind("\n", start + size // 2, end)
+            if nl > start:
+                end = nl + 1
+        yield text[start:end]
+        start = end
+
+
+def split_units(units: Sequence[Unit], *, validation_fraction: float, seed: int = 0) -> dict[str, list[Unit]]:
+    """Assign whole units to ``train``/``validation`` by the stable hash of their source.
+
+    Returns:
+        ``{"train": [...], "validation": [...]}``, each side in increasing hash order.
+
+    Raises:
+        ValueError: fewer than two distinct sources (a domain needs one on each side).
+    """
+    fn = "split_units"
+    by_src: dict[str, Unit] = {}
+    for u in units:
+        by_src.setdefault(u.source, u)
+    if len(by_src) < 2:
+        raise ValueError(f"{fn}: units must come from at least 2 distinct sources (one per side); got {len(by_src)}.")
+    ranked = sorted(by_src.values(), key=lambda u: (stable_unit_hash(u.source, seed), u.source))
+    hashes = [stable_unit_hash(u.source, seed) for u in ranked]
+    n_val = sum(h < validation_fraction for h in hashes)
+    n_val = min(max(n_val, 1), len(ranked) - 1)
+    return {"validation": ranked[:n_val], "train": ranked[n_val:]}
+
+
+def _take(domain: str, units: Sequence[Unit], budget: int | None, record_chars: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    chars = 0
+    sources = 0
+    truncated = False
+    for u in units:
+        if budget is not None and chars >= budget:
+            truncated = True
+            break
+        try:
+            text = u.load()
+        except (OSError, UnicodeError, ValueError) as e:
+            print(f"warning: corpus: skipped {domain}:{u.source}: {e}", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        if budget is not None and chars + len(text) > budget:
+            text = text[: budget - chars]
+            truncated = True
+        sources += 1
+        for k, piece in enumerate(_chunks(text, record_chars)):
+            records.append({"id": f"{domain}/{u.source}#{k}", "domain": domain, "source": u.source, "text": piece})
+        chars += len(text)
+    return records, {"records": len(records), "chars": chars, "sources": sources, "truncated": truncated}
+
+
+# ---------------------------------------------------------------------------- build / load
+def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusConfig(), *,
+                 force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Collect the domains, split and cap them, and write the JSONL files and the manifest.
+
+    A folder already built with the same ``config.key()`` is reused unless ``force``. Domains
+    that cannot be had (package missing, fetch failure, too few units) are reported on stderr by
+    name and listed under ``"skipped"`` in the manifest; they never vanish silently.
+
+    Args:
+        out_dir: the corpus folder.
+        config: see ``CorpusConfig``.
+        force: rebuild even when the manifest matches.
+        progress: print one line per domain.
+
+    Returns:
+        The manifest (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        ValueError: bad options; no domain at all could be built.
+        CorpusError: corrupted user JSONL (every bad line named).
+    """
+    _check_config(config)
+    out = Path(out_dir)
+    man_path = out / MANIFEST
+    if not force and man_path.is_file():
+        try:
+            old = json.loads(man_path.read_text())
+            if old.get("key") == config.key():
+                return old
+        except json.JSONDecodeError:
+            pass
+    out.mkdir(parents=True, exist_ok=True)
+    cache = PackageCache(config.cache_dir or DEFAULT_CACHE_DIR, offline=config.offline)
+    t0 = time.perf_counter()
+    sources: dict[str, tuple[str, str, str, list[Unit]]] = {}  # name -> (provenance, licence, description, units)
+    skipped: dict[str, str] = {}
+    for name in config.domains:
+        spec = DOMAINS[name]
+        try:
+            prov, units = spec.units(cache)
+            sources[name] = (prov, spec.licence, spec.description, units)
+        except (DomainUnavailable, OSError, ValueError) as e:
+            skipped[name] = str(e)
+    for name, folder in sorted(config.user_folders.items()):
+        try:
+            sources[name] = (f"folder:{Path(folder).resolve()}", "user-provided", "user folder; unit = file",
+                             folder_units(folder, prefix=f"{name}/"))
+        except ValueError as e:
+            skipped[name] = str(e)
+    for path in config.user_jsonl:
+        for name, units in jsonl_units(path).items():
+            if name in sources:
+                prov, lic, desc, old_units = sources[name]
+                sources[name] = (f"{prov} + jsonl:{Path(path).resolve()}", lic, desc, old_units + units)
+            else:
+                sources[name] = (f"jsonl:{Path(path).resolve()}", "user-provided", "user JSONL; unit = source", units)
+
+    f = config.validation_fraction
+    budgets = {"train": None, "validation": None} if config.max_chars is None else {
+        "validation": max(1, int(round(config.max_chars * f))), "train": config.max_chars - max(1, int(round(config.max_chars * f)))}
+    domains: dict[str, Any] = {}
+    for name in sorted(sources):
+        prov, lic, desc, units = sources[name]
+        try:
+            sides = split_units(units, validation_fraction=f, seed=config.seed)
+        except ValueError as e:
+            skipped[name] = str(e)
+            continue
+        entry: dict[str, Any] = {"provenance": prov, "licence": lic, "description": desc, "units": len(units)}
+        ddir = out / name
+        ddir.mkdir(parents=True, exist_ok=True)
+        for side in SPLITS:
+            recs, stats = _take(name, sides[side], budgets[side], config.record_chars)
+            _write_jsonl_atomic(ddir / f"{side}.jsonl", recs)
+            entry[side] = stats
+        if entry["train"]["records"] == 0 or entry["validation"]["records"] == 0:
+            skipped[name] = "no non-empty text on one side of the split"
+            continue
+        domains[name] = entry
+        if progress:
+            print(f"corpus: {name:<14} train {entry['train']['chars']:>10,} chars / {entry['train']['sources']:>5} units   "
+                  f"validation {entry['validation']['chars']:>8,} chars / {entry['validation']['sources']:>4} units   [{prov}]",
+                  file=sys.stderr)
+    for name, why in skipped.items():
+        print(f"warning: corpus: domain {name!r} skipped: {why}", file=sys.stderr)
+    if not domains:
+        raise ValueError(f"build_corpus: at least one domain must be available; got none (skipped: {skipped}).")
+    manifest = {
+        "version": _MANIFEST_VERSION,
+        "key": config.key(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "config": {**asdict(config), "user_folders": dict(config.user_folders),
+                   "domains": list(config.domains), "user_jsonl": list(config.user_jsonl)},
+        "domains": domains,
+        "skipped": skipped,
+        "note": "Rebuilt from the packages; several licences (GPL, GFDL) forbid committing it.",
+    }
+    tmp = man_path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    os.replace(tmp, man_path)
+    return manifest
+
+
+def load_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a built corpus folder."""
+    p = Path(corpus_dir) / MANIFEST
+    if not p.is_file():
+        raise ValueError(f"load_manifest: corpus_dir must hold a {MANIFEST} (run `ddk data build`); got {str(Path(corpus_dir))!r}.")
+    return json.loads(p.read_text())
+
+
+def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | None = None) -> Any:
+    """A built corpus as a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits.
+
+    Columns ``id``, ``domain``, ``source``, ``text`` (str). Domains in manifest order (sorted),
+    or ``domains``. Use ``DomainPartitioner.by_field("domain")`` to get per-domain sets back.
+    """
+    import datasets
+
+    man = load_manifest(corpus_dir)
+    names = list(domains) if domains is not None else list(man["domains"])
+    unknown = [d for d in names if d not in man["domains"]]
+    if unknown:
+        raise ValueError(f"load_corpus: domains must be in the corpus {list(man['domains'])}; got unknown {unknown}.")
+    out = {}
+    for side in SPLITS:
+        rows: dict[str, list[str]] = {"id": [], "domain": [], "source": [], "text": []}
+        for d in names:
+            for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", required=("id", "domain", "source", "text")):
+                for k in rows:
+                    rows[k].append(r[k])
+        out[side] = datasets.Dataset.from_dict(rows)
+    return datasets.DatasetDict(out)
+
+
+def domain_texts(corpus_dir: str | os.PathLike[str], side: str, domains: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """``domain -> texts`` of one split, straight from the JSONL (no ``datasets`` needed)."""
+    man = load_manifest(corpus_dir)
+    names = list(domains) if domains is not None else list(man["domains"])
+    return {d: [r["text"] for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", required=("text",))] for d in names}

@@ -1,0 +1,252 @@
+"""Configuration of the real-data recipes: one flat frozen dataclass, YAML files, CLI flags.
+
+Precedence: dataclass defaults < YAML file(s) (``--config``, later files win) < command-line
+flags. Every field is a flag (``--teacher-hidden 256``); an unknown YAML key is an error that
+lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS: tuple[str, ...] = ("cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-online")
+ALL_DOMAINS: tuple[str, ...] = ("dialogue", "docs", "encyclopedia", "german", "go", "math", "novels", "python")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Every option of ``ddk teacher`` / ``ddk distill`` / ``ddk evaluate`` / ``ddk demo-real``.
+
+    Defaults fit a 2-core CPU machine. Token budget of a distillation run:
+    ``steps * batch_size * seq_len`` tokens, identical for every method.
+    """
+
+    # --- data
+    data_dir: str = "~/.cache/ddk"  # corpus, tokenizer, token ids, teachers, package cache (debs/)
+    domains: tuple[str, ...] = ALL_DOMAINS  # built-in domains to collect
+    user_folders: dict[str, str] = field(default_factory=dict)  # extra domains NAME -> folder of files
+    user_jsonl: tuple[str, ...] = ()  # extra JSONL files with a "domain" field
+    max_chars: int = 600_000  # per-domain size cap (train + validation)
+    validation_fraction: float = 0.05
+    offline: bool = False  # never fetch packages; use the cache only
+    vocab_size: int = 4096
+    seq_len: int = 128  # tokens per training sequence (input length)
+    val_seqs: int = 32  # validation sequences per domain (the discrepancy estimate; paper: 500 samples)
+    eval_batch_size: int = 32
+    # --- teacher (Llama-style, initialised locally, trained once and cached by config hash)
+    teacher_hidden: int = 256
+    teacher_layers: int = 4
+    teacher_heads: int = 4
+    teacher_intermediate: int = 688
+    teacher_steps: int = 600
+    teacher_lr: float = 1e-3
+    teacher_batch_size: int = 16
+    teacher_seed: int = 0  # the teacher is shared by every method and student seed
+    # --- student
+    student_hidden: int = 64
+    student_layers: int = 2
+    student_heads: int = 2
+    student_intermediate: int = 172
+    # --- distillation
+    method: str = "ddk"
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    gamma: float = 0.2
+    temperature: float = 1.0
+    alpha: float = 0.5
+    ddk_init: str = "discrepancy"  # first interval's weights: Eq. 1 r_0 ("discrepancy") or "uniform" (paper's pseudo-code)
+    interval: int = 50  # K, optimizer steps between DDK updates (and validation evaluations)
+    backend: str = "auto"  # KD loss backend
+    seed: int = 0
+    # --- run
+    out: str = ""  # run folder; "" = runs/real/<method>-s<seed>
+    log_every: int = 10
+    checkpoint_every: int = 100
+    resume: bool = True
+    threads: int = 0  # torch threads; 0 = leave torch's default
+    progress: bool = True
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def data_path(self) -> Path:
+        return Path(os.path.expanduser(self.data_dir))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs/real") / f"{self.method}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["domains"] = list(self.domains)
+        d["user_jsonl"] = list(self.user_jsonl)
+        return d
+
+    def hash_of(self, keys: typing.Iterable[str], extra: Any = None) -> str:
+        """Short hash of the named fields (plus ``extra``): keys caches of derived artefacts."""
+        d = self.to_dict()
+        payload = {k: d[k] for k in keys}
+        payload["extra"] = extra
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
+_HINTS = typing.get_type_hints(RecipeConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/JSON value to the field's type, or raise the house-format error."""
+    fn = "RecipeConfig"
+    hint = _HINTS[name]
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+            return value
+        if hint is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+        if origin is dict:
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                raise TypeError
+            return dict(value)
+    except TypeError:
+        raise ValueError(f"{fn}: {name} must be of type {getattr(hint, '__name__', str(hint))}; got {value!r}.") from None
+    return value
+
+
+def validate(cfg: RecipeConfig) -> RecipeConfig:
+    """Check value ranges; return ``cfg``."""
+    fn = "RecipeConfig"
+    if cfg.method not in METHODS:
+        raise ValueError(f"{fn}: method must be one of {METHODS}; got {cfg.method!r}.")
+    positive = ("vocab_size", "seq_len", "val_seqs", "eval_batch_size", "teacher_hidden", "teacher_layers",
+                "teacher_heads", "teacher_intermediate", "teacher_batch_size", "student_hidden", "student_layers",
+                "student_heads", "student_intermediate", "steps", "batch_size", "interval", "log_every",
+                "checkpoint_every", "max_chars")
+    for k in positive:
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"{fn}: {k} must be >= 1; got {getattr(cfg, k)!r}.")
+    for who in ("teacher", "student"):
+        h, n = getattr(cfg, f"{who}_hidden"), getattr(cfg, f"{who}_heads")
+        if h % n or (h // n) % 2:
+            raise ValueError(f"{fn}: {who}_hidden must be a multiple of 2*{who}_heads (even head size for RoPE); got {h} with {n} heads.")
+    for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads"):
+        if getattr(cfg, k) < 0:
+            raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
+    if cfg.ddk_init not in ("discrepancy", "uniform"):
+        raise ValueError(f"{fn}: ddk_init must be 'discrepancy' or 'uniform'; got {cfg.ddk_init!r}.")
+    if not 0.0 < cfg.validation_fraction < 1.0:
+        raise ValueError(f"{fn}: validation_fraction must be in (0, 1); got {cfg.validation_fraction!r}.")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"{fn}: min_lr_ratio must be in [0, 1]; got {cfg.min_lr_ratio!r}.")
+    if not 0.0 < cfg.alpha <= 1.0:
+        raise ValueError(f"{fn}: alpha must be in (0, 1]; got {cfg.alpha!r}.")
+    for k in ("lr", "teacher_lr", "temperature"):
+        if not getattr(cfg, k) > 0:
+            raise ValueError(f"{fn}: {k} must be > 0; got {getattr(cfg, k)!r}.")
+    for k in ("gamma", "weight_decay", "grad_clip"):
+        if getattr(cfg, k) < 0:
+            raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
+    return cfg
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config (a mapping of field names); unknown keys are an error naming them."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        p = CONFIG_DIR / f"{path}.yaml"  # a preset name: "demo", "default", "tiny", "experiment"
+    if not p.is_file():
+        presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"load_config: config must be a YAML file or a preset {presets}; got {str(path)!r}.")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"load_config: {p} must hold a mapping of option names; got {type(data).__name__}.")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"load_config: keys of {p} must be config options; got unknown {unknown} "
+                         f"(valid: {sorted(_FIELDS)}).")
+    return {k: _coerce(k, v) for k, v in data.items()}
+
+
+def make_config(files: typing.Sequence[str | os.PathLike[str]] = (), **overrides: Any) -> RecipeConfig:
+    """Defaults < YAML ``files`` < ``overrides`` (keyword names are field names)."""
+    values: dict[str, Any] = {}
+    for f in files:
+        values.update(load_yaml(f))
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"make_config: overrides must be config options; got unknown {unknown}.")
+    values.update({k: _coerce(k, v) for k, v in overrides.items()})
+    return validate(RecipeConfig(**values))
+
+
+# ---------------------------------------------------------------------------- argparse
+class _KeyValue(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        cur = dict(getattr(namespace, self.dest, None) or {})
+        for item in values:
+            if "=" not in item:
+                parser.error(f"{option_string} must be NAME=PATH; got {item!r}")
+            k, v = item.split("=", 1)
+            cur[k] = v
+        setattr(namespace, self.dest, cur)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per config field (defaults suppressed: unset = not given)."""
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="YAML config file or preset name (repeatable; later files win; flags win over files)")
+    for name, f in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        hint = _HINTS[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_ = f"(default: {default!r})"
+        if hint is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, dest=name, nargs="+", default=argparse.SUPPRESS, help=help_)
+        elif typing.get_origin(hint) is dict:
+            parser.add_argument(flag.rstrip("s"), dest=name, nargs="+", action=_KeyValue, default=argparse.SUPPRESS,
+                                metavar="NAME=DIR", help="extra domain from a folder of files (repeatable)")
+        elif name == "method":
+            parser.add_argument(flag, dest=name, choices=METHODS, default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, type=hint, default=argparse.SUPPRESS, help=help_)
+
+
+def config_from_args(args: argparse.Namespace, base: typing.Sequence[str] = ()) -> RecipeConfig:
+    """``RecipeConfig`` from parsed flags: defaults < ``base`` presets < ``--config`` files < flags."""
+    overrides = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    return make_config([*base, *args.config], **overrides)
