@@ -142,6 +142,24 @@ def _report(results: dict[str, list[dict[str, Any]]], cfg_dict: dict[str, Any], 
     for m, rs in results.items():
         lines.append(f"| {m} | {_mean_std([r['mean_gap'] for r in rs])} | {_mean_std([r['worst_gap'] for r in rs])} | "
                      f"{_mean_std([r['mean_ratio'] for r in rs])} |")
+    seeds = sorted({r["seed"] for rs in results.values() for r in rs})
+    lines += ["", "Per seed (mean gap / worst-domain gap):", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    by_seed = {m: {r["seed"]: r for r in rs} for m, rs in results.items()}
+    for m in results:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{by_seed[m][s]['mean_gap']:.4f} / {by_seed[m][s]['worst_gap']:.4f}" if s in by_seed[m] else "-"
+            for s in seeds) + " |")
+    if "ddk" in by_seed:
+        for other in ("kd", "cpt"):
+            if other not in by_seed:
+                continue
+            common = [s for s in seeds if s in by_seed["ddk"] and s in by_seed[other]]
+            wins_mean = sum(by_seed["ddk"][s]["mean_gap"] < by_seed[other][s]["mean_gap"] for s in common)
+            wins_worst = sum(by_seed["ddk"][s]["worst_gap"] < by_seed[other][s]["worst_gap"] for s in common)
+            lines.append("")
+            lines.append(f"DDK vs {other}: lower mean gap on {wins_mean} of {len(common)} seeds, "
+                         f"lower worst-domain gap on {wins_worst} of {len(common)} seeds.")
     lines += ["", "Per-domain gap (mean over seeds):", "",
               "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m, rs in results.items():
