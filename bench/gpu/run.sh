@@ -5,6 +5,13 @@
 #   PYTHON=/path/to/python bash bench/gpu/run.sh
 #   DDK_GPU_PYTEST=1 bash bench/gpu/run.sh   # also run the Triton tests on the GPU first
 #   KD_BENCH_ARGS="--divergence jsd" bash bench/gpu/run.sh
+#   KD_BENCH_ARGS="--fused-only" bash bench/gpu/run.sh   # only the fused lm_head + KD part
+#   DDK_WHEELS=.whl bash bench/gpu/run.sh    # also install the wheels there (default .whl, if present)
+#
+# kd_bench.py also checks and times the fused lm_head + KD loss (fused_linear_kd_loss, backends
+# chunked and triton, vs naive and Liger's LigerFusedLinearJSDLoss). liger_kernel is not in the
+# device image: to compare against it, put its wheel (pure Python, py3-none-any) in .whl/ here and
+# carry .whl; it is installed with --no-index --no-deps into a temporary folder on PYTHONPATH.
 #
 # Assumptions (the lent machines have no network): a Python that already holds a CUDA build of
 # torch, triton, setuptools, ninja, pytest (the image's `python3`, /opt/torch/.venv there), and
@@ -57,6 +64,16 @@ if ! ls ddk_kernels/_C*.so >/dev/null 2>&1; then
   "$PY" setup.py build_ext --inplace 2>&1 | tail -n 40 || true
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+WHEELS=${DDK_WHEELS:-.whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  say "install extra wheels from $WHEELS (no index, no deps): $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
+  EXTRA_SITE=$(mktemp -d /tmp/ddk_wheels.XXXXXX)
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$EXTRA_SITE" "$WHEELS"/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:$EXTRA_SITE"  # ahead of site-packages: carry only what the image lacks
+  else
+    echo "run.sh: installing the wheels in $WHEELS failed; going on without them" >&2
+  fi
+fi
 "$PY" - <<'EOF'
 import torch
 from ddk_kernels import cpp
