@@ -20,7 +20,6 @@ breaks; all records of a unit share its ``source`` and side.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddk._io import atomic_write_text, json_fingerprint
 from ddk.data.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
 from ddk.partition.partitioner import stable_unit_hash
 
@@ -86,7 +86,7 @@ class CorpusConfig:
         d.pop("offline")
         d["user_folders"] = sorted((k, str(Path(v).resolve())) for k, v in self.user_folders.items())
         d["user_jsonl"] = [str(Path(p).resolve()) for p in self.user_jsonl]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return json_fingerprint(d)
 
 
 def _check_config(cfg: CorpusConfig) -> None:
@@ -173,11 +173,7 @@ def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise") -> dic
 
 
 def _write_jsonl_atomic(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ---------------------------------------------------------------------------- split + cap
@@ -269,7 +265,7 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
     man_path = out / MANIFEST
     if not force and man_path.is_file():
         try:
-            old = json.loads(man_path.read_text())
+            old = json.loads(man_path.read_text(encoding="utf-8"))
             if old.get("key") == config.key():
                 return old
         except json.JSONDecodeError:
@@ -341,9 +337,7 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
         "skipped": skipped,
         "note": "Rebuilt from the packages; several licences (GPL, GFDL) forbid committing it.",
     }
-    tmp = man_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    os.replace(tmp, man_path)
+    atomic_write_text(man_path, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 
@@ -352,7 +346,7 @@ def load_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(corpus_dir) / MANIFEST
     if not p.is_file():
         raise ValueError(f"load_manifest: corpus_dir must hold a {MANIFEST} (run `ddk data build`); got {str(Path(corpus_dir))!r}.")
-    return json.loads(p.read_text())
+    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | None = None) -> Any:

@@ -102,9 +102,7 @@ class PackageCache:
     def deb(self, package: str) -> Path:
         """Folder where ``package``'s ``.deb`` is unpacked (``dpkg -x``), fetching it if needed."""
         dest = self.root / package
-        marker = dest / ".extracted"
-        if marker.is_file():
-            self.versions[package] = marker.read_text().strip()
+        if self._cached(package, dest):
             return dest
         if self.offline:
             raise DomainUnavailable(f"Debian package {package!r} is not in the cache {self.root} (offline)")
@@ -127,19 +125,12 @@ class PackageCache:
         res = self._run(["dpkg", "-x", str(debs[-1]), str(tmp)], self.root)
         if res.returncode != 0:
             raise DomainUnavailable(f"dpkg -x {debs[-1].name} failed: {res.stderr.strip()[-300:]}")
-        version = debs[-1].stem.split("_")[1]
-        (tmp / ".extracted").write_text(version + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-        self.versions[package] = version
-        return dest
+        return self._commit(package, tmp, dest, debs[-1].stem.split("_")[1])
 
     def pypi(self, package: str) -> Path:
         """Folder where ``package``'s wheel from PyPI is unpacked (``pip download --no-deps``)."""
         dest = self.root / "pypi" / package
-        marker = dest / ".extracted"
-        if marker.is_file():
-            self.versions[package] = marker.read_text().strip()
+        if self._cached(package, dest):
             return dest
         if self.offline:
             raise DomainUnavailable(f"PyPI package {package!r} is not in the cache {self.root} (offline)")
@@ -155,7 +146,18 @@ class PackageCache:
         shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(wheels[-1]) as z:
             z.extractall(tmp)
-        version = wheels[-1].name.split("-")[1]
+        return self._commit(package, tmp, dest, wheels[-1].name.split("-")[1])
+
+    def _cached(self, package: str, dest: Path) -> bool:
+        """True (and ``versions`` updated) when ``dest`` holds a complete unpack of ``package``."""
+        marker = dest / ".extracted"
+        if not marker.is_file():
+            return False
+        self.versions[package] = marker.read_text().strip()
+        return True
+
+    def _commit(self, package: str, tmp: Path, dest: Path, version: str) -> Path:
+        """Mark the unpacked ``tmp`` complete and move it to ``dest`` (replacing a partial one)."""
         (tmp / ".extracted").write_text(version + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)

@@ -416,13 +416,17 @@ class DiscrepancyEstimator:
         tok = self._check_domain_vector(fn, "output.domain_tokens", output.domain_tokens)
         if self._acc is None:
             self._acc = torch.zeros(self.num_domains, 4, dtype=torch.float64, device=ce.device)
+        elif self._acc.device != ce.device:
+            # e.g. sums restored on the CPU by load_state_dict: follow the loss once, instead of a
+            # device-to-host copy (a sync, or a race with non_blocking) at every step.
+            self._acc = self._acc.to(ce.device)
         acc = self._acc
-        tok64 = tok.detach().to(device=acc.device, dtype=torch.float64, non_blocking=True)
-        acc[:, 0] += ce.detach().to(device=acc.device, dtype=torch.float64, non_blocking=True)
+        tok64 = tok.detach().to(device=acc.device, dtype=torch.float64)
+        acc[:, 0] += ce.detach().to(dtype=torch.float64)
         acc[:, 1] += tok64
         if teacher_ce_sum is not None:
             t = self._check_domain_vector(fn, "teacher_ce_sum", teacher_ce_sum)
-            acc[:, 2] += t.detach().to(device=acc.device, dtype=torch.float64, non_blocking=True)
+            acc[:, 2] += t.detach().to(device=acc.device, dtype=torch.float64)
             acc[:, 3] += tok64
 
     def estimate_online(self, reset: bool = True) -> DomainDiscrepancy:

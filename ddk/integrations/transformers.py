@@ -34,6 +34,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.data.data_collator import default_data_collator
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ddk._io import atomic_write_text
 from ddk.controller import DDKController
 from ddk.losses import kd_loss
 
@@ -81,9 +82,7 @@ class DDKCallback(TrainerCallback):
             return
         consumed = int(state.global_step) * int(args.gradient_accumulation_steps)
         state_dict = self.trainer.controller.state_dict(at_batch=consumed)
-        tmp = folder / (DDK_STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps(state_dict))
-        os.replace(tmp, folder / DDK_STATE_NAME)
+        atomic_write_text(folder / DDK_STATE_NAME, json.dumps(state_dict))
 
 
 class DDKTrainer(Trainer):
@@ -166,7 +165,7 @@ class DDKTrainer(Trainer):
         ``(B * (L - 1), V)``; labels default to ``input_ids`` with padding set to -100.
         """
         inputs = dict(inputs)
-        index = inputs.pop(_INDEX_KEY)
+        index = inputs.pop(_INDEX_KEY, None)  # absent in eval batches (not drawn by the sampler)
         labels = inputs.pop("labels", None)
         input_ids = inputs["input_ids"]
         if labels is None:
@@ -178,14 +177,17 @@ class DDKTrainer(Trainer):
         b, l, v = logits.shape
         with torch.no_grad():
             t_logits = self.teacher(**inputs).logits[:, :-1, :]
-        domains = self.controller.sampler.domain_of(index.to(logits.device))
-        dom = domains.unsqueeze(1).expand(b, l).reshape(-1)
+        dom, num_domains = None, None
+        if index is not None:
+            domains = self.controller.sampler.domain_of(index.to(logits.device))
+            dom = domains.unsqueeze(1).expand(b, l).reshape(-1)
+            num_domains = self.controller.estimator.num_domains
         out = kd_loss(
             logits.reshape(b * l, v), t_logits.reshape(b * l, -1), labels[:, 1:].reshape(-1).to(logits.device),
-            domain_ids=dom, num_domains=self.controller.estimator.num_domains, gamma=self.gamma,
+            domain_ids=dom, num_domains=num_domains, gamma=self.gamma,
             temperature=self.temperature, divergence=self.divergence, backend=self.kd_backend,
         )
-        if self.controller.online and model.training:
+        if self.controller.online and model.training and index is not None:
             self.controller.observe(out)
         return (out.loss, outputs) if return_outputs else out.loss
 
@@ -206,4 +208,4 @@ class DDKTrainer(Trainer):
                 raise ValueError(f"DDKTrainer.train: the checkpoint must hold {DDK_STATE_NAME} (saved by DDKTrainer); "
                                  f"got none in {path}.")
             self.controller.load_state_dict(json.loads(state_file.read_text()))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, *args, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)

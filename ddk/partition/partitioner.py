@@ -55,6 +55,17 @@ def _example_key(example: Mapping[str, Any], key: str | KeyFn | None) -> str:
     return json.dumps(dict(example), sort_keys=True, default=str, ensure_ascii=False)
 
 
+def _field_value(example: Mapping[str, Any], field: str) -> Any:
+    """``example[field]``, or the error naming the field and the keys the example has."""
+    try:
+        return example[field]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"DomainPartitioner.assign: example must have the field {field!r}; got keys "
+            f"{sorted(example) if isinstance(example, Mapping) else type(example).__name__}."
+        ) from None
+
+
 @dataclass(frozen=True)
 class DomainSplits:
     """Per-domain train and validation data returned by ``DomainPartitioner.split``.
@@ -130,13 +141,7 @@ class DomainPartitioner:
             raise TypeError(f"DomainPartitioner.by_field: field must be a str; got {type(field).__name__}.")
 
         def assign(example: Mapping[str, Any]) -> str:
-            try:
-                value = example[field]
-            except (KeyError, TypeError):
-                raise ValueError(
-                    f"DomainPartitioner.assign: example must have the field {field!r}; got keys "
-                    f"{sorted(example) if isinstance(example, Mapping) else type(example).__name__}."
-                ) from None
+            value = _field_value(example, field)
             if not isinstance(value, str):
                 raise TypeError(
                     f"DomainPartitioner.assign: example[{field!r}] must be a str domain name (map other values "
@@ -182,13 +187,7 @@ class DomainPartitioner:
             domains.append(default)
 
         def assign(example: Mapping[str, Any]) -> str:
-            try:
-                value = example[field]
-            except (KeyError, TypeError):
-                raise ValueError(
-                    f"DomainPartitioner.assign: example must have the field {field!r}; got keys "
-                    f"{sorted(example) if isinstance(example, Mapping) else type(example).__name__}."
-                ) from None
+            value = _field_value(example, field)
             text = str(value)
             for name, rx in compiled:
                 if rx.search(text):
@@ -258,10 +257,13 @@ class DomainPartitioner:
             raise TypeError(f"{fn}: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got {type(data).__name__}.")
         return [self.assign(ex) for ex in examples]
 
-    def _order(self, names: Iterable[str]) -> tuple[str, ...]:
-        if self._declared is not None:
-            return self._declared
-        return tuple(sorted(set(names)))
+    def _group(self, names: Sequence[str]) -> dict[str, list[int]]:
+        """``domain -> indices`` in domain order (declared, else sorted) and data order."""
+        order = self._declared if self._declared is not None else sorted(set(names))
+        out: dict[str, list[int]] = {d: [] for d in order}
+        for i, n in enumerate(names):
+            out[n].append(i)
+        return out
 
     def partition(self, data: Any) -> dict[str, list[int]]:
         """Indices of each domain's examples, in data order.
@@ -273,11 +275,7 @@ class DomainPartitioner:
             ``name -> list of indices`` for every domain in order (declared domains without
             examples map to empty lists).
         """
-        names = self._assign_all(data, "DomainPartitioner.partition")
-        out: dict[str, list[int]] = {d: [] for d in self._order(names)}
-        for i, n in enumerate(names):
-            out[n].append(i)
-        return out
+        return self._group(self._assign_all(data, "DomainPartitioner.partition"))
 
     # ------------------------------------------------------------------ splitting
     def split(
@@ -344,10 +342,8 @@ class DomainPartitioner:
         for ex in data:
             names.append(self.assign(ex))
             hashes.append(stable_unit_hash(_example_key(ex, key), seed))
-        domains = self._order(names)
-        per: dict[str, list[int]] = {d: [] for d in domains}
-        for i, n in enumerate(names):
-            per[n].append(i)
+        per = self._group(names)
+        domains = tuple(per)
         empty = [d for d in domains if not per[d]]
         if empty:
             raise ValueError(f"{fn}: every declared domain must have examples; got none for {empty}.")

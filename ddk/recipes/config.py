@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ddk._io import json_fingerprint
+from ddk.schedule.smoother import SMOOTHER_INITS
 
 METHODS: tuple[str, ...] = ("cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-online")
 ALL_DOMAINS: tuple[str, ...] = ("dialogue", "docs", "encyclopedia", "german", "go", "math", "novels", "python")
@@ -100,7 +101,7 @@ class RecipeConfig:
         d = self.to_dict()
         payload = {k: d[k] for k in keys}
         payload["extra"] = extra
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return json_fingerprint(payload)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
@@ -163,8 +164,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
-    if cfg.ddk_init not in ("discrepancy", "uniform"):
-        raise ValueError(f"{fn}: ddk_init must be 'discrepancy' or 'uniform'; got {cfg.ddk_init!r}.")
+    if cfg.ddk_init not in SMOOTHER_INITS:
+        raise ValueError(f"{fn}: ddk_init must be one of {SMOOTHER_INITS}; got {cfg.ddk_init!r}.")
     if not 0.0 < cfg.validation_fraction < 1.0:
         raise ValueError(f"{fn}: validation_fraction must be in (0, 1); got {cfg.validation_fraction!r}.")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:

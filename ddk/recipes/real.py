@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddk._io import atomic_write_text
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
 from ddk.losses import kd_loss
@@ -61,9 +62,7 @@ def _log(msg: str) -> None:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 # ---------------------------------------------------------------------------- data
@@ -297,7 +296,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 _RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline")

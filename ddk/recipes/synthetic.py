@@ -130,7 +130,7 @@ def pretrain(
     it = iter(sampler)
     for _ in tqdm(range(steps), desc=desc, disable=not progress):
         idx = torch.as_tensor(next(it))
-        out = _step_loss(model, model, train[idx], torch.as_tensor(sampler.domain_of(idx)), d, cfg, False)
+        out = _step_loss(model, model, train[idx], sampler.domain_of(idx), d, cfg, False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -177,7 +177,7 @@ def distill(
     it = iter(sampler)
     for step in tqdm(range(1, cfg.student_steps + 1), desc=f"distill {method}", disable=not progress):
         idx = torch.as_tensor(next(it))
-        out = _step_loss(student, teacher, train[idx], torch.as_tensor(sampler.domain_of(idx)), d, cfg, True)
+        out = _step_loss(student, teacher, train[idx], sampler.domain_of(idx), d, cfg, True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -193,6 +193,7 @@ class MixtureSampler:
         self._snapshots: deque[tuple[int, np.ndarray, list[int], list[int]]] = deque(maxlen=_SNAPSHOTS)
         self._cur_entry = -1
         self._cur_meta: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        self._bounds_on: dict[torch.device, torch.Tensor] = {}  # ``_bounds`` per device, for domain_of
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -494,7 +495,12 @@ class MixtureSampler:
                 range-checked, to avoid a host sync).
         """
         if isinstance(indices, torch.Tensor):
-            bounds = torch.as_tensor(self._bounds, dtype=torch.long, device=indices.device)
+            # Cached per device: building it per call would be a blocking host-to-device copy
+            # in every training step.
+            bounds = self._bounds_on.get(indices.device)
+            if bounds is None:
+                bounds = torch.as_tensor(self._bounds, dtype=torch.long).to(indices.device)
+                self._bounds_on[indices.device] = bounds
             return torch.searchsorted(bounds, indices.to(torch.long), right=True)
         scalar = _is_int(indices)
         arr = np.asarray(indices)

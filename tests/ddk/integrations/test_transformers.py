@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -115,3 +116,11 @@ def test_ddktrainer_resume_without_ddk_state_raises(tmp_path):
     tr = _trainer(str(tmp_path), max_steps=1)
     with pytest.raises(ValueError, match="must hold ddk_state.json"):
         tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_ddktrainer_evaluate_runs_on_eval_batches_without_sampler_index(tmp_path):
+    tr = _trainer(str(tmp_path / "eval"), max_steps=1)
+    tr.compute_loss = functools.partial(DDKTrainer.compute_loss, tr)  # the recorder reads ddk_index
+    train, _ = _data()
+    metrics = tr.evaluate(eval_dataset=[{**x, "labels": x["input_ids"]} for x in train[:BATCH]])
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
