@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ddk_kernels.types import KDConfig
+from ddk_kernels.autograd import row_loss_function
+from ddk_kernels.types import KDConfig, acc_dtype
 
 __all__ = ["KDLossChunkedFunction", "is_available", "kd_chunked_backward", "kd_chunked_forward", "row_losses"]
 
@@ -58,10 +58,6 @@ def _plan(n: int, v: int, block_elems: int) -> tuple[int, int]:
         return min(max(rows, 1), max(n, 1)), v
     rows = min(_MIN_ROWS, max(n, 1))
     return rows, max(1, block_elems // rows)
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _tile(x: torch.Tensor, r0: int, r1: int, c0: int, c1: int, acc: torch.dtype) -> torch.Tensor:
@@ -129,7 +125,7 @@ def kd_chunked_forward(
     kd are 0 on ignored rows. ``block_elems`` overrides the tile size (tests).
     """
     n, v = student.shape
-    acc = _acc_dtype(student)
+    acc = acc_dtype(student.dtype)
     kind = config.effective_divergence
     inv_t = 1.0 / config.temperature
     t1 = config.temperature == 1.0
@@ -234,7 +230,7 @@ def kd_chunked_backward(
     Recomputes every tile from the inputs and ``stats`` of :func:`kd_chunked_forward`.
     """
     n, v = student.shape
-    acc = _acc_dtype(student)
+    acc = acc_dtype(student.dtype)
     kind = config.effective_divergence
     inv_t = 1.0 / config.temperature
     t1 = config.temperature == 1.0
@@ -282,27 +278,8 @@ def kd_chunked_backward(
     return grad
 
 
-class KDLossChunkedFunction(torch.autograd.Function):
-    """Autograd of the chunked KD row losses; saves the inputs (no copies) and ``stats (N, 4)``."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, config):  # type: ignore[no-untyped-def, override]
-        ce, kd, stats = kd_chunked_forward(student, teacher, labels, config)
-        ctx.save_for_backward(student, teacher, labels, stats)
-        ctx.config = config
-        return ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kd):  # type: ignore[no-untyped-def, override]
-        student, teacher, labels, stats = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        if grad_ce is None:
-            grad_ce = torch.zeros(student.shape[0], dtype=stats.dtype, device=student.device)
-        if grad_kd is None:
-            grad_kd = torch.zeros(student.shape[0], dtype=stats.dtype, device=student.device)
-        grad = kd_chunked_backward(student, teacher, labels, stats, grad_ce, grad_kd, ctx.config)
-        return grad, None, None, None
+#: autograd of the chunked row losses; saves the inputs (no copies) and ``stats (N, 4)``.
+KDLossChunkedFunction = row_loss_function("KDLossChunkedFunction", kd_chunked_forward, kd_chunked_backward)
 
 
 def row_losses(

@@ -67,16 +67,21 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Resolve ``"auto"`` (or ``DDK_BACKEND``) to a concrete backend name that runs on ``device``."""
-    device = torch.device(device)
+    return _resolve(backend, torch.device(device))[0]
+
+
+def _resolve(backend: str, device: torch.device) -> tuple[str, RowLossFn]:
+    """``(name, row_losses)`` of ``backend`` on ``device``; probes each candidate once."""
     if backend == "auto":
         env = os.environ.get("DDK_BACKEND", "").strip()
         if env and env != "auto":
             backend = env
         else:
             for name in _AUTO_ORDER.get(device.type, ("chunked", "reference")):
-                if _probe(name, device)[0] is not None:
-                    return name
-            return "reference"
+                fn = _probe(name, device)[0]
+                if fn is not None:
+                    return name, fn
+            return "reference", _reference_row_losses
     if backend not in BACKENDS:
         raise ValueError(
             f"kd_loss: backend must be one of {('auto',) + BACKENDS}; got {backend!r}."
@@ -88,7 +93,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             f"kd_loss: backend {backend!r} cannot run on {device.type}: {reason}. "
             f"Available there: {runnable}; use backend='auto' to pick the fastest."
         )
-    return backend
+    return backend, fn
 
 
 # ---------------------------------------------------------------- fused lm_head + KD loss
@@ -151,7 +156,4 @@ def resolve_fused_backend(backend: str, device: torch.device | str) -> str:
 
 def get_row_losses(backend: str, device: torch.device | str) -> RowLossFn:
     """The ``row_losses`` function of ``backend`` (``"auto"`` allowed) for ``device``."""
-    name = resolve_backend(backend, device)
-    fn, _ = _probe(name, torch.device(device))
-    assert fn is not None  # resolve_backend raised otherwise
-    return fn
+    return _resolve(backend, torch.device(device))[1]

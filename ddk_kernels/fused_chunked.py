@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from ddk_kernels.types import KDConfig
+from ddk_kernels.autograd import apply_fused, fused_loss_function
+from ddk_kernels.chunked import _rowdot
+from ddk_kernels.types import KDConfig, acc_dtype
 
 __all__ = [
     "STRATEGIES",
@@ -379,11 +381,6 @@ def _log_softmax_tile(z: torch.Tensor, scale: float, m: torch.Tensor, ll: torch.
     return out
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(1)`` without an ``a``-sized temporary."""
-    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
-
-
 def _chunk_rows_whole_vocab(
     tiles: _ChunkTiles,
     lab: torch.Tensor,
@@ -507,7 +504,7 @@ def fused_linear_kd_forward(
     n, hs = student_hidden.shape
     vocab = student_weight.shape[0]
     dev = student_hidden.device
-    cd = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    cd = acc_dtype(student_hidden.dtype)
     valid = labels != config.ignore_index
     idx = valid.nonzero().squeeze(1)  # the one host sync: ignored tokens are dropped up front
     nv = int(idx.numel())
@@ -564,90 +561,18 @@ def fused_linear_kd_forward(
     return loss, ce_rows, kd_rows, dh, dw, db
 
 
-class FusedLinearKDChunkedFunction(torch.autograd.Function):
-    """Autograd wrapper: the forward computes loss and gradients, the backward scales them.
-
-    Outputs ``(loss, ce (N,), kd (N,))``; only ``loss`` is differentiable. Gradients flow to
-    ``student_hidden``, ``student_weight`` and ``student_bias``; the teacher is never
-    differentiated. One backward per forward (the precomputed gradients are handed over to
-    autograd without a copy).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        student_hidden: torch.Tensor,
-        student_weight: torch.Tensor,
-        student_bias: torch.Tensor | None,
-        teacher_hidden: torch.Tensor | None,
-        teacher_weight: torch.Tensor | None,
-        teacher_logits: torch.Tensor | None,
-        labels: torch.Tensor,
-        config: KDConfig,
-        gamma: float,
-        kd_scale: float,
-        normalizer: float | torch.Tensor | None,
-        strategy: str,
-        workspace_bytes: int | None,
-        plan: FusedPlan | None = None,
-    ):
-        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        loss, ce, kd, dh, dw, db = fused_linear_kd_forward(
-            student_hidden, student_weight, labels, config,
-            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-            student_bias=student_bias, gamma=gamma, kd_scale=kd_scale, normalizer=normalizer,
-            strategy=strategy, workspace_bytes=workspace_bytes, need_grads=need,  # type: ignore[arg-type]
-            plan=plan,
-        )
-        ctx.grads = [dh, dw, db]
-        ctx.mark_non_differentiable(ce, kd)
-        return loss, ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_ce: torch.Tensor, _grad_kd: torch.Tensor):  # type: ignore[override]
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "fused_linear_kd_loss: backward must run once per forward (the gradients were "
-                "computed in the forward pass and already handed to autograd); got a second backward."
-            )
-        ctx.grads = None
-        out = []
-        for g in grads:
-            if g is not None:
-                g.mul_(grad_loss.to(g.dtype))  # we own g: scale in place, no extra (V, H) buffer
-            out.append(g)
-        return (out[0], out[1], out[2]) + (None,) * 11
+#: autograd of the chunked launcher: the forward computes loss and gradients, the backward scales
+#: them by ``grad_output`` (one backward per forward; see ``ddk_kernels.autograd.fused_loss_function``).
+FusedLinearKDChunkedFunction = fused_loss_function("FusedLinearKDChunkedFunction", fused_linear_kd_forward)
 
 
 def fused_linear_kd(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    labels: torch.Tensor,
-    config: KDConfig,
-    *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    gamma: float = 0.2,
-    kd_scale: float = 1.0,
-    normalizer: float | torch.Tensor | None = None,
-    strategy: str = "auto",
-    workspace_bytes: int | None = None,
-    plan: FusedPlan | None = None,
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, labels: torch.Tensor, config: KDConfig, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend contract of the fused op: ``(loss (differentiable 0-dim), ce (N,), kd (N,))``.
 
-    Inputs as ``fused_linear_kd_forward`` (already validated; teacher tensors are detached).
+    Inputs and keyword options (``teacher_hidden``, ``teacher_weight``, ``teacher_logits``,
+    ``student_bias``, ``gamma``, ``kd_scale``, ``normalizer``, ``strategy``, ``workspace_bytes``,
+    ``plan``) as ``fused_linear_kd_forward``, already validated; teacher tensors are detached.
     """
-    if teacher_hidden is not None:
-        teacher_hidden = teacher_hidden.detach()
-    if teacher_weight is not None:
-        teacher_weight = teacher_weight.detach()
-    if teacher_logits is not None:
-        teacher_logits = teacher_logits.detach()
-    return FusedLinearKDChunkedFunction.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_logits,
-        labels, config, float(gamma), float(kd_scale), normalizer, strategy, workspace_bytes, plan,
-    )
+    return apply_fused(FusedLinearKDChunkedFunction, student_hidden, student_weight, labels, config, **kwargs)

@@ -7,6 +7,27 @@ import torch
 from ddk_kernels.types import KDLossOutput
 
 
+def domain_sums(
+    ce: torch.Tensor,
+    kd: torch.Tensor,
+    valid: torch.Tensor,
+    domain_ids: torch.Tensor | None,
+    num_domains: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detached ``(D,)`` per-domain sums of ``ce`` and ``kd`` and int64 valid-token counts.
+
+    ``ce``, ``kd``: ``(N,)``, 0 on ignored rows; ``valid``: ``(N,)`` bool; ``domain_ids``: ``(N,)``
+    in ``[0, num_domains)`` or None (every row in domain 0). index_add, no host sync.
+    """
+    if domain_ids is None:
+        domain_ids = torch.zeros(ce.shape[0], dtype=torch.long, device=ce.device)
+    domain_ids = domain_ids.long()
+    d_ce = torch.zeros(num_domains, dtype=ce.dtype, device=ce.device).index_add_(0, domain_ids, ce.detach())
+    d_kd = torch.zeros(num_domains, dtype=kd.dtype, device=kd.device).index_add_(0, domain_ids, kd.detach())
+    d_tok = torch.zeros(num_domains, dtype=torch.long, device=ce.device).index_add_(0, domain_ids, valid.long())
+    return d_ce, d_kd, d_tok
+
+
 def reduce_kd_rows(
     ce: torch.Tensor,
     kd: torch.Tensor,
@@ -40,14 +61,7 @@ def reduce_kd_rows(
     ce_sum = ce.sum()
     kd_sum = kd.sum()
     loss = (ce_sum + (gamma * kd_scale) * kd_sum) / norm
-    if domain_ids is None:
-        domain_ids = torch.zeros(ce.shape[0], dtype=torch.long, device=ce.device)
-    domain_ids = domain_ids.long()
-    d_ce = torch.zeros(num_domains, dtype=ce.dtype, device=ce.device).index_add_(0, domain_ids, ce.detach())
-    d_kd = torch.zeros(num_domains, dtype=kd.dtype, device=kd.device).index_add_(0, domain_ids, kd.detach())
-    d_tok = torch.zeros(num_domains, dtype=torch.long, device=ce.device).index_add_(
-        0, domain_ids, valid.long()
-    )
+    d_ce, d_kd, d_tok = domain_sums(ce, kd, valid, domain_ids, num_domains)
     return KDLossOutput(
         loss=loss,
         ce_sum=ce_sum.detach(),

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ddk_kernels.types import KDConfig, KDLossOutput
+from ddk_kernels.types import KDConfig, KDLossOutput, acc_dtype
 
 __all__ = [
     "kd_row_losses_reference",
@@ -83,7 +83,7 @@ def kd_row_losses_reference(
         ``(ce, kd)``: two ``(N,)`` tensors in ``compute_dtype``.
     """
     if compute_dtype is None:
-        compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        compute_dtype = acc_dtype(student_logits.dtype)
     zs = student_logits.to(compute_dtype)
     zt = teacher_logits.to(compute_dtype)
     valid = labels != config.ignore_index

@@ -9,6 +9,8 @@ import torch
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+#: integer code of each divergence in the compiled ops ``ddk::kd_fwd`` / ``kd_bwd`` and the Triton kernels.
+DIVERGENCE_CODES: dict[str, int] = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,13 @@ class KDLossOutput:
     domain_ce_sum: torch.Tensor
     domain_kd_sum: torch.Tensor
     domain_tokens: torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the KD math for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def divergence_code(config: KDConfig) -> int:
+    """Integer code of ``config.effective_divergence`` (JSD at beta 0 / 1 is forward / reverse KL)."""
+    return DIVERGENCE_CODES[config.effective_divergence]

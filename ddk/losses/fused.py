@@ -15,7 +15,8 @@ from torch import nn
 
 from ddk.losses.kd import _FLOAT_DTYPES, _shape, validate_kd_options, validate_labels_domains
 from ddk_kernels.dispatch import FUSED_BACKENDS, resolve_fused_backend
-from ddk_kernels.types import KDConfig, KDLossOutput
+from ddk_kernels.reduce import domain_sums
+from ddk_kernels.types import KDConfig, KDLossOutput, acc_dtype
 
 __all__ = [
     "FUSED_BACKENDS",
@@ -117,7 +118,7 @@ def _reference_rows(
     from ddk_kernels.reference import kd_row_losses_reference
 
     vocab = student_weight.shape[0]
-    cd = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    cd = acc_dtype(student_hidden.dtype)
     zs = student_hidden @ student_weight.T
     if student_bias is not None:
         zs = zs + student_bias
@@ -225,6 +226,13 @@ def fused_linear_kd_loss(
     name = resolve_fused_backend(backend, dev)
     if teacher_weight is not None:
         teacher_weight = teacher_weight[:vocab]
+    if teacher_logits is not None:  # a view: the backends copy only the V columns they read
+        teacher_logits = teacher_logits[:, :vocab]
+    if not torch.is_grad_enabled():
+        # The chunked and Triton paths compute the gradients in the forward pass whenever an input
+        # requires grad; under no_grad (evaluation) nobody can use them, so skip (V, Hs) of work.
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+        student_bias = None if student_bias is None else student_bias.detach()
     args = (student_hidden, student_weight, labels, config)
     kwargs: dict[str, Any] = dict(
         teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
@@ -245,10 +253,7 @@ def fused_linear_kd_loss(
         loss, ce, kd = chunked_fused(*args, strategy=strategy, workspace_bytes=workspace_bytes, **kwargs)
 
     valid = labels != ignore_index
-    ids = torch.zeros_like(labels) if domain_ids is None else domain_ids.long()
-    d_ce = torch.zeros(d, dtype=ce.dtype, device=dev).index_add_(0, ids, ce)
-    d_kd = torch.zeros(d, dtype=kd.dtype, device=dev).index_add_(0, ids, kd)
-    d_tok = torch.zeros(d, dtype=torch.long, device=dev).index_add_(0, ids, valid.long())
+    d_ce, d_kd, d_tok = domain_sums(ce, kd, valid, domain_ids, d)
     return KDLossOutput(
         loss=loss,
         ce_sum=ce.sum(),

@@ -67,12 +67,13 @@ def validate_labels_domains(
         raise TypeError(f"{fn}: labels must be int64 or int32; got {labels.dtype}.")
     if labels.device != device:
         raise ValueError(f"{fn}: labels must be on {device}; got {labels.device}.")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if check_values and n and bool(bad.any()):
-        first = int(labels[bad][0])
-        raise ValueError(
-            f"{fn}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got {first}."
-        )
+    if check_values and n:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = int(labels[bad][0])
+            raise ValueError(
+                f"{fn}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got {first}."
+            )
     if domain_ids is None:
         if num_domains not in (None, 1):
             raise ValueError(f"{fn}: num_domains={num_domains} needs domain_ids; got domain_ids=None.")

@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 
-from ddk_kernels.types import KDConfig
+from ddk_kernels.autograd import row_loss_function
+from ddk_kernels.types import KDConfig, acc_dtype, divergence_code
 
 __all__ = ["KDLossCppFunction", "is_available", "kd_backward", "kd_forward", "load_extension", "row_losses"]
-
-#: divergence code of the ops for each ``KDConfig.effective_divergence``.
-DIVERGENCE_CODES: dict[str, int] = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 
 _state: dict[str, Any] = {"loaded": None, "reason": ""}
 
@@ -49,12 +47,9 @@ def load_extension() -> tuple[bool, str]:
 def _register_fakes() -> None:
     """Shape/dtype-only (meta) kernels so torch.compile and FakeTensor trace the ops."""
 
-    def acc_dtype(t: torch.Tensor) -> torch.dtype:
-        return torch.float64 if t.dtype == torch.float64 else torch.float32
-
     def kd_fwd_fake(student, teacher, labels, temperature, divergence, beta, ignore_index):  # type: ignore[no-untyped-def]
         n = student.shape[0]
-        acc = acc_dtype(student)
+        acc = acc_dtype(student.dtype)
         return (
             student.new_empty((n,), dtype=acc),
             student.new_empty((n,), dtype=acc),
@@ -90,16 +85,12 @@ def is_available(device: torch.device | str) -> tuple[bool, str]:
     return False, f"no compiled kernels for device type {device.type!r}"
 
 
-def _code(config: KDConfig) -> int:
-    return DIVERGENCE_CODES[config.effective_divergence]
-
-
 def kd_forward(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ce (N,), kd (N,), stats (N, 4))``, float32 (float64 for float64 inputs), no autograd."""
     return torch.ops.ddk.kd_fwd(
-        student, teacher, labels, float(config.temperature), _code(config), float(config.beta), int(config.ignore_index)
+        student, teacher, labels, float(config.temperature), divergence_code(config), float(config.beta), int(config.ignore_index)
     )
 
 
@@ -115,33 +106,12 @@ def kd_backward(
     """``(N, V)`` gradient w.r.t. ``student`` in its dtype, of ``sum(grad_ce * ce + grad_kd * kd)``."""
     return torch.ops.ddk.kd_bwd(
         student, teacher, labels, stats, grad_ce, grad_kd,
-        float(config.temperature), _code(config), float(config.beta), int(config.ignore_index),
+        float(config.temperature), divergence_code(config), float(config.beta), int(config.ignore_index),
     )
 
 
-class KDLossCppFunction(torch.autograd.Function):
-    """Autograd of the compiled KD row losses; saves only the inputs (no copies) and ``stats``."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, config):  # type: ignore[no-untyped-def, override]
-        ce, kd, stats = kd_forward(student, teacher, labels, config)
-        ctx.save_for_backward(student, teacher, labels, stats)
-        ctx.config = config
-        return ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kd):  # type: ignore[no-untyped-def, override]
-        student, teacher, labels, stats = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        n = student.shape[0]
-        acc = stats.dtype
-        if grad_ce is None:
-            grad_ce = torch.zeros(n, dtype=acc, device=student.device)
-        if grad_kd is None:
-            grad_kd = torch.zeros(n, dtype=acc, device=student.device)
-        grad = kd_backward(student, teacher, labels, stats, grad_ce, grad_kd, ctx.config)
-        return grad, None, None, None
+#: autograd of the compiled row losses; saves only the inputs (no copies) and ``stats``.
+KDLossCppFunction = row_loss_function("KDLossCppFunction", kd_forward, kd_backward)
 
 
 def row_losses(

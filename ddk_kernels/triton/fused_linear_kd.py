@@ -29,14 +29,16 @@ upcast to float32 before every ``tl.dot`` (the compiled GPU path keeps bf16 dots
 
 from __future__ import annotations
 
-import math
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from ddk_kernels.types import KDConfig
+from ddk_kernels.autograd import apply_fused, fused_loss_function
+from ddk_kernels.triton.kd_loss import _beta_terms, _log_mix
+from ddk_kernels.types import KDConfig, divergence_code
 
 __all__ = [
     "fused_linear_kd_forward_triton",
@@ -44,7 +46,6 @@ __all__ = [
     "fused_linear_kd",
 ]
 
-_DIV_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _STATS = 9  # max and log-sum of s, t, zS; ce, kd, kl_qm
 
 
@@ -170,7 +171,9 @@ def _fused_kd_stats_kernel(
         tl.store(srow + 3, ll_t, mask=rmask)
         tl.store(srow + 4, m_z, mask=rmask)
         tl.store(srow + 5, ll_z, mask=rmask)
-        tl.store(srow + 6, (m_z - zlab) + ll_z, mask=rmask)
+        # a label outside [0, V) (unchecked on GPU) gives a NaN CE instead of a silent wrong value
+        ce = tl.where((lab >= 0) & (lab < V), (m_z - zlab) + ll_z, float("nan"))
+        tl.store(srow + 6, ce, mask=rmask)
         tl.store(srow + 7, kd, mask=rmask)
     else:  # JSD sweep with the final lse values
         m_s = tl.load(srow + 0, mask=rmask, other=0.0)
@@ -189,10 +192,7 @@ def _fused_kd_stats_kernel(
             )
             log_q = (zs * inv_t - m_s[:, None]) - ll_s[:, None]
             log_p = (zt * inv_t - m_t[:, None]) - ll_t[:, None]
-            a = log_p + log_beta
-            b = log_q + log_1m_beta
-            mx = tl.maximum(a, b)
-            log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+            log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
             kl_pm += tl.sum(tl.where(cmask[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
             kl_qm += tl.sum(tl.where(cmask[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
         tl.store(srow + 7, beta * kl_pm + (1.0 - beta) * kl_qm, mask=rmask)
@@ -241,10 +241,7 @@ def _fused_kd_grad_kernel(
     elif DIV == 1:
         d = q * (log_q - log_p - kd[:, None])
     else:
-        a = log_p + log_beta
-        b = log_q + log_1m_beta
-        mx = tl.maximum(a, b)
-        log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+        log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
         d = one_m_beta * q * (log_q - log_m - kl_qm[:, None])
     if T_IS_ONE:
         soft = q
@@ -349,9 +346,7 @@ def fused_linear_kd_forward_triton(
         stats = torch.zeros(nv, _STATS, dtype=f32, device=dev)
         bn, bv, bh = _blocks(nv, vocab, hs, ht)
         kind = config.effective_divergence
-        beta = float(config.beta)
-        log_beta = math.log(beta) if beta > 0 else 0.0
-        log_1mb = math.log1p(-beta) if beta < 1 else 0.0
+        beta, log_beta, log_1mb = _beta_terms(config)
         common = dict(
             HAS_BIAS=student_bias is not None, TEACHER_LOGITS=tl_c is not None,
             IEEE=h.dtype == f32, IEEE_T=(th is not None and th.dtype == f32),
@@ -371,7 +366,7 @@ def fused_linear_kd_forward_triton(
         for sweep in ((0, 1) if kind == "jsd" else (0,)):
             _fused_kd_stats_kernel[grid_n](
                 *ptrs, lab, stats, *strides, inv_t, log_beta, log_1mb, beta,
-                DIV=_DIV_CODES[kind], SWEEP=sweep, T_IS_ONE=t_is_one, **common,
+                DIV=divergence_code(config), SWEEP=sweep, T_IS_ONE=t_is_one, **common,
             )
         ce_rows.index_copy_(0, idx, stats[:, 6])
         kd_rows.index_copy_(0, idx, stats[:, 7])
@@ -380,7 +375,7 @@ def fused_linear_kd_forward_triton(
             _fused_kd_grad_kernel[(triton.cdiv(nv, bn), triton.cdiv(vocab, bv))](
                 *ptrs, lab, stats, wts, dh, dw if dw is not None else stats, db if db is not None else stats,
                 *strides, inv_t, log_beta, log_1mb, 1.0 - beta,
-                DIV=_DIV_CODES[kind], T_IS_ONE=t_is_one, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+                DIV=divergence_code(config), T_IS_ONE=t_is_one, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
                 **common,
             )
             if dh_full is not None:
@@ -395,60 +390,17 @@ def fused_linear_kd_forward_triton(
     return loss, ce_rows, kd_rows, dh_full, dw, db
 
 
-class FusedLinearKDTritonFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton launcher; forward computes loss and gradients, backward
-    scales them by ``grad_output`` (one backward per forward)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_logits,
-        labels, config, gamma, kd_scale, normalizer,
-    ):
-        need = tuple(bool(x) for x in ctx.needs_input_grad[:3])
-        loss, ce, kd, dh, dw, db = fused_linear_kd_forward_triton(
-            student_hidden, student_weight, labels, config,
-            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-            student_bias=student_bias, gamma=gamma, kd_scale=kd_scale, normalizer=normalizer,
-            need_grads=need,  # type: ignore[arg-type]
-        )
-        ctx.grads = [dh, dw, db]
-        ctx.mark_non_differentiable(ce, kd)
-        return loss, ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):  # type: ignore[override]
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "fused_linear_kd_loss: backward must run once per forward (the gradients were "
-                "computed in the forward pass and already handed to autograd); got a second backward."
-            )
-        ctx.grads = None
-        for g in grads:
-            if g is not None:
-                g.mul_(grad_loss.to(g.dtype))
-        return (grads[0], grads[1], grads[2]) + (None,) * 8
+#: autograd of the Triton launcher: the forward computes loss and gradients, the backward scales
+#: them by ``grad_output`` (one backward per forward; see ``ddk_kernels.autograd.fused_loss_function``).
+FusedLinearKDTritonFunction = fused_loss_function("FusedLinearKDTritonFunction", fused_linear_kd_forward_triton)
 
 
 def fused_linear_kd(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    labels: torch.Tensor,
-    config: KDConfig,
-    *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
-    student_bias: torch.Tensor | None = None,
-    gamma: float = 0.2,
-    kd_scale: float = 1.0,
-    normalizer: float | torch.Tensor | None = None,
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, labels: torch.Tensor, config: KDConfig, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backend contract: ``(loss (differentiable 0-dim float32), ce (N,), kd (N,))``."""
-    return FusedLinearKDTritonFunction.apply(
-        student_hidden, student_weight, student_bias,
-        None if teacher_hidden is None else teacher_hidden.detach(),
-        None if teacher_weight is None else teacher_weight.detach(),
-        None if teacher_logits is None else teacher_logits.detach(),
-        labels, config, float(gamma), float(kd_scale), normalizer,
-    )
+    """Backend contract: ``(loss (differentiable 0-dim float32), ce (N,), kd (N,))``.
+
+    Keyword options (``teacher_hidden``, ``teacher_weight``, ``teacher_logits``, ``student_bias``,
+    ``gamma``, ``kd_scale``, ``normalizer``) as ``fused_linear_kd_forward_triton``.
+    """
+    return apply_fused(FusedLinearKDTritonFunction, student_hidden, student_weight, labels, config, **kwargs)

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ddk_kernels.types import KDConfig
+from ddk_kernels.autograd import row_loss_function
+from ddk_kernels.types import DIVERGENCE_CODES, KDConfig, acc_dtype, divergence_code
 
 __all__ = [
     "DIVERGENCE_CODES",
@@ -50,15 +51,16 @@ __all__ = [
     "row_losses",
 ]
 
-# Same codes as the compiled ops ddk::kd_fwd / ddk::kd_bwd.
-DIVERGENCE_CODES: dict[str, int] = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-
 _MAX_BLOCK_V = 4096
 
 
-def divergence_code(config: KDConfig) -> int:
-    """Integer code of ``config.effective_divergence`` (JSD at beta 0 / 1 is forward / reverse KL)."""
-    return DIVERGENCE_CODES[config.effective_divergence]
+@triton.jit
+def _log_mix(log_p, log_q, log_beta, log_1m_beta):
+    """``log m`` of ``m = beta p + (1 - beta) q`` from ``log p``, ``log q`` (finite), elementwise."""
+    a = log_p + log_beta
+    b = log_q + log_1m_beta
+    mx = tl.maximum(a, b)
+    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
 
 
 @triton.jit
@@ -141,10 +143,7 @@ def _kd_fwd_kernel(
             zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(ACC)
             log_q = zs * inv_t - lse_s
             log_p = zt * inv_t - lse_t
-            a = log_p + log_beta
-            b = log_q + log_1m_beta
-            mx = tl.maximum(a, b)
-            log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+            log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             kl_pm += tl.sum(tl.where(mask, p * (log_p - log_m), 0.0), axis=0)
@@ -152,8 +151,10 @@ def _kd_fwd_kernel(
         kd = beta * kl_pm + (1.0 - beta) * kl_qm
         extra = kl_qm
 
-    safe_label = tl.where(valid & (label >= 0) & (label < V), label, 0)
-    z_label = tl.load(zs_row + safe_label).to(ACC)
+    # a label outside [0, V) (unchecked on GPU) gives a NaN CE, like the CUDA op, not a silent wrong value
+    in_range = (label >= 0) & (label < V)
+    z_label = tl.load(zs_row + tl.where(valid & in_range, label, 0)).to(ACC)
+    z_label = tl.where(in_range, z_label, float("nan"))
     ce = lse_z - z_label
     zero = tl.zeros((), ACC)
     tl.store(ce_ptr + row, tl.where(valid, ce, zero))
@@ -208,18 +209,11 @@ def _kd_bwd_kernel(
         else:
             zt = tl.load(zt_row + cols, mask=ld_mask, other=0.0).to(ACC)
             log_p = zt * inv_t - lse_t
-            a = log_p + log_beta
-            b = log_q + log_1m_beta
-            mx = tl.maximum(a, b)
-            log_m = mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+            log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
             d_kd = q * (one_m_beta * (log_q - log_m - extra))
         grad = g_ce * d_ce + g_kd_t * d_kd
         grad = tl.where(valid, grad, zero)
         tl.store(g_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
@@ -270,10 +264,10 @@ def kd_forward_triton(
     zt = _row_major(teacher_logits)
     labels = labels.contiguous()
     n, vocab = zs.shape
-    acc_dtype = _acc_dtype(zs.dtype)
-    ce = torch.empty(n, dtype=acc_dtype, device=zs.device)
-    kd = torch.empty(n, dtype=acc_dtype, device=zs.device)
-    stats = torch.empty(n, 4, dtype=acc_dtype, device=zs.device)
+    acc = acc_dtype(zs.dtype)
+    ce = torch.empty(n, dtype=acc, device=zs.device)
+    kd = torch.empty(n, dtype=acc, device=zs.device)
+    stats = torch.empty(n, 4, dtype=acc, device=zs.device)
     if n == 0:
         return ce, kd, stats
     bv = _block_v(vocab, block_v)
@@ -285,7 +279,7 @@ def kd_forward_triton(
         int(config.ignore_index),
         DIV=divergence_code(config),
         T_IS_ONE=float(config.temperature) == 1.0,
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_V=bv,
         num_warps=_num_warps(bv),
     )
@@ -317,46 +311,28 @@ def kd_backward_triton(
     zt = _row_major(teacher_logits)
     labels = labels.contiguous()
     n, vocab = zs.shape
-    acc_dtype = _acc_dtype(zs.dtype)
+    acc = acc_dtype(zs.dtype)
     grad = torch.empty((n, vocab), dtype=zs.dtype, device=zs.device)
     if n == 0 or vocab == 0:
         return grad
     bv = _block_v(vocab, block_v)
     beta, log_beta, log_1m_beta = _beta_terms(config)
     _kd_bwd_kernel[(n,)](
-        zs, zt, labels, stats.contiguous(), grad_ce.to(acc_dtype).contiguous(),
-        grad_kd.to(acc_dtype).contiguous(), grad,
+        zs, zt, labels, stats.contiguous(), grad_ce.to(acc).contiguous(),
+        grad_kd.to(acc).contiguous(), grad,
         vocab, zs.stride(0), zt.stride(0), grad.stride(0),
         1.0 / float(config.temperature), log_beta, log_1m_beta, 1.0 - beta,
         int(config.ignore_index),
         DIV=divergence_code(config),
-        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_V=bv,
         num_warps=_num_warps(bv),
     )
     return grad
 
 
-class KDLossTritonFunction(torch.autograd.Function):
-    """Autograd wrapper: ``(zS, zT, labels) -> (ce, kd)``; differentiable w.r.t. ``zS`` only."""
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, config, block_v=None):  # type: ignore[override]
-        ce, kd, stats = kd_forward_triton(student_logits, teacher_logits, labels, config, block_v)
-        ctx.save_for_backward(student_logits, teacher_logits, labels, stats)
-        ctx.config = config
-        ctx.block_v = block_v
-        return ce, kd
-
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kd):  # type: ignore[override]
-        zs, zt, labels, stats = ctx.saved_tensors
-        if grad_ce is None:
-            grad_ce = torch.zeros(zs.shape[0], dtype=stats.dtype, device=zs.device)
-        if grad_kd is None:
-            grad_kd = torch.zeros(zs.shape[0], dtype=stats.dtype, device=zs.device)
-        grad = kd_backward_triton(zs, zt, labels, stats, grad_ce, grad_kd, ctx.config, ctx.block_v)
-        return grad, None, None, None, None
+#: autograd wrapper: ``apply(zS, zT, labels, config, block_v) -> (ce, kd)``; differentiable w.r.t. ``zS`` only.
+KDLossTritonFunction = row_loss_function("KDLossTritonFunction", kd_forward_triton, kd_backward_triton)
 
 
 def row_losses(
