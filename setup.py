@@ -93,7 +93,7 @@ def _extensions():  # type: ignore[no-untyped-def]
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "ddk_kernels._C", cpp_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-DDDK_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=link, define_macros=[("DDK_WITH_CUDA", "1")],
         )
     else:
