@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ddk.losses.kd import _FLOAT_DTYPES, _shape, validate_kd_options, validate_labels_domains
+from ddk.losses.kd import _FLOAT_DTYPES, KDLossConfigModule, _shape, validate_kd_options, validate_labels_domains
 from ddk_kernels.dispatch import FUSED_BACKENDS, resolve_fused_backend
 from ddk_kernels.reduce import domain_sums
 from ddk_kernels.types import KDConfig, KDLossOutput, acc_dtype
@@ -265,51 +265,23 @@ def fused_linear_kd_loss(
     )
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(KDLossConfigModule):
     """``nn.Module`` wrapper of :func:`fused_linear_kd_loss` holding only its configuration.
 
     ``forward(student_hidden (N, Hs), student_weight (V, Hs), labels (N,), *, teacher_hidden=None,
     teacher_weight=None, teacher_logits=None, student_bias=None, domain_ids=None,
-    normalizer=None) -> KDLossOutput``.
+    normalizer=None) -> KDLossOutput``. Options as :class:`ddk.KDLoss`, plus ``strategy`` and
+    ``workspace_bytes``.
     """
 
-    def __init__(
-        self,
-        *,
-        num_domains: int | None = None,
-        gamma: float = 0.2,
-        temperature: float = 1.0,
-        divergence: str = "forward_kl",
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        t2_scale: bool = False,
-        backend: str = "auto",
-        strategy: str = "auto",
-        workspace_bytes: int | None = None,
-    ) -> None:
-        super().__init__()
-        validate_kd_options(
-            "FusedLinearKDLoss", gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
-            num_domains=num_domains, normalizer=None,
-        )
-        self.num_domains = num_domains
-        self.gamma = gamma
-        self.temperature = temperature
-        self.divergence = divergence
-        self.beta = beta
-        self.ignore_index = ignore_index
-        self.t2_scale = t2_scale
-        self.backend = backend
+    def __init__(self, *, strategy: str = "auto", workspace_bytes: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
         self.strategy = strategy
         self.workspace_bytes = workspace_bytes
 
     def options(self) -> dict[str, Any]:
         """The keyword options passed to :func:`fused_linear_kd_loss` (without tensors)."""
-        return dict(
-            gamma=self.gamma, temperature=self.temperature, divergence=self.divergence, beta=self.beta,
-            ignore_index=self.ignore_index, t2_scale=self.t2_scale, backend=self.backend,
-            strategy=self.strategy, workspace_bytes=self.workspace_bytes,
-        )
+        return dict(super().options(), strategy=self.strategy, workspace_bytes=self.workspace_bytes)
 
     def forward(
         self,
@@ -332,11 +304,6 @@ class FusedLinearKDLoss(nn.Module):
             normalizer=normalizer, **self.options(),
         )
 
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"beta={self.beta}, backend={self.backend!r}, strategy={self.strategy!r}"
-        )
 
 
 def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

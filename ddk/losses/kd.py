@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,11 +206,11 @@ def kd_loss(
     )
 
 
-class KDLoss(nn.Module):
-    """``nn.Module`` wrapper of :func:`kd_loss` holding only its configuration.
+class KDLossConfigModule(nn.Module):
+    """Base of the loss modules: holds and validates the options shared by every KD loss.
 
-    ``forward(student_logits (N, V), teacher_logits (N, Vt), labels (N,), domain_ids=None,
-    normalizer=None) -> KDLossOutput``.
+    Subclasses add their own options and implement ``forward``; ``options()`` gives the keyword
+    arguments of the loss function (without tensors and without ``num_domains``).
     """
 
     def __init__(
@@ -226,7 +227,7 @@ class KDLoss(nn.Module):
     ) -> None:
         super().__init__()
         validate_kd_options(
-            "KDLoss", gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
+            type(self).__name__, gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
             num_domains=num_domains, normalizer=None,
         )
         self.num_domains = num_domains
@@ -237,6 +238,24 @@ class KDLoss(nn.Module):
         self.ignore_index = ignore_index
         self.t2_scale = t2_scale
         self.backend = backend
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options of the loss function (without tensors and ``num_domains``)."""
+        return dict(
+            gamma=self.gamma, temperature=self.temperature, divergence=self.divergence, beta=self.beta,
+            ignore_index=self.ignore_index, t2_scale=self.t2_scale, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+class KDLoss(KDLossConfigModule):
+    """``nn.Module`` wrapper of :func:`kd_loss` holding only its configuration.
+
+    ``forward(student_logits (N, V), teacher_logits (N, Vt), labels (N,), domain_ids=None,
+    normalizer=None) -> KDLossOutput``.
+    """
 
     def forward(
         self,
@@ -250,13 +269,5 @@ class KDLoss(nn.Module):
             student_logits, teacher_logits, labels,
             domain_ids=domain_ids,
             num_domains=self.num_domains if domain_ids is not None else None,
-            gamma=self.gamma, temperature=self.temperature, divergence=self.divergence,
-            beta=self.beta, ignore_index=self.ignore_index, t2_scale=self.t2_scale,
-            normalizer=normalizer, backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"beta={self.beta}, backend={self.backend!r}"
+            normalizer=normalizer, **self.options(),
         )
