@@ -51,6 +51,35 @@ def row_loss_function(
     })
 
 
+def fused_epilogue(
+    ce_rows: torch.Tensor,
+    kd_rows: torch.Tensor,
+    norm: torch.Tensor,
+    gamma: float,
+    kd_scale: float,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    like: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Common end of every fused launcher: the scalar loss and gradients cast to their inputs' dtypes.
+
+    Args:
+        ce_rows, kd_rows: ``(N,)`` per-row CE and divergence (accumulation dtype).
+        norm: 0-dim denominator of the loss.
+        gamma, kd_scale: weight and extra factor (``T**2`` or 1) of the divergence.
+        grads: ``(d hidden, d weight, d bias)``, each None when not needed.
+        like: ``(student_hidden, student_weight, student_bias)`` whose dtypes the gradients take.
+
+    Returns:
+        ``(loss, ce_rows, kd_rows, d hidden, d weight, d bias)``: the launcher contract.
+    """
+    loss = (ce_rows.sum() + (float(gamma) * float(kd_scale)) * kd_rows.sum()) / norm
+    cast = tuple(
+        None if g is None or ref is None else (g if g.dtype == ref.dtype else g.to(ref.dtype))
+        for g, ref in zip(grads, like)
+    )
+    return (loss, ce_rows, kd_rows) + cast  # type: ignore[return-value]
+
+
 def fused_loss_function(name: str, launcher: Callable[..., tuple]) -> type[torch.autograd.Function]:  # type: ignore[type-arg]
     """An autograd Function ``name`` around a fused ``lm_head`` + KD launcher.
 

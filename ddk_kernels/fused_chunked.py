@@ -55,7 +55,7 @@ from typing import Any, Callable
 
 import torch
 
-from ddk_kernels.autograd import apply_fused, fused_loss_function
+from ddk_kernels.autograd import apply_fused, fused_epilogue, fused_loss_function
 from ddk_kernels.chunked import _rowdot
 from ddk_kernels.types import KDConfig, acc_dtype
 
@@ -551,14 +551,9 @@ def fused_linear_kd_forward(
         kd_rows.index_copy_(0, rows, kd)
         if dh_c is not None:
             dh.index_copy_(0, rows, dh_c)  # type: ignore[union-attr]
-    loss = (ce_rows.sum() + (float(gamma) * float(kd_scale)) * kd_rows.sum()) / norm
-    if dh is not None and dh.dtype != student_hidden.dtype:
-        dh = dh.to(student_hidden.dtype)
-    if dw is not None and dw.dtype != student_weight.dtype:
-        dw = dw.to(student_weight.dtype)
-    if db is not None and student_bias is not None and db.dtype != student_bias.dtype:
-        db = db.to(student_bias.dtype)
-    return loss, ce_rows, kd_rows, dh, dw, db
+    return fused_epilogue(
+        ce_rows, kd_rows, norm, gamma, kd_scale, (dh, dw, db), (student_hidden, student_weight, student_bias)
+    )
 
 
 #: autograd of the chunked launcher: the forward computes loss and gradients, the backward scales

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddk_kernels.autograd import apply_fused, fused_loss_function
+from ddk_kernels.autograd import apply_fused, fused_epilogue, fused_loss_function
 from ddk_kernels.triton.kd_loss import _beta_terms, _log_mix
 from ddk_kernels.types import KDConfig, divergence_code
 
@@ -380,14 +380,9 @@ def fused_linear_kd_forward_triton(
             )
             if dh_full is not None:
                 dh_full.index_copy_(0, idx, dh)
-    loss = (ce_rows.sum() + (float(gamma) * float(kd_scale)) * kd_rows.sum()) / norm
-    if dh_full is not None and dh_full.dtype != student_hidden.dtype:
-        dh_full = dh_full.to(student_hidden.dtype)
-    if dw is not None and dw.dtype != student_weight.dtype:
-        dw = dw.to(student_weight.dtype)
-    if db is not None and student_bias is not None and db.dtype != student_bias.dtype:
-        db = db.to(student_bias.dtype)
-    return loss, ce_rows, kd_rows, dh_full, dw, db
+    return fused_epilogue(
+        ce_rows, kd_rows, norm, gamma, kd_scale, (dh_full, dw, db), (student_hidden, student_weight, student_bias)
+    )
 
 
 #: autograd of the Triton launcher: the forward computes loss and gradients, the backward scales
