@@ -339,8 +339,16 @@ def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = 
                                online=cfg.method == "ddk-online")
     start_step = 0
     if cfg.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, weights_only=False)
-        old = {k: v for k, v in ck["config"].items() if k not in _RESUME_IGNORED}
+        try:
+            ck = torch.load(ckpt_path, weights_only=False)
+            ck_config = ck["config"]
+        except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign file: say which
+            raise ValueError(
+                f"distill: the checkpoint {ckpt_path} must be a complete checkpoint of this recipe to resume; "
+                f"got an unreadable file ({type(exc).__name__}: {exc}). Nothing was overwritten: move it "
+                "away, or pass --no-resume to start over."
+            ) from exc
+        old = {k: v for k, v in ck_config.items() if k not in _RESUME_IGNORED}
         new = {k: v for k, v in cfg_dict.items() if k not in _RESUME_IGNORED}
         if old != new:
             diff = sorted(k for k in new if old.get(k) != new[k])

@@ -1,0 +1,129 @@
+"""Crash safety of ``ddk distill``: SIGKILL at a random step + resume == an uninterrupted run, bit for bit.
+
+The runs are real ``python -m ddk.cli distill`` processes on the tiny corpus of ``test_pipeline``
+(CPU, one thread, ``torch.use_deterministic_algorithms(True)`` through a ``sitecustomize`` on
+``PYTHONPATH``), checkpointing every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+yaml = pytest.importorskip("yaml")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import ddk.recipes.real as real  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pipeline import _cfg  # noqa: E402
+
+STEPS = 40
+KILL_SEED = 6
+
+
+def _setup(tmp_path: Path, name: str, steps: int = STEPS) -> tuple[list[str], dict[str, str], Path]:
+    """Build the corpus + teacher cache in-process; return (command, env, run folder) of one distill run."""
+    cfg = _cfg(tmp_path, steps=steps, checkpoint_every=1, log_every=1, threads=1, out=str(tmp_path / "runs" / name))
+    if not (tmp_path / ".prepared").is_file():
+        real.train_teacher(cfg, real.prepare_data(cfg))  # cached: the subprocesses only distill
+        site = tmp_path / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text("import torch\ntorch.use_deterministic_algorithms(True)\n")
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (tmp_path / ".prepared").touch()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")]),
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ddk.cli", "distill", "--config", str(tmp_path / f"{name}.yaml")]
+    return cmd, env, Path(cfg.out)
+
+
+def _ckpt_step(run: Path) -> int | None:
+    """Step of the last line of metrics.jsonl (written just before that step's checkpoint), or None."""
+    p = run / "metrics.jsonl"
+    if not (run / "checkpoint.pt").is_file() or not p.is_file():
+        return None
+    lines = [line for line in p.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1])["step"] if lines else None
+
+
+def _weight_log(run: Path) -> list[tuple[int, list[float]]]:
+    recs = [json.loads(line) for line in (run / "controller.jsonl").read_text().splitlines()]
+    return [(r["step"], r["weights"]) for r in recs]
+
+
+def _assert_same_student(a: Path, b: Path) -> None:
+    sa, sb = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    assert sa.keys() == sb.keys()
+    diff = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not diff, f"student tensors differ after resume: {diff}"
+
+
+def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
+    cmd, env, ref = _setup(tmp_path, "ref")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+
+    cmd, env, run = _setup(tmp_path, "killed")
+    kill_at = random.Random(KILL_SEED).randint(3, STEPS - 10)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_after = None
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        step = _ckpt_step(run)
+        if step is not None and step >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            killed_after = step
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=30)
+    assert killed_after is not None and proc.returncode == -signal.SIGKILL, (
+        f"the run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    print(f"kill_at={kill_at} killed after metrics step {killed_after}, checkpoint step {saved}")
+    assert 1 <= saved < STEPS and not (run / "summary.json").exists()
+
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)  # same command: resumes
+    _assert_same_student(ref, run)
+    assert _weight_log(run) == _weight_log(ref)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
+
+
+@pytest.fixture(scope="module")
+def truncated(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A finished 4-step run whose checkpoint.pt is cut in half, then the same command again (resume)."""
+    tmp_path = tmp_path_factory.mktemp("trunc")
+    cmd, env, run = _setup(tmp_path, "trunc", steps=4)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    ckpt = run / "checkpoint.pt"
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2])
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    res = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+    after = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    return ckpt, res, before, after
+
+
+def test_truncated_checkpoint_resume_fails_and_overwrites_nothing(truncated):
+    ckpt, res, before, after = truncated
+    assert res.returncode != 0
+    assert after.keys() == before.keys()
+    assert [k for k in before if after[k] != before[k]] == []
+
+
+def test_truncated_checkpoint_error_names_the_file(truncated):
+    ckpt, res, _, _ = truncated
+    err = res.stderr.decode()
+    assert str(ckpt) in err, err[-2000:]
