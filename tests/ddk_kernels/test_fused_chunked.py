@@ -18,15 +18,6 @@ from kd_cases import DIVERGENCE_CASES, assert_close_error_relative, max_err
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP spin-waits on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PLANS = {
     "token_chunks": FusedPlan("token_chunks", 5, 10**9),  # vocab tile clipped to V below
     "recompute": FusedPlan("recompute", 7, 16),

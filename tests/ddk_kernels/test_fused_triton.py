@@ -27,14 +27,6 @@ from kd_cases import DIVERGENCE_CASES, assert_close_error_relative  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run(case, grad_output=1.0, **opts):  # type: ignore[no-untyped-def]
     def dev(t):  # type: ignore[no-untyped-def]
         return None if t is None else t.detach().to(DEVICE)

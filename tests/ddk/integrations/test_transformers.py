@@ -20,15 +20,6 @@ VOCAB, SEQ, SIZES, BATCH = 100, 12, (20, 14, 9), 4
 NAMES = ("a", "b", "c")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models run faster on one thread (no OpenMP hand-offs on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(seed: int, hidden: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,

@@ -19,15 +19,6 @@ STRATEGIES = ["recompute", "token_chunks"]
 SMALL_WS = 8 * 4 * 16 * 32  # forces several chunks and (recompute) several vocab tiles here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP spin-waits on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _public(case, *, strategy="auto", workspace_bytes=SMALL_WS, **opts):  # type: ignore[no-untyped-def]
     h = case.h.detach().clone().requires_grad_()
     w = case.w.detach().clone().requires_grad_()

@@ -21,17 +21,6 @@ WORDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models run faster on one thread (no OpenMP hand-offs on a busy machine)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _corpus(tmp_path):  # type: ignore[no-untyped-def]
     rng = random.Random(0)
     rows = []
