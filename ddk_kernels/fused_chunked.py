@@ -36,7 +36,14 @@ Strategies (``plan_fused``):
   ``~ 8 * chunk * V * 4`` bytes.
 * ``"recompute"``: vocabulary tiles of at most 2048 columns, recomputed in each sweep
   (student and teacher matmuls run 2x, 3x for JSD); memory ``~ 8 * chunk * tile * 4`` bytes.
-* ``"auto"``: ``token_chunks`` when a workspace of ``min(max(available / 16, 32 MiB), 256 MiB)``
+* ``"gemm"``: token chunks whose logits are computed by one matmul each in the input dtype
+  (bfloat16 tensor cores on a GPU; the logits are rounded to that dtype, as in an unfused
+  ``lm_head``), then the per-row kernels of the logits backends (``cpp``, else ``triton`` on
+  CUDA, else ``chunked``) give the loss rows and the ``(chunk, V)`` logits gradient, which two
+  more matmuls turn into ``d hidden`` and ``d weight`` (float32 results through ``out_dtype``
+  where torch supports it on the device). Memory ``~ 3 * chunk * V * elem`` bytes; the
+  workspace is ``min(max(available / 16, 64 MiB), 1 GiB)``.
+* ``"auto"``: ``gemm`` on CUDA when hidden and weight share a dtype; else ``token_chunks`` when a workspace of ``min(max(available / 16, 32 MiB), 256 MiB)``
   (available = ``/proc/meminfo`` MemAvailable on CPU, ``torch.cuda.mem_get_info`` free on GPU)
   holds chunks of at least 32 tokens (or all tokens); ``recompute`` otherwise. On CPU the
   recompute sweeps cost +50% matmul FLOPs while token_chunks at 32 rows costs only the extra
@@ -64,6 +71,8 @@ __all__ = [
     "FusedPlan",
     "available_memory_bytes",
     "default_workspace_bytes",
+    "gemm_row_kernels",
+    "gemm_workspace_bytes",
     "plan_fused",
     "fused_linear_kd_forward",
     "FusedLinearKDChunkedFunction",
@@ -71,7 +80,7 @@ __all__ = [
     "is_available",
 ]
 
-STRATEGIES: tuple[str, ...] = ("auto", "recompute", "token_chunks")
+STRATEGIES: tuple[str, ...] = ("auto", "recompute", "token_chunks", "gemm")
 
 _MiB = 1 << 20
 _TC_BUFFERS = 8  # live (chunk, V) float buffers of the token_chunks strategy (measured: <= 8)
@@ -79,6 +88,10 @@ _RC_BUFFERS = 8  # live (chunk, tile) buffers of the recompute strategy
 _RC_VOCAB_TILE = 2048  # vocabulary tile of the recompute strategy
 _MIN_TC_ROWS = 32  # below this many rows per chunk the thin matmuls and dW traffic cost more than recompute
 _LOWP_SUBTILE = 4096  # weight rows upcast at a time for bfloat16/float16 weights
+_GEMM_BUFFERS = 3  # live (chunk, V) buffers of the gemm strategy: zS, zT, d zS
+_GEMM_MAX_WORKSPACE = 1 << 30
+_GEMM_MIN_WORKSPACE = 64 * _MiB
+_GEMM_ROW_ALIGN = 64  # chunks are multiples of this many rows (matmul tiles) when more fit
 
 # Test hook: called with the shape of every logits tile the chunked path allocates.
 _TILE_OBSERVER: Callable[[tuple[int, int]], None] | None = None
@@ -114,13 +127,22 @@ def default_workspace_bytes(device: torch.device | str) -> int:
     return int(min(max(avail // 16, 32 * _MiB), 256 * _MiB))
 
 
+def gemm_workspace_bytes(device: torch.device | str) -> int:
+    """Scratch memory of the ``gemm`` strategy: ``available / 16`` clamped to [64 MiB, 1 GiB]."""
+    avail = available_memory_bytes(device)
+    if avail is None:
+        return _GEMM_MAX_WORKSPACE // 4
+    return int(min(max(avail // 16, _GEMM_MIN_WORKSPACE), _GEMM_MAX_WORKSPACE))
+
+
 @dataclass(frozen=True)
 class FusedPlan:
     """How one call is tiled.
 
     Attributes:
-        strategy: ``"token_chunks"`` (vocab tile = V, logits computed once per chunk) or
-            ``"recompute"`` (vocab tiles recomputed in every sweep).
+        strategy: ``"token_chunks"`` (vocab tile = V, logits computed once per chunk),
+            ``"recompute"`` (vocab tiles recomputed in every sweep) or ``"gemm"`` (vocab tile =
+            V, logits in the input dtype, per-row kernels of the logits backends).
         token_chunk: tokens per chunk (>= 1).
         vocab_tile: vocabulary columns per tile (== V for token_chunks).
     """
@@ -138,6 +160,8 @@ def plan_fused(
     strategy: str = "auto",
     workspace_bytes: int | None = None,
     device: torch.device | str = "cpu",
+    input_bytes: int | None = None,
+    gemm_ok: bool = False,
 ) -> FusedPlan:
     """Choose strategy, token chunk and vocabulary tile (the heuristic of the module docstring).
 
@@ -145,9 +169,14 @@ def plan_fused(
         num_tokens: valid (non-ignored) tokens N.
         vocab: student vocabulary V.
         compute_bytes: bytes per element of the compute dtype (4, or 8 for float64).
-        strategy: ``"auto"``, ``"recompute"`` or ``"token_chunks"``.
-        workspace_bytes: scratch budget; default ``default_workspace_bytes(device)``.
-        device: where the budget is measured.
+        strategy: ``"auto"``, ``"recompute"``, ``"token_chunks"`` or ``"gemm"``.
+        workspace_bytes: scratch budget; default ``default_workspace_bytes(device)``
+            (``gemm_workspace_bytes(device)`` for ``gemm``).
+        device: where the budget is measured; ``"auto"`` picks ``gemm`` on CUDA.
+        input_bytes: bytes per element of the inputs (the ``gemm`` logits); default
+            ``compute_bytes``.
+        gemm_ok: whether ``gemm`` can run (hidden and weight share a dtype); ``"auto"`` only
+            picks it then.
 
     Returns:
         ``FusedPlan``; ``token_chunk * vocab_tile * compute_bytes * 8 <= workspace`` whenever the
@@ -155,8 +184,16 @@ def plan_fused(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"fused_linear_kd_loss: strategy must be one of {STRATEGIES}; got {strategy!r}.")
-    ws = int(workspace_bytes) if workspace_bytes is not None else default_workspace_bytes(device)
     n = max(1, num_tokens)
+    if strategy == "auto" and gemm_ok and torch.device(device).type == "cuda":
+        strategy = "gemm"
+    if strategy == "gemm":
+        ws = int(workspace_bytes) if workspace_bytes is not None else gemm_workspace_bytes(device)
+        rows = ws // (_GEMM_BUFFERS * vocab * (input_bytes or compute_bytes))
+        if rows >= 2 * _GEMM_ROW_ALIGN:
+            rows -= rows % _GEMM_ROW_ALIGN
+        return FusedPlan("gemm", max(1, min(n, rows)), vocab)
+    ws = int(workspace_bytes) if workspace_bytes is not None else default_workspace_bytes(device)
     tc_rows = ws // (_TC_BUFFERS * vocab * compute_bytes)
     if strategy == "auto":
         strategy = "token_chunks" if tc_rows >= min(n, _MIN_TC_ROWS) else "recompute"
@@ -460,6 +497,127 @@ def _chunk_rows_whole_vocab(
     return ce, kd
 
 
+# ----------------------------------------------------------------------------------------------
+# gemm strategy
+
+_OUT_DTYPE_MM: dict[str, bool] = {}  # device type -> whether torch.mm/addmm take out_dtype there
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with ``out`` in the compute dtype and ``a``, ``b`` in the input dtype.
+
+    Low-precision operands use ``out_dtype`` (a float32 result of the bf16 matmul, no rounding
+    of the product) where the device supports it, else the product rounded to the input dtype.
+    """
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    kind = out.device.type
+    if _OUT_DTYPE_MM.get(kind, kind == "cuda"):
+        try:
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            else:
+                torch.mm(a, b, out_dtype=out.dtype, out=out)
+            _OUT_DTYPE_MM[kind] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM[kind] = False
+    prod = a @ b
+    if accumulate:
+        out.add_(prod)
+    else:
+        out.copy_(prod)
+
+
+def gemm_row_kernels(device: torch.device | str) -> tuple[str, Callable[..., Any], Callable[..., Any]]:
+    """``(name, forward, backward)``: the per-row launchers the ``gemm`` strategy uses on ``device``.
+
+    ``cpp`` where the compiled ops run there, else ``triton`` on CUDA, else ``chunked`` (torch).
+    """
+    from ddk_kernels import cpp
+
+    dev = torch.device(device)
+    if cpp.is_available(dev)[0]:
+        return "cpp", cpp.kd_forward, cpp.kd_backward
+    if dev.type == "cuda":
+        from ddk_kernels import triton as triton_backend
+
+        if triton_backend.is_available(dev)[0]:
+            from ddk_kernels.triton.kd_loss import kd_backward_triton, kd_forward_triton
+
+            return "triton", kd_forward_triton, kd_backward_triton
+    from ddk_kernels.chunked import kd_chunked_backward, kd_chunked_forward
+
+    return "chunked", kd_chunked_forward, kd_chunked_backward
+
+
+def _gemm_chunks(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    idx: torch.Tensor,
+    config: KDConfig,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    w_ce: torch.Tensor,
+    w_kd: torch.Tensor,
+    token_chunk: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> None:
+    """The ``gemm`` strategy: fills ``out = (ce_rows, kd_rows, dh, dw, db)`` (compute dtype)."""
+    ce_rows, kd_rows, dh, dw, db = out
+    vocab = student_weight.shape[0]
+    dt = student_hidden.dtype
+    if student_weight.dtype != dt:
+        raise TypeError(
+            f"fused_linear_kd_loss: student_weight must have the dtype of student_hidden ({dt}) for "
+            f"strategy='gemm'; got {student_weight.dtype}. Cast one of them, or use strategy='token_chunks'."
+        )
+    _, fwd, bwd = gemm_row_kernels(student_hidden.device)
+    acc = ce_rows.dtype
+    need_grad = dh is not None or dw is not None or db is not None
+    w_t = student_weight.T
+    tw_t = teacher_weight[:vocab].T if teacher_weight is not None else None
+    for c0 in range(0, int(idx.numel()), token_chunk):
+        rows = idx[c0:c0 + token_chunk]
+        r = int(rows.numel())
+        h_c = student_hidden.index_select(0, rows)
+        lab_c = labels.index_select(0, rows)
+        _observe((r, vocab))
+        zs = torch.addmm(student_bias.to(dt), h_c, w_t) if student_bias is not None else h_c @ w_t
+        if teacher_logits is not None:
+            zt = teacher_logits.index_select(0, rows)[:, :vocab]
+        else:
+            assert teacher_hidden is not None and tw_t is not None
+            zt = teacher_hidden.index_select(0, rows) @ tw_t
+        if zt.dtype != dt:
+            zt = zt.to(dt)
+        ce, kd, stats = fwd(zs, zt, lab_c, config)
+        ce_rows.index_copy_(0, rows, ce.to(acc))
+        kd_rows.index_copy_(0, rows, kd.to(acc))
+        if not need_grad:
+            continue
+        g = bwd(zs, zt, lab_c, stats, w_ce.to(stats.dtype).expand(r).contiguous(),
+                w_kd.to(stats.dtype).expand(r).contiguous(), config)  # (r, V) in the input dtype
+        del zs, zt, stats
+        if dh is not None:
+            dh_c = torch.empty(r, dh.shape[1], dtype=acc, device=dh.device)
+            _mm_into(dh_c, g, student_weight, accumulate=False)
+            dh.index_copy_(0, rows, dh_c)
+            del dh_c
+        if dw is not None:
+            _mm_into(dw, g.T, h_c, accumulate=True)
+        if db is not None:
+            db += g.sum(0, dtype=acc)
+        del g
+
+
 def fused_linear_kd_forward(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -526,7 +684,16 @@ def fused_linear_kd_forward(
     if plan is None:
         plan = plan_fused(
             nv, vocab, compute_bytes=torch.finfo(cd).bits // 8, strategy=strategy,
-            workspace_bytes=workspace_bytes, device=dev,
+            workspace_bytes=workspace_bytes, device=dev, input_bytes=student_hidden.element_size(),
+            gemm_ok=student_weight.dtype == student_hidden.dtype,
+        )
+    if plan.strategy == "gemm":
+        _gemm_chunks(
+            student_hidden, student_weight, student_bias, labels, idx, config, teacher_hidden, teacher_weight,
+            teacher_logits, w_ce, w_kd, plan.token_chunk, (ce_rows, kd_rows, dh, dw, db),
+        )
+        return fused_epilogue(
+            ce_rows, kd_rows, norm, gamma, kd_scale, (dh, dw, db), (student_hidden, student_weight, student_bias)
         )
     for c0 in range(0, nv, plan.token_chunk):
         rows = idx[c0:c0 + plan.token_chunk]

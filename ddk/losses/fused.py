@@ -181,11 +181,14 @@ def fused_linear_kd_loss(
         backend: ``"auto"``, ``"chunked"`` (pure torch), ``"triton"`` (GPU; CPU only under
             ``TRITON_INTERPRET=1``) or ``"reference"`` (materialises the logits; for tests).
         strategy: ``"auto"``, ``"recompute"`` (vocabulary tiles, recomputed in backward sweeps;
-            least memory) or ``"token_chunks"`` (one ``(chunk, V)`` slice per token chunk,
-            computed once; faster). See ``ddk_kernels.fused_chunked`` for the heuristic.
+            least memory), ``"token_chunks"`` (one ``(chunk, V)`` slice per token chunk,
+            computed once; faster) or ``"gemm"`` (per token chunk: logits by one matmul in the
+            input dtype, the per-row kernels of ``kd_loss``, two gradient matmuls; the default
+            on CUDA, where it runs on the tensor cores). See ``ddk_kernels.fused_chunked``.
         workspace_bytes: scratch budget of the tiles (default: available memory / 16, clamped to
             [32 MiB, 256 MiB]).
-        check_inputs: check label and domain-id ranges (one host sync each). Default: on for CPU.
+        check_inputs: check label and domain-id ranges (one min/max reduction each, one host sync).
+            Default: on for CPU.
 
     Returns:
         ``KDLossOutput``; ``loss`` is differentiable w.r.t. ``student_hidden``,

@@ -59,7 +59,7 @@ def validate_labels_domains(
     """Check labels and domain ids against N, V and D; return D.
 
     Shapes, dtypes and devices are always checked; the values (label and domain-id ranges)
-    only when ``check_values`` (each value check is one host sync).
+    only when ``check_values`` (one min/max reduction per tensor and one host sync in all).
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
         got = _shape(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -68,16 +68,11 @@ def validate_labels_domains(
         raise TypeError(f"{fn}: labels must be int64 or int32; got {labels.dtype}.")
     if labels.device != device:
         raise ValueError(f"{fn}: labels must be on {device}; got {labels.device}.")
-    if check_values and n:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            first = int(labels[bad][0])
-            raise ValueError(
-                f"{fn}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got {first}."
-            )
     if domain_ids is None:
         if num_domains not in (None, 1):
             raise ValueError(f"{fn}: num_domains={num_domains} needs domain_ids; got domain_ids=None.")
+        if check_values and n:
+            _check_ranges(fn, vocab, labels, None, 1, ignore_index)
         return 1
     if not isinstance(domain_ids, torch.Tensor) or domain_ids.dim() != 1 or domain_ids.shape[0] != n:
         got = _shape(domain_ids) if isinstance(domain_ids, torch.Tensor) else type(domain_ids).__name__
@@ -88,10 +83,33 @@ def validate_labels_domains(
         raise ValueError(f"{fn}: domain_ids must be on {device}; got {domain_ids.device}.")
     if num_domains is None:
         raise ValueError(f"{fn}: num_domains must be given with domain_ids (the length of the per-domain sums); got None.")
-    if check_values and n and bool(((domain_ids < 0) | (domain_ids >= num_domains)).any()):
+    if check_values and n:
+        _check_ranges(fn, vocab, labels, domain_ids, num_domains, ignore_index)
+    return num_domains
+
+
+def _check_ranges(
+    fn: str, vocab: int, labels: torch.Tensor, domain_ids: torch.Tensor | None, num_domains: int, ignore_index: int
+) -> None:
+    """Label and domain-id ranges with one min/max reduction each and a single host sync.
+
+    Ignored labels are replaced by 0 before the reduction, so ``ignore_index`` may lie anywhere.
+    The slow search for the first offending value runs only when a range is violated.
+    """
+    lab = labels.masked_fill(labels == ignore_index, 0)
+    parts = list(torch.aminmax(lab))
+    if domain_ids is not None:
+        parts += list(torch.aminmax(domain_ids.to(lab.dtype)))
+    bounds = torch.stack(parts).tolist()  # the one host sync
+    if bounds[0] < 0 or bounds[1] >= vocab:
+        first = int(lab[(lab < 0) | (lab >= vocab)][0])
+        raise ValueError(
+            f"{fn}: labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got {first}. "
+            "Labels come from the student's tokenizer: check that teacher, student and data share it."
+        )
+    if domain_ids is not None and (bounds[2] < 0 or bounds[3] >= num_domains):
         bad_id = int(domain_ids[(domain_ids < 0) | (domain_ids >= num_domains)][0])
         raise ValueError(f"{fn}: domain_ids must be in [0, {num_domains}); got {bad_id}.")
-    return num_domains
 
 
 def kd_loss(
@@ -135,8 +153,10 @@ def kd_loss(
         normalizer: denominator of the loss instead of this batch's valid-token count (for
             gradient accumulation or multi-rank sums: pass the global token count).
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"cpp"`` or ``"triton"``.
-        check_inputs: check label and domain-id ranges (one host sync each). Default: on for
-            CPU tensors, off on accelerators so the training step never waits on the host.
+        check_inputs: check label and domain-id ranges (one min/max reduction each, one host sync).
+            Default: on for CPU tensors, off on accelerators so the training step never waits on the
+            host (pass True to check there too: unchecked out-of-range labels give a NaN loss on
+            Triton, which ``ddk.reliability.NonFiniteGuard`` catches, or a device-side error).
 
     Returns:
         ``KDLossOutput``: differentiable scalar ``loss`` (float32; float64 for float64 inputs)

@@ -21,6 +21,7 @@ from kd_cases import DIVERGENCE_CASES, assert_close_error_relative, max_err
 PLANS = {
     "token_chunks": FusedPlan("token_chunks", 5, 10**9),  # vocab tile clipped to V below
     "recompute": FusedPlan("recompute", 7, 16),
+    "gemm": FusedPlan("gemm", 6, 10**9),
 }
 
 

@@ -187,13 +187,14 @@ def _bad_inputs():  # type: ignore[no-untyped-def]
         (dict(teacher_weight=torch.randn(v - 1, ht)), ValueError, F + "teacher_weight must have at least the student's V=7 rows (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer."),
         (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n, v - 1)), ValueError, F + "teacher_logits must have at least the student's V=7 columns (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer."),
         (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n + 1, v)), ValueError, F + "teacher_logits must have N=4 rows like student_hidden; got (5, 7)."),
-        (dict(labels=torch.tensor([0, 1, 7, 2])), ValueError, F + "labels must be in [0, 7) or equal ignore_index=-100; got 7."),
+        (dict(labels=torch.tensor([0, 1, 7, 2])), ValueError, F + "labels must be in [0, 7) or equal ignore_index=-100; got 7. "
+         "Labels come from the student's tokenizer: check that teacher, student and data share it."),
         (dict(labels=labels.float()), TypeError, F + "labels must be int64 or int32; got torch.float32."),
         (dict(domain_ids=torch.tensor([0, 1, 2, 3]), num_domains=3), ValueError, F + "domain_ids must be in [0, 3); got 3."),
         (dict(divergence="kl"), ValueError, F + "divergence must be one of ('forward_kl', 'reverse_kl', 'jsd'); got 'kl'."),
         (dict(temperature=0.0), ValueError, F + "temperature must be a finite number > 0; got 0.0."),
         (dict(normalizer=0), ValueError, F + "normalizer must be > 0 (e.g. the token count of the whole accumulated batch); got 0."),
-        (dict(strategy="fast"), ValueError, F + "strategy must be one of ('auto', 'recompute', 'token_chunks'); got 'fast'."),
+        (dict(strategy="fast"), ValueError, F + "strategy must be one of ('auto', 'recompute', 'token_chunks', 'gemm'); got 'fast'."),
         (dict(workspace_bytes=0), ValueError, F + "workspace_bytes must be a positive int or None; got 0."),
         (dict(backend="cuda"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked', 'triton'); got 'cuda'."),
     ], base
