@@ -67,7 +67,7 @@ def _log_mix(log_p, log_q, log_beta, log_1m_beta):
 def _kd_fwd_kernel(
     zs_ptr, zt_ptr, labels_ptr, ce_ptr, kd_ptr, stats_ptr,
     V, stride_s, stride_t,
-    inv_t, log_beta, log_1m_beta, beta,
+    par_ptr,  # [1/T, log beta, log(1 - beta), beta, 1 - beta] in ACC (scalar args would be float32)
     ignore_index,
     DIV: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
     T_IS_ONE: tl.constexpr,
@@ -75,6 +75,10 @@ def _kd_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(par_ptr + 0)
+    log_beta = tl.load(par_ptr + 1)
+    log_1m_beta = tl.load(par_ptr + 2)
+    beta = tl.load(par_ptr + 3)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     v_end = tl.where(valid, V, 0)  # ignored rows skip the vocabulary loops
@@ -169,13 +173,17 @@ def _kd_fwd_kernel(
 def _kd_bwd_kernel(
     zs_ptr, zt_ptr, labels_ptr, stats_ptr, gce_ptr, gkd_ptr, grad_ptr,
     V, stride_s, stride_t, stride_g,
-    inv_t, log_beta, log_1m_beta, one_m_beta,
+    par_ptr,  # as in _kd_fwd_kernel
     ignore_index,
     DIV: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.load(par_ptr + 0)
+    log_beta = tl.load(par_ptr + 1)
+    log_1m_beta = tl.load(par_ptr + 2)
+    one_m_beta = tl.load(par_ptr + 4)
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     zs_row = zs_ptr + row * stride_s
@@ -240,6 +248,17 @@ def _beta_terms(config: KDConfig) -> tuple[float, float, float]:
     return beta, 0.0, 0.0  # unused by the KL kernels
 
 
+def _scalar_params(config: KDConfig, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[1/T, log beta, log(1 - beta), beta, 1 - beta]`` as a tensor of the accumulation dtype.
+
+    Triton passes Python floats as float32 scalars; float64 rows would then see ``beta`` and
+    ``1/T`` rounded to float32 (a 1e-8 relative error). One 5-element copy per launch.
+    """
+    beta, log_beta, log_1m_beta = _beta_terms(config)
+    vals = [1.0 / float(config.temperature), log_beta, log_1m_beta, beta, 1.0 - beta]
+    return torch.tensor(vals, dtype=acc).to(device, non_blocking=True)
+
+
 def kd_forward_triton(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -271,11 +290,10 @@ def kd_forward_triton(
     if n == 0:
         return ce, kd, stats
     bv = _block_v(vocab, block_v)
-    beta, log_beta, log_1m_beta = _beta_terms(config)
     _kd_fwd_kernel[(n,)](
         zs, zt, labels, ce, kd, stats,
         vocab, zs.stride(0), zt.stride(0),
-        1.0 / float(config.temperature), log_beta, log_1m_beta, beta,
+        _scalar_params(config, acc, zs.device),
         int(config.ignore_index),
         DIV=divergence_code(config),
         T_IS_ONE=float(config.temperature) == 1.0,
@@ -316,12 +334,11 @@ def kd_backward_triton(
     if n == 0 or vocab == 0:
         return grad
     bv = _block_v(vocab, block_v)
-    beta, log_beta, log_1m_beta = _beta_terms(config)
     _kd_bwd_kernel[(n,)](
         zs, zt, labels, stats.contiguous(), grad_ce.to(acc).contiguous(),
         grad_kd.to(acc).contiguous(), grad,
         vocab, zs.stride(0), zt.stride(0), grad.stride(0),
-        1.0 / float(config.temperature), log_beta, log_1m_beta, 1.0 - beta,
+        _scalar_params(config, acc, zs.device),
         int(config.ignore_index),
         DIV=divergence_code(config),
         ACC=tl.float64 if acc == torch.float64 else tl.float32,

@@ -87,10 +87,11 @@ def test_fused_triton_bfloat16_error_relative(divergence: str, beta: float) -> N
 
 def test_fused_triton_through_public_api_and_float64_error() -> None:
     case = make_case(12, 8, 8, 29, seed=12, num_domains=2).to(torch.float32)
-    kw = dict(teacher_hidden=case.th, teacher_weight=case.tw, domain_ids=case.domain_ids, num_domains=2)
-    out = fused_linear_kd_loss(case.h, case.w, case.labels, backend="triton", **kw)
-    ref = fused_linear_kd_loss(case.h, case.w, case.labels, backend="chunked", **kw)
+    h, w, labels, th, tw, dom = (t.to(DEVICE) for t in (case.h, case.w, case.labels, case.th, case.tw, case.domain_ids))
+    kw = dict(teacher_hidden=th, teacher_weight=tw, domain_ids=dom, num_domains=2)
+    out = fused_linear_kd_loss(h, w, labels, backend="triton", **kw)
+    ref = fused_linear_kd_loss(h, w, labels, backend="chunked", **kw)
     assert torch.allclose(out.domain_ce_sum, ref.domain_ce_sum, rtol=1e-5, atol=1e-5)
-    c64 = case.to(torch.float64)
+    h64, w64, th64, tw64 = (t.double() for t in (h, w, th, tw))
     with pytest.raises(TypeError, match=r"^fused_linear_kd_loss: student_hidden must be float32, bfloat16 or float16 on the triton backend; got torch.float64\."):
-        fused_linear_kd_loss(c64.h, c64.w, c64.labels, teacher_hidden=c64.th, teacher_weight=c64.tw, backend="triton")
+        fused_linear_kd_loss(h64, w64, labels, teacher_hidden=th64, teacher_weight=tw64, backend="triton")

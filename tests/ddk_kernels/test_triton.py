@@ -117,6 +117,15 @@ def test_row_losses_single_row(divergence, beta):
     _check(zs, zt, labels, cfg, block_v=32)
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_row_losses_float64_scalars_not_rounded_to_float32(divergence):
+    """beta = 0.7 and 1/T = 1/0.7 are not float32 numbers: float64 rows must see them unrounded
+    (as plain kernel arguments Triton would pass them as float32, a 1e-8 relative error)."""
+    cfg = KDConfig(temperature=0.7, divergence=divergence, beta=0.7)
+    zs, zt, labels = realistic_logits(3, 70, seed=5, dtype=torch.float64, masked_fraction=0.0)
+    _check(zs, zt, labels, cfg, block_v=32)
+
+
 def test_row_losses_fully_masked_rows_are_zero():
     cfg = KDConfig(divergence="jsd", beta=0.5, temperature=2.0)
     zs, zt, _ = realistic_logits(3, 50, seed=5)
