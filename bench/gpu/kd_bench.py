@@ -53,7 +53,8 @@ from ddk_kernels.types import KDConfig  # noqa: E402
 BACKENDS_TIMED: tuple[str, ...] = ("reference", "chunked", "triton", "cpp")
 BACKENDS_CHECKED: tuple[str, ...] = ("triton", "cpp", "chunked")
 FUSED_TIMED: tuple[str, ...] = ("naive", "chunked", "triton", "liger")
-FUSED_CHECKED: tuple[str, ...] = ("chunked", "triton")
+# "chunked" is the gemm strategy on CUDA; "@40": a workspace of 40 token rows, several chunks
+FUSED_CHECKED: tuple[str, ...] = ("chunked", "chunked:gemm@40", "chunked:token_chunks", "triton")
 FUSED_K = 3.0  # err(fused) <= FUSED_K * err(naive) + FUSED_REL_ATOL * max|oracle|
 FUSED_REL_ATOL = 2e-5
 
@@ -522,13 +523,19 @@ def make_fused_step(name: str, opts: dict) -> tuple[Callable | None, str]:
                 zt = x["th"] @ x["tw"][:v].T
             return kd_loss_reference(zs, zt, x["labels"], **opts).loss
 
-    elif name in ("chunked", "triton", "reference"):
+    elif name.split(":")[0] in ("chunked", "triton", "reference"):
         from ddk.losses.fused import fused_linear_kd_loss
 
+        backend, _, rest = name.partition(":")
+        strategy, _, rows = rest.partition("@")
+        extra: dict = {"strategy": strategy} if strategy else {}
+
         def loss_fn(x: dict) -> torch.Tensor:
+            if rows:  # a workspace of that many token rows of the gemm strategy
+                extra["workspace_bytes"] = int(rows) * 3 * x["w"].shape[0] * x["h"].element_size()
             return fused_linear_kd_loss(
                 x["h"], x["w"], x["labels"], teacher_hidden=x["th"], teacher_weight=x["tw"], student_bias=x["b"],
-                backend=name, **opts,
+                backend=backend, **extra, **opts,
             ).loss
 
     elif name.startswith("liger"):
@@ -572,7 +579,7 @@ def check_fused(
     available: dict[str, str] = {}
     for name in names:
         try:
-            dispatch.resolve_fused_backend(name, dev)
+            dispatch.resolve_fused_backend(name.split(":")[0], dev)
             available[name] = ""
         except (RuntimeError, ValueError) as exc:
             available[name] = str(exc).splitlines()[0][:160]

@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu/run.sh            # build, oracle checks, timings; JSON to $OUT if set
 #   PYTHON=/path/to/python bash bench/gpu/run.sh
-#   DDK_GPU_PYTEST=1 bash bench/gpu/run.sh   # also run the Triton tests on the GPU first
+#   DDK_GPU_PYTEST=1 bash bench/gpu/run.sh   # also run the Triton and cpp tests on the GPU first
+#                                            # (DDK_GPU_PYTEST_S caps them, default 150 s)
 #   KD_BENCH_ARGS="--divergence jsd" bash bench/gpu/run.sh
 #   KD_BENCH_ARGS="--fused-only" bash bench/gpu/run.sh   # only the fused lm_head + KD part
 #   DDK_WHEELS=.whl bash bench/gpu/run.sh    # also install the wheels there (default .whl, if present)
@@ -61,7 +62,13 @@ if ! "$PY" -m pip install --no-build-isolation --no-index --no-deps -e . 2>&1 | 
   echo "pip install -e . failed; trying setup.py build_ext --inplace" >&2
 fi
 if ! ls ddk_kernels/_C*.so >/dev/null 2>&1; then
-  "$PY" setup.py build_ext --inplace 2>&1 | tail -n 40 || true
+  # An older setuptools in the image may reject pyproject.toml's metadata: build the extension
+  # alone in a copy without pyproject.toml, then copy the library back.
+  echo "pip install -e . left no ddk_kernels/_C*.so; building it from a copy without pyproject.toml" >&2
+  BUILD_DIR=$(mktemp -d /tmp/ddk_ext.XXXXXX)
+  cp -r setup.py csrc ddk_kernels "$BUILD_DIR"/
+  (cd "$BUILD_DIR" && "$PY" setup.py build_ext --inplace 2>&1 | tail -n 40) || true
+  cp "$BUILD_DIR"/ddk_kernels/_C*.so ddk_kernels/ 2>/dev/null || echo "run.sh: the extension build failed" >&2
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=${DDK_WHEELS:-.whl}
@@ -81,8 +88,11 @@ print("cpp backend on cuda:", cpp.is_available("cuda"))
 EOF
 
 if [ "${DDK_GPU_PYTEST:-0}" = "1" ]; then
-  say "pytest tests/ddk_kernels/test_triton.py on the GPU"
-  "$PY" -m pytest -q -p no:cacheprovider tests/ddk_kernels/test_triton.py 2>&1 | tail -n 25
+  say "pytest of the Triton and CUDA tests on the GPU (at most ${DDK_GPU_PYTEST_S:-150} s)"
+  # -v and the whole log under $OUT: a crash (segfault) shows which test was running
+  timeout "${DDK_GPU_PYTEST_S:-150}" "$PY" -m pytest -v -p no:cacheprovider --timeout=60 \
+    tests/ddk_kernels/test_triton.py tests/ddk_kernels/test_fused_triton.py tests/ddk_kernels/test_cpp.py \
+    tests/ddk_kernels/test_fused_chunked.py 2>&1 | tee "${OUT:-/tmp}/pytest_gpu.txt" | grep -v " PASSED" | tail -n 40
 fi
 
 say "oracle checks and timings (bench/gpu/kd_bench.py ${KD_BENCH_ARGS:-})"

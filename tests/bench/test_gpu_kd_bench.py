@@ -155,6 +155,15 @@ def test_check_fused_on_cpu_passes_and_flags_unavailable():
     assert "/naive" in rows[1].detail
 
 
+def test_check_fused_strategy_variants_on_cpu():
+    """``chunked:<strategy>[@rows]`` names pick the strategy (and a workspace of that many rows)."""
+    report = kd_bench.Report()
+    kd_bench.check_fused(report, _TINY, ("chunked:gemm@5", "chunked:token_chunks", "chunked:recompute"), device="cpu")
+    rows = report.fused_checks
+    assert len(rows) == 3 * len(_TINY)
+    assert all(r.ok for r in rows), [r.detail for r in rows]
+
+
 def test_check_fused_catches_a_wrong_gradient(monkeypatch):
     real = kd_bench.make_fused_step
 
