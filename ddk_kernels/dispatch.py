@@ -98,7 +98,7 @@ def _resolve(backend: str, device: torch.device) -> tuple[str, RowLossFn]:
 
 # ---------------------------------------------------------------- fused lm_head + KD loss
 FUSED_BACKENDS: tuple[str, ...] = ("reference", "chunked", "triton")
-_FUSED_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("chunked",), "cuda": ("triton", "chunked")}
+_FUSED_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("chunked",), "cuda": ("chunked", "triton")}
 
 
 def _fused_backend_reason(name: str, device: torch.device) -> str:
