@@ -5,6 +5,7 @@
 #   PYTHON=/path/to/python bash bench/gpu/run.sh
 #   DDK_GPU_PYTEST=1 bash bench/gpu/run.sh   # also run the Triton and cpp tests on the GPU first
 #                                            # (DDK_GPU_PYTEST_S caps them, default 150 s)
+#   DDK_GPU_DISTILL=1 bash bench/gpu/run.sh # also `ddk distill --fsdp` under torchrun with NCCL (1 GPU)
 #   KD_BENCH_ARGS="--divergence jsd" bash bench/gpu/run.sh
 #   KD_BENCH_ARGS="--fused-only" bash bench/gpu/run.sh   # only the fused lm_head + KD part
 #   DDK_WHEELS=.whl bash bench/gpu/run.sh    # also install the wheels there (default .whl, if present)
@@ -93,6 +94,11 @@ if [ "${DDK_GPU_PYTEST:-0}" = "1" ]; then
   timeout "${DDK_GPU_PYTEST_S:-150}" "$PY" -m pytest -v -p no:cacheprovider --timeout=60 \
     tests/ddk_kernels/test_triton.py tests/ddk_kernels/test_fused_triton.py tests/ddk_kernels/test_cpp.py \
     tests/ddk_kernels/test_fused_chunked.py 2>&1 | tee "${OUT:-/tmp}/pytest_gpu.txt" | grep -v " PASSED" | tail -n 40
+fi
+
+if [ "${DDK_GPU_DISTILL:-0}" = "1" ]; then
+  say "ddk distill under torchrun on CUDA: one process, NCCL, FSDP2 (bench/gpu/distill_smoke.py)"
+  timeout 150 "$PY" bench/gpu/distill_smoke.py 2>&1 | tail -n 8
 fi
 
 say "oracle checks and timings (bench/gpu/kd_bench.py ${KD_BENCH_ARGS:-})"
