@@ -10,12 +10,15 @@ Composable pieces for any training loop:
 * :func:`kd_loss` — ``CE + gamma * KL(p_T || p_S)`` with per-domain sums, on fast backends.
 * :func:`fused_linear_kd_loss` — the same loss from hidden states and ``lm_head`` weights, tiled
   over the vocabulary so no ``(N, V)`` logits are ever allocated.
+* :class:`NonFiniteGuard` — NaN/inf loss or gradients: raise naming the step and the domains, or
+  skip the batch and count it.
 """
 
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
 from ddk.losses import FusedLinearKDLoss, KDLoss, KDLossOutput, causal_lm_kd_loss, fused_linear_kd_loss, kd_loss
 from ddk.partition import DomainPartitioner, DomainSplits
+from ddk.reliability import NonFiniteError, NonFiniteGuard
 from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
 
@@ -32,6 +35,8 @@ __all__ = [
     "KDLoss",
     "KDLossOutput",
     "MixtureSampler",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "causal_lm_kd_loss",
     "fused_linear_kd_loss",
     "kd_loss",

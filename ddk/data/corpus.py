@@ -67,6 +67,9 @@ class CorpusConfig:
         seed: seed of the split hash.
         cache_dir: package cache (default ``~/.cache/ddk/debs``).
         offline: use only packages already in the cache.
+        skip_bad_lines: drop corrupted lines of ``user_jsonl`` files (each reported on stderr and
+            counted under ``"skipped_lines"`` in the manifest) instead of raising ``CorpusError``.
+            Not part of ``key()``: a build that succeeds without it gives the same corpus.
     """
 
     domains: tuple[str, ...] = tuple(DOMAINS)
@@ -78,12 +81,14 @@ class CorpusConfig:
     seed: int = 0
     cache_dir: str | None = None
     offline: bool = False
+    skip_bad_lines: bool = False
 
     def key(self) -> str:
         """Hash of everything that changes the built corpus (not the cache location)."""
         d = asdict(self)
         d.pop("cache_dir")
         d.pop("offline")
+        d.pop("skip_bad_lines")
         d["user_folders"] = sorted((k, str(Path(v).resolve())) for k, v in self.user_folders.items())
         d["user_jsonl"] = [str(Path(p).resolve()) for p in self.user_jsonl]
         return json_fingerprint(d)
@@ -107,14 +112,19 @@ def _check_config(cfg: CorpusConfig) -> None:
 
 # ---------------------------------------------------------------------------- JSONL
 def read_jsonl(path: str | os.PathLike[str], *, on_error: str = "raise",
-               required: Sequence[str] = ()) -> list[dict[str, Any]]:
+               required: Sequence[str] = (), bad_lines: list[str] | None = None) -> list[dict[str, Any]]:
     """Read a JSONL file, reporting every corrupted line with its file and line number.
+
+    A corrupted line is one that is not UTF-8, not JSON, not a JSON object, or lacks a
+    ``required`` key.
 
     Args:
         path: the file.
         on_error: ``"raise"`` (a ``CorpusError`` listing all bad lines) or ``"skip"`` (drop them
-            and print one warning listing them to stderr).
+            and print one warning listing them to stderr); skipping must be asked for.
         required: keys every record must have (a record missing one counts as corrupted).
+        bad_lines: when given, one ``"<file>:<line>: <reason>"`` per skipped line is appended
+            (to count them).
 
     Returns:
         The records (dicts) in file order; blank lines are ignored.
@@ -147,19 +157,24 @@ def read_jsonl(path: str | os.PathLike[str], *, on_error: str = "raise",
     if bad:
         listing = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
         if on_error == "raise":
-            raise CorpusError(f"{fn}: every line of {p} must be a JSON object; got {len(bad)} corrupted line(s):\n  {listing}")
+            raise CorpusError(f"{fn}: every line of {p} must be a JSON object; got {len(bad)} corrupted line(s) (fix them, "
+                              f"or skip them with on_error='skip' / skip_bad_lines=True / --skip-bad-lines):\n  {listing}")
+        if bad_lines is not None:
+            bad_lines.extend(bad)
         print(f"warning: {fn}: skipped {len(bad)} corrupted line(s):\n  {listing}", file=sys.stderr)
     return out
 
 
-def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise") -> dict[str, list[Unit]]:
+def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise",
+                bad_lines: list[str] | None = None) -> dict[str, list[Unit]]:
     """Units of a user JSONL file with a ``domain`` field: ``domain -> units``.
 
     Records sharing ``source`` (default: ``id``, else ``<file>:<line>``) are joined into one unit
     (blank line between them), so a conversation given as several records stays on one side.
+    ``on_error`` and ``bad_lines`` are those of ``read_jsonl``.
     """
     fn = "jsonl_units"
-    recs = read_jsonl(path, on_error=on_error, required=("domain", "text"))
+    recs = read_jsonl(path, on_error=on_error, required=("domain", "text"), bad_lines=bad_lines)
     grouped: dict[str, dict[str, list[str]]] = {}
     for i, r in enumerate(recs):
         if not isinstance(r["domain"], str) or not r["domain"] or not isinstance(r["text"], str):
@@ -258,7 +273,7 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
 
     Raises:
         ValueError: bad options; no domain at all could be built.
-        CorpusError: corrupted user JSONL (every bad line named).
+        CorpusError: corrupted user JSONL (every bad line named), unless ``config.skip_bad_lines``.
     """
     _check_config(config)
     out = Path(out_dir)
@@ -288,13 +303,17 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
                              folder_units(folder, prefix=f"{name}/"))
         except ValueError as e:
             skipped[name] = str(e)
+    skipped_lines: dict[str, int] = {}
     for path in config.user_jsonl:
-        for name, units in jsonl_units(path).items():
+        bad: list[str] = []
+        for name, units in jsonl_units(path, on_error="skip" if config.skip_bad_lines else "raise", bad_lines=bad).items():
             if name in sources:
                 prov, lic, desc, old_units = sources[name]
                 sources[name] = (f"{prov} + jsonl:{Path(path).resolve()}", lic, desc, old_units + units)
             else:
                 sources[name] = (f"jsonl:{Path(path).resolve()}", "user-provided", "user JSONL; unit = source", units)
+        if bad:
+            skipped_lines[str(Path(path).resolve())] = len(bad)
 
     f = config.validation_fraction
     budgets = {"train": None, "validation": None} if config.max_chars is None else {
@@ -335,6 +354,7 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
                    "domains": list(config.domains), "user_jsonl": list(config.user_jsonl)},
         "domains": domains,
         "skipped": skipped,
+        "skipped_lines": skipped_lines,
         "note": "Rebuilt from the packages; several licences (GPL, GFDL) forbid committing it.",
     }
     atomic_write_text(man_path, json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -349,11 +369,13 @@ def load_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | None = None) -> Any:
+def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | None = None,
+                on_error: str = "raise") -> Any:
     """A built corpus as a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits.
 
     Columns ``id``, ``domain``, ``source``, ``text`` (str). Domains in manifest order (sorted),
     or ``domains``. Use ``DomainPartitioner.by_field("domain")`` to get per-domain sets back.
+    A corrupted line raises ``CorpusError`` naming file and line; ``on_error="skip"`` drops it.
     """
     import datasets
 
@@ -366,15 +388,21 @@ def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | 
     for side in SPLITS:
         rows: dict[str, list[str]] = {"id": [], "domain": [], "source": [], "text": []}
         for d in names:
-            for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", required=("id", "domain", "source", "text")):
+            for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", on_error=on_error,
+                                required=("id", "domain", "source", "text")):
                 for k in rows:
                     rows[k].append(r[k])
         out[side] = datasets.Dataset.from_dict(rows)
     return datasets.DatasetDict(out)
 
 
-def domain_texts(corpus_dir: str | os.PathLike[str], side: str, domains: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """``domain -> texts`` of one split, straight from the JSONL (no ``datasets`` needed)."""
+def domain_texts(corpus_dir: str | os.PathLike[str], side: str, domains: Sequence[str] | None = None, *,
+                 on_error: str = "raise") -> dict[str, list[str]]:
+    """``domain -> texts`` of one split, straight from the JSONL (no ``datasets`` needed).
+
+    A corrupted line raises ``CorpusError`` naming file and line; ``on_error="skip"`` drops it.
+    """
     man = load_manifest(corpus_dir)
     names = list(domains) if domains is not None else list(man["domains"])
-    return {d: [r["text"] for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", required=("text",))] for d in names}
+    return {d: [r["text"] for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", on_error=on_error, required=("text",))]
+            for d in names}

@@ -17,6 +17,7 @@ per domain, which is recomputed on demand).
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,8 @@ _MODES = ("exact", "iid")
 _STATE_VERSION = 1
 _SNAPSHOTS = 64  # batch boundaries kept for ``state_dict(at_batch=k)``
 _TAG_PASS, _TAG_SHUFFLE, _TAG_IID = 0, 1, 2
+
+logger = logging.getLogger(__name__)
 
 WeightsLike = Sequence[float] | torch.Tensor | np.ndarray
 
@@ -95,7 +98,9 @@ class MixtureSampler:
 
     Inside a domain, samples follow pass ``k``'s permutation
     ``np.random.default_rng([seed, 0, i, k]).permutation(size_i)`` without replacement; an
-    exhausted domain starts the next pass (cyclic reuse with a fresh permutation). Each global
+    exhausted domain starts the next pass (cyclic reuse with a fresh permutation), logged at INFO
+    level on the ``ddk.sampling.mixture`` logger by rank 0, once per wrap (once per global batch
+    for a domain smaller than its share of a batch, which wraps several times in it). Each global
     batch is shuffled with ``default_rng([seed, 1, batch_index])`` and rank ``r`` gets
     ``batch[r::world_size]``. Global batches do not depend on ``rank`` or ``world_size``.
 
@@ -443,11 +448,23 @@ class MixtureSampler:
                 if pos == size:
                     k += 1
                     pos = 0
+            if k != passes[i]:
+                self._log_wrap(i, passes[i], k, j)
             passes[i] = k
             positions[i] = pos
         shuffle = np.random.default_rng([self._seed, _TAG_SHUFFLE, j]).permutation(self._B)
         self._batches = j + 1
         return out[shuffle]
+
+    def _log_wrap(self, domain: int, old_pass: int, new_pass: int, batch: int) -> None:
+        """One INFO record per domain per global batch in which the domain was exhausted (rank 0 only)."""
+        if self._rank == 0 and logger.isEnabledFor(logging.INFO):
+            wraps = new_pass - old_pass
+            logger.info(
+                "%s: domain %r (%d examples) exhausted in global batch %d; reusing it cyclically from pass %d "
+                "with a fresh permutation%s.", _NAME, self._names[domain], self._size_list[domain], batch, new_pass,
+                "" if wraps == 1 else f" ({wraps} passes completed in this batch)",
+            )
 
     def __iter__(self) -> Iterator[list[int]]:
         """Yield this rank's ``list[int]`` of global indices per global batch.

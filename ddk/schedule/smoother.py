@@ -16,6 +16,7 @@ import torch
 
 SMOOTHER_MODES: tuple[str, ...] = ("ddk", "no_smoothing", "uniform")
 SMOOTHER_INITS: tuple[str, ...] = ("discrepancy", "uniform")
+_TINY = torch.finfo(torch.float64).tiny  # smallest normal float64, ~2.2e-308
 
 
 def ratio_to_tensor(fn: str, ratio: Any, num_domains: int) -> torch.Tensor:
@@ -72,6 +73,14 @@ class FactorSmoother:
 
     ``initialize`` applies Eq. 1, ``r_0 = softmax(ratio)`` (``1 / D`` when ``init="uniform"`` or
     ``mode="uniform"``).
+
+    Underflow: weights are finite, sum to 1 and are either exactly 0 or normal float64 numbers; a
+    weight that underflows to a denormal (below ~2.2e-308, e.g. a softmax over ratios more than
+    ~708 apart) is set to 0 and the others are renormalised. A zero-weight domain is not sampled
+    (``MixtureSampler`` accepts zeros, but not all zeros, which cannot occur here). In ``"ddk"`` mode
+    with ``alpha < 1`` the floor ``(1 - alpha) / D`` keeps every weight positive after the first
+    update; with ``alpha = 1`` a weight at 0 stays 0 (``psi`` is proportional to ``r_t``), and in
+    ``"no_smoothing"`` mode it returns when the ratios come closer.
 
     Args:
         num_domains: D >= 1.
@@ -141,6 +150,10 @@ class FactorSmoother:
         return torch.full((self.num_domains,), 1.0 / self.num_domains, dtype=torch.float64)
 
     def _record(self, kind: str, ratio: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        denormal = (weights > 0) & (weights < _TINY)
+        if bool(denormal.any()):  # underflow: flush to exactly 0 and renormalise (see the class doc)
+            weights = torch.where(denormal, torch.zeros_like(weights), weights)
+            weights = weights / weights.sum()
         self._weights = weights
         self._history.append({"kind": kind, "ratio": ratio.tolist(), "weights": weights.tolist()})
         return weights.clone()
