@@ -37,11 +37,12 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     cfg = CorpusConfig(domains=domains, user_folders=folders, user_jsonl=tuple(args.user_jsonl or ()),
                        max_chars=args.max_chars if args.max_chars > 0 else None,
                        validation_fraction=args.validation_fraction, record_chars=args.record_chars,
-                       seed=args.seed, cache_dir=args.cache_dir, offline=args.offline)
+                       seed=args.seed, cache_dir=args.cache_dir, offline=args.offline,
+                       skip_bad_lines=args.skip_bad_lines)
     man = build_corpus(args.out, cfg, force=args.force)
     print(json.dumps({"out": args.out, "domains": {k: {s: v[s]["chars"] for s in ("train", "validation")}
                                                   for k, v in man["domains"].items()},
-                      "skipped": man["skipped"]}, indent=2))
+                      "skipped": man["skipped"], "skipped_lines": man.get("skipped_lines", {})}, indent=2))
     return 0
 
 
@@ -81,6 +82,18 @@ def _cmd_demo_real(args: argparse.Namespace) -> int:
     return 0
 
 
+_DISTRIBUTED_HELP = """
+
+Many processes: `torchrun --nproc_per_node=R -m ddk.cli distill ...` trains with DDP (gloo on the
+CPU, NCCL with one GPU per rank on CUDA; --dist-backend), or with --fsdp shards the student with
+FSDP2. --batch-size is the global batch (a multiple of R): each rank trains on its slice of the
+same global batch and the result matches one process with the same --batch-size up to float
+summation order. Only rank 0 writes the run folder; --debug-checks (or DDK_DEBUG=1) checks at
+each DDK interval that every rank holds the same domain weights and student parameters.
+Checkpoints: checkpoint-<step>.pt every --checkpoint-every steps, the newest --keep-checkpoints
+kept; --resume (the default) continues from the newest."""
+
+
 def _cuda() -> bool:
     import torch
 
@@ -116,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cache-dir", default=None, help="package cache (default: ~/.cache/ddk/debs)")
     build.add_argument("--offline", action="store_true", help="use only packages already in the cache")
     build.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
+    build.add_argument("--skip-bad-lines", action="store_true",
+                       help="skip corrupted lines of --user-jsonl files (reported with file and line, counted in the "
+                            "manifest's skipped_lines) instead of failing")
     build.set_defaults(func=_cmd_data_build)
 
     for name, func, text in (
@@ -123,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("distill", _cmd_distill, "distill a student: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online"),
         ("demo-real", _cmd_demo_real, "corpus + tokenizer + teacher + one DDK distillation (config preset 'demo')"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text + (_DISTRIBUTED_HELP if name != "teacher" else ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(p)
         p.set_defaults(func=func)
     ev = sub.add_parser("evaluate", help="per-domain validation CE of a run's student and its teacher")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddk.integrations.distributed import all_reduce_sum_, collective_device, rank_world
+from ddk.integrations.distributed import all_reduce_sum_, collective_device, rank_world, unsharded
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -179,7 +179,10 @@ class DiscrepancyEstimator:
     Under ``torch.distributed`` (an initialised default group), every rank must call
     ``compute_teacher``/``estimate``/``estimate_online`` together: rank r evaluates the batches
     with ``index % world_size == r`` of every domain, then the fixed-shape ``(D, 2)`` float64
-    ``(ce_sum, tokens)`` tensor is all-reduced, so uneven shards cannot deadlock.
+    ``(ce_sum, tokens)`` tensor is all-reduced, so uneven shards cannot deadlock. A model sharded
+    with FSDP2 (``fully_shard``) is unsharded for the whole pass (``ddk.integrations.distributed.
+    unsharded``), so its forwards need no collective either. Do not pass a DDP wrapper (its
+    forward may broadcast buffers): pass the module it wraps (``ddp.module``).
 
     Online mode: ``observe(KDLossOutput)`` after each training step accumulates the per-domain CE
     sums and token counts on the device (no host sync); ``estimate_online()`` turns them into a
@@ -330,7 +333,8 @@ class DiscrepancyEstimator:
         model.eval()
         bar = tqdm(total=total, desc=desc, disable=not self.progress or rank != 0, leave=False)
         try:
-            with torch.no_grad():
+            # FSDP2: gather the full parameters once, so uneven shards run no per-forward collective.
+            with torch.no_grad(), unsharded(model):
                 for d, (name, batches) in enumerate(zip(self._names, self._sets)):
                     bar.set_postfix_str(name, refresh=False)
                     for i, batch in enumerate(batches):

@@ -1,6 +1,18 @@
-"""Small ``torch.distributed`` helpers; every one is a no-op without an initialised process group."""
+"""Small ``torch.distributed`` helpers.
+
+The collective helpers are no-ops without an initialised process group (or with one rank), so
+the same code runs in one process and under ``torchrun``. ``init_from_env`` starts the group from
+``torchrun``'s environment; ``unsharded`` lets FSDP2 modules run uneven evaluation shards;
+``tensor_checksum`` + ``check_same_across_ranks`` are the debug check that replicas agree.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,3 +63,227 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def global_token_normalizer(num_valid: torch.Tensor) -> torch.Tensor | None:
+    """The ``normalizer=`` of ``kd_loss`` that makes R data-parallel ranks equal one process.
+
+    Rank r has the loss sum ``S_r`` over its ``n_r`` valid tokens; the one-process loss over the
+    global batch is ``sum_r S_r / N`` with ``N = sum_r n_r``. With ``normalizer = N / R`` the rank's
+    loss is ``R S_r / N``, and DDP/FSDP, which average the gradients over the R ranks, apply
+    ``(1/R) sum_r R grad(S_r) / N = grad(sum_r S_r) / N``: exactly the one-process gradient, also
+    when the ranks hold different numbers of valid tokens (padding, ignored labels). Dividing by
+    the local ``n_r`` instead would weight the tokens of a rank with fewer of them more.
+
+    Every rank must call it (one all-reduce of one number; no host sync).
+
+    Args:
+        num_valid: this rank's number of valid (non-ignored) tokens, a scalar tensor of any
+            numeric dtype, on the device of the loss.
+
+    Returns:
+        ``N / R`` as a float64 scalar tensor on ``num_valid``'s device, or None when not
+        distributed or with one rank (``kd_loss`` then divides by the local count, which is ``N``).
+    """
+    if not isinstance(num_valid, torch.Tensor) or num_valid.numel() != 1:
+        got = tuple(num_valid.shape) if isinstance(num_valid, torch.Tensor) else type(num_valid).__name__
+        raise TypeError(f"global_token_normalizer: num_valid must be a one-element tensor (this rank's valid-token "
+                        f"count); got {got}.")
+    if not is_distributed() or dist.get_world_size() == 1:
+        return None
+    total = num_valid.detach().reshape(()).to(device=collective_device(num_valid.device), dtype=torch.float64, copy=True)
+    return (all_reduce_sum_(total) / dist.get_world_size()).to(num_valid.device)
+
+
+# ---------------------------------------------------------------------------- launching
+DIST_BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
+
+
+def launched_by_torchrun() -> bool:
+    """True when the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is set."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset or not an int)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def init_from_env(backend: str = "auto", *, force: bool = False) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment, if it asks for one.
+
+    Does nothing when a group is already initialised, or when ``WORLD_SIZE <= 1`` (unless
+    ``force``, which also initialises a 1-process group under ``torchrun --nproc_per_node=1``).
+
+    Args:
+        backend: ``"auto"`` (NCCL when CUDA is available, else gloo), ``"gloo"`` or ``"nccl"``.
+            With NCCL the current CUDA device is set to ``LOCAL_RANK``.
+        force: initialise even when ``WORLD_SIZE`` is 1 (FSDP needs a process group).
+
+    Returns:
+        True when this call initialised the group (the caller then owns it and should call
+        ``dist.destroy_process_group()``), else False.
+    """
+    fn = "init_from_env"
+    if backend not in DIST_BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {DIST_BACKENDS}; got {backend!r}.")
+    if is_distributed() or not launched_by_torchrun() or (env_world_size() <= 1 and not force):
+        return False
+    if not dist.is_available():
+        raise RuntimeError(f"{fn}: torch.distributed must be available to run under torchrun; got a torch build without it.")
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{fn}: backend 'nccl' needs CUDA; got no CUDA device (use --dist-backend gloo on CPU).")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when distributed with more than one rank, else nothing."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled; small objects only); ``obj`` itself when not distributed."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=collective_device() if dist.get_backend() == "nccl" else None)
+    return box[0]
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks (e.g. building a shared cache once).
+
+    Without a process group (or with one rank) it simply runs the body. If rank 0 fails inside
+    the body, the other ranks wait at the barrier until the launcher stops them (``torchrun``
+    does when one worker exits with an error).
+    """
+    rank, world = rank_world()
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- FSDP2
+def is_fsdp(module: torch.nn.Module) -> bool:
+    """True when ``module`` (or a submodule) was sharded with ``torch.distributed.fsdp.fully_shard``."""
+    if not is_distributed():
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+@contextmanager
+def unsharded(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Hold the full parameters of an FSDP2 module on every rank inside the body.
+
+    Inside, forward passes run no collective, so ranks may run different numbers of them (the
+    estimator's validation shards are uneven). Every rank must enter and leave together: the
+    entry all-gathers and the exit frees the gathered parameters and sets every FSDP2 module's
+    ``reshard_after_forward`` to True (so shard with ``reshard_after_forward=True``, as
+    ``ddk distill --fsdp`` does). A module without FSDP2 is yielded unchanged.
+
+    Args:
+        module: the model (``fully_shard`` applied to its blocks and to itself, or not at all).
+
+    Yields:
+        ``module``.
+    """
+    if not is_distributed():  # FSDP2 needs a process group; and the import below is not free
+        yield module
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        yield module
+        return
+    mods = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        yield module
+        return
+    for m in mods:  # unshard() is not recursive: gather every sharded block, in the same order on every rank
+        m.unshard()
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield module
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+# ---------------------------------------------------------------------------- debug checksums
+def tensor_checksum(tensors: Iterable[torch.Tensor]) -> int:
+    """A 63-bit hash of the bytes (and shapes and dtypes) of ``tensors``, in order.
+
+    Bit-exact: two ranks get the same value only if every element is bitwise equal. It copies
+    each tensor to the host (a sync): for debug checks, not for hot paths.
+
+    Args:
+        tensors: any shapes and dtypes (DTensors are hashed by their local shard).
+
+    Returns:
+        An int in ``[0, 2**63)``.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor_checksum: tensors must hold torch.Tensor; got {type(t).__name__}.")
+        local = t.to_local() if hasattr(t, "to_local") else t
+        local = local.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(local.view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def check_same_across_ranks(checksums: Mapping[str, int], *, where: str) -> None:
+    """All-gather named checksums and raise if any rank's value differs from rank 0's.
+
+    Every rank must call it with the same names in the same order (a no-op when not
+    distributed).
+
+    Args:
+        checksums: ``name -> int`` (e.g. from ``tensor_checksum``), e.g. ``{"domain weights": ...}``.
+        where: what the caller is doing, for the message (e.g. ``"distill step 50"``).
+
+    Raises:
+        RuntimeError: naming each quantity and the ranks whose value differs from rank 0's.
+    """
+    fn = "check_same_across_ranks"
+    names = list(checksums)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in checksums.values()):
+        raise TypeError(f"{fn}: checksums must map names to ints; got {checksums!r}.")
+    if not is_distributed() or dist.get_world_size() == 1 or not names:
+        return
+    world = dist.get_world_size()
+    local = torch.tensor([checksums[n] for n in names], dtype=torch.int64, device=collective_device())
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    table = torch.stack(gathered).cpu()  # (world, len(names))
+    bad = []
+    for j, name in enumerate(names):
+        ranks = [r for r in range(world) if table[r, j] != table[0, j]]
+        if ranks:
+            bad.append(f"{name} differ on ranks {ranks} from rank 0")
+    if bad:
+        raise RuntimeError(
+            f"{fn}: every rank must hold identical replicated state at {where}; got "
+            + "; ".join(bad)
+            + ". The ranks have diverged (a rank-dependent seed, data or code path); rerun with the same "
+            "config on every rank and look for what the named ranks do differently."
+        )

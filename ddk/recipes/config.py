@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ddk._io import json_fingerprint
+from ddk.integrations.distributed import DIST_BACKENDS
+from ddk.reliability import NONFINITE_POLICIES
 from ddk.schedule.smoother import SMOOTHER_INITS
 
 METHODS: tuple[str, ...] = ("cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-online")
@@ -39,6 +41,7 @@ class RecipeConfig:
     max_chars: int = 600_000  # per-domain size cap (train + validation)
     validation_fraction: float = 0.05
     offline: bool = False  # never fetch packages; use the cache only
+    skip_bad_lines: bool = False  # skip (and count) corrupted corpus JSONL lines instead of failing on them
     vocab_size: int = 4096
     seq_len: int = 128  # tokens per training sequence (input length)
     val_seqs: int = 32  # validation sequences per domain (the discrepancy estimate; paper: 500 samples)
@@ -72,14 +75,20 @@ class RecipeConfig:
     ddk_init: str = "discrepancy"  # first interval's weights: Eq. 1 r_0 ("discrepancy") or "uniform" (paper's pseudo-code)
     interval: int = 50  # K, optimizer steps between DDK updates (and validation evaluations)
     backend: str = "auto"  # KD loss backend
+    on_nonfinite: str = "raise"  # NaN/inf loss or gradient: "raise" (name step + domains) or "skip" the batch (counted)
     seed: int = 0
     # --- run
     out: str = ""  # run folder; "" = runs/real/<method>-s<seed>
     log_every: int = 10
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2  # keep the last k checkpoint-<step>.pt files of the run folder
     resume: bool = True
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
+    # --- many processes (torchrun --nproc_per_node=R: batch_size is the global batch, split over ranks)
+    dist_backend: str = "auto"  # process-group backend under torchrun: "auto" (nccl with CUDA, else gloo), "gloo", "nccl"
+    fsdp: bool = False  # shard the student with FSDP2 (fully_shard) instead of DDP; needs torchrun
+    debug_checks: bool = False  # at each DDK interval, check every rank holds the same weights (also: DDK_DEBUG=1)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -153,7 +162,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     positive = ("vocab_size", "seq_len", "val_seqs", "eval_batch_size", "teacher_hidden", "teacher_layers",
                 "teacher_heads", "teacher_intermediate", "teacher_batch_size", "student_hidden", "student_layers",
                 "student_heads", "student_intermediate", "steps", "batch_size", "interval", "log_every",
-                "checkpoint_every", "max_chars")
+                "checkpoint_every", "keep_checkpoints", "max_chars")
     for k in positive:
         if getattr(cfg, k) < 1:
             raise ValueError(f"{fn}: {k} must be >= 1; got {getattr(cfg, k)!r}.")
@@ -164,6 +173,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
+    if cfg.dist_backend not in DIST_BACKENDS:
+        raise ValueError(f"{fn}: dist_backend must be one of {DIST_BACKENDS}; got {cfg.dist_backend!r}.")
+    if cfg.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"{fn}: on_nonfinite must be one of {NONFINITE_POLICIES}; got {cfg.on_nonfinite!r}.")
     if cfg.ddk_init not in SMOOTHER_INITS:
         raise ValueError(f"{fn}: ddk_init must be one of {SMOOTHER_INITS}; got {cfg.ddk_init!r}.")
     if not 0.0 < cfg.validation_fraction < 1.0:
@@ -208,7 +221,7 @@ def make_config(files: typing.Sequence[str | os.PathLike[str]] = (), **overrides
         values.update(load_yaml(f))
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"make_config: overrides must be config options; got unknown {unknown}.")
+        raise ValueError(f"make_config: overrides must be config options; got unknown {unknown} (valid: {sorted(_FIELDS)}).")
     values.update({k: _coerce(k, v) for k, v in overrides.items()})
     return validate(RecipeConfig(**values))
 
@@ -225,6 +238,22 @@ class _KeyValue(argparse.Action):
         setattr(namespace, self.dest, cur)
 
 
+_HELP: dict[str, str] = {
+    "checkpoint_every": "write checkpoint-<step>.pt every this many steps (and at the last step)",
+    "keep_checkpoints": "keep only the newest k checkpoint-<step>.pt files; --resume loads the newest",
+    "resume": "continue from the newest checkpoint of --out (--no-resume: start over, deleting the old run files)",
+    "dist_backend": "process-group backend under torchrun: auto (nccl with CUDA, else gloo), gloo or nccl",
+    "fsdp": "under torchrun, shard the student with FSDP2 (fully_shard per decoder layer + root) instead of DDP",
+    "debug_checks": "at each DDK interval all-gather checksums of the domain weights and the student parameters "
+                    "and fail naming the ranks that differ (also on with the environment variable DDK_DEBUG=1)",
+    "batch_size": "global batch (sequences per optimizer step over all ranks; a multiple of the number of ranks)",
+    "on_nonfinite": "NaN/inf loss or gradient: raise (naming the step and domains) or skip the batch (counted in "
+                    "metrics.jsonl and summary.json)",
+    "skip_bad_lines": "skip corrupted lines of the corpus JSONL files (each reported with file and line, and counted) "
+                      "instead of failing",
+}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per config field (defaults suppressed: unset = not given)."""
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
@@ -233,7 +262,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         hint = _HINTS[name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_ = f"(default: {default!r})"
+        help_ = f"{_HELP[name]} (default: {default!r})" if name in _HELP else f"(default: {default!r})"
         if hint is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif typing.get_origin(hint) is tuple:
@@ -243,6 +272,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar="NAME=DIR", help="extra domain from a folder of files (repeatable)")
         elif name == "method":
             parser.add_argument(flag, dest=name, choices=METHODS, default=argparse.SUPPRESS, help=help_)
+        elif name == "on_nonfinite":
+            parser.add_argument(flag, dest=name, choices=NONFINITE_POLICIES, default=argparse.SUPPRESS, help=help_)
         else:
             parser.add_argument(flag, dest=name, type=hint, default=argparse.SUPPRESS, help=help_)
 

@@ -18,10 +18,11 @@ Stages (each cached under ``data_dir``, keyed by the hash of what determines it)
    * ``ddk-online``: the discrepancy comes from the training batches' per-domain CE
      (``controller.observe``) instead of validation passes.
 
-   Writes ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint.pt`` (student,
-   optimizer, scheduler, RNG states and ``controller.state_dict()``, atomically), the final
-   ``student/``, ``summary.json``, plots, and prints a table. A run folder with a checkpoint
-   resumes where it stopped.
+   Writes ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>.pt``
+   (student, optimizer, scheduler, RNG states and ``controller.state_dict()``, atomically; the
+   newest ``keep_checkpoints`` kept), the final ``student/``, ``summary.json``, plots, and prints
+   a table. A run folder with a checkpoint resumes from its newest one. Under ``torchrun`` it
+   trains with DDP (or FSDP2 with ``fsdp``) on slices of the same global batches; see ``distill``.
 4. ``evaluate``: per-domain validation CE of a run's student and its teacher.
 """
 
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -40,25 +42,41 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddk._io import atomic_write_text
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
+from ddk.integrations.distributed import (
+    all_reduce_sum_,
+    broadcast_object,
+    check_same_across_ranks,
+    collective_device,
+    global_token_normalizer,
+    init_from_env,
+    is_distributed,
+    rank_world,
+    rank_zero_first,
+    tensor_checksum,
+)
 from ddk.losses import kd_loss
 from ddk.recipes.config import METHODS, RecipeConfig
+from ddk.reliability import NonFiniteGuard, grad_norm
 from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
 
-__all__ = ["PreparedData", "distill", "evaluate", "format_table", "llama_config", "prepare_data", "run_demo", "train_teacher"]
+__all__ = ["PreparedData", "check_teacher_tokenizer", "distill", "evaluate", "format_table", "llama_config", "prepare_data",
+           "run_demo", "train_teacher"]
 
 _SMOOTHER_MODE = {"cpt": "uniform", "kd": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}
 _CORPUS_KEYS = ("domains", "user_folders", "user_jsonl", "max_chars", "validation_fraction")
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if rank_world()[0] == 0:  # under torchrun only rank 0 talks
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -127,7 +145,8 @@ def prepare_data(cfg: RecipeConfig, *, corpus_dir: str | os.PathLike[str] | None
     root = cfg.data_path
     ccfg = CorpusConfig(domains=tuple(cfg.domains), user_folders=dict(cfg.user_folders), user_jsonl=tuple(cfg.user_jsonl),
                         max_chars=cfg.max_chars, validation_fraction=cfg.validation_fraction, seed=0,
-                        cache_dir=str(root / "debs"), offline=cfg.offline)
+                        cache_dir=str(root / "debs"), offline=cfg.offline, skip_bad_lines=cfg.skip_bad_lines)
+    on_error = "skip" if cfg.skip_bad_lines else "raise"
     cdir = Path(corpus_dir) if corpus_dir is not None else root / "corpus" / ccfg.key()
     t0 = time.perf_counter()
     man = build_corpus(cdir, ccfg, progress=cfg.progress)
@@ -137,15 +156,15 @@ def prepare_data(cfg: RecipeConfig, *, corpus_dir: str | os.PathLike[str] | None
         tok = load_tokenizer(tdir)
     else:
         _log(f"tokenizer: training byte-level BPE (vocab {cfg.vocab_size}) on the training split")
-        train_texts = domain_texts(cdir, "train", names)
+        train_texts = domain_texts(cdir, "train", names, on_error=on_error)
         tok = train_tokenizer((t for d in names for t in train_texts[d]), tdir, vocab_size=cfg.vocab_size)
     fp = tokenizer_fingerprint(tdir)
     cache = cdir / f"tokens-{fp}-L{cfg.seq_len}-V{cfg.val_seqs}.pt"
     if cache.is_file():
         blob = torch.load(cache)
     else:
-        train_texts = domain_texts(cdir, "train", names)
-        val_texts = domain_texts(cdir, "validation", names)
+        train_texts = domain_texts(cdir, "train", names, on_error=on_error)
+        val_texts = domain_texts(cdir, "validation", names, on_error=on_error)
         blob = {"names": names,
                 "train": [_windows(tok, train_texts[d], cfg.seq_len) for d in names],
                 "validation": [_windows(tok, val_texts[d], cfg.seq_len, cfg.val_seqs) for d in names]}
@@ -219,6 +238,10 @@ def _teacher_key(cfg: RecipeConfig, data: PreparedData) -> str:
 def train_teacher(cfg: RecipeConfig, data: PreparedData) -> tuple[Any, torch.Tensor, Path]:
     """Pretrain (or load the cached) teacher and its per-domain validation CE.
 
+    Under ``torchrun`` (an initialised process group) rank 0 trains and caches the teacher while
+    the others wait, then they load it (``data_dir`` must be shared by the ranks); the teacher CE
+    is computed by all ranks together and written by rank 0.
+
     Returns:
         ``(teacher in eval mode without grads, teacher_ce (D,) float64, teacher folder)``.
     """
@@ -227,6 +250,9 @@ def train_teacher(cfg: RecipeConfig, data: PreparedData) -> tuple[Any, torch.Ten
     meta_path = tdir / "teacher_meta.json"
     from transformers import LlamaForCausalLM
 
+    rank, world = rank_world()
+    if world > 1 and rank != 0:
+        dist.barrier()  # under torchrun rank 0 trains (or finds) the teacher first; the others then load it
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         teacher = LlamaForCausalLM.from_pretrained(str(tdir / "model"))
@@ -261,27 +287,66 @@ def train_teacher(cfg: RecipeConfig, data: PreparedData) -> tuple[Any, torch.Ten
         shutil.rmtree(tmp, ignore_errors=True)
         teacher.save_pretrained(str(tmp / "model"))
         meta = {"config": cfg.to_dict(), "data_key": data.key, "domains": data.names, "loss_curve": losses[::10],
-                "final_loss": losses[-1] if losses else None, "train_seconds": time.perf_counter() - t0, "num_domains": d}
+                "final_loss": losses[-1] if losses else None, "train_seconds": time.perf_counter() - t0, "num_domains": d,
+                "tokenizer": _tokenizer_id(data), "tokenizer_dir": str(data.tokenizer_dir), "vocab_size": data.vocab_size}
         (tmp / "teacher_meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(tdir, ignore_errors=True)
         tdir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, tdir)
         if cfg.progress:
             _log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {tdir}")
+    if world > 1 and rank == 0:
+        dist.barrier()
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     ce_path = tdir / f"teacher_ce-V{cfg.val_seqs}.json"
-    if ce_path.is_file():
+    if broadcast_object(ce_path.is_file()):  # rank 0 decides, so every rank takes the same branch
         teacher_ce = torch.tensor(json.loads(ce_path.read_text())["teacher_ce"], dtype=torch.float64)
-    else:
+    else:  # under torchrun every rank evaluates its shard of the validation batches (all-reduced)
         est = DiscrepancyEstimator(data.validation_batches(cfg.eval_batch_size), progress=False)
         teacher_ce = est.compute_teacher(teacher)
-        _atomic_json(ce_path, {"domains": data.names, "teacher_ce": teacher_ce.tolist()})
+        if rank == 0:
+            _atomic_json(ce_path, {"domains": data.names, "teacher_ce": teacher_ce.tolist()})
     return teacher, teacher_ce, tdir
 
 
 # ---------------------------------------------------------------------------- distillation
+def _tokenizer_id(data: PreparedData) -> str:
+    from ddk.data.tokenizer import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(data.tokenizer_dir)
+
+
+def check_teacher_tokenizer(teacher: Any, data: PreparedData, fn: str = "distill") -> None:
+    """Raise unless ``teacher`` can be distilled into a student with ``data``'s tokenizer.
+
+    A teacher vocabulary wider than the student's (padding rows) is allowed: the extra logits are
+    sliced off. A narrower one is an error, and so is a teacher whose folder's
+    ``teacher_meta.json`` (written by ``train_teacher``) names another tokenizer; both errors name
+    the teacher's and the student's tokenizer. (A teacher without that file is judged by its
+    vocabulary size alone.)
+    """
+    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    vt = int(head.weight.shape[0]) if head is not None else int(teacher.config.vocab_size)
+    source = str(getattr(teacher, "name_or_path", "") or "")
+    meta_path = Path(source).parent / "teacher_meta.json" if source else None
+    meta = json.loads(meta_path.read_text()) if meta_path is not None and meta_path.is_file() else {}
+    mine = f"{_tokenizer_id(data)} ({data.tokenizer_dir}, {data.vocab_size} tokens)"
+    if meta.get("tokenizer") not in (None, _tokenizer_id(data)):
+        raise ValueError(
+            f"{fn}: the teacher must be trained with the student's tokenizer {mine}; got tokenizer "
+            f"{meta['tokenizer']} ({meta.get('tokenizer_dir')}, {meta.get('vocab_size')} tokens) for the teacher in "
+            f"{meta_path.parent}. Train a teacher on this corpus (ddk teacher with the same data options)."  # type: ignore[union-attr]
+        )
+    if vt < data.vocab_size:
+        raise ValueError(
+            f"{fn}: the teacher's vocabulary must cover the student's tokenizer {mine} (a wider teacher, e.g. with "
+            f"padding rows, is sliced); got a teacher lm_head of {vt} rows{' in ' + source if source else ''}. "
+            "Teacher and student must share a tokenizer: train the teacher on this corpus (ddk teacher)."
+        )
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -299,46 +364,246 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-_RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline")
+_RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline",
+                   "on_nonfinite", "skip_bad_lines", "keep_checkpoints", "dist_backend", "debug_checks")
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+_LEGACY_CKPT = "checkpoint.pt"  # the one checkpoint file of earlier versions; still resumed from
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the run folder's ``checkpoint-<step>.pt`` files, oldest first (``.tmp`` files excluded)."""
+    found = []
+    if out.is_dir():
+        for p in out.iterdir():
+            m = _CKPT_RE.match(p.name)
+            if m is not None and p.is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    """The newest ``checkpoint-<step>.pt`` of ``out`` (else a legacy ``checkpoint.pt``), or None."""
+    found = _checkpoints(out)
+    if found:
+        return found[-1][1]
+    legacy = out / _LEGACY_CKPT
+    return legacy if legacy.is_file() else None
+
+
+def _prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``checkpoint-<step>.pt`` files (and a legacy ``checkpoint.pt``)."""
+    for _, p in _checkpoints(out)[:-keep]:
+        p.unlink(missing_ok=True)
+    (out / _LEGACY_CKPT).unlink(missing_ok=True)
+
+
+def _device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` under an NCCL process group, else the CPU (one process always runs on the CPU)."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _parallelize(student: torch.nn.Module, cfg: RecipeConfig, device: torch.device) -> torch.nn.Module:
+    """Prepare the student for training under torch.distributed; return the module the training step calls.
+
+    * no process group, or one rank without ``fsdp``: the student itself;
+    * ``cfg.fsdp``: FSDP2 in place (``fully_shard`` on every decoder layer, then on the whole model,
+      ``reshard_after_forward=True``); returns the student (now an ``FSDPModule``);
+    * else DDP without buffer syncs in forward (the student's buffers are constants; and the
+      estimator runs uneven numbers of forwards on the bare module, which must start no collective).
+
+    DDP and FSDP2 both average the gradients over the ranks; ``distill`` scales each rank's loss
+    to match.
+    """
+    _, world = rank_world()
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as exc:  # pragma: no cover - torch < 2.6
+            raise ValueError(f"distill: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6); "
+                             f"got torch {torch.__version__} without it ({exc}). Drop --fsdp to use DDP.") from None
+        for layer in student.model.layers:
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(student, reshard_after_forward=True)
+        return student
+    if world == 1:
+        return student
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:  # newer torch
+        return DistributedDataParallel(student, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+
+
+def _train_state(student: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(student state, optimizer state)`` to checkpoint; with FSDP2 the full (unsharded) ones, on rank 0 (a collective)."""
+    if not fsdp:
+        return student.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(student, options=options), get_optimizer_state_dict(student, opt, options=options)
+
+
+def _load_train_state(student: torch.nn.Module, opt: torch.optim.Optimizer, ck: dict[str, Any], fsdp: bool) -> None:
+    """Inverse of ``_train_state`` (with FSDP2 every rank reads the full state and keeps its shard)."""
+    if not fsdp:
+        student.load_state_dict(ck["student"])
+        opt.load_state_dict(ck["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(student, ck["student"], options=options)
+    set_optimizer_state_dict(student, opt, ck["optimizer"], options=options)
+
+
+def _save_student(student: torch.nn.Module, cfg: RecipeConfig, vocab_size: int, out: Path) -> None:
+    """``out/student`` (``save_pretrained`` through ``student.tmp`` + ``os.replace``), by rank 0.
+
+    With FSDP2 every rank must call it (the full state dict is gathered), and rank 0 saves it from
+    a plain copy of the model.
+    """
+    rank, _ = rank_world()
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return
+        plain = _new_model(llama_config(cfg, "student", vocab_size), cfg.seed)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding
+            raise RuntimeError(f"distill: the gathered FSDP state must fill the student; got missing {missing}, "
+                               f"unexpected {unexpected}.")
+        student = plain
+    elif rank != 0:
+        return
+    tmp_student = out / "student.tmp"
+    shutil.rmtree(tmp_student, ignore_errors=True)
+    student.save_pretrained(str(tmp_student))
+    shutil.rmtree(out / "student", ignore_errors=True)
+    os.replace(tmp_student, out / "student")
+
+
+def _global_sums(lo: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ce_sum, kd_sum, num_tokens, domain_tokens (D,))`` of a ``KDLossOutput``, summed over ranks (for the logs)."""
+    if rank_world()[1] == 1:
+        return lo.ce_sum, lo.kd_sum, lo.num_tokens, lo.domain_tokens
+    v = torch.cat([torch.stack([lo.ce_sum.double(), lo.kd_sum.double(), lo.num_tokens.double()]),
+                   lo.domain_tokens.double()])
+    all_reduce_sum_(v)
+    return v[0], v[1], v[2], v[3:].round().long()
+
+
+def _debug_checks(cfg: RecipeConfig) -> bool:
+    """``cfg.debug_checks``, or the environment variable ``DDK_DEBUG`` set to anything but ``""``/``"0"``."""
+    return cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
+
 
 
 def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = None,
             teacher_ce: torch.Tensor | None = None) -> dict[str, Any]:
     """Distill one student with ``cfg.method``; write the run folder; return the summary.
 
+    Run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>.pt``
+    every ``checkpoint_every`` steps and at the last one (student, optimizer, LR schedule, RNG
+    states, controller = sampler + smoother + estimator; written to a ``.tmp`` file then
+    ``os.replace``d; only the newest ``keep_checkpoints`` are kept), ``student/``,
+    ``summary.json`` and plots. With ``resume`` and a checkpoint in the folder it continues from
+    the newest one (a legacy ``checkpoint.pt`` too); one that cannot be read, or one of another
+    config, is an error naming the file and the mismatch, and nothing is overwritten.
+
+    Many processes (``torchrun --nproc_per_node=R -m ddk.cli distill ...``): when ``WORLD_SIZE > 1``
+    (or with ``fsdp``) it initialises the process group (``dist_backend``; ``auto``: NCCL with each
+    rank on ``cuda:<LOCAL_RANK>`` when CUDA is available, else gloo on the CPU) and destroys it at
+    the end. The student is wrapped in DDP, or sharded with FSDP2 with ``fsdp``; the teacher is
+    replicated. ``batch_size`` is the global batch (a multiple of R): every rank draws the same
+    global batch from the sampler and trains on its slice ``batch[rank::R]``. Each rank's loss is
+    ``(its CE sum + gamma * its KL sum) / (N / R)``, ``N`` the all-reduced number of valid tokens
+    of the global batch; DDP/FSDP average the R gradients, so the update follows the gradient of
+    ``(sum over the global batch) / N``, the one-process loss, and R processes and one process
+    with the same ``batch_size`` follow the same trajectory up to float summation order. The
+    validation passes are sharded over the ranks and all-reduced (``DiscrepancyEstimator``). Only
+    rank 0 writes files and prints; rank 0 picks the checkpoint to resume and every rank loads
+    that one. With ``debug_checks`` (or ``DDK_DEBUG=1``) every DDK interval (and the last step)
+    all-gathers checksums of the domain weights and the student parameters (DDP; with FSDP only
+    the weights, as the shards differ by design) and raises, naming the ranks that differ.
+
     Args:
         cfg: the recipe config (``method``, ``steps``, ``batch_size``, ...).
-        data, teacher, teacher_ce: reuse already prepared pieces (else built/loaded from cache).
+        data, teacher, teacher_ce: reuse already prepared pieces (else built/loaded from cache;
+            under torchrun rank 0 builds the caches while the others wait).
 
     Returns:
         ``summary.json``'s content: per-domain student/teacher CE, gaps, ratios, final weights,
-        samples per domain, wall time.
+        samples per domain, skipped batches, wall time (on every rank; rank 0 writes it).
+
+    Raises:
+        ValueError: a teacher with another tokenizer (``check_teacher_tokenizer``); with
+            ``on_nonfinite="raise"``, a NaN/inf loss or gradient (``ddk.reliability.NonFiniteError``,
+            naming the step and the domains). With ``on_nonfinite="skip"`` such a batch makes no
+            update, is logged in ``metrics.jsonl`` (``"skipped": true``) and counted in
+            ``skipped_batches`` / ``skipped_steps``.
     """
+    created = init_from_env(cfg.dist_backend, force=cfg.fsdp)
+    try:
+        return _distill(cfg, data, teacher, teacher_ce)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _distill(cfg: RecipeConfig, data: PreparedData | None, teacher: Any, teacher_ce: torch.Tensor | None) -> dict[str, Any]:
+    """``distill`` inside the (optional) process group."""
     if cfg.method not in METHODS:
         raise ValueError(f"distill: method must be one of {METHODS}; got {cfg.method!r}.")
+    rank, world = rank_world()
+    if cfg.fsdp and not is_distributed():
+        raise ValueError("distill: fsdp must run under torchrun (it needs a process group); got a plain process. "
+                         "Launch with `torchrun --nproc_per_node=R -m ddk.cli distill --fsdp ...` or drop --fsdp.")
+    if cfg.batch_size % world:
+        raise ValueError(f"distill: batch_size (the global batch) must be a multiple of the number of ranks {world}; "
+                         f"got {cfg.batch_size}. Pick a multiple of {world} or another --nproc_per_node.")
+    device = _device()
+    debug = _debug_checks(cfg)
     _set_threads(cfg)
     t_start = time.perf_counter()
-    data = data if data is not None else prepare_data(cfg)
+    if data is None:
+        with rank_zero_first():  # under torchrun rank 0 builds the corpus/tokenizer/token caches, the others read them
+            data = prepare_data(cfg)
     if teacher is None or teacher_ce is None:
         teacher, teacher_ce, _ = train_teacher(cfg, data)
+    check_teacher_tokenizer(teacher, data)
+    teacher = teacher.to(device)
     out = cfg.run_dir
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
+    # rank 0 picks the checkpoint and every rank loads that one
+    ckpt_path = broadcast_object(_latest_checkpoint(out) if cfg.resume and rank == 0 else None)
     metrics_path, ctrl_path = out / "metrics.jsonl", out / "controller.jsonl"
     cfg_dict = cfg.to_dict()
     d = len(data.names)
     sizes = [len(t) for t in data.train]
     train = data.train_all
 
-    student = _new_model(llama_config(cfg, "student", data.vocab_size), cfg.seed)
+    student = _new_model(llama_config(cfg, "student", data.vocab_size), cfg.seed).to(device)
+    model = _parallelize(student, cfg, device)  # what the training step calls; `student` stays the bare module
     opt, sched = _optimizer(student, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    sampler = MixtureSampler(sizes, cfg.batch_size, seed=cfg.seed, domain_names=data.names, num_batches=cfg.steps)
+    sampler = MixtureSampler(sizes, cfg.batch_size, seed=cfg.seed, domain_names=data.names, num_batches=cfg.steps,
+                             rank=rank, world_size=world)
     estimator = DiscrepancyEstimator(data.validation_batches(cfg.eval_batch_size), teacher_ce=teacher_ce, progress=False)
     smoother = FactorSmoother(d, alpha=cfg.alpha, mode=_SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
+    guard = NonFiniteGuard(cfg.on_nonfinite, domain_names=data.names, fn="distill",
+                           hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run "
+                                "resumes from its last checkpoint")
     controller = DDKController(estimator, smoother, sampler, interval=cfg.interval, log_path=ctrl_path,
                                online=cfg.method == "ddk-online")
     start_step = 0
-    if cfg.resume and ckpt_path.is_file():
+    if ckpt_path is not None:
         try:
             ck = torch.load(ckpt_path, weights_only=False)
             ck_config = ck["config"]
@@ -348,46 +613,65 @@ def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = 
                 f"got an unreadable file ({type(exc).__name__}: {exc}). Nothing was overwritten: move it "
                 "away, or pass --no-resume to start over."
             ) from exc
-        old = {k: v for k, v in ck_config.items() if k not in _RESUME_IGNORED}
+        defaults = RecipeConfig().to_dict()  # options added since the checkpoint was written: their defaults
+        old = {k: v for k, v in {**defaults, **ck_config}.items() if k not in _RESUME_IGNORED}
         new = {k: v for k, v in cfg_dict.items() if k not in _RESUME_IGNORED}
         if old != new:
             diff = sorted(k for k in new if old.get(k) != new[k])
-            raise ValueError(f"distill: the run folder {out} must hold a checkpoint of the same config to resume; "
+            raise ValueError(f"distill: the checkpoint {ckpt_path} must be of the same config to resume; "
                              f"got different {diff} (use another --out or --no-resume).")
-        student.load_state_dict(ck["student"])
-        opt.load_state_dict(ck["optimizer"])
+        _load_train_state(student, opt, ck, cfg.fsdp)
         sched.load_state_dict(ck["scheduler"])
         controller.load_state_dict(ck["controller"])
+        guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
         _set_rng_state(ck["rng"])
         start_step = int(ck["step"])
-        _truncate_jsonl(metrics_path, start_step)
-        _truncate_jsonl(ctrl_path, start_step)
+        if rank == 0:
+            _truncate_jsonl(metrics_path, start_step)
+            _truncate_jsonl(ctrl_path, start_step)
         if cfg.progress:
             _log(f"distill: resumed {out} at step {start_step}")
     else:
-        for p in (metrics_path, ctrl_path, ckpt_path, out / "summary.json"):
-            p.unlink(missing_ok=True)
-        _atomic_json(out / "config.json", cfg_dict)
+        if rank == 0:
+            old_ckpts = [p for _, p in _checkpoints(out)] + [out / _LEGACY_CKPT]
+            for p in (metrics_path, ctrl_path, out / "summary.json", *old_ckpts):
+                p.unlink(missing_ok=True)
+            _atomic_json(out / "config.json", cfg_dict)
         controller.start(student)
 
     def save_checkpoint(step: int) -> None:
-        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
-        torch.save({"step": step, "config": cfg_dict, "student": student.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": _rng_state(), "controller": controller.state_dict()}, tmp)
-        os.replace(tmp, ckpt_path)
+        """``checkpoint-<step>.pt`` through ``.tmp`` + ``os.replace`` (rank 0), then keep the newest ``keep_checkpoints``."""
+        student_state, opt_state = _train_state(student, opt, cfg.fsdp)  # a collective under FSDP
+        ctrl_state = controller.state_dict()
+        if world > 1 and controller.online:  # every rank's online sums, restored on rank 0 at resume: none lost
+            acc = ctrl_state["estimator"]["online"] or [[0.0] * 4 for _ in range(d)]
+            acc = all_reduce_sum_(torch.tensor(acc, dtype=torch.float64, device=collective_device(device)))
+            ctrl_state["estimator"]["online"] = acc.cpu().tolist()
+        if rank != 0:
+            return
+        path = out / f"checkpoint-{step}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"step": step, "config": cfg_dict, "student": student_state, "optimizer": opt_state,
+                    "scheduler": sched.state_dict(), "rng": _rng_state(), "controller": ctrl_state,
+                    "nonfinite": guard.state_dict()}, tmp)
+        os.replace(tmp, path)
+        _prune_checkpoints(out, cfg.keep_checkpoints)
 
     use_teacher = cfg.method != "cpt"
     gamma = cfg.gamma if use_teacher else 0.0
     student.train()
-    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=f"distill {cfg.method}", disable=not cfg.progress,
+    bar = tqdm(range(start_step + 1, cfg.steps + 1), desc=f"distill {cfg.method}", disable=not cfg.progress or rank != 0,
                initial=start_step, total=cfg.steps)
-    with metrics_path.open("a", encoding="utf-8") as mf:
+    with metrics_path.open("a", encoding="utf-8") if rank == 0 else open(os.devnull, "w") as mf:
         for step in bar:
-            idx = torch.as_tensor(sampler.next_global_batch())
+            idx = torch.as_tensor(sampler.next_global_batch())[rank::world].contiguous()  # this rank's slice
             batch = train[idx]
-            inputs, labels = batch[:, :-1], batch[:, 1:].reshape(-1)
-            dom = sampler.domain_of(idx).unsqueeze(1).expand(-1, inputs.shape[1]).reshape(-1)
-            logits = student(input_ids=inputs).logits
+            inputs, labels = batch[:, :-1].to(device), batch[:, 1:].reshape(-1).to(device)
+            dom = sampler.domain_of(idx).unsqueeze(1).expand(-1, inputs.shape[1]).reshape(-1).to(device)
+            # R ranks: divide by (global valid tokens) / R, so DDP's/FSDP's mean of the R gradients is the
+            # gradient of (sum over the global batch) / (global valid tokens), the one-process loss.
+            norm = global_token_normalizer((labels != -100).sum())
+            logits = model(input_ids=inputs).logits
             n, v = logits.shape[0] * logits.shape[1], logits.shape[-1]
             s_logits = logits.reshape(n, v)
             if use_teacher:
@@ -396,26 +680,38 @@ def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = 
             else:
                 t_logits = s_logits.detach()
             lo = kd_loss(s_logits, t_logits, labels, domain_ids=dom, num_domains=d, gamma=gamma,
-                         temperature=cfg.temperature, backend=cfg.backend)
+                         temperature=cfg.temperature, backend=cfg.backend, normalizer=norm)
             opt.zero_grad(set_to_none=True)
             lo.loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
+            gnorm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip) if cfg.grad_clip
+                     else grad_norm(student.parameters()))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor; the guard all-reduces plain tensors
+                gnorm = gnorm.full_tensor()
+            finite = guard.check(step, lo, grad_norm=gnorm, domain_ids=dom,
+                                 tensors={"student_logits": s_logits, "teacher_logits": t_logits})
+            if finite:
+                opt.step()
+            else:  # skipped (on_nonfinite="skip"): no update; the step, sampler and LR schedule still advance
+                opt.zero_grad(set_to_none=True)
             sched.step()
-            if controller.online:
+            if controller.online and finite:
                 with torch.no_grad():
                     t_ce = F.cross_entropy(t_logits[:, :v].float(), labels, reduction="none")
-                    t_sum = torch.zeros(d, dtype=torch.float64).index_add_(0, dom, t_ce.double())
+                    t_sum = torch.zeros(d, dtype=torch.float64, device=dom.device).index_add_(0, dom, t_ce.double())
                 controller.observe(lo, teacher_ce_sum=t_sum)
             n_rec = len(controller.records)
             controller.step_end(step, student)
             rec: dict[str, Any] | None = None
-            if step % cfg.log_every == 0 or step % cfg.interval == 0 or step == cfg.steps:
-                tok = max(int(lo.num_tokens), 1)
-                rec = {"step": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len, "loss": float(lo.loss.detach()),
-                       "ce": float(lo.ce_sum) / tok, "kd": float(lo.kd_sum) / tok, "lr": sched.get_last_lr()[0],
-                       "weights": list(sampler.weights), "batch_domain_tokens": lo.domain_tokens.tolist()}
+            if not finite or step % cfg.log_every == 0 or step % cfg.interval == 0 or step == cfg.steps:
+                ce_sum, kd_sum, num_tok, dom_tok = _global_sums(lo)  # over all ranks (as is in one process)
+                tok = max(int(num_tok), 1)
+                loss = float(lo.loss.detach()) if world == 1 else (float(ce_sum) + gamma * float(kd_sum)) / tok
+                rec = {"step": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len, "loss": loss,
+                       "ce": float(ce_sum) / tok, "kd": float(kd_sum) / tok, "lr": sched.get_last_lr()[0],
+                       "weights": list(sampler.weights), "batch_domain_tokens": dom_tok.tolist(),
+                       "skipped_batches": guard.skipped_batches}
+                if not finite:
+                    rec.update(skipped=True, loss=None, ce=None, kd=None)
             if step % cfg.interval == 0 or step == cfg.steps:
                 new = controller.records[n_rec:] if len(controller.records) > n_rec else []
                 if new and not controller.online:
@@ -428,19 +724,20 @@ def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = 
                         val["online_ratio"] = new[-1]["ratio"]
                 assert rec is not None
                 rec.update(val)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", gap=f"{np.mean(np.log(rec['ratio'])):.3f}")
+                bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}", gap=f"{np.mean(np.log(rec['ratio'])):.3f}")
             if rec is not None:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
+            if debug and (step % cfg.interval == 0 or step == cfg.steps):
+                sums = {"domain weights": tensor_checksum([torch.tensor(sampler.weights, dtype=torch.float64)])}
+                if not cfg.fsdp:  # FSDP shards differ by design
+                    sums["student parameters"] = tensor_checksum(student.parameters())
+                check_same_across_ranks(sums, where=f"distill step {step}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(step)
     bar.close()
     final = estimator.estimate(student)
-    tmp_student = out / "student.tmp"
-    shutil.rmtree(tmp_student, ignore_errors=True)
-    student.save_pretrained(str(tmp_student))
-    shutil.rmtree(out / "student", ignore_errors=True)
-    os.replace(tmp_student, out / "student")
+    _save_student(student, cfg, data.vocab_size, out)
     summary = {
         "method": cfg.method, "seed": cfg.seed, "domains": data.names,
         "student_ce": final.student_ce.tolist(), "teacher_ce": final.teacher_ce.tolist(),
@@ -448,10 +745,13 @@ def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = 
         "mean_gap": float(final.gap.mean()), "worst_gap": float(final.gap.max()),
         "mean_ratio": float(final.ratio.mean()),
         "final_weights": list(sampler.weights), "samples_per_domain": sampler.cumulative_counts().tolist(),
+        "skipped_batches": guard.skipped_batches, "skipped_steps": list(guard.skipped_steps),
         "tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.perf_counter() - t_start,
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
     }
+    if rank != 0:
+        return summary
     _atomic_json(out / "summary.json", summary)
     summary["plots"] = _plots(out, cfg.method)
     print(format_table([summary]))
@@ -524,19 +824,31 @@ def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
     """Corpus + tokenizer + teacher (cached) + one distillation + table + plots, timed.
 
     A finished demo run is redone from scratch; an interrupted one resumes from its checkpoint.
+    Under ``torchrun`` it runs on every rank like ``distill`` (rank 0 builds the caches first).
     """
+    created = init_from_env(cfg.dist_backend, force=cfg.fsdp)
+    try:
+        return _run_demo(cfg)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run_demo(cfg: RecipeConfig) -> dict[str, Any]:
     import dataclasses
 
-    if (cfg.run_dir / "summary.json").is_file():
+    if broadcast_object((cfg.run_dir / "summary.json").is_file()):
         cfg = dataclasses.replace(cfg, resume=False)
     t0 = time.perf_counter()
-    data = prepare_data(cfg)
+    with rank_zero_first():
+        data = prepare_data(cfg)
     t_data = time.perf_counter() - t0
     teacher, teacher_ce, _ = train_teacher(cfg, data)
     t_teacher = time.perf_counter() - t0 - t_data
     summary = distill(cfg, data, teacher, teacher_ce)
     total = time.perf_counter() - t0
-    print(f"\ntimes: data {t_data:.0f} s, teacher {t_teacher:.0f} s, distill {summary['wall_seconds']:.0f} s, total {total:.0f} s")
-    print(f"run folder: {cfg.run_dir}")
+    if rank_world()[0] == 0:
+        print(f"\ntimes: data {t_data:.0f} s, teacher {t_teacher:.0f} s, distill {summary['wall_seconds']:.0f} s, total {total:.0f} s")
+        print(f"run folder: {cfg.run_dir}")
     summary["demo_seconds"] = {"data": t_data, "teacher": t_teacher, "total": total}
     return summary

@@ -50,10 +50,15 @@ def _setup(tmp_path: Path, name: str, steps: int = STEPS) -> tuple[list[str], di
     return cmd, env, Path(cfg.out)
 
 
+def _latest_ckpt(run: Path) -> Path:
+    """The newest checkpoint-<step>.pt of the run folder."""
+    return max(run.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
 def _ckpt_step(run: Path) -> int | None:
     """Step of the last line of metrics.jsonl (written just before that step's checkpoint), or None."""
     p = run / "metrics.jsonl"
-    if not (run / "checkpoint.pt").is_file() or not p.is_file():
+    if not any(run.glob("checkpoint-*.pt")) or not p.is_file():
         return None
     lines = [line for line in p.read_text().splitlines() if line.endswith("}")]
     return json.loads(lines[-1])["step"] if lines else None
@@ -91,7 +96,7 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
     assert killed_after is not None and proc.returncode == -signal.SIGKILL, (
         f"the run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
     proc.stderr.close()
-    saved = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    saved = torch.load(_latest_ckpt(run), weights_only=False)["step"]
     print(f"kill_at={kill_at} killed after metrics step {killed_after}, checkpoint step {saved}")
     assert 1 <= saved < STEPS and not (run / "summary.json").exists()
 
@@ -103,11 +108,12 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
 
 @pytest.fixture(scope="module")
 def truncated(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A finished 4-step run whose checkpoint.pt is cut in half, then the same command again (resume)."""
+    """A finished 4-step run whose newest checkpoint is cut in half, then the same command again (resume)."""
     tmp_path = tmp_path_factory.mktemp("trunc")
     cmd, env, run = _setup(tmp_path, "trunc", steps=4)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    ckpt = run / "checkpoint.pt"
+    ckpt = _latest_ckpt(run)
+    assert ckpt.name == "checkpoint-4.pt"
     blob = ckpt.read_bytes()
     ckpt.write_bytes(blob[: len(blob) // 2])
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}

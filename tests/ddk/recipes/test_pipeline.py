@@ -63,7 +63,7 @@ def test_pipeline_end_to_end_all_methods_and_resume(tmp_path, monkeypatch, capsy
         c = _cfg(tmp_path, method=m, out=str(tmp_path / "runs" / m))
         summaries[m] = real.distill(c, data, teacher, teacher_ce)
         run = tmp_path / "runs" / m
-        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint.pt", "summary.json", "student/config.json",
+        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-6.pt", "summary.json", "student/config.json",
                   "weights.png", "gaps.png"):
             assert (run / f).is_file(), f"{m}: missing {f}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,139 @@
+"""``ddk distill``'s checkpoints: ``checkpoint-<step>.pt``, the newest ``keep_checkpoints`` kept,
+``--resume`` from the newest (or a legacy ``checkpoint.pt``); in one process on the tiny corpus of
+``test_pipeline``. The SIGKILL and truncated-file cases are in ``test_kill_resume``; many
+processes in ``test_distributed_distill``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import ddk.recipes.real as real  # noqa: E402
+from ddk.recipes.config import make_config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pipeline import _cfg  # noqa: E402
+
+
+def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
+    base = dict(steps=6, interval=3, checkpoint_every=1, log_every=1, keep_checkpoints=2, out=str(tmp / "runs" / name))
+    base.update(kw)
+    return _cfg(tmp, **base)
+
+
+def _ckpts(run: Path) -> list[str]:
+    return sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint"))
+
+
+def _crash_at_step(monkeypatch, cfg, step: int) -> None:  # type: ignore[no-untyped-def]
+    """Run ``distill`` and interrupt it inside ``step`` (after the checkpoints of the steps before)."""
+    calls = {"n": 0}
+    orig = real.kd_loss
+
+    def flaky(*a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated crash")
+        return orig(*a, **k)
+
+    monkeypatch.setattr(real, "kd_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        real.distill(cfg)
+    monkeypatch.undo()
+
+
+def _resume_loading(monkeypatch, cfg) -> list[str]:  # type: ignore[no-untyped-def]
+    """Run ``distill`` again (resume) and return the names of the files it ``torch.load``ed."""
+    loaded: list[str] = []
+    orig = torch.load
+
+    def spy(f, *a, **k):  # type: ignore[no-untyped-def]
+        loaded.append(Path(f).name)
+        return orig(f, *a, **k)
+
+    monkeypatch.setattr(real.torch, "load", spy)
+    real.distill(cfg)
+    monkeypatch.undo()
+    return [n for n in loaded if n.startswith("checkpoint")]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    sa, sb = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    log = [[(r["step"], r["weights"]) for r in map(json.loads, (run / "controller.jsonl").read_text().splitlines())]
+           for run in (a, b)]
+    assert log[0] == log[1]
+    assert [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_distill_keeps_last_k_checkpoints_and_resumes_from_the_newest(tmp_path, monkeypatch):
+    ref_cfg = _config(tmp_path, "ref")
+    real.distill(ref_cfg)
+    ref = Path(ref_cfg.out)
+    assert _ckpts(ref) == ["checkpoint-5.pt", "checkpoint-6.pt"]  # every step written, the newest 2 kept, no .tmp
+
+    cfg = _config(tmp_path, "crash", keep_checkpoints=3)  # keep_checkpoints does not change the run
+    run = Path(cfg.out)
+    _crash_at_step(monkeypatch, cfg, 5)
+    assert _ckpts(run) == ["checkpoint-2.pt", "checkpoint-3.pt", "checkpoint-4.pt"]
+    assert _resume_loading(monkeypatch, cfg) == ["checkpoint-4.pt"]
+    assert _ckpts(run) == ["checkpoint-4.pt", "checkpoint-5.pt", "checkpoint-6.pt"]
+    _same_run(ref, run)
+
+
+def test_distill_resumes_from_a_legacy_checkpoint_pt(tmp_path, monkeypatch):
+    ref_cfg = _config(tmp_path, "ref")
+    real.distill(ref_cfg)
+    cfg = _config(tmp_path, "legacy")
+    run = Path(cfg.out)
+    _crash_at_step(monkeypatch, cfg, 4)
+    for p in run.glob("checkpoint-*.pt"):  # what an earlier version left: one checkpoint.pt (of step 3)
+        if p.name == "checkpoint-3.pt":
+            p.rename(run / "checkpoint.pt")
+        else:
+            p.unlink()
+    assert _resume_loading(monkeypatch, cfg) == ["checkpoint.pt"]
+    assert _ckpts(run) == ["checkpoint-5.pt", "checkpoint-6.pt"]  # the legacy file is pruned with the others
+    _same_run(Path(ref_cfg.out), run)
+
+
+def test_distill_fsdp_outside_torchrun_is_an_error(tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match=r"distill: fsdp must run under torchrun \(it needs a process group\); got a "
+                                         r"plain process\. Launch with `torchrun --nproc_per_node=R"):
+        real.distill(_config(tmp_path, "fsdp", fsdp=True))
+
+
+def test_config_checkpoint_and_distributed_options_are_checked():
+    with pytest.raises(ValueError, match=r"RecipeConfig: keep_checkpoints must be >= 1; got 0\."):
+        make_config(keep_checkpoints=0)
+    with pytest.raises(ValueError, match=r"RecipeConfig: dist_backend must be one of \('auto', 'gloo', 'nccl'\); got 'mpi'\."):
+        make_config(dist_backend="mpi")
+    from ddk.cli import build_parser
+    from ddk.recipes.config import config_from_args
+
+    args = build_parser().parse_args(["distill", "--keep-checkpoints", "5", "--fsdp", "--debug-checks", "--dist-backend", "gloo"])
+    cfg = config_from_args(args)
+    assert (cfg.keep_checkpoints, cfg.fsdp, cfg.debug_checks, cfg.dist_backend) == (5, True, True, "gloo")
+
+
+def test_distill_resume_with_another_config_names_the_checkpoint_and_overwrites_nothing(tmp_path):
+    cfg = _config(tmp_path, "run", steps=2)
+    real.distill(cfg)
+    run = Path(cfg.out)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"distill: the checkpoint .*checkpoint-2\.pt must be of the same config to "
+                                         r"resume; got different \['lr'\] \(use another --out or --no-resume\)\."):
+        real.distill(_config(tmp_path, "run", steps=2, lr=0.5))
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

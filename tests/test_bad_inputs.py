@@ -1,0 +1,464 @@
+"""The bad-input matrix (issue 6, item 3): one test per case, or per behaviour of a case.
+
+Cases already pinned next to their module are named in the docstring of each section rather than
+repeated here. Everything runs on the CPU in seconds; the recipe tests share one tiny corpus and
+teacher (module fixture).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddk
+import ddk.recipes.real as real
+from ddk.data import CorpusConfig, CorpusError, build_corpus, domain_texts, read_jsonl
+from ddk.losses.fused import fused_linear_kd_loss
+from ddk.recipes.config import load_yaml, make_config
+from ddk.reliability import NonFiniteError, NonFiniteGuard, grad_norm
+from ddk.sampling import MixtureSampler
+from ddk.schedule import FactorSmoother
+
+NAMES = ["web", "code", "math"]
+
+
+def _batch(n: int = 6, v: int = 7, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    zs = (torch.randn(n, v, generator=g) * 3).requires_grad_(True)
+    zt = torch.randn(n, v, generator=g) * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    dom = torch.arange(n) % len(NAMES)
+    return zs, zt, labels, dom
+
+
+# ---------------------------------------------------------------------------- a. NaN / inf
+# ddk.reliability.NonFiniteGuard: raise (default) naming step + domains, or skip and count.
+
+
+def test_nonfinite_guard_raises_with_step_and_domain_of_offending_tokens() -> None:
+    zs, zt, labels, dom = _batch()
+    zt = zt.clone()
+    zt[1, 3] = float("nan")  # a token of domain 1 ('code')
+    out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
+    out.loss.backward()
+    guard = NonFiniteGuard(domain_names=NAMES)
+    with pytest.raises(NonFiniteError) as info:
+        guard.check(5, out, grad_norm=grad_norm([zs]), domain_ids=dom, tensors={"student_logits": zs, "teacher_logits": zt})
+    msg = str(info.value)
+    assert msg.startswith("NonFiniteGuard.check: the loss and gradients must be finite; got loss=nan")
+    assert "at step 5 in the tokens of domain(s) ['code'] (teacher_logits: 1 nan in 1 token(s))" in msg
+    assert msg.endswith("Construct NonFiniteGuard('skip') to skip such batches instead.")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
+    assert info.value.report.domains == ("code",) and info.value.report.located_by == "tokens"
+
+
+def test_nonfinite_guard_skip_counts_logs_and_resumes(caplog: pytest.LogCaptureFixture) -> None:
+    guard = NonFiniteGuard("skip", domain_names=NAMES)
+    assert guard.check(1, loss=torch.tensor(1.5), grad_norm=torch.tensor(0.3))
+    with caplog.at_level(logging.WARNING, logger="ddk.reliability"):
+        assert not guard.check(2, loss=torch.tensor(float("inf")), domain_ids=torch.tensor([2, 2]))
+        assert not guard.check(4, loss=torch.tensor(1.0), grad_norm=torch.tensor(float("nan")))
+    assert guard.skipped_batches == 2 and guard.skipped_steps == [2, 4]
+    assert [r.getMessage().split(":")[1].strip() for r in caplog.records] == [
+        "skipped the batch of step 2", "skipped the batch of step 4"]
+    assert "loss=inf at step 2 in a batch of domain(s) ['math']" in caplog.records[0].getMessage()
+    resumed = NonFiniteGuard("skip")
+    resumed.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    assert resumed.skipped_batches == 2 and resumed.skipped_steps == [2, 4]
+
+
+def test_nonfinite_guard_nan_logit_of_ignored_token_is_caught_by_grad_norm() -> None:
+    # The loss stays finite (the token is ignored) but the reference backward makes its gradient NaN.
+    zs, zt, labels, dom = _batch()
+    with torch.no_grad():
+        zs[4, 0] = float("nan")
+    labels = labels.clone()
+    labels[4] = -100
+    out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend="reference")
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach())) and not bool(torch.isfinite(zs.grad).all())
+    guard = NonFiniteGuard(domain_names=NAMES)
+    assert guard.check(1, out)  # the loss alone looks fine
+    with pytest.raises(NonFiniteError, match=r"got grad_norm=nan at step 1 in the tokens of domain\(s\) \['code'\]"):
+        guard.check(1, out, grad_norm=grad_norm([zs]), domain_ids=dom, tensors={"student_logits": zs})
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpp"])
+def test_nonfinite_guard_neginf_teacher_logits_on_fast_backends(backend: str) -> None:
+    # Policy: -inf logits are judged by their result. The reference backend handles a -inf teacher
+    # logit (p_T = 0 there); the fast backends return -inf/NaN, which the guard raises (or skips)
+    # with the advice to mask with a finite value.
+    zs, zt, labels, dom = _batch()
+    zt = zt.clone()
+    zt[0, 2] = float("-inf")
+    ref = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend="reference")
+    assert math.isfinite(float(ref.loss.detach())) and NonFiniteGuard().check(1, ref)
+    out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend=backend)
+    with pytest.raises(NonFiniteError) as info:
+        NonFiniteGuard(domain_names=NAMES, fn="train").check(3, out, domain_ids=dom, tensors={"teacher_logits": zt})
+    msg = str(info.value)
+    assert "at step 3 in the tokens of domain(s) ['web'] (teacher_logits: 1 -inf in 1 token(s))" in msg
+    assert "mask with a large finite negative value such as -1e4 instead" in msg
+
+
+def test_nonfinite_guard_locates_domains_by_per_domain_sums_without_tensors() -> None:
+    zs, zt, labels, dom = _batch()
+    with torch.no_grad():
+        zs[2, 1] = float("inf")  # domain 2 ('math')
+    out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
+    with pytest.raises(NonFiniteError, match=r"in the per-domain sums of domain\(s\) \['math'\]\."):
+        NonFiniteGuard(domain_names=NAMES).check(9, out)
+
+
+def test_nonfinite_guard_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"^NonFiniteGuard: policy must be one of \('raise', 'skip'\); got 'ignore'\.$"):
+        NonFiniteGuard("ignore")
+    with pytest.raises(ValueError, match=r"^NonFiniteGuard.check: at least one of output, loss, grad_norm or values must be given; got none\.$"):
+        NonFiniteGuard().check(1)
+    with pytest.raises(ValueError, match=r"^RecipeConfig: on_nonfinite must be one of \('raise', 'skip'\); got 'ignore'\.$"):
+        make_config(on_nonfinite="ignore")
+
+
+# ---------------------------------------------------------------------------- b. vocabularies
+# A teacher narrower than the student is an error in kd_loss / fused_linear_kd_loss (pinned in
+# tests/ddk/losses/test_kd.py::test_kd_loss_rejects_bad_input and
+# tests/ddk/losses/test_fused.py::test_fused_linear_kd_loss_bad_input_message); the recipe check
+# is tested with the recipe fixture below.
+
+
+def test_kd_loss_teacher_padding_rows_are_sliced() -> None:
+    zs, zt, labels, dom = _batch()
+    padded = torch.cat([zt, torch.full((zt.shape[0], 5), 40.0)], dim=1)  # huge padding logits: must be ignored
+    a = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
+    b = ddk.kd_loss(zs, padded, labels, domain_ids=dom, num_domains=3)
+    assert float(a.loss.detach()) == float(b.loss.detach())
+    h, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    th, tw = torch.randn(6, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    f1 = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw)
+    f2 = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=torch.cat([tw, 9 * torch.ones(3, 5, dtype=torch.float64)]))
+    assert float(f1.loss) == float(f2.loss)
+
+
+# ---------------------------------------------------------------------------- c. labels out of range
+# Label >= V is pinned in tests/ddk/losses/test_kd.py and test_fused.py; negative labels, a custom
+# ignore_index and int32 inputs here.
+
+
+@pytest.mark.parametrize("which", ["kd_loss", "fused_linear_kd_loss"])
+def test_labels_negative_and_not_ignore_index_is_an_error(which: str) -> None:
+    zs, zt, labels, dom = _batch()
+    bad = labels.clone()
+    bad[3] = -1
+    h, w = torch.randn(6, 4), torch.randn(7, 4)
+
+    def call(lab: torch.Tensor, **kw):  # type: ignore[no-untyped-def]
+        if which == "kd_loss":
+            return ddk.kd_loss(zs, zt, lab, **kw)
+        return fused_linear_kd_loss(h, w, lab, teacher_logits=zt, **kw)
+
+    with pytest.raises(ValueError, match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=-100; got -1\. "
+                                         r"Labels come from the student's tokenizer"):
+        call(bad)
+    ok = labels.clone()
+    ok[3] = 7  # the ignore_index may lie outside [0, V) ...
+    assert int(call(ok.int(), ignore_index=7, domain_ids=dom.int(), num_domains=3).num_tokens) == 5  # ... and int32 works
+    with pytest.raises(ValueError, match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=7; got -100\."):
+        call(torch.full((6,), -100), ignore_index=7)
+
+
+# ---------------------------------------------------------------------------- d. empty sequences
+# Defined behaviour: zero tokens or all tokens ignored -> loss 0 (finite), zero gradient, zero
+# counts; the fused all-masked case is also pinned in tests/ddk/losses/test_fused.py.
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpp"])
+@pytest.mark.parametrize("n", [0, 4])
+def test_kd_loss_empty_or_fully_ignored_batch_is_zero_loss_zero_grad(backend: str, n: int) -> None:
+    zs = torch.randn(n, 7, requires_grad=True)
+    labels = torch.full((n,), -100)
+    out = ddk.kd_loss(zs, torch.randn(n, 9), labels, domain_ids=torch.zeros(n, dtype=torch.long), num_domains=2,
+                      backend=backend)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0 and out.domain_tokens.tolist() == [0, 0]
+    assert zs.grad is not None and float(zs.grad.abs().sum()) == 0.0
+    assert NonFiniteGuard().check(1, out)  # finite: a training loop goes on
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_fused_loss_zero_tokens_is_zero_loss_zero_grad(backend: str) -> None:
+    h, w = torch.randn(0, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
+    out = fused_linear_kd_loss(h, w, torch.zeros(0, dtype=torch.long), teacher_logits=torch.randn(0, 7), backend=backend)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0
+    assert w.grad is None or float(w.grad.abs().sum()) == 0.0
+
+
+# ---------------------------------------------------------------------------- e. empty domain / validation set
+# Pinned elsewhere with the domain named: DomainPartitioner.split ("every declared domain must have
+# examples; got none for ['math']", test_partitioner.py), MixtureSampler (domain_sizes >= 1 "for
+# domain 'code'", test_mixture.py), DiscrepancyEstimator (an empty validation domain, and one
+# whose tokens are all ignored, test_estimator.py). The recipe's own check is tested below.
+
+
+# ---------------------------------------------------------------------------- f. domain exhausted mid-interval
+
+
+def test_mixture_sampler_exhausted_domain_is_reused_cyclically_and_logged_once_per_wrap(caplog: pytest.LogCaptureFixture) -> None:
+    s = MixtureSampler([3, 50], 4, [0.5, 0.5], seed=1, domain_names=["tiny", "big"])
+    with caplog.at_level(logging.INFO, logger="ddk.sampling.mixture"):
+        batches = [s.next_global_batch() for _ in range(6)]  # 'tiny' gives 2 per batch: 12 draws = 4 passes
+    tiny = np.concatenate([b[b < 3] for b in batches])
+    assert np.bincount(tiny).tolist() == [4, 4, 4]  # 4 full passes, every example once per pass
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 4 and all("domain 'tiny' (3 examples) exhausted" in m for m in msgs)  # one per wrap
+    assert "reusing it cyclically from pass 1 with a fresh permutation." in msgs[0]
+    assert s.passes().tolist() == [4, 0]
+
+
+def test_mixture_sampler_many_wraps_in_one_batch_log_one_line_and_only_on_rank0(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="ddk.sampling.mixture"):
+        MixtureSampler([1, 20], 8, [0.5, 0.5], domain_names=["one", "big"]).next_global_batch()
+        MixtureSampler([1, 20], 8, [0.5, 0.5], domain_names=["one", "big"], rank=1, world_size=2).next_global_batch()
+    assert len(caplog.records) == 1
+    assert "from pass 4 with a fresh permutation (4 passes completed in this batch)." in caplog.records[0].getMessage()
+
+
+# ---------------------------------------------------------------------------- g. weights that underflow
+# All-zero, negative and NaN weights raise in MixtureSampler (test_mixture.py); zero-weight domains
+# are never drawn (test_mixture.py, hypothesis).
+
+
+@pytest.mark.parametrize("mode,alpha", [("no_smoothing", 0.5), ("ddk", 1.0)])
+def test_factor_smoother_underflowing_weights_become_exact_zeros(mode: str, alpha: float) -> None:
+    s = FactorSmoother(3, mode=mode, alpha=alpha)
+    w = s.initialize([1.0, 720.0, 740.0])  # softmax would give a denormal ~1e-321 for domain 0
+    assert w[0].item() == 0.0 and float(w.sum()) == pytest.approx(1.0, abs=1e-15)
+    assert bool(((w == 0) | (w >= torch.finfo(torch.float64).tiny)).all())
+    w2 = s.update([800.0, 1.0, 1.5])
+    if mode == "ddk":  # alpha = 1: psi is proportional to r_t, so a zero weight stays zero
+        assert w2[0].item() == 0.0
+    else:  # no smoothing: the domain comes back as soon as the ratios say so
+        assert w2[0].item() == pytest.approx(1.0)
+    sampler = MixtureSampler([5, 5, 5], 6, w.tolist())
+    assert all(0 not in sampler.domain_of(sampler.next_global_batch()).tolist() for _ in range(20))
+
+
+def test_factor_smoother_ddk_floor_keeps_every_weight_positive() -> None:
+    s = FactorSmoother(3, alpha=0.5)
+    s.initialize([1.0, 720.0, 740.0])
+    w = s.update([1.0, 720.0, 740.0])
+    assert float(w.min()) >= (1 - 0.5) / 3 - 1e-15
+
+
+def test_mixture_sampler_denormal_weights_are_renormalised() -> None:
+    s = MixtureSampler([4, 4], 4, [5e-324, 5e-324])
+    assert s.weights == (0.5, 0.5)
+    t = MixtureSampler([4, 4], 4, [1e-320, 1.0])  # effectively zero: never drawn, exact counts kept
+    assert all(0 not in t.domain_of(t.next_global_batch()).tolist() for _ in range(50))
+    with pytest.raises(ValueError, match=r"^MixtureSampler: weights must have a positive sum \(at least one domain > 0\); got all zeros\.$"):
+        MixtureSampler([4, 4], 4, [0.0, 0.0])
+
+
+# ---------------------------------------------------------------------------- h. corrupted JSONL
+# read_jsonl's report (file and line of every bad line) is pinned in tests/ddk/data/test_corpus.py.
+
+
+def _user_jsonl(path: Path, n: int = 12) -> Path:
+    rows = [json.dumps({"domain": d, "source": f"{d}{i}", "text": f"{d} text number {i} " * 8}) for d in ("a", "b") for i in range(n)]
+    rows.insert(3, '{"domain": "a", "text": "cut off')
+    rows.insert(7, "not json at all")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_build_corpus_corrupted_jsonl_lines_raise_with_file_and_line_unless_skipped(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = _user_jsonl(tmp_path / "user.jsonl")
+    cfg = dict(domains=(), user_jsonl=(str(src),), max_chars=None, validation_fraction=0.25, offline=True)
+    with pytest.raises(CorpusError) as info:
+        build_corpus(tmp_path / "c1", CorpusConfig(**cfg), progress=False)
+    msg = str(info.value)
+    assert f"{src}:4: JSONDecodeError" in msg and f"{src}:8: JSONDecodeError" in msg and "2 corrupted line(s)" in msg
+    assert "skip_bad_lines=True / --skip-bad-lines" in msg
+    man = build_corpus(tmp_path / "c2", CorpusConfig(**cfg, skip_bad_lines=True), progress=False)
+    assert man["skipped_lines"] == {str(src.resolve()): 2} and sorted(man["domains"]) == ["a", "b"]
+    assert f"skipped 2 corrupted line(s)" in capsys.readouterr().err
+    assert CorpusConfig(**cfg).key() == CorpusConfig(**cfg, skip_bad_lines=True).key()
+
+
+def test_corpus_readers_of_a_built_corpus_skip_only_when_asked(tmp_path: Path) -> None:
+    src = _user_jsonl(tmp_path / "user.jsonl")
+    out = tmp_path / "c"
+    build_corpus(out, CorpusConfig(domains=(), user_jsonl=(str(src),), max_chars=None, validation_fraction=0.25,
+                                   skip_bad_lines=True), progress=False)
+    train = out / "a" / "train.jsonl"
+    n = len(read_jsonl(train))
+    with train.open("a") as f:
+        f.write('{"id": 1}\n')  # a record without "text"
+    with pytest.raises(CorpusError, match=rf"{train}:{n + 1}: a record must have keys \['text'\]; missing \['text'\]"):
+        domain_texts(out, "train", ["a"])
+    assert len(domain_texts(out, "train", ["a"], on_error="skip")["a"]) == n
+
+
+def test_cli_data_build_skip_bad_lines_flag(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ddk.cli import main
+
+    src = _user_jsonl(tmp_path / "user.jsonl")
+    args = ["data", "build", "--no-builtin", "--user-jsonl", str(src), "--max-chars", "0", "--validation-fraction", "0.25"]
+    assert main([*args, "--out", str(tmp_path / "c1")]) == 2
+    assert f"{src}:4:" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c2"), "--skip-bad-lines"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_lines"] == {str(src.resolve()): 2}
+
+
+# ---------------------------------------------------------------------------- i. unknown config keys
+
+
+def test_config_yaml_unknown_key_is_named_with_the_valid_ones(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 5\nalpah: 0.3\n")
+    with pytest.raises(ValueError) as info:
+        load_yaml(p)
+    msg = str(info.value)
+    assert msg.startswith(f"load_config: keys of {p} must be config options; got unknown ['alpah'] (valid: [")
+    assert "'alpha'" in msg and "'on_nonfinite'" in msg and "'skip_bad_lines'" in msg
+    with pytest.raises(ValueError, match=r"^make_config: overrides must be config options; got unknown \['alpah'\] \(valid: \[.*'alpha'"):
+        make_config(alpah=0.3)
+
+
+# ---------------------------------------------------------------------------- recipe (b, e, a, h)
+_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "tokenizers"))
+
+WORDS = {
+    "code": "def return if else for in range self import class None True False x y z".split(),
+    "german": "der die das und nicht ist ein eine mit auf den zu von sich es wir".split(),
+}
+
+
+def _recipe_cfg(root: Path, **kw):  # type: ignore[no-untyped-def]
+    rng = random.Random(0)
+    src = root / "user.jsonl"
+    if not src.is_file():
+        rows = [{"domain": d, "source": f"{d}-{k}", "text": "\n".join(" ".join(rng.choice(w) for _ in range(12)) for _ in range(6))}
+                for d, w in WORDS.items() for k in range(12)]
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = dict(data_dir=str(root / "data"), domains=(), user_jsonl=(str(src),), max_chars=20000, validation_fraction=0.25,
+                offline=True, vocab_size=300, seq_len=16, val_seqs=2, eval_batch_size=2, teacher_hidden=16, teacher_layers=1,
+                teacher_heads=2, teacher_intermediate=32, teacher_steps=2, teacher_batch_size=4, student_hidden=16,
+                student_layers=1, student_heads=2, student_intermediate=32, steps=4, batch_size=4, warmup_steps=1,
+                interval=2, log_every=1, checkpoint_every=2, out=str(root / "runs" / "r"), progress=False, threads=1)
+    base.update(kw)
+    return make_config(**base)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    if not _HF:
+        pytest.skip("needs transformers and tokenizers")
+    root = tmp_path_factory.mktemp("recipe")
+    cfg = _recipe_cfg(root)
+    data = real.prepare_data(cfg)
+    teacher, teacher_ce, tdir = real.train_teacher(cfg, data)
+    return root, cfg, data, teacher, teacher_ce, tdir
+
+
+def test_recipe_teacher_with_another_tokenizer_is_an_error_naming_both(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, cfg, data, teacher, teacher_ce, tdir = recipe
+    real.check_teacher_tokenizer(teacher, data)  # the cached teacher: same tokenizer
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "teacher"
+    LlamaForCausalLM(real.llama_config(cfg, "teacher", data.vocab_size)).save_pretrained(str(other / "model"))
+    meta = json.loads((tdir / "teacher_meta.json").read_text())
+    (other / "teacher_meta.json").write_text(json.dumps(dict(meta, tokenizer="0123456789abcdef", tokenizer_dir="/elsewhere/tok")))
+    foreign = LlamaForCausalLM.from_pretrained(str(other / "model"))
+    mine = real._tokenizer_id(data)
+    with pytest.raises(ValueError) as info:
+        real.distill(cfg, data, foreign, teacher_ce)
+    msg = str(info.value)
+    assert msg.startswith(f"distill: the teacher must be trained with the student's tokenizer {mine} ({data.tokenizer_dir}, ")
+    assert f"got tokenizer 0123456789abcdef (/elsewhere/tok, {data.vocab_size} tokens) for the teacher in {other}." in msg
+
+
+def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) -> None:  # type: ignore[no-untyped-def]
+    root, cfg, data, teacher, teacher_ce, tdir = recipe
+    from transformers import LlamaForCausalLM
+
+    narrow = LlamaForCausalLM(real.llama_config(cfg, "teacher", data.vocab_size - 1))
+    with pytest.raises(ValueError, match=rf"^distill: the teacher's vocabulary must cover the student's tokenizer .*"
+                                         rf"{data.vocab_size} tokens\) \(a wider teacher, e.g. with padding rows, is sliced\); "
+                                         rf"got a teacher lm_head of {data.vocab_size - 1} rows\."):
+        real.check_teacher_tokenizer(narrow, data)
+    real.check_teacher_tokenizer(LlamaForCausalLM(real.llama_config(cfg, "teacher", data.vocab_size + 8)), data)
+
+
+def test_recipe_domain_without_windows_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = recipe[0]
+    src = tmp_path / "user.jsonl"
+    rows = (root / "user.jsonl").read_text() + "".join(
+        json.dumps({"domain": "tiny", "source": f"t{k}", "text": "x"}) + "\n" for k in range(4))
+    src.write_text(rows)
+    cfg = _recipe_cfg(root, user_jsonl=(str(src),), data_dir=str(root / "data"))
+    with pytest.raises(ValueError, match=r"^prepare_data: every domain must yield at least one window of seq_len\+1=17 tokens "
+                                         r"in train and validation; got none for \['tiny'\]"):
+        real.prepare_data(cfg)
+
+
+def _nan_teacher_at(step: int, hit: dict):  # type: ignore[no-untyped-def]
+    orig = real.kd_loss
+
+    def poisoned(zs, zt, labels, **kw):  # type: ignore[no-untyped-def]
+        hit["calls"] = hit.get("calls", 0) + 1
+        if hit["calls"] == step:
+            d0 = int(kw["domain_ids"][0])
+            hit["domain"] = d0
+            zt[kw["domain_ids"] == d0, 5] = float("nan")  # in place: the guard scans this tensor
+        return orig(zs, zt, labels, **kw)
+
+    return poisoned
+
+
+def test_recipe_distill_nonfinite_raises_with_step_and_domain(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    root, cfg, data, teacher, teacher_ce, _ = recipe
+    hit: dict = {}
+    monkeypatch.setattr(real, "kd_loss", _nan_teacher_at(2, hit))
+    c = _recipe_cfg(root, out=str(root / "runs" / "raise"))
+    with pytest.raises(NonFiniteError) as info:
+        real.distill(c, data, teacher, teacher_ce)
+    name = data.names[hit["domain"]]
+    msg = str(info.value)
+    assert msg.startswith("distill: the loss and gradients must be finite; got loss=nan")
+    assert f"at step 2 in the tokens of domain(s) ['{name}'] (teacher_logits: " in msg
+    assert msg.endswith("Pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run resumes from "
+                        "its last checkpoint.")
+
+
+def test_recipe_distill_nonfinite_skip_counts_in_metrics_and_summary(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    root, cfg, data, teacher, teacher_ce, _ = recipe
+    monkeypatch.setattr(real, "kd_loss", _nan_teacher_at(2, {}))
+    c = _recipe_cfg(root, out=str(root / "runs" / "skip"), on_nonfinite="skip")
+    summary = real.distill(c, data, teacher, teacher_ce)
+    assert summary["skipped_batches"] == 1 and summary["skipped_steps"] == [2]
+    recs = {r["step"]: r for r in map(json.loads, (Path(c.out) / "metrics.jsonl").read_text().splitlines())}
+    assert recs[2]["skipped"] is True and recs[2]["loss"] is None and recs[1]["skipped_batches"] == 0
+    assert recs[4]["skipped_batches"] == 1 and "skipped" not in recs[3]
+    assert json.loads((Path(c.out) / "summary.json").read_text())["skipped_batches"] == 1
+    assert all(math.isfinite(x) for x in summary["student_ce"])
+
+
+def test_recipe_flags_on_nonfinite_and_skip_bad_lines() -> None:
+    from ddk.cli import build_parser
+    from ddk.recipes.config import config_from_args
+
+    args = build_parser().parse_args(["distill", "--on-nonfinite", "skip", "--skip-bad-lines"])
+    cfg = config_from_args(args)
+    assert cfg.on_nonfinite == "skip" and cfg.skip_bad_lines is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--on-nonfinite", "ignore"])
