@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,8 +15,8 @@ from torch import nn
 
 from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy, causal_lm_ce_sum
 from ddk_kernels.types import KDLossOutput
+from gloo_workers import run_workers
 
-REPO = Path(__file__).resolve().parents[3]
 VOCAB = 13
 
 
@@ -334,37 +331,11 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_estimator_distributed_gloo_matches_single_process(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     out = tmp_path / "out.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    port = _free_port()
-    here = str(Path(__file__).parent)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), "2", str(port), here, str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out (deadlock?)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_workers(script, lambda r, port: [r, 2, port, Path(__file__).parent, out])
     got = json.loads(out.read_text())
 
     val = {"a": make_batches(1, 5), "b": make_batches(2, 3), "c": make_batches(3, 1)}

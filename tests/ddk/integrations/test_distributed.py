@@ -7,9 +7,6 @@ and ``ddk distill`` under torchrun in tests/ddk/recipes/test_distributed_distill
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import ddk
+from gloo_workers import free_port, run_workers
 from ddk.integrations import (
     all_reduce_sum_,
     barrier,
@@ -35,13 +33,6 @@ from ddk.integrations import (
     unsharded,
 )
 
-REPO = Path(__file__).resolve().parents[3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_distributed_helpers_without_process_group() -> None:
@@ -61,9 +52,7 @@ def test_all_reduce_sum_rejects_non_tensor() -> None:
 def test_distributed_helpers_single_rank_gloo_group() -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         assert is_distributed()
@@ -181,20 +170,7 @@ def test_two_ranks_global_token_normalizer_and_checksum_gloo(tmp_path) -> None: 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(port), str(out), str(Path(__file__).parent)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out (deadlock?)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_workers(script, lambda r, port: [r, 2, port, out, Path(__file__).parent])
     got = [json.loads((tmp_path / f"out-{r}.json").read_text()) for r in range(2)]
 
     # one process, whole global batch, kd_loss's own mean over the 13 valid tokens
