@@ -19,8 +19,11 @@
 //
 // Backward: one sweep writing the gradient row (see reference.kd_logits_grad_reference):
 //   d zS = g_ce (softmax(zS) - onehot) + (g_kd / T) * dD/ds, with
-//   forward KL: q - p;  reverse KL: q (log q - log p - KL(q||p));  JSD: q (g - (1-beta) KL(q||m)),
-//   g = (1 - beta) (log q - log m). The row sums these need are in stats (N, 4).
+//   forward KL: q - p;  reverse KL: q ((s - t) - E_q[s - t]) = q (log q - log p - KL(q||p));
+//   JSD: q (g - (1-beta) KL(q||m)), g = (1 - beta) (log q - log m). The row sums these need are in
+//   stats (N, 4), float64: [lse(s), lse(t), lse(zS), extra]. Each lse is split into a float pair
+//   hi + lo so that log q = (s - hi) - lo is as exact as a log_softmax (one float lse near 100 is
+//   off by ~ulp(100) = 8e-6, an error every probability of the row would inherit).
 //
 // Ignored rows (label == ignore_index) get ce = kd = 0, stats = 0 and a zero gradient, no work.
 
@@ -72,6 +75,7 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const acc_t invT = static_cast<acc_t>(inv_T);
   double Ms = 0, Mt = 0, Ss = 0, St = 0, Sz = 0, D = 0;
+  double U = 0, Su = 0;  // reverse KL: sum e_s u and sum e_s in double, u = (zS - zT)/T as backward forms it
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t n = std::min(kBlock, V - j0);
     const acc_t* xs = widen<scalar_t, acc_t>(zs + j0, n, bs);
@@ -91,7 +95,11 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
       const double dMs = nMs - Ms, dMt = nMt - Mt;
       const double cs = std::exp(-dMs * inv_T), ct = std::exp(-dMt * inv_T);
       if constexpr (KIND == kForwardKL) D = ct * (D + St * (dMs - dMt));
-      if constexpr (KIND == kReverseKL) D = cs * (D + Ss * (dMt - dMs));
+      if constexpr (KIND == kReverseKL) {
+        D = cs * (D + Ss * (dMt - dMs));
+        U *= cs;
+        Su *= cs;
+      }
       Ss *= cs;
       St *= ct;
       if constexpr (!T1) Sz *= std::exp(-dMs);
@@ -116,6 +124,20 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
     St += st;
     Sz += sz;
     D += d;
+    if constexpr (KIND == kReverseKL) {
+      // E_q[u] over the very float values u the backward forms: at a peaked row's top entry the
+      // backward's u - E then cancels u's rounding. Summed in double lanes (a float sum of ~50 *
+      // e_s would put ~1e-7 * 50 into E, which the gradient at the top entry multiplies by g_kd/T).
+      double ub = 0, sb = 0;
+#pragma omp simd reduction(+ : ub, sb)
+      for (int64_t j = 0; j < n; ++j) {
+        const double es = static_cast<double>(fast_exp((xs[j] - ms) * invT));
+        ub += es * static_cast<double>((xs[j] - xt[j]) * invT);
+        sb += es;
+      }
+      U += ub;
+      Su += sb;
+    }
   }
   RowOut r{};
   const double log_ss = std::log(Ss), log_st = std::log(St);
@@ -127,7 +149,7 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
     r.extra = 0.0;
   } else if constexpr (KIND == kReverseKL) {
     r.kd = inv_T * D / Ss - log_ss + log_st;
-    r.extra = r.kd;
+    r.extra = U / Su;  // E_q[s - t]
   }
   return r;
 }
@@ -177,14 +199,18 @@ RowOut forward_row(const scalar_t* zs, const scalar_t* zt, int64_t V, const Para
 
 template <typename scalar_t, typename acc_t, int KIND, bool T1>
 void backward_row(const scalar_t* zs, const scalar_t* zt, scalar_t* out, int64_t V, const Params& P,
-                  const acc_t* st, acc_t gce, acc_t gkd, int64_t label, acc_t* bs, acc_t* bt, acc_t* bo) {
+                  const double* st, acc_t gce, acc_t gkd, int64_t label, acc_t* bs, acc_t* bt, acc_t* bo) {
   const acc_t invT = static_cast<acc_t>(P.inv_T);
-  const acc_t ls = st[0], lt = st[1], lz = st[2], extra = st[3];
+  const acc_t ls = static_cast<acc_t>(st[0]), lt = static_cast<acc_t>(st[1]), lz = static_cast<acc_t>(st[2]);
+  const acc_t ls_lo = static_cast<acc_t>(st[0] - static_cast<double>(ls));
+  const acc_t lt_lo = static_cast<acc_t>(st[1] - static_cast<double>(lt));
+  const acc_t lz_lo = static_cast<acc_t>(st[2] - static_cast<double>(lz));
+  const acc_t extra = static_cast<acc_t>(st[3]);
+  const acc_t extra_lo = static_cast<acc_t>(st[3] - static_cast<double>(extra));
   const acc_t gk = gkd * invT;
   const acc_t omb = static_cast<acc_t>(1.0 - P.beta);
   const acc_t logb = static_cast<acc_t>(KIND == kJSD ? std::log(P.beta) : 0.0);
   const acc_t log1mb = static_cast<acc_t>(KIND == kJSD ? std::log1p(-P.beta) : 0.0);
-  const acc_t dl = ls - lt;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t n = std::min(kBlock, V - j0);
     const acc_t* xs = widen<scalar_t, acc_t>(zs + j0, n, bs);
@@ -198,16 +224,16 @@ void backward_row(const scalar_t* zs, const scalar_t* zt, scalar_t* out, int64_t
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const acc_t s = xs[j] * invT;
-      const acc_t q = fast_exp(s - ls);
-      const acc_t soft = T1 ? q : fast_exp(xs[j] - lz);
+      const acc_t lq = (s - ls) - ls_lo;
+      const acc_t q = fast_exp(lq);
+      const acc_t soft = T1 ? q : fast_exp((xs[j] - lz) - lz_lo);
       acc_t dd;
       if constexpr (KIND == kForwardKL) {
-        dd = q - fast_exp(xt[j] * invT - lt);
+        dd = q - fast_exp((xt[j] * invT - lt) - lt_lo);
       } else if constexpr (KIND == kReverseKL) {
-        dd = q * (((xs[j] - xt[j]) * invT - dl) - extra);
+        dd = q * (((xs[j] - xt[j]) * invT - extra) - extra_lo);
       } else {
-        const acc_t lq = s - ls;
-        const acc_t lp = xt[j] * invT - lt;
+        const acc_t lp = (xt[j] * invT - lt) - lt_lo;
         dd = q * (omb * (lq - log_mix(lp + logb, lq + log1mb)) - omb * extra);
       }
       o[j] = gce * soft + gk * dd;
@@ -275,7 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& stud
   const int64_t N = student.size(0), V = student.size(1);
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = student.options().dtype(acc_type);
-  at::Tensor ce = at::zeros({N}, opts), kd = at::zeros({N}, opts), stats = at::zeros({N, 4}, opts);
+  at::Tensor ce = at::zeros({N}, opts), kd = at::zeros({N}, opts);
+  at::Tensor stats = at::zeros({N, 4}, student.options().dtype(at::kDouble));
   if (N == 0) return {ce, kd, stats};
   TORCH_CHECK(V > 0, "ddk::kd_fwd: V must be >= 1");
   const bool t1 = temperature == 1.0;
@@ -287,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& stud
     const int64_t* lab = labels.const_data_ptr<int64_t>();
     acc_t* ce_p = ce.mutable_data_ptr<acc_t>();
     acc_t* kd_p = kd.mutable_data_ptr<acc_t>();
-    acc_t* st_p = stats.mutable_data_ptr<acc_t>();
+    double* st_p = stats.mutable_data_ptr<double>();
     dispatch_kind(P.kind, t1, [&](auto kind_c, auto t1_c) {
       constexpr int KIND = decltype(kind_c)::value;
       constexpr bool T1 = decltype(t1_c)::value;
@@ -303,11 +330,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& stud
           RowOut r = forward_row<scalar_t, acc_t, KIND, T1>(rs, zt + i * ts, V, P, bs, bt);
           ce_p[i] = static_cast<acc_t>(r.lse_z - static_cast<double>(static_cast<acc_t>(rs[y])));
           kd_p[i] = static_cast<acc_t>(r.kd);
-          acc_t* s = st_p + 4 * i;
-          s[0] = static_cast<acc_t>(r.lse_s);
-          s[1] = static_cast<acc_t>(r.lse_t);
-          s[2] = static_cast<acc_t>(r.lse_z);
-          s[3] = static_cast<acc_t>(r.extra);
+          double* s = st_p + 4 * i;
+          s[0] = r.lse_s;
+          s[1] = r.lse_t;
+          s[2] = r.lse_z;
+          s[3] = r.extra;
         }
       });
     });
@@ -325,7 +352,7 @@ at::Tensor kd_bwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in
   TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == N && stats_in.size(1) == 4,
               "ddk::kd_bwd: stats must be (N, 4); got ", stats_in.sizes());
   TORCH_CHECK(grad_ce_in.numel() == N && grad_kd_in.numel() == N, "ddk::kd_bwd: grad_ce and grad_kd must be (N,)");
-  at::Tensor stats = stats_in.to(acc_type).contiguous();
+  at::Tensor stats = stats_in.to(at::kDouble).contiguous();
   at::Tensor gce = grad_ce_in.to(acc_type).reshape({N}).contiguous();
   at::Tensor gkd = grad_kd_in.to(acc_type).reshape({N}).contiguous();
   at::Tensor grad = at::empty({N, V}, student.options().memory_format(at::MemoryFormat::Contiguous));
@@ -337,7 +364,7 @@ at::Tensor kd_bwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in
     const scalar_t* zt = teacher.const_data_ptr<scalar_t>();
     const int64_t ss = student.stride(0), ts = teacher.stride(0);
     const int64_t* lab = labels.const_data_ptr<int64_t>();
-    const acc_t* st_p = stats.const_data_ptr<acc_t>();
+    const double* st_p = stats.const_data_ptr<double>();
     const acc_t* gce_p = gce.const_data_ptr<acc_t>();
     const acc_t* gkd_p = gkd.const_data_ptr<acc_t>();
     scalar_t* g_p = grad.mutable_data_ptr<scalar_t>();

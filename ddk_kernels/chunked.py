@@ -2,7 +2,7 @@
 
 The ``(N, V)`` logits are walked in blocks of rows and, when a block of ``_MIN_ROWS`` rows would be
 larger than ``_BLOCK_ELEMS`` elements, in vocabulary tiles. Forward keeps only four numbers per row
-(``stats``: lse(zS/T), lse(zT/T), lse(zS) and the row sum the backward needs); backward recomputes
+(``stats``, float64: lse(zS/T), lse(zT/T), lse(zS) and the row sum the backward needs); backward recomputes
 each tile from the inputs and writes its slice of the gradient. Temporaries are a few tiles of
 ``_BLOCK_ELEMS`` float32 elements, independent of N and V. Arguments of exp are clamped at the
 smallest normal float (``_exp_floor``): denormal results make exp 10-40x slower on x86.
@@ -23,6 +23,12 @@ carry their own ``ls_k = lse_k(s)``, ``lt_k = lse_k(t)`` and a tile-local sum, m
 * JSD: a second sweep once ``ls, lt`` are known (``log m`` via ``logaddexp``).
 
 Gradient (reference.kd_logits_grad_reference): ``g_ce (softmax(zS) - onehot) + g_kd/T * dD/ds``.
+
+Precision: the lse values are kept in float64 (``max + log(sum)`` added in float64) and split into
+a float32 ``hi + lo`` pair in backward, so ``log q = (s - hi) - lo`` is as exact as a
+``log_softmax``; one float32 lse near 100 would be off by ~ulp(100) = 8e-6, an error every
+probability inherits and that the reverse-KL and JSD gradients multiply by ``log q - log p``.
+The reverse-KL gradient ``q ((s - t) - E_q[s - t])`` uses no lse at all beyond ``q``.
 """
 
 from __future__ import annotations
@@ -110,6 +116,22 @@ def _jsd_sums(
     return kp, kq
 
 
+def _hi_lo(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` in ``acc`` with ``hi + lo == x`` (float64) to about ``ulp(x)**2``."""
+    hi = x.to(acc)
+    return hi, (x - hi.double()).to(acc)
+
+
+def _sub_lse(x: torch.Tensor, lse: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x - lse`` in ``x.dtype`` for a float64 ``lse`` (or its ``(hi, lo)`` pair): ``(x - hi) - lo``.
+
+    ``x - hi`` is exact where it matters (``x`` near ``hi``), so the result is as accurate as a
+    ``log_softmax`` instead of inheriting the rounding of one float32 lse. Returns a new tensor.
+    """
+    hi, lo = lse if isinstance(lse, tuple) else _hi_lo(lse, x.dtype)
+    return torch.sub(x, hi).sub_(lo)
+
+
 def kd_chunked_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -119,10 +141,10 @@ def kd_chunked_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(ce (N,), kd (N,), stats (N, 4))`` without autograd.
 
-    ``stats`` = ``[lse(zS/T), lse(zT/T), lse(zS), extra]`` with ``extra`` = KL(q||p) (reverse
-    KL), KL(q||m) (JSD) or 0 (forward KL) -- the layout of the compiled op ``ddk::kd_fwd``, except
-    that ignored rows keep their statistics here. All float32 (float64 for float64 inputs); ce and
-    kd are 0 on ignored rows. ``block_elems`` overrides the tile size (tests).
+    ``stats`` = ``[lse(zS/T), lse(zT/T), lse(zS), extra]`` (float64) with ``extra`` = E_q[s - t]
+    (reverse KL), KL(q||m) (JSD) or 0 (forward KL) -- the layout of the compiled op
+    ``ddk::kd_fwd``, except that ignored rows keep their statistics here. ce and kd are float32
+    (float64 for float64 inputs) and 0 on ignored rows. ``block_elems`` overrides the tile size (tests).
     """
     n, v = student.shape
     acc = acc_dtype(student.dtype)
@@ -132,7 +154,7 @@ def kd_chunked_forward(
     beta = config.beta
     ce = torch.empty(n, dtype=acc, device=student.device)
     kd = torch.empty(n, dtype=acc, device=student.device)
-    stats = torch.empty(n, 4, dtype=acc, device=student.device)
+    stats = torch.empty(n, 4, dtype=torch.float64, device=student.device)
     if n == 0:
         return ce, kd, stats
     valid = labels != config.ignore_index
@@ -145,20 +167,21 @@ def kd_chunked_forward(
             c1 = min(v, c0 + width)
             xs = _tile(student, r0, r1, c0, c1, acc)
             s = xs if t1 else xs * inv_t
-            t = _tile(teacher, r0, r1, c0, c1, acc)
-            t = t if t1 else t * inv_t
+            xt = _tile(teacher, r0, r1, c0, c1, acc)
+            t = xt if t1 else xt * inv_t
             ds, es, ss, ms = _shifted_exp(s)  # ds = s - max, es = exp(ds), ss = sum es
             dt, et, st_, mt = _shifted_exp(t)
             log_ss, log_st = ss.log(), st_.log()
-            ls, lt = (ms + log_ss).squeeze(1), (mt + log_st).squeeze(1)
+            ls = (ms.double() + log_ss.double()).squeeze(1)  # float64: max + log(sum) exactly
+            lt = (mt.double() + log_st.double()).squeeze(1)
             if t1:
                 lz = ls
             else:
                 mz = xs.amax(dim=1, keepdim=True)
-                lz = (mz + _clamped_exp(xs - mz).sum(dim=1, keepdim=True).log_()).squeeze(1)
+                lz = (mz.double() + _clamped_exp(xs - mz).sum(dim=1, keepdim=True).log_().double()).squeeze(1)
             if kind == "jsd":
                 if width == v:  # one tile: finish JSD on the exactly normalised lq, lp now
-                    lq, lp = ds.sub_(log_ss), dt.sub_(log_st)
+                    lq, lp = ds.sub_(log_ss), dt.sub_(log_st)  # (x - max) - log(sum): float32, no lse rounding
                     parts.append((ls, lt, lz, *_jsd_sums(lq, lp, es.div_(ss), et.div_(st_), beta)))
                 else:
                     parts.append((ls, lt, lz))
@@ -169,22 +192,32 @@ def kd_chunked_forward(
                 a = _rowdot(et, dt.sub_(ds)) / st_.squeeze(1) - log_st.squeeze(1) + log_ss.squeeze(1)
             else:
                 a = _rowdot(es, ds.sub_(dt)) / ss.squeeze(1) - log_ss.squeeze(1) + log_st.squeeze(1)
+                # E_q~[s - t] of the tile over the very float32 values (zS - zT)/T the backward
+                # forms, summed in float64: at a peaked row's top entry backward's (s - t) - E
+                # then cancels its own rounding instead of amplifying it.
+                u = torch.sub(xs, xt).mul_(inv_t)
+                es64 = es.double()  # normalised by its own float64 sum, not the float32 one (1e-7 * 50)
+                e_st = _rowdot(es64, u.double()) / es64.sum(1)
+                parts.append((ls, lt, lz, a, e_st))
+                continue
             parts.append((ls, lt, lz, a))
         if len(parts) == 1:
             ls, lt, lz = parts[0][:3]
             val = parts[0][3] if kind != "jsd" else None
+            e_st = parts[0][4] if kind == "reverse_kl" else None
         else:
             stacked = [torch.stack(p, dim=1) for p in zip(*parts)]  # each (rows, tiles)
             ls_k, lt_k, lz_k = stacked[:3]
-            ls, lt, lz = (torch.logsumexp(x, dim=1) for x in (ls_k, lt_k, lz_k))
+            ls, lt, lz = (torch.logsumexp(x, dim=1) for x in (ls_k, lt_k, lz_k))  # float64
             val = None
             # tile weights normalised by their sum (exactly 1), not by exp(-rounded lse)
             if kind == "forward_kl":
                 w = torch.softmax(lt_k, dim=1)
-                val = (w * (stacked[3] + (lt_k - lt.unsqueeze(1)) - (ls_k - ls.unsqueeze(1)))).sum(dim=1)
+                val = (w * (stacked[3] + (lt_k - lt.unsqueeze(1)) - (ls_k - ls.unsqueeze(1)))).sum(dim=1).to(acc)
             elif kind == "reverse_kl":
                 w = torch.softmax(ls_k, dim=1)
-                val = (w * (stacked[3] + (ls_k - ls.unsqueeze(1)) - (lt_k - lt.unsqueeze(1)))).sum(dim=1)
+                val = (w * (stacked[3] + (ls_k - ls.unsqueeze(1)) - (lt_k - lt.unsqueeze(1)))).sum(dim=1).to(acc)
+                e_st = (w * stacked[4]).sum(dim=1)
         if kind == "jsd":
             if len(parts) == 1:
                 kp, kq = parts[0][3:]
@@ -193,25 +226,25 @@ def kd_chunked_forward(
                 kq = torch.zeros_like(kp)
                 for c0 in range(0, v, width):
                     c1 = min(v, c0 + width)
-                    lq = _tile(student, r0, r1, c0, c1, acc).mul(inv_t).sub_(ls.unsqueeze(1))
-                    lp = _tile(teacher, r0, r1, c0, c1, acc).mul(inv_t).sub_(lt.unsqueeze(1))
+                    lq = _sub_lse(_tile(student, r0, r1, c0, c1, acc).mul(inv_t), ls.unsqueeze(1))
+                    lp = _sub_lse(_tile(teacher, r0, r1, c0, c1, acc).mul(inv_t), lt.unsqueeze(1))
                     kp_k, kq_k = _jsd_sums(lq, lp, _clamped_exp(lq.clone()), _clamped_exp(lp.clone()), beta)
                     kp += kp_k
                     kq += kq_k
             val = beta * kp + (1.0 - beta) * kq
             extra = kq
         elif kind == "reverse_kl":
-            extra = val
+            extra = e_st
         else:
             extra = torch.zeros_like(ls)
         assert val is not None
         ok = valid[r0:r1]
         z_label = student[r0:r1].gather(1, safe[r0:r1].unsqueeze(1)).squeeze(1).to(acc)
-        ce[r0:r1] = torch.where(ok, lz - z_label, 0.0)
+        ce[r0:r1] = torch.where(ok, (lz - z_label.double()).to(acc), 0.0)
         kd[r0:r1] = torch.where(ok, val, 0.0)
         # ignored rows keep their (finite) statistics: backward multiplies them by a zero g_ce/g_kd
         # instead of branching (no host sync), and exp(s - 0) could overflow to inf * 0 = NaN.
-        stats[r0:r1] = torch.stack([ls, lt, lz, extra], dim=1)
+        stats[r0:r1] = torch.stack([ls, lt, lz, extra.double()], dim=1)
     return ce, kd, stats
 
 
@@ -245,8 +278,9 @@ def kd_chunked_backward(
     rows, width = _plan(n, v, block_elems or _BLOCK_ELEMS)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        st = stats[r0:r1].to(acc)
-        ls, lt, lz, extra = (st[:, i : i + 1] for i in range(4))
+        st = stats[r0:r1].double()
+        ls, lt, lz, extra_hl = (_hi_lo(st[:, i : i + 1], acc) for i in range(4))
+        extra = extra_hl[0]
         gce = gce_all[r0:r1].unsqueeze(1)
         gkd = gkd_all[r0:r1].unsqueeze(1)
         lab = labels[r0:r1].unsqueeze(1)
@@ -254,22 +288,22 @@ def kd_chunked_backward(
             c1 = min(v, c0 + width)
             xs = _tile(student, r0, r1, c0, c1, acc)
             t = _tile(teacher, r0, r1, c0, c1, acc)
-            lq = torch.sub(xs, ls) if t1 else torch.mul(xs, inv_t).sub_(ls)
-            lp = torch.sub(t, lt) if t1 else torch.mul(t, inv_t).sub_(lt)
+            lq = _sub_lse(xs if t1 else torch.mul(xs, inv_t), ls)
+            lp = _sub_lse(t if t1 else torch.mul(t, inv_t), lt)
             q = lq.clamp_min(floor).exp_()
             if kind == "forward_kl":  # g = g_ce soft + g_kd/T (q - p)
                 if t1:
                     g = q.mul_(gce + gkd)
                 else:
-                    g = q.mul_(gkd).addcmul_((xs - lz).clamp_min_(floor).exp_(), gce)
+                    g = q.mul_(gkd).addcmul_(_sub_lse(xs, lz).clamp_min_(floor).exp_(), gce)
                 g.sub_(lp.clamp_min_(floor).exp_().mul_(gkd))
             else:  # g = g_ce soft + g_kd/T q (g_D - extra), g_D = log q - log p or (1-beta)(log q - log m)
-                if kind == "reverse_kl":
-                    inner = lq.sub_(lp).sub_(extra)
+                if kind == "reverse_kl":  # (s - t) - E_q[s - t] = log q - log p - KL(q||p)
+                    inner = _sub_lse(torch.sub(xs, t).mul_(inv_t), extra_hl)
                 else:
                     inner = lq.sub(_log_mix(lp, lq, config.beta)).sub_(extra).mul_(omb)
                 g = inner.mul_(q).mul_(gkd)
-                g.addcmul_(q if t1 else (xs - lz).clamp_min_(floor).exp_(), gce)
+                g.addcmul_(q if t1 else _sub_lse(xs, lz).clamp_min_(floor).exp_(), gce)
             # onehot term of the CE gradient, in the accumulation dtype (before any rounding)
             in_tile = (lab >= c0) & (lab < c1)
             idx = (lab - c0).clamp_(0, c1 - c0 - 1)

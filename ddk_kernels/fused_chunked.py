@@ -603,8 +603,8 @@ def _gemm_chunks(
         kd_rows.index_copy_(0, rows, kd.to(acc))
         if not need_grad:
             continue
-        g = bwd(zs, zt, lab_c, stats, w_ce.to(stats.dtype).expand(r).contiguous(),
-                w_kd.to(stats.dtype).expand(r).contiguous(), config)  # (r, V) in the input dtype
+        g = bwd(zs, zt, lab_c, stats, w_ce.to(ce.dtype).expand(r).contiguous(),
+                w_kd.to(ce.dtype).expand(r).contiguous(), config)  # (r, V) in the input dtype
         del zs, zt, stats
         if dh is not None:
             dh_c = torch.empty(r, dh.shape[1], dtype=acc, device=dh.device)

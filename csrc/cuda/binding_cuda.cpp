@@ -8,10 +8,10 @@
 //               -> Tensor
 //
 // divergence: 0 forward KL, 1 reverse KL, 2 JSD (beta 0 / 1 run as forward / reverse KL).
-// ce, kd (N,) and stats (N, 4) = [lse(zS/T), lse(zT/T), lse(zS), extra] are float32 (float64
-// for float64 students); the gradient (N, V) has the student's dtype. The teacher may be wider
-// than the student (a column slice, or padded rows): only its first V columns are read, in place
-// through its row stride.
+// ce, kd (N,) are float32 (float64 for float64 students); stats (N, 4) = [lse(zS/T), lse(zT/T),
+// lse(zS), extra] are float64 (see kd_loss_cuda.cuh); the gradient (N, V) has the student's
+// dtype. The teacher may be wider than the student (a column slice, or padded rows): only its
+// first V columns are read, in place through its row stride.
 #ifdef DDK_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& stu
   const auto opts = student.options().dtype(acc_type(student.scalar_type()));
   at::Tensor ce = at::empty({in.args.n}, opts);
   at::Tensor kd = at::empty({in.args.n}, opts);
-  at::Tensor stats = at::empty({in.args.n, 4}, opts);
+  at::Tensor stats = at::empty({in.args.n, 4}, opts.dtype(at::kDouble));
   if (in.args.n == 0) return {ce, kd, stats};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* lab = in.labels.data_ptr<int64_t>();
@@ -91,18 +91,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& stu
   switch (student.scalar_type()) {
     case at::kFloat:
       err = ddk_cuda::kd_forward_cuda<float>(ptr<float, float>(in.student), ptr<float, float>(in.teacher), lab,
-                                             ce.data_ptr<float>(), kd.data_ptr<float>(), stats.data_ptr<float>(),
+                                             ce.data_ptr<float>(), kd.data_ptr<float>(), stats.data_ptr<double>(),
                                              in.args, stream);
       break;
     case at::kHalf:
       err = ddk_cuda::kd_forward_cuda<__half>(ptr<__half, at::Half>(in.student), ptr<__half, at::Half>(in.teacher),
                                               lab, ce.data_ptr<float>(), kd.data_ptr<float>(),
-                                              stats.data_ptr<float>(), in.args, stream);
+                                              stats.data_ptr<double>(), in.args, stream);
       break;
     case at::kBFloat16:
       err = ddk_cuda::kd_forward_cuda<__nv_bfloat16>(
           ptr<__nv_bfloat16, at::BFloat16>(in.student), ptr<__nv_bfloat16, at::BFloat16>(in.teacher), lab,
-          ce.data_ptr<float>(), kd.data_ptr<float>(), stats.data_ptr<float>(), in.args, stream);
+          ce.data_ptr<float>(), kd.data_ptr<float>(), stats.data_ptr<double>(), in.args, stream);
       break;
     case at::kDouble:
       err = ddk_cuda::kd_forward_cuda<double>(ptr<double, double>(in.student), ptr<double, double>(in.teacher), lab,
@@ -127,7 +127,7 @@ at::Tensor kd_bwd_cuda(const at::Tensor& student, const at::Tensor& teacher, con
               " elements; got ", grad_ce.numel(), " and ", grad_kd.numel());
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_type(student.scalar_type());
-  const at::Tensor st = stats.to(acc).contiguous();
+  const at::Tensor st = stats.to(at::kDouble).contiguous();
   const at::Tensor gce = grad_ce.reshape({n}).to(acc).contiguous();
   const at::Tensor gkd = grad_kd.reshape({n}).to(acc).contiguous();
   at::Tensor grad = at::empty({n, in.args.v}, student.options());  // contiguous
@@ -139,19 +139,19 @@ at::Tensor kd_bwd_cuda(const at::Tensor& student, const at::Tensor& teacher, con
   switch (student.scalar_type()) {
     case at::kFloat:
       err = ddk_cuda::kd_backward_cuda<float>(ptr<float, float>(in.student), ptr<float, float>(in.teacher), lab,
-                                              st.data_ptr<float>(), gce.data_ptr<float>(), gkd.data_ptr<float>(),
+                                              st.data_ptr<double>(), gce.data_ptr<float>(), gkd.data_ptr<float>(),
                                               grad.data_ptr<float>(), stride_g, in.args, stream);
       break;
     case at::kHalf:
       err = ddk_cuda::kd_backward_cuda<__half>(
-          ptr<__half, at::Half>(in.student), ptr<__half, at::Half>(in.teacher), lab, st.data_ptr<float>(),
+          ptr<__half, at::Half>(in.student), ptr<__half, at::Half>(in.teacher), lab, st.data_ptr<double>(),
           gce.data_ptr<float>(), gkd.data_ptr<float>(), reinterpret_cast<__half*>(grad.data_ptr<at::Half>()),
           stride_g, in.args, stream);
       break;
     case at::kBFloat16:
       err = ddk_cuda::kd_backward_cuda<__nv_bfloat16>(
           ptr<__nv_bfloat16, at::BFloat16>(in.student), ptr<__nv_bfloat16, at::BFloat16>(in.teacher), lab,
-          st.data_ptr<float>(), gce.data_ptr<float>(), gkd.data_ptr<float>(),
+          st.data_ptr<double>(), gce.data_ptr<float>(), gkd.data_ptr<float>(),
           reinterpret_cast<__nv_bfloat16*>(grad.data_ptr<at::BFloat16>()), stride_g, in.args, stream);
       break;
     case at::kDouble:

@@ -190,22 +190,23 @@ __global__ void __launch_bounds__(kThreads)
     kd_fwd_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
                   const int64_t* __restrict__ labels, typename AccType<scalar_t>::type* __restrict__ ce_out,
                   typename AccType<scalar_t>::type* __restrict__ kd_out,
-                  typename AccType<scalar_t>::type* __restrict__ stats, int64_t v, int64_t stride_s,
+                  double* __restrict__ stats, int64_t v, int64_t stride_s,
                   int64_t stride_t, typename AccType<scalar_t>::type inv_t, bool t_is_one,
                   typename AccType<scalar_t>::type beta, typename AccType<scalar_t>::type log_beta,
                   typename AccType<scalar_t>::type log_1m_beta, int64_t ignore_index) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ Online<acc_t> red[kWarps];
   __shared__ acc_t red_sum[kWarps];
+  __shared__ double red_sum64[kWarps];
 
   const int64_t row = blockIdx.x;
   const int64_t label = labels[row];
-  acc_t* row_stats = stats + row * 4;
+  double* row_stats = stats + row * 4;
   if (label == ignore_index) {  // uniform over the block
     if (threadIdx.x == 0) {
       ce_out[row] = acc_t(0);
       kd_out[row] = acc_t(0);
-      for (int k = 0; k < 4; ++k) row_stats[k] = acc_t(0);
+      for (int k = 0; k < 4; ++k) row_stats[k] = 0.0;
     }
     return;
   }
@@ -225,28 +226,45 @@ __global__ void __launch_bounds__(kThreads)
   });
   os = block_reduce(os, red);
   ot = block_reduce(ot, red);
-  const acc_t lse_s = os.m + acc_log(os.l);
-  const acc_t lse_t = ot.m + acc_log(ot.l);
-  acc_t lse_z = lse_s;
+  // lse = max + log(sum) in double; hi + lo of the accumulation type for the sweeps below
+  const acc_t log_ls = acc_log(os.l), log_lt = acc_log(ot.l);
+  const double lse_s = static_cast<double>(os.m) + static_cast<double>(log_ls);
+  const double lse_t = static_cast<double>(ot.m) + static_cast<double>(log_lt);
+  double lse_z = lse_s;
   if (!t_is_one) {
     oz = block_reduce(oz, red);
-    lse_z = oz.m + acc_log(oz.l);
+    lse_z = static_cast<double>(oz.m) + static_cast<double>(acc_log(oz.l));
   }
+  const acc_t d_lse = (os.m - ot.m) + (log_ls - log_lt);  // lse(s) - lse(t) without lse rounding
 
   acc_t kd;
-  acc_t extra = acc_t(0);
+  double extra = 0.0;
   if (DIV == 0) {
-    kd = ot.a / ot.l - lse_t + lse_s;
+    kd = ot.a / ot.l + d_lse;
   } else if (DIV == 1) {
-    kd = os.a / os.l - lse_s + lse_t;
-    extra = kd;
+    kd = os.a / os.l - d_lse;
+    // Sweep 2 (reverse KL): extra = E_q[u], u = (zS - zT)/T as the backward forms it, with double
+    // sums: a float E off by 1e-7 * |E| (|E| ~ 50 on peaked rows) would reach the gradient at the
+    // top entry, where the backward's u - E otherwise cancels u's own rounding.
+    const acc_t ls_hi = static_cast<acc_t>(lse_s), ls_lo = static_cast<acc_t>(lse_s - static_cast<double>(ls_hi));
+    double eu = 0.0, eq = 0.0;
+    for_each_column<VEC>(s_row, t_row, v, [&](int64_t, acc_t zs, acc_t zt) {
+      const double q = static_cast<double>(acc_exp((zs * inv_t - ls_hi) - ls_lo));
+      eu += q * static_cast<double>((zs - zt) * inv_t);
+      eq += q;
+    });
+    eu = block_sum(eu, red_sum64);
+    eq = block_sum(eq, red_sum64);
+    extra = eu / eq;
   } else {
+    const acc_t ls_hi = static_cast<acc_t>(lse_s), ls_lo = static_cast<acc_t>(lse_s - static_cast<double>(ls_hi));
+    const acc_t lt_hi = static_cast<acc_t>(lse_t), lt_lo = static_cast<acc_t>(lse_t - static_cast<double>(lt_hi));
     // Sweep 2 (JSD): KL(p || m) and KL(q || m) with the final lse values.
     acc_t kl_pm = acc_t(0);
     acc_t kl_qm = acc_t(0);
     for_each_column<VEC>(s_row, t_row, v, [&](int64_t, acc_t zs, acc_t zt) {
-      const acc_t log_q = zs * inv_t - lse_s;
-      const acc_t log_p = zt * inv_t - lse_t;
+      const acc_t log_q = (zs * inv_t - ls_hi) - ls_lo;
+      const acc_t log_p = (zt * inv_t - lt_hi) - lt_lo;
       const acc_t log_m = log_add_exp(log_p + log_beta, log_q + log_1m_beta);
       kl_pm += acc_exp(log_p) * (log_p - log_m);
       kl_qm += acc_exp(log_q) * (log_q - log_m);
@@ -254,12 +272,12 @@ __global__ void __launch_bounds__(kThreads)
     kl_pm = block_sum(kl_pm, red_sum);
     kl_qm = block_sum(kl_qm, red_sum);
     kd = beta * kl_pm + (acc_t(1) - beta) * kl_qm;
-    extra = kl_qm;
+    extra = static_cast<double>(kl_qm);
   }
 
   if (threadIdx.x == 0) {
     const acc_t z_label = (label >= 0 && label < v) ? to_acc(s_row[label]) : acc_t(NAN);
-    ce_out[row] = lse_z - z_label;
+    ce_out[row] = static_cast<acc_t>(lse_z - static_cast<double>(z_label));
     kd_out[row] = kd;
     row_stats[0] = lse_s;
     row_stats[1] = lse_t;
@@ -273,7 +291,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int DIV, int VEC>
 __global__ void __launch_bounds__(kThreads)
     kd_bwd_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
-                  const int64_t* __restrict__ labels, const typename AccType<scalar_t>::type* __restrict__ stats,
+                  const int64_t* __restrict__ labels, const double* __restrict__ stats,
                   const typename AccType<scalar_t>::type* __restrict__ grad_ce,
                   const typename AccType<scalar_t>::type* __restrict__ grad_kd, scalar_t* __restrict__ grad,
                   int64_t v, int64_t stride_s, int64_t stride_t, int64_t stride_g,
@@ -299,24 +317,29 @@ __global__ void __launch_bounds__(kThreads)
 
   const scalar_t* s_row = student + row * stride_s;
   const scalar_t* t_row = teacher + row * stride_t;
-  const acc_t lse_s = stats[row * 4 + 0];
-  const acc_t lse_t = stats[row * 4 + 1];
-  const acc_t lse_z = stats[row * 4 + 2];
-  const acc_t extra = stats[row * 4 + 3];
+  const double* row_stats = stats + row * 4;
+  const acc_t lse_s = static_cast<acc_t>(row_stats[0]);
+  const acc_t lse_t = static_cast<acc_t>(row_stats[1]);
+  const acc_t lse_z = static_cast<acc_t>(row_stats[2]);
+  const acc_t lo_s = static_cast<acc_t>(row_stats[0] - static_cast<double>(lse_s));
+  const acc_t lo_t = static_cast<acc_t>(row_stats[1] - static_cast<double>(lse_t));
+  const acc_t lo_z = static_cast<acc_t>(row_stats[2] - static_cast<double>(lse_z));
+  const acc_t extra = static_cast<acc_t>(row_stats[3]);
+  const acc_t extra_lo = static_cast<acc_t>(row_stats[3] - static_cast<double>(extra));
   const acc_t g_ce = grad_ce[row];
   const acc_t g_kd = grad_kd[row] * inv_t;
 
   auto grad_of = [&](int64_t col, acc_t zs, acc_t zt) -> acc_t {
-    const acc_t log_q = zs * inv_t - lse_s;
+    const acc_t log_q = (zs * inv_t - lse_s) - lo_s;
     const acc_t q = acc_exp(log_q);
     // softmax(zS) is q itself at T = 1 (lse_z = lse_s there): one exponential saved.
-    const acc_t d_ce = (t_is_one ? q : acc_exp(zs - lse_z)) - (col == label ? acc_t(1) : acc_t(0));
-    const acc_t log_p = zt * inv_t - lse_t;
+    const acc_t d_ce = (t_is_one ? q : acc_exp((zs - lse_z) - lo_z)) - (col == label ? acc_t(1) : acc_t(0));
+    const acc_t log_p = (zt * inv_t - lse_t) - lo_t;
     acc_t d_kd;
     if (DIV == 0) {
       d_kd = q - acc_exp(log_p);
     } else if (DIV == 1) {
-      d_kd = q * (log_q - log_p - extra);
+      d_kd = q * (((zs - zt) * inv_t - extra) - extra_lo);  // (s - t) - E_q[s - t] = log q - log p - KL(q || p)
     } else {
       const acc_t log_m = log_add_exp(log_p + log_beta, log_q + log_1m_beta);
       d_kd = q * (one_m_beta * (log_q - log_m - extra));
@@ -359,7 +382,7 @@ int effective_divergence(const KDRowArgs& a) {
 template <typename scalar_t, int DIV, int VEC>
 void launch_fwd(const scalar_t* student, const scalar_t* teacher, const int64_t* labels,
                 typename AccType<scalar_t>::type* ce, typename AccType<scalar_t>::type* kd,
-                typename AccType<scalar_t>::type* stats, const KDRowArgs& a, cudaStream_t stream) {
+                double* stats, const KDRowArgs& a, cudaStream_t stream) {
   using acc_t = typename AccType<scalar_t>::type;
   const bool jsd = DIV == 2;
   auto* kernel = &kd_fwd_kernel<scalar_t, DIV, VEC>;
@@ -371,7 +394,7 @@ void launch_fwd(const scalar_t* student, const scalar_t* teacher, const int64_t*
 
 template <typename scalar_t, int DIV, int VEC>
 void launch_bwd(const scalar_t* student, const scalar_t* teacher, const int64_t* labels,
-                const typename AccType<scalar_t>::type* stats, const typename AccType<scalar_t>::type* grad_ce,
+                const double* stats, const typename AccType<scalar_t>::type* grad_ce,
                 const typename AccType<scalar_t>::type* grad_kd, scalar_t* grad, int64_t stride_g,
                 const KDRowArgs& a, cudaStream_t stream) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -389,7 +412,7 @@ void launch_bwd(const scalar_t* student, const scalar_t* teacher, const int64_t*
 template <typename scalar_t>
 cudaError_t kd_forward_cuda(const scalar_t* student, const scalar_t* teacher, const int64_t* labels,
                             typename AccType<scalar_t>::type* ce, typename AccType<scalar_t>::type* kd,
-                            typename AccType<scalar_t>::type* stats, const KDRowArgs& args, cudaStream_t stream) {
+                            double* stats, const KDRowArgs& args, cudaStream_t stream) {
   if (args.n <= 0) return cudaSuccess;
   if (args.n > 0x7fffffffLL || args.v < 1 || !(args.temperature > 0.0)) return cudaErrorInvalidValue;
   const int div = effective_divergence(args);
@@ -410,7 +433,7 @@ cudaError_t kd_forward_cuda(const scalar_t* student, const scalar_t* teacher, co
 
 template <typename scalar_t>
 cudaError_t kd_backward_cuda(const scalar_t* student, const scalar_t* teacher, const int64_t* labels,
-                             const typename AccType<scalar_t>::type* stats,
+                             const double* stats,
                              const typename AccType<scalar_t>::type* grad_ce,
                              const typename AccType<scalar_t>::type* grad_kd, scalar_t* grad, int64_t stride_g,
                              const KDRowArgs& args, cudaStream_t stream) {
@@ -437,9 +460,9 @@ cudaError_t kd_backward_cuda(const scalar_t* student, const scalar_t* teacher, c
 
 #define DDK_INSTANTIATE_KD_CUDA(T)                                                                          \
   template cudaError_t kd_forward_cuda<T>(const T*, const T*, const int64_t*, AccType<T>::type*,          \
-                                          AccType<T>::type*, AccType<T>::type*, const KDRowArgs&,          \
+                                          AccType<T>::type*, double*, const KDRowArgs&,                    \
                                           cudaStream_t);                                                   \
-  template cudaError_t kd_backward_cuda<T>(const T*, const T*, const int64_t*, const AccType<T>::type*,   \
+  template cudaError_t kd_backward_cuda<T>(const T*, const T*, const int64_t*, const double*,             \
                                            const AccType<T>::type*, const AccType<T>::type*, T*, int64_t,  \
                                            const KDRowArgs&, cudaStream_t);
 

@@ -11,11 +11,13 @@
 //   divergence 2: JSD(beta) = beta KL(p || m) + (1 - beta) KL(q || m), 0 < beta < 1
 // CE always uses temperature 1. Rows whose label equals ignore_index give 0 everywhere.
 //
-// Forward writes ce (N,), kd (N,) and stats (N, 4) = [lse(s), lse(t), lse(zS), extra] with
-// extra = KL(q || p) (reverse KL), KL(q || m) (JSD) or 0 (forward KL).
+// Forward writes ce (N,), kd (N,) and stats (N, 4), double, = [lse(s), lse(t), lse(zS), extra] with
+// extra = E_q[s - t] (reverse KL), KL(q || m) (JSD) or 0 (forward KL). Each lse is max + log(sum)
+// added in double; backward splits it into a hi + lo pair of the accumulation type so that
+// log q = (s - hi) - lo is as exact as a log_softmax (a float lse near 100 is off by 8e-6).
 // Backward writes d zS = g_ce (softmax(zS) - onehot) + g_kd dD/dzS for per-row g_ce, g_kd:
 //   forward KL: (q - p) / T
-//   reverse KL: q (log q - log p - KL(q || p)) / T
+//   reverse KL: q ((s - t) - E_q[s - t]) / T = q (log q - log p - KL(q || p)) / T
 //   JSD:        q (1 - beta) (log q - log m - KL(q || m)) / T
 #pragma once
 
@@ -51,18 +53,18 @@ struct KDRowArgs {
   int64_t ignore_index;  // label of rows that contribute nothing
 };
 
-// ce, kd: (n,) ; stats: (n, 4) row-major, all of the accumulation type.
+// ce, kd: (n,) of the accumulation type; stats: (n, 4) row-major, double.
 template <typename scalar_t>
 cudaError_t kd_forward_cuda(const scalar_t* student, const scalar_t* teacher, const int64_t* labels,
                             typename AccType<scalar_t>::type* ce, typename AccType<scalar_t>::type* kd,
-                            typename AccType<scalar_t>::type* stats, const KDRowArgs& args,
+                            double* stats, const KDRowArgs& args,
                             cudaStream_t stream);
 
 // stats: (n, 4) from kd_forward_cuda; grad_ce, grad_kd: (n,); grad: (n, v) with row stride
 // stride_g (last dimension contiguous), in the input type.
 template <typename scalar_t>
 cudaError_t kd_backward_cuda(const scalar_t* student, const scalar_t* teacher, const int64_t* labels,
-                             const typename AccType<scalar_t>::type* stats,
+                             const double* stats,
                              const typename AccType<scalar_t>::type* grad_ce,
                              const typename AccType<scalar_t>::type* grad_kd, scalar_t* grad,
                              int64_t stride_g, const KDRowArgs& args, cudaStream_t stream);
@@ -70,9 +72,9 @@ cudaError_t kd_backward_cuda(const scalar_t* student, const scalar_t* teacher, c
 #define DDK_DECLARE_KD_CUDA(T)                                                                     \
   extern template cudaError_t kd_forward_cuda<T>(const T*, const T*, const int64_t*,               \
                                                  AccType<T>::type*, AccType<T>::type*,              \
-                                                 AccType<T>::type*, const KDRowArgs&, cudaStream_t); \
+                                                 double*, const KDRowArgs&, cudaStream_t);          \
   extern template cudaError_t kd_backward_cuda<T>(                                                 \
-      const T*, const T*, const int64_t*, const AccType<T>::type*, const AccType<T>::type*,        \
+      const T*, const T*, const int64_t*, const double*, const AccType<T>::type*,                  \
       const AccType<T>::type*, T*, int64_t, const KDRowArgs&, cudaStream_t);
 
 DDK_DECLARE_KD_CUDA(float)

@@ -53,7 +53,7 @@ def _register_fakes() -> None:
         return (
             student.new_empty((n,), dtype=acc),
             student.new_empty((n,), dtype=acc),
-            student.new_empty((n, 4), dtype=acc),
+            student.new_empty((n, 4), dtype=torch.float64),
         )
 
     def kd_bwd_fake(student, teacher, labels, stats, grad_ce, grad_kd, temperature, divergence, beta, ignore_index):  # type: ignore[no-untyped-def]
@@ -88,7 +88,8 @@ def is_available(device: torch.device | str) -> tuple[bool, str]:
 def kd_forward(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ce (N,), kd (N,), stats (N, 4))``, float32 (float64 for float64 inputs), no autograd."""
+    """``(ce (N,), kd (N,), stats (N, 4))``: ce and kd float32 (float64 for float64 inputs), stats
+    float64 (``[lse(zS/T), lse(zT/T), lse(zS), extra]``); no autograd."""
     return torch.ops.ddk.kd_fwd(
         student, teacher, labels, float(config.temperature), divergence_code(config), float(config.beta), int(config.ignore_index)
     )

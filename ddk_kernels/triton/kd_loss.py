@@ -17,14 +17,16 @@ and a rescaled accumulator
 * reverse KL: ``A = sum e^(s - max s) (s - t)``, so ``KL(q||p) = A / l_s - lse(s) + lse(t)``.
 
 JSD takes sweep 2 with the final ``lse`` values: ``KL(p||m)`` and ``KL(q||m)``.
-Per-row statistics ``(N, 4) = [lse(s), lse(t), lse(zS), extra]`` are kept for the backward, with
-``extra = KL(q||p)`` (reverse KL), ``KL(q||m)`` (JSD) or 0 (forward KL).
+Per-row statistics ``(N, 4) = [lse(s), lse(t), lse(zS), extra]`` (float64) are kept for the
+backward, with ``extra = E_q[s - t]`` (reverse KL), ``KL(q||m)`` (JSD) or 0 (forward KL); each lse
+is ``max + log(sum)`` added in float64 and split into a hi + lo pair in backward, so that
+``log q = (s - hi) - lo`` is as exact as a ``log_softmax``.
 
 Backward, one sweep writing the gradient tile::
 
     d zS = g_ce (softmax(zS) - onehot) + g_kd dD/dzS,
     forward KL: (q - p) / T,
-    reverse KL: q (log q - log p - KL(q||p)) / T,
+    reverse KL: q ((s - t) - E_q[s - t]) / T = q (log q - log p - KL(q||p)) / T,
     JSD:        q (g - (1 - beta) KL(q||m)) / T,  g = (1 - beta) log(q / m).
 
 Triton is imported lazily by the package ``__init__`` (this module imports it at import time,
@@ -124,20 +126,43 @@ def _kd_fwd_kernel(
             l_z = l_z * tl.exp(m_z - m_z_new) + tl.sum(tl.exp(zs - m_z_new), axis=0)
             m_z = m_z_new
 
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    # lse = max + log(sum) kept in float64 (stats); hi + lo in ACC for the JSD sweep below
+    log_ls = tl.log(l_s)
+    log_lt = tl.log(l_t)
+    lse_s = m_s.to(tl.float64) + log_ls.to(tl.float64)
+    lse_t = m_t.to(tl.float64) + log_lt.to(tl.float64)
     if T_IS_ONE:
         lse_z = lse_s
     else:
-        lse_z = m_z + tl.log(l_z)
+        lse_z = m_z.to(tl.float64) + tl.log(l_z).to(tl.float64)
+    d_lse = (m_s - m_t) + (log_ls - log_lt)  # lse(s) - lse(t) without lse rounding
 
-    extra = tl.zeros((), ACC)
+    extra = tl.zeros((), tl.float64)
     if DIV == 0:
-        kd = acc / l_t - lse_t + lse_s
+        kd = acc / l_t + d_lse
     elif DIV == 1:
-        kd = acc / l_s - lse_s + lse_t
-        extra = kd
+        kd = acc / l_s - d_lse
+        # E_q[u], u = (zS - zT)/T as the backward forms it, in a second sweep with float64 sums: a
+        # float32 E off by 1e-7 * |E| (|E| ~ 50 on peaked rows) would reach the gradient at the top
+        # entry, where backward's u - E otherwise cancels u's own rounding.
+        ls_hi = lse_s.to(ACC)
+        ls_lo = (lse_s - ls_hi.to(tl.float64)).to(ACC)
+        eu = tl.zeros((), tl.float64)
+        eq = tl.zeros((), tl.float64)
+        for start in range(0, v_end, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(ACC)
+            zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(ACC)
+            q = tl.where(mask, tl.exp((zs * inv_t - ls_hi) - ls_lo), 0.0).to(tl.float64)
+            eu += tl.sum(q * ((zs - zt) * inv_t).to(tl.float64), axis=0)
+            eq += tl.sum(q, axis=0)
+        extra = eu / eq
     else:
+        ls_hi = lse_s.to(ACC)
+        ls_lo = (lse_s - ls_hi.to(tl.float64)).to(ACC)
+        lt_hi = lse_t.to(ACC)
+        lt_lo = (lse_t - lt_hi.to(tl.float64)).to(ACC)
         kl_pm = tl.zeros((), ACC)
         kl_qm = tl.zeros((), ACC)
         for start in range(0, v_end, BLOCK_V):
@@ -145,28 +170,29 @@ def _kd_fwd_kernel(
             mask = cols < V
             zs = tl.load(zs_row + cols, mask=mask, other=0.0).to(ACC)
             zt = tl.load(zt_row + cols, mask=mask, other=0.0).to(ACC)
-            log_q = zs * inv_t - lse_s
-            log_p = zt * inv_t - lse_t
+            log_q = (zs * inv_t - ls_hi) - ls_lo
+            log_p = (zt * inv_t - lt_hi) - lt_lo
             log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
             p = tl.exp(log_p)
             q = tl.exp(log_q)
             kl_pm += tl.sum(tl.where(mask, p * (log_p - log_m), 0.0), axis=0)
             kl_qm += tl.sum(tl.where(mask, q * (log_q - log_m), 0.0), axis=0)
         kd = beta * kl_pm + (1.0 - beta) * kl_qm
-        extra = kl_qm
+        extra = kl_qm.to(tl.float64)
 
     # a label outside [0, V) (unchecked on GPU) gives a NaN CE, like the CUDA op, not a silent wrong value
     in_range = (label >= 0) & (label < V)
     z_label = tl.load(zs_row + tl.where(valid & in_range, label, 0)).to(ACC)
     z_label = tl.where(in_range, z_label, float("nan"))
-    ce = lse_z - z_label
+    ce = (lse_z - z_label.to(tl.float64)).to(ACC)
     zero = tl.zeros((), ACC)
+    zero64 = tl.zeros((), tl.float64)
     tl.store(ce_ptr + row, tl.where(valid, ce, zero))
     tl.store(kd_ptr + row, tl.where(valid, kd, zero))
-    tl.store(stats_ptr + row * 4 + 0, tl.where(valid, lse_s, zero))
-    tl.store(stats_ptr + row * 4 + 1, tl.where(valid, lse_t, zero))
-    tl.store(stats_ptr + row * 4 + 2, tl.where(valid, lse_z, zero))
-    tl.store(stats_ptr + row * 4 + 3, tl.where(valid, extra, zero))
+    tl.store(stats_ptr + row * 4 + 0, tl.where(valid, lse_s, zero64))
+    tl.store(stats_ptr + row * 4 + 1, tl.where(valid, lse_t, zero64))
+    tl.store(stats_ptr + row * 4 + 2, tl.where(valid, lse_z, zero64))
+    tl.store(stats_ptr + row * 4 + 3, tl.where(valid, extra, zero64))
 
 
 @triton.jit
@@ -189,10 +215,19 @@ def _kd_bwd_kernel(
     zs_row = zs_ptr + row * stride_s
     zt_row = zt_ptr + row * stride_t
     g_row = grad_ptr + row * stride_g
-    lse_s = tl.load(stats_ptr + row * 4 + 0).to(ACC)
-    lse_t = tl.load(stats_ptr + row * 4 + 1).to(ACC)
-    lse_z = tl.load(stats_ptr + row * 4 + 2).to(ACC)
-    extra = tl.load(stats_ptr + row * 4 + 3).to(ACC)
+    # float64 lse's split into hi + lo: log q = (s - hi) - lo is as exact as a log_softmax
+    lse_s64 = tl.load(stats_ptr + row * 4 + 0)
+    lse_t64 = tl.load(stats_ptr + row * 4 + 1)
+    lse_z64 = tl.load(stats_ptr + row * 4 + 2)
+    lse_s = lse_s64.to(ACC)
+    lse_t = lse_t64.to(ACC)
+    lse_z = lse_z64.to(ACC)
+    lo_s = (lse_s64 - lse_s.to(tl.float64)).to(ACC)
+    lo_t = (lse_t64 - lse_t.to(tl.float64)).to(ACC)
+    lo_z = (lse_z64 - lse_z.to(tl.float64)).to(ACC)
+    extra64 = tl.load(stats_ptr + row * 4 + 3)
+    extra = extra64.to(ACC)
+    extra_lo = (extra64 - extra.to(tl.float64)).to(ACC)
     zero = tl.zeros((), ACC)
     g_ce = tl.where(valid, tl.load(gce_ptr + row).to(ACC), zero)
     g_kd_t = tl.where(valid, tl.load(gkd_ptr + row).to(ACC), zero) * inv_t
@@ -203,20 +238,19 @@ def _kd_bwd_kernel(
         mask = cols < V
         ld_mask = cols < v_load
         zs = tl.load(zs_row + cols, mask=ld_mask, other=0.0).to(ACC)
-        soft = tl.exp(zs - lse_z)
+        soft = tl.exp((zs - lse_z) - lo_z)
         d_ce = soft - tl.where(cols == label, 1.0, 0.0).to(ACC)
-        log_q = zs * inv_t - lse_s
+        log_q = (zs * inv_t - lse_s) - lo_s
         q = tl.exp(log_q)
         if DIV == 0:
             zt = tl.load(zt_row + cols, mask=ld_mask, other=0.0).to(ACC)
-            d_kd = q - tl.exp(zt * inv_t - lse_t)
+            d_kd = q - tl.exp((zt * inv_t - lse_t) - lo_t)
         elif DIV == 1:
             zt = tl.load(zt_row + cols, mask=ld_mask, other=0.0).to(ACC)
-            log_p = zt * inv_t - lse_t
-            d_kd = q * (log_q - log_p - extra)
+            d_kd = q * (((zs - zt) * inv_t - extra) - extra_lo)  # (s - t) - E_q[s - t] = log q - log p - KL(q||p)
         else:
             zt = tl.load(zt_row + cols, mask=ld_mask, other=0.0).to(ACC)
-            log_p = zt * inv_t - lse_t
+            log_p = (zt * inv_t - lse_t) - lo_t
             log_m = _log_mix(log_p, log_q, log_beta, log_1m_beta)
             d_kd = q * (one_m_beta * (log_q - log_m - extra))
         grad = g_ce * d_ce + g_kd_t * d_kd
@@ -276,8 +310,9 @@ def kd_forward_triton(
         block_v: vocabulary tile (power of two); default ``min(4096, max(16, next_pow2(V)))``.
 
     Returns:
-        ``(ce (N,), kd (N,), stats (N, 4))`` in float32 (float64 for float64 students), with
-        ``stats = [lse(zS/T), lse(zT/T), lse(zS), extra]``.
+        ``(ce (N,), kd (N,), stats (N, 4))``: ce and kd float32 (float64 for float64 students),
+        ``stats = [lse(zS/T), lse(zT/T), lse(zS), extra]`` float64 (``extra``: 0, E_q[s - t] or
+        KL(q||m) for forward KL, reverse KL, JSD).
     """
     zs = _row_major(student_logits)
     zt = _row_major(teacher_logits)
@@ -286,7 +321,7 @@ def kd_forward_triton(
     acc = acc_dtype(zs.dtype)
     ce = torch.empty(n, dtype=acc, device=zs.device)
     kd = torch.empty(n, dtype=acc, device=zs.device)
-    stats = torch.empty(n, 4, dtype=acc, device=zs.device)
+    stats = torch.empty(n, 4, dtype=torch.float64, device=zs.device)
     if n == 0:
         return ce, kd, stats
     bv = _block_v(vocab, block_v)
@@ -335,7 +370,7 @@ def kd_backward_triton(
         return grad
     bv = _block_v(vocab, block_v)
     _kd_bwd_kernel[(n,)](
-        zs, zt, labels, stats.contiguous(), grad_ce.to(acc).contiguous(),
+        zs, zt, labels, stats.to(torch.float64).contiguous(), grad_ce.to(acc).contiguous(),
         grad_kd.to(acc).contiguous(), grad,
         vocab, zs.stride(0), zt.stride(0), grad.stride(0),
         _scalar_params(config, acc, zs.device),

@@ -69,7 +69,8 @@ def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tenso
 
 def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int = 0, student_pad: int = 0,
               divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-              ignore_index: int = -100, seed: int = 0, std: float = 4.0, all_masked: bool = False) -> None:
+              ignore_index: int = -100, seed: int = 0, std: float = 4.0, all_masked: bool = False,
+              k_grad: float = 3.0, atol_grad: float | None = None) -> None:
     dtype = DTYPES[dt]
     cfg = KDConfig(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index)
     zs, zt, labels = realistic_logits(n, v, seed=seed, std=std, dtype=dtype, teacher_extra_cols=extra,
@@ -92,7 +93,7 @@ def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int =
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ce, kd = _read(tmp / "ce.out", acc, (n,)), _read(tmp / "kd.out", acc, (n,))
-    stats, grad = _read(tmp / "stats.out", acc, (n, 4)), _read(tmp / "grad.out", dtype, (n, v))
+    stats, grad = _read(tmp / "stats.out", torch.float64, (n, 4)), _read(tmp / "grad.out", dtype, (n, v))
 
     zt_v = zt[:, :v]
     o_ce, o_kd = oracle_rows(zs, zt_v, labels, cfg)
@@ -106,12 +107,13 @@ def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int =
     atol = 1e-10 if dtype == torch.float64 else 2e-5
     assert_close_error_relative(ce, o_ce, naive[0], k=2, atol=atol, what="ce")
     assert_close_error_relative(kd, o_kd, naive[1], k=2, atol=atol, what="kd")
-    assert_close_error_relative(grad, o_grad, naive[2], k=3, atol=atol, what="grad")
+    assert_close_error_relative(grad, o_grad, naive[2], k=k_grad, atol=atol if atol_grad is None else atol_grad, what="grad")
     ignored = labels == ignore_index
     assert torch.all(ce[ignored] == 0) and torch.all(kd[ignored] == 0) and torch.all(grad[ignored] == 0)
     assert torch.all(stats[ignored] == 0)
     valid = ~ignored
-    tol = {"atol": 1e-4, "rtol": 1e-5} if acc == torch.float32 else {"atol": 1e-10, "rtol": 1e-12}
+    # float64 stats hold max + log(sum) unrounded: only the float sum and log limit them
+    tol = {"atol": 5e-6, "rtol": 0.0} if acc == torch.float32 else {"atol": 1e-10, "rtol": 1e-12}
     z64, t64 = zs[valid].double(), zt_v[valid].double()
     torch.testing.assert_close(stats[valid, 0].double(), torch.logsumexp(z64 / temperature, -1), **tol)
     torch.testing.assert_close(stats[valid, 1].double(), torch.logsumexp(t64 / temperature, -1), **tol)
@@ -146,3 +148,12 @@ def test_kd_cuda_emulated_strided_student_masking_and_tiny_rows(harness, tmp_pat
     _run_case(harness, tmp_path, "f32", 1, 1, divergence="jsd", temperature=2.0)
     _run_case(harness, tmp_path, "f64", 4, 40, extra=2, divergence="reverse_kl", ignore_index=5, seed=7)
     _run_case(harness, tmp_path, "f32", 3, 50, divergence="jsd", all_masked=True)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_kd_cuda_emulated_reverse_kl_peaked_rows_gradient(harness, tmp_path, seed):
+    """T = 0.5, logits of std 15 with peaked rows (|lse| ~ 100+, KL tens of nats): float64 row
+    statistics and E_q[(zS - zT)/T] in double keep the float32 gradient within 2x the naive
+    float32 path's error, with no absolute slack (tests/ddk_kernels/test_stats_precision.py)."""
+    _run_case(harness, tmp_path, "f32", 37, 1000, divergence="reverse_kl", temperature=0.5, seed=seed, std=15.0,
+              k_grad=2.0, atol_grad=0.0)

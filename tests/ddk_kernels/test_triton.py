@@ -185,8 +185,8 @@ def test_row_losses_stats_are_row_logsumexps():
         log_p = torch.log_softmax(zt[:, :45] / 2.0, -1)
         if divergence == "forward_kl":
             expected = torch.zeros(4, dtype=torch.float64)
-        elif divergence == "reverse_kl":
-            expected = (log_q.exp() * (log_q - log_p)).sum(-1)
+        elif divergence == "reverse_kl":  # E_q[s - t]
+            expected = (log_q.exp() * (zs - zt[:, :45]) / 2.0).sum(-1)
         else:
             log_m = torch.logaddexp(log_p + torch.log(torch.tensor(beta, dtype=torch.float64)),
                                     log_q + torch.log1p(torch.tensor(-beta, dtype=torch.float64)))

@@ -32,7 +32,8 @@ static int run(const ddk_cuda::KDRowArgs& a, const std::string& dir) {
   auto lab = read_file<int64_t>(dir + "/lab.bin", n);
   auto gce = read_file<A>(dir + "/gce.bin", n);
   auto gkd = read_file<A>(dir + "/gkd.bin", n);
-  std::vector<A> ce(n), kd(n), stats(n * 4);
+  std::vector<A> ce(n), kd(n);
+  std::vector<double> stats(n * 4);
   std::vector<S> grad(n * a.v);
   cudaError_t e = ddk_cuda::kd_forward_cuda<S>(zs.data(), zt.data(), lab.data(), ce.data(), kd.data(),
                                                stats.data(), a, nullptr);
