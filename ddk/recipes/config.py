@@ -18,6 +18,8 @@ from typing import Any
 from ddk._io import json_fingerprint
 from ddk.integrations.distributed import DIST_BACKENDS
 from ddk.reliability import NONFINITE_POLICIES
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 from ddk.schedule.smoother import SMOOTHER_INITS
 
 METHODS: tuple[str, ...] = ("cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-online")
@@ -89,6 +91,7 @@ class RecipeConfig:
     dist_backend: str = "auto"  # process-group backend under torchrun: "auto" (nccl with CUDA, else gloo), "gloo", "nccl"
     fsdp: bool = False  # shard the student with FSDP2 (fully_shard) instead of DDP; needs torchrun
     debug_checks: bool = False  # at each DDK interval, check every rank holds the same weights (also: DDK_DEBUG=1)
+    device: str = "auto"  # one process: "auto" (cuda:0 when CUDA is available, else cpu), "cpu" or "cuda"
 
     # ------------------------------------------------------------------ derived
     @property
@@ -173,6 +176,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"{fn}: device must be one of {DEVICES}; got {cfg.device!r}.")
     if cfg.dist_backend not in DIST_BACKENDS:
         raise ValueError(f"{fn}: dist_backend must be one of {DIST_BACKENDS}; got {cfg.dist_backend!r}.")
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
@@ -243,6 +248,8 @@ _HELP: dict[str, str] = {
     "keep_checkpoints": "keep only the newest k checkpoint-<step>.pt files; --resume loads the newest",
     "resume": "continue from the newest checkpoint of --out (--no-resume: start over, deleting the old run files)",
     "dist_backend": "process-group backend under torchrun: auto (nccl with CUDA, else gloo), gloo or nccl",
+    "device": "where one process distills: auto (cuda:0 when CUDA is available, else cpu), cpu or cuda "
+              "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU)",
     "fsdp": "under torchrun, shard the student with FSDP2 (fully_shard per decoder layer + root) instead of DDP",
     "debug_checks": "at each DDK interval all-gather checksums of the domain weights and the student parameters "
                     "and fail naming the ranks that differ (also on with the environment variable DDK_DEBUG=1)",
@@ -272,6 +279,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar="NAME=DIR", help="extra domain from a folder of files (repeatable)")
         elif name == "method":
             parser.add_argument(flag, dest=name, choices=METHODS, default=argparse.SUPPRESS, help=help_)
+        elif name == "device":
+            parser.add_argument(flag, dest=name, choices=DEVICES, default=argparse.SUPPRESS, help=help_)
         elif name == "on_nonfinite":
             parser.add_argument(flag, dest=name, choices=NONFINITE_POLICIES, default=argparse.SUPPRESS, help=help_)
         else:

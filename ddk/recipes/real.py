@@ -365,7 +365,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 
 _RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline",
-                   "on_nonfinite", "skip_bad_lines", "keep_checkpoints", "dist_backend", "debug_checks")
+                   "on_nonfinite", "skip_bad_lines", "keep_checkpoints", "dist_backend", "debug_checks", "device")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 _LEGACY_CKPT = "checkpoint.pt"  # the one checkpoint file of earlier versions; still resumed from
 
@@ -397,10 +397,19 @@ def _prune_checkpoints(out: Path, keep: int) -> None:
     (out / _LEGACY_CKPT).unlink(missing_ok=True)
 
 
-def _device() -> torch.device:
-    """``cuda:<LOCAL_RANK>`` under an NCCL process group, else the CPU (one process always runs on the CPU)."""
-    if is_distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+def _device(cfg: RecipeConfig) -> torch.device:
+    """Where this process distills: ``cuda:<LOCAL_RANK>`` under an NCCL process group, the CPU
+    under a gloo one; one process follows ``cfg.device`` (``auto``: ``cuda:0`` when CUDA is
+    available, else the CPU)."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("distill: device must be 'cpu' or 'auto' without a CUDA device; got 'cuda' "
+                         "(torch.cuda.is_available() is False).")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
     return torch.device("cpu")
 
 
@@ -569,7 +578,7 @@ def _distill(cfg: RecipeConfig, data: PreparedData | None, teacher: Any, teacher
     if cfg.batch_size % world:
         raise ValueError(f"distill: batch_size (the global batch) must be a multiple of the number of ranks {world}; "
                          f"got {cfg.batch_size}. Pick a multiple of {world} or another --nproc_per_node.")
-    device = _device()
+    device = _device(cfg)
     debug = _debug_checks(cfg)
     _set_threads(cfg)
     t_start = time.perf_counter()
@@ -605,7 +614,7 @@ def _distill(cfg: RecipeConfig, data: PreparedData | None, teacher: Any, teacher
     start_step = 0
     if ckpt_path is not None:
         try:
-            ck = torch.load(ckpt_path, weights_only=False)
+            ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
             ck_config = ck["config"]
         except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign file: say which
             raise ValueError(

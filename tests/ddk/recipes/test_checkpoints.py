@@ -128,6 +128,22 @@ def test_config_checkpoint_and_distributed_options_are_checked():
     assert (cfg.keep_checkpoints, cfg.fsdp, cfg.debug_checks, cfg.dist_backend) == (5, True, True, "gloo")
 
 
+def test_config_device_option(monkeypatch):
+    with pytest.raises(ValueError, match=r"RecipeConfig: device must be one of \('auto', 'cpu', 'cuda'\); got 'tpu'\."):
+        make_config(device="tpu")
+    from ddk.cli import build_parser
+    from ddk.recipes.config import config_from_args
+
+    assert config_from_args(build_parser().parse_args(["distill", "--device", "cpu"])).device == "cpu"
+    assert real._device(make_config(device="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert real._device(make_config()) == torch.device("cpu")  # auto without CUDA
+    with pytest.raises(ValueError, match=r"distill: device must be 'cpu' or 'auto' without a CUDA device; got 'cuda'"):
+        real._device(make_config(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert real._device(make_config()) == torch.device("cuda", 0)  # auto with CUDA
+
+
 def test_distill_resume_with_another_config_names_the_checkpoint_and_overwrites_nothing(tmp_path):
     cfg = _config(tmp_path, "run", steps=2)
     real.distill(cfg)

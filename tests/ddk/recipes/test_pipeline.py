@@ -39,7 +39,7 @@ def _cfg(tmp_path, **kw):  # type: ignore[no-untyped-def]
                 teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64, teacher_steps=8,
                 teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2, student_intermediate=32,
                 steps=6, batch_size=4, warmup_steps=2, interval=3, log_every=2, checkpoint_every=3,
-                out=str(tmp_path / "runs" / "ddk"), progress=False)
+                out=str(tmp_path / "runs" / "ddk"), progress=False, device="cpu")  # bit-exact checks: CPU also on GPU machines
     base.update(kw)
     return make_config(**base)
 
