@@ -53,11 +53,22 @@ def _recipe_config(args: argparse.Namespace, base: tuple[str, ...] = ()):  # typ
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from ddk.integrations.distributed import init_from_env, rank_world, rank_zero_first
     from ddk.recipes.real import prepare_data, train_teacher
 
     cfg = _recipe_config(args)
-    _, ce, path = train_teacher(cfg, prepare_data(cfg))
-    print(f"teacher: {path}\nteacher CE per domain: {[round(x, 4) for x in ce.tolist()]}")
+    created = init_from_env(cfg.dist_backend)  # under torchrun: rank 0 trains, the others wait and load
+    try:
+        with rank_zero_first():
+            data = prepare_data(cfg)
+        _, ce, path = train_teacher(cfg, data)
+        if rank_world()[0] == 0:
+            print(f"teacher: {path}\nteacher CE per domain: {[round(x, 4) for x in ce.tolist()]}")
+    finally:
+        if created:
+            dist.destroy_process_group()
     return 0
 
 

@@ -66,8 +66,8 @@ def tmp(tmp_path_factory):  # type: ignore[no-untyped-def]
     return tmp
 
 
-def _torchrun(tmp: Path, cfg, *flags: str) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    """``torchrun --standalone --nproc_per_node=2 -m ddk.cli distill --config <cfg as YAML> flags...``."""
+def _torchrun(tmp: Path, cfg, *flags: str, command: str = "distill") -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """``torchrun --standalone --nproc_per_node=2 -m ddk.cli <command> --config <cfg as YAML> flags...``."""
     path = tmp / f"{Path(cfg.out).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -76,7 +76,7 @@ def _torchrun(tmp: Path, cfg, *flags: str) -> subprocess.CompletedProcess[str]: 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DDK_DEBUG"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddk.cli", "distill", "--config", str(path), *flags]
+           "-m", "ddk.cli", command, "--config", str(path), *flags]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stderr[-6000:]}"
     return res
@@ -145,3 +145,20 @@ def test_distill_fsdp_two_ranks_match_one_process_and_resume(tmp):  # type: igno
     assert [r["step"] for r in after_log] == [r["step"] for r in before_log] == [0, 3, 6]
     for r1, r2 in zip(before_log, after_log):  # the online sums are re-added in another order: float64 rounding
         assert r2["weights"] == pytest.approx(r1["weights"], rel=1e-12)
+
+
+def test_teacher_under_torchrun_from_a_cold_cache(tmp_path):  # type: ignore[no-untyped-def]
+    """Two ranks and nothing cached: rank 0 builds corpus, tokenizer and teacher while rank 1
+    waits, both compute the teacher CE together, one folder and one printout result, and the CE
+    equals one process's."""
+    cfg = _config(tmp_path, "teacher")
+    res = _torchrun(tmp_path, cfg, command="teacher")
+    assert res.stdout.count("teacher CE per domain") == 1
+    teachers = [p.parent for p in (tmp_path / "data").rglob("teacher_meta.json")]
+    assert len(teachers) == 1
+    ce_files = list(teachers[0].glob("teacher_ce-*.json"))
+    assert len(ce_files) == 1
+    two = json.loads(ce_files[0].read_text())["teacher_ce"]
+    ce_files[0].unlink()  # recompute in one process from the cached teacher
+    _, one, _ = real.train_teacher(cfg, real.prepare_data(cfg))
+    assert two == pytest.approx(one.tolist(), rel=REL)
