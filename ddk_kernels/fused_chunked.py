@@ -57,6 +57,7 @@ the softmax. The token mask costs one host sync (``nonzero``) per call.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -500,14 +501,17 @@ def _chunk_rows_whole_vocab(
 # ----------------------------------------------------------------------------------------------
 # gemm strategy
 
-_OUT_DTYPE_MM: dict[str, bool] = {}  # device type -> whether torch.mm/addmm take out_dtype there
+_OUT_DTYPE_MM: dict[tuple[str, str], bool] = {}  # (device type, "mm"/"addmm") -> out_dtype works there
+_FALLBACK_ROWS = 8192  # rows of ``a`` per rounded product on the fallback path (bounded temporaries)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out (+)= a @ b`` with ``out`` in the compute dtype and ``a``, ``b`` in the input dtype.
 
     Low-precision operands use ``out_dtype`` (a float32 result of the bf16 matmul, no rounding
-    of the product) where the device supports it, else the product rounded to the input dtype.
+    of the product) where torch supports it on the device (CUDA), else the product rounded to the
+    input dtype, ``_FALLBACK_ROWS`` rows of ``a`` at a time (a warning says so, once per op).
+    Out-of-memory errors propagate.
     """
     if a.dtype == out.dtype:
         if accumulate:
@@ -515,22 +519,31 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
         else:
             torch.mm(a, b, out=out)
         return
-    kind = out.device.type
-    if _OUT_DTYPE_MM.get(kind, kind == "cuda"):
+    key = (out.device.type, "addmm" if accumulate else "mm")
+    if _OUT_DTYPE_MM.get(key, key[0] == "cuda"):
         try:
             if accumulate:
                 torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
             else:
                 torch.mm(a, b, out_dtype=out.dtype, out=out)
-            _OUT_DTYPE_MM[kind] = True
+            _OUT_DTYPE_MM[key] = True
             return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_MM[kind] = False
-    prod = a @ b
-    if accumulate:
-        out.add_(prod)
-    else:
-        out.copy_(prod)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            if key[0] == "cuda":
+                warnings.warn(
+                    f"fused_linear_kd_loss: torch.{key[1]}(..., out_dtype={out.dtype}) failed on this torch "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); the gemm strategy now rounds "
+                    f"each {key[1]} product to {a.dtype} before accumulating.", RuntimeWarning, stacklevel=3,
+                )
+            _OUT_DTYPE_MM[key] = False
+    for r0 in range(0, a.shape[0], _FALLBACK_ROWS):
+        r1 = min(a.shape[0], r0 + _FALLBACK_ROWS)
+        if accumulate:
+            out[r0:r1].add_(a[r0:r1] @ b)
+        else:
+            out[r0:r1].copy_(a[r0:r1] @ b)
 
 
 def gemm_row_kernels(device: torch.device | str) -> tuple[str, Callable[..., Any], Callable[..., Any]]:
@@ -570,7 +583,13 @@ def _gemm_chunks(
     token_chunk: int,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
 ) -> None:
-    """The ``gemm`` strategy: fills ``out = (ce_rows, kd_rows, dh, dw, db)`` (compute dtype)."""
+    """The ``gemm`` strategy: fills ``out = (ce_rows, kd_rows, dh, dw, db)`` (compute dtype).
+
+    The row backward gets the upstream weights ``1`` and ``w_kd / w_ce`` (``gamma * kd_scale``), so
+    the ``(r, V)`` logits gradient is O(1) in the input dtype (``1 / normalizer`` there would put
+    float16 gradients into the subnormal range for large token counts); ``w_ce = 1 / normalizer``
+    is applied once to the float32 ``d hidden``, ``d weight``, ``d bias`` at the end.
+    """
     ce_rows, kd_rows, dh, dw, db = out
     vocab = student_weight.shape[0]
     dt = student_hidden.dtype
@@ -584,6 +603,7 @@ def _gemm_chunks(
     need_grad = dh is not None or dw is not None or db is not None
     w_t = student_weight.T
     tw_t = teacher_weight[:vocab].T if teacher_weight is not None else None
+    kd_ratio = w_kd / w_ce  # gamma * kd_scale, a 0-dim tensor (no host sync)
     for c0 in range(0, int(idx.numel()), token_chunk):
         rows = idx[c0:c0 + token_chunk]
         r = int(rows.numel())
@@ -592,10 +612,10 @@ def _gemm_chunks(
         _observe((r, vocab))
         zs = torch.addmm(student_bias.to(dt), h_c, w_t) if student_bias is not None else h_c @ w_t
         if teacher_logits is not None:
-            zt = teacher_logits.index_select(0, rows)[:, :vocab]
+            zt = teacher_logits[:, :vocab].index_select(0, rows)  # copies only the V columns used
         else:
             assert teacher_hidden is not None and tw_t is not None
-            zt = teacher_hidden.index_select(0, rows) @ tw_t
+            zt = teacher_hidden.index_select(0, rows).to(tw_t.dtype) @ tw_t
         if zt.dtype != dt:
             zt = zt.to(dt)
         ce, kd, stats = fwd(zs, zt, lab_c, config)
@@ -603,8 +623,8 @@ def _gemm_chunks(
         kd_rows.index_copy_(0, rows, kd.to(acc))
         if not need_grad:
             continue
-        g = bwd(zs, zt, lab_c, stats, w_ce.to(ce.dtype).expand(r).contiguous(),
-                w_kd.to(ce.dtype).expand(r).contiguous(), config)  # (r, V) in the input dtype
+        g = bwd(zs, zt, lab_c, stats, torch.ones(r, dtype=ce.dtype, device=ce.device),
+                kd_ratio.to(ce.dtype).expand(r).contiguous(), config)  # (r, V), input dtype, unscaled
         del zs, zt, stats
         if dh is not None:
             dh_c = torch.empty(r, dh.shape[1], dtype=acc, device=dh.device)
@@ -616,6 +636,9 @@ def _gemm_chunks(
         if db is not None:
             db += g.sum(0, dtype=acc)
         del g
+    for t in (dh, dw, db):
+        if t is not None:
+            t.mul_(w_ce.to(t.dtype))
 
 
 def fused_linear_kd_forward(

@@ -180,3 +180,29 @@ def test_plan_fused_heuristic() -> None:
     assert plan_fused(4096, 32000, strategy="token_chunks", workspace_bytes=1).token_chunk == 1
     with pytest.raises(ValueError, match="strategy must be one of"):
         plan_fused(4, 4, strategy="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_gemm_large_normalizer_keeps_low_precision_gradients(dtype: torch.dtype) -> None:
+    """The gemm strategy's (r, V) logits gradient is in the input dtype: with 1/normalizer folded
+    in, float16 entries of ~q/65536 would be subnormal (9% error in d hidden). The row backward
+    gets O(1) weights and 1/normalizer is applied to the float32 results."""
+    case = make_case(48, 24, 40, 301, 310, seed=13, masked_fraction=0.0, std=4.0).to(dtype)
+    rel = {}
+    for norm in (1.0, 65536.0):  # relative precision must not depend on the normalizer
+        _, ref_grads = naive_loss(case.to(torch.float64), normalizer=norm)
+        _, _, _, grads = _fused(case, FusedPlan("gemm", 16, 301), normalizer=norm)
+        rel[norm] = [max_err(g, r) / float(r.abs().max()) for g, r in zip(grads[:2], ref_grads[:2])]
+    for name, small, large in zip(("dh", "dW"), rel[1.0], rel[65536.0]):
+        assert large <= 1.5 * small + 1e-4, f"{name}: relative error {large:.2e} at 1/65536 against {small:.2e} at 1"
+
+
+def test_fused_gemm_teacher_hidden_and_weight_of_other_dtypes() -> None:
+    """Teacher hidden states and lm_head weight may differ in dtype (as in the other strategies)."""
+    case = make_case(20, 8, 12, 45, seed=14)
+    kw = dict(teacher_hidden=case.th.float(), teacher_weight=case.tw.to(torch.bfloat16))
+    h, w = case.h.float(), case.w.float()
+    cfg = KDConfig()
+    gemm, _, _ = fused_linear_kd(h, w, case.labels, cfg, plan=FusedPlan("gemm", 7, 45), **kw)
+    tc, _, _ = fused_linear_kd(h, w, case.labels, cfg, plan=FusedPlan("token_chunks", 7, 45), **kw)
+    assert torch.allclose(gemm, tc, rtol=1e-3)
