@@ -59,7 +59,7 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     from ddk.recipes.real import prepare_data, train_teacher
 
     cfg = _recipe_config(args)
-    created = init_from_env(cfg.dist_backend)  # under torchrun: rank 0 trains, the others wait and load
+    created = init_from_env(cfg.process_group_backend)  # under torchrun: rank 0 trains, the others wait and load
     try:
         with rank_zero_first():
             data = prepare_data(cfg)

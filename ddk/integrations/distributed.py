@@ -8,6 +8,7 @@ the same code runs in one process and under ``torchrun``. ``init_from_env`` star
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -120,7 +121,9 @@ def init_from_env(backend: str = "auto", *, force: bool = False) -> bool:
 
     Args:
         backend: ``"auto"`` (NCCL when CUDA is available, else gloo), ``"gloo"`` or ``"nccl"``.
-            With NCCL the current CUDA device is set to ``LOCAL_RANK``.
+            With NCCL the current CUDA device is set to ``LOCAL_RANK``. The collective timeout is
+            ``DDK_DIST_TIMEOUT_MIN`` minutes (default 180), as rank 0 may build caches or train a
+            teacher alone while the other ranks wait.
         force: initialise even when ``WORLD_SIZE`` is 1 (FSDP needs a process group).
 
     Returns:
@@ -140,7 +143,10 @@ def init_from_env(backend: str = "auto", *, force: bool = False) -> bool:
         if not torch.cuda.is_available():
             raise ValueError(f"{fn}: backend 'nccl' needs CUDA; got no CUDA device (use --dist-backend gloo on CPU).")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    # rank 0 may build caches or train a teacher alone while the others wait in a barrier: the
+    # default collective timeout (10 min for NCCL) would kill such a run
+    minutes = float(os.environ.get("DDK_DIST_TIMEOUT_MIN", "180"))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
     return True
 
 

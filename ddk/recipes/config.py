@@ -95,6 +95,13 @@ class RecipeConfig:
 
     # ------------------------------------------------------------------ derived
     @property
+    def process_group_backend(self) -> str:
+        """``dist_backend``, with ``auto`` following ``device``: gloo for ``cpu``, nccl for ``cuda``."""
+        if self.dist_backend != "auto" or self.device == "auto":
+            return self.dist_backend
+        return "gloo" if self.device == "cpu" else "nccl"
+
+    @property
     def data_path(self) -> Path:
         return Path(os.path.expanduser(self.data_dir))
 
@@ -180,6 +187,9 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         raise ValueError(f"{fn}: device must be one of {DEVICES}; got {cfg.device!r}.")
     if cfg.dist_backend not in DIST_BACKENDS:
         raise ValueError(f"{fn}: dist_backend must be one of {DIST_BACKENDS}; got {cfg.dist_backend!r}.")
+    if (cfg.device, cfg.dist_backend) in (("cpu", "nccl"), ("cuda", "gloo")):
+        raise ValueError(f"{fn}: dist_backend must match device (gloo runs on the CPU, nccl on CUDA); got device "
+                         f"{cfg.device!r} with dist_backend {cfg.dist_backend!r}.")
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{fn}: on_nonfinite must be one of {NONFINITE_POLICIES}; got {cfg.on_nonfinite!r}.")
     if cfg.ddk_init not in SMOOTHER_INITS:
@@ -249,7 +259,8 @@ _HELP: dict[str, str] = {
     "resume": "continue from the newest checkpoint of --out (--no-resume: start over, deleting the old run files)",
     "dist_backend": "process-group backend under torchrun: auto (nccl with CUDA, else gloo), gloo or nccl",
     "device": "where one process distills: auto (cuda:0 when CUDA is available, else cpu), cpu or cuda "
-              "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU)",
+              "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU; with --dist-backend auto, "
+              "--device cpu picks gloo and --device cuda nccl)",
     "fsdp": "under torchrun, shard the student with FSDP2 (fully_shard per decoder layer + root) instead of DDP",
     "debug_checks": "at each DDK interval all-gather checksums of the domain weights and the student parameters "
                     "and fail naming the ranks that differ (also on with the environment variable DDK_DEBUG=1)",

@@ -559,7 +559,7 @@ def distill(cfg: RecipeConfig, data: PreparedData | None = None, teacher: Any = 
             update, is logged in ``metrics.jsonl`` (``"skipped": true``) and counted in
             ``skipped_batches`` / ``skipped_steps``.
     """
-    created = init_from_env(cfg.dist_backend, force=cfg.fsdp)
+    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
     try:
         return _distill(cfg, data, teacher, teacher_ce)
     finally:
@@ -835,7 +835,7 @@ def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
     A finished demo run is redone from scratch; an interrupted one resumes from its checkpoint.
     Under ``torchrun`` it runs on every rank like ``distill`` (rank 0 builds the caches first).
     """
-    created = init_from_env(cfg.dist_backend, force=cfg.fsdp)
+    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
     try:
         return _run_demo(cfg)
     finally:

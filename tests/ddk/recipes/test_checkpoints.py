@@ -142,6 +142,12 @@ def test_config_device_option(monkeypatch):
         real._device(make_config(device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert real._device(make_config()) == torch.device("cuda", 0)  # auto with CUDA
+    # under torchrun --device picks the process-group backend when --dist-backend is auto
+    assert [make_config(device=d).process_group_backend for d in ("auto", "cpu", "cuda")] == ["auto", "gloo", "nccl"]
+    assert make_config(device="cpu", dist_backend="gloo").process_group_backend == "gloo"
+    with pytest.raises(ValueError, match=r"RecipeConfig: dist_backend must match device \(gloo runs on the CPU, nccl "
+                                         r"on CUDA\); got device 'cpu' with dist_backend 'nccl'\."):
+        make_config(device="cpu", dist_backend="nccl")
 
 
 def test_distill_resume_with_another_config_names_the_checkpoint_and_overwrites_nothing(tmp_path):
