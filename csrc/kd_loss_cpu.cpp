@@ -11,9 +11,11 @@
 // Forward, forward/reverse KL: ONE sweep over the row. Per block: block max of zS and zT, rescale
 // the running (double) row sums if the max grew, then one vector loop accumulating
 //   Ss = sum exp(s - Ms/T), St = sum exp(t - Mt/T), Sz = sum exp(zS - Ms)   (Sz only if T != 1)
-//   D  = sum w * ((a - Ma) - (b - Mb)) with (w, a, b) = (e_t, zT, zS) (forward) / (e_s, zS, zT)
-// so that KL(p||q) = D/(T St) - log St + log Ss (reverse: swap). Keeping the differences relative
-// to the running maxima avoids the cancellation of sum p t - lse(t) with |t| ~ 100.
+//   D  = sum e_t * ((zT - Mt) - (zS - Ms))   (forward KL)
+// so that KL(p||q) = D/(T St) - log St + log Ss. Keeping the differences relative to the running
+// maxima avoids the cancellation of sum p t - lse(t) with |t| ~ 100. Reverse KL sums
+// U = sum e_s u and Su = sum e_s in double (u = (zS - zT)/T) for E_q[s - t] = U/Su, and
+// KL(q||p) = E_q[s - t] - (lse(s) - lse(t)) in double.
 // Block sums are float lanes over <= kBlock elements, folded into double row sums per block.
 // JSD: the same sweep for the three lse's, then one more sweep with log m = mx + log(1 + e^(mn-mx)).
 //
@@ -96,7 +98,6 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
       const double cs = std::exp(-dMs * inv_T), ct = std::exp(-dMt * inv_T);
       if constexpr (KIND == kForwardKL) D = ct * (D + St * (dMs - dMt));
       if constexpr (KIND == kReverseKL) {
-        D = cs * (D + Ss * (dMt - dMs));
         U *= cs;
         Su *= cs;
       }
@@ -117,7 +118,6 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
       ss += es;
       st += et;
       if constexpr (KIND == kForwardKL) d += et * (b - a);
-      if constexpr (KIND == kReverseKL) d += es * (a - b);
       if constexpr (!T1) sz += fast_exp(a);
     }
     Ss += ss;
@@ -148,8 +148,8 @@ RowOut online_sweep(const scalar_t* zs, const scalar_t* zt, int64_t V, double in
     r.kd = inv_T * D / St - log_st + log_ss;
     r.extra = 0.0;
   } else if constexpr (KIND == kReverseKL) {
-    r.kd = inv_T * D / Ss - log_ss + log_st;
     r.extra = U / Su;  // E_q[s - t]
+    r.kd = r.extra - ((Ms - Mt) * inv_T + (log_ss - log_st));  // E_q[s - t] - (lse(s) - lse(t)), double
   }
   return r;
 }

@@ -19,7 +19,8 @@ carry their own ``ls_k = lse_k(s)``, ``lt_k = lse_k(t)`` and a tile-local sum, m
 
 * forward KL: ``A_k = sum_k exp(t - lt_k) * ((t - lt_k) - (s - ls_k))``,
   ``KL(p||q) = sum_k w_k (A_k + (lt_k - lt) - (ls_k - ls))`` with ``w_k = exp(lt_k - lt)``;
-* reverse KL: the same with the roles of s and t swapped (weights ``exp(ls_k - ls)``);
+* reverse KL: ``E_q[s - t]`` per tile (float64 sums), merged with weights ``exp(ls_k - ls)``;
+  ``KL(q||p) = E_q[s - t] - (ls - lt)`` with the float64 lse's;
 * JSD: a second sweep once ``ls, lt`` are known (``log m`` via ``logaddexp``).
 
 Gradient (reference.kd_logits_grad_reference): ``g_ce (softmax(zS) - onehot) + g_kd/T * dD/ds``.
@@ -191,20 +192,19 @@ def kd_chunked_forward(
             if kind == "forward_kl":
                 a = _rowdot(et, dt.sub_(ds)) / st_.squeeze(1) - log_st.squeeze(1) + log_ss.squeeze(1)
             else:
-                a = _rowdot(es, ds.sub_(dt)) / ss.squeeze(1) - log_ss.squeeze(1) + log_st.squeeze(1)
                 # E_q~[s - t] of the tile over the very float32 values (zS - zT)/T the backward
                 # forms, summed in float64: at a peaked row's top entry backward's (s - t) - E
-                # then cancels its own rounding instead of amplifying it.
+                # then cancels its own rounding instead of amplifying it. KL(q||p) follows from it
+                # and the float64 lse's below, so no second row sum is needed.
                 u = torch.sub(xs, xt).mul_(inv_t)
                 es64 = es.double()  # normalised by its own float64 sum, not the float32 one (1e-7 * 50)
-                e_st = _rowdot(es64, u.double()) / es64.sum(1)
-                parts.append((ls, lt, lz, a, e_st))
+                parts.append((ls, lt, lz, _rowdot(es64, u.double()) / es64.sum(1)))
                 continue
             parts.append((ls, lt, lz, a))
         if len(parts) == 1:
             ls, lt, lz = parts[0][:3]
-            val = parts[0][3] if kind != "jsd" else None
-            e_st = parts[0][4] if kind == "reverse_kl" else None
+            val = parts[0][3] if kind == "forward_kl" else None
+            e_st = parts[0][3] if kind == "reverse_kl" else None
         else:
             stacked = [torch.stack(p, dim=1) for p in zip(*parts)]  # each (rows, tiles)
             ls_k, lt_k, lz_k = stacked[:3]
@@ -215,9 +215,7 @@ def kd_chunked_forward(
                 w = torch.softmax(lt_k, dim=1)
                 val = (w * (stacked[3] + (lt_k - lt.unsqueeze(1)) - (ls_k - ls.unsqueeze(1)))).sum(dim=1).to(acc)
             elif kind == "reverse_kl":
-                w = torch.softmax(ls_k, dim=1)
-                val = (w * (stacked[3] + (ls_k - ls.unsqueeze(1)) - (lt_k - lt.unsqueeze(1)))).sum(dim=1).to(acc)
-                e_st = (w * stacked[4]).sum(dim=1)
+                e_st = (torch.softmax(ls_k, dim=1) * stacked[3]).sum(dim=1)
         if kind == "jsd":
             if len(parts) == 1:
                 kp, kq = parts[0][3:]
@@ -235,6 +233,7 @@ def kd_chunked_forward(
             extra = kq
         elif kind == "reverse_kl":
             extra = e_st
+            val = (e_st - (ls - lt)).to(acc)  # KL(q||p) = E_q[s - t] - (lse(s) - lse(t)), float64
         else:
             extra = torch.zeros_like(ls)
         assert val is not None

@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
   for_each_column<VEC>(s_row, t_row, v, [&](int64_t, acc_t zs, acc_t zt) {
     const acc_t s = t_is_one ? zs : zs * inv_t;
     const acc_t t = t_is_one ? zt : zt * inv_t;
-    online_add(os, s, DIV == 1 ? s - t : acc_t(0));  // reverse KL: sum e^(s - m_s) (s - t)
+    online_add(os, s, acc_t(0));
     online_add(ot, t, DIV == 0 ? t - s : acc_t(0));  // forward KL: sum e^(t - m_t) (t - s)
     if (!t_is_one) online_add(oz, zs, acc_t(0));
   });
@@ -242,10 +242,10 @@ __global__ void __launch_bounds__(kThreads)
   if (DIV == 0) {
     kd = ot.a / ot.l + d_lse;
   } else if (DIV == 1) {
-    kd = os.a / os.l - d_lse;
     // Sweep 2 (reverse KL): extra = E_q[u], u = (zS - zT)/T as the backward forms it, with double
     // sums: a float E off by 1e-7 * |E| (|E| ~ 50 on peaked rows) would reach the gradient at the
-    // top entry, where the backward's u - E otherwise cancels u's own rounding.
+    // top entry, where the backward's u - E otherwise cancels u's own rounding. KL(q || p) =
+    // E_q[s - t] - (lse(s) - lse(t)), in double.
     const acc_t ls_hi = static_cast<acc_t>(lse_s), ls_lo = static_cast<acc_t>(lse_s - static_cast<double>(ls_hi));
     double eu = 0.0, eq = 0.0;
     for_each_column<VEC>(s_row, t_row, v, [&](int64_t, acc_t zs, acc_t zt) {
@@ -256,6 +256,7 @@ __global__ void __launch_bounds__(kThreads)
     eu = block_sum(eu, red_sum64);
     eq = block_sum(eq, red_sum64);
     extra = eu / eq;
+    kd = static_cast<acc_t>(extra - (lse_s - lse_t));
   } else {
     const acc_t ls_hi = static_cast<acc_t>(lse_s), ls_lo = static_cast<acc_t>(lse_s - static_cast<double>(ls_hi));
     const acc_t lt_hi = static_cast<acc_t>(lse_t), lt_lo = static_cast<acc_t>(lse_t - static_cast<double>(lt_hi));

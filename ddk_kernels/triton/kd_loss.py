@@ -115,8 +115,6 @@ def _kd_fwd_kernel(
         a_t = tl.exp(m_t - m_t_new)
         if DIV == 0:
             acc = acc * a_t + tl.sum(tl.where(mask, e_t * (t - s), 0.0), axis=0)
-        elif DIV == 1:
-            acc = acc * a_s + tl.sum(tl.where(mask, e_s * (s - t), 0.0), axis=0)
         l_s = l_s * a_s + tl.sum(e_s, axis=0)
         l_t = l_t * a_t + tl.sum(e_t, axis=0)
         m_s = m_s_new
@@ -141,7 +139,6 @@ def _kd_fwd_kernel(
     if DIV == 0:
         kd = acc / l_t + d_lse
     elif DIV == 1:
-        kd = acc / l_s - d_lse
         # E_q[u], u = (zS - zT)/T as the backward forms it, in a second sweep with float64 sums: a
         # float32 E off by 1e-7 * |E| (|E| ~ 50 on peaked rows) would reach the gradient at the top
         # entry, where backward's u - E otherwise cancels u's own rounding.
@@ -158,6 +155,7 @@ def _kd_fwd_kernel(
             eu += tl.sum(q * ((zs - zt) * inv_t).to(tl.float64), axis=0)
             eq += tl.sum(q, axis=0)
         extra = eu / eq
+        kd = (extra - (lse_s - lse_t)).to(ACC)  # KL(q||p) = E_q[s - t] - (lse(s) - lse(t)), float64
     else:
         ls_hi = lse_s.to(ACC)
         ls_lo = (lse_s - ls_hi.to(tl.float64)).to(ACC)
