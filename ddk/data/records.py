@@ -1,0 +1,348 @@
+"""``load_records``: a user's domain-labelled corpus files -> one ``datasets.Dataset`` of
+``text`` / ``domain``.
+
+Formats, chosen by suffix: ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of records),
+``.parquet``, ``.csv``, ``.tsv``; a folder written by ``datasets.Dataset.save_to_disk`` (or a
+``DatasetDict``'s, whose ``"train"`` split is read); any other string that is not a local path is
+a Hugging Face hub dataset name, read with ``datasets.load_dataset(name, split="train")``.
+
+Bad records (no text, no domain, a domain that is not a non-empty str, a corrupted JSON line) are
+reported as ``<file>:<line>`` (JSONL) or ``<file>:row <n>`` (other formats, 1-based, header not
+counted) and either raise or, with ``on_missing="skip"``, are dropped with one warning.
+Domain names later name files and folders, so names with a path separator, a NUL, or equal to
+``.`` / ``..`` are always an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import datasets
+
+    from ddk.partition.partitioner import DomainPartitioner
+
+__all__ = ["load_records"]
+
+_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+_SHOW = 5  # bad records listed in an error or warning
+_BATCH = 1000  # rows per batch read from parquet / datasets
+
+
+class _Bad:
+    """A record that could not be read (corrupted line); ``reason`` says why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+Row = tuple[str, "Mapping[str, Any] | _Bad"]  # (location, record or why it is unreadable)
+
+
+def _domain_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a domain name (it names files later), or ``None`` if it can."""
+    if name in (".", ".."):
+        return f"must not be {name!r}"
+    for ch, label in (("/", "'/'"), ("\\", "'\\\\'"), ("\x00", "NUL")):
+        if ch in name:
+            return f"must not contain {label}"
+    return None
+
+
+def _check_domain_name(fn: str, name: str, where: str) -> None:
+    """Raise the error for a domain name that cannot name a file (see ``_domain_name_problem``)."""
+    problem = _domain_name_problem(name)
+    if problem is not None:
+        raise ValueError(
+            f"{fn}: domain names {problem} (they become parts of file names); "
+            f"got {name!r} at {where}. Rename the domain in the data, or assign names with "
+            "partitioner=DomainPartitioner.by_function(...)."
+        )
+
+
+# ---------------------------------------------------------------------------- readers
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield where, _Bad(f"not a JSON line ({type(e).__name__}: {e})")
+                continue
+            if not isinstance(rec, dict):
+                yield where, _Bad(f"a record must be a JSON object; got {type(rec).__name__}")
+                continue
+            yield where, rec
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    """A ``.json`` file: one JSON array of records if it starts with ``[``, else JSON lines."""
+    with path.open("rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"["):
+        yield from _jsonl_rows(path)
+        return
+    try:
+        items = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"load_records: a .json file must hold one JSON array of records or JSON lines; "
+            f"{path} starts with '[' but is not valid JSON ({type(e).__name__}: {e})."
+        ) from None
+    for row, rec in enumerate(items, 1):
+        where = f"{path}:row {row}"
+        if not isinstance(rec, dict):
+            yield where, _Bad(f"a record must be a JSON object; got {type(rec).__name__}")
+        else:
+            yield where, rec
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
+    old = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # texts are long; the default is 128 KiB
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            try:
+                for row, rec in enumerate(reader, 1):
+                    # A short row gives None for its missing fields: treat them as absent.
+                    yield f"{path}:row {row}", {k: v for k, v in rec.items() if k is not None and v is not None}
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise ValueError(
+                    f"load_records: {path} must be a UTF-8 {'TSV' if delimiter == chr(9) else 'CSV'} file with a "
+                    f"header row; reading it failed near line {reader.line_num} ({type(e).__name__}: {e})."
+                ) from None
+    finally:
+        csv.field_size_limit(old)
+
+
+def _wanted_columns(names: Sequence[str], text_field: str, domain_field: str, partitioner: Any) -> list[str]:
+    """Columns to read: all of them for a partitioner (its rules may use any field), else two."""
+    if partitioner is not None:
+        return list(names)
+    return [c for c in (text_field, domain_field) if c in names]
+
+
+def _parquet_rows(path: Path, text_field: str, domain_field: str, partitioner: Any) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a damaged file
+        raise ValueError(f"load_records: {path} must be a Parquet file; reading it failed ({type(e).__name__}: {e}).") from None
+    cols = _wanted_columns(pf.schema_arrow.names, text_field, domain_field, partitioner)
+    if not cols:  # neither field exists: every row is a bad record, still counted per row
+        for row in range(1, pf.metadata.num_rows + 1):
+            yield f"{path}:row {row}", {}
+        return
+    row = 0
+    for batch in pf.iter_batches(batch_size=_BATCH, columns=cols):
+        for rec in batch.to_pylist():
+            row += 1
+            yield f"{path}:row {row}", rec
+
+
+def _dataset_rows(ds: Any, label: str, text_field: str, domain_field: str, partitioner: Any) -> Iterator[Row]:
+    cols = _wanted_columns(ds.column_names, text_field, domain_field, partitioner)
+    if not cols:
+        for row in range(1, len(ds) + 1):
+            yield f"{label}:row {row}", {}
+        return
+    row = 0
+    for batch in ds.select_columns(cols).iter(batch_size=_BATCH):
+        for values in zip(*(batch[c] for c in cols)):
+            row += 1
+            yield f"{label}:row {row}", dict(zip(cols, values))
+
+
+def _load_from_disk(path: Path) -> Any:
+    import datasets
+
+    if not any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        raise ValueError(
+            f"load_records: a folder must be written by datasets.Dataset.save_to_disk (with state.json or "
+            f"dataset_dict.json); got {str(path)!r}."
+        )
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(
+                f"load_records: a saved DatasetDict must have a 'train' split (save the split to load with "
+                f"ds[split].save_to_disk(...)); got splits {sorted(ds)} in {str(path)!r}."
+            )
+        ds = ds["train"]
+    return ds
+
+
+def _looks_local(src: str | os.PathLike[str]) -> bool:
+    """A ``PathLike``, an existing path, a data-file suffix or an explicit path prefix is local;
+    anything else (``"org/name"``) is a hub dataset name."""
+    if isinstance(src, os.PathLike):
+        return True
+    s = str(src)
+    if Path(s).expanduser().exists():
+        return True
+    return Path(s).suffix.lower() in _SUFFIXES or s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in s
+
+
+def _rows(src: str | os.PathLike[str], text_field: str, domain_field: str, partitioner: Any) -> tuple[str, Iterator[Row]]:
+    """``(label, rows)`` of one source (``label`` names it in messages)."""
+    fn = "load_records"
+    if not _looks_local(src):
+        import datasets
+
+        name = str(src)
+        ds = datasets.load_dataset(name, split="train")
+        return name, _dataset_rows(ds, name, text_field, domain_field, partitioner)
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise ValueError(f"{fn}: paths must be existing files or folders (or a hub dataset name); got missing {str(path)!r}.")
+    if path.is_dir():
+        return str(path), _dataset_rows(_load_from_disk(path), str(path), text_field, domain_field, partitioner)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return str(path), _jsonl_rows(path)
+    if suffix == ".json":
+        return str(path), _json_rows(path)
+    if suffix == ".parquet":
+        return str(path), _parquet_rows(path, text_field, domain_field, partitioner)
+    if suffix in (".csv", ".tsv"):
+        return str(path), _csv_rows(path, "," if suffix == ".csv" else "\t")
+    raise ValueError(
+        f"{fn}: paths must end in one of {list(_SUFFIXES)} or be a save_to_disk folder; got {str(path)!r} "
+        "(convert it, or load it with datasets and pass the folder written by save_to_disk)."
+    )
+
+
+# ---------------------------------------------------------------------------- public
+def _record_problem(rec: Mapping[str, Any], text_field: str, domain_field: str,
+                    partitioner: DomainPartitioner | None) -> tuple[str, str] | str:
+    """``(text, domain)`` of a record, or the reason it is bad."""
+    if text_field not in rec:
+        return f"missing field {text_field!r}"
+    text = rec[text_field]
+    if not isinstance(text, str):
+        return f"field {text_field!r} must be a str; got {text!r:.60}"
+    if partitioner is not None:
+        try:
+            domain = partitioner.assign(rec)
+        except (ValueError, TypeError) as e:
+            return f"the partitioner cannot assign a domain ({e})"
+    else:
+        if domain_field not in rec:
+            return f"missing field {domain_field!r}"
+        domain = rec[domain_field]
+    if not isinstance(domain, str) or not domain:
+        return f"the domain must be a non-empty str; got {domain!r:.60}"
+    return text, domain
+
+
+def load_records(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    text_field: str = "text",
+    domain_field: str = "domain",
+    partitioner: DomainPartitioner | None = None,
+    on_missing: str = "raise",
+    progress: bool = True,
+) -> datasets.Dataset:
+    """Read domain-labelled records from files, folders or a hub dataset into one dataset.
+
+    Args:
+        paths: one source or a sequence of them, read in order: ``.jsonl`` / ``.json`` (JSON
+            lines or a JSON array), ``.parquet``, ``.csv``, ``.tsv``, a ``save_to_disk`` folder
+            (a ``DatasetDict``'s ``"train"`` split), or a hub dataset name (a string that is not a
+            local path: ``datasets.load_dataset(name, split="train")``).
+        text_field: the field holding each record's text (a str; may be empty).
+        domain_field: the field holding each record's domain name (a non-empty str). Ignored
+            when ``partitioner`` is given.
+        partitioner: a ``ddk.DomainPartitioner`` (e.g. ``by_rules`` on a ``"source"`` field)
+            that assigns each record's domain from the whole record instead of ``domain_field``.
+        on_missing: ``"raise"`` (a ``ValueError`` listing the first bad records as
+            ``file:line: reason`` with their count) or ``"skip"`` (drop them and warn once with
+            the count per file). A bad record lacks the text or domain field, has a non-str text,
+            a domain that is not a non-empty str, is a corrupted JSON line, or is one the
+            partitioner rejects.
+        progress: show a tqdm bar per source.
+
+    Returns:
+        A ``datasets.Dataset`` with exactly the columns ``"text"`` and ``"domain"`` (both
+        ``string``), the records in file order and the sources concatenated in order. It is
+        built in memory.
+
+    Raises:
+        ValueError: a missing local file, an unsupported suffix, bad records with
+            ``on_missing="raise"``, a domain name that cannot name a file (contains ``/``, ``\\``
+            or NUL, or is ``.`` / ``..``; never skipped), or no records at all.
+        TypeError: arguments of the wrong type.
+    """
+    fn = "load_records"
+    if isinstance(paths, (str, os.PathLike)):
+        sources: list[str | os.PathLike[str]] = [paths]
+    elif isinstance(paths, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in paths):
+        sources = list(paths)
+    else:
+        raise TypeError(f"{fn}: paths must be a path, a dataset name or a sequence of them; got {paths!r:.80}.")
+    if not sources:
+        raise ValueError(f"{fn}: paths must name at least one source; got [].")
+    for arg, value in (("text_field", text_field), ("domain_field", domain_field)):
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{fn}: {arg} must be a non-empty str; got {value!r}.")
+    if on_missing not in ("raise", "skip"):
+        raise ValueError(f"{fn}: on_missing must be 'raise' or 'skip'; got {on_missing!r}.")
+    if partitioner is not None and not callable(getattr(partitioner, "assign", None)):
+        raise TypeError(f"{fn}: partitioner must be a ddk.DomainPartitioner or None; got {type(partitioner).__name__}.")
+
+    from tqdm.auto import tqdm
+
+    texts: list[str] = []
+    domains: list[str] = []
+    bad: list[str] = []  # the first _SHOW, as "location: reason"
+    bad_per_source: dict[str, int] = {}
+    for src in sources:
+        label, rows = _rows(src, text_field, domain_field, partitioner)
+        count = 0
+        for where, rec in tqdm(rows, desc=f"load {Path(label).name or label}", unit=" rec", disable=not progress):
+            got = rec.reason if isinstance(rec, _Bad) else _record_problem(rec, text_field, domain_field, partitioner)
+            if isinstance(got, str):
+                count += 1
+                if len(bad) < _SHOW:
+                    bad.append(f"{where}: {got}")
+                continue
+            text, domain = got
+            _check_domain_name(fn, domain, where)
+            texts.append(text)
+            domains.append(domain)
+        if count:
+            bad_per_source[label] = count
+
+    total_bad = sum(bad_per_source.values())
+    if total_bad:
+        listing = "\n  ".join(bad) + (f"\n  ... and {total_bad - len(bad)} more" if total_bad > len(bad) else "")
+        if on_missing == "raise":
+            field = "the partitioner's fields" if partitioner is not None else f"a non-empty str {domain_field!r}"
+            raise ValueError(
+                f"{fn}: every record must have a str {text_field!r} and {field}; got {total_bad} bad record(s) "
+                f"(fix them, or drop them with on_missing='skip', CLI flag --skip-bad-records):\n  {listing}"
+            )
+        per = ", ".join(f"{k}: {v}" for k, v in bad_per_source.items())
+        warnings.warn(f"{fn}: skipped {total_bad} bad record(s) ({per}); the first:\n  {listing}", stacklevel=2)
+    if not texts:
+        raise ValueError(f"{fn}: paths must hold at least one valid record; got none in {[str(s) for s in sources]}.")
+
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"text": texts, "domain": domains}, features=features)

@@ -1,0 +1,407 @@
+"""Tests of ``ddk.data.packing``: packing per domain, the stable split, the cache, the dataset and
+the collator, on a tiny local tokenizer (no hub access)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import re
+import warnings
+from typing import Any
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hf_models import domain_text, make_tokenizer, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ddk import MixtureSampler
+from ddk.data.packing import DomainCollator, DomainSequenceDataset, PackedDomains, pack_domains, tokenizer_hash
+from ddk.data.records import load_records
+from ddk.partition.partitioner import stable_unit_hash
+
+L = 16
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> datasets.Dataset:
+    path = write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", docs_per_domain=20, words=12)
+    return load_records(path, progress=False)
+
+
+def _docs(records: Any, domain: str) -> list[str]:
+    return [r["text"] for r in records if r["domain"] == domain]
+
+
+def _stream(tok: Any, texts: list[str]) -> np.ndarray:
+    """The oracle: every document's ids followed by EOS, concatenated."""
+    ids: list[int] = []
+    for t in texts:
+        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _hash_order(texts: list[str], seed: int = 0) -> list[int]:
+    return sorted(range(len(texts)), key=lambda i: (stable_unit_hash(texts[i], seed), i))
+
+
+def _split_of(tok: Any, packed: PackedDomains, d: int, texts: list[str], seed: int = 0) -> int:
+    """The number k of validation documents (a prefix of the hash order) that reproduces both
+    packed sides of domain ``d``; fails if no k does."""
+    val = np.asarray(packed.validation[d], dtype=np.int64).ravel()
+    train = np.asarray(packed.train[d], dtype=np.int64).ravel()
+    order = _hash_order(texts, seed)
+    for k in range(1, len(texts)):
+        vs = _stream(tok, [texts[i] for i in order[:k]])
+        if len(vs) < len(val) or not np.array_equal(vs[: len(val)], val):
+            continue
+        rest = sorted(order[k:])
+        ts = _stream(tok, [texts[i] for i in rest])
+        if len(ts) // L == len(train) // L and np.array_equal(ts[: len(train)], train):
+            return k
+    raise AssertionError(f"no hash-order prefix reproduces domain {packed.names[d]!r}")
+
+
+def _quiet(**kw: Any) -> dict[str, Any]:
+    return dict(seq_len=L, progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------- packing
+def test_pack_domains_windows_are_the_documents_joined_with_eos(tok, records):
+    half = len(records) // 2
+    train, val = records.select(range(half)), records.select(range(half, len(records)))
+    packed = pack_domains(train, tok, validation=val, **_quiet(val_samples=4))
+    assert packed.names == ("code", "math", "prose") and packed.seq_len == L and packed.root is None
+    assert packed.eos_token_id == tok.eos_token_id
+    for d, name in enumerate(packed.names):
+        for side, src, limit in (("train", train, None), ("validation", val, 4)):
+            arr = getattr(packed, side)[d]
+            assert isinstance(arr, np.ndarray) and arr.dtype == np.int32 and arr.ndim == 2 and arr.shape[1] == L
+            stream = _stream(tok, _docs(src, name))
+            n = len(stream) // L if limit is None else min(limit, len(stream) // L)
+            assert arr.shape[0] == n >= 1, (side, name)
+            np.testing.assert_array_equal(arr.ravel(), stream[: n * L])  # within the domain only: never mixed
+    assert packed.sizes == [a.shape[0] for a in packed.train]
+
+
+def test_pack_domains_hash_split_is_a_prefix_of_the_hash_order(tok, records):
+    packed = pack_domains(records, tok, **_quiet(val_samples=3))
+    for d, name in enumerate(packed.names):
+        texts = _docs(records, name)
+        k = _split_of(tok, packed, d, texts)
+        order = _hash_order(texts)
+        assert packed.validation[d].shape[0] == 3
+        # k is the first prefix holding val_samples sequences
+        assert len(_stream(tok, [texts[i] for i in order[: k - 1]])) < 3 * L <= len(_stream(tok, [texts[i] for i in order[:k]]))
+
+
+def test_pack_domains_list_of_dicts_and_pretokenized_ids_give_the_same_arrays(tok, records):
+    ref = pack_domains(records, tok, **_quiet(val_samples=3))
+    as_list = pack_domains(list(records), tok, **_quiet(val_samples=3))
+    ids = [{"domain": r["domain"], "text": r["text"], "input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]}
+           for r in records]
+    pre = pack_domains(datasets.Dataset.from_list(ids), tok, **_quiet(val_samples=3))
+    for other in (as_list, pre):
+        assert other.names == ref.names
+        for a, b in zip(ref.train + ref.validation, other.train + other.validation):
+            np.testing.assert_array_equal(a, b)
+    only_ids = pack_domains([{"domain": r["domain"], "input_ids": r["input_ids"]} for r in ids], tok, **_quiet(val_samples=3))
+    assert [a.shape[0] for a in only_ids.validation] == [3, 3, 3]
+    for d, name in enumerate(only_ids.names):  # every token still from its own domain's documents
+        allowed = set(np.concatenate([_stream(tok, _docs(records, name))]).tolist())
+        assert set(only_ids.train[d].ravel().tolist()) <= allowed
+
+
+def test_pack_domains_domains_keeps_only_the_named_ones(tok, records):
+    packed = pack_domains(records, tok, domains=["prose", "code"], **_quiet(val_samples=2))
+    assert packed.names == ("code", "prose")
+    with pytest.raises(ValueError, match=re.escape("pack_domains: domains must be names found in records ['code', 'math', 'prose']; got unknown ['web'].")):
+        pack_domains(records, tok, domains=["code", "web"], **_quiet())
+
+
+# ----------------------------------------------------------------------------- split
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**20), n_new=st.integers(1, 30))
+def test_pack_domains_adding_documents_never_moves_training_documents_to_validation(tok, records, seed, n_new):
+    rng = random.Random(seed)
+    base = list(records)
+    added = base + [{"domain": "math", "text": domain_text("math", rng, 12)} for _ in range(n_new)]
+    before = pack_domains(base, tok, **_quiet(val_samples=3))
+    after = pack_domains(added, tok, **_quiet(val_samples=3))
+    d = before.names.index("math")
+    old, new = _docs(base, "math"), _docs(added, "math")
+    k_old, k_new = _split_of(tok, before, d, old), _split_of(tok, after, d, new)
+    val_old = {old[i] for i in _hash_order(old)[:k_old]}
+    val_new = {new[i] for i in _hash_order(new)[:k_new]}
+    assert (val_new & set(old)) <= val_old  # no old training document entered validation
+    # the validation documents that left are the highest-hash ones
+    left, stayed = val_old - val_new, val_old & val_new
+    if left and stayed:
+        assert min(stable_unit_hash(t) for t in left) > max(stable_unit_hash(t) for t in stayed)
+    # the other domains did not change at all
+    for e, name in enumerate(before.names):
+        if name != "math":
+            np.testing.assert_array_equal(before.validation[e], after.validation[e])
+            np.testing.assert_array_equal(before.train[e], after.train[e])
+
+
+def test_pack_domains_documents_hashing_above_the_cutoff_change_no_side(tok, records):
+    base = list(records)
+    before = pack_domains(base, tok, **_quiet(val_samples=3))
+    d = before.names.index("code")
+    old = _docs(base, "code")
+    cutoff = stable_unit_hash(old[_hash_order(old)[_split_of(tok, before, d, old) - 1]])
+    rng = random.Random(1)
+    high = [t for t in (domain_text("code", rng, 12) for _ in range(200)) if stable_unit_hash(t) > cutoff][:10]
+    after = pack_domains(base + [{"domain": "code", "text": t} for t in high], tok, **_quiet(val_samples=3))
+    np.testing.assert_array_equal(after.validation[d], before.validation[d])
+    # appended at the end, the new documents only extend the training stream
+    np.testing.assert_array_equal(after.train[d][: before.train[d].shape[0]], before.train[d])
+    assert after.train[d].shape[0] > before.train[d].shape[0]
+
+
+def test_pack_domains_warns_once_when_validation_is_capped(tok, records):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        packed = pack_domains(records, tok, **_quiet(val_samples=1000, max_val_fraction=0.25))
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert msg.startswith("pack_domains: validation capped at max_val_fraction=0.25 of each domain's documents, below val_samples=1000 sequences, for ")
+    for d, name in enumerate(packed.names):
+        assert f"{name!r} ({packed.validation[d].shape[0]})" in msg
+        assert _split_of(tok, packed, d, _docs(records, name)) == int(0.25 * 20)  # exactly the cap
+
+
+def test_pack_domains_too_small_domain_is_an_error(tok, records):
+    small = list(records) + [{"domain": "tiny", "text": "def x"}, {"domain": "tiny", "text": "return y"}]
+    with pytest.raises(ValueError) as e:
+        pack_domains(small, tok, **_quiet(val_samples=2))
+    msg = str(e.value)
+    assert msg.startswith("pack_domains: domain 'tiny' must give at least one training and one validation sequence of seq_len=16 tokens; got 0 training and 0 validation")
+    assert "tokens (2 documents" in msg and "Lower seq_len or val_samples, or add data to 'tiny'." in msg
+
+
+def test_pack_domains_validation_records(tok, records):
+    val = [{"domain": d, "text": " ".join([d] * 40)} for d in ("code", "math", "prose")]
+    packed = pack_domains(records, tok, validation=datasets.Dataset.from_list(val), **_quiet(val_samples=2))
+    for d, name in enumerate(packed.names):
+        np.testing.assert_array_equal(packed.validation[d].ravel(), _stream(tok, [val[d]["text"]])[: 2 * L])
+        np.testing.assert_array_equal(packed.train[d].ravel(), _stream(tok, _docs(records, name))[: packed.sizes[d] * L])
+    with pytest.raises(ValueError, match=re.escape("pack_domains: validation must have exactly the training domains ['code', 'math', 'prose']; got missing ['prose'], extra ['web'].")):
+        pack_domains(records, tok, validation=val[:2] + [{"domain": "web", "text": "a b"}], **_quiet())
+    packed = pack_domains(records, tok, validation=val, domains=["math"], **_quiet(val_samples=2))  # others dropped on both sides
+    assert packed.names == ("math",)
+
+
+def test_pack_domains_bad_arguments(tok, records):
+    with pytest.raises(ValueError, match=re.escape("pack_domains: seq_len must be an int >= 2; got 1.")):
+        pack_domains(records, tok, seq_len=1, progress=False)
+    with pytest.raises(ValueError, match=re.escape("pack_domains: val_samples must be an int >= 1; got 0.")):
+        pack_domains(records, tok, **_quiet(val_samples=0))
+    with pytest.raises(ValueError, match=re.escape("pack_domains: max_val_fraction must be in (0, 1); got 1.0.")):
+        pack_domains(records, tok, **_quiet(max_val_fraction=1.0))
+    with pytest.raises(ValueError, match=re.escape("pack_domains: records must have a 'domain' column and a 'text' (or pre-tokenized 'input_ids') column; got columns ['body', 'domain'].")):
+        pack_domains([{"domain": "a", "body": "x"}], tok, **_quiet())
+    with pytest.raises(ValueError, match=re.escape("pack_domains: records[1]['domain'] must be a non-empty str; got 3.")):
+        pack_domains([{"domain": "a", "text": "x"}, {"domain": 3, "text": "y"}], tok, **_quiet())
+    with pytest.raises(ValueError, match=re.escape("pack_domains: domain names must not contain '/'")):
+        pack_domains([{"domain": "a/b", "text": "x"}], tok, **_quiet())
+    with pytest.raises(ValueError, match=re.escape("pack_domains: records[0]['input_ids'] must be a list of ints; got [0.5].")):
+        pack_domains([{"domain": "a", "input_ids": [0.5]}], tok, **_quiet())
+    with pytest.raises(TypeError, match="pack_domains: records must be a datasets.Dataset"):
+        pack_domains("c.jsonl", tok, **_quiet())
+    with pytest.raises(TypeError, match=re.escape("pack_domains: records must be a map-style datasets.Dataset (pick a split")):
+        pack_domains(datasets.DatasetDict({"train": records}), tok, **_quiet())
+    with pytest.raises(ValueError, match="pack_domains: records must hold at least one record; got 0."):
+        pack_domains([], tok, **_quiet())
+
+
+def test_pack_domains_tokenizer_without_eos_is_an_error(tok, records):
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(ValueError, match=re.escape("pack_domains: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. Set tokenizer.eos_token")):
+        pack_domains(records, NoEos(), **_quiet())
+
+
+# ----------------------------------------------------------------------------- cache
+def test_pack_domains_cache_hit_memory_maps_without_tokenizing(tok, records, tmp_path, monkeypatch):
+    first = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert first.root == tmp_path / first.key
+    files = sorted(p.name for p in first.root.iterdir())
+    assert files == ["meta.json", "train_0.bin", "train_1.bin", "train_2.bin",
+                     "validation_0.bin", "validation_1.bin", "validation_2.bin"]  # by index, never by name
+    assert [p.name for p in tmp_path.iterdir()] == [first.key]  # the temp folder was renamed
+    meta = json.loads((first.root / "meta.json").read_text())
+    assert meta["names"] == ["code", "math", "prose"] and meta["seq_len"] == L and meta["eos_token_id"] == tok.eos_token_id
+    assert meta["tokenizer_hash"] == tokenizer_hash(tok)
+    assert [e["shape"] for e in meta["train"]] == [[n, L] for n in first.sizes]
+    assert all(len(e["sha256"]) == 64 for e in meta["train"] + meta["validation"])
+
+    def no_tokenizing(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the tokenizer must not be called on a cache hit")
+
+    monkeypatch.setattr(type(tok), "__call__", no_tokenizing)
+    again = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert again.key == first.key and again.names == first.names
+    monkeypatch.undo()
+    uncached = pack_domains(records, tok, **_quiet(val_samples=3))
+    for a, b, c in zip(again.train + again.validation, first.train + first.validation, uncached.train + uncached.validation):
+        assert isinstance(a, np.memmap) and a.dtype == np.int32
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert uncached.key == first.key
+
+
+def test_pack_domains_cache_key_changes_with_contents_and_options(tok, records):
+    recs = list(records)
+    key = pack_domains(recs, tok, **_quiet(val_samples=3)).key
+    edited = [dict(r) for r in recs]
+    edited[7]["text"] += " x"
+    relabelled = [dict(r) for r in recs]
+    relabelled[7]["domain"] = "math" if relabelled[7]["domain"] != "math" else "code"
+    keys = {
+        pack_domains(edited, tok, **_quiet(val_samples=3)).key,
+        pack_domains(relabelled, tok, **_quiet(val_samples=3)).key,
+        pack_domains(recs[::-1], tok, **_quiet(val_samples=3)).key,
+        pack_domains(recs, tok, **_quiet(val_samples=4)).key,
+        pack_domains(recs, tok, **_quiet(val_samples=3, seed=1)).key,
+        pack_domains(recs, tok, seq_len=L + 1, val_samples=3, progress=False).key,
+        pack_domains(recs, tok, **_quiet(val_samples=3, max_val_fraction=0.4)).key,
+        pack_domains(recs, tok, **_quiet(val_samples=3, domains=["code", "math"])).key,
+    }
+    assert key not in keys and len(keys) == 8
+
+
+def test_pack_domains_damaged_cache_is_an_error(tok, records, tmp_path):
+    packed = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    f = packed.root / "validation_1.bin"
+    data = bytearray(f.read_bytes())
+    data[0] ^= 1
+    f.write_bytes(bytes(data))  # same size: passes the cheap check, fails verify=True
+    pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    with pytest.raises(ValueError, match=re.escape(f"pack_domains: cache file {f} must have sha256 ")):
+        pack_domains(records, tok, cache_dir=tmp_path, verify=True, **_quiet(val_samples=3))
+    f.write_bytes(bytes(data[:-4]))
+    with pytest.raises(ValueError, match=re.escape(f"pack_domains: cache file {f} must hold {len(data)} bytes") + r".*delete .* to rebuild it"):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+
+
+def test_pack_domains_failed_build_leaves_no_cache(tok, records, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = type(tok).__call__
+
+    def dies_later(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # as a killed build
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(tok), "__call__", dies_later)
+    with pytest.raises(KeyboardInterrupt):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    packed = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert (packed.root / "meta.json").is_file()
+
+
+# ----------------------------------------------------------------------------- dataset / collator
+def test_domain_sequence_dataset_indices_agree_with_mixture_sampler(tok, records, tmp_path):
+    packed = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    ds = packed.train_dataset()
+    assert ds.domain_names == packed.names and ds.domain_sizes == tuple(packed.sizes) and len(ds) == sum(packed.sizes)
+    assert ds.offsets == (0, packed.sizes[0], packed.sizes[0] + packed.sizes[1])
+    sampler = MixtureSampler(ds.domain_sizes, global_batch_size=6, weights=[0.5, 0.3, 0.2], seed=0, num_batches=5)
+    assert ds.offsets == sampler.offsets
+    for i in range(len(ds)):
+        item = ds[i]
+        d = item["domain_id"]
+        assert d == sampler.domain_of(i)
+        assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape == (L,)
+        np.testing.assert_array_equal(item["input_ids"].numpy(), packed.train[d][i - ds.offsets[d]])
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=DomainCollator())
+    for batch in loader:
+        assert batch["input_ids"].shape == (6, L) and "attention_mask" not in batch
+    with pytest.raises(IndexError, match=re.escape(f"DomainSequenceDataset: index must be in [0, {len(ds)}); got {len(ds)}.")):
+        ds[len(ds)]
+    assert ds[-1]["domain_id"] == 2 and ds[np.int64(0)]["domain_id"] == 0
+    clone = pickle.loads(pickle.dumps(ds))  # a DataLoader worker gets the files, not their contents
+    assert isinstance(clone._arrays[0], np.memmap) and torch.equal(clone[5]["input_ids"], ds[5]["input_ids"])
+
+
+def test_packed_domains_validation_sets(tok, records):
+    packed = pack_domains(records, tok, **_quiet(val_samples=5))
+    batches = packed.validation_batches(2)
+    assert list(batches) == list(packed.names)
+    for d, name in enumerate(packed.names):
+        assert [b["input_ids"].shape for b in batches[name]] == [(2, L), (2, L), (1, L)]
+        assert all(b["input_ids"].dtype == torch.int64 for b in batches[name])
+        np.testing.assert_array_equal(torch.cat([b["input_ids"] for b in batches[name]]).numpy(), packed.validation[d])
+    one = packed.validation_dataset("math")
+    assert one.domain_names == ("math",) and len(one) == 5 and one[0]["domain_id"] == 0
+    assert packed.validation_dataset(1).domain_names == ("math",)
+    with pytest.raises(ValueError, match=re.escape("PackedDomains.validation_dataset: domain must be one of ['code', 'math', 'prose']; got 'web'.")):
+        packed.validation_dataset("web")
+    with pytest.raises(ValueError, match=re.escape("PackedDomains.validation_batches: batch_size must be an int >= 1; got 0.")):
+        packed.validation_batches(0)
+    assert "train=[" in repr(packed)
+
+
+def test_domain_collator_stacks_equal_lengths():
+    feats = [{"input_ids": torch.arange(4), "domain_id": 2}, {"input_ids": np.arange(4, 8), "domain_id": np.int64(0)}]
+    out = DomainCollator()(feats)
+    assert sorted(out) == ["domain_ids", "input_ids", "labels"]
+    assert out["input_ids"].dtype == out["labels"].dtype == out["domain_ids"].dtype == torch.int64
+    assert out["input_ids"].shape == out["labels"].shape == (2, 4) and out["domain_ids"].tolist() == [2, 0]
+    assert torch.equal(out["labels"], out["input_ids"])  # unshifted
+    out["labels"][0, 0] = 99
+    assert out["input_ids"][0, 0] == 0  # labels are a copy
+
+
+def test_domain_collator_pads_unequal_lengths():
+    feats = [{"input_ids": [1, 2], "domain_id": 0}, {"input_ids": [3, 4, 5, 6], "domain_id": 1, "labels": [-100, 4, 5, 6]}]
+    out = DomainCollator(pad_token_id=7, ignore_index=-1)(feats)
+    assert out["input_ids"].tolist() == [[1, 2, 7, 7], [3, 4, 5, 6]]
+    assert out["labels"].tolist() == [[1, 2, -1, -1], [-100, 4, 5, 6]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and out["attention_mask"].dtype == torch.int64
+    with pytest.raises(ValueError, match=re.escape("DomainCollator: features must all have the same length when pad_token_id is None; got lengths [2, 4] (pass DomainCollator(pad_token_id=tokenizer.pad_token_id)).")):
+        DomainCollator()(feats)
+
+
+def test_domain_collator_bad_features():
+    c = DomainCollator()
+    with pytest.raises(ValueError, match=re.escape("DomainCollator: features[0] must be a mapping with 'input_ids' and 'domain_id' (items of DomainSequenceDataset); got ['input_ids'].")):
+        c([{"input_ids": [1]}])
+    with pytest.raises(ValueError, match=re.escape("DomainCollator: features must be a non-empty list of mappings")):
+        c([])
+    with pytest.raises(ValueError, match=re.escape("DomainCollator: features[0]['domain_id'] must be a non-negative int; got -1.")):
+        c([{"input_ids": [1], "domain_id": -1}])
+    with pytest.raises(ValueError, match=re.escape("DomainCollator: features[0]['input_ids'] must be a 1-D sequence of ints; got shape (1, 2), dtype torch.int64.")):
+        c([{"input_ids": [[1, 2]], "domain_id": 0}])
+    with pytest.raises(ValueError, match=re.escape("DomainCollator: pad_token_id must be a non-negative int or None; got -1.")):
+        DomainCollator(pad_token_id=-1)
+
+
+def test_tokenizer_hash_is_stable_and_sees_the_vocabulary(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    h = tokenizer_hash(tok)
+    assert re.fullmatch(r"[0-9a-f]{16}", h)
+    tok.save_pretrained(str(tmp_path / "t"))
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "t"))
+    assert tokenizer_hash(reloaded) == h
+    reloaded("some text to tokenize", add_special_tokens=False)
+    assert tokenizer_hash(reloaded) == h  # calling it does not change it
+    reloaded.add_tokens(["<|new|>"])
+    assert tokenizer_hash(reloaded) != h
+    other = make_tokenizer(tmp_path / "other", vocab_size=320)
+    assert tokenizer_hash(other) != h
