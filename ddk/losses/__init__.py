@@ -1,8 +1,9 @@
-"""Public KD losses of DDK: on logits (``kd_loss``) and fused with the ``lm_head``
-(``fused_linear_kd_loss``, never materialising ``(N, V)`` logits)."""
+"""Public KD losses of DDK: on logits (``kd_loss``), fused with the ``lm_head``
+(``fused_linear_kd_loss``, never materialising ``(N, V)`` logits) and on a transformers
+causal-LM pair (``causal_lm_kd_loss``); all share one batch convention (``flatten_for_loss``)."""
 
 from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss
-from ddk.losses.kd import KDLoss, kd_loss
+from ddk.losses.kd import KDLoss, flatten_for_loss, kd_loss
 from ddk_kernels.types import KDLossOutput
 
-__all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossOutput", "causal_lm_kd_loss", "fused_linear_kd_loss", "kd_loss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossOutput", "causal_lm_kd_loss", "flatten_for_loss", "fused_linear_kd_loss", "kd_loss"]

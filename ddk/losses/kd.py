@@ -1,9 +1,12 @@
-"""Public KD loss on logits: ``kd_loss`` and its ``nn.Module`` wrapper ``KDLoss``."""
+"""Public KD loss on logits: ``kd_loss`` and its ``nn.Module`` wrapper ``KDLoss``, and the batch
+convention shared by every DDK loss (:func:`flatten_for_loss`): rows ``(N, ...)`` or Hugging Face
+style batches ``(B, L, ...)`` with unshifted ``(B, L)`` labels and domain ids ``(B,)`` / ``(B, L)``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +20,158 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
+
+
+def _got(t: Any) -> str:
+    """The shape of a tensor, else the type name of what was passed instead."""
+    return _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+_LABELS_SHAPES = "labels must be (N,), or (B, L) with 3-D inputs"
+_DOMAIN_SHAPES = "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs"
+
+
+def _flatten_labels_domains(
+    labels: torch.Tensor,
+    domain_ids: torch.Tensor | None,
+    batch_shape: tuple[int, int],
+    *,
+    shift: bool = False,
+    ignore_index: int = -100,
+    fn: str = "_flatten_labels_domains",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The label half of :func:`flatten_for_loss`: ``(B, L)`` labels and domain ids to ``(B * L,)`` rows.
+
+    Args:
+        labels: ``(B, L)`` integer labels, unshifted (Hugging Face convention).
+        domain_ids: ``(B,)`` (one domain per sequence, expanded to its tokens), ``(B, L)`` (per
+            token) integer domain ids, or None.
+        batch_shape: ``(B, L)``.
+        shift: next-token prediction: row ``(b, i)`` gets label ``(b, i + 1)`` (and, per token,
+            domain ``(b, i + 1)``, the domain of the label token); the last row of each sequence
+            gets ``ignore_index``.
+        ignore_index: label of the rows that contribute nothing.
+        fn: function name of the error messages.
+
+    Returns:
+        ``(labels (B * L,), domain_ids (B * L,) or None)`` in the input dtypes.
+
+    Raises:
+        ValueError: ``labels`` is not ``(B, L)`` or ``domain_ids`` neither ``(B,)`` nor ``(B, L)``.
+
+    Example:
+        >>> import torch
+        >>> from ddk.losses.kd import _flatten_labels_domains
+        >>> y, d = _flatten_labels_domains(torch.tensor([[5, 6, 7]]), torch.tensor([2]), (1, 3), shift=True)
+        >>> y.tolist(), d.tolist()
+        ([6, 7, -100], [2, 2, 2])
+    """
+    b, seq = batch_shape
+    where = f" with (B, L)=({b}, {seq})."
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (b, seq):
+        raise ValueError(f"{fn}: {_LABELS_SHAPES}; got {_got(labels)}{where}")
+    if domain_ids is not None:
+        if not isinstance(domain_ids, torch.Tensor) or tuple(domain_ids.shape) not in ((b,), (b, seq)):
+            raise ValueError(f"{fn}: {_DOMAIN_SHAPES}; got {_got(domain_ids)}{where}")
+        if domain_ids.dim() == 1:
+            domain_ids = domain_ids[:, None].expand(b, seq)
+        elif shift:
+            # the domain of the label token; the last column's rows are ignored (any valid id will do)
+            domain_ids = domain_ids.roll(-1, dims=1)
+        domain_ids = domain_ids.reshape(b * seq)
+    if shift and seq > 0:
+        labels = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
+    return labels.reshape(b * seq), domain_ids
+
+
+def flatten_for_loss(
+    inputs: Sequence[torch.Tensor | None],
+    labels: torch.Tensor,
+    domain_ids: torch.Tensor | None = None,
+    *,
+    shift: bool = False,
+    ignore_index: int = -100,
+    names: Sequence[str] | None = None,
+    fn: str = "flatten_for_loss",
+) -> tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None]:
+    """The batch convention of every DDK loss: ``(B, L, ...)`` per-token tensors to ``(N, ...)`` rows.
+
+    2-D inputs ``(N, X)`` (labels and domain ids ``(N,)``) pass through unchanged. 3-D inputs
+    ``(B, L, X)`` (every tensor with the same ``B`` and ``L``; labels ``(B, L)``; domain ids ``(B,)``
+    per sequence or ``(B, L)`` per token) become ``N = B * L`` rows: views of the inputs, no copy for
+    contiguous ones. With ``shift=True`` (3-D only), position ``i`` predicts label ``i + 1``: the
+    shift is applied to the labels (and per-token domain ids: the domain of the label token), and
+    the last position of each sequence, which predicts nothing, gets ``ignore_index``. So the
+    loss, sums and counts are exactly those over the ``B * (L - 1)`` shifted tokens while the
+    inputs are never sliced or copied.
+
+    Args:
+        inputs: the per-token float tensors, first the one that decides the layout (e.g. student
+            logits ``(N, V)`` / ``(B, L, V)``); None and non-tensors pass through.
+        labels: ``(N,)`` or ``(B, L)`` integer labels, unshifted.
+        domain_ids: ``(N,)``, or ``(B,)`` / ``(B, L)`` with 3-D inputs; or None.
+        shift: next-token shift (3-D inputs only).
+        ignore_index: label of the rows that contribute nothing.
+        names: argument names of ``inputs`` for the error messages.
+        fn: function name of the error messages.
+
+    Returns:
+        ``(inputs as (N, X) rows, labels (N,), domain_ids (N,) or None)``; labels and domain ids
+        keep their dtypes (checked by the losses).
+
+    Raises:
+        ValueError: shapes that do not fit the convention (each message names the accepted shapes
+            and the actual one), or ``shift=True`` with 2-D inputs.
+
+    Example:
+        >>> import torch
+        >>> from ddk.losses.kd import flatten_for_loss
+        >>> (rows,), y, d = flatten_for_loss([torch.zeros(2, 3, 5)], torch.tensor([[1, 2, 3], [4, 5, 6]]),
+        ...                                   torch.tensor([0, 1]), shift=True)
+        >>> tuple(rows.shape), y.tolist(), d.tolist()
+        ((6, 5), [2, 3, -100, 5, 6, -100], [0, 0, 0, 1, 1, 1])
+    """
+    names = tuple(names) if names is not None else tuple(f"inputs[{i}]" for i in range(len(inputs)))
+    first = inputs[0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 3:
+        if shift and isinstance(first, torch.Tensor):
+            raise ValueError(
+                f"{fn}: shift=True needs 3-D inputs ({names[0]} (B, L, ...) and labels (B, L)) to shift within "
+                f"each sequence; got {names[0]} of shape {_shape(first)}. Pass (B, L, ...) inputs, or shift the "
+                "labels yourself and keep shift=False."
+            )
+        return tuple(inputs), labels, domain_ids
+    b, seq = first.shape[0], first.shape[1]
+    for name, t in zip(names[1:], inputs[1:]):
+        if isinstance(t, torch.Tensor) and (t.dim() != 3 or tuple(t.shape[:2]) != (b, seq)):
+            raise ValueError(
+                f"{fn}: {name} must be 3-D (B, L, ...) like {names[0]}; got {_shape(t)} with (B, L)=({b}, {seq})."
+            )
+    labels, domain_ids = _flatten_labels_domains(
+        labels, domain_ids, (b, seq), shift=shift, ignore_index=ignore_index, fn=fn
+    )
+    rows = tuple(t.reshape(b * seq, t.shape[2]) if isinstance(t, torch.Tensor) else t for t in inputs)
+    return rows, labels, domain_ids
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts matmul inputs to on ``device``, None when it is off there."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _autocast_off(device: torch.device) -> Iterator[None]:
+    """Disable autocast on ``device`` inside the loss: its kernels choose their own precision."""
+    if _autocast_dtype(device) is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
 
 
 def validate_kd_options(
@@ -62,8 +217,7 @@ def validate_labels_domains(
     only when ``check_values`` (one min/max reduction per tensor and one host sync in all).
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
-        got = _shape(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"{fn}: labels must be a 1-D tensor of length N={n}; got {got}.")
+        raise ValueError(f"{fn}: {_LABELS_SHAPES}; got {_got(labels)} with N={n}.")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{fn}: labels must be int64 or int32; got {labels.dtype}.")
     if labels.device != device:
@@ -75,8 +229,7 @@ def validate_labels_domains(
             _check_ranges(fn, vocab, labels, None, 1, ignore_index)
         return 1
     if not isinstance(domain_ids, torch.Tensor) or domain_ids.dim() != 1 or domain_ids.shape[0] != n:
-        got = _shape(domain_ids) if isinstance(domain_ids, torch.Tensor) else type(domain_ids).__name__
-        raise ValueError(f"{fn}: domain_ids must be a 1-D tensor of length N={n}; got {got}.")
+        raise ValueError(f"{fn}: {_DOMAIN_SHAPES}; got {_got(domain_ids)} with N={n}.")
     if domain_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{fn}: domain_ids must be int64 or int32; got {domain_ids.dtype}.")
     if domain_ids.device != device:
@@ -128,6 +281,7 @@ def kd_loss(
     normalizer: float | torch.Tensor | None = None,
     backend: str = "auto",
     check_inputs: bool | None = None,
+    shift: bool = False,
 ) -> KDLossOutput:
     """DDK's distillation objective on given logits: ``CE(student, labels) + gamma * D(p_T, p_S)``.
 
@@ -137,12 +291,22 @@ def kd_loss(
     is ``beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)`` with ``m = beta p_T + (1 - beta) p_S``
     (``beta = 0``: forward KL, ``beta = 1``: reverse KL). The CE term always uses temperature 1.
 
+    Inputs are rows ``(N, V)`` or batches ``(B, L, V)`` (see :func:`flatten_for_loss`); with
+    ``shift=True`` position ``i`` of a sequence predicts label ``i + 1``, as in a causal LM.
+    The row math runs in float32 (float64 for float64 logits) whatever the input dtype; autocast is
+    disabled inside the loss, so under ``torch.autocast`` bfloat16 logits are used as they are.
+
     Args:
-        student_logits: ``(N, V)`` float32/bfloat16/float16/float64, requires grad as needed.
-        teacher_logits: ``(N, Vt)`` same device, ``Vt >= V``; extra teacher columns (padding
-            rows of a larger embedding) are sliced off. Never differentiated.
-        labels: ``(N,)`` int64 in ``[0, V)`` or ``ignore_index``.
-        domain_ids: ``(N,)`` int64 in ``[0, num_domains)``; None puts every token in domain 0.
+        student_logits: ``(N, V)`` or ``(B, L, V)`` float32/bfloat16/float16/float64, requires
+            grad as needed.
+        teacher_logits: ``(N, Vt)`` or ``(B, L, Vt)`` (the leading dims of ``student_logits``),
+            any float dtype, same device, ``Vt >= V``; extra teacher columns (padding rows of a
+            larger embedding) are sliced off. Never differentiated.
+        labels: ``(N,)`` or ``(B, L)`` int64/int32 in ``[0, V)`` or ``ignore_index``; unshifted
+            with ``shift=True``.
+        domain_ids: ``(N,)``, or with 3-D inputs ``(B,)`` (one domain per sequence) or ``(B, L)``
+            (per token; with ``shift=True`` the domain of the label token counts), int64/int32 in
+            ``[0, num_domains)``; None puts every token in domain 0.
         num_domains: D, required with ``domain_ids``.
         gamma: weight of the divergence (paper default 0.2).
         temperature: T of the divergence (paper default 1.0).
@@ -157,29 +321,44 @@ def kd_loss(
             Default: on for CPU tensors, off on accelerators so the training step never waits on the
             host (pass True to check there too: unchecked out-of-range labels give a NaN loss on
             Triton, which ``ddk.reliability.NonFiniteGuard`` catches, or a device-side error).
+        shift: next-token shift inside the loss (3-D inputs only): the last position of the
+            logits and the first label of every sequence are dropped.
 
     Returns:
         ``KDLossOutput``: differentiable scalar ``loss`` (float32; float64 for float64 inputs)
-        and detached sums, counts and ``(D,)`` per-domain sums.
+        and detached sums, counts and ``(D,)`` per-domain sums over the (shifted) tokens.
+
+    Raises:
+        TypeError, ValueError: bad input, named in the message with the expected shape or value.
 
     Example:
         >>> import torch, ddk
-        >>> zs = torch.randn(6, 11, requires_grad=True)
-        >>> zt = torch.randn(6, 11)
-        >>> labels = torch.tensor([1, 2, 3, -100, 4, 5])
-        >>> out = ddk.kd_loss(zs, zt, labels, domain_ids=torch.tensor([0, 1, 1, 0, 2, 2]), num_domains=3)
+        >>> zs = torch.randn(2, 4, 11, requires_grad=True)
+        >>> zt = torch.randn(2, 4, 13)
+        >>> labels = torch.tensor([[1, 2, 3, -100], [4, 5, 6, 7]])
+        >>> out = ddk.kd_loss(zs, zt, labels, domain_ids=torch.tensor([0, 2]), num_domains=3, shift=True)
         >>> out.loss.backward()
         >>> out.domain_tokens.tolist()
-        [1, 2, 2]
+        [2, 0, 3]
     """
     fn = "kd_loss"
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(t).__name__}.")
-        if t.dim() != 2 or t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{fn}: {name} must be a 2-D float tensor (N, V); got shape {_shape(t)} and dtype {t.dtype}."
-            )
+    if student_logits.dim() not in (2, 3) or student_logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{fn}: student_logits must be a 2-D (N, V) or 3-D (B, L, V) float tensor; "
+            f"got shape {_shape(student_logits)} and dtype {student_logits.dtype}."
+        )
+    if teacher_logits.dim() != student_logits.dim() or teacher_logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{fn}: teacher_logits must be a {student_logits.dim()}-D float tensor like student_logits; "
+            f"got shape {_shape(teacher_logits)} and dtype {teacher_logits.dtype}."
+        )
+    (student_logits, teacher_logits), labels, domain_ids = flatten_for_loss(
+        (student_logits, teacher_logits), labels, domain_ids, shift=shift, ignore_index=ignore_index,
+        names=("student_logits", "teacher_logits"), fn=fn,
+    )
     n, vocab = student_logits.shape
     if teacher_logits.shape[0] != n:
         raise ValueError(
@@ -213,17 +392,18 @@ def kd_loss(
         teacher = teacher.contiguous()
     if student_logits.stride(-1) != 1:
         student_logits = student_logits.contiguous()
-    ce, kd = row_losses(student_logits, teacher, labels, config)
-    return reduce_kd_rows(
-        ce,
-        kd,
-        labels != ignore_index,
-        domain_ids,
-        d,
-        float(gamma),
-        float(temperature) ** 2 if t2_scale else 1.0,
-        normalizer,
-    )
+    with _autocast_off(student_logits.device):
+        ce, kd = row_losses(student_logits, teacher, labels, config)
+        return reduce_kd_rows(
+            ce,
+            kd,
+            labels != ignore_index,
+            domain_ids,
+            d,
+            float(gamma),
+            float(temperature) ** 2 if t2_scale else 1.0,
+            normalizer,
+        )
 
 
 class KDLossConfigModule(nn.Module):
@@ -273,8 +453,8 @@ class KDLossConfigModule(nn.Module):
 class KDLoss(KDLossConfigModule):
     """``nn.Module`` wrapper of :func:`kd_loss` holding only its configuration.
 
-    ``forward(student_logits (N, V), teacher_logits (N, Vt), labels (N,), domain_ids=None,
-    normalizer=None) -> KDLossOutput``.
+    ``forward(student_logits (N, V) | (B, L, V), teacher_logits (N, Vt) | (B, L, Vt), labels
+    (N,) | (B, L), domain_ids=None, normalizer=None, *, shift=False) -> KDLossOutput``.
     """
 
     def forward(
@@ -284,10 +464,12 @@ class KDLoss(KDLossConfigModule):
         labels: torch.Tensor,
         domain_ids: torch.Tensor | None = None,
         normalizer: float | torch.Tensor | None = None,
+        *,
+        shift: bool = False,
     ) -> KDLossOutput:
         return kd_loss(
             student_logits, teacher_logits, labels,
             domain_ids=domain_ids,
             num_domains=self.num_domains if domain_ids is not None else None,
-            normalizer=normalizer, **self.options(),
+            normalizer=normalizer, shift=shift, **self.options(),
         )

@@ -1,6 +1,7 @@
 """Public ``fused_linear_kd_loss``: oracle agreement through the public API, per-domain sums,
-normalizer, memory (no ``(N, V)`` buffer), backend resolution, bad input, and the
-transformers helper ``causal_lm_kd_loss``."""
+normalizer, memory (no ``(N, V)`` buffer), backend resolution, bad input, the batch convention
+(3-D inputs, shift), autocast, and the transformers helper ``causal_lm_kd_loss`` against full
+logits (more of it in ``test_causal_lm.py``)."""
 
 from __future__ import annotations
 
@@ -175,7 +176,11 @@ def _bad_inputs():  # type: ignore[no-untyped-def]
     F = "fused_linear_kd_loss: "
     return [
         (dict(student_hidden=[1.0]), TypeError, F + "student_hidden must be a torch.Tensor; got list."),
-        (dict(student_hidden=torch.randn(n)), ValueError, F + "student_hidden must be a 2-D float tensor; got shape (4,) and dtype torch.float32."),
+        (dict(student_hidden=torch.randn(n)), ValueError, F + "student_hidden must be a 2-D (N, Hs) or 3-D (B, L, Hs) float tensor; got shape (4,) and dtype torch.float32."),
+        (dict(teacher_hidden=torch.randn(1, n, ht)), ValueError, F + "teacher_hidden must be a 2-D float tensor; got shape (1, 4, 5) and dtype torch.float32."),
+        (dict(shift=True), ValueError, F + "shift=True needs 3-D inputs (student_hidden (B, L, ...) and labels (B, L)) to shift within each sequence; got student_hidden of shape (4, 3). Pass (B, L, ...) inputs, or shift the labels yourself and keep shift=False."),
+        (dict(domain_ids=torch.zeros(2, 2, dtype=torch.long), num_domains=2), ValueError, F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 2) with N=4."),
+        (dict(labels=labels[None]), ValueError, F + "labels must be (N,), or (B, L) with 3-D inputs; got (1, 4) with N=4."),
         (dict(student_weight=torch.randn(v, hs + 1)), ValueError, F + "student_weight must have shape (V, Hs) with Hs=3 like student_hidden; got (7, 4)."),
         (dict(student_weight=w.double()), TypeError, F + "student_weight must have the dtype of student_hidden (torch.float32); got torch.float64."),
         (dict(student_bias=torch.randn(v + 1)), ValueError, F + "student_bias must be a 1-D tensor of length V=7 or None; got (8,)."),
@@ -266,3 +271,80 @@ def test_fused_linear_kd_loss_never_differentiates_teacher(backend: str) -> None
     out = fused_linear_kd_loss(h, case.w, case.labels, teacher_hidden=th, teacher_weight=tw, backend=backend)
     out.loss.backward()
     assert th.grad is None and tw.grad is None and h.grad is not None
+
+
+# -- batch convention: 3-D inputs, shift, domain ids per sequence / per token ---------------------
+
+
+@pytest.mark.parametrize("teacher_as_logits", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_fused_linear_kd_loss_3d_shift_matches_oracle_on_shifted_rows(teacher_as_logits: bool, per_token: bool) -> None:
+    b, seq = 3, 7
+    case = make_case(b * seq, 10, 12, 41, 44, seed=31, bias=True, teacher_as_logits=teacher_as_logits)
+    g = torch.Generator().manual_seed(32)
+    dom = torch.randint(0, 3, (b, seq) if per_token else (b,), generator=g)
+    h = case.h.detach().clone().reshape(b, seq, -1).requires_grad_()
+    w = case.w.detach().clone().requires_grad_()
+    bias = case.b.detach().clone().requires_grad_()
+    teacher = {k: (v.reshape(b, seq, -1) if k != "teacher_weight" else v) for k, v in case.teacher_kwargs().items()}
+    opts = dict(num_domains=3, gamma=0.4, temperature=2.0, divergence="reverse_kl")
+    out = fused_linear_kd_loss(h, w, case.labels.reshape(b, seq), student_bias=bias, domain_ids=dom, shift=True,
+                               workspace_bytes=SMALL_WS, **teacher, **opts)
+    out.loss.backward()
+    # the oracle on hand-shifted rows: positions 0..L-2 with the labels (and domains) of 1..L-1
+    keep = torch.arange(b * seq).reshape(b, seq)[:, :-1].reshape(-1)
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (case.h, case.w, case.b))
+    zt = case.tl.double() if case.tl is not None else case.th.double() @ case.tw.double().T
+    rows_dom = (dom[:, 1:] if per_token else dom[:, None].expand(b, seq - 1)).reshape(-1)
+    ref = kd_loss_reference((h64 @ w64.T + b64)[keep], zt[keep], case.labels.reshape(b, seq)[:, 1:].reshape(-1),
+                            domain_ids=rows_dom, compute_dtype=torch.float64, **opts)
+    ref.loss.backward()
+    for field in ("loss", "ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum"):
+        assert _close(getattr(out, field), getattr(ref, field)), field
+    assert out.domain_tokens.tolist() == ref.domain_tokens.tolist()
+    for got, want in ((h.grad.reshape(b * seq, -1), h64.grad), (w.grad, w64.grad), (bias.grad, b64.grad)):
+        assert _close(got, want)
+
+
+def test_fused_linear_kd_loss_3d_bad_shape_messages() -> None:
+    b, seq, v = 2, 5, 7
+    h, w, y = torch.randn(b, seq, 3), torch.randn(v, 3), torch.randint(0, v, (b, seq))
+    th, tw = torch.randn(b, seq, 4), torch.randn(v, 4)
+    F = "fused_linear_kd_loss: "
+    cases = [
+        (dict(teacher_hidden=th[:, 1:]), F + "teacher_hidden must be 3-D (B, L, ...) like student_hidden; got (2, 4, 4) with (B, L)=(2, 5)."),
+        (dict(teacher_hidden=th.reshape(b * seq, 4)), F + "teacher_hidden must be 3-D (B, L, ...) like student_hidden; got (10, 4) with (B, L)=(2, 5)."),
+        (dict(labels=y.reshape(-1)), F + "labels must be (N,), or (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5)."),
+        (dict(domain_ids=torch.zeros(b * seq, dtype=torch.long), num_domains=2),
+         F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5)."),
+        (dict(domain_ids=torch.zeros(b + 1, dtype=torch.long), num_domains=2),
+         F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (3,) with (B, L)=(2, 5)."),
+    ]
+    for change, message in cases:
+        kw = {**dict(labels=y, teacher_hidden=th, teacher_weight=tw, shift=True), **change}
+        with pytest.raises(ValueError) as info:
+            fused_linear_kd_loss(h, w, kw.pop("labels"), **kw)
+        assert str(info.value) == message
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fused_linear_kd_loss_under_cpu_autocast_runs_in_bf16(strategy: str) -> None:
+    """Under autocast, float32 hidden states and weights are used in bfloat16 (as ``F.linear`` would):
+    the result equals the loss of the bfloat16-rounded inputs, not that of the float32 ones."""
+    b, seq = 2, 9
+    case = make_case(b * seq, 8, 8, 37, seed=33, bias=True).to(torch.float32)
+    h = case.h.reshape(b, seq, -1).clone().requires_grad_()
+    w = case.w.clone().requires_grad_()
+    th = case.th.reshape(b, seq, -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_kd_loss(h, w, case.labels.reshape(b, seq), teacher_hidden=th, teacher_weight=case.tw,
+                                   student_bias=case.b, shift=True, strategy=strategy, workspace_bytes=SMALL_WS)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    r = lambda t: t.detach().bfloat16().double()  # noqa: E731
+    h64, w64 = r(h).requires_grad_(), r(w).requires_grad_()
+    want = fused_linear_kd_loss(h64, w64, case.labels.reshape(b, seq), teacher_hidden=r(th), teacher_weight=r(case.tw),
+                                student_bias=r(case.b), shift=True)
+    want.loss.backward()
+    assert _close(out.loss, want.loss, 1e-5)
+    assert _close(h.grad, h64.grad, 1e-2) and _close(w.grad, w64.grad, 1e-2)  # gradients rounded to bf16
