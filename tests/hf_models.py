@@ -39,7 +39,7 @@ def domain_text(domain: str, rng: random.Random, words: int = 40) -> str:
 
 def make_tokenizer(path: str | Path, vocab_size: int = 300) -> Any:
     """Train and save a byte-level BPE tokenizer (``eos_token`` ``<|endoftext|>``, ``pad_token`` ``<|pad|>``)."""
-    from ddk.data.tokenizer import train_tokenizer
+    from ddk.recipes.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     texts = [domain_text(d, rng) for d in _WORDS for _ in range(50)]

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import logging
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,7 @@ import pytest
 import torch
 
 import ddk
-import ddk.recipes.real as real
-from ddk.data import CorpusConfig, CorpusError, build_corpus, domain_texts, read_jsonl
+from ddk.recipes.corpus import CorpusConfig, CorpusError, build_corpus, domain_texts, read_jsonl
 from ddk.losses.fused import fused_linear_kd_loss
 from ddk.recipes.config import load_yaml, make_config
 from ddk.reliability import NonFiniteError, NonFiniteGuard, grad_norm
@@ -268,7 +266,7 @@ def test_mixture_sampler_denormal_weights_are_renormalised() -> None:
 
 
 # ---------------------------------------------------------------------------- h. corrupted JSONL
-# read_jsonl's report (file and line of every bad line) is pinned in tests/ddk/data/test_corpus.py.
+# read_jsonl's report (file and line of every bad line) is pinned in tests/ddk/recipes/test_corpus.py.
 
 
 def _user_jsonl(path: Path, n: int = 12) -> Path:
@@ -308,7 +306,7 @@ def test_corpus_readers_of_a_built_corpus_skip_only_when_asked(tmp_path: Path) -
 
 
 def test_cli_data_build_skip_bad_lines_flag(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from ddk.cli import main
+    from ddk.recipes.cli import main
 
     src = _user_jsonl(tmp_path / "user.jsonl")
     args = ["data", "build", "--no-builtin", "--user-jsonl", str(src), "--max-chars", "0", "--validation-fraction", "0.25"]
@@ -336,115 +334,147 @@ def test_config_yaml_unknown_key_is_named_with_the_valid_ones(tmp_path: Path) ->
 # ---------------------------------------------------------------------------- recipe (b, e, a, h)
 _HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "tokenizers"))
 
-WORDS = {
-    "code": "def return if else for in range self import class None True False x y z".split(),
-    "german": "der die das und nicht ist ein eine mit auf den zu von sich es wir".split(),
-}
-
-
-def _recipe_cfg(root: Path, **kw):  # type: ignore[no-untyped-def]
-    rng = random.Random(0)
-    src = root / "user.jsonl"
-    if not src.is_file():
-        rows = [{"domain": d, "source": f"{d}-{k}", "text": "\n".join(" ".join(rng.choice(w) for _ in range(12)) for _ in range(6))}
-                for d, w in WORDS.items() for k in range(12)]
-        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = dict(data_dir=str(root / "data"), domains=(), user_jsonl=(str(src),), max_chars=20000, validation_fraction=0.25,
-                offline=True, vocab_size=300, seq_len=16, val_seqs=2, eval_batch_size=2, teacher_hidden=16, teacher_layers=1,
-                teacher_heads=2, teacher_intermediate=32, teacher_steps=2, teacher_batch_size=4, student_hidden=16,
-                student_layers=1, student_heads=2, student_intermediate=32, steps=4, batch_size=4, warmup_steps=1,
-                interval=2, log_every=1, checkpoint_every=2, out=str(root / "runs" / "r"), progress=False, threads=1)
-    base.update(kw)
-    return make_config(**base)
-
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     if not _HF:
         pytest.skip("needs transformers and tokenizers")
+    from recipe_cases import own_cfg
+
     root = tmp_path_factory.mktemp("recipe")
-    cfg = _recipe_cfg(root)
-    data = real.prepare_data(cfg)
-    teacher, teacher_ce, tdir = real.train_teacher(cfg, data)
-    return root, cfg, data, teacher, teacher_ce, tdir
+    return root, own_cfg(root, steps=4, interval=2, log_every=1, checkpoint_every=2)
 
 
 def test_recipe_teacher_with_another_tokenizer_is_an_error_naming_both(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    root, cfg, data, teacher, teacher_ce, tdir = recipe
-    real.check_teacher_tokenizer(teacher, data)  # the cached teacher: same tokenizer
-    from transformers import LlamaForCausalLM
+    import dataclasses
 
+    from hf_models import make_model, make_tokenizer
+
+    from ddk.recipes.models import load_models
+
+    root, cfg = recipe
     other = tmp_path / "teacher"
-    LlamaForCausalLM(real.llama_config(cfg, "teacher", data.vocab_size)).save_pretrained(str(other / "model"))
-    meta = json.loads((tdir / "teacher_meta.json").read_text())
-    (other / "teacher_meta.json").write_text(json.dumps(dict(meta, tokenizer="0123456789abcdef", tokenizer_dir="/elsewhere/tok")))
-    foreign = LlamaForCausalLM.from_pretrained(str(other / "model"))
-    mine = real._tokenizer_id(data)
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=310)  # another tokenizer of the same size class
+    make_model("llama", len(tok) + 40).save_pretrained(str(other))
+    tok.save_pretrained(str(other))
     with pytest.raises(ValueError) as info:
-        real.distill(cfg, data, foreign, teacher_ce)
+        load_models(dataclasses.replace(cfg, teacher=str(other)), torch.device("cpu"))
     msg = str(info.value)
-    assert msg.startswith(f"distill: the teacher must be trained with the student's tokenizer {mine} ({data.tokenizer_dir}, ")
-    assert f"got tokenizer 0123456789abcdef (/elsewhere/tok, {data.vocab_size} tokens) for the teacher in {other}." in msg
+    assert msg.startswith("distill: teacher and student must share a tokenizer; got different vocabularies in ")
+    assert f"{str(other)!r} ({len(tok)} tokens) and {cfg.student!r} (" in msg
 
 
 def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) -> None:  # type: ignore[no-untyped-def]
-    root, cfg, data, teacher, teacher_ce, tdir = recipe
-    from transformers import LlamaForCausalLM
+    from hf_models import make_model
+    from transformers import AutoTokenizer
 
-    narrow = LlamaForCausalLM(real.llama_config(cfg, "teacher", data.vocab_size - 1))
-    with pytest.raises(ValueError, match=rf"^distill: the teacher's vocabulary must cover the student's tokenizer .*"
-                                         rf"{data.vocab_size} tokens\) \(a wider teacher, e.g. with padding rows, is sliced\); "
-                                         rf"got a teacher lm_head of {data.vocab_size - 1} rows\."):
-        real.check_teacher_tokenizer(narrow, data)
-    real.check_teacher_tokenizer(LlamaForCausalLM(real.llama_config(cfg, "teacher", data.vocab_size + 8)), data)
+    from ddk.recipes.models import check_vocabularies
 
-
-def test_recipe_domain_without_windows_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    root = recipe[0]
-    src = tmp_path / "user.jsonl"
-    rows = (root / "user.jsonl").read_text() + "".join(
-        json.dumps({"domain": "tiny", "source": f"t{k}", "text": "x"}) + "\n" for k in range(4))
-    src.write_text(rows)
-    cfg = _recipe_cfg(root, user_jsonl=(str(src),), data_dir=str(root / "data"))
-    with pytest.raises(ValueError, match=r"^prepare_data: every domain must yield at least one window of seq_len\+1=17 tokens "
-                                         r"in train and validation; got none for \['tiny'\]"):
-        real.prepare_data(cfg)
+    root, cfg = recipe
+    tok = AutoTokenizer.from_pretrained(cfg.student)
+    student = make_model("llama", len(tok))
+    with pytest.raises(ValueError, match=rf"^distill: the teacher's vocabulary must cover the student's \(a teacher wider "
+                                         rf"by padding rows is sliced\); got teacher the teacher with {len(tok) - 1} rows "
+                                         rf"and student the student with {len(tok)}\."):
+        check_vocabularies(make_model("llama", len(tok) - 1), student, tok)
+    check_vocabularies(make_model("llama", len(tok) + 8), student, tok)
+    with pytest.raises(ValueError, match=rf"^distill: the student's vocabulary must cover the tokenizer's {len(tok)} tokens"):
+        check_vocabularies(student, make_model("llama", len(tok) - 2), tok)
 
 
-def _nan_teacher_at(step: int, hit: dict):  # type: ignore[no-untyped-def]
-    orig = real.kd_loss
+def test_recipe_unknown_model_path_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
 
-    def poisoned(zs, zt, labels, **kw):  # type: ignore[no-untyped-def]
+    from ddk.recipes.models import load_models
+
+    root, cfg = recipe
+    missing = str(tmp_path / "no-such-teacher")
+    with pytest.raises(ValueError, match=rf"^distill: teacher must be a folder written by save_pretrained \(or a hub "
+                                         rf"name\); got '{missing}', which does not exist\."):
+        load_models(dataclasses.replace(cfg, teacher=missing), torch.device("cpu"))
+
+
+def test_recipe_record_without_domain_field_is_an_error_with_file_and_line_unless_skipped(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from ddk.recipes.distill import distill
+
+    root, cfg = recipe
+    src = tmp_path / "mine.jsonl"
+    lines = Path(cfg.data[0]).read_text().splitlines()
+    lines.insert(4, json.dumps({"text": "no domain here"}))
+    src.write_text("\n".join(lines) + "\n")
+    bad = dataclasses.replace(cfg, data=(str(src),), out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=rf"{src}:5: "):
+        distill(bad)
+    with pytest.warns(UserWarning, match="1"):
+        distill(dataclasses.replace(bad, skip_bad_records=True))
+    assert (tmp_path / "run" / "student" / "config.json").is_file()
+
+
+def test_recipe_domain_too_small_for_its_validation_split_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from ddk.recipes.distill import distill
+
+    root, cfg = recipe
+    src = tmp_path / "mine.jsonl"
+    src.write_text(Path(cfg.data[0]).read_text() + json.dumps({"domain": "tiny", "text": "x y"}) + "\n")
+    with pytest.raises(ValueError, match="tiny"):
+        distill(dataclasses.replace(cfg, data=(str(src),), out=str(tmp_path / "run")))
+
+
+def _nan_loss_at(step: int, hit: dict):  # type: ignore[no-untyped-def]
+    """A ``causal_lm_kd_loss`` whose ``step``-th training call gives a NaN loss and NaN sums in its first domain."""
+    import dataclasses as dc
+
+    import ddk.recipes.distill as distill_mod
+
+    orig = distill_mod.causal_lm_kd_loss
+
+    def poisoned(*a, **kw):  # type: ignore[no-untyped-def]
+        out = orig(*a, **kw)
+        if not torch.is_grad_enabled():
+            return out
         hit["calls"] = hit.get("calls", 0) + 1
-        if hit["calls"] == step:
-            d0 = int(kw["domain_ids"][0])
-            hit["domain"] = d0
-            zt[kw["domain_ids"] == d0, 5] = float("nan")  # in place: the guard scans this tensor
-        return orig(zs, zt, labels, **kw)
+        if hit["calls"] != step:
+            return out
+        d0 = int(kw["domain_ids"][0])
+        hit["domain"] = d0
+        sums = out.domain_ce_sum.clone()
+        sums[d0] = float("nan")
+        return dc.replace(out, loss=out.loss * float("nan"), domain_ce_sum=sums)
 
     return poisoned
 
 
 def test_recipe_distill_nonfinite_raises_with_step_and_domain(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    root, cfg, data, teacher, teacher_ce, _ = recipe
+    import dataclasses
+
+    import ddk.recipes.distill as distill_mod
+
+    root, cfg = recipe
     hit: dict = {}
-    monkeypatch.setattr(real, "kd_loss", _nan_teacher_at(2, hit))
-    c = _recipe_cfg(root, out=str(root / "runs" / "raise"))
+    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", _nan_loss_at(2, hit))
     with pytest.raises(NonFiniteError) as info:
-        real.distill(c, data, teacher, teacher_ce)
-    name = data.names[hit["domain"]]
+        distill_mod.distill(dataclasses.replace(cfg, out=str(root / "runs" / "raise")))
+    name = ["code", "math", "prose"][hit["domain"]]
     msg = str(info.value)
     assert msg.startswith("distill: the loss and gradients must be finite; got loss=nan")
-    assert f"at step 2 in the tokens of domain(s) ['{name}'] (teacher_logits: " in msg
+    assert f"at step 2 in the per-domain sums of domain(s) ['{name}']" in msg
     assert msg.endswith("Pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run resumes from "
                         "its last checkpoint.")
 
 
 def test_recipe_distill_nonfinite_skip_counts_in_metrics_and_summary(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    root, cfg, data, teacher, teacher_ce, _ = recipe
-    monkeypatch.setattr(real, "kd_loss", _nan_teacher_at(2, {}))
-    c = _recipe_cfg(root, out=str(root / "runs" / "skip"), on_nonfinite="skip")
-    summary = real.distill(c, data, teacher, teacher_ce)
+    import dataclasses
+
+    import ddk.recipes.distill as distill_mod
+
+    root, cfg = recipe
+    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", _nan_loss_at(2, {}))
+    c = dataclasses.replace(cfg, out=str(root / "runs" / "skip"), on_nonfinite="skip")
+    summary = distill_mod.distill(c)
     assert summary["skipped_batches"] == 1 and summary["skipped_steps"] == [2]
     recs = {r["step"]: r for r in map(json.loads, (Path(c.out) / "metrics.jsonl").read_text().splitlines())}
     assert recs[2]["skipped"] is True and recs[2]["loss"] is None and recs[1]["skipped_batches"] == 0
@@ -454,7 +484,7 @@ def test_recipe_distill_nonfinite_skip_counts_in_metrics_and_summary(recipe, mon
 
 
 def test_recipe_flags_on_nonfinite_and_skip_bad_lines() -> None:
-    from ddk.cli import build_parser
+    from ddk.recipes.cli import build_parser
     from ddk.recipes.config import config_from_args
 
     args = build_parser().parse_args(["distill", "--on-nonfinite", "skip", "--skip-bad-lines"])

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ddk.recipes import real
+from ddk.recipes.demo import demo_config
+from ddk.recipes.distill import distill
 from ddk.recipes.config import METHODS, add_config_arguments, config_from_args
 
 
@@ -95,7 +96,7 @@ def _plots(results: dict[str, list[dict[str, Any]]], runs: Path, fig_dir: Path) 
     out.append(p)
     # DDK's weights (first seed)
     if "ddk" in results:
-        from ddk.plotting import plot_weights
+        from ddk.recipes.plotting import plot_weights
 
         out.append(plot_weights(Path(results["ddk"][0]["run_dir"]) / "controller.jsonl", fig_dir / "e2e_ddk_weights.png",
                                 title=f"DDK domain weights (seed {results['ddk'][0]['seed']})"))
@@ -181,20 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     base = config_from_args(args, base=("experiment",))
     t0 = time.perf_counter()
-    data = real.prepare_data(base)
-    teacher, teacher_ce, teacher_dir = real.train_teacher(base, data)
-    teacher_seconds = json.loads((teacher_dir / "teacher_meta.json").read_text())["train_seconds"]
+    filled = demo_config(base)  # corpus, tokenizer and teacher: built once, cached
+    teacher_seconds = json.loads((Path(filled.teacher) / "demo_meta.json").read_text())["train_seconds"]
     runs = Path(args.runs)
     results: dict[str, list[dict[str, Any]]] = {}
     for method in args.methods:
         for seed in args.seeds:
             cfg = config_from_args(argparse.Namespace(**{**vars(args), "method": method, "seed": seed,
                                                           "out": str(runs / f"{method}-s{seed}")}), base=("experiment",))
+            cfg = demo_config(cfg)  # this seed's demo student; teacher and corpus from the cache
             summary_path = cfg.run_dir / "summary.json"
             cfg_path = cfg.run_dir / "config.json"
             done = (summary_path.is_file() and cfg_path.is_file()
                     and json.loads(cfg_path.read_text()) == cfg.to_dict())
-            summary = json.loads(summary_path.read_text()) if done else real.distill(cfg, data, teacher, teacher_ce)
+            summary = json.loads(summary_path.read_text()) if done else distill(cfg)
             summary["run_dir"] = str(cfg.run_dir)
             results.setdefault(method, []).append(summary)
     report = Path(args.report)

@@ -1,7 +1,7 @@
 """Smoke test of ``ddk distill`` on CUDA: one process under torchrun with NCCL and FSDP2 (``--fsdp``).
 
 Builds the tiny corpus, tokenizer and teacher of ``tests/ddk/recipes/test_pipeline.py`` in a
-temporary folder, runs ``torchrun --standalone --nproc_per_node=1 -m ddk.cli distill --fsdp``
+temporary folder, runs ``torchrun --standalone --nproc_per_node=1 -m ddk.recipes.cli distill --fsdp``
 (the process group is NCCL when CUDA is visible) and, for comparison, the same config in this
 process without torchrun (CPU). Prints the DDK weight trajectories and the largest difference of
 the final student parameters (GPU vs CPU float32: rounding differs, so only closeness is
@@ -22,31 +22,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "ddk" / "recipes"))
+sys.path.insert(1, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import ddk.recipes.real as real  # noqa: E402
-from test_pipeline import _cfg  # noqa: E402
+from ddk.recipes.distill import distill  # noqa: E402
+from recipe_cases import own_cfg  # noqa: E402
 
 
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ddk_distill_smoke_"))
     base = dict(steps=6, batch_size=4, interval=2, checkpoint_every=2, log_every=1, threads=1)
-    prep = _cfg(tmp, out=str(tmp / "runs" / "prep"), **base)
-    real.train_teacher(prep, real.prepare_data(prep))
-    cpu = _cfg(tmp, out=str(tmp / "runs" / "cpu"), **base)
+    cpu = own_cfg(tmp, out=str(tmp / "runs" / "cpu"), **base)
     t0 = time.perf_counter()
-    real.distill(cpu)
+    distill(cpu)
     print(f"one process (CPU): {time.perf_counter() - t0:.1f} s")
-    gpu = _cfg(tmp, out=str(tmp / "runs" / "fsdp"), fsdp=True, debug_checks=True, **base)
+    gpu = own_cfg(tmp, out=str(tmp / "runs" / "fsdp"), fsdp=True, debug_checks=True, **base)
     path = tmp / "fsdp.yaml"
     path.write_text(yaml.safe_dump(gpu.to_dict()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           "-m", "ddk.cli", "distill", "--config", str(path)]
+           "-m", "ddk.recipes.cli", "distill", "--config", str(path)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     print(f"torchrun --nproc_per_node=1 --fsdp (cuda available: {torch.cuda.is_available()}): "

@@ -1,40 +1,35 @@
-"""The real multi-domain corpus: package sources, the builder, JSONL I/O and the tokenizer.
+"""Users' corpora in: load domain-labelled records, split per domain, pack and cache token sequences.
 
-``build_corpus`` collects the eight built-in domains (DESIGN.md section 4) and any user domains
-into per-domain ``train``/``validation`` JSONL with a manifest; ``load_corpus`` returns them as a
-``datasets.DatasetDict``; ``train_tokenizer`` fits a byte-level BPE on the training split.
-``datasets``, ``tokenizers`` and ``transformers`` are imported only when used.
+* :func:`load_records` — JSONL, JSON, Parquet, CSV or a ``datasets.save_to_disk`` folder (a hub
+  dataset name passes to ``datasets.load_dataset``) -> a ``datasets.Dataset`` of ``text``/``domain``.
+* :func:`pack_domains` — tokenize, split each domain into train/validation by a stable hash, pack
+  fixed-length sequences *within* each domain, cache them memory-mapped under a content hash.
+* :class:`DomainSequenceDataset` / :class:`DomainCollator` — the packed sequences with their
+  ``domain_id`` for a ``DataLoader`` driven by :class:`ddk.MixtureSampler`.
+
+``datasets`` and ``transformers`` are imported only when used. (The demo corpus builder, which
+downloads Debian and PyPI packages, is part of the application: ``ddk.recipes.corpus``.)
 """
 
-from ddk.data.corpus import (
-    CorpusConfig,
-    CorpusError,
-    build_corpus,
-    domain_texts,
-    jsonl_units,
-    load_corpus,
-    load_manifest,
-    read_jsonl,
-    split_units,
-)
-from ddk.data.sources import DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
-from ddk.data.tokenizer import load_tokenizer, train_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "DOMAINS",
-    "CorpusConfig",
-    "CorpusError",
-    "DomainUnavailable",
-    "PackageCache",
-    "Unit",
-    "build_corpus",
-    "domain_texts",
-    "folder_units",
-    "jsonl_units",
-    "load_corpus",
-    "load_manifest",
-    "load_tokenizer",
-    "read_jsonl",
-    "split_units",
-    "train_tokenizer",
-]
+from typing import Any
+
+_EXPORTS = {
+    "load_records": "ddk.data.records",
+    "DomainCollator": "ddk.data.packing",
+    "DomainSequenceDataset": "ddk.data.packing",
+    "PackedDomains": "ddk.data.packing",
+    "pack_domains": "ddk.data.packing",
+    "tokenizer_hash": "ddk.data.packing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ddk.data' has no attribute {name!r}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddk.integrations.distributed import all_reduce_sum_, collective_device, rank_world, unsharded
+from ddk.distributed import all_reduce_sum_, collective_device, rank_world, unsharded
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -180,7 +180,7 @@ class DiscrepancyEstimator:
     ``compute_teacher``/``estimate``/``estimate_online`` together: rank r evaluates the batches
     with ``index % world_size == r`` of every domain, then the fixed-shape ``(D, 2)`` float64
     ``(ce_sum, tokens)`` tensor is all-reduced, so uneven shards cannot deadlock. A model sharded
-    with FSDP2 (``fully_shard``) is unsharded for the whole pass (``ddk.integrations.distributed.
+    with FSDP2 (``fully_shard``) is unsharded for the whole pass (``ddk.distributed.
     unsharded``), so its forwards need no collective either. Do not pass a DDP wrapper (its
     forward may broadcast buffers): pass the module it wraps (``ddp.module``).
 

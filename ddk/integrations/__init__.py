@@ -1,11 +1,11 @@
 """Integrations of DDK with training stacks.
 
-``ddk.integrations.distributed`` holds the small ``torch.distributed`` helpers the estimator, the
+``ddk.distributed`` holds the small ``torch.distributed`` helpers the estimator, the
 controller and ``ddk distill`` use; the collective ones are no-ops when no process group is
 initialised.
 """
 
-from ddk.integrations.distributed import (
+from ddk.distributed import (
     all_reduce_sum_,
     barrier,
     broadcast_object,

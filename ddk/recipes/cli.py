@@ -27,8 +27,8 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def _cmd_data_build(args: argparse.Namespace) -> int:
     import json
 
-    from ddk.data import CorpusConfig, build_corpus
-    from ddk.data.sources import DOMAINS
+    from ddk.recipes.corpus import CorpusConfig, build_corpus
+    from ddk.recipes.sources import DOMAINS
 
     domains = tuple(args.domains) if args.domains else tuple(DOMAINS)
     if args.no_builtin:
@@ -55,17 +55,15 @@ def _recipe_config(args: argparse.Namespace, base: tuple[str, ...] = ()):  # typ
 def _cmd_teacher(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from ddk.integrations.distributed import init_from_env, rank_world, rank_zero_first
-    from ddk.recipes.real import prepare_data, train_teacher
+    from ddk.distributed import init_from_env, rank_world
+    from ddk.recipes.demo import demo_config
 
     cfg = _recipe_config(args)
     created = init_from_env(cfg.process_group_backend)  # under torchrun: rank 0 trains, the others wait and load
     try:
-        with rank_zero_first():
-            data = prepare_data(cfg)
-        _, ce, path = train_teacher(cfg, data)
+        cfg = demo_config(cfg)
         if rank_world()[0] == 0:
-            print(f"teacher: {path}\nteacher CE per domain: {[round(x, 4) for x in ce.tolist()]}")
+            print(f"teacher: {cfg.teacher}\nstudent: {cfg.student}\ntokenizer: {cfg.tokenizer}")
     finally:
         if created:
             dist.destroy_process_group()
@@ -73,21 +71,27 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from ddk.recipes.real import distill
+    from ddk.recipes.distill import distill
 
-    distill(_recipe_config(args))
+    cfg = _recipe_config(args)
+    if cfg.uses_demo:  # no --student/--data: the bundled demo's teacher, student and corpus
+        from ddk.recipes.demo import run_demo
+
+        run_demo(cfg)
+    else:
+        distill(cfg)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ddk.recipes.real import evaluate
+    from ddk.recipes.distill import evaluate
 
     evaluate(args.run)
     return 0
 
 
 def _cmd_demo_real(args: argparse.Namespace) -> int:
-    from ddk.recipes.real import run_demo
+    from ddk.recipes.demo import run_demo
 
     run_demo(_recipe_config(args, base=("demo",)))
     return 0
@@ -95,7 +99,12 @@ def _cmd_demo_real(args: argparse.Namespace) -> int:
 
 _DISTRIBUTED_HELP = """
 
-Many processes: `torchrun --nproc_per_node=R -m ddk.cli distill ...` trains with DDP (gloo on the
+Your own models: `ddk distill --teacher T --student S --data my.jsonl --out run` distills the saved
+causal LM T into S on records with a domain and a text field (--domain-field, --text-field) and
+writes run/student (save_pretrained + tokenizer). Without --student and --data it runs the bundled
+demo (corpus, tokenizer, teacher and student built and cached under --data-dir).
+
+Many processes: `torchrun --nproc_per_node=R -m ddk.recipes.cli distill ...` trains with DDP (gloo on the
 CPU, NCCL with one GPU per rank on CUDA; --dist-backend), or with --fsdp shards the student with
 FSDP2. --batch-size is the global batch (a multiple of R): each rank trains on its slice of the
 same global batch and the result matches one process with the same --batch-size up to float
@@ -146,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_cmd_data_build)
 
     for name, func, text in (
-        ("teacher", _cmd_teacher, "pretrain (or load the cached) Llama-style teacher on the real corpus"),
-        ("distill", _cmd_distill, "distill a student: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online"),
+        ("teacher", _cmd_teacher, "build (or find cached) the demo corpus, tokenizer, pretrained teacher and student"),
+        ("distill", _cmd_distill, "distill --teacher into --student on --data: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online"),
         ("demo-real", _cmd_demo_real, "corpus + tokenizer + teacher + one DDK distillation (config preset 'demo')"),
     ):
         p = sub.add_parser(name, help=text, description=text + (_DISTRIBUTED_HELP if name != "teacher" else ""),

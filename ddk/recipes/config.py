@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ddk._io import json_fingerprint
-from ddk.integrations.distributed import DIST_BACKENDS
+from ddk.distributed import DIST_BACKENDS
 from ddk.reliability import NONFINITE_POLICIES
+from ddk.schedule.smoother import SMOOTHER_INITS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-from ddk.schedule.smoother import SMOOTHER_INITS
+DTYPES: tuple[str, ...] = ("auto", "bf16", "fp32")
+LOSSES: tuple[str, ...] = ("fused", "logits")
 
 METHODS: tuple[str, ...] = ("cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-online")
 ALL_DOMAINS: tuple[str, ...] = ("dialogue", "docs", "encyclopedia", "german", "go", "math", "novels", "python")
@@ -32,10 +34,25 @@ class RecipeConfig:
     """Every option of ``ddk teacher`` / ``ddk distill`` / ``ddk evaluate`` / ``ddk demo-real``.
 
     Defaults fit a 2-core CPU machine. Token budget of a distillation run:
-    ``steps * batch_size * seq_len`` tokens, identical for every method.
+    ``steps * batch_size * seq_len`` tokens (or ``tokens``), identical for every method.
+
+    ``ddk distill --teacher T --student S --data FILE...`` distills the user's saved models on the
+    user's corpus; without ``--teacher`` it runs on the bundled demo (corpus built from Debian and
+    PyPI packages, a tokenizer trained on it, a pretrained teacher and a fresh student, all cached
+    under ``data_dir``) through the same path.
     """
 
-    # --- data
+    # --- your models and data (empty: the bundled demo)
+    teacher: str = ""  # teacher folder (save_pretrained) or hub name
+    student: str = ""  # student folder or hub name (its starting weights)
+    tokenizer: str = ""  # tokenizer folder; "" = the student's folder
+    data: tuple[str, ...] = ()  # training records: JSONL/JSON/Parquet/CSV files or save_to_disk folders
+    validation_data: tuple[str, ...] = ()  # separate validation records ("" = a per-domain split of data)
+    text_field: str = "text"
+    domain_field: str = "domain"
+    val_samples: int = 500  # validation sequences per domain (paper: 500); capped, with a warning, for small domains
+    skip_bad_records: bool = False  # drop records without the domain or text field (counted, warned) instead of failing
+    # --- the bundled demo corpus
     data_dir: str = "~/.cache/ddk"  # corpus, tokenizer, token ids, teachers, package cache (debs/)
     domains: tuple[str, ...] = ALL_DOMAINS  # built-in domains to collect
     user_folders: dict[str, str] = field(default_factory=dict)  # extra domains NAME -> folder of files
@@ -45,8 +62,7 @@ class RecipeConfig:
     offline: bool = False  # never fetch packages; use the cache only
     skip_bad_lines: bool = False  # skip (and count) corrupted corpus JSONL lines instead of failing on them
     vocab_size: int = 4096
-    seq_len: int = 128  # tokens per training sequence (input length)
-    val_seqs: int = 32  # validation sequences per domain (the discrepancy estimate; paper: 500 samples)
+    seq_len: int = 128  # tokens per packed sequence (within one domain; EOS between documents)
     eval_batch_size: int = 32
     # --- teacher (Llama-style, initialised locally, trained once and cached by config hash)
     teacher_hidden: int = 256
@@ -77,6 +93,11 @@ class RecipeConfig:
     ddk_init: str = "discrepancy"  # first interval's weights: Eq. 1 r_0 ("discrepancy") or "uniform" (paper's pseudo-code)
     interval: int = 50  # K, optimizer steps between DDK updates (and validation evaluations)
     backend: str = "auto"  # KD loss backend
+    loss: str = "fused"  # "fused": lm_head + KD without (tokens, V) logits; "logits": both models' full logits
+    dtype: str = "auto"  # "bf16" (autocast, fp32 master weights; the CUDA default) or "fp32" (the CPU default)
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is split; exact global-token normaliser)
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward
+    tokens: int = 0  # token budget; > 0 sets steps = ceil(tokens / (batch_size * seq_len))
     on_nonfinite: str = "raise"  # NaN/inf loss or gradient: "raise" (name step + domains) or "skip" the batch (counted)
     seed: int = 0
     # --- run
@@ -106,6 +127,18 @@ class RecipeConfig:
         return Path(os.path.expanduser(self.data_dir))
 
     @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: ``steps``, or the ``tokens`` budget over ``batch_size * seq_len``."""
+        if self.tokens > 0:
+            return -(-self.tokens // (self.batch_size * self.seq_len))
+        return self.steps
+
+    @property
+    def uses_demo(self) -> bool:
+        """True when no student/data are given: the bundled demo supplies teacher, student and data."""
+        return not self.student
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs/real") / f"{self.method}-s{self.seed}"
 
@@ -113,6 +146,8 @@ class RecipeConfig:
         d = dataclasses.asdict(self)
         d["domains"] = list(self.domains)
         d["user_jsonl"] = list(self.user_jsonl)
+        d["data"] = list(self.data)
+        d["validation_data"] = list(self.validation_data)
         return d
 
     def hash_of(self, keys: typing.Iterable[str], extra: Any = None) -> str:
@@ -169,7 +204,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     fn = "RecipeConfig"
     if cfg.method not in METHODS:
         raise ValueError(f"{fn}: method must be one of {METHODS}; got {cfg.method!r}.")
-    positive = ("vocab_size", "seq_len", "val_seqs", "eval_batch_size", "teacher_hidden", "teacher_layers",
+    positive = ("vocab_size", "seq_len", "val_samples", "grad_accum", "eval_batch_size", "teacher_hidden", "teacher_layers",
                 "teacher_heads", "teacher_intermediate", "teacher_batch_size", "student_hidden", "student_layers",
                 "student_heads", "student_intermediate", "steps", "batch_size", "interval", "log_every",
                 "checkpoint_every", "keep_checkpoints", "max_chars")
@@ -180,7 +215,20 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         h, n = getattr(cfg, f"{who}_hidden"), getattr(cfg, f"{who}_heads")
         if h % n or (h // n) % 2:
             raise ValueError(f"{fn}: {who}_hidden must be a multiple of 2*{who}_heads (even head size for RoPE); got {h} with {n} heads.")
-    for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads"):
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"{fn}: loss must be one of {LOSSES}; got {cfg.loss!r}.")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"{fn}: dtype must be one of {DTYPES}; got {cfg.dtype!r}.")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"{fn}: batch_size must be a multiple of grad_accum={cfg.grad_accum} (the global batch is "
+                         f"split into micro-batches); got {cfg.batch_size}.")
+    if bool(cfg.student) != bool(cfg.data) or (cfg.teacher and not cfg.student):
+        raise ValueError(f"{fn}: teacher, student and data must be given together (or none of them, for the "
+                         f"bundled demo); got teacher={cfg.teacher!r}, student={cfg.student!r}, data={list(cfg.data)}.")
+    if cfg.student and not cfg.teacher and cfg.method != "cpt":
+        raise ValueError(f"{fn}: teacher must be given for method {cfg.method!r} (only cpt trains without one); "
+                         f"got none. Pass --teacher PATH.")
+    for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads", "tokens"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
     if cfg.device not in DEVICES:
@@ -254,6 +302,41 @@ class _KeyValue(argparse.Action):
 
 
 _HELP: dict[str, str] = {
+    "data_dir": "cache folder: packed token sequences, and the demo's corpus, tokenizer, teacher and student",
+    "domains": "demo: built-in domains of the bundled corpus to collect",
+    "user_folders": "demo: extra domain from a folder of files",
+    "user_jsonl": "demo: extra JSONL files with 'domain' and 'text' fields added to the bundled corpus",
+    "max_chars": "demo: per-domain size cap of the bundled corpus in characters",
+    "validation_fraction": "demo: share of each bundled domain held out for validation",
+    "offline": "demo: never fetch packages; use the package cache only",
+    "vocab_size": "demo: vocabulary of the tokenizer trained on the bundled corpus",
+    "eval_batch_size": "sequences per batch of the validation passes",
+    "teacher_hidden": "demo teacher: hidden size",
+    "teacher_layers": "demo teacher: decoder layers",
+    "teacher_heads": "demo teacher: attention heads",
+    "teacher_intermediate": "demo teacher: MLP size",
+    "teacher_steps": "demo teacher: pretraining steps (cached by config hash)",
+    "teacher_lr": "demo teacher: peak learning rate",
+    "teacher_batch_size": "demo teacher: sequences per pretraining step",
+    "teacher_seed": "demo teacher: seed (shared by every method and student seed)",
+    "student_hidden": "demo student: hidden size",
+    "student_layers": "demo student: decoder layers",
+    "student_heads": "demo student: attention heads",
+    "student_intermediate": "demo student: MLP size",
+    "steps": "optimizer steps of the distillation (the token budget is steps * batch_size * seq_len)",
+    "lr": "peak learning rate of AdamW",
+    "warmup_steps": "linear warm-up steps before the cosine decay",
+    "min_lr_ratio": "final learning rate as a fraction of lr",
+    "weight_decay": "AdamW weight decay (not on norms and biases)",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "temperature": "T of the divergence (the CE uses T = 1)",
+    "alpha": "DDK smoothing: weights = alpha * psi / sum(psi) + (1 - alpha) / N (Eq. 2)",
+    "ddk_init": "first interval's weights: discrepancy (Eq. 1) or uniform",
+    "backend": "KD loss backend: auto, chunked, cpp, triton or reference (ddk backends lists them)",
+    "seed": "seed of the sampler (and of the demo student's initialisation)",
+    "log_every": "write a metrics.jsonl record every this many steps",
+    "threads": "torch threads (0: torch's default)",
+    "progress": "progress bars",
     "checkpoint_every": "write checkpoint-<step>.pt every this many steps (and at the last step)",
     "keep_checkpoints": "keep only the newest k checkpoint-<step>.pt files; --resume loads the newest",
     "resume": "continue from the newest checkpoint of --out (--no-resume: start over, deleting the old run files)",
@@ -267,6 +350,28 @@ _HELP: dict[str, str] = {
     "batch_size": "global batch (sequences per optimizer step over all ranks; a multiple of the number of ranks)",
     "on_nonfinite": "NaN/inf loss or gradient: raise (naming the step and domains) or skip the batch (counted in "
                     "metrics.jsonl and summary.json)",
+    "teacher": "the teacher: a folder written by save_pretrained (or a hub name); with --student and --data",
+    "student": "the student to distill into: a save_pretrained folder (its starting weights) or a hub name",
+    "tokenizer": "tokenizer folder (default: the student's folder); teacher and student must share it",
+    "data": "training records with a domain and a text field: .jsonl/.json/.parquet/.csv files or "
+            "datasets.save_to_disk folders (a hub dataset name passes to datasets.load_dataset)",
+    "validation_data": "separate validation records (default: a stable per-domain split of --data)",
+    "text_field": "the records' text field",
+    "domain_field": "the records' domain field",
+    "val_samples": "validation sequences per domain for the discrepancy estimate (paper: 500); small domains "
+                   "are capped with a warning",
+    "skip_bad_records": "drop records without the domain or text field (warned and counted) instead of failing",
+    "seq_len": "tokens per packed training sequence (documents of one domain joined with EOS)",
+    "loss": "fused: the lm_head fused with the loss, no (tokens, vocab) logits; logits: both models' full logits",
+    "dtype": "bf16: autocast with float32 master weights (default on CUDA); fp32 (default on the CPU)",
+    "grad_accum": "micro-batches per optimizer step; batch_size is split and normalised by the global token count",
+    "gradient_checkpointing": "recompute the student's activations in the backward pass (less memory)",
+    "tokens": "token budget of the run; > 0 overrides steps (steps = ceil(tokens / (batch_size * seq_len)))",
+    "method": "cpt (no teacher), kd (uniform mixture), ddk, ddk-no-smoothing (weights = Eq. 1 at each update), "
+              "ddk-online (discrepancy from training batches)",
+    "interval": "K: optimizer steps between DDK mixture updates (and validation evaluations)",
+    "gamma": "weight of the divergence in CE + gamma * KL(p_T || p_S)",
+    "out": "run folder (default: runs/real/<method>-s<seed>)",
     "skip_bad_lines": "skip corrupted lines of the corpus JSONL files (each reported with file and line, and counted) "
                       "instead of failing",
 }
@@ -292,6 +397,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, choices=METHODS, default=argparse.SUPPRESS, help=help_)
         elif name == "device":
             parser.add_argument(flag, dest=name, choices=DEVICES, default=argparse.SUPPRESS, help=help_)
+        elif name in ("loss", "dtype"):
+            parser.add_argument(flag, dest=name, choices=LOSSES if name == "loss" else DTYPES, default=argparse.SUPPRESS,
+                                help=help_)
         elif name == "on_nonfinite":
             parser.add_argument(flag, dest=name, choices=NONFINITE_POLICIES, default=argparse.SUPPRESS, help=help_)
         else:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ddk._io import atomic_write_text, json_fingerprint
-from ddk.data.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
+from ddk.recipes.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
 from ddk.partition.partitioner import stable_unit_hash
 
 __all__ = [
@@ -57,7 +57,7 @@ class CorpusConfig:
     """Options of ``build_corpus``.
 
     Attributes:
-        domains: built-in domains to collect (names of ``ddk.data.sources.DOMAINS``); ``()`` for none.
+        domains: built-in domains to collect (names of ``ddk.recipes.sources.DOMAINS``); ``()`` for none.
         user_folders: extra domains ``name -> folder of text files`` (one unit per file).
         user_jsonl: JSONL files whose records carry ``"domain"`` and ``"text"`` (and optionally
             ``"id"``, ``"source"``: records sharing a source, e.g. a conversation, stay together).

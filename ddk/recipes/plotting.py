@@ -48,7 +48,7 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("ddk.plotting needs matplotlib: pip install 'ddk[plot]'.") from e
+        raise ImportError("ddk.recipes.plotting needs matplotlib: pip install 'ddk[plot]'.") from e
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

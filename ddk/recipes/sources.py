@@ -246,7 +246,7 @@ class DomainSpec:
 
 
 def _novels(cache: PackageCache) -> tuple[str, list[Unit]]:
-    from ddk.data.rdata import read_lazyload_db
+    from ddk.recipes.rdata import read_lazyload_db
 
     root = cache.deb("r-cran-janeaustenr")
     base = root / "usr/lib/R/site-library/janeaustenr/data/Rdata"

@@ -213,7 +213,7 @@ def run(cfg: SyntheticConfig = SyntheticConfig(), out_dir: str | Path = "runs/de
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     plots = []
     try:
-        from ddk.plotting import plot_weights
+        from ddk.recipes.plotting import plot_weights
 
         for m in cfg.methods:
             png = out / f"{m}.weights.png"

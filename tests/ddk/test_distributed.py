@@ -106,7 +106,7 @@ _WORKER = textwrap.dedent(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from ddk import kd_loss
-    from ddk.integrations.distributed import check_same_across_ranks, global_token_normalizer, tensor_checksum
+    from ddk.distributed import check_same_across_ranks, global_token_normalizer, tensor_checksum
 
     rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

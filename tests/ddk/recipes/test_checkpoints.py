@@ -1,13 +1,11 @@
 """``ddk distill``'s checkpoints: ``checkpoint-<step>.pt``, the newest ``keep_checkpoints`` kept,
-``--resume`` from the newest (or a legacy ``checkpoint.pt``); in one process on the tiny corpus of
-``test_pipeline``. The SIGKILL and truncated-file cases are in ``test_kill_resume``; many
+``--resume`` from the newest; in one process on the tiny models and corpus of ``recipe_cases``. The SIGKILL and truncated-file cases are in ``test_kill_resume``; many
 processes in ``test_distributed_distill``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,17 +16,16 @@ pytest.importorskip("tokenizers")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import ddk.recipes.real as real  # noqa: E402
+import ddk.recipes.distill as real  # noqa: E402
 from ddk.recipes.config import make_config  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pipeline import _cfg  # noqa: E402
+from ddk.recipes.parallel import device_for  # noqa: E402
+from recipe_cases import own_cfg  # noqa: E402
 
 
 def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
     base = dict(steps=6, interval=3, checkpoint_every=1, log_every=1, keep_checkpoints=2, out=str(tmp / "runs" / name))
     base.update(kw)
-    return _cfg(tmp, **base)
+    return own_cfg(tmp, **base)
 
 
 def _ckpts(run: Path) -> list[str]:
@@ -38,15 +35,16 @@ def _ckpts(run: Path) -> list[str]:
 def _crash_at_step(monkeypatch, cfg, step: int) -> None:  # type: ignore[no-untyped-def]
     """Run ``distill`` and interrupt it inside ``step`` (after the checkpoints of the steps before)."""
     calls = {"n": 0}
-    orig = real.kd_loss
+    orig = real.causal_lm_kd_loss
 
     def flaky(*a, **k):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == step:
-            raise KeyboardInterrupt("simulated crash")
+        if torch.is_grad_enabled():  # training steps, not the validation passes
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise KeyboardInterrupt("simulated crash")
         return orig(*a, **k)
 
-    monkeypatch.setattr(real, "kd_loss", flaky)
+    monkeypatch.setattr(real, "causal_lm_kd_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         real.distill(cfg)
     monkeypatch.undo()
@@ -61,7 +59,7 @@ def _resume_loading(monkeypatch, cfg) -> list[str]:  # type: ignore[no-untyped-d
         loaded.append(Path(f).name)
         return orig(f, *a, **k)
 
-    monkeypatch.setattr(real.torch, "load", spy)
+    monkeypatch.setattr(torch, "load", spy)
     real.distill(cfg)
     monkeypatch.undo()
     return [n for n in loaded if n.startswith("checkpoint")]
@@ -91,22 +89,6 @@ def test_distill_keeps_last_k_checkpoints_and_resumes_from_the_newest(tmp_path, 
     _same_run(ref, run)
 
 
-def test_distill_resumes_from_a_legacy_checkpoint_pt(tmp_path, monkeypatch):
-    ref_cfg = _config(tmp_path, "ref")
-    real.distill(ref_cfg)
-    cfg = _config(tmp_path, "legacy")
-    run = Path(cfg.out)
-    _crash_at_step(monkeypatch, cfg, 4)
-    for p in run.glob("checkpoint-*.pt"):  # what an earlier version left: one checkpoint.pt (of step 3)
-        if p.name == "checkpoint-3.pt":
-            p.rename(run / "checkpoint.pt")
-        else:
-            p.unlink()
-    assert _resume_loading(monkeypatch, cfg) == ["checkpoint.pt"]
-    assert _ckpts(run) == ["checkpoint-5.pt", "checkpoint-6.pt"]  # the legacy file is pruned with the others
-    _same_run(Path(ref_cfg.out), run)
-
-
 def test_distill_fsdp_outside_torchrun_is_an_error(tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
@@ -120,7 +102,7 @@ def test_config_checkpoint_and_distributed_options_are_checked():
         make_config(keep_checkpoints=0)
     with pytest.raises(ValueError, match=r"RecipeConfig: dist_backend must be one of \('auto', 'gloo', 'nccl'\); got 'mpi'\."):
         make_config(dist_backend="mpi")
-    from ddk.cli import build_parser
+    from ddk.recipes.cli import build_parser
     from ddk.recipes.config import config_from_args
 
     args = build_parser().parse_args(["distill", "--keep-checkpoints", "5", "--fsdp", "--debug-checks", "--dist-backend", "gloo"])
@@ -131,17 +113,17 @@ def test_config_checkpoint_and_distributed_options_are_checked():
 def test_config_device_option(monkeypatch):
     with pytest.raises(ValueError, match=r"RecipeConfig: device must be one of \('auto', 'cpu', 'cuda'\); got 'tpu'\."):
         make_config(device="tpu")
-    from ddk.cli import build_parser
+    from ddk.recipes.cli import build_parser
     from ddk.recipes.config import config_from_args
 
     assert config_from_args(build_parser().parse_args(["distill", "--device", "cpu"])).device == "cpu"
-    assert real._device(make_config(device="cpu")) == torch.device("cpu")
+    assert device_for(make_config(device="cpu")) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert real._device(make_config()) == torch.device("cpu")  # auto without CUDA
+    assert device_for(make_config()) == torch.device("cpu")  # auto without CUDA
     with pytest.raises(ValueError, match=r"distill: device must be 'cpu' or 'auto' without a CUDA device; got 'cuda'"):
-        real._device(make_config(device="cuda"))
+        device_for(make_config(device="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert real._device(make_config()) == torch.device("cuda", 0)  # auto with CUDA
+    assert device_for(make_config()) == torch.device("cuda", 0)  # auto with CUDA
     # under torchrun --device picks the process-group backend when --dist-backend is auto
     assert [make_config(device=d).process_group_backend for d in ("auto", "cpu", "cuda")] == ["auto", "gloo", "nccl"]
     assert make_config(device="cpu", dist_backend="gloo").process_group_backend == "gloo"

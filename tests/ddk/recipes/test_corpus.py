@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from ddk.data import CorpusConfig, CorpusError, build_corpus, folder_units, jsonl_units, load_corpus, read_jsonl, split_units
-from ddk.data.corpus import _chunks
-from ddk.data.rdata import read_lazyload_db, unserialize
-from ddk.data.sources import PackageCache, dictd_entries, html_to_text
+from ddk.recipes.corpus import CorpusConfig, CorpusError, build_corpus, jsonl_units, load_corpus, read_jsonl, split_units
+from ddk.recipes.sources import folder_units
+from ddk.recipes.corpus import _chunks
+from ddk.recipes.rdata import read_lazyload_db, unserialize
+from ddk.recipes.sources import PackageCache, dictd_entries, html_to_text
 
 
 def _folder(root: Path, n: int, size: int = 300, prefix: str = "f") -> Path:

@@ -1,9 +1,9 @@
 """``ddk distill`` under ``torchrun --nproc_per_node=2`` (gloo on loopback, CPU) == one process.
 
 Each multi-process run is a real ``python -m torch.distributed.run --standalone --nproc_per_node=2
--m ddk.cli distill`` on the tiny corpus of ``test_pipeline`` (corpus, tokenizer and teacher are
-cached in-process first, so the workers only distill); the one-process reference is ``distill``
-in this process with the same config and the same global batch (4 sequences: 2 per rank).
+-m ddk.recipes.cli distill --teacher --student --data`` on the tiny models and corpus of
+``recipe_cases`` (the packed corpus is cached in-process first); the one-process reference is
+``distill`` in this process with the same config and the same global batch (4 sequences: 2 per rank).
 
 Tolerance. Two ranks compute the same global-batch gradient as one process, but summed in a
 different order (each rank sums its half, then gloo adds the two halves; the validation CE sums
@@ -16,7 +16,7 @@ steps of lr 2e-3), weights and CE ``rel=1e-6``.
 What this cannot see: every window here has the same number of valid tokens, so dividing by the
 local instead of the global token count gives the same loss, and AdamW hardly notices a constant
 factor on the gradient (a missing or extra factor R). The normalisation itself is checked on
-gradients, with uneven valid tokens per rank, in tests/ddk/integrations/test_distributed.py.
+gradients, with uneven valid tokens per rank, in tests/ddk/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import ddk.recipes.real as real  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pipeline import _cfg  # noqa: E402
+import ddk.recipes.distill as real  # noqa: E402
+from ddk.recipes.config import make_config  # noqa: E402
+from recipe_cases import own_cfg, own_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 PARAM_ATOL = 1e-5
@@ -54,20 +53,23 @@ def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
     base = dict(steps=6, batch_size=4, interval=2, checkpoint_every=2, log_every=1, threads=1, keep_checkpoints=2,
                 out=str(tmp / "runs" / name))
     base.update(kw)
-    return _cfg(tmp, **base)
+    return own_cfg(tmp, **base)
 
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A folder whose corpus, tokenizer, token windows and teacher are already cached."""
+    """A folder with the saved models, the corpus and its packed cache."""
     tmp = tmp_path_factory.mktemp("dist")
+    from ddk.recipes.data import distill_data
+    from ddk.recipes.models import load_models
+
     cfg = _config(tmp, "prep")
-    real.train_teacher(cfg, real.prepare_data(cfg))
+    distill_data(cfg, load_models(cfg, torch.device("cpu"))[2])
     return tmp
 
 
 def _torchrun(tmp: Path, cfg, *flags: str, command: str = "distill") -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    """``torchrun --standalone --nproc_per_node=2 -m ddk.cli <command> --config <cfg as YAML> flags...``."""
+    """``torchrun --standalone --nproc_per_node=2 -m ddk.recipes.cli <command> --config <cfg as YAML> flags...``."""
     path = tmp / f"{Path(cfg.out).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -76,9 +78,9 @@ def _torchrun(tmp: Path, cfg, *flags: str, command: str = "distill") -> subproce
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DDK_DEBUG"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddk.cli", command, "--config", str(path), *flags]
+           "-m", "ddk.recipes.cli", command, "--config", str(path), *flags]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stderr[-6000:]}"
+    assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stderr[-12000:]}"
     return res
 
 
@@ -148,17 +150,16 @@ def test_distill_fsdp_two_ranks_match_one_process_and_resume(tmp):  # type: igno
 
 
 def test_teacher_under_torchrun_from_a_cold_cache(tmp_path):  # type: ignore[no-untyped-def]
-    """Two ranks and nothing cached: rank 0 builds corpus, tokenizer and teacher while rank 1
-    waits, both compute the teacher CE together, one folder and one printout result, and the CE
-    equals one process's."""
-    cfg = _config(tmp_path, "teacher")
+    """Two ranks and nothing cached: rank 0 builds the demo corpus, tokenizer, teacher and student
+    while rank 1 waits, then rank 1 finds them: one teacher folder and one printout result."""
+    _, _, corpus = own_models(tmp_path)
+    cfg = make_config(data_dir=str(tmp_path / "data"), domains=(), user_jsonl=(str(corpus),), max_chars=20000,
+                      validation_fraction=0.25, offline=True, vocab_size=320, seq_len=16, val_samples=4,
+                      teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64, teacher_steps=4,
+                      teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2,
+                      student_intermediate=32, progress=False, device="cpu", out=str(tmp_path / "runs" / "teacher"))
     res = _torchrun(tmp_path, cfg, command="teacher")
-    assert res.stdout.count("teacher CE per domain") == 1
-    teachers = [p.parent for p in (tmp_path / "data").rglob("teacher_meta.json")]
-    assert len(teachers) == 1
-    ce_files = list(teachers[0].glob("teacher_ce-*.json"))
-    assert len(ce_files) == 1
-    two = json.loads(ce_files[0].read_text())["teacher_ce"]
-    ce_files[0].unlink()  # recompute in one process from the cached teacher
-    _, one, _ = real.train_teacher(cfg, real.prepare_data(cfg))
-    assert two == pytest.approx(one.tolist(), rel=REL)
+    assert res.stdout.count("teacher: ") == 1
+    teachers = [p.parent for p in (tmp_path / "data" / "teachers").rglob("demo_meta.json")]
+    assert len(teachers) == 1 and (teachers[0] / "model.safetensors").is_file()
+    assert f"teacher: {teachers[0]}" in res.stdout

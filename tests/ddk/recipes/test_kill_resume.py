@@ -1,6 +1,7 @@
 """Crash safety of ``ddk distill``: SIGKILL at a random step + resume == an uninterrupted run, bit for bit.
 
-The runs are real ``python -m ddk.cli distill`` processes on the tiny corpus of ``test_pipeline``
+The runs are real ``python -m ddk.recipes.cli distill --teacher --student --data`` processes on the tiny
+models and corpus of ``recipe_cases`` (the student with dropout, so the RNG state must be restored)
 (CPU, one thread, ``torch.use_deterministic_algorithms(True)`` through a ``sitecustomize`` on
 ``PYTHONPATH``), checkpointing every step.
 """
@@ -25,20 +26,17 @@ yaml = pytest.importorskip("yaml")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import ddk.recipes.real as real  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_pipeline import _cfg  # noqa: E402
+from recipe_cases import own_cfg  # noqa: E402
 
 STEPS = 40
 KILL_SEED = 6
 
 
 def _setup(tmp_path: Path, name: str, steps: int = STEPS) -> tuple[list[str], dict[str, str], Path]:
-    """Build the corpus + teacher cache in-process; return (command, env, run folder) of one distill run."""
-    cfg = _cfg(tmp_path, steps=steps, checkpoint_every=1, log_every=1, threads=1, out=str(tmp_path / "runs" / name))
+    """Save the models and corpus; return (command, env, run folder) of one distill run."""
+    cfg = own_cfg(tmp_path, dropout=0.1, steps=steps, checkpoint_every=1, log_every=1, threads=1,
+                  out=str(tmp_path / "runs" / name))
     if not (tmp_path / ".prepared").is_file():
-        real.train_teacher(cfg, real.prepare_data(cfg))  # cached: the subprocesses only distill
         site = tmp_path / "site"
         site.mkdir()
         (site / "sitecustomize.py").write_text("import torch\ntorch.use_deterministic_algorithms(True)\n")
@@ -46,7 +44,7 @@ def _setup(tmp_path: Path, name: str, steps: int = STEPS) -> tuple[list[str], di
     (tmp_path / ".prepared").touch()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")]),
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ddk.cli", "distill", "--config", str(tmp_path / f"{name}.yaml")]
+    cmd = [sys.executable, "-m", "ddk.recipes.cli", "distill", "--config", str(tmp_path / f"{name}.yaml")]
     return cmd, env, Path(cfg.out)
 
 
@@ -96,7 +94,7 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
     assert killed_after is not None and proc.returncode == -signal.SIGKILL, (
         f"the run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
     proc.stderr.close()
-    saved = torch.load(_latest_ckpt(run), weights_only=False)["step"]
+    saved = torch.load(_latest_ckpt(run), weights_only=True)["step"]
     print(f"kill_at={kill_at} killed after metrics step {killed_after}, checkpoint step {saved}")
     assert 1 <= saved < STEPS and not (run / "summary.json").exists()
 

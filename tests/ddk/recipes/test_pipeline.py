@@ -1,108 +1,126 @@
-"""The whole real-data pipeline on a tiny user corpus: corpus -> tokenizer -> teacher -> 5 methods."""
+"""``ddk distill --teacher --student --data`` end to end on tiny saved models of three families."""
 
 from __future__ import annotations
 
 import json
-import random
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
 
-import ddk.recipes.real as real  # noqa: E402
-from ddk.cli import main  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+import ddk.recipes.distill as distill_mod  # noqa: E402
+from ddk.recipes.cli import main  # noqa: E402
 from ddk.recipes.config import METHODS, make_config  # noqa: E402
-
-WORDS = {
-    "prose": "the a lady house walked morning letter sister said very much would could kind gentleman".split(),
-    "code": "def return if else for in range self import class None True False x y z print len".split(),
-    "german": "der die das und nicht ist ein eine mit auf den zu von sich es wir ihr".split(),
-}
+from recipe_cases import own_cfg, own_models  # noqa: E402
 
 
-def _corpus(tmp_path):  # type: ignore[no-untyped-def]
-    rng = random.Random(0)
-    rows = []
-    for domain, words in WORDS.items():
-        for k in range(16):  # 16 units of ~500 chars per domain
-            text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(8))
-            rows.append({"domain": domain, "source": f"{domain}-{k}", "text": text})
-    p = tmp_path / "user.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return p
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_cli_distill_own_models_end_to_end_and_the_student_reloads(tmp_path: Path, family: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    teacher, student, corpus = own_models(tmp_path, family)
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus), "--out", str(out),
+            "--seq-len", "16", "--val-samples", "4", "--steps", "4", "--batch-size", "4", "--interval", "2",
+            "--data-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "mean" in capsys.readouterr().out  # the per-domain table
+    for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-4.pt", "summary.json", "weights.png"):
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["domains"] == ["code", "math", "prose"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "student"))
+    tok = AutoTokenizer.from_pretrained(str(out / "student"))
+    assert type(reloaded).__name__ == type(AutoModelForCausalLM.from_pretrained(str(student))).__name__
+    assert len(tok) == len(AutoTokenizer.from_pretrained(str(student)))
+    final = torch.load(out / "checkpoint-4.pt", weights_only=True)["student"]
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, final[k]), k  # the saved student is the trained one
+    if family in ("qwen2", "gpt2"):  # tied embeddings stay tied: one tensor, one gradient
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
 
 
-def _cfg(tmp_path, **kw):  # type: ignore[no-untyped-def]
-    base = dict(data_dir=str(tmp_path / "data"), domains=(), user_jsonl=(str(_corpus(tmp_path)),), max_chars=20000,
-                validation_fraction=0.25, offline=True, vocab_size=320, seq_len=16, val_seqs=4, eval_batch_size=4,
-                teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64, teacher_steps=8,
-                teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2, student_intermediate=32,
-                steps=6, batch_size=4, warmup_steps=2, interval=3, log_every=2, checkpoint_every=3,
-                out=str(tmp_path / "runs" / "ddk"), progress=False, device="cpu")  # bit-exact checks: CPU also on GPU machines
-    base.update(kw)
-    return make_config(**base)
-
-
-def test_pipeline_end_to_end_all_methods_and_resume(tmp_path, monkeypatch, capsys):
-    cfg = _cfg(tmp_path)
-    data = real.prepare_data(cfg)
-    assert data.names == ["code", "german", "prose"]
-    assert all(t.shape[1] == cfg.seq_len + 1 for t in data.train + data.validation)
-    teacher, teacher_ce, tdir = real.train_teacher(cfg, data)
-    assert (tdir / "teacher_meta.json").is_file() and teacher_ce.shape == (3,)
-
-    # the teacher is cached by config hash: no second training
-    monkeypatch.setattr(real, "_new_model", lambda *a, **k: pytest.fail("teacher retrained"))
-    _, ce2, tdir2 = real.train_teacher(cfg, real.prepare_data(cfg))
-    assert tdir2 == tdir and ce2.tolist() == teacher_ce.tolist()
-    monkeypatch.undo()
-
+def test_distill_all_methods_equal_budget_and_crash_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     summaries = {}
     for m in METHODS:
-        c = _cfg(tmp_path, method=m, out=str(tmp_path / "runs" / m))
-        summaries[m] = real.distill(c, data, teacher, teacher_ce)
+        cfg = own_cfg(tmp_path, method=m, out=str(tmp_path / "runs" / m))
+        summaries[m] = distill_mod.distill(cfg)
         run = tmp_path / "runs" / m
-        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-6.pt", "summary.json", "student/config.json",
-                  "weights.png", "gaps.png"):
+        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-6.pt", "summary.json",
+                  "student/config.json", "student/tokenizer.json", "weights.png", "gaps.png"):
             assert (run / f).is_file(), f"{m}: missing {f}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in metrics] == [2, 3, 4, 6]
         evals = [r for r in metrics if "student_ce" in r]
-        assert [r["step"] for r in evals] == [3, 6] and len(evals[0]["teacher_ce"]) == 3 and len(evals[0]["ratio"]) == 3
-        assert len(metrics[0]["weights"]) == 3
+        assert [r["step"] for r in evals] == [3, 6] and len(evals[0]["ratio"]) == 3
     assert len({s["tokens"] for s in summaries.values()}) == 1  # equal token budget
     assert summaries["kd"]["final_weights"] == pytest.approx([1 / 3] * 3)
     assert summaries["ddk"]["final_weights"] != pytest.approx([1 / 3] * 3)
-    assert "mean" in capsys.readouterr().out  # the summary table
+    assert summaries["cpt"]["teacher_ce"] == summaries["kd"]["teacher_ce"]  # cpt measures the gap to the same teacher
+    assert "mean" in capsys.readouterr().out
 
-    # crash after the step-3 checkpoint, then resume: same result as the uninterrupted run
+    # crash after the step-3 checkpoint, then resume: the same result as the uninterrupted run
     calls = {"n": 0}
-    orig = real.kd_loss
+    orig = distill_mod.causal_lm_kd_loss
 
     def flaky(*a, **k):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated crash")
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt("simulated crash")
         return orig(*a, **k)
 
-    crash_cfg = _cfg(tmp_path, out=str(tmp_path / "runs" / "crash"))
-    monkeypatch.setattr(real, "kd_loss", flaky)
+    crash = own_cfg(tmp_path, out=str(tmp_path / "runs" / "crash"))
+    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
-        real.distill(crash_cfg, data, teacher, teacher_ce)
+        distill_mod.distill(crash)
     monkeypatch.undo()
-    resumed = real.distill(crash_cfg, data, teacher, teacher_ce)
-    assert resumed["student_ce"] == pytest.approx(summaries["ddk"]["student_ce"], rel=1e-5)
-    assert resumed["final_weights"] == pytest.approx(summaries["ddk"]["final_weights"], rel=1e-6)
+    resumed = distill_mod.distill(crash)
+    assert resumed["student_ce"] == summaries["ddk"]["student_ce"]
+    assert resumed["final_weights"] == summaries["ddk"]["final_weights"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 3, 4, 6]
 
-    # evaluate a finished run
-    res = real.evaluate(tmp_path / "runs" / "ddk")
-    assert res["student_ce"] == pytest.approx(summaries["ddk"]["student_ce"], rel=1e-5)
+    res = distill_mod.evaluate(tmp_path / "runs" / "ddk")
+    assert res["student_ce"] == pytest.approx(summaries["ddk"]["student_ce"], rel=1e-6)
 
 
-def test_config_unknown_yaml_key_is_an_error(tmp_path):
+def test_distill_grad_accum_and_logits_loss_match_the_default(tmp_path: Path) -> None:
+    ref = distill_mod.distill(own_cfg(tmp_path, method="kd", out=str(tmp_path / "ref")))
+    accum = distill_mod.distill(own_cfg(tmp_path, method="kd", grad_accum=2, out=str(tmp_path / "accum")))
+    logits = distill_mod.distill(own_cfg(tmp_path, method="kd", loss="logits", out=str(tmp_path / "logits")))
+    assert accum["student_ce"] == pytest.approx(ref["student_ce"], rel=1e-4)
+    assert logits["student_ce"] == pytest.approx(ref["student_ce"], rel=1e-4)
+
+
+def test_distill_token_budget_sets_the_steps(tmp_path: Path) -> None:
+    cfg = own_cfg(tmp_path, tokens=3 * 4 * 16 - 5)
+    assert cfg.total_steps == 3
+
+
+def test_demo_path_builds_teacher_and_student_then_distills_through_the_same_path(tmp_path: Path) -> None:
+    from ddk.recipes.demo import demo_config, run_demo
+
+    _, _, corpus = own_models(tmp_path)
+    cfg = make_config(data_dir=str(tmp_path / "demo"), domains=(), user_jsonl=(str(corpus),), max_chars=20000,
+                      validation_fraction=0.25, offline=True, vocab_size=320, seq_len=16, val_samples=4,
+                      eval_batch_size=4, teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64,
+                      teacher_steps=8, teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2,
+                      student_intermediate=32, steps=4, batch_size=4, warmup_steps=2, interval=2, log_every=2,
+                      checkpoint_every=2, out=str(tmp_path / "runs" / "demo"), progress=False, device="cpu")
+    assert cfg.uses_demo
+    filled = demo_config(cfg)
+    assert not filled.uses_demo and Path(filled.teacher, "config.json").is_file()
+    assert json.loads(Path(filled.teacher, "demo_meta.json").read_text())["final_loss"] is not None
+    assert demo_config(cfg) == filled  # cached: the same folders, no retraining
+    summary = run_demo(cfg)
+    assert summary["domains"] == ["code", "math", "prose"]
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "runs" / "demo" / "student")) is not None
+
+
+def test_config_unknown_yaml_key_is_an_error(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("steps: 5\nstepz: 6\n")
     with pytest.raises(ValueError, match=r"got unknown \['stepz'\]"):
@@ -112,10 +130,10 @@ def test_config_unknown_yaml_key_is_an_error(tmp_path):
         make_config([p])
 
 
-def test_config_precedence_defaults_yaml_flags(tmp_path):
+def test_config_precedence_defaults_yaml_flags(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("steps: 5\nlr: 0.01\n")
-    from ddk.cli import build_parser
+    from ddk.recipes.cli import build_parser
     from ddk.recipes.config import config_from_args
 
     args = build_parser().parse_args(["distill", "--config", str(p), "--lr", "0.5", "--method", "kd", "--no-progress"])
@@ -125,7 +143,27 @@ def test_config_precedence_defaults_yaml_flags(tmp_path):
         make_config(method="dkd")
 
 
-def test_cli_data_build_user_folder(tmp_path, capsys):
+def test_config_own_models_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="teacher, student and data must be given together"):
+        make_config(student="s")
+    with pytest.raises(ValueError, match="teacher must be given for method 'ddk'"):
+        make_config(student="s", data=("d.jsonl",))
+    make_config(student="s", data=("d.jsonl",), method="cpt")  # cpt needs no teacher
+    with pytest.raises(ValueError, match="batch_size must be a multiple of grad_accum=3"):
+        make_config(batch_size=16, grad_accum=3)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_config(loss="full")
+
+
+def test_every_distill_flag_has_help_text() -> None:
+    from ddk.recipes.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["distill"]  # type: ignore[union-attr]
+    bare = [a.dest for a in sub._actions if a.help is None or a.help.startswith("(default")]
+    assert bare == [], bare
+
+
+def test_cli_data_build_user_folder(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "mine"
     src.mkdir()
     for i in range(5):

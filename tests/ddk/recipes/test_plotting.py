@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ddk.plotting import load_records, plot_gaps, plot_weights  # noqa: E402
+from ddk.recipes.plotting import load_records, plot_gaps, plot_weights  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

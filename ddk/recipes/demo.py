@@ -1,0 +1,198 @@
+"""The bundled demo: a corpus from Debian and PyPI packages, a tokenizer trained on it, a teacher
+pretrained on it and a fresh student, all cached under ``data_dir`` — then the same
+``ddk distill --teacher --student --data`` path a user runs on their own models.
+
+Stages (each cached, keyed by the hash of what determines it):
+
+1. ``demo_corpus``: ``ddk.recipes.corpus.build_corpus`` writes ``<domain>/train.jsonl`` and
+   ``<domain>/validation.jsonl``; a byte-level BPE tokenizer is trained on the training side.
+2. ``demo_teacher``: a ``LlamaForCausalLM`` initialised locally and pretrained (CE only, through
+   ``ddk.causal_lm_kd_loss`` with no teacher) on a uniform mixture of the packed domains, saved
+   with ``save_pretrained`` and the tokenizer.
+3. ``demo_student``: a smaller ``LlamaForCausalLM`` with random weights, saved likewise.
+4. ``demo_config``: the config with ``teacher``, ``student``, ``tokenizer``, ``data`` and
+   ``validation_data`` filled in; ``run_demo`` distills with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ddk.distributed import broadcast_object, init_from_env, rank_world, rank_zero_first
+from ddk.losses import causal_lm_kd_loss
+from ddk.recipes.config import RecipeConfig
+from ddk.recipes.distill import distill, log, make_optimizer
+from ddk.sampling import MixtureSampler
+
+__all__ = ["demo_config", "demo_corpus", "demo_student", "demo_teacher", "llama_config", "run_demo"]
+
+_TEACHER_KEYS = ("teacher_hidden", "teacher_layers", "teacher_heads", "teacher_intermediate", "teacher_steps",
+                 "teacher_lr", "teacher_batch_size", "teacher_seed", "weight_decay", "grad_clip", "warmup_steps",
+                 "min_lr_ratio", "seq_len")
+
+
+def demo_corpus(cfg: RecipeConfig) -> tuple[Path, list[str], Path]:
+    """Build or reuse the demo corpus and its tokenizer: ``(corpus folder, domain names, tokenizer folder)``."""
+    from ddk.recipes.corpus import CorpusConfig, build_corpus, domain_texts
+    from ddk.recipes.tokenizer import train_tokenizer
+
+    root = cfg.data_path
+    ccfg = CorpusConfig(domains=tuple(cfg.domains), user_folders=dict(cfg.user_folders), user_jsonl=tuple(cfg.user_jsonl),
+                        max_chars=cfg.max_chars, validation_fraction=cfg.validation_fraction, seed=0,
+                        cache_dir=str(root / "debs"), offline=cfg.offline, skip_bad_lines=cfg.skip_bad_lines)
+    cdir = root / "corpus" / ccfg.key()
+    man = build_corpus(cdir, ccfg, progress=cfg.progress)
+    names = sorted(man["domains"])
+    tdir = cdir / f"tokenizer-v{cfg.vocab_size}"
+    if not (tdir / "tokenizer.json").is_file():
+        log(f"tokenizer: training byte-level BPE (vocab {cfg.vocab_size}) on the training split")
+        texts = domain_texts(cdir, "train", names, on_error="skip" if cfg.skip_bad_lines else "raise")
+        train_tokenizer((t for d in names for t in texts[d]), tdir, vocab_size=cfg.vocab_size)
+    return cdir, names, tdir
+
+
+def llama_config(cfg: RecipeConfig, who: str, vocab_size: int) -> Any:
+    """A small ``LlamaConfig`` for ``who`` in ``{"teacher", "student"}`` (tied embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=getattr(cfg, f"{who}_hidden"),
+        intermediate_size=getattr(cfg, f"{who}_intermediate"),
+        num_hidden_layers=getattr(cfg, f"{who}_layers"),
+        num_attention_heads=getattr(cfg, f"{who}_heads"),
+        num_key_value_heads=getattr(cfg, f"{who}_heads"),
+        max_position_embeddings=max(cfg.seq_len, 64),
+        tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )
+
+
+def _save_model(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None:
+    """``save_pretrained`` of model and tokenizer plus ``demo_meta.json``, into ``folder`` atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "demo_meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
+    """Pretrain (or find the cached) demo teacher on the packed demo corpus; return its folder."""
+    from transformers import LlamaForCausalLM
+
+    from ddk.data import DomainCollator, tokenizer_hash
+
+    folder = cfg.data_path / "teachers" / cfg.hash_of(_TEACHER_KEYS, extra=[packed.key, tokenizer_hash(tokenizer)])
+    if (folder / "demo_meta.json").is_file():
+        if cfg.progress:
+            meta = json.loads((folder / "demo_meta.json").read_text())
+            log(f"teacher: cached at {folder} (trained in {meta['train_seconds']:.0f} s)")
+        return folder
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.teacher_seed)
+    teacher = LlamaForCausalLM(llama_config(cfg, "teacher", len(tokenizer)))
+    data, collate = packed.train_dataset(), DomainCollator()
+    sampler = MixtureSampler(packed.sizes, cfg.teacher_batch_size, seed=cfg.teacher_seed + 1000,
+                             domain_names=list(packed.names))
+    opt, sched = make_optimizer(teacher, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps, cfg.teacher_steps,
+                                cfg.min_lr_ratio)
+    losses: list[float] = []
+    teacher.train()
+    bar = tqdm(range(cfg.teacher_steps), desc="teacher", disable=not cfg.progress)
+    for step in bar:
+        batch = collate([data[int(i)] for i in sampler.next_global_batch()])
+        loss = causal_lm_kd_loss(teacher, None, {"input_ids": batch["input_ids"]}, gamma=0.0).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    meta = {"config": {k: getattr(cfg, k) for k in _TEACHER_KEYS}, "data_key": packed.key, "domains": list(packed.names),
+            "loss_curve": losses[::10], "final_loss": losses[-1] if losses else None,
+            "train_seconds": time.perf_counter() - t0}
+    _save_model(teacher.eval(), tokenizer, folder, meta)
+    if cfg.progress:
+        log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {folder}")
+    return folder
+
+
+def demo_student(cfg: RecipeConfig, tokenizer: Any) -> Path:
+    """A randomly initialised demo student (seed ``cfg.seed``) saved with ``save_pretrained``; return its folder."""
+    from transformers import LlamaForCausalLM
+
+    from ddk.data import tokenizer_hash
+
+    keys = ("student_hidden", "student_layers", "student_heads", "student_intermediate", "seq_len", "seed")
+    folder = cfg.data_path / "students" / cfg.hash_of(keys, extra=tokenizer_hash(tokenizer))
+    if not (folder / "demo_meta.json").is_file():
+        torch.manual_seed(cfg.seed)
+        _save_model(LlamaForCausalLM(llama_config(cfg, "student", len(tokenizer))), tokenizer, folder,
+                    {"config": {k: getattr(cfg, k) for k in keys}})
+    return folder
+
+
+def demo_config(cfg: RecipeConfig) -> RecipeConfig:
+    """``cfg`` with the demo's teacher, student, tokenizer and data (built or found in the cache).
+
+    Under ``torchrun`` rank 0 builds the caches while the others wait, then they read them.
+    """
+    from ddk.data import load_records, pack_domains
+    from ddk.recipes.tokenizer import load_tokenizer
+
+    with rank_zero_first():
+        cdir, names, tdir = demo_corpus(cfg)
+        tokenizer = load_tokenizer(tdir)
+        train = tuple(str(cdir / n / "train.jsonl") for n in names)
+        validation = tuple(str(cdir / n / "validation.jsonl") for n in names)
+        records = load_records(list(train), progress=cfg.progress)
+        packed = pack_domains(records, tokenizer, seq_len=cfg.seq_len, val_samples=cfg.val_samples,
+                              validation=load_records(list(validation), progress=cfg.progress),
+                              cache_dir=cfg.data_path / "packed", progress=cfg.progress)
+        teacher = demo_teacher(cfg, packed, tokenizer)
+        student = demo_student(cfg, tokenizer)
+    return dataclasses.replace(cfg, teacher=str(teacher), student=str(student), tokenizer=str(tdir), data=train,
+                               validation_data=validation)
+
+
+def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
+    """Demo corpus + tokenizer + teacher + student (cached) + one distillation + table + plots, timed.
+
+    A finished demo run is redone from scratch; an interrupted one resumes from its checkpoint.
+    Under ``torchrun`` it runs on every rank like ``distill``.
+    """
+    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
+    try:
+        if broadcast_object((cfg.run_dir / "summary.json").is_file()):
+            cfg = dataclasses.replace(cfg, resume=False)
+        t0 = time.perf_counter()
+        cfg = demo_config(cfg)
+        t_prep = time.perf_counter() - t0
+        summary = distill(cfg)
+        if rank_world()[0] == 0:
+            print(f"\ntimes: corpus + tokenizer + teacher {t_prep:.0f} s, distill {summary['wall_seconds']:.0f} s, "
+                  f"total {time.perf_counter() - t0:.0f} s")
+            print(f"run folder: {cfg.run_dir}")
+        summary["demo_seconds"] = {"prepare": t_prep, "total": time.perf_counter() - t0}
+        return summary
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,461 @@
+"""``ddk distill``: distill the user's teacher into the user's student on a domain-labelled corpus.
+
+One run: load the models and the tokenizer (``models``), pack the records per domain (``data``),
+build the DDK components (``MixtureSampler``, ``DiscrepancyEstimator``, ``FactorSmoother``,
+``DDKController``), then train with AdamW and warm-up + cosine; every step's loss is
+``ddk.causal_lm_kd_loss`` (the fused ``lm_head`` loss unless ``loss=logits``), the same
+batch-to-loss code ``DDKTrainer`` uses. Methods, at an equal token budget:
+
+* ``cpt``: the student alone (CE; no teacher), uniform mixture;
+* ``kd``: ``CE + gamma * KL(p_T || p_S)``, uniform mixture;
+* ``ddk``: KD with DDK's mixture (Eq. 1, Eq. 2 every ``interval`` steps);
+* ``ddk-no-smoothing``: the weights are ``softmax(ratio)`` at each update;
+* ``ddk-online``: the discrepancy from the training batches' per-domain CE (the teacher's side
+  is its validation CE), instead of validation passes.
+
+The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>.pt``
+(student, optimizer, LR schedule, RNG states, controller; atomic; the newest
+``keep_checkpoints`` kept; resumed from the newest), ``student/`` (``save_pretrained`` plus the
+tokenizer), ``summary.json`` and plots.
+
+This loop is the CLI's own rather than a layer over ``DDKTrainer``: it checkpoints the sampler,
+the RNG states and the optimizer in one file per step, which is what makes SIGKILL-and-resume
+bit-exact here (tested), and it slices each global batch over the ranks itself, so DDP, FSDP2
+and one process follow the same trajectory. Both paths share the loss (``causal_lm_kd_loss``)
+and the components.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ddk._io import atomic_write_text
+from ddk.controller import DDKController
+from ddk.discrepancy import DiscrepancyEstimator
+from ddk.distributed import (
+    all_reduce_sum_,
+    broadcast_object,
+    check_same_across_ranks,
+    collective_device,
+    global_token_normalizer,
+    init_from_env,
+    is_distributed,
+    rank_world,
+    rank_zero_first,
+    tensor_checksum,
+)
+from ddk.losses import KDLossOutput, causal_lm_kd_loss
+from ddk.recipes import checkpoint as ckpt
+from ddk.recipes.config import METHODS, RecipeConfig
+from ddk.recipes.models import autocast_dtype, load_models, save_student
+from ddk.recipes.parallel import device_for, full_student_state, global_sums, load_train_state, parallelize, train_state
+from ddk.reliability import NonFiniteGuard, grad_norm
+from ddk.sampling import MixtureSampler
+from ddk.schedule import FactorSmoother
+
+__all__ = ["DistillStep", "distill", "evaluate", "make_optimizer"]
+
+SMOOTHER_MODE = {"cpt": "uniform", "kd": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}
+# options that may change between a checkpoint and its resume
+RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline",
+                  "on_nonfinite", "skip_bad_lines", "keep_checkpoints", "dist_backend", "debug_checks", "device")
+
+
+def log(msg: str) -> None:
+    """Print to stderr from rank 0 only."""
+    if rank_world()[0] == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def atomic_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+class DistillStep(nn.Module):
+    """The training step as a module: the student is its submodule, the teacher is held outside
+    its parameters (never trained, never sharded with the student).
+
+    ``forward(input_ids (B, L), labels (B, L), domain_ids (B,), normalizer, distill=True)`` returns
+    ``(loss, KDLossOutput)`` from ``ddk.causal_lm_kd_loss``; one forward touches every student
+    parameter (``lm_head`` included), so DDP and FSDP2 reduce its gradients. ``distill=False``
+    gives the student's CE alone (the validation passes; under FSDP2 they too must enter through
+    the root module).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, *, num_domains: int, gamma: float,
+                 temperature: float, loss: str, backend: str, autocast: torch.dtype | None) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher]  # a list: not a submodule
+        self.num_domains = num_domains
+        self.options = dict(gamma=gamma if teacher is not None else 0.0, temperature=temperature, backend=backend)
+        self.loss = loss
+        self.autocast = autocast
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor | None = None,
+                normalizer: torch.Tensor | None = None, distill: bool = True) -> tuple[torch.Tensor, KDLossOutput]:
+        batch = {"input_ids": input_ids, "labels": labels}
+        with torch.autocast(input_ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            if not distill:
+                out = causal_lm_kd_loss(self.student, None, batch, gamma=0.0)
+            else:
+                out = causal_lm_kd_loss(self.student, self._teacher[0], batch, domain_ids=domain_ids,
+                                        num_domains=self.num_domains, loss=self.loss, normalizer=normalizer,
+                                        **self.options)
+        return out.loss, out
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and Python's ``random``."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def validation_ce(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(CE sum, tokens)`` of a causal LM (or a ``DistillStep``'s student) on one validation batch,
+    by the fused loss (no ``(B, L, V)`` logits); the estimator's ``loss_fn``."""
+    ids = batch["input_ids"]
+    labels = batch.get("labels", ids)
+    if isinstance(model, DistillStep):
+        out = model(ids, labels, distill=False)[1]
+    else:
+        out = causal_lm_kd_loss(model, None, {"input_ids": ids, "labels": labels}, gamma=0.0)
+    return out.ce_sum.double(), out.num_tokens
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int, min_ratio: float
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on norms and biases) + linear warm-up to ``lr`` then cosine to ``lr * min_ratio``."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def sum_outputs(outs: list[KDLossOutput]) -> KDLossOutput:
+    """One ``KDLossOutput`` of a step's micro-batches (losses are already over the global normaliser)."""
+    if len(outs) == 1:
+        return outs[0]
+    return KDLossOutput(*(sum(getattr(o, f) for o in outs) for f in
+                          ("loss", "ce_sum", "kd_sum", "num_tokens", "domain_ce_sum", "domain_kd_sum", "domain_tokens")))
+
+
+def distill(cfg: RecipeConfig, *, prepared: Any = None) -> dict[str, Any]:
+    """Distill one student with ``cfg.method``; write the run folder; return the summary.
+
+    Many processes (``torchrun --nproc_per_node=R -m ddk.recipes.cli distill ...``): when
+    ``WORLD_SIZE > 1`` (or with ``fsdp``) it initialises the process group (``dist_backend``) and
+    destroys it at the end. The step is wrapped in DDP, or the student sharded with FSDP2; the
+    teacher is replicated. ``batch_size`` is the global batch (a multiple of ``R * grad_accum``):
+    every rank draws the same global batch and trains on ``batch[rank::R]``, in ``grad_accum``
+    micro-batches. Each rank's loss is ``(its CE sum + gamma * its KL sum) / (N / R)``, ``N`` the
+    all-reduced number of valid tokens of the whole global batch, so DDP/FSDP's mean of the R
+    gradients is the one-process gradient. Only rank 0 writes files and prints.
+
+    Args:
+        cfg: the recipe config (``teacher``, ``student``, ``data``, ``method``, ``steps``, ...).
+        prepared: ``(teacher, student, tokenizer, packed)`` already loaded (the demo), else loaded here.
+
+    Returns:
+        ``summary.json``'s content (on every rank; rank 0 writes it).
+
+    Raises:
+        ValueError: bad options or inputs (the message says what to fix); with
+            ``on_nonfinite="raise"``, a NaN/inf loss or gradient (``NonFiniteError``).
+    """
+    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
+    try:
+        return _distill(cfg, prepared)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _check_run(cfg: RecipeConfig, world: int) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"distill: method must be one of {METHODS}; got {cfg.method!r}.")
+    if cfg.uses_demo:
+        raise ValueError("distill: teacher, student and data must be given (--teacher, --student, --data); got none. "
+                         "`ddk distill` without them runs the bundled demo through ddk.recipes.demo.")
+    if cfg.fsdp and not is_distributed():
+        raise ValueError("distill: fsdp must run under torchrun (it needs a process group); got a plain process. "
+                         "Launch with `torchrun --nproc_per_node=R -m ddk.recipes.cli distill --fsdp ...` or drop --fsdp.")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"distill: batch_size (the global batch) must be a multiple of ranks x grad_accum = "
+                         f"{world} x {cfg.grad_accum}; got {cfg.batch_size}.")
+
+
+def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
+    defaults = RecipeConfig().to_dict()  # options added since the checkpoint was written: their defaults
+    old = {k: v for k, v in {**defaults, **ck["config"]}.items() if k not in RESUME_IGNORED}
+    new = {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED}
+    if old != new:
+        diff = sorted(k for k in new if old.get(k) != new[k])
+        raise ValueError(f"distill: the checkpoint {path} must be of the same config to resume; "
+                         f"got different {diff} (use another --out or --no-resume).")
+
+
+def _distill(cfg: RecipeConfig, prepared: Any) -> dict[str, Any]:
+    rank, world = rank_world()
+    _check_run(cfg, world)
+    device = device_for(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    if prepared is None:
+        teacher, student, tokenizer = load_models(cfg, device)
+        from ddk.recipes.data import distill_data
+
+        with rank_zero_first():  # rank 0 tokenizes and caches, the others then read the cache
+            packed = distill_data(cfg, tokenizer)
+    else:
+        teacher, student, tokenizer, packed = prepared
+        student = student.to(device)
+        teacher = teacher.to(device) if teacher is not None else None
+    out = cfg.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = broadcast_object(ckpt.latest_checkpoint(out) if cfg.resume and rank == 0 else None)
+    metrics_path, ctrl_path = out / "metrics.jsonl", out / "controller.jsonl"
+    cfg_dict = cfg.to_dict()
+    names, d = list(packed.names), len(packed.names)
+    steps = cfg.total_steps
+    ac = autocast_dtype(cfg, device)
+    step_mod = DistillStep(student, None if cfg.method == "cpt" else teacher, num_domains=d, gamma=cfg.gamma, temperature=cfg.temperature,
+                           loss=cfg.loss, backend=cfg.backend, autocast=ac)
+    model = parallelize(step_mod, student, cfg, device)  # what the loop calls; step_mod stays the bare module
+    opt, sched = make_optimizer(step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps, cfg.min_lr_ratio)
+    train_ds = packed.train_dataset()
+    sampler = MixtureSampler(packed.sizes, cfg.batch_size, seed=cfg.seed, domain_names=names, num_batches=steps,
+                             rank=rank, world_size=world)
+    estimator = DiscrepancyEstimator(packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce,
+                                     device=device, progress=False)
+    if teacher is not None:
+        estimator.compute_teacher(teacher)
+    else:  # cpt without a teacher: the logged "teacher" CE is the student's own at the start
+        estimator.teacher_ce = estimator.estimate(step_mod).student_ce
+    smoother = FactorSmoother(d, alpha=cfg.alpha, mode=SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
+    guard = NonFiniteGuard(cfg.on_nonfinite, domain_names=names, fn="distill",
+                           hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run "
+                                "resumes from its last checkpoint")
+    controller = DDKController(estimator, smoother, sampler, interval=cfg.interval, log_path=ctrl_path,
+                               online=cfg.method == "ddk-online")
+    start_step = 0
+    if ckpt_path is not None:
+        ck = ckpt.load_checkpoint(ckpt_path)
+        _resume(ck, ckpt_path, cfg_dict)
+        load_train_state(step_mod, student, opt, ck, cfg.fsdp)
+        sched.load_state_dict(ck["scheduler"])
+        controller.load_state_dict(ck["controller"])
+        guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
+        ckpt.set_rng_state(ck["rng"])
+        start_step = int(ck["step"])
+        if rank == 0:
+            ckpt.truncate_jsonl(metrics_path, start_step)
+            ckpt.truncate_jsonl(ctrl_path, start_step)
+        if cfg.progress:
+            log(f"distill: resumed {out} at step {start_step}")
+    else:
+        if rank == 0:
+            for p in (metrics_path, ctrl_path, out / "summary.json", *[p for _, p in ckpt.checkpoints(out)]):
+                p.unlink(missing_ok=True)
+            atomic_json(out / "config.json", cfg_dict)
+        controller.start(step_mod)
+        seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
+
+    def save(step: int) -> None:
+        student_state, opt_state = train_state(step_mod, student, opt, cfg.fsdp)  # a collective under FSDP
+        ctrl_state = controller.state_dict()
+        if world > 1 and controller.online:  # every rank's online sums, restored on rank 0 at resume: none lost
+            acc = ctrl_state["estimator"]["online"] or [[0.0] * 4 for _ in range(d)]
+            acc = all_reduce_sum_(torch.tensor(acc, dtype=torch.float64, device=collective_device(device)))
+            ctrl_state["estimator"]["online"] = acc.cpu().tolist()
+        if rank == 0:
+            ckpt.save_checkpoint(out, step, {"config": cfg_dict, "student": student_state, "optimizer": opt_state,
+                                             "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
+                                             "controller": ctrl_state, "nonfinite": guard.state_dict()},
+                                 cfg.keep_checkpoints)
+
+    from ddk.data import DomainCollator
+
+    collate = DomainCollator()
+    debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
+    gamma = 0.0 if cfg.method == "cpt" else cfg.gamma
+    student.train()
+    bar = tqdm(range(start_step + 1, steps + 1), desc=f"distill {cfg.method}", disable=not cfg.progress or rank != 0,
+               initial=start_step, total=steps)
+    with metrics_path.open("a", encoding="utf-8") if rank == 0 else open(os.devnull, "w") as mf:
+        for step in bar:
+            idx = torch.as_tensor(sampler.next_global_batch())[rank::world]  # this rank's slice of the global batch
+            batch = collate([train_ds[int(i)] for i in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            norm = global_token_normalizer((batch["labels"][:, 1:] != -100).sum())
+            lo = _forward_backward(model, batch, norm, cfg.grad_accum)
+            gnorm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip) if cfg.grad_clip
+                     else grad_norm(student.parameters()))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor; the guard all-reduces plain tensors
+                gnorm = gnorm.full_tensor()
+            dom_tok = batch["domain_ids"].unsqueeze(1).expand(-1, batch["input_ids"].shape[1] - 1).reshape(-1)
+            finite = guard.check(step, lo, grad_norm=gnorm, domain_ids=dom_tok)
+            if finite:
+                opt.step()
+            opt.zero_grad(set_to_none=True)  # skipped (on_nonfinite="skip"): no update; step, sampler, LR advance
+            sched.step()
+            if controller.online and finite:
+                controller.observe(lo)
+            n_rec = len(controller.records)
+            controller.step_end(step, step_mod)
+            rec = _metrics(cfg, step, steps, lo, finite, gamma, sched, sampler, guard, controller, estimator, step_mod,
+                           n_rec)
+            if rec is not None:
+                if "ratio" in rec:
+                    bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
+                                    gap=f"{np.mean(np.log(rec['ratio'])):.3f}")
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+            if debug and (step % cfg.interval == 0 or step == steps):
+                sums = {"domain weights": tensor_checksum([torch.tensor(sampler.weights, dtype=torch.float64)])}
+                if not cfg.fsdp:  # FSDP shards differ by design
+                    sums["student parameters"] = tensor_checksum(student.parameters())
+                check_same_across_ranks(sums, where=f"distill step {step}")
+            if step % cfg.checkpoint_every == 0 or step == steps:
+                save(step)
+    bar.close()
+    student.eval()
+    final = estimator.estimate(step_mod)
+    save_student(full_student_state(step_mod, student, cfg.fsdp), student, tokenizer, out)
+    summary = {
+        "method": cfg.method, "seed": cfg.seed, "domains": names,
+        "student_ce": final.student_ce.tolist(), "teacher_ce": final.teacher_ce.tolist(),
+        "gap": final.gap.tolist(), "ratio": final.ratio.tolist(),
+        "mean_gap": float(final.gap.mean()), "worst_gap": float(final.gap.max()),
+        "mean_ratio": float(final.ratio.mean()),
+        "final_weights": list(sampler.weights), "samples_per_domain": sampler.cumulative_counts().tolist(),
+        "skipped_batches": guard.skipped_batches, "skipped_steps": list(guard.skipped_steps),
+        "tokens": steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.perf_counter() - t_start,
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
+    }
+    if rank != 0:
+        return summary
+    atomic_json(out / "summary.json", summary)
+    from ddk.recipes.report import format_table, plots
+
+    summary["plots"] = plots(out, cfg.method)
+    print(format_table([summary]))
+    for p in summary["plots"]:
+        print(f"plot: {p}")
+    return summary
+
+
+def _forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], norm: torch.Tensor | None, accum: int
+                      ) -> KDLossOutput:
+    """Forward and backward of one rank's slice in ``accum`` micro-batches; returns their summed output.
+
+    ``norm`` (the global valid-token count over the ranks) divides every micro-batch's sums, so the
+    accumulated gradient is that of the whole global batch's mean, whatever its split. Under DDP
+    only the last micro-batch all-reduces the gradients."""
+    if norm is None:  # one process: the valid tokens of the whole batch (not of each micro-batch)
+        norm = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+    outs = []
+    chunks = [torch.arange(batch["input_ids"].shape[0]).chunk(accum)[i] for i in range(accum)]
+    for i, rows in enumerate(chunks):
+        last = i == accum - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else _nullcontext()
+        with sync:
+            loss, out = model(batch["input_ids"][rows], batch["labels"][rows], batch["domain_ids"][rows], norm)
+            loss.backward()
+        outs.append(out)
+    return sum_outputs(outs)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _metrics(cfg: RecipeConfig, step: int, steps: int, lo: KDLossOutput, finite: bool, gamma: float, sched: Any,
+             sampler: MixtureSampler, guard: NonFiniteGuard, controller: DDKController, estimator: DiscrepancyEstimator,
+             step_mod: DistillStep, n_rec: int) -> dict[str, Any] | None:
+    """The ``metrics.jsonl`` record of a step (every ``log_every`` and ``interval`` steps, skipped ones, the last)."""
+    at_interval = step % cfg.interval == 0 or step == steps
+    if finite and step % cfg.log_every and not at_interval:
+        return None
+    ce_sum, kd_sum, num_tok, dom_tok = global_sums(lo)  # over all ranks (as is in one process)
+    tok = max(int(num_tok), 1)
+    rec: dict[str, Any] = {
+        "step": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+        "loss": (float(ce_sum) + gamma * float(kd_sum)) / tok, "ce": float(ce_sum) / tok, "kd": float(kd_sum) / tok,
+        "lr": sched.get_last_lr()[0], "weights": list(sampler.weights), "batch_domain_tokens": dom_tok.tolist(),
+        "skipped_batches": guard.skipped_batches,
+    }
+    if not finite:
+        rec.update(skipped=True, loss=None, ce=None, kd=None)
+    if at_interval:
+        new = controller.records[n_rec:]
+        if new and not controller.online:
+            disc = new[-1]
+            rec.update(student_ce=disc["student_ce"], teacher_ce=disc["teacher_ce"], ratio=disc["ratio"])
+        else:
+            e = estimator.estimate(step_mod)
+            rec.update(student_ce=e.student_ce.tolist(), teacher_ce=e.teacher_ce.tolist(), ratio=e.ratio.tolist())
+            if new:
+                rec["online_ratio"] = new[-1]["ratio"]
+    return rec
+
+
+def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-domain validation CE of a finished run's student and of its teacher; writes ``eval.json``."""
+    from transformers import AutoModelForCausalLM
+
+    from ddk.recipes.config import make_config
+    from ddk.recipes.data import distill_data
+    from ddk.recipes.report import format_table
+
+    run = Path(run_dir)
+    if not (run / "student" / "config.json").is_file() or not (run / "config.json").is_file():
+        raise ValueError(f"evaluate: run_dir must be a finished distill run (with config.json and student/); got {str(run)!r}.")
+    saved = json.loads((run / "config.json").read_text())
+    cfg = make_config(**saved)
+    device = device_for(cfg)
+    teacher, _, tokenizer = load_models(cfg, device)
+    student = AutoModelForCausalLM.from_pretrained(str(run / "student")).to(device).eval()
+    packed = distill_data(cfg, tokenizer)
+    est = DiscrepancyEstimator(packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce, device=device,
+                               progress=cfg.progress)
+    if teacher is not None:
+        est.compute_teacher(teacher)
+    else:
+        est.teacher_ce = est.estimate(student).student_ce
+    disc = est.estimate(student)
+    res = {"method": cfg.method, "seed": cfg.seed, "domains": list(packed.names), "student_ce": disc.student_ce.tolist(),
+           "teacher_ce": disc.teacher_ce.tolist(), "gap": disc.gap.tolist(), "ratio": disc.ratio.tolist(),
+           "mean_gap": float(disc.gap.mean()), "worst_gap": float(disc.gap.max()), "mean_ratio": float(disc.ratio.mean())}
+    atomic_json(run / "eval.json", res)
+    print(format_table([res]))
+    return res

@@ -1,0 +1,126 @@
+"""The user's models for ``ddk distill``: teacher, student and tokenizer from ``save_pretrained``
+folders (or hub names, passed through to ``from_pretrained``), their vocabulary check, and the
+distilled student saved with its tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddk.distributed import rank_world
+from ddk.recipes.config import RecipeConfig
+
+__all__ = ["autocast_dtype", "check_vocabularies", "load_models", "output_rows", "save_student"]
+
+
+def autocast_dtype(cfg: RecipeConfig, device: torch.device) -> torch.dtype | None:
+    """``torch.bfloat16`` when the run computes in bf16 (``dtype=bf16``, or ``auto`` on CUDA), else None (fp32)."""
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub name (``owner/name``): absolute, relative with ``.``/``~``, or deeper."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+def _from_pretrained(kind: str, name: str, **kwargs: Any) -> Any:
+    """``Auto*.from_pretrained(name)``; a missing local folder is an error naming it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(os.path.expanduser(name))
+    if not path.exists() and _looks_local(name):
+        raise ValueError(f"distill: {kind} must be a folder written by save_pretrained (or a hub name); "
+                         f"got {name!r}, which does not exist.")
+    loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
+    try:
+        return loader.from_pretrained(str(path) if path.exists() else name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"distill: {kind} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
+                         f"folder or hub name; loading {name!r} failed: {exc}") from exc
+
+
+def output_rows(model: Any) -> int:
+    """Rows of the model's output embedding (its logits' width)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def check_vocabularies(teacher: Any, student: Any, tokenizer: Any, fn: str = "distill") -> None:
+    """Raise unless teacher and student share ``tokenizer``'s vocabulary (the teacher may have padding rows).
+
+    The student's output embedding must have at least ``len(tokenizer)`` rows and the teacher's at
+    least the student's (rows past the student's, e.g. Qwen's padding to 152064, are sliced off).
+    """
+    vs, vt, n = output_rows(student), output_rows(teacher), len(tokenizer)
+    s_name = getattr(student, "name_or_path", "") or "the student"
+    t_name = getattr(teacher, "name_or_path", "") or "the teacher"
+    if vs < n:
+        raise ValueError(f"{fn}: the student's vocabulary must cover the tokenizer's {n} tokens; got an lm_head of "
+                         f"{vs} rows in {s_name}. Pass the tokenizer the student was trained with (--tokenizer).")
+    if vt < vs:
+        raise ValueError(f"{fn}: the teacher's vocabulary must cover the student's (a teacher wider by padding rows "
+                         f"is sliced); got teacher {t_name} with {vt} rows and student {s_name} with {vs}. Teacher "
+                         "and student must share a tokenizer.")
+
+
+def _tokenizers_agree(a: Any, b: Any) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]:
+    """``(teacher or None, student, tokenizer)``: loaded, checked and on ``device``.
+
+    The student keeps float32 master weights (bf16 runs use autocast); the teacher is loaded in
+    bf16 when the run computes in bf16, in eval mode with no gradients. Without ``cfg.teacher``
+    (allowed for ``cpt`` only) the teacher is None; ``cpt`` with a teacher uses it only to
+    measure the gap.
+    A teacher folder that holds a tokenizer must hold the same vocabulary as the student's.
+    """
+    tokenizer = _from_pretrained("tokenizer", cfg.tokenizer or cfg.student)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"distill: the tokenizer must have an EOS token (it separates documents in packed "
+                         f"sequences); got none in {cfg.tokenizer or cfg.student!r}. Set tokenizer.eos_token and save it.")
+    student = _from_pretrained("student", cfg.student, dtype=torch.float32).to(device)
+    teacher = None
+    if cfg.teacher:
+        t_dtype = autocast_dtype(cfg, device) or torch.float32
+        teacher = _from_pretrained("teacher", cfg.teacher, dtype=t_dtype).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        check_vocabularies(teacher, student, tokenizer)
+        t_path = Path(os.path.expanduser(cfg.teacher))
+        if (t_path / "tokenizer_config.json").is_file():
+            t_tok = _from_pretrained("tokenizer", str(t_path))
+            if not _tokenizers_agree(t_tok, tokenizer):
+                raise ValueError(f"distill: teacher and student must share a tokenizer; got different vocabularies in "
+                                 f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
+                                 f"({len(tokenizer)} tokens).")
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    if hasattr(student.config, "use_cache"):
+        student.config.use_cache = False
+    return teacher, student, tokenizer
+
+
+def save_student(state: dict[str, torch.Tensor] | None, student: Any, tokenizer: Any, out: Path) -> Path | None:
+    """``out/student`` with ``save_pretrained`` (weights and config) plus the tokenizer, by rank 0.
+
+    ``state`` is the full student state (gathered under FSDP2); written through ``student.tmp``
+    and ``os.replace``, so ``AutoModelForCausalLM.from_pretrained(out/"student")`` and
+    ``AutoTokenizer.from_pretrained(out/"student")`` load a complete folder or none.
+    """
+    if rank_world()[0] != 0 or state is None:
+        return None
+    tmp = out / "student.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(str(tmp), state_dict=state)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out / "student", ignore_errors=True)
+    os.replace(tmp, out / "student")
+    return out / "student"

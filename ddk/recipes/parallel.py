@@ -1,0 +1,130 @@
+"""Devices and many processes for ``ddk distill``: the device of a rank, DDP / FSDP2 wrapping of the
+training step, full (unsharded) train state for checkpoints, sums over ranks for the logs."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ddk.distributed import all_reduce_sum_, is_distributed, rank_world
+from ddk.recipes.config import RecipeConfig
+
+__all__ = ["device_for", "full_student_state", "global_sums", "load_train_state", "parallelize", "train_state"]
+
+
+def device_for(cfg: RecipeConfig) -> torch.device:
+    """Where this process distills: ``cuda:<LOCAL_RANK>`` under an NCCL process group, the CPU
+    under a gloo one; one process follows ``cfg.device`` (``auto``: ``cuda:0`` when CUDA is
+    available, else the CPU)."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("distill: device must be 'cpu' or 'auto' without a CUDA device; got 'cuda' "
+                         "(torch.cuda.is_available() is False).")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers causal LM (``model.layers``, GPT-2's ``transformer.h``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    raise ValueError(f"distill: fsdp needs the student's decoder blocks (decoder.layers or .h); got none in "
+                     f"{type(model).__name__}. Drop --fsdp to use DDP.")
+
+
+def parallelize(step: torch.nn.Module, student: torch.nn.Module, cfg: RecipeConfig, device: torch.device
+                ) -> torch.nn.Module:
+    """Prepare the training step module for torch.distributed; return the module the loop calls.
+
+    ``step`` holds the student as a submodule (and the teacher outside its parameters), so one
+    forward of ``step`` touches every student parameter, ``lm_head`` included, which DDP and FSDP2
+    need to reduce the gradients of a loss that reads the ``lm_head`` weight directly.
+
+    * one process: ``step`` itself;
+    * ``cfg.fsdp``: FSDP2 in place (``fully_shard`` on every decoder block, then on ``step``, the
+      root, with ``reshard_after_forward=True``);
+    * else DDP without buffer syncs in forward (the student's buffers are constants, and the
+      estimator runs uneven numbers of forwards on the bare student, which must start no collective).
+
+    DDP and FSDP2 average the gradients over the ranks; the loop scales each rank's loss to match.
+    """
+    _, world = rank_world()
+    if cfg.fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as exc:  # pragma: no cover - torch < 2.6
+            raise ValueError(f"distill: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6); "
+                             f"got torch {torch.__version__} without it ({exc}). Drop --fsdp to use DDP.") from None
+        for layer in _decoder_layers(student):
+            fully_shard(layer, reshard_after_forward=True)
+        fully_shard(step, reshard_after_forward=True)
+        return step
+    if world == 1:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:  # newer torch
+        return DistributedDataParallel(step, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
+
+
+def train_state(step: torch.nn.Module, student: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(student state, optimizer state)`` to checkpoint; with FSDP2 the full (unsharded) ones, on rank 0 (a collective)."""
+    if not fsdp:
+        return student.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(step, options=options), get_optimizer_state_dict(step, opt, options=options)
+
+
+def load_train_state(step: torch.nn.Module, student: torch.nn.Module, opt: torch.optim.Optimizer,
+                     ck: dict[str, Any], fsdp: bool) -> None:
+    """Inverse of :func:`train_state` (with FSDP2 every rank reads the full state and keeps its shard)."""
+    if not fsdp:
+        student.load_state_dict(ck["student"])
+        opt.load_state_dict(ck["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(step, ck["student"], options=options)
+    set_optimizer_state_dict(step, opt, ck["optimizer"], options=options)
+
+
+def full_student_state(step: torch.nn.Module, student: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor] | None:
+    """The student's full state dict (keys of ``student.state_dict()``), on rank 0; None on the others.
+
+    With FSDP2 every rank must call it (the full state is gathered)."""
+    rank, _ = rank_world()
+    if not fsdp:
+        return student.state_dict() if rank == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(step, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    prefix = "student."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def global_sums(lo: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ce_sum, kd_sum, num_tokens, domain_tokens (D,))`` of a ``KDLossOutput``, summed over ranks (for the logs)."""
+    if rank_world()[1] == 1:
+        return lo.ce_sum, lo.kd_sum, lo.num_tokens, lo.domain_tokens
+    v = torch.cat([torch.stack([lo.ce_sum.double(), lo.kd_sum.double(), lo.num_tokens.double()]),
+                   lo.domain_tokens.double()])
+    all_reduce_sum_(v)
+    return v[0], v[1], v[2], v[3:].round().long()

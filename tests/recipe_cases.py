@@ -1,0 +1,33 @@
+"""Shared set-up of the recipe tests: the user's saved models and corpus, and a small run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hf_models import make_pair, write_jsonl
+
+
+def own_models(root: Path, family: str = "llama", dropout: float = 0.0) -> tuple[Path, Path, Path]:
+    """``(teacher, student, corpus.jsonl)`` under ``root``, built once per folder."""
+    base = root / f"models-{family}-d{dropout}"
+    if not (base / "student" / "config.json").is_file():
+        make_pair(base, family, dropout=dropout)
+    corpus = root / "corpus.jsonl"
+    if not corpus.is_file():
+        write_jsonl(corpus, docs_per_domain=30)
+    return base / "teacher", base / "student", corpus
+
+
+def own_cfg(root: Path, family: str = "llama", *, dropout: float = 0.0, **kw: Any) -> Any:
+    """A ``RecipeConfig`` distilling the tiny ``family`` pair on the 3-domain corpus (6 steps, CPU)."""
+    from ddk.recipes.config import make_config
+
+    teacher, student, corpus = own_models(root, family, dropout)
+    base: dict[str, Any] = dict(
+        teacher=str(teacher), student=str(student), data=(str(corpus),), data_dir=str(root / "cache"), seq_len=16,
+        val_samples=4, eval_batch_size=4, steps=6, batch_size=4, warmup_steps=2, interval=3, log_every=2,
+        checkpoint_every=3, out=str(root / "runs" / "ddk"), progress=False, device="cpu",  # bit-exact checks: CPU
+    )
+    base.update(kw)
+    return make_config(**base)
