@@ -1,39 +1,52 @@
-"""DDKTrainer: a few steps with tiny Llama models, save, resume, and the DDK state continues exactly."""
+"""DDKTrainer and DDKConfig: one-call construction, exact gradient accumulation, bit-identical resume,
+the fused loss on the Trainer path, the README example and the errors (tiny models, a few steps)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+datasets = pytest.importorskip("datasets")
 
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from hf_models import domain_text, make_model, make_tokenizer, write_jsonl  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 from ddk import DDKController, DiscrepancyEstimator, FactorSmoother, MixtureSampler  # noqa: E402
-from ddk.integrations.transformers import DDK_STATE_NAME, DDKTrainer  # noqa: E402
+from ddk.integrations.transformers import (  # noqa: E402
+    DDK_RNG_STATE_NAME,
+    DDK_STATE_NAME,
+    DDKConfig,
+    DDKTrainer,
+)
 
 VOCAB, SEQ, SIZES, BATCH = 100, 12, (20, 14, 9), 4
 NAMES = ("a", "b", "c")
+COMMON = dict(report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, logging_steps=100,
+              save_strategy="no")
 
 
-def _tiny(seed: int, hidden: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg)
-
-
-def _data() -> tuple[list[dict[str, torch.Tensor]], dict[str, list[dict[str, torch.Tensor]]]]:
+# ---------------------------------------------------------------------------- low-level form
+def _data(ragged: bool = False) -> tuple[list[dict[str, torch.Tensor]], dict[str, list[dict[str, torch.Tensor]]]]:
+    """Per domain its own token range; ``ragged``: labels end at a random position (uneven token counts)."""
     g = torch.Generator().manual_seed(0)
     train, val = [], {}
     for d, (name, n) in enumerate(zip(NAMES, SIZES)):
-        lo = 30 * d  # each domain uses its own token range
+        lo = 30 * d
         rows = torch.randint(lo, lo + 30, (n + 4, SEQ), generator=g)
-        train += [{"input_ids": r} for r in rows[:n]]
+        for r in rows[:n]:
+            item = {"input_ids": r, "domain_id": d}
+            if ragged:
+                labels = r.clone()
+                labels[int(torch.randint(2, SEQ + 1, (1,), generator=g)):] = -100
+                item["labels"] = labels
+            train.append(item)
         val[name] = [{"input_ids": rows[n:]}]
     return train, val
 
@@ -42,52 +55,72 @@ class _RecordingTrainer(DDKTrainer):
     def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
         super().__init__(*a, **k)
         self.seen: list[list[int]] = []
+        self.seen_domains: list[list[int]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-        self.seen.append(inputs["ddk_index"].tolist())
+        if model.training:
+            self.seen.append(inputs["ddk_index"].tolist())
+            self.seen_domains.append(inputs["domain_ids"].tolist())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def _trainer(out_dir: str, max_steps: int, online: bool = False) -> _RecordingTrainer:
-    train, val = _data()
-    teacher = _tiny(1, hidden=48)
-    student = _tiny(2)
+def _controller(batch: int = BATCH, online: bool = False, val=None) -> DDKController:  # type: ignore[no-untyped-def]
+    if val is None:
+        val = _data()[1]
     estimator = DiscrepancyEstimator(val, progress=False)
-    sampler = MixtureSampler(list(SIZES), BATCH, seed=3, domain_names=NAMES)
-    controller = DDKController(estimator, FactorSmoother(3), sampler, interval=2, online=online)
-    args = TrainingArguments(
-        output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=BATCH, learning_rate=1e-2,
-        save_strategy="steps", save_steps=3, logging_steps=100, report_to=[], use_cpu=True,
-        disable_tqdm=True, seed=0, dataloader_num_workers=0,
-    )
-    return _RecordingTrainer(model=student, args=args, train_dataset=train, teacher=teacher, controller=controller)
+    sampler = MixtureSampler(list(SIZES), batch, seed=3, domain_names=NAMES)
+    return DDKController(estimator, FactorSmoother(3), sampler, interval=2, online=online)
 
 
-def _weights(controller: DDKController) -> list[list[float]]:
-    return [r["weights"] for r in controller.records]
+def _low_level(out_dir: str, max_steps: int, online: bool = False, **extra) -> _RecordingTrainer:  # type: ignore[no-untyped-def]
+    train, val = _data()
+    args = TrainingArguments(output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=BATCH,
+                             learning_rate=1e-2, seed=0, **{**COMMON, **extra})
+    return _RecordingTrainer(model=make_model("llama", VOCAB, seed=2), args=args, train_dataset=train,
+                             teacher=make_model("llama", VOCAB, hidden=48, layers=2, seed=1),
+                             controller=_controller(online=online, val=val))
 
 
-def test_ddktrainer_resume_continues_sampler_and_controller_exactly(tmp_path):
-    full = _trainer(str(tmp_path / "full"), max_steps=6)
+def test_ddktrainer_low_level_resume_continues_sampler_and_controller_exactly(tmp_path):
+    full = _low_level(str(tmp_path / "full"), max_steps=6, save_strategy="steps", save_steps=3)
     full.train()
-    assert (tmp_path / "full" / "checkpoint-3" / DDK_STATE_NAME).is_file()
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert (ckpt / DDK_STATE_NAME).is_file() and (ckpt / DDK_RNG_STATE_NAME).is_file()
     assert len(full.seen) == 6 and all(len(b) == BATCH for b in full.seen)
-    saved = json.loads((tmp_path / "full" / "checkpoint-3" / DDK_STATE_NAME).read_text())
+    saved = json.loads((ckpt / DDK_STATE_NAME).read_text())
     assert saved["sampler"]["batches_yielded"] == 3
     assert saved["controller"]["num_updates"] == 1  # step 2; the step-4 update is after the save
 
-    resumed = _trainer(str(tmp_path / "full"), max_steps=6)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    resumed = _low_level(str(tmp_path / "full"), max_steps=6, save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.seen == full.seen[3:]  # same batches, no skipped or repeated data
     a, b = full.controller.state_dict(), resumed.controller.state_dict()
     assert b["sampler"] == a["sampler"]
     assert b["controller"] == a["controller"]
     assert b["smoother"]["weights"] == pytest.approx(a["smoother"]["weights"], rel=1e-5)
-    assert _weights(resumed.controller)[-1] == pytest.approx(_weights(full.controller)[-1], rel=1e-5)
+
+
+def test_ddktrainer_low_level_domain_ids_follow_the_sampler_layout(tmp_path):
+    tr = _low_level(str(tmp_path), max_steps=2)
+    tr.train()
+    sampler = tr.controller.sampler
+    for idx, dom in zip(tr.seen, tr.seen_domains):
+        assert dom == sampler.domain_of(torch.tensor(idx)).tolist()
+
+
+def test_ddktrainer_low_level_rejects_item_in_the_wrong_domain(tmp_path):
+    train, val = _data()
+    train = train[SIZES[0]:SIZES[0] + 1] + train[:SIZES[0]] + train[SIZES[0] + 1:]  # one domain-b item first
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH, **COMMON)
+    tr = DDKTrainer(model=make_model("llama", VOCAB), args=args, train_dataset=train,
+                    teacher=make_model("llama", VOCAB, seed=1), controller=_controller(val=val))
+    batch = [{**train[0], "ddk_index": 0}]
+    with pytest.raises(ValueError, match="item 0 must belong to domain 'a'.*got domain_id 1"):
+        tr.data_collator(batch)
 
 
 def test_ddktrainer_online_observes_training_batches(tmp_path):
-    tr = _trainer(str(tmp_path / "online"), max_steps=2, online=True)
+    tr = _low_level(str(tmp_path / "online"), max_steps=2, online=True)
     tr.train()
     assert tr.controller.num_updates == 1
     assert sum(tr.controller.records[-1]["tokens"]) == 2 * BATCH * (SEQ - 1)
@@ -97,21 +130,398 @@ def test_ddktrainer_rejects_mismatched_batch_size(tmp_path):
     train, val = _data()
     est = DiscrepancyEstimator(val, progress=False)
     ctrl = DDKController(est, FactorSmoother(3), MixtureSampler(list(SIZES), 8, domain_names=NAMES), interval=2)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH, report_to=[], use_cpu=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH, **COMMON)
     with pytest.raises(ValueError, match="per_device_train_batch_size=4; got 8"):
-        DDKTrainer(model=_tiny(0), args=args, train_dataset=train, teacher=_tiny(1), controller=ctrl)
+        DDKTrainer(model=make_model("llama", VOCAB), args=args, train_dataset=train,
+                   teacher=make_model("llama", VOCAB, seed=1), controller=ctrl)
 
 
 def test_ddktrainer_resume_without_ddk_state_raises(tmp_path):
     (tmp_path / "checkpoint-1").mkdir()
-    tr = _trainer(str(tmp_path), max_steps=1)
+    tr = _low_level(str(tmp_path), max_steps=1)
     with pytest.raises(ValueError, match="must hold ddk_state.json"):
         tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
 def test_ddktrainer_evaluate_runs_on_eval_batches_without_sampler_index(tmp_path):
-    tr = _trainer(str(tmp_path / "eval"), max_steps=1)
-    tr.compute_loss = functools.partial(DDKTrainer.compute_loss, tr)  # the recorder reads ddk_index
+    tr = _low_level(str(tmp_path / "eval"), max_steps=1)
+    tr.compute_loss = functools.partial(DDKTrainer.compute_loss, tr)
     train, _ = _data()
-    metrics = tr.evaluate(eval_dataset=[{**x, "labels": x["input_ids"]} for x in train[:BATCH]])
+    metrics = tr.evaluate(eval_dataset=[{"input_ids": x["input_ids"], "labels": x["input_ids"]} for x in train[:BATCH]])
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+def _final_weights(tmp: Path, per_device: int, accumulation: int, steps: int = 3, loss: str = "fused"
+                   ) -> dict[str, torch.Tensor]:
+    train, val = _data(ragged=True)
+    student = make_model("llama", VOCAB, seed=2).double()
+    teacher = make_model("llama", VOCAB, hidden=48, layers=2, seed=1).double()
+    args = DDKConfig(output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=per_device,
+                     gradient_accumulation_steps=accumulation, learning_rate=0.5, optim="sgd", max_grad_norm=0.0,
+                     lr_scheduler_type="constant", seed=0, method="kd", loss=loss, **COMMON)
+    world = args.world_size
+    controller = DDKController(DiscrepancyEstimator(val, progress=False), FactorSmoother(3, mode="uniform"),
+                               MixtureSampler(list(SIZES), per_device * world, seed=3, domain_names=NAMES,
+                                              rank=args.process_index, world_size=world),
+                               interval=1000)
+    # Two domains of weight 1/2: a global batch of 4 = the union of two consecutive batches of 2.
+    controller.sampler.set_weights([0.5, 0.5, 0.0])
+    tr = DDKTrainer(model=student, args=args, train_dataset=train, teacher=teacher, controller=controller)
+    tr.train()
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+def test_ddktrainer_gradient_accumulation_equals_the_larger_batch_on_uneven_tokens(tmp_path):
+    one = _final_weights(tmp_path / "one", per_device=4, accumulation=1)
+    two = _final_weights(tmp_path / "two", per_device=2, accumulation=2)
+    init = make_model("llama", VOCAB, seed=2).double().state_dict()
+    assert any(not torch.equal(one[k], init[k]) for k in one)  # it trained
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-12, rtol=1e-10, msg=k)
+
+
+# ---------------------------------------------------------------------------- resume with dropout
+class _StopAt(transformers.TrainerCallback):
+    """Ends training after ``step`` (after its checkpoint), like a run killed there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_ddktrainer_resume_is_bit_identical_with_dropout(tmp_path):
+    def run(out: Path, resume: bool | None, stop_at: int | None = None) -> dict[str, torch.Tensor]:
+        train, val = _data()
+        student = make_model("gpt2", VOCAB, dropout=0.1, seed=2)
+        args = DDKConfig(output_dir=str(out), max_steps=4, per_device_train_batch_size=BATCH, learning_rate=1e-2,
+                         seed=0, interval=2, **{**COMMON, "save_strategy": "steps"}, save_steps=2)
+        tr = DDKTrainer(model=student, args=args, train_dataset=train,
+                        teacher=make_model("gpt2", VOCAB, hidden=48, layers=2, seed=1), controller=_controller(val=val),
+                        callbacks=[_StopAt(stop_at)] if stop_at else None)
+        tr.train(resume_from_checkpoint=resume)
+        return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    full = run(tmp_path / "full", None)
+    run(tmp_path / "killed", None, stop_at=2)
+    assert not (tmp_path / "killed" / "checkpoint-4").exists()
+    resumed = run(tmp_path / "killed", True)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+# ---------------------------------------------------------------------------- one-call form
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):  # type: ignore[no-untyped-def]
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _records(n: int = 24, words: int = 30, shuffle: bool = True, domain_field: str = "domain",
+             text_field: str = "text") -> datasets.Dataset:
+    rng = random.Random(0)
+    rows = [{domain_field: d, text_field: domain_text(d, rng, words)} for d in ("code", "prose", "math") for _ in range(n)]
+    ds = datasets.Dataset.from_list(rows)
+    return ds.shuffle(seed=1) if shuffle else ds
+
+
+def _config(tmp: Path, **kw) -> DDKConfig:  # type: ignore[no-untyped-def]
+    base = dict(output_dir=str(tmp), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, seq_len=16,
+                val_samples=4, interval=1, seed=0, **COMMON)
+    return DDKConfig(**{**base, **kw})
+
+
+class _SeenTrainer(DDKTrainer):
+    def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        if model.training:
+            self.batches.append((inputs["input_ids"].cpu(), inputs["domain_ids"].cpu()))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_ddktrainer_one_call_takes_each_sequence_domain_from_the_column(tmp_path, tok):
+    from hf_models import _WORDS
+
+    records = _records(domain_field="source", text_field="body")  # shuffled, string domains, other names
+    args = _config(tmp_path, domain_column="source", text_column="body", max_steps=6)
+    tr = _SeenTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), hidden=48, seed=1),
+                      args=args, train_dataset=records, processing_class=tok)
+    assert tr.controller.estimator.domain_names == ("code", "math", "prose")  # sorted
+    tr.train()
+    assert tr.controller.num_updates == 6
+    seen = 0
+    for ids, doms in tr.batches:
+        for row, d in zip(ids, doms.tolist()):
+            words = tok.decode(row.tolist(), skip_special_tokens=True).split()
+            votes = {name: sum(w in _WORDS[name] for w in words) for name in _WORDS}
+            assert max(votes, key=votes.get) == tr.controller.estimator.domain_names[d], (words, d)
+            seen += 1
+    assert seen == 6 * 4
+
+
+def test_ddktrainer_one_call_evaluates_per_domain_and_accepts_eval_dataset(tmp_path, tok):
+    records = _records()
+    held_out = {d: _records(n=6).filter(lambda r, d=d: r["domain"] == d).remove_columns("domain")
+                for d in ("code", "math", "prose")}
+    tr = DDKTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), seed=1),
+                    args=_config(tmp_path), train_dataset=records, eval_dataset=held_out, processing_class=tok)
+    metrics = tr.evaluate()
+    assert {"eval_code_loss", "eval_math_loss", "eval_prose_loss"} <= set(metrics)
+
+
+@pytest.mark.parametrize("method", ["kd", "ddk-no-smoothing", "ddk-online"])
+def test_ddktrainer_one_call_methods_train(tmp_path, tok, method):
+    tr = DDKTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), seed=1),
+                    args=_config(tmp_path, method=method), train_dataset=_records(), processing_class=tok)
+    tr.train()
+    assert not tr.teacher.training and all(not p.requires_grad and p.grad is None for p in tr.teacher.parameters())
+    assert tr.controller.num_updates == (0 if method == "kd" else 2)
+    assert tr.controller.smoother.mode == {"kd": "uniform", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}[method]
+    assert tr.controller.online == (method == "ddk-online")
+
+
+def test_ddktrainer_cpt_trains_without_teacher(tmp_path, tok):
+    student = make_model("llama", len(tok), seed=2)
+    before = student.model.embed_tokens.weight.detach().clone()
+    tr = DDKTrainer(model=student, teacher=None, args=_config(tmp_path, method="cpt"), train_dataset=_records(),
+                    processing_class=tok)
+    out = tr.train()
+    assert tr.teacher is None and torch.isfinite(torch.tensor(out.training_loss))
+    assert not torch.equal(before, student.model.embed_tokens.weight)
+
+
+def test_ddktrainer_one_call_pretokenized_input_ids(tmp_path, tok):
+    """Pre-tokenized rows are packed like texts (EOS after each); the text, if kept, is the split key."""
+    records = _records().map(lambda r: {"input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]})
+
+    def packed(ds: datasets.Dataset):  # type: ignore[no-untyped-def]
+        return DDKTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), seed=1),
+                          args=_config(tmp_path), train_dataset=ds, processing_class=tok).packed
+
+    ref, ids = packed(_records()), packed(records)
+    assert ids.sizes == ref.sizes
+    assert all((a == b).all() for a, b in zip(ids.train, ref.train))
+    no_text = packed(records.remove_columns("text"))  # split by the ids' digest instead
+    assert no_text.names == ref.names and abs(sum(no_text.sizes) - sum(ref.sizes)) <= 3 * len(ref.names)
+
+
+# ---------------------------------------------------------------------------- no (B * L, V) tensor
+def test_ddktrainer_fused_loss_never_allocates_tokens_by_vocab(tmp_path, monkeypatch):
+    """Largest single CPU allocation of one Trainer step (profiler, ``profile_memory=True``): below
+    ``N * V * 4 / 4`` bytes with the fused loss; at least ``N * V * 4`` with ``loss="logits"``
+    (the detector can fail). V = 8192 >> H = 32, and a 4 MiB workspace forces token chunks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ddk_kernels import fused_chunked
+
+    monkeypatch.setattr(fused_chunked, "default_workspace_bytes", lambda device: 4 << 20)
+    vocab, seq, b = 8192, 64, 4
+    g = torch.Generator().manual_seed(0)
+    train = [{"input_ids": torch.randint(0, vocab, (seq,), generator=g), "domain_id": i % 2} for i in range(16)]
+    train.sort(key=lambda x: x["domain_id"])
+    val = {"a": [{"input_ids": train[0]["input_ids"][None]}], "b": [{"input_ids": train[-1]["input_ids"][None]}]}
+    nv_bytes = b * (seq - 1) * vocab * 4
+
+    def peak(loss: str) -> tuple[int, list[tuple[int, int]]]:
+        ctrl = DDKController(DiscrepancyEstimator(val, progress=False), FactorSmoother(2, mode="uniform"),
+                             MixtureSampler([8, 8], b, seed=0, domain_names=("a", "b")), interval=1000)
+        args = DDKConfig(output_dir=str(tmp_path / loss), max_steps=1, per_device_train_batch_size=b, optim="sgd",
+                         method="kd", loss=loss, **COMMON)
+        tr = DDKTrainer(model=make_model("llama", vocab, seed=2), teacher=make_model("llama", vocab, seed=1),
+                        args=args, train_dataset=train, controller=ctrl)
+        tiles: list[tuple[int, int]] = []
+        fused_chunked._TILE_OBSERVER = tiles.append
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                tr.train()
+        finally:
+            fused_chunked._TILE_OBSERVER = None
+        return max(e.cpu_memory_usage for e in prof.events()), tiles
+
+    naive, _ = peak("logits")
+    assert naive >= nv_bytes
+    fused, tiles = peak("fused")
+    assert fused < nv_bytes // 4, fused
+    assert tiles and max(x * y for x, y in tiles) <= b * (seq - 1) * vocab // 8
+
+
+# ---------------------------------------------------------------------------- errors
+def test_ddktrainer_missing_domain_column_names_it_and_lists_columns(tmp_path, tok):
+    records = _records().remove_columns("domain")
+    with pytest.raises(ValueError, match=r"train_dataset must have the domain column 'domain' .*got columns \['text'\]"):
+        DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)), args=_config(tmp_path),
+                   train_dataset=records, processing_class=tok)
+
+
+def test_ddktrainer_missing_text_column_and_missing_pieces(tmp_path, tok):
+    s, t = make_model("llama", len(tok)), make_model("llama", len(tok))
+    with pytest.raises(ValueError, match=r"text column 'body' .* or a pre-tokenized 'input_ids' column; got columns \['domain', 'text'\]"):
+        DDKTrainer(model=s, teacher=t, args=_config(tmp_path, text_column="body"), train_dataset=_records(shuffle=False),
+                   processing_class=tok)
+    with pytest.raises(ValueError, match="args.seq_len must be set"):
+        DDKTrainer(model=s, teacher=t, args=_config(tmp_path, seq_len=None), train_dataset=_records(), processing_class=tok)
+    with pytest.raises(ValueError, match="processing_class must be the tokenizer"):
+        DDKTrainer(model=s, teacher=t, args=_config(tmp_path), train_dataset=_records(), processing_class=None)
+    with pytest.raises(ValueError, match=r"args.max_steps must be set > 0"):
+        DDKTrainer(model=s, teacher=t, args=_config(tmp_path, max_steps=-1), train_dataset=_records(), processing_class=tok)
+    with pytest.raises(TypeError, match="args must be a DDKConfig when no controller is given"):
+        DDKTrainer(model=s, teacher=t, args=TrainingArguments(output_dir=str(tmp_path), **COMMON),
+                   train_dataset=_records(), processing_class=tok)
+
+
+def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
+    n = len(tok)
+    with pytest.raises(ValueError, match=rf"teacher must have at least the student's vocabulary of V={n} rows.*got {n - 50}"):
+        DDKTrainer(model=make_model("llama", n), teacher=make_model("llama", n - 50), args=_config(tmp_path),
+                   train_dataset=_records(), processing_class=tok)
+    with pytest.raises(ValueError, match=rf"processing_class must be the tokenizer of the student and the teacher .*got a tokenizer of {n} tokens"):
+        DDKTrainer(model=make_model("llama", n - 50), teacher=make_model("llama", n - 50), args=_config(tmp_path),
+                   train_dataset=_records(), processing_class=tok)
+    # a teacher vocabulary padded larger is fine
+    DDKTrainer(model=make_model("llama", n), teacher=make_model("llama", n + 8), args=_config(tmp_path),
+               train_dataset=_records(), processing_class=tok)
+
+
+@pytest.mark.parametrize("method", ["kd", "ddk", "ddk-no-smoothing", "ddk-online"])
+def test_ddktrainer_methods_other_than_cpt_need_a_teacher(tmp_path, tok, method):
+    with pytest.raises(ValueError, match=rf"teacher must be given for method='{method}'.*got None"):
+        DDKTrainer(model=make_model("llama", len(tok)), teacher=None, args=_config(tmp_path, method=method),
+                   train_dataset=_records(), processing_class=tok)
+
+
+def test_ddktrainer_cpt_rejects_a_teacher(tmp_path, tok):
+    with pytest.raises(ValueError, match="teacher must be None with method='cpt'"):
+        DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)),
+                   args=_config(tmp_path, method="cpt"), train_dataset=_records(), processing_class=tok)
+
+
+def test_ddktrainer_fused_loss_refuses_a_data_parallel_wrapper(tmp_path, tok):
+    tr = DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)), args=_config(tmp_path),
+                    train_dataset=_records(), processing_class=tok)
+    with pytest.raises(ValueError, match="args.loss must be 'logits' when the student is wrapped by DataParallel"):
+        tr._loss_student(torch.nn.DataParallel(tr.model))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("gamma", -0.1, "gamma must be a finite number >= 0"),
+    ("gamma", float("nan"), "gamma must be a finite number >= 0"),
+    ("temperature", 0.0, "temperature must be a finite number > 0"),
+    ("divergence", "kl", "divergence must be one of"),
+    ("beta", 1.5, r"beta must be a number in \[0, 1\]"),
+    ("alpha", 0.0, r"alpha must be a number in \(0, 1\]"),
+    ("interval", 0, "interval must be an int >= 1"),
+    ("interval", 2.0, "interval must be an int >= 1"),
+    ("val_samples", 0, "val_samples must be an int >= 1"),
+    ("domain_column", "", "domain_column must be a non-empty column name"),
+    ("text_column", None, "text_column must be a non-empty column name"),
+    ("seq_len", 1, "seq_len must be None or an int >= 2"),
+    ("method", "doremi", "method must be one of"),
+    ("ddk_init", "random", "ddk_init must be one of"),
+    ("loss", "naive", "loss must be one of"),
+    ("kd_backend", "", "kd_backend must be a backend name"),
+])
+def test_ddkconfig_rejects_bad_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=f"DDKConfig: {message}.*got"):
+        DDKConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_ddkconfig_defaults_are_the_papers_and_fields_are_documented(tmp_path):
+    cfg = DDKConfig(output_dir=str(tmp_path))
+    assert (cfg.gamma, cfg.temperature, cfg.divergence, cfg.alpha, cfg.interval, cfg.val_samples) == (
+        0.2, 1.0, "forward_kl", 0.5, 1000, 500)
+    assert (cfg.method, cfg.ddk_init, cfg.loss, cfg.seq_len) == ("ddk", "discrepancy", "fused", None)
+    own = set(DDKConfig.__dataclass_fields__) - set(TrainingArguments.__dataclass_fields__)
+    assert own and all(DDKConfig.__dataclass_fields__[f].metadata.get("help") for f in own)
+    parsed, = transformers.HfArgumentParser(DDKConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--gamma", "0.3", "--method", "kd", "--seq_len", "64"])
+    assert (parsed.gamma, parsed.method, parsed.seq_len) == (0.3, "kd", 64)
+
+
+# ---------------------------------------------------------------------------- README example
+README_EXAMPLE = '''
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ddk.data import load_records
+from ddk.integrations.transformers import DDKConfig, DDKTrainer
+
+tokenizer = AutoTokenizer.from_pretrained("models/student")
+student = AutoModelForCausalLM.from_pretrained("models/student")
+teacher = AutoModelForCausalLM.from_pretrained("models/teacher")
+records = load_records("corpus.jsonl")  # columns: text, domain
+
+args = DDKConfig(output_dir="run", max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                 seq_len=32, val_samples=8, interval=2, report_to="none", use_cpu=True)
+trainer = DDKTrainer(model=student, teacher=teacher, args=args,
+                     train_dataset=records, processing_class=tokenizer)
+trainer.train()
+trainer.save_model("run/final")
+'''
+
+
+def test_readme_example_runs_as_printed(tmp_path, monkeypatch):
+    from hf_models import make_pair
+
+    monkeypatch.chdir(tmp_path)
+    make_pair(tmp_path / "models")
+    write_jsonl(tmp_path / "corpus.jsonl", docs_per_domain=30)
+    exec(compile(README_EXAMPLE, "README.md", "exec"), {})
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "ddk_log.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in log] == ["init", "update", "update"]
+
+
+# ---------------------------------------------------------------------------- data parallel
+_DDP_WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from test_transformers import _final_weights
+
+out = Path(sys.argv[1])
+weights = _final_weights(out / "run", per_device=2, accumulation=1, loss="logits")
+save_file(weights, str(out / f"rank{sys.argv[2]}.safetensors"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path):
+    """2 gloo ranks x 2 sequences (uneven valid tokens per rank) = 1 process x 4 sequences: the
+    normalizer is the global token count / R, and DDP averages the gradients over the R ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from gloo_workers import REPO, free_port
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), str(Path(__file__).resolve().parent)])
+    base = dict(os.environ, PYTHONPATH=path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+                GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed workers timed out")
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    one = _final_weights(tmp_path / "one", per_device=4, accumulation=1, loss="logits")
+    for k in one:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k  # the ranks stayed in sync
+        torch.testing.assert_close(ranks[0][k], one[k], atol=1e-12, rtol=1e-10, msg=k)
