@@ -10,10 +10,18 @@ Composable pieces for any training loop:
 * :func:`kd_loss` — ``CE + gamma * KL(p_T || p_S)`` with per-domain sums, on fast backends.
 * :func:`fused_linear_kd_loss` — the same loss from hidden states and ``lm_head`` weights, tiled
   over the vocabulary so no ``(N, V)`` logits are ever allocated.
+* :func:`causal_lm_kd_loss` — the fused loss of a transformers causal-LM pair on a batch
+  (shifted inside; domain ids per sequence or per token).
 * :class:`NonFiniteGuard` — NaN/inf loss or gradients: raise naming the step and the domains, or
   skip the batch and count it.
+* :mod:`ddk.data` — users' corpora: ``load_records``, ``pack_domains``, ``DomainCollator``.
+* :mod:`ddk.integrations.transformers` — ``DDKTrainer`` and ``DDKConfig`` for ``transformers.Trainer``.
+
+The demo corpus builder, the demo teacher, the recipes and the ``ddk`` command live in
+:mod:`ddk.recipes`, which depends on the library and is never imported by it.
 """
 
+from ddk import data
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
 from ddk.losses import FusedLinearKDLoss, KDLoss, KDLossOutput, causal_lm_kd_loss, fused_linear_kd_loss, kd_loss
@@ -38,6 +46,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "causal_lm_kd_loss",
+    "data",
     "fused_linear_kd_loss",
     "kd_loss",
     "__version__",

@@ -22,10 +22,10 @@ column, or a pre-tokenized ``input_ids`` column):
 ``compute_loss`` returns ``causal_lm_kd_loss`` (``CE + gamma * D(p_T, p_S)``, fused with the
 ``lm_head`` by default, so no ``(B * L, V)`` logits exist) with one domain id per sequence, divided
 by the number of valid shifted target tokens of the *whole accumulated batch* over all ranks, so
-gradient accumulation and data parallelism weight every token equally (see ``DDKTrainer``). The
-fused loss runs the student's decoder directly, which a ``DistributedDataParallel`` (or FSDP,
-DeepSpeed) wrapper would not see; under such a wrapper ``loss="logits"`` is required (it calls
-the wrapper's ``forward``), and ``compute_loss`` says so.
+gradient accumulation and data parallelism weight every token equally (see ``DDKTrainer``). Under
+a data-parallel wrapper (``DistributedDataParallel``, accelerate's, DeepSpeed's) the fused loss
+calls the wrapper's ``forward`` for the hidden states (no logits), so the wrapper synchronises
+the gradients; a student sharded in place with FSDP2 needs ``loss="logits"``.
 
 ``DDKCallback`` starts the controller at ``on_train_begin`` (Eq. 1), calls
 ``controller.step_end(global_step, model)`` at ``on_step_end`` (Eq. 2 every ``interval`` steps)
@@ -87,7 +87,6 @@ _ADAPTIVE = ("ddk", "ddk-no-smoothing", "ddk-online")
 _SMOOTHER_MODE = {"kd": "uniform", "cpt": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}
 _INDEX_KEY = "ddk_index"
 # Wrappers whose forward sets up gradient synchronisation or parameter gathering.
-_GRAD_SYNC_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -718,19 +717,16 @@ class DDKTrainer(Trainer):
         return loss
 
     def _loss_student(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module ``causal_lm_kd_loss`` gets: the wrapper itself with ``loss="logits"`` (which
-        calls its ``forward``); the unwrapped student with ``loss="fused"`` (which runs its decoder
-        directly), refused under data-parallel wrappers, which would not see that call."""
-        if self.loss_mode == "logits":
-            return model
-        inner = self.accelerator.unwrap_model(model)
-        if inner is not model and type(model).__name__ in _GRAD_SYNC_WRAPPERS or (inner is model and is_fsdp(model)):
+        """The module ``causal_lm_kd_loss`` gets: the (possibly wrapped) student. Under a
+        data-parallel wrapper the fused loss calls the wrapper's ``forward`` (hidden states only,
+        no logits), so the wrapper synchronises the gradients. A student sharded in place with
+        FSDP2 is refused with ``loss="fused"``: its ``lm_head`` weight is read outside the forward."""
+        if self.loss_mode == "fused" and self.accelerator.unwrap_model(model) is model and is_fsdp(model):
             raise ValueError(
-                f"DDKTrainer.compute_loss: args.loss must be 'logits' when the student is wrapped by "
-                f"{type(model).__name__ if inner is not model else 'FSDP'} (loss='fused' runs the decoder directly, so "
-                "the wrapper would not synchronise its gradients); got loss='fused'."
+                "DDKTrainer.compute_loss: args.loss must be 'logits' when the student is sharded with FSDP "
+                "(loss='fused' reads the lm_head weight outside the forward); got loss='fused'."
             )
-        return inner
+        return model
 
     # ------------------------------------------------------------------ resume
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:

@@ -380,8 +380,33 @@ _PATH_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The causal LM inside a data-parallel wrapper (``DistributedDataParallel``, ``DataParallel``,
+    accelerate's or DeepSpeed's engines hold it as ``.module``), or ``model`` itself."""
+    while isinstance(getattr(model, "module", None), nn.Module) and not callable(getattr(model, "get_output_embeddings", None)):
+        model = model.module
+    return model
+
+
 def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Last hidden states ``(B, L, H)`` of a transformers causal LM, without its ``lm_head``."""
+    """Last hidden states ``(B, L, H)`` of a transformers causal LM, without its ``lm_head`` work.
+
+    A bare model runs its decoder. A model inside a data-parallel wrapper is called through the
+    wrapper (``output_hidden_states=True`` and an empty ``logits_to_keep``, so no logits are
+    computed), because a wrapper synchronises gradients only of the forwards it sees.
+    """
+    inner = _unwrap(model)
+    if inner is not model:
+        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                    logits_to_keep=empty)
+        hidden = getattr(out, "hidden_states", None)
+        if not hidden:
+            raise TypeError(
+                f"{_CAUSAL}: a wrapped model must return hidden_states with output_hidden_states=True; got "
+                f"{type(out).__name__} without them. Use loss='logits' for this model."
+            )
+        return hidden[-1]
     decoder = None
     if callable(getattr(model, "get_decoder", None)):
         decoder = model.get_decoder()
@@ -399,6 +424,7 @@ def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 def _output_layer(model: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (V, H), bias (V,) or None)`` of the model's ``lm_head``."""
+    model = _unwrap(model)
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):

@@ -400,11 +400,11 @@ def test_ddktrainer_cpt_rejects_a_teacher(tmp_path, tok):
                    args=_config(tmp_path, method="cpt"), train_dataset=_records(), processing_class=tok)
 
 
-def test_ddktrainer_fused_loss_refuses_a_data_parallel_wrapper(tmp_path, tok):
+def test_ddktrainer_fused_loss_goes_through_a_data_parallel_wrapper(tmp_path, tok):
     tr = DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)), args=_config(tmp_path),
                     train_dataset=_records(), processing_class=tok)
-    with pytest.raises(ValueError, match="args.loss must be 'logits' when the student is wrapped by DataParallel"):
-        tr._loss_student(torch.nn.DataParallel(tr.model))
+    wrapped = torch.nn.DataParallel(tr.model)
+    assert tr._loss_student(wrapped) is wrapped  # causal_lm_kd_loss calls the wrapper's forward (hidden states only)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -485,14 +485,15 @@ from safetensors.torch import save_file
 from test_transformers import _final_weights
 
 out = Path(sys.argv[1])
-weights = _final_weights(out / "run", per_device=2, accumulation=1, loss="logits")
+weights = _final_weights(out / "run", per_device=2, accumulation=1, loss=sys.argv[3])
 save_file(weights, str(out / f"rank{sys.argv[2]}.safetensors"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 
 
-def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path):
+@pytest.mark.parametrize("loss", ["fused", "logits"])
+def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path, loss):
     """2 gloo ranks x 2 sequences (uneven valid tokens per rank) = 1 process x 4 sequences: the
     normalizer is the global token count / R, and DDP averages the gradients over the R ranks."""
     import os
@@ -508,7 +509,7 @@ def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path):
     path = os.pathsep.join([str(REPO), str(REPO / "tests"), str(Path(__file__).resolve().parent)])
     base = dict(os.environ, PYTHONPATH=path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                 GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(r)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(r), loss], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(2)]
     logs = []
@@ -521,7 +522,7 @@ def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path):
             pytest.fail("distributed workers timed out")
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
-    one = _final_weights(tmp_path / "one", per_device=4, accumulation=1, loss="logits")
+    one = _final_weights(tmp_path / "one", per_device=4, accumulation=1, loss=loss)
     for k in one:
         assert torch.equal(ranks[0][k], ranks[1][k]), k  # the ranks stayed in sync
         torch.testing.assert_close(ranks[0][k], one[k], atol=1e-12, rtol=1e-10, msg=k)
