@@ -286,9 +286,36 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
         except json.JSONDecodeError:
             pass
     out.mkdir(parents=True, exist_ok=True)
-    cache = PackageCache(config.cache_dir or DEFAULT_CACHE_DIR, offline=config.offline)
     t0 = time.perf_counter()
-    sources: dict[str, tuple[str, str, str, list[Unit]]] = {}  # name -> (provenance, licence, description, units)
+    sources, skipped, skipped_lines = _collect_sources(config)
+    domains = _write_domains(out, sources, skipped, config, progress)
+    for name, why in skipped.items():
+        print(f"warning: corpus: domain {name!r} skipped: {why}", file=sys.stderr)
+    if not domains:
+        raise ValueError(f"build_corpus: at least one domain must be available; got none (skipped: {skipped}).")
+    manifest = {
+        "version": _MANIFEST_VERSION,
+        "key": config.key(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "config": {**asdict(config), "user_folders": dict(config.user_folders),
+                   "domains": list(config.domains), "user_jsonl": list(config.user_jsonl)},
+        "domains": domains,
+        "skipped": skipped,
+        "skipped_lines": skipped_lines,
+        "note": "Rebuilt from the packages; several licences (GPL, GFDL) forbid committing it.",
+    }
+    atomic_write_text(man_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+    return manifest
+
+
+_Sources = dict[str, tuple[str, str, str, list[Unit]]]  # name -> (provenance, licence, description, units)
+
+
+def _collect_sources(config: CorpusConfig) -> tuple[_Sources, dict[str, str], dict[str, int]]:
+    """``(sources, skipped domains with the reason, skipped JSONL lines per file)`` of the config's domains."""
+    cache = PackageCache(config.cache_dir or DEFAULT_CACHE_DIR, offline=config.offline)
+    sources: _Sources = {}
     skipped: dict[str, str] = {}
     for name in config.domains:
         spec = DOMAINS[name]
@@ -314,7 +341,12 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
                 sources[name] = (f"jsonl:{Path(path).resolve()}", "user-provided", "user JSONL; unit = source", units)
         if bad:
             skipped_lines[str(Path(path).resolve())] = len(bad)
+    return sources, skipped, skipped_lines
 
+
+def _write_domains(out: Path, sources: _Sources, skipped: dict[str, str], config: CorpusConfig, progress: bool
+                   ) -> dict[str, Any]:
+    """Split, cap and write every domain's JSONL files; return the manifest's ``domains`` (adds to ``skipped``)."""
     f = config.validation_fraction
     budgets = {"train": None, "validation": None} if config.max_chars is None else {
         "validation": max(1, int(round(config.max_chars * f))), "train": config.max_chars - max(1, int(round(config.max_chars * f)))}
@@ -341,24 +373,7 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
             print(f"corpus: {name:<14} train {entry['train']['chars']:>10,} chars / {entry['train']['sources']:>5} units   "
                   f"validation {entry['validation']['chars']:>8,} chars / {entry['validation']['sources']:>4} units   [{prov}]",
                   file=sys.stderr)
-    for name, why in skipped.items():
-        print(f"warning: corpus: domain {name!r} skipped: {why}", file=sys.stderr)
-    if not domains:
-        raise ValueError(f"build_corpus: at least one domain must be available; got none (skipped: {skipped}).")
-    manifest = {
-        "version": _MANIFEST_VERSION,
-        "key": config.key(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "build_seconds": round(time.perf_counter() - t0, 1),
-        "config": {**asdict(config), "user_folders": dict(config.user_folders),
-                   "domains": list(config.domains), "user_jsonl": list(config.user_jsonl)},
-        "domains": domains,
-        "skipped": skipped,
-        "skipped_lines": skipped_lines,
-        "note": "Rebuilt from the packages; several licences (GPL, GFDL) forbid committing it.",
-    }
-    atomic_write_text(man_path, json.dumps(manifest, indent=2, ensure_ascii=False))
-    return manifest
+    return domains
 
 
 def load_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -219,155 +219,192 @@ def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
 
 
 def _distill(cfg: RecipeConfig, prepared: Any) -> dict[str, Any]:
-    rank, world = rank_world()
-    _check_run(cfg, world)
-    device = device_for(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    if prepared is None:
-        teacher, student, tokenizer = load_models(cfg, device)
-        from ddk.recipes.data import distill_data
+    run = _Run(cfg, prepared)
+    start_step = run.start_or_resume()
+    run.train(start_step)
+    return run.finish()
 
-        with rank_zero_first():  # rank 0 tokenizes and caches, the others then read the cache
-            packed = distill_data(cfg, tokenizer)
-    else:
-        teacher, student, tokenizer, packed = prepared
-        student = student.to(device)
-        teacher = teacher.to(device) if teacher is not None else None
-    out = cfg.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = broadcast_object(ckpt.latest_checkpoint(out) if cfg.resume and rank == 0 else None)
-    metrics_path, ctrl_path = out / "metrics.jsonl", out / "controller.jsonl"
-    cfg_dict = cfg.to_dict()
-    names, d = list(packed.names), len(packed.names)
-    steps = cfg.total_steps
-    ac = autocast_dtype(cfg, device)
-    step_mod = DistillStep(student, None if cfg.method == "cpt" else teacher, num_domains=d, gamma=cfg.gamma, temperature=cfg.temperature,
-                           loss=cfg.loss, backend=cfg.backend, autocast=ac)
-    model = parallelize(step_mod, student, cfg, device)  # what the loop calls; step_mod stays the bare module
-    opt, sched = make_optimizer(step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, steps, cfg.min_lr_ratio)
-    train_ds = packed.train_dataset()
-    sampler = MixtureSampler(packed.sizes, cfg.batch_size, seed=cfg.seed, domain_names=names, num_batches=steps,
-                             rank=rank, world_size=world)
-    estimator = DiscrepancyEstimator(packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce,
-                                     device=device, progress=False)
-    if teacher is not None:
-        estimator.compute_teacher(teacher)
-    else:  # cpt without a teacher: the logged "teacher" CE is the student's own at the start
-        estimator.teacher_ce = estimator.estimate(step_mod).student_ce
-    smoother = FactorSmoother(d, alpha=cfg.alpha, mode=SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
-    guard = NonFiniteGuard(cfg.on_nonfinite, domain_names=names, fn="distill",
-                           hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run "
-                                "resumes from its last checkpoint")
-    controller = DDKController(estimator, smoother, sampler, interval=cfg.interval, log_path=ctrl_path,
-                               online=cfg.method == "ddk-online")
-    start_step = 0
-    if ckpt_path is not None:
-        ck = ckpt.load_checkpoint(ckpt_path)
-        _resume(ck, ckpt_path, cfg_dict)
-        load_train_state(step_mod, student, opt, ck, cfg.fsdp)
-        sched.load_state_dict(ck["scheduler"])
-        controller.load_state_dict(ck["controller"])
-        guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
+
+class _Run:
+    """One distillation run inside the (optional) process group: models, data, DDK components,
+    optimizer, and the run folder's files. ``_distill`` calls its stages in order."""
+
+    def __init__(self, cfg: RecipeConfig, prepared: Any) -> None:
+        self.cfg = cfg
+        self.rank, self.world = rank_world()
+        _check_run(cfg, self.world)
+        self.device = device_for(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.t_start = time.perf_counter()
+        self._load(prepared)
+        self.out = cfg.run_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path, self.ctrl_path = self.out / "metrics.jsonl", self.out / "controller.jsonl"
+        self.cfg_dict = cfg.to_dict()
+        self.steps = cfg.total_steps
+        self._build()
+
+    def _load(self, prepared: Any) -> None:
+        """Teacher, student, tokenizer and the packed domains (loaded here unless ``prepared``)."""
+        cfg, device = self.cfg, self.device
+        if prepared is None:
+            teacher, student, tokenizer = load_models(cfg, device)
+            from ddk.recipes.data import distill_data
+
+            with rank_zero_first():  # rank 0 tokenizes and caches, the others then read the cache
+                packed = distill_data(cfg, tokenizer)
+        else:
+            teacher, student, tokenizer, packed = prepared
+            student = student.to(device)
+            teacher = teacher.to(device) if teacher is not None else None
+        self.teacher, self.student, self.tokenizer, self.packed = teacher, student, tokenizer, packed
+        self.names = list(packed.names)
+
+    def _build(self) -> None:
+        """The training step (wrapped for DDP/FSDP2), optimizer, sampler, estimator, smoother, controller, guard."""
+        cfg, d = self.cfg, len(self.names)
+        self.step_mod = DistillStep(self.student, None if cfg.method == "cpt" else self.teacher, num_domains=d,
+                                    gamma=cfg.gamma, temperature=cfg.temperature, loss=cfg.loss, backend=cfg.backend,
+                                    autocast=autocast_dtype(cfg, self.device))
+        self.model = parallelize(self.step_mod, self.student, cfg, self.device)  # step_mod stays the bare module
+        self.opt, self.sched = make_optimizer(self.step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.steps,
+                                              cfg.min_lr_ratio)
+        self.train_ds = self.packed.train_dataset()
+        self.sampler = MixtureSampler(self.packed.sizes, cfg.batch_size, seed=cfg.seed, domain_names=self.names,
+                                      num_batches=self.steps, rank=self.rank, world_size=self.world)
+        self.estimator = DiscrepancyEstimator(self.packed.validation_batches(cfg.eval_batch_size),
+                                              loss_fn=validation_ce, device=self.device, progress=False)
+        if self.teacher is not None:
+            self.estimator.compute_teacher(self.teacher)
+        else:  # cpt without a teacher: the logged "teacher" CE is the student's own at the start
+            self.estimator.teacher_ce = self.estimator.estimate(self.step_mod).student_ce
+        smoother = FactorSmoother(d, alpha=cfg.alpha, mode=SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
+        self.guard = NonFiniteGuard(cfg.on_nonfinite, domain_names=self.names, fn="distill",
+                                    hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; "
+                                         "the run resumes from its last checkpoint")
+        self.controller = DDKController(self.estimator, smoother, self.sampler, interval=cfg.interval,
+                                        log_path=self.ctrl_path, online=cfg.method == "ddk-online")
+
+    def start_or_resume(self) -> int:
+        """Resume from the newest checkpoint (rank 0 picks it, every rank loads it), else start: Eq. 1."""
+        cfg, out = self.cfg, self.out
+        path = broadcast_object(ckpt.latest_checkpoint(out) if cfg.resume and self.rank == 0 else None)
+        if path is None:
+            if self.rank == 0:
+                for p in (self.metrics_path, self.ctrl_path, out / "summary.json", *[p for _, p in ckpt.checkpoints(out)]):
+                    p.unlink(missing_ok=True)
+                atomic_json(out / "config.json", self.cfg_dict)
+            self.controller.start(self.step_mod)
+            seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
+            return 0
+        ck = ckpt.load_checkpoint(path)
+        _resume(ck, path, self.cfg_dict)
+        load_train_state(self.step_mod, self.student, self.opt, ck, cfg.fsdp)
+        self.sched.load_state_dict(ck["scheduler"])
+        self.controller.load_state_dict(ck["controller"])
+        self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
         ckpt.set_rng_state(ck["rng"])
-        start_step = int(ck["step"])
-        if rank == 0:
-            ckpt.truncate_jsonl(metrics_path, start_step)
-            ckpt.truncate_jsonl(ctrl_path, start_step)
+        start = int(ck["step"])
+        if self.rank == 0:
+            ckpt.truncate_jsonl(self.metrics_path, start)
+            ckpt.truncate_jsonl(self.ctrl_path, start)
         if cfg.progress:
-            log(f"distill: resumed {out} at step {start_step}")
-    else:
-        if rank == 0:
-            for p in (metrics_path, ctrl_path, out / "summary.json", *[p for _, p in ckpt.checkpoints(out)]):
-                p.unlink(missing_ok=True)
-            atomic_json(out / "config.json", cfg_dict)
-        controller.start(step_mod)
-        seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
+            log(f"distill: resumed {out} at step {start}")
+        return start
 
-    def save(step: int) -> None:
-        student_state, opt_state = train_state(step_mod, student, opt, cfg.fsdp)  # a collective under FSDP
-        ctrl_state = controller.state_dict()
-        if world > 1 and controller.online:  # every rank's online sums, restored on rank 0 at resume: none lost
-            acc = ctrl_state["estimator"]["online"] or [[0.0] * 4 for _ in range(d)]
-            acc = all_reduce_sum_(torch.tensor(acc, dtype=torch.float64, device=collective_device(device)))
+    def save(self, step: int) -> None:
+        """``checkpoint-<step>.pt`` (rank 0 writes; under FSDP every rank gathers)."""
+        student_state, opt_state = train_state(self.step_mod, self.student, self.opt, self.cfg.fsdp)
+        ctrl_state = self.controller.state_dict()
+        if self.world > 1 and self.controller.online:  # every rank's online sums, restored on rank 0 at resume
+            acc = ctrl_state["estimator"]["online"] or [[0.0] * 4 for _ in self.names]
+            acc = all_reduce_sum_(torch.tensor(acc, dtype=torch.float64, device=collective_device(self.device)))
             ctrl_state["estimator"]["online"] = acc.cpu().tolist()
-        if rank == 0:
-            ckpt.save_checkpoint(out, step, {"config": cfg_dict, "student": student_state, "optimizer": opt_state,
-                                             "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                                             "controller": ctrl_state, "nonfinite": guard.state_dict()},
-                                 cfg.keep_checkpoints)
+        if self.rank == 0:
+            state = {"config": self.cfg_dict, "student": student_state, "optimizer": opt_state,
+                     "scheduler": self.sched.state_dict(), "rng": ckpt.rng_state(), "controller": ctrl_state,
+                     "nonfinite": self.guard.state_dict()}
+            ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
 
-    from ddk.data import DomainCollator
+    def train_step(self, step: int, collate: Any) -> tuple[KDLossOutput, bool]:
+        """One optimizer step on this rank's slice of the next global batch; ``(output, finite)``."""
+        idx = torch.as_tensor(self.sampler.next_global_batch())[self.rank::self.world]
+        batch = {k: v.to(self.device) for k, v in collate([self.train_ds[int(i)] for i in idx]).items()}
+        norm = global_token_normalizer((batch["labels"][:, 1:] != -100).sum())
+        lo = _forward_backward(self.model, batch, norm, self.cfg.grad_accum)
+        params = self.student.parameters()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(params)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor; the guard all-reduces plain tensors
+            gnorm = gnorm.full_tensor()
+        dom_tok = batch["domain_ids"].unsqueeze(1).expand(-1, batch["input_ids"].shape[1] - 1).reshape(-1)
+        finite = self.guard.check(step, lo, grad_norm=gnorm, domain_ids=dom_tok)
+        if finite:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # skipped (on_nonfinite="skip"): no update; step, sampler, LR advance
+        self.sched.step()
+        if self.controller.online and finite:
+            self.controller.observe(lo)
+        return lo, finite
 
-    collate = DomainCollator()
-    debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
-    gamma = 0.0 if cfg.method == "cpt" else cfg.gamma
-    student.train()
-    bar = tqdm(range(start_step + 1, steps + 1), desc=f"distill {cfg.method}", disable=not cfg.progress or rank != 0,
-               initial=start_step, total=steps)
-    with metrics_path.open("a", encoding="utf-8") if rank == 0 else open(os.devnull, "w") as mf:
-        for step in bar:
-            idx = torch.as_tensor(sampler.next_global_batch())[rank::world]  # this rank's slice of the global batch
-            batch = collate([train_ds[int(i)] for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            norm = global_token_normalizer((batch["labels"][:, 1:] != -100).sum())
-            lo = _forward_backward(model, batch, norm, cfg.grad_accum)
-            gnorm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip) if cfg.grad_clip
-                     else grad_norm(student.parameters()))
-            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor; the guard all-reduces plain tensors
-                gnorm = gnorm.full_tensor()
-            dom_tok = batch["domain_ids"].unsqueeze(1).expand(-1, batch["input_ids"].shape[1] - 1).reshape(-1)
-            finite = guard.check(step, lo, grad_norm=gnorm, domain_ids=dom_tok)
-            if finite:
-                opt.step()
-            opt.zero_grad(set_to_none=True)  # skipped (on_nonfinite="skip"): no update; step, sampler, LR advance
-            sched.step()
-            if controller.online and finite:
-                controller.observe(lo)
-            n_rec = len(controller.records)
-            controller.step_end(step, step_mod)
-            rec = _metrics(cfg, step, steps, lo, finite, gamma, sched, sampler, guard, controller, estimator, step_mod,
-                           n_rec)
-            if rec is not None:
-                if "ratio" in rec:
-                    bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
-                                    gap=f"{np.mean(np.log(rec['ratio'])):.3f}")
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-            if debug and (step % cfg.interval == 0 or step == steps):
-                sums = {"domain weights": tensor_checksum([torch.tensor(sampler.weights, dtype=torch.float64)])}
-                if not cfg.fsdp:  # FSDP shards differ by design
-                    sums["student parameters"] = tensor_checksum(student.parameters())
-                check_same_across_ranks(sums, where=f"distill step {step}")
-            if step % cfg.checkpoint_every == 0 or step == steps:
-                save(step)
-    bar.close()
-    student.eval()
-    final = estimator.estimate(step_mod)
-    save_student(full_student_state(step_mod, student, cfg.fsdp), student, tokenizer, out)
-    summary = {
-        "method": cfg.method, "seed": cfg.seed, "domains": names,
-        "student_ce": final.student_ce.tolist(), "teacher_ce": final.teacher_ce.tolist(),
-        "gap": final.gap.tolist(), "ratio": final.ratio.tolist(),
-        "mean_gap": float(final.gap.mean()), "worst_gap": float(final.gap.max()),
-        "mean_ratio": float(final.ratio.mean()),
-        "final_weights": list(sampler.weights), "samples_per_domain": sampler.cumulative_counts().tolist(),
-        "skipped_batches": guard.skipped_batches, "skipped_steps": list(guard.skipped_steps),
-        "tokens": steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.perf_counter() - t_start,
-        "student_params": sum(p.numel() for p in student.parameters()),
-        "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
-    }
-    if rank != 0:
+    def train(self, start_step: int) -> None:
+        """Steps ``start_step + 1 .. steps``: DDK updates, metrics, debug checks, checkpoints."""
+        from ddk.data import DomainCollator
+
+        cfg, steps, collate = self.cfg, self.steps, DomainCollator()
+        debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
+        self.student.train()
+        bar = tqdm(range(start_step + 1, steps + 1), desc=f"distill {cfg.method}", initial=start_step, total=steps,
+                   disable=not cfg.progress or self.rank != 0)
+        with self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf:
+            for step in bar:
+                lo, finite = self.train_step(step, collate)
+                n_rec = len(self.controller.records)
+                self.controller.step_end(step, self.step_mod)
+                rec = _metrics(self, step, lo, finite, n_rec)
+                if rec is not None:
+                    if "ratio" in rec:
+                        bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
+                                        gap=f"{np.mean(np.log(rec['ratio'])):.3f}")
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                if debug and (step % cfg.interval == 0 or step == steps):
+                    sums = {"domain weights": tensor_checksum([torch.tensor(self.sampler.weights, dtype=torch.float64)])}
+                    if not cfg.fsdp:  # FSDP shards differ by design
+                        sums["student parameters"] = tensor_checksum(self.student.parameters())
+                    check_same_across_ranks(sums, where=f"distill step {step}")
+                if step % cfg.checkpoint_every == 0 or step == steps:
+                    self.save(step)
+        bar.close()
+
+    def finish(self) -> dict[str, Any]:
+        """Final validation pass, ``student/``, ``summary.json``, plots and the table (rank 0)."""
+        cfg, out = self.cfg, self.out
+        self.student.eval()
+        final = self.estimator.estimate(self.step_mod)
+        save_student(full_student_state(self.step_mod, self.student, cfg.fsdp), self.student, self.tokenizer, out)
+        summary = {
+            "method": cfg.method, "seed": cfg.seed, "domains": self.names,
+            "student_ce": final.student_ce.tolist(), "teacher_ce": final.teacher_ce.tolist(),
+            "gap": final.gap.tolist(), "ratio": final.ratio.tolist(),
+            "mean_gap": float(final.gap.mean()), "worst_gap": float(final.gap.max()),
+            "mean_ratio": float(final.ratio.mean()),
+            "final_weights": list(self.sampler.weights), "samples_per_domain": self.sampler.cumulative_counts().tolist(),
+            "skipped_batches": self.guard.skipped_batches, "skipped_steps": list(self.guard.skipped_steps),
+            "tokens": self.steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.perf_counter() - self.t_start,
+            "student_params": sum(p.numel() for p in self.student.parameters()),
+            "teacher_params": sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0,
+        }
+        if self.rank != 0:
+            return summary
+        atomic_json(out / "summary.json", summary)
+        from ddk.recipes.report import format_table, plots
+
+        summary["plots"] = plots(out, cfg.method)
+        print(format_table([summary]))
+        for p in summary["plots"]:
+            print(f"plot: {p}")
         return summary
-    atomic_json(out / "summary.json", summary)
-    from ddk.recipes.report import format_table, plots
-
-    summary["plots"] = plots(out, cfg.method)
-    print(format_table([summary]))
-    for p in summary["plots"]:
-        print(f"plot: {p}")
-    return summary
 
 
 def _forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], norm: torch.Tensor | None, accum: int
@@ -399,30 +436,30 @@ class _nullcontext:
         return None
 
 
-def _metrics(cfg: RecipeConfig, step: int, steps: int, lo: KDLossOutput, finite: bool, gamma: float, sched: Any,
-             sampler: MixtureSampler, guard: NonFiniteGuard, controller: DDKController, estimator: DiscrepancyEstimator,
-             step_mod: DistillStep, n_rec: int) -> dict[str, Any] | None:
+def _metrics(run: _Run, step: int, lo: KDLossOutput, finite: bool, n_rec: int) -> dict[str, Any] | None:
     """The ``metrics.jsonl`` record of a step (every ``log_every`` and ``interval`` steps, skipped ones, the last)."""
-    at_interval = step % cfg.interval == 0 or step == steps
+    cfg = run.cfg
+    at_interval = step % cfg.interval == 0 or step == run.steps
     if finite and step % cfg.log_every and not at_interval:
         return None
+    gamma = 0.0 if cfg.method == "cpt" else cfg.gamma
     ce_sum, kd_sum, num_tok, dom_tok = global_sums(lo)  # over all ranks (as is in one process)
     tok = max(int(num_tok), 1)
     rec: dict[str, Any] = {
         "step": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
         "loss": (float(ce_sum) + gamma * float(kd_sum)) / tok, "ce": float(ce_sum) / tok, "kd": float(kd_sum) / tok,
-        "lr": sched.get_last_lr()[0], "weights": list(sampler.weights), "batch_domain_tokens": dom_tok.tolist(),
-        "skipped_batches": guard.skipped_batches,
+        "lr": run.sched.get_last_lr()[0], "weights": list(run.sampler.weights), "batch_domain_tokens": dom_tok.tolist(),
+        "skipped_batches": run.guard.skipped_batches,
     }
     if not finite:
         rec.update(skipped=True, loss=None, ce=None, kd=None)
     if at_interval:
-        new = controller.records[n_rec:]
-        if new and not controller.online:
+        new = run.controller.records[n_rec:]
+        if new and not run.controller.online:
             disc = new[-1]
             rec.update(student_ce=disc["student_ce"], teacher_ce=disc["teacher_ce"], ratio=disc["ratio"])
         else:
-            e = estimator.estimate(step_mod)
+            e = run.estimator.estimate(run.step_mod)
             rec.update(student_ce=e.student_ce.tolist(), teacher_ce=e.teacher_ce.tolist(), ratio=e.ratio.tolist())
             if new:
                 rec["online_ratio"] = new[-1]["ratio"]

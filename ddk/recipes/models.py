@@ -102,7 +102,8 @@ def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]
                                  f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
                                  f"({len(tokenizer)} tokens).")
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        enable()
     if hasattr(student.config, "use_cache"):
         student.config.use_cache = False
     return teacher, student, tokenizer

@@ -172,3 +172,54 @@ def test_cli_data_build_user_folder(tmp_path: Path, capsys) -> None:  # type: ig
                  "--validation-fraction", "0.3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["domains"]) == {"mine"} and out["skipped"] == {}
+
+
+def test_distill_bf16_autocast_and_gradient_checkpointing_run(tmp_path: Path) -> None:
+    ref = distill_mod.distill(own_cfg(tmp_path, method="kd", out=str(tmp_path / "ref")))
+    ckpt = distill_mod.distill(own_cfg(tmp_path, method="kd", gradient_checkpointing=True, out=str(tmp_path / "gc")))
+    assert ckpt["student_ce"] == pytest.approx(ref["student_ce"], rel=1e-5)  # recomputation changes nothing
+    bf16 = distill_mod.distill(own_cfg(tmp_path, method="kd", dtype="bf16", out=str(tmp_path / "bf16")))
+    assert bf16["student_ce"] == pytest.approx(ref["student_ce"], rel=2e-2)  # bf16 matmuls, fp32 master weights
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16" / "student"))
+    assert next(saved.parameters()).dtype == torch.float32
+
+
+def test_distill_never_allocates_tokens_by_vocab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Largest single CPU allocation of a whole ``distill`` run (training steps and validation
+    passes; profiler, ``profile_memory=True``): below ``N * V * 4 / 4`` bytes with the fused loss
+    (its tiles are bounded by the workspace, 1 MiB here), at least ``N * V * 4`` with
+    ``loss="logits"`` (so the detector can fail). V = 8192 >> H = 32."""
+    from datasets import Dataset
+    from hf_models import make_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import PreTrainedTokenizerFast
+
+    from ddk.data import pack_domains
+    from ddk_kernels import fused_chunked
+
+    monkeypatch.setattr(fused_chunked, "default_workspace_bytes", lambda device: 1 << 20)  # tiles of at most 1 MiB
+    vocab, seq, b = 8192, 64, 4
+    words = {"<eos>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(2, vocab, (200,), generator=g)) for _ in range(16)]
+    packed = pack_domains(Dataset.from_dict({"text": texts, "domain": ["a", "b"] * 8}), tok, seq_len=seq,
+                          val_samples=2, progress=False)
+    nv_bytes = b * (seq - 1) * vocab * 4
+
+    def peak(loss: str) -> int:
+        cfg = make_config(teacher="t", student="s", data=("d",), method="kd", loss=loss, steps=1, batch_size=b,
+                          seq_len=seq, val_samples=2, eval_batch_size=2, out=str(tmp_path / loss), progress=False,
+                          device="cpu")
+        prepared = (make_model("llama", vocab, seed=1), make_model("llama", vocab, seed=2), tok, packed)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            distill_mod.distill(cfg, prepared=prepared)
+        # AdamW's first step allocates its state for all parameters inside one event: not a tensor of the loss
+        return max(e.cpu_memory_usage for e in prof.events() if not e.name.startswith("Optimizer."))
+
+    assert peak("logits") >= nv_bytes
+    fused = peak("fused")
+    assert fused < nv_bytes // 4, fused
