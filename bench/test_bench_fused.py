@@ -36,6 +36,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import reset_peak, status_kb  # noqa: E402
+
 N, HID, V = 4096, 512, 32000
 ROUNDS = int(os.environ.get("DDK_BENCH_ROUNDS", "1"))
 THREADS = int(os.environ.get("DDK_BENCH_THREADS", "2"))
@@ -94,33 +97,20 @@ def make_step(variant: str):  # type: ignore[no-untyped-def]
     return step
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def measure_in_this_process(variant: str, n: int, v: int, hid: int) -> dict:
     """One forward + backward; peak RSS above the inputs (MiB) and wall time (s)."""
     torch.set_num_threads(THREADS)
     step = make_step(variant)
     x = make_inputs(n, v, hid)
     gc.collect()
-    rss_before = _status_kb("VmRSS")
+    rss_before = status_kb("VmRSS")
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        hwm_ok = True
-    except OSError:
-        hwm_ok = False
+    hwm_ok = reset_peak()
     t0 = time.perf_counter()
     loss = step(x)
     dt = time.perf_counter() - t0
     if hwm_ok:
-        peak_kb = _status_kb("VmHWM") - rss_before
+        peak_kb = status_kb("VmHWM") - rss_before
     else:
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before
     return {

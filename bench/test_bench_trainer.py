@@ -28,6 +28,9 @@ from typing import Any
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import reset_peak, status_kb  # noqa: E402
+
 V, B, L = 32000, 8, 256
 ROUNDS = int(os.environ.get("DDK_BENCH_ROUNDS", "3"))
 THREADS = int(os.environ.get("DDK_BENCH_THREADS", "2"))
@@ -87,26 +90,17 @@ def make_trainer(loss: str, folder: Path) -> tuple[Any, Any]:
     return trainer, step
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def measure_in_this_process(loss: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         _, step = make_trainer(loss, Path(d))
         step()  # warm-up: AdamW's state, allocator pools
         gc.collect()
-        before = _status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        before = status_kb("VmRSS")
+        reset_peak()
         t0 = time.perf_counter()
         value = step()
         dt = time.perf_counter() - t0
-        return {"loss": value, "time_s": dt, "peak_mb": (_status_kb("VmHWM") - before) / 1024}
+        return {"loss": value, "time_s": dt, "peak_mb": (status_kb("VmHWM") - before) / 1024}
 
 
 def measure_in_subprocess(loss: str) -> dict[str, Any]:

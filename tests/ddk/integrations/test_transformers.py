@@ -477,16 +477,21 @@ def test_readme_example_runs_as_printed(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- data parallel
 _DDP_WORKER = """
+import os
 import sys
 from pathlib import Path
+
+out, rank, port, loss = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                  OMP_NUM_THREADS="1")
+sys.path.insert(0, sys.argv[5])
 
 import torch
 from safetensors.torch import save_file
 from test_transformers import _final_weights
 
-out = Path(sys.argv[1])
-weights = _final_weights(out / "run", per_device=2, accumulation=1, loss=sys.argv[3])
-save_file(weights, str(out / f"rank{sys.argv[2]}.safetensors"))
+weights = _final_weights(out / "run", per_device=2, accumulation=1, loss=loss)
+save_file(weights, str(out / f"rank{rank}.safetensors"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
@@ -496,31 +501,12 @@ torch.distributed.destroy_process_group()
 def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path, loss):
     """2 gloo ranks x 2 sequences (uneven valid tokens per rank) = 1 process x 4 sequences: the
     normalizer is the global token count / R, and DDP averages the gradients over the R ranks."""
-    import os
-    import subprocess
-    import sys
-
-    from gloo_workers import REPO, free_port
-
+    from gloo_workers import run_workers
     from safetensors.torch import load_file
 
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
-    path = os.pathsep.join([str(REPO), str(REPO / "tests"), str(Path(__file__).resolve().parent)])
-    base = dict(os.environ, PYTHONPATH=path, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-                GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(r), loss], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)))
-             for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out")
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_workers(script, lambda r, port: [tmp_path, r, port, loss, Path(__file__).resolve().parent])
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     one = _final_weights(tmp_path / "one", per_device=4, accumulation=1, loss=loss)
     for k in one:

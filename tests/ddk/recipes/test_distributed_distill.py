@@ -39,6 +39,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import ddk.recipes.distill as real  # noqa: E402
 from ddk.recipes.config import make_config  # noqa: E402
+from gloo_workers import gloo_aborted  # noqa: E402
 from recipe_cases import own_cfg, own_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
@@ -80,6 +81,8 @@ def _torchrun(tmp: Path, cfg, *flags: str, command: str = "distill") -> subproce
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "ddk.recipes.cli", command, "--config", str(path), *flags]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if gloo_aborted(res.returncode, res.stdout + res.stderr):  # gloo's spurious abort: once more
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stderr[-12000:]}"
     return res
 
