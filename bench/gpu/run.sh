@@ -6,6 +6,9 @@
 #   DDK_GPU_PYTEST=1 bash bench/gpu/run.sh   # also run the Triton and cpp tests on the GPU first
 #                                            # (DDK_GPU_PYTEST_S caps them, default 150 s)
 #   DDK_GPU_DISTILL=1 bash bench/gpu/run.sh # also `ddk distill --fsdp` under torchrun with NCCL (1 GPU)
+#   DDK_GPU_STEP=1 bash bench/gpu/run.sh    # also whole distillation steps (bench/gpu/step_bench.py;
+#                                            # STEP_BENCH_ARGS, default the 1.5B/0.5B Qwen2 shapes,
+#                                            # seq 2048, batch 4, largest batch; DDK_GPU_STEP_S caps it, 300 s)
 #   KD_BENCH_ARGS="--divergence jsd" bash bench/gpu/run.sh
 #   KD_BENCH_ARGS="--fused-only" bash bench/gpu/run.sh   # only the fused lm_head + KD part
 #   DDK_WHEELS=.whl bash bench/gpu/run.sh    # also install the wheels there (default .whl, if present)
@@ -99,6 +102,13 @@ fi
 if [ "${DDK_GPU_DISTILL:-0}" = "1" ]; then
   say "ddk distill under torchrun on CUDA: one process, NCCL, FSDP2 (bench/gpu/distill_smoke.py)"
   timeout 150 "$PY" bench/gpu/distill_smoke.py 2>&1 | tail -n 8
+fi
+
+if [ "${DDK_GPU_STEP:-0}" = "1" ]; then
+  say "whole distillation steps: ddk / kd / logits / liger / models (bench/gpu/step_bench.py ${STEP_BENCH_ARGS:-})"
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout "${DDK_GPU_STEP_S:-300}" "$PY" bench/gpu/step_bench.py \
+    ${STEP_BENCH_ARGS:---preset qwen2-1.5b-0.5b --seq 2048 --batch 4 --max-batch} --out "${OUT:-/tmp}/step_bench.json"
 fi
 
 say "oracle checks and timings (bench/gpu/kd_bench.py ${KD_BENCH_ARGS:-})"
