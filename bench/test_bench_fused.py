@@ -167,7 +167,7 @@ def test_bench_fused_scaling(benchmark, n: int, v: int) -> None:  # type: ignore
         res.update(measure_in_subprocess("fused_auto", n, v, HID))
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    from ddk_kernels.fused_chunked import plan_fused
+    from ddk_kernels.fused_plan import plan_fused
 
     plan = plan_fused(int(n * 0.9), v)
     benchmark.extra_info.update(

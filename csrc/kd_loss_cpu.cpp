@@ -41,6 +41,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "kd_checks.h"
 #include "kd_vec_math.h"
 
 namespace ddk {
@@ -259,36 +260,13 @@ void dispatch_kind(int kind, bool t1, F&& f) {
   }
 }
 
-Params make_params(double temperature, int64_t divergence, double beta) {
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "ddk::kd_fwd/kd_bwd: temperature must be > 0; got ",
-              temperature);
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, "ddk::kd_fwd/kd_bwd: divergence must be 0 (forward KL), ",
-              "1 (reverse KL) or 2 (JSD); got ", divergence);
-  TORCH_CHECK(divergence != 2 || (beta > 0 && beta < 1),
-              "ddk::kd_fwd/kd_bwd: JSD needs 0 < beta < 1 (use divergence 0 / 1 for beta 0 / 1); got ", beta);
-  return Params{temperature, 1.0 / temperature, beta, static_cast<int>(divergence)};
-}
+Params make_params(const KDOptions& o) { return Params{o.temperature, 1.0 / o.temperature, o.beta, o.kind}; }
 
-// Returns (student, teacher, labels) ready for the kernels: CPU, 2-D, unit column stride (rows may
-// be strided, e.g. a column slice of a wider teacher), int64 labels.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> check_inputs(const char* op, const at::Tensor& student,
-                                                           const at::Tensor& teacher, const at::Tensor& labels) {
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": student and teacher must be 2-D (N, V); got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(teacher.sizes() == student.sizes(), op, ": teacher must have the student's shape ", student.sizes(),
-              " (slice a larger teacher vocabulary first); got ", teacher.sizes());
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), op, ": teacher dtype ", teacher.scalar_type(),
-              " must equal the student's ", student.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), op, ": labels must be (N,) with N=",
-              student.size(0), "; got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
-              ": labels must be int64; got ", labels.scalar_type());
+// CPU tensors only (the CUDA kernels of the same ops are registered by csrc/cuda/binding_cuda.cpp).
+KDInputs check_cpu(const char* op, const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && labels.device().is_cpu(), op,
               ": the CPU kernel needs CPU tensors");
-  auto unit_col = [](const at::Tensor& t) {
-    return (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= t.size(1) ? t : t.contiguous();
-  };
-  return {unit_col(student), unit_col(teacher), labels.to(at::kLong).contiguous()};
+  return check_logits(op, student, teacher, labels);
 }
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
@@ -296,16 +274,16 @@ int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                          const at::Tensor& labels_in, double temperature,
                                                          int64_t divergence, double beta, int64_t ignore_index) {
-  const Params P = make_params(temperature, divergence, beta);
-  auto [student, teacher, labels] = check_inputs("ddk::kd_fwd", student_in, teacher_in, labels_in);
-  const int64_t N = student.size(0), V = student.size(1);
+  const Params P = make_params(check_options("ddk::kd_fwd", temperature, divergence, beta, ignore_index));
+  const KDInputs in = check_cpu("ddk::kd_fwd", student_in, teacher_in, labels_in);
+  const at::Tensor &student = in.student, &teacher = in.teacher, &labels = in.labels;
+  const int64_t N = in.n, V = in.v;
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = student.options().dtype(acc_type);
   at::Tensor ce = at::zeros({N}, opts), kd = at::zeros({N}, opts);
   at::Tensor stats = at::zeros({N, 4}, student.options().dtype(at::kDouble));
   if (N == 0) return {ce, kd, stats};
-  TORCH_CHECK(V > 0, "ddk::kd_fwd: V must be >= 1");
-  const bool t1 = temperature == 1.0;
+  const bool t1 = P.T == 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "ddk_kd_fwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* zs = student.const_data_ptr<scalar_t>();
@@ -345,19 +323,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cpu(const at::Tensor& stud
 at::Tensor kd_bwd_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& labels_in,
                       const at::Tensor& stats_in, const at::Tensor& grad_ce_in, const at::Tensor& grad_kd_in,
                       double temperature, int64_t divergence, double beta, int64_t ignore_index) {
-  const Params P = make_params(temperature, divergence, beta);
-  auto [student, teacher, labels] = check_inputs("ddk::kd_bwd", student_in, teacher_in, labels_in);
-  const int64_t N = student.size(0), V = student.size(1);
+  const Params P = make_params(check_options("ddk::kd_bwd", temperature, divergence, beta, ignore_index));
+  const KDInputs in = check_cpu("ddk::kd_bwd", student_in, teacher_in, labels_in);
+  const at::Tensor &student = in.student, &teacher = in.teacher, &labels = in.labels;
+  const int64_t N = in.n, V = in.v;
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == N && stats_in.size(1) == 4,
-              "ddk::kd_bwd: stats must be (N, 4); got ", stats_in.sizes());
-  TORCH_CHECK(grad_ce_in.numel() == N && grad_kd_in.numel() == N, "ddk::kd_bwd: grad_ce and grad_kd must be (N,)");
+  check_backward("ddk::kd_bwd", stats_in, grad_ce_in, grad_kd_in, N);
   at::Tensor stats = stats_in.to(at::kDouble).contiguous();
   at::Tensor gce = grad_ce_in.to(acc_type).reshape({N}).contiguous();
   at::Tensor gkd = grad_kd_in.to(acc_type).reshape({N}).contiguous();
   at::Tensor grad = at::empty({N, V}, student.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || V == 0) return grad;
-  const bool t1 = temperature == 1.0;
+  const bool t1 = P.T == 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "ddk_kd_bwd", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* zs = student.const_data_ptr<scalar_t>();

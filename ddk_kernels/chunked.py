@@ -5,14 +5,15 @@ larger than ``_BLOCK_ELEMS`` elements, in vocabulary tiles. Forward keeps only f
 (``stats``, float64: lse(zS/T), lse(zT/T), lse(zS) and the row sum the backward needs); backward recomputes
 each tile from the inputs and writes its slice of the gradient. Temporaries are a few tiles of
 ``_BLOCK_ELEMS`` float32 elements, independent of N and V. Arguments of exp are clamped at the
-smallest normal float (``_exp_floor``): denormal results make exp 10-40x slower on x86.
+smallest normal float (``_exp_floor``): denormal results make exp many times slower on x86
+(bench/README.md).
 
 Why recompute instead of computing the gradient in forward (as Liger does): the outputs are two
 per-row vectors whose upstream gradients ``g_ce`` and ``g_kd`` are arbitrary, so a gradient made
 in forward would need two ``(N, V)`` buffers (d CE and d KD) kept alive until backward -- the
 memory this backend exists to avoid. Measured on the 2-core CPU at N=4096, V=32000 fp32
-(bench/test_bench_kd_loss.py) recomputation costs about one extra forward sweep and still beats
-the naive path clearly, because every op runs on a cache-resident tile.
+(bench/test_bench_kd_loss.py, figures in bench/README.md) recomputation costs about one extra
+forward sweep and still beats the naive path, because every op runs on a cache-resident tile.
 
 Math of one row (``s = zS/T``, ``t = zT/T``, ``q = softmax(s)``, ``p = softmax(t)``); tiles k
 carry their own ``ls_k = lse_k(s)``, ``lt_k = lse_k(t)`` and a tile-local sum, merged exactly:
@@ -35,19 +36,26 @@ The reverse-KL gradient ``q ((s - t) - E_q[s - t])`` uses no lse at all beyond `
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from ddk_kernels.autograd import row_loss_function
-from ddk_kernels.types import KDConfig, acc_dtype
+from ddk_kernels.autograd import backward_rows, forward_rows
+from ddk_kernels.types import KDConfig, RowKernels, acc_dtype
 
-__all__ = ["KDLossChunkedFunction", "is_available", "kd_chunked_backward", "kd_chunked_forward", "row_losses"]
+__all__ = [
+    "ROW_KERNELS",
+    "KDLossChunkedFunction",
+    "is_available",
+    "kd_chunked_backward",
+    "kd_chunked_forward",
+    "row_losses",
+]
 
 #: elements of one (rows x vocabulary) tile: 2**22 float32 = 16 MiB, 131 rows at V=32000; about
-#: six such temporaries are alive at once (~100 MB, against ~2.5 GB for the naive path at N=4096).
-#: Every torch op is one OpenMP parallel region, so fewer, larger tiles beat cache-sized ones on a
-#: shared CPU: measured at N=1024, V=32000 fp32, 2 busy cores, forward+backward: 2**18: 5.8 s,
-#: 2**20: 3.9 s, 2**22: 2.2 s, naive 3.6 s.
+#: six such temporaries are alive at once. Every torch op is one OpenMP parallel region, so fewer,
+#: larger tiles beat cache-sized ones on a shared CPU (the tile sizes measured are in
+#: bench/README.md).
 _BLOCK_ELEMS = 1 << 22
 #: fewest rows of a block before the vocabulary is tiled instead.
 _MIN_ROWS = 4
@@ -74,9 +82,9 @@ def _tile(x: torch.Tensor, r0: int, r1: int, c0: int, c1: int, acc: torch.dtype)
 def _exp_floor(dtype: torch.dtype) -> float:
     """Arguments of exp are clamped here: below it exp returns denormals (float32: < 1.2e-38).
 
-    x86 CPUs compute denormal results 10-40x slower (measured here: torch.exp 2.8 ns/element on
-    [-10, 0], 115 ns on [-100, -88]), and with std-15 logits over 32000 classes most log-
-    probabilities are below -87. exp(-87) = 1.6e-38 changes no float32 sum.
+    x86 CPUs compute denormal results many times slower (bench/README.md), and with std-15 logits
+    over 32000 classes most log-probabilities are below -87. exp(-87) = 1.6e-38 changes no
+    float32 sum.
     """
     return -700.0 if dtype == torch.float64 else -87.0
 
@@ -84,6 +92,18 @@ def _exp_floor(dtype: torch.dtype) -> float:
 def _clamped_exp(x: torch.Tensor) -> torch.Tensor:
     """``exp(max(x, floor))`` in place on ``x`` (which must be a temporary)."""
     return x.clamp_min_(_exp_floor(x.dtype)).exp_()
+
+
+def _log_ratio_(u: torch.Tensor) -> torch.Tensor:
+    """``u = log a - log b`` of a term ``a * u``, in place, with the reference's ``0 * anything = 0``.
+
+    ``-inf`` logits (masked vocabulary entries) reach the sums only through these differences:
+    ``u = -inf`` means ``a = 0`` and ``NaN`` (``-inf - -inf``) means ``a = b = 0``, both set to 0
+    (``a`` itself is ``exp`` clamped at a tiny positive floor here, so ``a * -inf`` would be
+    ``-inf``, not 0); ``+inf`` (``b = 0 < a``) stays, as the divergence is then infinite. Finite
+    inputs are unchanged.
+    """
+    return u.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=0.0)
 
 
 def _shifted_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,8 +132,8 @@ def _jsd_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row sums ``sum p (log p - log m)`` and ``sum q (log q - log m)`` of one tile."""
     lm = _log_mix(lp, lq, beta)
-    kp = (p * (lp - lm)).sum(dim=1)
-    kq = (q * (lq - lm)).sum(dim=1)
+    kp = (p * _log_ratio_(lp - lm)).sum(dim=1)
+    kq = (q * _log_ratio_(lq - lm)).sum(dim=1)
     return kp, kq
 
 
@@ -190,13 +210,13 @@ def kd_chunked_forward(
             # KL of the tile's own softmaxes: sum p~ ((t - lt_k) - (s - ls_k)), normalised by the
             # exact sum (not by exp(-lse), which scales p by 1 + ulp(lse): KL * ulp(lse) error)
             if kind == "forward_kl":
-                a = _rowdot(et, dt.sub_(ds)) / st_.squeeze(1) - log_st.squeeze(1) + log_ss.squeeze(1)
+                a = _rowdot(et, _log_ratio_(dt.sub_(ds))) / st_.squeeze(1) - log_st.squeeze(1) + log_ss.squeeze(1)
             else:
                 # E_q~[s - t] of the tile over the very float32 values (zS - zT)/T the backward
                 # forms, summed in float64: at a peaked row's top entry backward's (s - t) - E
                 # then cancels its own rounding instead of amplifying it. KL(q||p) follows from it
                 # and the float64 lse's below, so no second row sum is needed.
-                u = torch.sub(xs, xt).mul_(inv_t)
+                u = _log_ratio_(torch.sub(xs, xt).mul_(inv_t))
                 es64 = es.double()  # normalised by its own float64 sum, not the float32 one (1e-7 * 50)
                 parts.append((ls, lt, lz, _rowdot(es64, u.double()) / es64.sum(1)))
                 continue
@@ -298,9 +318,9 @@ def kd_chunked_backward(
                 g.sub_(lp.clamp_min_(floor).exp_().mul_(gkd))
             else:  # g = g_ce soft + g_kd/T q (g_D - extra), g_D = log q - log p or (1-beta)(log q - log m)
                 if kind == "reverse_kl":  # (s - t) - E_q[s - t] = log q - log p - KL(q||p)
-                    inner = _sub_lse(torch.sub(xs, t).mul_(inv_t), extra_hl)
+                    inner = _sub_lse(_log_ratio_(torch.sub(xs, t).mul_(inv_t)), extra_hl)
                 else:
-                    inner = lq.sub(_log_mix(lp, lq, config.beta)).sub_(extra).mul_(omb)
+                    inner = _log_ratio_(lq.sub(_log_mix(lp, lq, config.beta))).sub_(extra).mul_(omb)
                 g = inner.mul_(q).mul_(gkd)
                 g.addcmul_(q if t1 else _sub_lse(xs, lz).clamp_min_(floor).exp_(), gce)
             # onehot term of the CE gradient, in the accumulation dtype (before any rounding)
@@ -311,12 +331,30 @@ def kd_chunked_backward(
     return grad
 
 
-#: autograd of the chunked row losses; saves the inputs (no copies) and ``stats (N, 4)``.
-KDLossChunkedFunction = row_loss_function("KDLossChunkedFunction", kd_chunked_forward, kd_chunked_backward)
+class KDLossChunkedFunction(torch.autograd.Function):
+    """Autograd of the chunked row losses: ``apply(student, teacher, labels, config, block_elems)
+    -> (ce, kd)``; saves the inputs (no copies) and ``stats (N, 4)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig,
+        block_elems: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_rows(ctx, kd_chunked_forward, student, teacher, labels, config, block_elems)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        return backward_rows(ctx, kd_chunked_backward, grad_ce, grad_kd)
 
 
 def row_losses(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, config: KDConfig
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: KDConfig,
+    block_elems: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(ce (N,), kd (N,))`` of the chunked backend (see ``ddk_kernels.dispatch``).
 
@@ -326,8 +364,19 @@ def row_losses(
             float dtype, never differentiated.
         labels: ``(N,)`` int64; ``config.ignore_index`` rows give 0.
         config: temperature, divergence (``effective_divergence``), beta.
+        block_elems: elements of one tile (tests use small tiles to force vocabulary tiling).
 
     Returns:
         ``(ce, kd)`` float32 (float64 for float64 inputs), differentiable w.r.t. ``student_logits``.
+
+    Example:
+        >>> zs = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+        >>> ce, kd = row_losses(zs, torch.zeros(1, 3), torch.tensor([0]), KDConfig())
+        >>> round(float(ce.detach()), 4), round(float(kd.detach()), 4)
+        (0.1698, 0.7379)
     """
-    return KDLossChunkedFunction.apply(student_logits, teacher_logits.detach(), labels.long(), config)
+    return KDLossChunkedFunction.apply(student_logits, teacher_logits.detach(), labels.long(), config, block_elems)
+
+
+#: the chunked backend of the per-row op (``backend="chunked"``).
+ROW_KERNELS = RowKernels(row_losses, kd_chunked_forward, kd_chunked_backward)

@@ -1,159 +1,172 @@
-"""The one place where a backend of the KD loss is chosen.
+"""The one place where a backend of an op is chosen: one table, one rule, one error path.
 
-Every backend exposes the same per-row contract::
+:data:`TABLE` maps each op to its backends and each backend to where its implementation lives:
 
-    row_losses(student_logits (N, V), teacher_logits (N, V), labels (N,), config: KDConfig)
-        -> (ce (N,), kd (N,))
+* ``"kd_rows"`` (the per-row CE and divergence on given logits, used by ``ddk.kd_loss`` and by
+  the fused ``gemm`` strategy): a ``RowKernels`` (``row_losses`` with autograd, plus the
+  ``forward`` / ``backward`` launchers);
+* ``"fused_linear_kd"`` (``lm_head`` + KD loss without ``(N, V)`` logits, used by
+  ``ddk.fused_linear_kd_loss``): ``fused_linear_kd(student_hidden, student_weight, labels,
+  teacher, params, *, student_bias, options) -> (loss, ce, kd)``.
 
-differentiable w.r.t. ``student_logits`` (float32 results for float32/bfloat16/float16 inputs,
-float64 for float64), zero on ignored rows. ``teacher_logits`` may be a column slice of a wider
-tensor (row stride larger than V). The reduction to ``KDLossOutput`` is shared
-(``ddk_kernels.reduce``).
+:func:`resolve` picks one: ``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for
+the device type that the op has and that runs there. The ``DDK_BACKEND`` environment variable,
+when set (and not ``"auto"``), replaces ``"auto"`` for every op that has that backend and is
+ignored by the ops that do not; a name no op has is an error. An explicit backend (or
+``DDK_BACKEND``) that cannot run on the device raises ``RuntimeError`` naming the ones that can;
+a name the op does not have raises ``ValueError``. Implementation modules are imported only
+once their backend is known to run (Triton and the compiled extension stay optional).
 
-``backend="auto"`` picks the fastest available backend for the device; the ``DDK_BACKEND``
-environment variable overrides that choice. The fused ``lm_head`` + KD loss has its own, smaller
-set of backends (``FUSED_BACKENDS``), resolved by ``resolve_fused_backend``. An explicit backend that cannot run raises a
-``RuntimeError`` naming the backends that can.
+Example:
+    >>> import torch
+    >>> from ddk_kernels.types import KDConfig
+    >>> rows = resolve("kd_rows", "chunked", "cpu")
+    >>> ce, kd = rows.row_losses(torch.zeros(2, 5), torch.zeros(2, 5), torch.tensor([1, -100]), KDConfig())
+    >>> round(float(ce[0]), 4), float(kd[0]), float(ce[1])
+    (1.6094, 0.0, 0.0)
+    >>> resolve_backend("reference", "cpu", op="fused_linear_kd")
+    'reference'
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
 
-from ddk_kernels.types import KDConfig
+from ddk_kernels.types import RowKernels
 
-RowLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KDConfig], "tuple[torch.Tensor, torch.Tensor]"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "OPS",
+    "TABLE",
+    "Op",
+    "available_backends",
+    "backend_report",
+    "resolve",
+    "resolve_backend",
+]
 
-BACKENDS: tuple[str, ...] = ("reference", "chunked", "cpp", "triton")
-_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+Op = Literal["kd_rows", "fused_linear_kd"]
+FusedKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """Where one backend of one op lives.
+
+    Attributes:
+        probe: module whose ``is_available(device) -> (ok, reason)`` says whether the backend runs
+            on a device; importing it needs only torch.
+        implementation: ``"module:attribute"`` of the implementation, imported once the probe
+            says the backend runs.
+    """
+
+    probe: str
+    implementation: str
+
+    def load(self) -> Any:
+        module, _, attribute = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+TABLE: dict[Op, dict[str, BackendEntry]] = {
+    "kd_rows": {
+        "reference": BackendEntry("ddk_kernels.reference", "ddk_kernels.reference:ROW_KERNELS"),
+        "chunked": BackendEntry("ddk_kernels.chunked", "ddk_kernels.chunked:ROW_KERNELS"),
+        "cpp": BackendEntry("ddk_kernels.cpp", "ddk_kernels.cpp:ROW_KERNELS"),
+        "triton": BackendEntry("ddk_kernels.triton", "ddk_kernels.triton.kd_loss:ROW_KERNELS"),
+    },
+    "fused_linear_kd": {
+        "reference": BackendEntry("ddk_kernels.reference", "ddk_kernels.reference:fused_linear_kd_reference"),
+        "chunked": BackendEntry("ddk_kernels.fused_chunked", "ddk_kernels.fused_chunked:fused_linear_kd"),
+    },
+}
+#: the public function of each op, named in error messages.
+OPS: dict[Op, str] = {"kd_rows": "kd_loss", "fused_linear_kd": "fused_linear_kd_loss"}
+#: every backend name of any op.
+BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(name for entries in TABLE.values() for name in entries))
+#: fastest first, per device type; an op skips the backends it does not have. On CUDA Triton and
+#: the CUDA kernels of cpp are within a few percent of each other (bench/README.md).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "chunked", "reference"),
     "cuda": ("triton", "cpp", "chunked", "reference"),
 }
+_OTHER_DEVICES = ("chunked", "reference")
 
 
-def _reference_row_losses(zs, zt, labels, config):  # type: ignore[no-untyped-def]
-    from ddk_kernels.reference import kd_row_losses_reference
-
-    return kd_row_losses_reference(zs, zt, labels, config)
-
-
-def _probe(name: str, device: torch.device) -> tuple[RowLossFn | None, str]:
-    """Return ``(row_losses, "")`` if backend ``name`` runs on ``device`` else ``(None, reason)``."""
-    if name == "reference":
-        return _reference_row_losses, ""
+def _reason(op: Op, name: str, device: torch.device) -> str:
+    """``""`` if backend ``name`` of ``op`` runs on ``device``, else why not."""
     try:
-        if name == "chunked":
-            from ddk_kernels import chunked as mod
-        elif name == "cpp":
-            from ddk_kernels import cpp as mod  # type: ignore[no-redef]
-        elif name == "triton":
-            from ddk_kernels import triton as mod  # type: ignore[no-redef]
-        else:
-            return None, f"unknown backend {name!r}"
-    except ImportError as exc:  # the backend module itself is not there yet or lacks a dependency
-        return None, f"cannot import ({exc})"
-    ok, reason = mod.is_available(device)
-    return (mod.row_losses if ok else None), reason
+        probe = importlib.import_module(TABLE[op][name].probe)
+    except ImportError as exc:  # the backend module lacks a dependency
+        return f"cannot import ({exc})"
+    ok, reason = probe.is_available(device)
+    return "" if ok else (reason or "unavailable")
 
 
-def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Map every backend name to ``""`` if it runs on ``device``, else to the reason it cannot."""
+def available_backends(device: torch.device | str = "cpu", op: Op = "kd_rows") -> dict[str, str]:
+    """Map every backend of ``op`` to ``""`` if it runs on ``device``, else to the reason it cannot."""
     device = torch.device(device)
-    return {name: _probe(name, device)[1] for name in BACKENDS}
+    return {name: _reason(op, name, device) for name in TABLE[op]}
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Resolve ``"auto"`` (or ``DDK_BACKEND``) to a concrete backend name that runs on ``device``."""
-    return _resolve(backend, torch.device(device))[0]
-
-
-def _resolve(backend: str, device: torch.device) -> tuple[str, RowLossFn]:
-    """``(name, row_losses)`` of ``backend`` on ``device``; probes each candidate once."""
+def _choose(op: Op, backend: str, device: torch.device) -> str:
+    fn = OPS[op]
+    names = tuple(TABLE[op])
     if backend == "auto":
         env = os.environ.get("DDK_BACKEND", "").strip()
         if env and env != "auto":
-            backend = env
-        else:
-            for name in _AUTO_ORDER.get(device.type, ("chunked", "reference")):
-                fn = _probe(name, device)[0]
-                if fn is not None:
-                    return name, fn
-            return "reference", _reference_row_losses
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"kd_loss: backend must be one of {('auto',) + BACKENDS}; got {backend!r}."
-        )
-    fn, reason = _probe(backend, device)
-    if fn is None:
-        runnable = [n for n, r in available_backends(device).items() if not r]
-        raise RuntimeError(
-            f"kd_loss: backend {backend!r} cannot run on {device.type}: {reason}. "
-            f"Available there: {runnable}; use backend='auto' to pick the fastest."
-        )
-    return backend, fn
-
-
-# ---------------------------------------------------------------- fused lm_head + KD loss
-FUSED_BACKENDS: tuple[str, ...] = ("reference", "chunked", "triton")
-_FUSED_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("chunked",), "cuda": ("chunked", "triton")}
-
-
-def _fused_backend_reason(name: str, device: torch.device) -> str:
-    """``""`` if fused backend ``name`` runs on ``device``, else why not."""
-    if name in ("reference", "chunked"):
-        return ""
-    if name == "triton":
-        try:
-            from ddk_kernels import triton as triton_pkg
-        except ImportError as exc:
-            return f"cannot import ({exc})"
-        ok, reason = triton_pkg.is_available(device)
-        if not ok:
-            return reason
-        try:
-            import ddk_kernels.triton.fused_linear_kd  # noqa: F401
-        except ImportError as exc:
-            return f"cannot import ddk_kernels.triton.fused_linear_kd ({exc})"
-        return ""
-    return f"no fused implementation (fused backends: {FUSED_BACKENDS})"
-
-
-def resolve_fused_backend(backend: str, device: torch.device | str) -> str:
-    """Resolve the backend of ``fused_linear_kd_loss`` to one that runs on ``device``.
-
-    ``"auto"`` takes ``DDK_BACKEND`` when it names a fused backend (``"reference"``,
-    ``"chunked"``, ``"triton"``; other values, e.g. ``"cpp"`` which has no fused kernel, are
-    ignored here), else the first runnable of ``triton, chunked`` on CUDA and ``chunked`` on CPU
-    (Triton on CPU runs only under ``TRITON_INTERPRET=1`` and is never auto-picked there).
-    An explicit backend that cannot run raises ``RuntimeError`` naming the ones that can; an
-    unknown name raises ``ValueError``.
-
-    """
-    device = torch.device(device)
-    if backend == "auto":
-        env = os.environ.get("DDK_BACKEND", "").strip()
-        if env in FUSED_BACKENDS:
-            backend = env
-        else:
-            for name in _FUSED_AUTO_ORDER.get(device.type, ("chunked",)):
-                if not _fused_backend_reason(name, device):
+            if env not in BACKENDS:
+                choices = ("auto",) + BACKENDS
+                raise ValueError(f"{fn}: backend must be one of {choices}; got {env!r} (from DDK_BACKEND).")
+            if env in names:
+                backend = env
+        if backend == "auto":
+            for name in AUTO_ORDER.get(device.type, _OTHER_DEVICES):
+                if name in names and not _reason(op, name, device):
                     return name
-            return "chunked"
-    if backend not in FUSED_BACKENDS:
-        raise ValueError(f"fused_linear_kd_loss: backend must be one of {('auto',) + FUSED_BACKENDS}; got {backend!r}.")
-    reason = _fused_backend_reason(backend, device)
+            return "reference"
+    if backend not in names:
+        other = [OPS[o] for o, entries in TABLE.items() if backend in entries]
+        note = f" (a backend of {', '.join(other)} only)" if other else ""
+        raise ValueError(f"{fn}: backend must be one of {('auto',) + names}; got {backend!r}{note}.")
+    reason = _reason(op, backend, device)
     if reason:
-        runnable = [n for n in FUSED_BACKENDS if not _fused_backend_reason(n, device)]
+        runnable = [n for n, r in available_backends(device, op).items() if not r]
         raise RuntimeError(
-            f"fused_linear_kd_loss: backend {backend!r} cannot run on {device.type}: {reason}. "
+            f"{fn}: backend {backend!r} cannot run on {device.type}: {reason}. "
             f"Available there: {runnable}; use backend='auto' to pick the fastest."
         )
     return backend
 
 
-def get_row_losses(backend: str, device: torch.device | str) -> RowLossFn:
-    """The ``row_losses`` function of ``backend`` (``"auto"`` allowed) for ``device``."""
-    return _resolve(backend, torch.device(device))[1]
+def resolve_backend(backend: str, device: torch.device | str, op: Op = "kd_rows") -> str:
+    """The concrete backend name that ``backend`` (``"auto"`` allowed) resolves to for ``op`` on ``device``."""
+    return _choose(op, backend, torch.device(device))
+
+
+@overload
+def resolve(op: Literal["kd_rows"], backend: str, device: torch.device | str) -> RowKernels: ...
+@overload
+def resolve(op: Literal["fused_linear_kd"], backend: str, device: torch.device | str) -> FusedKernel: ...
+def resolve(op: Op, backend: str, device: torch.device | str) -> Any:
+    """The implementation of ``op`` by ``backend`` (``"auto"`` allowed) for ``device``; raises as
+    the module docstring says when it cannot run."""
+    return TABLE[op][_choose(op, backend, torch.device(device))].load()
+
+
+def backend_report(device: torch.device | str = "cpu") -> str:
+    """The table as text: per op, what ``auto`` picks on ``device`` and why each backend runs or not."""
+    device = torch.device(device)
+    lines = []
+    for op, fn in OPS.items():
+        lines.append(f"{op} ({fn}) on {device.type}: auto -> {resolve_backend('auto', device, op)}")
+        for name, reason in available_backends(device, op).items():
+            lines.append(f"  {name:<10} {'available' if not reason else 'unavailable: ' + reason}")
+    return "\n".join(lines)

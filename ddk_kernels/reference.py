@@ -20,14 +20,33 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ddk_kernels.types import KDConfig, KDLossOutput, acc_dtype
+from ddk_kernels.reduce import combine, denominator, reduce_kd_rows
+from ddk_kernels.types import (
+    Divergence,
+    KDConfig,
+    KDLossOutput,
+    KDLossParams,
+    RowKernels,
+    TeacherInputs,
+    acc_dtype,
+)
 
 __all__ = [
-    "kd_row_losses_reference",
-    "kd_loss_reference",
-    "kd_logits_grad_reference",
+    "ROW_KERNELS",
     "divergence_reference",
+    "fused_linear_kd_reference",
+    "is_available",
+    "kd_backward_reference",
+    "kd_forward_reference",
+    "kd_logits_grad_reference",
+    "kd_loss_reference",
+    "kd_row_losses_reference",
 ]
+
+
+def is_available(device: torch.device | str) -> tuple[bool, str]:
+    """The oracle is plain torch: it runs wherever torch does."""
+    return True, ""
 
 
 def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +57,7 @@ def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def divergence_reference(
-    log_q: torch.Tensor, log_p: torch.Tensor, divergence: str, beta: float
+    log_q: torch.Tensor, log_p: torch.Tensor, divergence: Divergence, beta: float
 ) -> torch.Tensor:
     """Per-row divergence between teacher ``p`` and student ``q`` given their log-probabilities.
 
@@ -106,14 +125,14 @@ def kd_loss_reference(
     num_domains: int = 1,
     gamma: float = 0.2,
     temperature: float = 1.0,
-    divergence: str = "forward_kl",
+    divergence: Divergence = "forward_kl",
     beta: float = 0.5,
     ignore_index: int = -100,
     t2_scale: bool = False,
     normalizer: float | torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> KDLossOutput:
-    """The whole KD loss of DESIGN.md 3.1, materialising everything (the oracle).
+    """The whole KD loss, materialising everything (the oracle).
 
     ``loss = (sum CE + gamma * s * sum KD) / normalizer`` over valid tokens, with
     ``s = T**2`` if ``t2_scale`` else 1 and ``normalizer`` = number of valid tokens (at least 1)
@@ -129,32 +148,19 @@ def kd_loss_reference(
         compute_dtype: dtype of the math (float64 for the oracle in tests).
 
     Returns:
-        ``KDLossOutput``; per-domain sums are computed with a one-hot matmul.
+        ``KDLossOutput`` (the formula of ``ddk_kernels.reduce``).
+
+    Example:
+        >>> zs, zt = torch.zeros(2, 3), torch.zeros(2, 4)
+        >>> out = kd_loss_reference(zs, zt, torch.tensor([0, -100]))
+        >>> round(float(out.loss), 4), int(out.num_tokens)
+        (1.0986, 1)
     """
     vocab = student_logits.shape[-1]
-    teacher_logits = teacher_logits[:, :vocab]
     cfg = KDConfig(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index)
-    ce, kd = kd_row_losses_reference(student_logits, teacher_logits, labels, cfg, compute_dtype)
-    valid = labels != ignore_index
-    num_tokens = valid.sum()
-    if domain_ids is None:
-        domain_ids = torch.zeros_like(labels)
-    onehot = F.one_hot(domain_ids.long(), num_domains).to(ce.dtype) * valid.unsqueeze(-1).to(ce.dtype)
-    scale = temperature**2 if t2_scale else 1.0
-    if normalizer is None:
-        norm = num_tokens.clamp(min=1).to(ce.dtype)
-    else:
-        norm = torch.as_tensor(normalizer, dtype=ce.dtype, device=ce.device)
-    loss = (ce.sum() + gamma * scale * kd.sum()) / norm
-    return KDLossOutput(
-        loss=loss,
-        ce_sum=ce.sum().detach(),
-        kd_sum=kd.sum().detach(),
-        num_tokens=num_tokens,
-        domain_ce_sum=(onehot.T @ ce).detach(),
-        domain_kd_sum=(onehot.T @ kd).detach(),
-        domain_tokens=onehot.T.sum(dim=-1).round().long(),
-    )
+    params = KDLossParams(cfg, gamma=gamma, t2_scale=t2_scale, normalizer=normalizer)
+    ce, kd = kd_row_losses_reference(student_logits, teacher_logits[:, :vocab], labels, cfg, compute_dtype)
+    return reduce_kd_rows(ce, kd, labels != ignore_index, domain_ids, num_domains, params)
 
 
 def kd_logits_grad_reference(
@@ -207,3 +213,69 @@ def kd_logits_grad_reference(
     d_kd = d_kd / T
     grad = grad_ce.double().unsqueeze(-1) * d_ce + grad_kd.double().unsqueeze(-1) * d_kd
     return torch.where(valid.unsqueeze(-1), grad, torch.zeros_like(grad))
+
+
+def kd_forward_reference(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``forward`` launcher of ``RowKernels``: ``(ce, kd, stats)`` without autograd; ``stats``
+    is an empty ``(N, 0)`` tensor (the oracle's backward recomputes everything)."""
+    with torch.no_grad():
+        ce, kd = kd_row_losses_reference(student, teacher, labels, config)
+    return ce, kd, student.new_empty((student.shape[0], 0), dtype=torch.float64)
+
+
+def kd_backward_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    grad_ce: torch.Tensor,
+    grad_kd: torch.Tensor,
+    config: KDConfig,
+) -> torch.Tensor:
+    """The ``backward`` launcher of ``RowKernels``: the closed form of
+    :func:`kd_logits_grad_reference` in the student's dtype (``stats`` unused)."""
+    return kd_logits_grad_reference(student, teacher, labels, grad_ce, grad_kd, config).to(student.dtype)
+
+
+#: the oracle as a backend of the per-row op (``backend="reference"``): autograd through torch.
+ROW_KERNELS = RowKernels(kd_row_losses_reference, kd_forward_reference, kd_backward_reference)
+
+
+def fused_linear_kd_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: TeacherInputs,
+    params: KDLossParams,
+    *,
+    student_bias: torch.Tensor | None = None,
+    options: object = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The naive fused ``lm_head`` + KD loss (``backend="reference"``): materialises both ``(N, V)``
+    logits and differentiates the oracle with autograd.
+
+    Args:
+        student_hidden: ``(N, Hs)``; student_weight: ``(V, Hs)``; student_bias: ``(V,)`` or None.
+        labels: ``(N,)`` int64.
+        teacher: ``hidden (N, Ht)`` + ``weight (Vt, Ht)``, or ``logits (N, Vt)``; ``Vt >= V``.
+        params: the loss options.
+        options: the tiling options of the fused backends (ignored here).
+
+    Returns:
+        ``(loss (0-dim, differentiable), ce (N,), kd (N,))`` in float32 (float64 for float64).
+    """
+    vocab = student_weight.shape[0]
+    zs = student_hidden @ student_weight.T
+    if student_bias is not None:
+        zs = zs + student_bias
+    t = teacher.detached()
+    if t.logits is not None:
+        zt = t.logits[:, :vocab]
+    else:
+        assert t.hidden is not None and t.weight is not None
+        zt = t.hidden @ t.weight[:vocab].T
+    ce, kd = kd_row_losses_reference(zs, zt, labels, params.config, acc_dtype(student_hidden.dtype))
+    norm = denominator(params, (labels != params.config.ignore_index).sum(), ce.dtype)
+    return combine(ce.sum(), kd.sum(), norm, params), ce.detach(), kd.detach()

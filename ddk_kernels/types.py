@@ -1,16 +1,34 @@
-"""Result and configuration types shared by every backend of the KD loss."""
+"""Parameter and result types shared by every backend of the KD loss.
+
+Options travel as frozen dataclasses from the public functions through ``ddk_kernels.dispatch``
+to the launchers and autograd Functions (CONVENTIONS.md 11):
+
+* :class:`KDConfig`: what one row needs (temperature, divergence, beta, ignore_index);
+* :class:`KDLossParams`: the whole loss (a ``KDConfig`` plus gamma, ``T**2`` scaling and the
+  normaliser), turned into a scalar by ``ddk_kernels.reduce``;
+* :class:`TeacherInputs`: the teacher side of the fused ``lm_head`` op;
+* :class:`RowKernels`: what a backend of the per-row op provides.
+
+Example:
+    >>> params = KDLossParams(KDConfig(temperature=2.0, divergence="jsd", beta=0.0), gamma=0.5, t2_scale=True)
+    >>> params.config.effective_divergence, params.config.code, params.kd_weight
+    ('forward_kl', 0, 2.0)
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
-DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES: tuple[Divergence, ...] = ("forward_kl", "reverse_kl", "jsd")
 #: integer code of each divergence in the compiled ops ``ddk::kd_fwd`` / ``kd_bwd`` and the Triton kernels.
-DIVERGENCE_CODES: dict[str, int] = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+DIVERGENCE_CODES: dict[Divergence, int] = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+#: input dtypes every backend accepts.
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -28,12 +46,12 @@ class KDConfig:
     """
 
     temperature: float = 1.0
-    divergence: str = "forward_kl"
+    divergence: Divergence = "forward_kl"
     beta: float = 0.5
     ignore_index: int = -100
 
     @property
-    def effective_divergence(self) -> str:
+    def effective_divergence(self) -> Divergence:
         """The divergence actually computed: JSD at beta 0 / 1 is forward / reverse KL."""
         if self.divergence == "jsd":
             if self.beta == 0.0:
@@ -41,6 +59,57 @@ class KDConfig:
             if self.beta == 1.0:
                 return "reverse_kl"
         return self.divergence
+
+    @property
+    def code(self) -> int:
+        """Integer code of ``effective_divergence`` in the compiled and Triton kernels."""
+        return DIVERGENCE_CODES[self.effective_divergence]
+
+
+@dataclass(frozen=True)
+class KDLossParams:
+    """Options of the whole loss: ``(sum CE + gamma * s * sum KD) / normalizer``.
+
+    Attributes:
+        config: the per-row options.
+        gamma: weight of the divergence (>= 0).
+        t2_scale: ``s = T**2`` when True, else 1.
+        normalizer: denominator of the loss; None means the number of valid tokens (at least 1).
+            A number or a 0-dim tensor (e.g. a token count summed over ranks).
+    """
+
+    config: KDConfig = KDConfig()
+    gamma: float = 0.2
+    t2_scale: bool = False
+    normalizer: float | torch.Tensor | None = None
+
+    @property
+    def kd_scale(self) -> float:
+        """``s``: ``T**2`` with ``t2_scale``, else 1."""
+        return float(self.config.temperature) ** 2 if self.t2_scale else 1.0
+
+    @property
+    def kd_weight(self) -> float:
+        """``gamma * s``, the factor of the divergence sum in the loss."""
+        return float(self.gamma) * self.kd_scale
+
+
+@dataclass(frozen=True)
+class TeacherInputs:
+    """The teacher of the fused ``lm_head`` op: ``hidden (N, Ht)`` with ``weight (Vt, Ht)``, or
+    ``logits (N, Vt)``; ``Vt >= V`` (rows or columns beyond V are never read). Never differentiated."""
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def detached(self) -> TeacherInputs:
+        """The same tensors, detached from autograd."""
+
+        def d(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach()
+
+        return TeacherInputs(d(self.hidden), d(self.weight), d(self.logits))
 
 
 @dataclass(frozen=True)
@@ -69,11 +138,39 @@ class KDLossOutput:
     domain_tokens: torch.Tensor
 
 
+RowLosses = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KDConfig], "tuple[torch.Tensor, torch.Tensor]"]
+RowForward = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, KDConfig], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
+]
+RowBackward = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, KDConfig], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class RowKernels:
+    """One backend of the per-row op ``kd_rows`` (see ``ddk_kernels.dispatch``).
+
+    Attributes:
+        row_losses: ``(student (N, V), teacher (N, V), labels (N,), config) -> (ce (N,), kd (N,))``,
+            differentiable w.r.t. ``student``; float32 results (float64 for float64 inputs), zero
+            on ignored rows; ``teacher`` may be a column slice of a wider tensor.
+        forward: the launcher without autograd: ``-> (ce, kd, stats)``; ``stats`` is whatever
+            the backend's ``backward`` needs (``(N, 4)`` float64 row statistics for the kernels).
+        backward: ``(student, teacher, labels, stats, grad_ce (N,), grad_kd (N,), config) ->
+            (N, V)`` gradient of ``sum(grad_ce * ce + grad_kd * kd)`` w.r.t. ``student``, in its dtype.
+    """
+
+    row_losses: RowLosses
+    forward: RowForward
+    backward: RowBackward
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the KD math for inputs of ``dtype``: float64 for float64, else float32."""
+    """Accumulation dtype of the KD math for inputs of ``dtype``: float64 for float64, else float32.
+
+    Example:
+        >>> acc_dtype(torch.bfloat16), acc_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def divergence_code(config: KDConfig) -> int:
-    """Integer code of ``config.effective_divergence`` (JSD at beta 0 / 1 is forward / reverse KL)."""
-    return DIVERGENCE_CODES[config.effective_divergence]

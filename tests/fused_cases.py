@@ -1,4 +1,4 @@
-"""Shared inputs and oracle of the fused lm_head + KD loss tests (chunked and Triton backends).
+"""Shared inputs and oracle of the fused lm_head + KD loss tests (every backend and strategy).
 
 The oracle materialises the float64 logits ``zS = h W^T (+ b)`` and ``zT = h_T W_T[:V]^T`` (or
 the given teacher logits) and differentiates ``ddk_kernels.reference.kd_loss_reference`` with

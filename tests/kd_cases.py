@@ -1,15 +1,31 @@
-"""Shared inputs and error-relative checks for every KD-loss backend test.
+"""Shared inputs, backends and error-relative checks of every KD-loss backend test.
 
 Rule (CONVENTIONS.md 4): ``err(fast) <= k * err(oracle run in the same low precision) + atol``,
 with errors measured against the float64 oracle; k = 2 for values, 3 for gradients.
+:func:`check_row_losses` applies it to one ``row_losses`` of the op ``kd_rows`` (every backend's
+suite in tests/ddk_kernels/test_kd_rows.py, plus backend-specific tile options).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from ddk_kernels.dispatch import Op, available_backends
 from ddk_kernels.reference import kd_logits_grad_reference, kd_row_losses_reference
 from ddk_kernels.types import KDConfig
+
+#: where the backends run in the tests: the GPU when there is one (Triton compiles there).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+#: unit roundoff of the accumulation dtype of each input dtype.
+EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-24, torch.float16: 2.0**-24}
+
+
+def runnable_backends(op: Op, device: torch.device | str = DEVICE) -> list[str]:
+    """The backends of ``op`` that run on ``device`` here (Triton on CPU: under TRITON_INTERPRET=1)."""
+    return [name for name, reason in available_backends(device, op).items() if not reason]
 
 # (divergence, beta) pairs covering all three divergences and the JSD end points.
 DIVERGENCE_CASES: list[tuple[str, float]] = [
@@ -92,3 +108,67 @@ def assert_close_error_relative(
         f"{what}: error {err_fast:.3e} exceeds bound {bound:.3e} "
         f"(naive low-precision error {err_naive:.3e}, scale {scale:.3e})"
     )
+
+
+def upstream(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 upstream gradients ``(grad_ce, grad_kd)`` of ``n`` rows, not all 1 (some negative)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g, dtype=torch.float64) * 2 - 0.5, torch.rand(n, generator=g, dtype=torch.float64) * 3
+
+
+def naive_low(zs, zt, labels, cfg: KDConfig, gce, gkd):  # type: ignore[no-untyped-def]
+    """The oracle run in the input's own precision: ``(ce, kd, d zS)``; None for float64 (where
+    only the absolute tolerance applies)."""
+    if zs.dtype == torch.float64:
+        return None, None, None
+    z = zs.detach().clone().requires_grad_(True)
+    ce, kd = kd_row_losses_reference(z, zt[:, : zs.shape[1]], labels, cfg, compute_dtype=zs.dtype)
+    (ce * gce.to(ce.dtype) + kd * gkd.to(ce.dtype)).sum().backward()
+    return ce.detach(), kd.detach(), z.grad
+
+
+def tolerances(zs, cfg: KDConfig, gce, gkd) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """atol of values and gradients: the rounding of ``|lse|``-sized numbers in the accumulation dtype.
+
+    The statistics are float64 and split into hi + lo in backward, so this bound (``ulp(|lse|)``
+    relative error in ``q``, times the upstream scale) is loose for them; it still bounds the
+    rounding of ``s = zS/T`` and of the float32 sums (tests/ddk_kernels/test_stats_precision.py
+    pins the tighter behaviour).
+    """
+    eps = EPS[zs.dtype]
+    lse = float(zs.double().abs().max()) / cfg.temperature + 12.0
+    g = float(gce.abs().max()) + float(gkd.abs().max()) / cfg.temperature
+    return 16 * eps * lse, 32 * eps * lse * g
+
+
+RowLosses = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def check_row_losses(row_losses: RowLosses, zs, zt, labels, cfg: KDConfig, seed: int = 1) -> None:  # type: ignore[no-untyped-def]
+    """Run ``row_losses`` (on :data:`DEVICE`) and check ce, kd and the gradient for random upstream
+    gradients against the float64 oracle (k = 2 / k = 3), plus zeros on ignored rows.
+
+    ``zt`` may be wider than ``zs``: the backend gets its first V columns as a view (row stride
+    larger than V), as ``ddk.kd_loss`` passes them.
+    """
+    n, v = zs.shape
+    zt_device = zt.to(DEVICE)[:, :v]
+    zt = zt[:, :v]
+    gce, gkd = upstream(n, seed)
+    z = zs.detach().to(DEVICE).clone().requires_grad_(True)
+    ce, kd = row_losses(z, zt_device, labels.to(DEVICE), cfg)
+    acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
+    assert ce.dtype == acc and kd.dtype == acc and ce.shape == (n,) and kd.shape == (n,)
+    (ce * gce.to(DEVICE, acc) + kd * gkd.to(DEVICE, acc)).sum().backward()
+    assert z.grad is not None and z.grad.dtype == zs.dtype and z.grad.shape == (n, v)
+    ce, kd, grad = ce.detach().cpu(), kd.detach().cpu(), z.grad.cpu()
+    oce, okd = oracle_rows(zs, zt, labels, cfg)
+    og = oracle_grad(zs, zt, labels, gce, gkd, cfg)
+    nce, nkd, ng = naive_low(zs, zt, labels, cfg, gce, gkd)
+    atol_v, atol_g = tolerances(zs, cfg, gce, gkd)
+    assert_close_error_relative(ce, oce, nce, k=2, atol=atol_v, what="ce")
+    assert_close_error_relative(kd, okd, nkd, k=2, atol=atol_v, what="kd")
+    assert_close_error_relative(grad, og, ng, k=3, atol=atol_g, what="grad")
+    ignored = labels == cfg.ignore_index
+    assert bool((ce[ignored] == 0).all()) and bool((kd[ignored] == 0).all())
+    assert bool((grad[ignored] == 0).all())

@@ -6,12 +6,12 @@
    Qwen-style models are) for reference (naive torch), chunked, triton and cpp (CUDA), with the
    peak extra memory of each, against the memory-bandwidth floor: ``3 * N * V * 2`` bytes (read
    both logits, write the gradient) over the measured device-to-device copy rate.
-3. Fused lm_head + KD (``ddk.losses.fused.fused_linear_kd_loss``): checks the ``chunked`` and
-   ``triton`` backends against the float64 oracle (materialised logits, ``kd_loss_reference`` and
+3. Fused lm_head + KD (``ddk.losses.fused.fused_linear_kd_loss``): checks the ``chunked``
+   backend (its strategies) against the float64 oracle (materialised logits, ``kd_loss_reference`` and
    autograd) on 3 small shapes (bf16 and float32; loss and the gradients of hidden, weight and
    bias; ``err(fused) <= 3 * err(naive, same dtype) + 2e-5 * max|oracle|``), then times forward +
    backward at N=8192, Hs=Ht=2048, V=151936 bf16 (teacher as hidden + weight, weight padded to
-   152064 rows) for naive (both logits materialised; "OOM" if it does not fit), chunked, triton
+   152064 rows) for naive (both logits materialised; "OOM" if it does not fit), chunked
    and Liger's ``LigerFusedLinearJSDLoss`` (same loss; "not installed" without ``liger_kernel``),
    with peak memory above the inputs and the FLOP floor ``2 * N * V * (Ht + 3 * Hs)`` over the
    bf16 matmul rate measured in the same run. Each backend is first probed at ``--fused-probe-n``
@@ -52,9 +52,9 @@ from ddk_kernels.types import KDConfig  # noqa: E402
 
 BACKENDS_TIMED: tuple[str, ...] = ("reference", "chunked", "triton", "cpp")
 BACKENDS_CHECKED: tuple[str, ...] = ("triton", "cpp", "chunked")
-FUSED_TIMED: tuple[str, ...] = ("naive", "chunked", "triton", "liger")
+FUSED_TIMED: tuple[str, ...] = ("naive", "chunked", "liger")
 # "chunked" is the gemm strategy on CUDA; "@40": a workspace of 40 token rows, several chunks
-FUSED_CHECKED: tuple[str, ...] = ("chunked", "chunked:gemm@40", "chunked:token_chunks", "triton")
+FUSED_CHECKED: tuple[str, ...] = ("chunked", "chunked:gemm@40", "chunked:token_chunks")
 FUSED_K = 3.0  # err(fused) <= FUSED_K * err(naive) + FUSED_REL_ATOL * max|oracle|
 FUSED_REL_ATOL = 2e-5
 
@@ -282,8 +282,10 @@ def measure_copy_rate(nbytes: int = 1 << 31, reps: int = 10) -> float:
 
 def resolve_fn(name: str) -> tuple[Callable | None, str]:
     """``(row_losses, "")`` of backend ``name`` on CUDA, else ``(None, reason)``."""
-    fn, reason = dispatch._probe(name, torch.device("cuda"))
-    return fn, reason
+    try:
+        return dispatch.resolve("kd_rows", name, "cuda").row_losses, ""
+    except (RuntimeError, ValueError) as exc:
+        return None, str(exc)
 
 
 def _inputs(n: int, v: int, dtype: torch.dtype, seed: int, teacher_extra: int, masked: float = 0.2):
@@ -509,7 +511,7 @@ def make_fused_step(name: str, opts: dict) -> tuple[Callable | None, str]:
     forward + backward of variant ``name``; ``(None, reason)`` where it cannot run.
 
     ``naive``: both logits materialised in the input dtype, ``kd_loss_reference`` (float32 math),
-    autograd. ``chunked`` / ``triton``: ``fused_linear_kd_loss(backend=name)``. ``liger``:
+    autograd. ``chunked`` / ``reference``: ``fused_linear_kd_loss(backend=name)``. ``liger``:
     ``LigerFusedLinearJSDLoss(weight_hard_loss=1, weight_soft_loss=gamma, beta=liger_beta(...))``
     (the same loss: CE at T=1 plus gamma times the divergence at T, over valid tokens).
     """
@@ -523,7 +525,7 @@ def make_fused_step(name: str, opts: dict) -> tuple[Callable | None, str]:
                 zt = x["th"] @ x["tw"][:v].T
             return kd_loss_reference(zs, zt, x["labels"], **opts).loss
 
-    elif name.split(":")[0] in ("chunked", "triton", "reference"):
+    elif name.split(":")[0] in ("chunked", "reference"):
         from ddk.losses.fused import fused_linear_kd_loss
 
         backend, _, rest = name.partition(":")
@@ -579,7 +581,7 @@ def check_fused(
     available: dict[str, str] = {}
     for name in names:
         try:
-            dispatch.resolve_fused_backend(name.split(":")[0], dev)
+            dispatch.resolve_backend(name.split(":")[0], dev, op="fused_linear_kd")
             available[name] = ""
         except (RuntimeError, ValueError) as exc:
             available[name] = str(exc).splitlines()[0][:160]

@@ -13,8 +13,8 @@
 #   KD_BENCH_ARGS="--fused-only" bash bench/gpu/run.sh   # only the fused lm_head + KD part
 #   DDK_WHEELS=.whl bash bench/gpu/run.sh    # also install the wheels there (default .whl, if present)
 #
-# kd_bench.py also checks and times the fused lm_head + KD loss (fused_linear_kd_loss, backends
-# chunked and triton, vs naive and Liger's LigerFusedLinearJSDLoss). liger_kernel is not in the
+# kd_bench.py also checks and times the fused lm_head + KD loss (fused_linear_kd_loss, backend
+# chunked, vs naive and Liger's LigerFusedLinearJSDLoss). liger_kernel is not in the
 # device image: to compare against it, put its wheel (pure Python, py3-none-any) in .whl/ here and
 # carry .whl; it is installed with --no-index --no-deps into a temporary folder on PYTHONPATH.
 #
@@ -95,8 +95,8 @@ if [ "${DDK_GPU_PYTEST:-0}" = "1" ]; then
   say "pytest of the Triton and CUDA tests on the GPU (at most ${DDK_GPU_PYTEST_S:-150} s)"
   # -v and the whole log under $OUT: a crash (segfault) shows which test was running
   timeout "${DDK_GPU_PYTEST_S:-150}" "$PY" -m pytest -v -p no:cacheprovider --timeout=60 \
-    tests/ddk_kernels/test_triton.py tests/ddk_kernels/test_fused_triton.py tests/ddk_kernels/test_cpp.py \
-    tests/ddk_kernels/test_fused_chunked.py 2>&1 | tee "${OUT:-/tmp}/pytest_gpu.txt" | grep -v " PASSED" | tail -n 40
+    tests/ddk_kernels/test_kd_rows.py tests/ddk_kernels/test_triton.py tests/ddk_kernels/test_cpp.py \
+    tests/ddk_kernels/test_fused_linear_kd.py 2>&1 | tee "${OUT:-/tmp}/pytest_gpu.txt" | grep -v " PASSED" | tail -n 40
 fi
 
 if [ "${DDK_GPU_DISTILL:-0}" = "1" ]; then

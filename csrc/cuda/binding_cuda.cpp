@@ -7,11 +7,10 @@
 //               Tensor grad_kd, float temperature, int divergence, float beta, int ignore_index)
 //               -> Tensor
 //
-// divergence: 0 forward KL, 1 reverse KL, 2 JSD (beta 0 / 1 run as forward / reverse KL).
+// Inputs are checked by csrc/kd_checks.h, as in the CPU binding (the rules of the Python boundary).
 // ce, kd (N,) are float32 (float64 for float64 students); stats (N, 4) = [lse(zS/T), lse(zT/T),
 // lse(zS), extra] are float64 (see kd_loss_cuda.cuh); the gradient (N, V) has the student's
-// dtype. The teacher may be wider than the student (a column slice, or padded rows): only its
-// first V columns are read, in place through its row stride.
+// dtype.
 #ifdef DDK_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -21,12 +20,10 @@
 
 #include <tuple>
 
+#include "../kd_checks.h"
 #include "kd_loss_cuda.cuh"
 
 namespace {
-
-// A view with a contiguous last dimension (any row stride), copying only when needed.
-at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -37,37 +34,23 @@ struct Inputs {
 
 Inputs check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                     double temperature, int64_t divergence, double beta, int64_t ignore_index) {
+  const ddk::KDOptions o = ddk::check_options(op, temperature, divergence, beta, ignore_index);
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && labels.is_cuda(), op,
               ": student, teacher and labels must be CUDA tensors");
-  TORCH_CHECK(student.device() == teacher.device() && student.device() == labels.device(), op,
-              ": student, teacher and labels must be on the same device");
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, op, ": logits must be 2-D (N, V); got ", student.sizes(),
-              " and ", teacher.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0), op, ": labels must be (N,) with N = ",
-              student.size(0), "; got ", labels.sizes());
-  TORCH_CHECK(teacher.size(0) == student.size(0) && teacher.size(1) >= student.size(1), op,
-              ": teacher must be (N, Vt) with Vt >= V; got ", teacher.sizes(), " for student ", student.sizes());
-  const auto st = student.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op,
-              ": logits must be float32, float16, bfloat16 or float64; got ", st);
-  TORCH_CHECK(divergence >= 0 && divergence <= 2, op, ": divergence must be 0, 1 or 2; got ", divergence);
-  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0; got ", temperature);
-  TORCH_CHECK(divergence != 2 || (beta >= 0.0 && beta <= 1.0), op, ": beta must be in [0, 1]; got ", beta);
-  TORCH_CHECK(student.size(1) >= 1 || student.size(0) == 0, op, ": vocabulary must not be empty");
-  Inputs in;
-  in.student = rows_contiguous(student);
-  // One input type per kernel: a teacher of another dtype is converted (a copy).
-  in.teacher = rows_contiguous(teacher.scalar_type() == st ? teacher : teacher.to(st));
-  in.labels = labels.to(at::kLong).contiguous();
-  in.args.n = student.size(0);
-  in.args.v = student.size(1);
-  in.args.stride_s = in.student.stride(0);
-  in.args.stride_t = in.teacher.stride(0);
-  in.args.temperature = temperature;
-  in.args.divergence = static_cast<int>(divergence);
-  in.args.beta = beta;
-  in.args.ignore_index = ignore_index;
-  return in;
+  const ddk::KDInputs in = ddk::check_logits(op, student, teacher, labels);
+  Inputs out;
+  out.student = in.student;
+  out.teacher = in.teacher;
+  out.labels = in.labels;
+  out.args.n = in.n;
+  out.args.v = in.v;
+  out.args.stride_s = in.student.stride(0);
+  out.args.stride_t = in.teacher.stride(0);
+  out.args.temperature = o.temperature;
+  out.args.divergence = o.kind;
+  out.args.beta = o.beta;
+  out.args.ignore_index = o.ignore_index;
+  return out;
 }
 
 template <typename scalar_t, typename torch_t>
@@ -121,10 +104,7 @@ at::Tensor kd_bwd_cuda(const at::Tensor& student, const at::Tensor& teacher, con
                        double temperature, int64_t divergence, double beta, int64_t ignore_index) {
   Inputs in = check_inputs("ddk::kd_bwd", student, teacher, labels, temperature, divergence, beta, ignore_index);
   const int64_t n = in.args.n;
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 4,
-              "ddk::kd_bwd: stats must be (N, 4) from ddk::kd_fwd; got ", stats.sizes());
-  TORCH_CHECK(grad_ce.numel() == n && grad_kd.numel() == n, "ddk::kd_bwd: grad_ce and grad_kd must have N = ", n,
-              " elements; got ", grad_ce.numel(), " and ", grad_kd.numel());
+  ddk::check_backward("ddk::kd_bwd", stats, grad_ce, grad_kd, n);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_type(student.scalar_type());
   const at::Tensor st = stats.to(at::kDouble).contiguous();

@@ -3,7 +3,8 @@ transformers helper ``causal_lm_kd_loss``.
 
 The loss is the one of ``ddk.kd_loss`` on the logits ``zS = h W^T (+ b)`` and
 ``zT = h_T W_T[:V]^T`` (or given teacher logits), computed without ever allocating an ``(N, V)``
-tensor (backends ``"chunked"`` and ``"triton"``; ``"reference"`` materialises, for tests).
+tensor (backend ``"chunked"``; ``"reference"`` materialises, for tests), both resolved by
+``ddk_kernels.dispatch``.
 Inputs follow the batch convention of :func:`ddk.losses.kd.flatten_for_loss`: rows ``(N, H)`` or
 batches ``(B, L, H)`` with ``(B, L)`` labels, optionally shifted inside (``shift=True``).
 
@@ -24,31 +25,54 @@ import torch
 from torch import nn
 
 from ddk.losses.kd import (
-    _FLOAT_DTYPES,
     KDLossConfigModule,
-    _autocast_dtype,
-    _autocast_off,
-    _flatten_labels_domains,
-    _got,
-    _shape,
+    autocast_dtype,
+    autocast_off,
     flatten_for_loss,
+    flatten_labels_domains,
     kd_loss,
     validate_kd_options,
     validate_labels_domains,
 )
-from ddk_kernels.dispatch import FUSED_BACKENDS, resolve_fused_backend
-from ddk_kernels.reduce import domain_sums
-from ddk_kernels.types import KDConfig, KDLossOutput, acc_dtype
+from ddk_kernels.dispatch import resolve
+from ddk_kernels.fused_plan import STRATEGIES, FusedOptions
+from ddk_kernels.reduce import kd_output
+from ddk_kernels.types import FLOAT_DTYPES, KDConfig, KDLossOutput, KDLossParams, TeacherInputs
 
 __all__ = [
-    "FUSED_BACKENDS",
-    "resolve_fused_backend",
     "fused_linear_kd_loss",
     "FusedLinearKDLoss",
     "causal_lm_kd_loss",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names of the fused backends (dispatch now holds one table for every op)."""
+    import warnings
+
+    from ddk_kernels import dispatch
+
+    if name == "FUSED_BACKENDS":
+        warnings.warn("ddk.losses.fused.FUSED_BACKENDS is deprecated; use ddk_kernels.dispatch.TABLE['fused_linear_kd']",
+                      DeprecationWarning, stacklevel=2)
+        return ("auto", *dispatch.TABLE["fused_linear_kd"])
+    if name == "resolve_fused_backend":
+        warnings.warn("ddk.losses.fused.resolve_fused_backend is deprecated; use "
+                      "ddk_kernels.dispatch.resolve_backend(backend, device, op='fused_linear_kd')",
+                      DeprecationWarning, stacklevel=2)
+        return lambda backend, device: dispatch.resolve_backend(backend, device, op="fused_linear_kd")
+    raise AttributeError(f"module 'ddk.losses.fused' has no attribute {name!r}")
+
 _FN = "fused_linear_kd_loss"
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _got(t: Any) -> str:
+    """The shape of a tensor, else the type name of what was passed instead."""
+    return _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_2d(name: str, t: Any, allow_none: bool = False) -> None:
@@ -56,7 +80,7 @@ def _check_2d(name: str, t: Any, allow_none: bool = False) -> None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{_FN}: {name} must be a torch.Tensor; got {type(t).__name__}.")
-    if t.dim() != 2 or t.dtype not in _FLOAT_DTYPES:
+    if t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{_FN}: {name} must be a 2-D float tensor; got shape {_shape(t)} and dtype {t.dtype}.")
 
 
@@ -139,32 +163,6 @@ def _validate(
     return n, vocab
 
 
-def _reference_rows(
-    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_logits,
-    labels, config, gamma, kd_scale, normalizer,
-):  # type: ignore[no-untyped-def]
-    """The naive path (materialises both ``(N, V)`` logits): oracle math with autograd."""
-    from ddk_kernels.reference import kd_row_losses_reference
-
-    vocab = student_weight.shape[0]
-    cd = acc_dtype(student_hidden.dtype)
-    zs = student_hidden @ student_weight.T
-    if student_bias is not None:
-        zs = zs + student_bias
-    if teacher_logits is not None:
-        zt = teacher_logits[:, :vocab].detach()
-    else:
-        zt = (teacher_hidden.detach() @ teacher_weight[:vocab].detach().T)
-    ce, kd = kd_row_losses_reference(zs, zt, labels, config, cd)
-    valid = labels != config.ignore_index
-    if normalizer is None:
-        norm = valid.sum().clamp(min=1).to(cd)
-    else:
-        norm = torch.as_tensor(normalizer, device=ce.device).detach().to(cd)
-    loss = (ce.sum() + (gamma * kd_scale) * kd.sum()) / norm
-    return loss, ce.detach(), kd.detach()
-
-
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -213,14 +211,21 @@ def fused_linear_kd_loss(
             token; with ``shift=True`` the domain of the label token counts), int64/int32 in
             ``[0, num_domains)``; None puts every token in domain 0.
         num_domains: D, required with ``domain_ids``.
-        gamma, temperature, divergence, beta, ignore_index, t2_scale, normalizer: as ``ddk.kd_loss``.
-        backend: ``"auto"``, ``"chunked"`` (pure torch), ``"triton"`` (GPU; CPU only under
-            ``TRITON_INTERPRET=1``) or ``"reference"`` (materialises the logits; for tests).
+        gamma: weight of the divergence (paper default 0.2), as in ``ddk.kd_loss``.
+        temperature: T of the divergence (paper default 1.0; the CE uses T = 1), as in ``ddk.kd_loss``.
+        divergence: ``"forward_kl"`` (KL(p_T || p_S), the default), ``"reverse_kl"`` or ``"jsd"``.
+        beta: JSD weight in ``[0, 1]``, as in ``ddk.kd_loss``.
+        ignore_index: label of tokens that contribute nothing.
+        t2_scale: multiply the divergence by ``T**2`` in the loss.
+        normalizer: denominator of the loss instead of the valid-token count, as in ``ddk.kd_loss``.
+        backend: ``"auto"``, ``"chunked"`` (pure torch) or ``"reference"`` (materialises the
+            logits; for tests). ``"cpp"`` and ``"triton"`` are backends of ``ddk.kd_loss`` only
+            (the ``gemm`` strategy uses them for its rows) and raise here.
         strategy: ``"auto"``, ``"recompute"`` (vocabulary tiles, recomputed in backward sweeps;
             least memory), ``"token_chunks"`` (one ``(chunk, V)`` slice per token chunk,
             computed once; faster) or ``"gemm"`` (per token chunk: logits by one matmul in the
             input dtype, the per-row kernels of ``kd_loss``, two gradient matmuls; the default
-            on CUDA, where it runs on the tensor cores). See ``ddk_kernels.fused_chunked``.
+            on CUDA, where it runs on the tensor cores). See ``ddk_kernels.fused_plan``.
         workspace_bytes: scratch budget of the tiles (default: available memory / 16, clamped to
             [32 MiB, 256 MiB]).
         check_inputs: check label and domain-id ranges (one min/max reduction each, one host sync).
@@ -251,7 +256,7 @@ def fused_linear_kd_loss(
     """
     if not isinstance(student_hidden, torch.Tensor):
         raise TypeError(f"{_FN}: student_hidden must be a torch.Tensor; got {type(student_hidden).__name__}.")
-    if student_hidden.dim() not in (2, 3) or student_hidden.dtype not in _FLOAT_DTYPES:
+    if student_hidden.dim() not in (2, 3) or student_hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{_FN}: student_hidden must be a 2-D (N, Hs) or 3-D (B, L, Hs) float tensor; "
             f"got shape {_shape(student_hidden)} and dtype {student_hidden.dtype}."
@@ -260,7 +265,7 @@ def fused_linear_kd_loss(
         (student_hidden, teacher_hidden, teacher_logits), labels, domain_ids, shift=shift,
         ignore_index=ignore_index, names=("student_hidden", "teacher_hidden", "teacher_logits"), fn=_FN,
     )
-    amp = _autocast_dtype(student_hidden.device)
+    amp = autocast_dtype(student_hidden.device)
     if amp is not None:  # the lm_head matmuls in the autocast dtype, as F.linear would run them
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight = (
             _to_autocast(t, amp) for t in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight)
@@ -270,8 +275,6 @@ def fused_linear_kd_loss(
         _FN, gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
         num_domains=num_domains, normalizer=normalizer,
     )
-    from ddk_kernels.fused_chunked import STRATEGIES
-
     if strategy not in STRATEGIES:
         raise ValueError(f"{_FN}: strategy must be one of {STRATEGIES}; got {strategy!r}.")
     if workspace_bytes is not None and (
@@ -284,47 +287,23 @@ def fused_linear_kd_loss(
     d = validate_labels_domains(_FN, n, vocab, labels, domain_ids, num_domains, ignore_index, dev, check_inputs)
     labels = labels.long()
     config = KDConfig(temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index)
-    kd_scale = float(temperature) ** 2 if t2_scale else 1.0
-    name = resolve_fused_backend(backend, dev)
+    params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
+    fused = resolve("fused_linear_kd", backend, dev)
     if teacher_weight is not None:
         teacher_weight = teacher_weight[:vocab]
     if teacher_logits is not None:  # a view: the backends copy only the V columns they read
         teacher_logits = teacher_logits[:, :vocab]
     if not torch.is_grad_enabled():
-        # The chunked and Triton paths compute the gradients in the forward pass whenever an input
-        # requires grad; under no_grad (evaluation) nobody can use them, so skip (V, Hs) of work.
+        # The chunked path computes the gradients in the forward pass whenever an input requires
+        # grad; under no_grad (evaluation) nobody can use them, so skip (V, Hs) of work.
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
         student_bias = None if student_bias is None else student_bias.detach()
-    args = (student_hidden, student_weight, labels, config)
-    kwargs: dict[str, Any] = dict(
-        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-        student_bias=student_bias, gamma=float(gamma), kd_scale=kd_scale, normalizer=normalizer,
-    )
-    with _autocast_off(dev):
-        if name == "reference":
-            loss, ce, kd = _reference_rows(
-                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_logits,
-                labels, config, float(gamma), kd_scale, normalizer,
-            )
-        elif name == "triton":
-            from ddk_kernels.triton.fused_linear_kd import fused_linear_kd as triton_fused
-
-            loss, ce, kd = triton_fused(*args, **kwargs)
-        else:
-            from ddk_kernels.fused_chunked import fused_linear_kd as chunked_fused
-
-            loss, ce, kd = chunked_fused(*args, strategy=strategy, workspace_bytes=workspace_bytes, **kwargs)
-        valid = labels != ignore_index
-        d_ce, d_kd, d_tok = domain_sums(ce, kd, valid, domain_ids, d)
-    return KDLossOutput(
-        loss=loss,
-        ce_sum=ce.sum(),
-        kd_sum=kd.sum(),
-        num_tokens=valid.sum(),
-        domain_ce_sum=d_ce,
-        domain_kd_sum=d_kd,
-        domain_tokens=d_tok,
-    )
+    teacher = TeacherInputs(teacher_hidden, teacher_weight, teacher_logits)
+    options = FusedOptions(strategy=strategy, workspace_bytes=workspace_bytes)
+    with autocast_off(dev):
+        loss, ce, kd = fused(student_hidden, student_weight, labels, teacher, params, student_bias=student_bias,
+                             options=options)
+        return kd_output(loss, ce, kd, labels != ignore_index, domain_ids, d)
 
 
 class FusedLinearKDLoss(KDLossConfigModule):
@@ -599,7 +578,7 @@ def causal_lm_kd_loss(
     # The convention of every loss (flatten_for_loss), checked here once under this function's name
     # and before any model runs; the loss below repeats the shape checks (no host sync) but not
     # the range checks.
-    flat_labels, flat_domains = _flatten_labels_domains(
+    flat_labels, flat_domains = flatten_labels_domains(
         labels, domain_ids, (b, seq), shift=True, ignore_index=ignore_index, fn=fn
     )
     check = opts.pop("check_inputs", None)
@@ -623,12 +602,12 @@ def causal_lm_kd_loss(
             _check_teacher_vocab(s_weight.shape[0], t_weight.shape[0])
         validate(s_weight.shape[0])
         hs = _decoder_hidden(student_model, input_ids, attention_mask)
-        if _autocast_dtype(hs.device) is None and s_weight.dtype != hs.dtype:
+        if autocast_dtype(hs.device) is None and s_weight.dtype != hs.dtype:
             hs = hs.to(s_weight.dtype)  # (under autocast fused_linear_kd_loss casts both to its dtype)
         if teacher_model is not None:
             with torch.no_grad():
                 ht = _decoder_hidden(teacher_model, input_ids, attention_mask)
-            if _autocast_dtype(ht.device) is None and t_weight.dtype != ht.dtype:
+            if autocast_dtype(ht.device) is None and t_weight.dtype != ht.dtype:
                 ht = ht.to(t_weight.dtype)
         else:
             # No teacher: the fused kernels need one, so the student's own detached hidden states

@@ -11,11 +11,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ddk_kernels.dispatch import get_row_losses
+from ddk_kernels.dispatch import resolve
 from ddk_kernels.reduce import reduce_kd_rows
-from ddk_kernels.types import DIVERGENCES, KDConfig, KDLossOutput
+from ddk_kernels.types import DIVERGENCES, FLOAT_DTYPES, KDConfig, KDLossOutput, KDLossParams
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = FLOAT_DTYPES
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -31,14 +31,14 @@ _LABELS_SHAPES = "labels must be (N,), or (B, L) with 3-D inputs"
 _DOMAIN_SHAPES = "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs"
 
 
-def _flatten_labels_domains(
+def flatten_labels_domains(
     labels: torch.Tensor,
     domain_ids: torch.Tensor | None,
     batch_shape: tuple[int, int],
     *,
     shift: bool = False,
     ignore_index: int = -100,
-    fn: str = "_flatten_labels_domains",
+    fn: str = "flatten_labels_domains",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The label half of :func:`flatten_for_loss`: ``(B, L)`` labels and domain ids to ``(B * L,)`` rows.
 
@@ -61,8 +61,8 @@ def _flatten_labels_domains(
 
     Example:
         >>> import torch
-        >>> from ddk.losses.kd import _flatten_labels_domains
-        >>> y, d = _flatten_labels_domains(torch.tensor([[5, 6, 7]]), torch.tensor([2]), (1, 3), shift=True)
+        >>> from ddk.losses.kd import flatten_labels_domains
+        >>> y, d = flatten_labels_domains(torch.tensor([[5, 6, 7]]), torch.tensor([2]), (1, 3), shift=True)
         >>> y.tolist(), d.tolist()
         ([6, 7, -100], [2, 2, 2])
     """
@@ -147,14 +147,14 @@ def flatten_for_loss(
             raise ValueError(
                 f"{fn}: {name} must be 3-D (B, L, ...) like {names[0]}; got {_shape(t)} with (B, L)=({b}, {seq})."
             )
-    labels, domain_ids = _flatten_labels_domains(
+    labels, domain_ids = flatten_labels_domains(
         labels, domain_ids, (b, seq), shift=shift, ignore_index=ignore_index, fn=fn
     )
     rows = tuple(t.reshape(b * seq, t.shape[2]) if isinstance(t, torch.Tensor) else t for t in inputs)
     return rows, labels, domain_ids
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype ``torch.autocast`` casts matmul inputs to on ``device``, None when it is off there."""
     try:
         if torch.is_autocast_enabled(device.type):
@@ -165,9 +165,9 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def _autocast_off(device: torch.device) -> Iterator[None]:
+def autocast_off(device: torch.device) -> Iterator[None]:
     """Disable autocast on ``device`` inside the loss: its kernels choose their own precision."""
-    if _autocast_dtype(device) is None:
+    if autocast_dtype(device) is None:
         yield
         return
     with torch.autocast(device_type=device.type, enabled=False):
@@ -195,9 +195,35 @@ def validate_kd_options(
         raise ValueError(f"{fn}: beta must be in [0, 1]; got {beta!r}.")
     if num_domains is not None and (not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1):
         raise ValueError(f"{fn}: num_domains must be an int >= 1; got {num_domains!r}.")
-    if normalizer is not None and not isinstance(normalizer, torch.Tensor):
-        if not (isinstance(normalizer, (int, float)) and normalizer > 0):
-            raise ValueError(f"{fn}: normalizer must be > 0 (e.g. the token count of the whole accumulated batch); got {normalizer!r}.")
+    if normalizer is not None:
+        validate_normalizer(fn, normalizer)
+
+
+def validate_normalizer(fn: str, normalizer: float | torch.Tensor) -> None:
+    """``normalizer`` must be one finite number > 0: a Python number, or a one-element tensor.
+
+    A tensor's shape is always checked; its value only on the CPU (reading a CUDA tensor's value
+    would be a host sync on the hot path; there a bad value gives an inf/NaN loss, which
+    ``NonFiniteGuard`` reports).
+    """
+    hint = "(e.g. the token count of the whole accumulated batch)"
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or normalizer.dim() > 1:
+            raise ValueError(f"{fn}: normalizer must be a scalar {hint}; got a tensor of shape {tuple(normalizer.shape)}.")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"{fn}: normalizer must be a real number {hint}; got dtype {normalizer.dtype}.")
+        if normalizer.device.type != "cpu":
+            return
+        value: float = float(normalizer.detach().reshape(()))
+        shown: object = value
+    elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
+        value, shown = float(normalizer), normalizer
+    else:
+        raise TypeError(f"{fn}: normalizer must be a number or a one-element tensor {hint}; got {type(normalizer).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: normalizer must be finite {hint}; got {shown!r}.")
+    if not value > 0:
+        raise ValueError(f"{fn}: normalizer must be > 0 {hint}; got {shown!r}.")
 
 
 def validate_labels_domains(
@@ -386,24 +412,16 @@ def kd_loss(
     )
     labels = labels.long()
     config = KDConfig(temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index)
-    row_losses = get_row_losses(backend, student_logits.device)
+    params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
+    rows = resolve("kd_rows", backend, student_logits.device)
     teacher = teacher_logits[:, :vocab].detach()
     if teacher.stride(-1) != 1:
         teacher = teacher.contiguous()
     if student_logits.stride(-1) != 1:
         student_logits = student_logits.contiguous()
-    with _autocast_off(student_logits.device):
-        ce, kd = row_losses(student_logits, teacher, labels, config)
-        return reduce_kd_rows(
-            ce,
-            kd,
-            labels != ignore_index,
-            domain_ids,
-            d,
-            float(gamma),
-            float(temperature) ** 2 if t2_scale else 1.0,
-            normalizer,
-        )
+    with autocast_off(student_logits.device):
+        ce, kd = rows.row_losses(student_logits, teacher, labels, config)
+        return reduce_kd_rows(ce, kd, labels != ignore_index, domain_ids, d, params)
 
 
 class KDLossConfigModule(nn.Module):

@@ -15,12 +15,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from ddk_kernels.dispatch import available_backends, resolve_backend
+    from ddk_kernels.dispatch import backend_report
 
     for device in ["cpu"] + (["cuda"] if _cuda() else []):
-        print(f"{device}: auto -> {resolve_backend('auto', device)}")
-        for name, reason in available_backends(device).items():
-            print(f"  {name:<10} {'available' if not reason else 'unavailable: ' + reason}")
+        print(backend_report(device))
     return 0
 
 
@@ -110,8 +108,12 @@ FSDP2. --batch-size is the global batch (a multiple of R): each rank trains on i
 same global batch and the result matches one process with the same --batch-size up to float
 summation order. Only rank 0 writes the run folder; --debug-checks (or DDK_DEBUG=1) checks at
 each DDK interval that every rank holds the same domain weights and student parameters.
-Checkpoints: checkpoint-<step>.pt every --checkpoint-every steps, the newest --keep-checkpoints
-kept; --resume (the default) continues from the newest."""
+Checkpoints: checkpoint-<step>/ (safetensors + JSON, SHA-256 manifest) every --checkpoint-every
+steps, the newest --keep-checkpoints kept; --resume (the default) continues from the newest valid
+one (a torn or corrupted one is passed over with a warning); --no-resume moves the old run's files
+into replaced-<time>/. One `ddk distill` per --out at a time (an advisory lock).
+Preemption: SIGTERM or SIGINT (Ctrl-C) finish the current step, write a checkpoint and exit with
+status 75; rerun the same command to resume (a second signal stops at once)."""
 
 
 def _cuda() -> bool:
@@ -170,12 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ddk.recipes.preempt import EXIT_PREEMPTED, Preempted
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except ValueError as e:  # bad options or inputs: the message says what to fix
         print(f"ddk {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is written; the same command resumes
+        print(f"ddk {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

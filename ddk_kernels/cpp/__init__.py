@@ -5,7 +5,8 @@ backend reports itself unavailable with the reason instead of failing at import.
 in ``csrc/kd_loss_cpu.cpp``; the CUDA kernels of the same ops, where built, in ``csrc/cuda/``.
 
 Op ladder: ``kd_forward`` / ``kd_backward`` (plain tensors) -> ``KDLossCppFunction`` (autograd) ->
-``row_losses`` (the backend contract of ``ddk_kernels.dispatch``).
+``row_losses`` (the backend contract of ``ddk_kernels.dispatch``, ``ROW_KERNELS``). The ops check
+their inputs with the rules of the Python boundary (``csrc/kd_checks.h``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 
 import torch
 
-from ddk_kernels.autograd import row_loss_function
-from ddk_kernels.types import KDConfig, acc_dtype, divergence_code
+from ddk_kernels.autograd import backward_rows, forward_rows
+from ddk_kernels.types import KDConfig, RowKernels, acc_dtype
 
-__all__ = ["KDLossCppFunction", "is_available", "kd_backward", "kd_forward", "load_extension", "row_losses"]
+__all__ = [
+    "ROW_KERNELS", "KDLossCppFunction", "is_available", "kd_backward", "kd_forward", "load_extension", "row_losses",
+]
 
 _state: dict[str, Any] = {"loaded": None, "reason": ""}
 
@@ -91,7 +94,7 @@ def kd_forward(
     """``(ce (N,), kd (N,), stats (N, 4))``: ce and kd float32 (float64 for float64 inputs), stats
     float64 (``[lse(zS/T), lse(zT/T), lse(zS), extra]``); no autograd."""
     return torch.ops.ddk.kd_fwd(
-        student, teacher, labels, float(config.temperature), divergence_code(config), float(config.beta), int(config.ignore_index)
+        student, teacher, labels, float(config.temperature), config.code, float(config.beta), int(config.ignore_index)
     )
 
 
@@ -107,12 +110,25 @@ def kd_backward(
     """``(N, V)`` gradient w.r.t. ``student`` in its dtype, of ``sum(grad_ce * ce + grad_kd * kd)``."""
     return torch.ops.ddk.kd_bwd(
         student, teacher, labels, stats, grad_ce, grad_kd,
-        float(config.temperature), divergence_code(config), float(config.beta), int(config.ignore_index),
+        float(config.temperature), config.code, float(config.beta), int(config.ignore_index),
     )
 
 
-#: autograd of the compiled row losses; saves only the inputs (no copies) and ``stats``.
-KDLossCppFunction = row_loss_function("KDLossCppFunction", kd_forward, kd_backward)
+class KDLossCppFunction(torch.autograd.Function):
+    """Autograd of the compiled row losses: ``apply(student, teacher, labels, config) -> (ce, kd)``;
+    saves only the inputs (no copies) and ``stats``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_rows(ctx, kd_forward, student, teacher, labels, config)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        return backward_rows(ctx, kd_backward, grad_ce, grad_kd)
 
 
 def row_losses(
@@ -139,3 +155,7 @@ def row_losses(
     if labels.dtype != torch.long:
         labels = labels.long()
     return KDLossCppFunction.apply(student_logits, teacher, labels, config)
+
+
+#: the compiled backend of the per-row op (``backend="cpp"``).
+ROW_KERNELS = RowKernels(row_losses, kd_forward, kd_backward)

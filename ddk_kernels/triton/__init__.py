@@ -1,9 +1,9 @@
 """Triton backend of the KD loss (GPU; on CPU only under ``TRITON_INTERPRET=1``, for tests).
 
-Importing this package never imports Triton: the kernels live in ``ddk_kernels.triton.kd_loss``,
-loaded on the first call of ``row_losses``. ``TRITON_INTERPRET`` is read by Triton when a kernel
-is decorated, so on CPU it must be set before the first call (tests set it at the top of their
-module).
+Importing this package never imports Triton: it only says where the backend runs
+(``is_available``); the kernels live in ``ddk_kernels.triton.kd_loss``, which
+``ddk_kernels.dispatch`` imports on first use. ``TRITON_INTERPRET`` is read by Triton when a
+kernel is decorated, so on CPU it must be set before that import (tests/conftest.py sets it).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import os
 
 import torch
 
-from ddk_kernels.types import KDConfig
-
-__all__ = ["is_available", "row_losses"]
+__all__ = ["is_available"]
 
 
 def is_available(device: torch.device | str) -> tuple[bool, str]:
@@ -37,14 +35,3 @@ def is_available(device: torch.device | str) -> tuple[bool, str]:
         return False, "on CPU only under TRITON_INTERPRET=1 (Triton's interpreter, for tests)"
     return False, f"device type {device.type!r} is not supported (CUDA only)"
 
-
-def row_losses(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    config: KDConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(ce (N,), kd (N,))``; see ``ddk_kernels.triton.kd_loss.row_losses``."""
-    from ddk_kernels.triton.kd_loss import row_losses as _row_losses
-
-    return _row_losses(student_logits, teacher_logits, labels, config)

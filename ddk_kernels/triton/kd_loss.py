@@ -3,7 +3,7 @@
 The ladder (CONVENTIONS.md 1): ``_kd_fwd_kernel`` / ``_kd_bwd_kernel`` (private, ``@triton.jit``)
 -> ``kd_forward_triton`` / ``kd_backward_triton`` (launchers on plain tensors)
 -> ``KDLossTritonFunction`` (autograd) -> ``row_losses`` (the backend contract of
-``ddk_kernels.dispatch``).
+``ddk_kernels.dispatch``, ``ROW_KERNELS``).
 
 One program per row loops over vocabulary tiles of ``BLOCK_V`` columns with an online
 max / sum-of-exponentials in float32 (float64 for float64 inputs), so nothing of size ``(N, V)``
@@ -36,20 +36,20 @@ so import it only after ``TRITON_INTERPRET`` is set when running on CPU).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from ddk_kernels.autograd import row_loss_function
-from ddk_kernels.types import DIVERGENCE_CODES, KDConfig, acc_dtype, divergence_code
+from ddk_kernels.autograd import backward_rows, forward_rows
+from ddk_kernels.types import KDConfig, RowKernels, acc_dtype
 
 __all__ = [
-    "DIVERGENCE_CODES",
-    "divergence_code",
-    "kd_forward_triton",
-    "kd_backward_triton",
+    "ROW_KERNELS",
     "KDLossTritonFunction",
+    "kd_backward_triton",
+    "kd_forward_triton",
     "row_losses",
 ]
 
@@ -328,7 +328,7 @@ def kd_forward_triton(
         vocab, zs.stride(0), zt.stride(0),
         _scalar_params(config, acc, zs.device),
         int(config.ignore_index),
-        DIV=divergence_code(config),
+        DIV=config.code,
         T_IS_ONE=float(config.temperature) == 1.0,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_V=bv,
@@ -373,7 +373,7 @@ def kd_backward_triton(
         vocab, zs.stride(0), zt.stride(0), grad.stride(0),
         _scalar_params(config, acc, zs.device),
         int(config.ignore_index),
-        DIV=divergence_code(config),
+        DIV=config.code,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_V=bv,
         num_warps=_num_warps(bv),
@@ -381,8 +381,22 @@ def kd_backward_triton(
     return grad
 
 
-#: autograd wrapper: ``apply(zS, zT, labels, config, block_v) -> (ce, kd)``; differentiable w.r.t. ``zS`` only.
-KDLossTritonFunction = row_loss_function("KDLossTritonFunction", kd_forward_triton, kd_backward_triton)
+class KDLossTritonFunction(torch.autograd.Function):
+    """Autograd of the Triton row losses: ``apply(zS, zT, labels, config, block_v) -> (ce, kd)``;
+    differentiable w.r.t. ``zS`` only; saves the inputs (no copies) and ``stats (N, 4)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig,
+        block_v: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_rows(ctx, kd_forward_triton, student, teacher, labels, config, block_v)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        return backward_rows(ctx, kd_backward_triton, grad_ce, grad_kd)
 
 
 def row_losses(
@@ -406,4 +420,8 @@ def row_losses(
         ``(ce, kd)``, ``(N,)`` float32 (float64 for float64 inputs), zero on ignored rows,
         differentiable w.r.t. ``student_logits``.
     """
-    return KDLossTritonFunction.apply(student_logits, teacher_logits, labels, config, block_v)
+    return KDLossTritonFunction.apply(student_logits, teacher_logits.detach(), labels, config, block_v)
+
+
+#: the Triton backend of the per-row op (``backend="triton"``).
+ROW_KERNELS = RowKernels(row_losses, kd_forward_triton, kd_backward_triton)

@@ -21,9 +21,10 @@ _spec.loader.exec_module(kd_bench)
 
 
 def test_bandwidth_floor_seconds_matches_anchor():
-    # ANCHORS.md: N=8192, V=151936, bf16 moves 7.5 GB, 2.5 ms at ~3 TB/s.
+    # N=8192, V=151936, bf16: read both logits and write the gradient, 7.5 GB, 2.5 ms at ~3 TB/s.
+    assert kd_bench.bandwidth_floor_seconds(8192, 151936, 2, 1.0) == 7_467_958_272  # bytes at 1 B/s
+    assert kd_bench.bandwidth_floor_seconds(8192, 151936, 2, 1.0, passes=5) == 12_446_597_120
     floor = kd_bench.bandwidth_floor_seconds(8192, 151936, 2, 3.0e12)
-    assert 3 * 8192 * 151936 * 2 == 7_467_958_272
     assert floor == pytest.approx(7_467_958_272 / 3.0e12)
     assert 2.4e-3 < floor < 2.6e-3
 

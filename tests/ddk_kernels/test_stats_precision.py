@@ -11,48 +11,24 @@ such rows against the float64 oracle, measured against the naive float32 path on
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
+from kd_cases import DEVICE, realistic_logits, runnable_backends
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ddk_kernels import dispatch
+from ddk_kernels.reference import kd_logits_grad_reference, kd_row_losses_reference
+from ddk_kernels.types import KDConfig
 
-import pytest  # noqa: E402
-
-from ddk_kernels import dispatch  # noqa: E402
-from ddk_kernels.chunked import kd_chunked_forward  # noqa: E402
-from ddk_kernels.reference import kd_logits_grad_reference, kd_row_losses_reference  # noqa: E402
-from ddk_kernels.types import KDConfig  # noqa: E402
-from kd_cases import realistic_logits  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: the kernels that keep row statistics (the oracle recomputes everything and keeps none).
+KERNELS = [name for name in runnable_backends("kd_rows") if name != "reference"]
 
 
-def _forwards() -> dict:
-    out = {"chunked": kd_chunked_forward}
-    from ddk_kernels import cpp
-
-    if cpp.is_available(DEVICE)[0]:
-        out["cpp"] = cpp.kd_forward
-    from ddk_kernels import triton as kd_triton
-
-    if kd_triton.is_available(DEVICE)[0]:
-        from ddk_kernels.triton.kd_loss import kd_forward_triton
-
-        out["triton"] = kd_forward_triton
-    return out
-
-
-FORWARDS = _forwards()
-
-
-@pytest.mark.parametrize("name", sorted(FORWARDS))
+@pytest.mark.parametrize("name", KERNELS)
 def test_stats_are_float64_and_exact_to_float32_sums(name):
     zs, zt, labels = realistic_logits(6, 300, seed=21, masked_fraction=0.0)
     zs, zt = zs + 120.0, zt + 90.0  # |lse| ~ 250 at T = 0.5: a float32 lse would be off by ~1e-5
     cfg = KDConfig(temperature=0.5, divergence="reverse_kl")
-    _, _, stats = FORWARDS[name](zs.to(DEVICE), zt.to(DEVICE), labels.to(DEVICE), cfg)
+    _, _, stats = dispatch.resolve("kd_rows", name, DEVICE).forward(zs.to(DEVICE), zt.to(DEVICE), labels.to(DEVICE), cfg)
     stats = stats.cpu()
     assert stats.dtype == torch.float64 and stats.shape == (6, 4)
     z64, t64 = zs.double(), zt.double()
@@ -64,11 +40,11 @@ def test_stats_are_float64_and_exact_to_float32_sums(name):
     assert float((stats[:, 3] - e_st).abs().max()) < 1e-4 * float(e_st.abs().max())
 
 
-@pytest.mark.parametrize("name", sorted(FORWARDS))
+@pytest.mark.parametrize("name", KERNELS)
 def test_reverse_kl_gradient_on_peaked_rows_no_worse_than_naive(name):
     """T = 0.5, logits up to ~180/T, KL of tens of nats: the float32 gradient of every backend is
     within 2x the naive float32 path's error (it was 3x-13x with float32 statistics)."""
-    fn = dispatch.get_row_losses(name, DEVICE)
+    fn = dispatch.resolve("kd_rows", name, DEVICE).row_losses
     cfg = KDConfig(temperature=0.5, divergence="reverse_kl")
     worst = 0.0
     for seed in range(4):

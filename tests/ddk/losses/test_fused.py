@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss, resolve_fused_backend
+from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss
 from ddk.losses.kd import kd_loss
-from ddk_kernels import fused_chunked
+from ddk_kernels import fused_chunked, fused_plan
 from ddk_kernels.reference import kd_loss_reference
 from fused_cases import make_case
 from kd_cases import max_err
@@ -108,8 +108,9 @@ def test_fused_linear_kd_loss_never_allocates_n_by_v() -> None:
     the op that made it; the largest single op allocation (``cpu_memory_usage``, net bytes of one
     op event) must stay below ``N * V * 4 / 4``. The same detector run on the materialising
     ``backend="reference"`` must see at least ``N * V * 4`` bytes, proving it can fail.
-    (2) The test hook ``ddk_kernels.fused_chunked._TILE_OBSERVER`` records the shape of every
-    logits tile the chunked path builds; the largest must have far fewer than N * V elements.
+    (2) The tiling plan the chunked path runs (``ddk_kernels.fused_plan.plan_fused``, recorded by
+    a spy) bounds every logits tile it builds (tests/ddk_kernels/test_fused_chunked.py checks the
+    tiles against the plan): ``token_chunk * vocab_tile`` must be far below N * V.
     N=512 and V=1024 dwarf the (V, H) and (N, H) gradients (H=16), so only a logits-sized buffer
     can break the bound; the 512 KiB workspace forces 32 token chunks.
     """
@@ -123,13 +124,18 @@ def test_fused_linear_kd_loss_never_allocates_n_by_v() -> None:
 
     def peak_op_bytes(**kw) -> tuple[int, list[tuple[int, int]]]:  # type: ignore[no-untyped-def]
         tiles: list[tuple[int, int]] = []
-        fused_chunked._TILE_OBSERVER = tiles.append
-        try:
+        real = fused_plan.plan_fused
+
+        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            plan = real(*args, **kwargs)
+            tiles.append((plan.token_chunk, plan.vocab_tile))
+            return plan
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_chunked, "plan_fused", spy)
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 out = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, workspace_bytes=512 << 10, **kw)
                 out.loss.backward()
-        finally:
-            fused_chunked._TILE_OBSERVER = None
         return max(e.cpu_memory_usage for e in prof.events()), tiles
 
     naive_peak, _ = peak_op_bytes(backend="reference")
@@ -150,21 +156,6 @@ def test_fused_linear_kd_loss_module_wrapper() -> None:
         num_domains=2, gamma=0.5, divergence="reverse_kl",
     )
     assert _close(out.loss, ref.loss) and out.domain_tokens.tolist() == ref.domain_tokens.tolist()
-
-
-def test_resolve_fused_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DDK_BACKEND", raising=False)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert resolve_fused_backend("auto", "cpu") == "chunked"
-    assert resolve_fused_backend("reference", "cpu") == "reference"
-    monkeypatch.setenv("DDK_BACKEND", "reference")
-    assert resolve_fused_backend("auto", "cpu") == "reference"
-    monkeypatch.setenv("DDK_BACKEND", "cpp")  # no fused cpp kernel: ignored by the fused op
-    assert resolve_fused_backend("auto", "cpu") == "chunked"
-    with pytest.raises(ValueError, match=r"^fused_linear_kd_loss: backend must be one of .*; got 'cpp'\.$"):
-        resolve_fused_backend("cpp", "cpu")
-    with pytest.raises(RuntimeError, match=r"^fused_linear_kd_loss: backend 'triton' cannot run on cpu: .*Available there: \['reference', 'chunked'\]"):
-        resolve_fused_backend("triton", "cpu")
 
 
 def _bad_inputs():  # type: ignore[no-untyped-def]
@@ -201,7 +192,8 @@ def _bad_inputs():  # type: ignore[no-untyped-def]
         (dict(normalizer=0), ValueError, F + "normalizer must be > 0 (e.g. the token count of the whole accumulated batch); got 0."),
         (dict(strategy="fast"), ValueError, F + "strategy must be one of ('auto', 'recompute', 'token_chunks', 'gemm'); got 'fast'."),
         (dict(workspace_bytes=0), ValueError, F + "workspace_bytes must be a positive int or None; got 0."),
-        (dict(backend="cuda"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked', 'triton'); got 'cuda'."),
+        (dict(backend="cuda"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked'); got 'cuda'."),
+        (dict(backend="triton"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked'); got 'triton' (a backend of kd_loss only)."),
     ], base
 
 
@@ -348,3 +340,15 @@ def test_fused_linear_kd_loss_under_cpu_autocast_runs_in_bf16(strategy: str) -> 
     want.loss.backward()
     assert _close(out.loss, want.loss, 1e-5)
     assert _close(h.grad, h64.grad, 1e-2) and _close(w.grad, w64.grad, 1e-2)  # gradients rounded to bf16
+
+
+def test_deprecated_fused_backend_names_still_work_and_warn() -> None:
+    import ddk.losses.fused as fused
+
+    with pytest.warns(DeprecationWarning, match="resolve_fused_backend is deprecated"):
+        resolve = fused.resolve_fused_backend
+    assert resolve("auto", "cpu") == "chunked"
+    with pytest.warns(DeprecationWarning, match="FUSED_BACKENDS is deprecated"):
+        assert "chunked" in fused.FUSED_BACKENDS
+    with pytest.raises(AttributeError):
+        fused.no_such_name  # noqa: B018
