@@ -1,29 +1,224 @@
-"""File helpers shared by the corpus builder, the recipes and the ``transformers`` integration."""
+"""File helpers shared by the corpus builder, the recipes and the ``transformers`` integration.
+
+* :func:`atomic_write_text` / :func:`atomic_write_bytes`: a unique temporary name in the target's
+  folder, ``fsync`` of the file, ``os.replace``, ``fsync`` of the folder: a reader sees the old
+  file or the new one, never a torn one, also with several writers and after a power cut.
+* :func:`folder_lock`: one writer per folder (an advisory ``fcntl.flock`` on ``<folder>/.lock``,
+  which holds the owner's pid); a second writer gets an error naming that pid (or waits).
+* :func:`safe_name` / :func:`child_path`: names that become file names (domains, runs) are
+  checked, and every such path is resolved inside its folder.
+* :func:`file_sha256`, :func:`json_fingerprint`: digests.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+__all__ = ["atomic_write_bytes", "atomic_write_text", "child_path", "file_sha256", "folder_lock", "fsync_dir",
+           "fsync_file", "json_fingerprint", "safe_name"]
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through ``<path>.tmp`` and ``os.replace``.
+LOCK_NAME = ".lock"
 
-    A reader never sees a half-written file, and a crash leaves the old file in place.
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush ``path``'s data to the disk (``os.fsync``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename inside it) to the disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a unique temporary file, ``fsync`` and ``os.replace``.
+
+    Two writers never share a temporary file; a reader never sees a half-written file; a crash
+    leaves the old file (and at most a stray ``.<name>.*.tmp``, never read).
 
     Returns:
         ``path`` as a ``Path``.
     """
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(p.parent)
     return p
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably (see :func:`atomic_write_bytes`).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (read in 16 MiB blocks)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def json_fingerprint(obj: Any) -> str:
     """Short stable hash (16 hex digits of SHA-256) of ``obj``'s sorted-key JSON; keys caches."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- names
+def _name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not name:
+        return "be a non-empty string"
+    if name in (".", ".."):
+        return "not be '.' or '..'"
+    if name.startswith("."):
+        return "not start with '.'"
+    for ch, label in (("/", "'/'"), ("\\", "'\\\\'"), ("\x00", "NUL")):
+        if ch in name:
+            return f"not contain {label} (it names a folder)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "not contain control characters"
+    if len(name.encode("utf-8")) > 200:
+        return "be at most 200 bytes long"
+    return None
+
+
+def safe_name(fn: str, arg: str, name: object, hint: str = "") -> str:
+    """``name`` if it can name one file or folder (no separator, no ``..``, no leading ``.``,
+    no control character, at most 200 bytes), else the house-format ``ValueError``."""
+    problem = _name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{fn}: {arg} must {problem}; got {name!r}.{' ' + hint if hint else ''}")
+    return name  # type: ignore[return-value]
+
+
+def child_path(fn: str, arg: str, folder: str | os.PathLike[str], name: object, hint: str = "") -> Path:
+    """``folder / name`` for a :func:`safe_name`, checked to resolve inside ``folder``."""
+    p = Path(folder) / safe_name(fn, arg, name, hint)
+    base = Path(folder).resolve()
+    if p.resolve().parent != base:  # e.g. a symbolic link that points elsewhere
+        raise ValueError(f"{fn}: {arg} must name a path inside {str(base)!r}; got {name!r} (resolves to "
+                         f"{str(p.resolve())!r}).")
+    return p
+
+
+# ---------------------------------------------------------------------------- locks
+_HELD: dict[str, list[Any]] = {}  # resolved folder -> [open lock file, depth]: re-entrant in one process
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        text = lock_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "another process"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], fn: str, arg: str, *, wait: bool = False,
+                hint: str = "") -> Iterator[Path]:
+    """Hold the advisory lock of ``folder`` (created if missing) for the ``with`` block.
+
+    The lock is ``fcntl.flock`` on ``<folder>/.lock``, which holds the owner's pid; the kernel
+    drops it when the owner exits, also by SIGKILL, so a crash never leaves a stale lock. The
+    same process may nest the lock (the demo locks its run folder, then ``distill`` does).
+
+    Args:
+        folder: the folder to own.
+        fn, arg: the function and argument named in errors.
+        wait: block until the holder lets go (caches) instead of raising (run folders).
+        hint: appended to the error (what to do).
+
+    Raises:
+        ValueError: the folder cannot be created or written, or (``wait=False``) another process
+            holds it; the message names the holder's pid.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = str(folder.resolve())
+        lock_file = folder / LOCK_NAME
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+            if held is not None:
+                held[1] += 1
+        if held is None:
+            f = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 - held until the block ends
+    except OSError as exc:
+        raise ValueError(f"{fn}: {arg} must be a folder this process can write; got {str(folder)!r} "
+                         f"({type(exc).__name__}: {exc}). Pass another {arg} or fix its permissions.") from None
+    if held is not None:
+        try:
+            yield folder
+        finally:
+            with _HELD_GUARD:
+                held[1] -= 1
+        return
+    try:
+        _acquire(f, lock_file, fn, arg, folder, wait, hint)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        with _HELD_GUARD:
+            _HELD[key] = [f, 1]
+        try:
+            yield folder
+        finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
+    finally:
+        f.close()  # closing the file releases the lock
+
+
+def _acquire(f: Any, lock_file: Path, fn: str, arg: str, folder: Path, wait: bool, hint: str) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks; one writer is then the user's job
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        who = _holder(lock_file)
+    if not wait:
+        raise ValueError(f"{fn}: {arg} must not be in use by another process; got {str(folder)!r} locked by {who} "
+                         f"({lock_file}).{' ' + hint if hint else ''}")
+    print(f"{fn}: waiting for {who}, which is writing {folder}", file=sys.stderr, flush=True)
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)

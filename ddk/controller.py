@@ -16,6 +16,10 @@ from ddk.distributed import rank_world
 from ddk.schedule.smoother import FactorSmoother
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class DDKController:
     """Runs DDK's schedule: ``r_0`` at ``start``, a smoothed update every ``interval`` steps.
 
@@ -214,20 +218,54 @@ class DDKController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict`` (the interval and online flag stay the constructor's)."""
+        """Restore a ``state_dict`` (the interval and online flag stay the constructor's).
+
+        Every part (controller, estimator, smoother, sampler) is validated before anything is
+        changed, so a rejected state leaves the controller and its components as they were.
+        ``last_update_step`` must be an int in ``[0, sampler batches_yielded]`` (every optimizer
+        step draws at least one batch) and ``num_updates`` an int in ``[0, last_update_step]``.
+
+        Raises:
+            TypeError: not a dict from ``DDKController.state_dict()``.
+            ValueError: the first invalid field, named.
+        """
         fn = "DDKController.load_state_dict"
         if not isinstance(state, dict) or not {"controller", "estimator", "smoother", "sampler"} <= set(state):
             raise TypeError(
                 f"{fn}: state must be a dict from DDKController.state_dict() with keys controller, estimator, "
                 f"smoother, sampler; got {sorted(state) if isinstance(state, dict) else type(state).__name__}."
             )
-        self.estimator.load_state_dict(state["estimator"])
-        self.smoother.load_state_dict(state["smoother"])
-        self.sampler.load_state_dict(state["sampler"])
         c = state["controller"]
-        self._started = bool(c["started"])
-        self._last_update_step = int(c["last_update_step"])
-        self._num_updates = int(c["num_updates"])
+        if not isinstance(c, dict):
+            raise ValueError(f"{fn}: state['controller'] must be a dict; got {type(c).__name__}.")
+        started, last, updates = c.get("started"), c.get("last_update_step"), c.get("num_updates")
+        if not isinstance(started, bool):
+            raise ValueError(f"{fn}: state['controller']['started'] must be a bool; got {started!r}.")
+        sampler_state = state["sampler"]
+        drawn = sampler_state.get("batches_yielded") if isinstance(sampler_state, dict) else None
+        bound = drawn if isinstance(drawn, int) and not isinstance(drawn, bool) and drawn >= 0 else None
+        if not _is_int(last) or last < 0 or (bound is not None and last > bound) or (not started and last):
+            raise ValueError(f"{fn}: state['controller']['last_update_step'] must be an int in [0, {bound}] (the "
+                             f"sampler's batches_yielded; 0 before start); got {last!r}.")
+        if not _is_int(updates) or not 0 <= updates <= last:
+            raise ValueError(f"{fn}: state['controller']['num_updates'] must be an int in [0, last_update_step="
+                             f"{last}]; got {updates!r}.")
+        estimator = self.estimator.check_state_dict(state["estimator"], fn=f"{fn} (estimator)")
+        smoother = self.smoother.check_state_dict(state["smoother"], fn=f"{fn} (smoother)")
+        if started and smoother[0] is None:
+            raise ValueError(f"{fn}: state['smoother']['weights'] must be set for a started controller; got None.")
+        check = getattr(self.sampler, "check_state_dict", None)
+        sampler = check(sampler_state, fn=f"{fn} (sampler)") if check is not None else None
+        # validated: commit (none of these can fail)
+        self.estimator._commit_state(estimator)
+        self.smoother._commit_state(smoother)
+        if sampler is not None:
+            self.sampler._commit_state(sampler)
+        else:  # a duck-typed sampler validates itself
+            self.sampler.load_state_dict(sampler_state)
+        self._started = started
+        self._last_update_step = int(last)
+        self._num_updates = int(updates)
 
     def __repr__(self) -> str:
         return (

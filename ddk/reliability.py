@@ -27,8 +27,8 @@ Policies: ``"raise"`` (default) raises ``NonFiniteError`` (a ``ValueError`` and 
 ``skipped_steps``) and logs one warning per skipped batch on the ``ddk.reliability`` logger.
 
 -inf logits: a -inf *student* logit where the teacher puts mass makes the forward KL truly
-infinite; a -inf *teacher* logit is mathematically harmless, but the fast backends (``chunked``,
-``cpp``, Triton) return -inf or NaN for it (only ``reference`` gets it right). The guard judges
+infinite; a -inf *teacher* logit is mathematically harmless, but the compiled and Triton backends
+(``cpp``, ``triton``) return -inf or NaN for it (``reference`` and ``chunked`` get it right). The guard judges
 results, not inputs: it does not scan logits on the good path, so -inf logits that leave the loss
 and gradients finite pass, and those that do not are handled like any NaN (raised or skipped),
 with the -inf count in the report and the advice to mask with a large finite negative value

@@ -89,16 +89,18 @@ def test_nonfinite_guard_nan_logit_of_ignored_token_is_caught_by_grad_norm() -> 
         guard.check(1, out, grad_norm=grad_norm([zs]), domain_ids=dom, tensors={"student_logits": zs})
 
 
-@pytest.mark.parametrize("backend", ["chunked", "cpp"])
+@pytest.mark.parametrize("backend", ["cpp"])
 def test_nonfinite_guard_neginf_teacher_logits_on_fast_backends(backend: str) -> None:
-    # Policy: -inf logits are judged by their result. The reference backend handles a -inf teacher
-    # logit (p_T = 0 there); the fast backends return -inf/NaN, which the guard raises (or skips)
-    # with the advice to mask with a finite value.
+    # Policy: -inf logits are judged by their result. The reference and chunked backends handle a
+    # -inf teacher logit (p_T = 0 there: the reference's value); the compiled backend returns
+    # -inf/NaN, which the guard raises (or skips) with the advice to mask with a finite value.
     zs, zt, labels, dom = _batch()
     zt = zt.clone()
     zt[0, 2] = float("-inf")
     ref = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend="reference")
     assert math.isfinite(float(ref.loss.detach())) and NonFiniteGuard().check(1, ref)
+    chunked = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend="chunked")
+    assert torch.isclose(chunked.loss.detach().double(), ref.loss.detach().double(), rtol=1e-5)
     out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend=backend)
     with pytest.raises(NonFiniteError) as info:
         NonFiniteGuard(domain_names=NAMES, fn="train").check(3, out, domain_ids=dom, tensors={"teacher_logits": zt})

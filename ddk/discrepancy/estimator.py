@@ -8,6 +8,7 @@ training batches' ``KDLossOutput`` instead of running validation passes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -494,29 +495,62 @@ class DiscrepancyEstimator:
         """Restore a ``state_dict``; the domain names must match.
 
         Under torch.distributed with several ranks, the saved online sums (one rank's) are
-        restored on rank 0 only, so they are not counted once per rank.
+        restored on rank 0 only, so they are not counted once per rank. The state is validated
+        whole first (:meth:`check_state_dict`); a rejected state changes nothing.
         """
-        fn = "DiscrepancyEstimator.load_state_dict"
-        if not isinstance(state, dict) or "domain_names" not in state:
-            raise TypeError(f"{fn}: state must be a dict from DiscrepancyEstimator.state_dict(); got {type(state).__name__}.")
-        if list(state["domain_names"]) != list(self._names):
-            raise ValueError(f"{fn}: state['domain_names'] must equal {list(self._names)}; got {state['domain_names']!r}.")
-        self._teacher_ce = None
-        if state.get("teacher_ce") is not None:
-            self.teacher_ce = state["teacher_ce"]  # type: ignore[assignment]
-        last = state.get("last_student_ce")
-        self._last_student_ce = None if last is None else torch.tensor(last, dtype=torch.float64)
-        online = state.get("online")
-        rank, _ = rank_world()
+        self._commit_state(self.check_state_dict(state))
+
+    def _commit_state(self, parsed: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]) -> None:
+        """Apply a state parsed by :meth:`check_state_dict` (cannot fail)."""
+        teacher, last, online = parsed
+        self._teacher_ce = teacher
+        self._last_student_ce = last
         if online is None:
             self._acc = None
         else:
-            acc = torch.tensor(online, dtype=torch.float64)
-            if acc.shape != (self.num_domains, 4):
-                raise ValueError(f"{fn}: state['online'] must have shape ({self.num_domains}, 4); got {tuple(acc.shape)}.")
-            if rank != 0:
-                acc.zero_()
-            self._acc = acc.to(self.device) if self.device is not None else acc
+            if rank_world()[0] != 0:
+                online.zero_()
+            self._acc = online.to(self.device) if self.device is not None else online
+
+    def check_state_dict(self, state: dict[str, Any], fn: str = "DiscrepancyEstimator.load_state_dict"
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Validate a ``state_dict()`` without changing anything; return ``(teacher_ce, last_student_ce, online)``.
+
+        ``teacher_ce``: ``None`` or D finite CEs >= 0; ``last_student_ce``: ``None`` or D finite
+        numbers; ``online``: ``None`` or ``(D, 4)`` finite sums with token counts (columns 1 and 3) >= 0.
+
+        Raises:
+            TypeError: not a dict from ``state_dict()``.
+            ValueError: the first invalid field, named.
+        """
+        if not isinstance(state, dict) or "domain_names" not in state:
+            raise TypeError(f"{fn}: state must be a dict from DiscrepancyEstimator.state_dict(); got {type(state).__name__}.")
+        names = state["domain_names"]
+        if not isinstance(names, (list, tuple)) or list(names) != list(self._names):
+            raise ValueError(f"{fn}: state['domain_names'] must equal {list(self._names)}; got {names!r}.")
+        d = self.num_domains
+
+        def table(key: str, shape: tuple[int, ...], nonneg_cols: tuple[int, ...] | None) -> torch.Tensor | None:
+            value = state.get(key)
+            if value is None:
+                return None
+            rows = value if len(shape) == 2 else [value]
+            ok = isinstance(value, (list, tuple)) and len(value) == shape[0] and all(
+                isinstance(r, (list, tuple)) and len(r) == shape[-1]
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r)
+                for r in rows)
+            if ok and nonneg_cols is not None:
+                ok = all(r[c] >= 0 for r in rows for c in (nonneg_cols or range(shape[-1])))
+            if not ok:
+                kind = "finite numbers" + (" >= 0" if nonneg_cols == () else "")
+                raise ValueError(f"{fn}: state[{key!r}] must be {'x'.join(map(str, shape))} {kind}"
+                                 f"{' with token counts >= 0' if nonneg_cols else ''}; got {str(value)[:200]}.")
+            return torch.tensor(value, dtype=torch.float64)
+
+        teacher = table("teacher_ce", (d,), ())
+        last = table("last_student_ce", (d,), None)
+        online = table("online", (d, 4), (1, 3))
+        return teacher, last, online
 
     def __repr__(self) -> str:
         return f"DiscrepancyEstimator(domains={list(self._names)}, teacher_ce={'cached' if self.has_teacher_ce else 'missing'})"

@@ -29,8 +29,9 @@ the gradients; a student sharded in place with FSDP2 needs ``loss="logits"``.
 
 ``DDKCallback`` starts the controller at ``on_train_begin`` (Eq. 1), calls
 ``controller.step_end(global_step, model)`` at ``on_step_end`` (Eq. 2 every ``interval`` steps)
-and, at ``on_save``, writes ``ddk_state.json`` (the controller's state at the first global batch
-not yet consumed) and this process's random-number-generator states
+and, inside each checkpoint's save (before ``save_total_limit`` rotates older checkpoints away,
+so the newest checkpoint is always resumable), writes ``ddk_state.json`` (the controller's state
+at the first global batch not yet consumed) and this process's random-number-generator states
 (``ddk_rng_state[_<rank>].safetensors``) into the checkpoint folder. ``train(resume_from_checkpoint=
 ...)`` loads both back, so data, weights of the mixture and dropout masks continue exactly; the
 Trainer's own data skipping is switched off (``ignore_data_skip``), since the sampler's state
@@ -62,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ddk._io import atomic_write_text
+from ddk._io import atomic_write_text, fsync_file
 from ddk.controller import DDKController
 from ddk.discrepancy.estimator import DiscrepancyEstimator
 from ddk.distributed import is_fsdp
@@ -148,7 +149,7 @@ class DDKConfig(TrainingArguments):
         "help": "fused: loss fused with the lm_head, never forming the (tokens, vocab) logits; logits: from the "
                 "models' full logits (needed under DDP/FSDP/DeepSpeed wrappers).", "choices": list(LOSSES)})
     kd_backend: str = field(default="auto", metadata={
-        "help": "Loss backend (auto, chunked, triton, reference, ...); auto picks the fastest available."})
+        "help": "Loss backend (auto, chunked, cpp, triton, reference); auto picks the fastest available (`ddk backends` lists them)."})
     pack_cache_dir: str | None = field(default=None, metadata={
         "help": "Folder caching the packed token sequences (keyed by content); None: no cache."})
 
@@ -287,7 +288,7 @@ def save_rng_state(path: str | os.PathLike[str]) -> Path:
     """Write the python, numpy, torch CPU and CUDA generator states to ``path`` (safetensors).
 
     Tensors only (uint8 torch states, int64 Mersenne-twister keys); the scalars ride in the
-    safetensors metadata as JSON. Nothing is pickled. Written through ``<path>.tmp``.
+    safetensors metadata as JSON. Nothing is pickled. Written through a temporary file, ``fsync``-ed.
     """
     from safetensors.torch import save_file
 
@@ -304,8 +305,9 @@ def save_rng_state(path: str | os.PathLike[str]) -> Path:
     meta = {"ddk": json.dumps({"python": [py_version, py_gauss], "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]})}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
+    fsync_file(tmp)
     os.replace(tmp, p)
     return p
 
@@ -350,12 +352,14 @@ class DDKCallback(TrainerCallback):
             tr.controller.step_end(int(state.global_step), tr.accelerator.unwrap_model(tr.model))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Normally written already inside the checkpoint's save, before transformers rotates old
+        # checkpoints (``DDKTrainer._save_rng_state``); here only when that hook did not run
+        # (``save_only_model``).
         tr = self.trainer
         folder = Path(tr._get_output_dir(None)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        save_rng_state(_rng_file(folder, args.process_index, args.world_size))
-        if tr.is_world_process_zero() and folder.is_dir():
-            consumed = int(state.global_step) * int(args.gradient_accumulation_steps)
-            atomic_write_text(folder / DDK_STATE_NAME, json.dumps(tr.controller.state_dict(at_batch=consumed)))
+        if not (folder / DDK_STATE_NAME).is_file():
+            tr._save_ddk_state(folder)
+
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -729,6 +733,21 @@ class DDKTrainer(Trainer):
         return model
 
     # ------------------------------------------------------------------ resume
+    def _save_rng_state(self, output_dir: str) -> None:
+        """transformers' RNG files, then the DDK state: inside the checkpoint's save, so it is on
+        disk before ``save_total_limit`` rotates the older checkpoints away (a crash between the
+        rotation and ``on_save`` would otherwise leave no resumable checkpoint)."""
+        super()._save_rng_state(output_dir)
+        self._save_ddk_state(Path(output_dir))
+
+    def _save_ddk_state(self, folder: Path) -> None:
+        """``ddk_rng_state*.safetensors`` (every process) and ``ddk_state.json`` (process 0) into ``folder``."""
+        args = self.args
+        save_rng_state(_rng_file(folder, args.process_index, args.world_size))
+        if self.is_world_process_zero() and folder.is_dir():
+            consumed = int(self.state.global_step) * int(args.gradient_accumulation_steps)
+            atomic_write_text(folder / DDK_STATE_NAME, json.dumps(self.controller.state_dict(at_batch=consumed)))
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; when resuming, first restores the DDK state saved with the checkpoint.
 

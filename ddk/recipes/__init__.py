@@ -8,6 +8,7 @@ Nothing in the library imports this package. Modules by concern:
   ``tokenizer`` — the bundled demo corpus from Debian and PyPI packages and its tokenizer;
 * ``demo`` — the demo teacher's pretraining and the demo student (cached);
 * ``distill`` — the distillation loop (``ddk distill``) and ``evaluate``;
-* ``checkpoint`` — run-folder checkpoints; ``parallel`` — devices, DDP/FSDP2 wrapping;
+* ``checkpoint`` — run-folder checkpoints (safetensors + JSON + SHA-256 manifest); ``preempt`` —
+  SIGTERM/SIGINT to a checkpoint and exit status 75; ``parallel`` — devices, DDP/FSDP2 wrapping;
 * ``report`` — tables, summaries and plots (``plotting``); ``synthetic`` — the Markov-chain demo.
 """

@@ -1,8 +1,18 @@
-"""Run-folder checkpoints of ``ddk distill``: ``checkpoint-<step>.pt``, newest kept, RNG states.
+"""Run-folder checkpoints of ``ddk distill``: tensors in safetensors, state in JSON, digests last.
 
-A checkpoint holds only tensors, numbers, strings, lists and dicts (the NumPy RNG state is
-stored as a tensor), so it is read with ``torch.load(..., weights_only=True)``: nothing in the
-file is executed.
+A checkpoint is a folder ``checkpoint-<step>/``::
+
+    tensors.safetensors   every tensor of the state (student, optimizer, RNG states), by name
+    state.json            everything else (config, step, LR schedule, controller, RNG numbers);
+                          a tensor appears as {"__ddk__": "tensor", "name": ...}
+    manifest.json         format, step, and the size and SHA-256 of the two files; written last
+
+It is written into a hidden ``.checkpoint-<step>.tmp-<pid>`` folder (each file ``fsync``-ed, the
+manifest last), renamed into place and the run folder ``fsync``-ed, so a checkpoint folder is
+complete or absent. Loading checks the manifest and every digest before reading a byte of state,
+and reads nothing by unpickling (``safetensors`` and ``json``): a crafted checkpoint cannot run
+code, a flipped bit or a torn file is detected, and :func:`newest_valid_checkpoint` then falls
+back to the previous valid checkpoint.
 """
 
 from __future__ import annotations
@@ -11,20 +21,35 @@ import json
 import os
 import random
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ddk._io import atomic_write_text
+from ddk._io import atomic_write_text, file_sha256, fsync_dir, fsync_file
 
-__all__ = ["checkpoints", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "rng_state", "save_checkpoint",
+__all__ = ["CheckpointError", "checkpoints", "decode_state", "encode_state", "legacy_checkpoints", "load_checkpoint",
+           "newest_valid_checkpoint", "prune_checkpoints", "remove_stale_temporaries", "rng_state", "save_checkpoint",
            "set_rng_state", "truncate_jsonl"]
 
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+FORMAT = "ddk-distill-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+STATE = "state.json"
+TENSORS = "tensors.safetensors"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_LEGACY_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+_MARK = "__ddk__"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, torn, corrupted or foreign); the message says why."""
+
+
+# ---------------------------------------------------------------------------- RNG states
 def rng_state() -> dict[str, Any]:
     """The torch (CPU and CUDA), NumPy and Python RNG states, as tensors and plain values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -40,68 +65,274 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict[str, Any], fn: str = "distill") -> None:
+    """Inverse of :func:`rng_state`; a malformed state is a ``CheckpointError``."""
+    try:
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{fn}: the checkpoint's rng state must be one written by rng_state(); got an "
+                              f"unusable one ({type(exc).__name__}: {exc}).") from None
 
 
+# ---------------------------------------------------------------------------- JSON + tensors
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(JSON-able tree, tensors by name)`` of a state made of dicts, lists, tuples, numbers,
+    strings, None and tensors. Tensors sharing memory (tied weights) are stored once.
+
+    Raises:
+        TypeError: an object of another type (its path is named).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    views: dict[tuple[Any, ...], str] = {}
+    storages: set[int] = set()
+
+    def tensor(t: torch.Tensor) -> dict[str, Any]:
+        t = t.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in views:
+            return {_MARK: "tensor", "name": views[key]}
+        name = f"t{len(tensors)}"
+        ptr = t.untyped_storage().data_ptr()
+        if not t.numel() or ptr in storages or not t.is_contiguous():
+            t = t.contiguous().clone()  # an empty tensor, another view of a stored one, or strided
+        else:
+            storages.add(ptr)
+            views[key] = name
+        tensors[name] = t
+        return {_MARK: "tensor", "name": name}
+
+    def enc(x: Any, where: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            return tensor(x)
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (np.integer, np.floating, np.bool_)):
+            return x.item()
+        if isinstance(x, tuple):
+            return {_MARK: "tuple", "items": [enc(v, f"{where}[{i}]") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x) and _MARK not in x:
+                return {k: enc(v, f"{where}.{k}") for k, v in x.items()}
+            return {_MARK: "dict", "items": [[enc(k, f"{where} key"), enc(v, f"{where}[{k!r}]")] for k, v in x.items()]}
+        raise TypeError(f"encode_state: state must hold only dicts, lists, numbers, strings and tensors; got "
+                        f"{type(x).__name__} at {where}.")
+
+    return enc(obj, "state"), tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_state`; an unknown marker or tensor name is a ``CheckpointError``."""
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        kind = x.get(_MARK)
+        if kind is None:
+            return {k: dec(v) for k, v in x.items()}
+        if kind == "tensor" and x.get("name") in tensors:
+            return tensors[x["name"]]
+        if kind == "tuple" and isinstance(x.get("items"), list):
+            return tuple(dec(v) for v in x["items"])
+        if kind == "dict" and isinstance(x.get("items"), list) and all(
+                isinstance(kv, list) and len(kv) == 2 for kv in x["items"]):
+            return {dec(k): dec(v) for k, v in x["items"]}
+        raise CheckpointError(f"decode_state: {STATE} must reference only stored tensors and known markers; got "
+                              f"{str(x)[:120]}.")
+
+    return dec(tree)
+
+
+# ---------------------------------------------------------------------------- folders
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the run folder's ``checkpoint-<step>.pt`` files, oldest first (``.tmp`` files excluded)."""
+    """``(step, folder)`` of the run folder's ``checkpoint-<step>/`` folders, oldest first."""
     found = []
     if out.is_dir():
         for p in out.iterdir():
             m = _CKPT_RE.match(p.name)
-            if m is not None and p.is_file():
+            if m is not None and p.is_dir():
                 found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest ``checkpoint-<step>.pt`` of ``out``, or None."""
-    found = checkpoints(out)
-    return found[-1][1] if found else None
+def legacy_checkpoints(out: Path) -> list[Path]:
+    """``checkpoint-<step>.pt`` files of an older ddk (pickle-based; never loaded)."""
+    return sorted(p for p in out.iterdir() if _LEGACY_RE.match(p.name)) if out.is_dir() else []
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename ``path`` to a hidden name first, so a half-deleted folder never looks like a checkpoint."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.removing-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    _rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the hidden folders a killed writer left (``.checkpoint-*``, ``.student.*``); call with
+    the run folder's lock held (then no other writer can be using them)."""
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.name.startswith((".checkpoint-", ".student.")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest ``checkpoint-<step>.pt`` files."""
+    """Delete all but the ``keep`` newest ``checkpoint-<step>/`` folders."""
     for _, p in checkpoints(out)[:-keep]:
-        p.unlink(missing_ok=True)
+        _remove_tree(p)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": FORMAT})
+    fsync_file(path)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``out/checkpoint-<step>.pt`` through a ``.tmp`` file and ``os.replace``; keep the newest ``keep``."""
-    path = out / f"checkpoint-{step}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"step": step, **state}, tmp)
-    os.replace(tmp, path)
+    """Write ``out/checkpoint-<step>/`` (tensors, state, manifest last; atomic); keep the newest ``keep``."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tree, tensors = encode_state({"step": step, **state})
+    _save_tensors(tmp / TENSORS, tensors)
+    _write_durable(tmp / STATE, json.dumps(tree))
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in (TENSORS, STATE)}
+    _write_durable(tmp / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, "step": step, "files": files},
+                                              indent=2))
+    fsync_dir(tmp)
+    if final.exists():  # a step redone after a resume from an older checkpoint
+        _remove_tree(final)
+    _rename(tmp, final)
+    fsync_dir(out)
     prune_checkpoints(out, keep)
-    return path
+    return final
+
+
+def _verified(path: Path, fn: str) -> None:
+    """Check the manifest, then every listed file's size and SHA-256; raise ``CheckpointError``."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{fn}: the checkpoint {path} must be complete and intact; got {why}.")
+
+    m = _CKPT_RE.match(path.name)
+    if not path.is_dir() or m is None:
+        raise bad("no checkpoint-<step> folder")
+    try:
+        man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise bad(f"no {MANIFEST} (the write did not finish)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"an unreadable {MANIFEST} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
+        raise bad(f"a {MANIFEST} of another format (expected format {FORMAT!r} version {VERSION})")
+    if man.get("step") != int(m.group(1)):
+        raise bad(f"a {MANIFEST} of step {man.get('step')!r} in the folder of step {m.group(1)}")
+    files = man.get("files")
+    if not isinstance(files, dict) or set(files) != {TENSORS, STATE}:
+        raise bad(f"a {MANIFEST} that lists {sorted(files) if isinstance(files, dict) else files!r} instead of "
+                  f"{[STATE, TENSORS]}")
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            raise bad(f"no {name}")
+        size = f.stat().st_size
+        if not isinstance(entry, dict) or size != entry.get("bytes"):
+            raise bad(f"{name} of {size} bytes where the manifest says {entry.get('bytes') if isinstance(entry, dict) else entry!r}")
+        digest = file_sha256(f)
+        if digest != entry.get("sha256"):
+            raise bad(f"{name} with SHA-256 {digest} where the manifest says {entry.get('sha256')}")
 
 
 def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
-    """Read a checkpoint (``weights_only=True``); an unreadable file is a ``ValueError`` naming it."""
+    """Verify (manifest, sizes, SHA-256) and read a checkpoint folder; nothing is unpickled.
+
+    Raises:
+        CheckpointError: the folder is incomplete, corrupted or not a checkpoint of this recipe
+            (the message names it and says why).
+    """
+    _verified(path, fn)
+    from safetensors.torch import load_file
+
     try:
-        ck = torch.load(path, weights_only=True, map_location="cpu")
-        if not isinstance(ck, dict) or "config" not in ck or "step" not in ck:
-            raise KeyError("config/step")
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign file: say which
-        raise ValueError(
-            f"{fn}: the checkpoint {path} must be a complete checkpoint of this recipe to resume; "
-            f"got an unreadable file ({type(exc).__name__}: {exc}). Nothing was overwritten: move it "
-            "away, or pass --no-resume to start over."
-        ) from exc
+        tensors = load_file(str(path / TENSORS), device="cpu")
+        tree = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except Exception as exc:  # noqa: BLE001 - digests match but the content is not ours
+        raise CheckpointError(f"{fn}: the checkpoint {path} must hold a readable {TENSORS} and {STATE}; got "
+                              f"{type(exc).__name__}: {exc}.") from None
+    ck = decode_state(tree, tensors)
+    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or ck.get("step") != int(path.name.split("-")[1]):
+        raise CheckpointError(f"{fn}: the checkpoint {path} must hold the step and config of this recipe; got "
+                              f"keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}.")
     return ck
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop the records of ``path`` (JSON lines with a ``step``) after ``max_step``."""
+def newest_valid_checkpoint(out: Path, fn: str = "distill") -> tuple[Path | None, list[str]]:
+    """``(newest verified checkpoint folder or None, why each newer one was passed over)``.
+
+    Only the manifest and digests are checked here (cheap); :func:`load_checkpoint` reads it.
+    """
+    passed: list[str] = []
+    for _, path in reversed(checkpoints(out)):
+        try:
+            _verified(path, fn)
+            return path, passed
+        except CheckpointError as exc:
+            passed.append(str(exc))
+    return None, passed
+
+
+# ---------------------------------------------------------------------------- JSONL logs
+def truncate_jsonl(path: Path, max_step: int, fn: str = "distill") -> None:
+    """Keep the records of ``path`` (JSON lines with a ``step``) up to ``max_step``.
+
+    A torn last line (a write cut by a crash or a full disk) is dropped with a warning; an
+    unreadable line before it is an error naming the file and the line.
+    """
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= max_step]
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    keep: list[str] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not a record")
+        except (UnicodeDecodeError, ValueError) as exc:
+            if i == len(lines):
+                print(f"warning: {fn}: dropped the torn last line {i} of {path} ({exc})", file=sys.stderr, flush=True)
+                break
+            raise ValueError(f"{fn}: every line of {path} must be a JSON record to resume; got line {i}: {exc}. "
+                             "Delete that line (the run resumes from its checkpoint), or pass --no-resume.") from None
+        step = rec.get("step", 0)
+        if not isinstance(step, (int, float)) or step <= max_step:
+            keep.append(line.decode("utf-8"))
     atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -104,7 +104,7 @@ class RecipeConfig:
     out: str = ""  # run folder; "" = runs/real/<method>-s<seed>
     log_every: int = 10
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2  # keep the last k checkpoint-<step>.pt files of the run folder
+    keep_checkpoints: int = 2  # keep the last k checkpoint-<step>/ folders of the run folder
     resume: bool = True
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
@@ -337,9 +337,11 @@ _HELP: dict[str, str] = {
     "log_every": "write a metrics.jsonl record every this many steps",
     "threads": "torch threads (0: torch's default)",
     "progress": "progress bars",
-    "checkpoint_every": "write checkpoint-<step>.pt every this many steps (and at the last step)",
-    "keep_checkpoints": "keep only the newest k checkpoint-<step>.pt files; --resume loads the newest",
-    "resume": "continue from the newest checkpoint of --out (--no-resume: start over, deleting the old run files)",
+    "checkpoint_every": "write checkpoint-<step>/ (safetensors + JSON + SHA-256 manifest) every this many steps (and "
+                        "at the last step, and on SIGTERM/SIGINT)",
+    "keep_checkpoints": "keep only the newest k checkpoint-<step>/ folders; --resume loads the newest valid one",
+    "resume": "continue from the newest valid checkpoint of --out (--no-resume: start over; the old run's files are "
+              "moved into --out/replaced-<time>/, never deleted)",
     "dist_backend": "process-group backend under torchrun: auto (nccl with CUDA, else gloo), gloo or nccl",
     "device": "where one process distills: auto (cuda:0 when CUDA is available, else cpu), cpu or cuda "
               "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU; with --dist-backend auto, "

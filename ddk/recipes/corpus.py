@@ -20,6 +20,7 @@ breaks; all records of a unit share its ``source`` and side.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddk._io import atomic_write_text, json_fingerprint
+from ddk._io import atomic_write_text, child_path, file_sha256, folder_lock, json_fingerprint, safe_name
 from ddk.recipes.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
 from ddk.partition.partitioner import stable_unit_hash
 
@@ -70,6 +71,11 @@ class CorpusConfig:
         skip_bad_lines: drop corrupted lines of ``user_jsonl`` files (each reported on stderr and
             counted under ``"skipped_lines"`` in the manifest) instead of raising ``CorpusError``.
             Not part of ``key()``: a build that succeeds without it gives the same corpus.
+
+    ``key()`` hashes the options and the *contents* of the user files and folders (SHA-256), so
+    an edited JSONL file or folder gives a new key; ``offline`` and ``cache_dir`` are left out
+    (they change how packages are had, not the corpus), and a build with a skipped domain is
+    never reused as complete (see ``build_corpus``).
     """
 
     domains: tuple[str, ...] = tuple(DOMAINS)
@@ -84,14 +90,24 @@ class CorpusConfig:
     skip_bad_lines: bool = False
 
     def key(self) -> str:
-        """Hash of everything that changes the built corpus (not the cache location)."""
+        """Hash of everything that changes the built corpus: options and user-file contents (not the cache location)."""
         d = asdict(self)
         d.pop("cache_dir")
         d.pop("offline")
         d.pop("skip_bad_lines")
-        d["user_folders"] = sorted((k, str(Path(v).resolve())) for k, v in self.user_folders.items())
-        d["user_jsonl"] = [str(Path(p).resolve()) for p in self.user_jsonl]
+        d["user_folders"] = sorted((k, _tree_digest(Path(v))) for k, v in self.user_folders.items())
+        d["user_jsonl"] = [file_sha256(p) if Path(p).is_file() else f"missing:{Path(p).resolve()}" for p in self.user_jsonl]
         return json_fingerprint(d)
+
+
+def _tree_digest(folder: Path) -> str:
+    """SHA-256 over the relative paths and contents of every file under ``folder`` (sorted)."""
+    if not folder.is_dir():
+        return f"missing:{folder.resolve()}"
+    sha = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        sha.update(str(f.relative_to(folder)).encode("utf-8", "surrogateescape") + b"\0" + file_sha256(f).encode())
+    return sha.hexdigest()
 
 
 def _check_config(cfg: CorpusConfig) -> None:
@@ -105,6 +121,8 @@ def _check_config(cfg: CorpusConfig) -> None:
         raise ValueError(f"{fn}: validation_fraction must be in (0, 1); got {cfg.validation_fraction!r}.")
     if not isinstance(cfg.record_chars, int) or cfg.record_chars < 16:
         raise ValueError(f"{fn}: record_chars must be an int >= 16; got {cfg.record_chars!r}.")
+    for name in cfg.user_folders:
+        safe_name(fn, "user_folders names", name, "A domain name names its folder in the corpus.")
     clash = sorted(set(cfg.user_folders) & set(cfg.domains))
     if clash:
         raise ValueError(f"{fn}: user_folders names must differ from the built-in domains collected; got {clash}.")
@@ -179,6 +197,11 @@ def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise",
     for i, r in enumerate(recs):
         if not isinstance(r["domain"], str) or not r["domain"] or not isinstance(r["text"], str):
             raise CorpusError(f"{fn}: records of {path} must have a non-empty str 'domain' and a str 'text'; got record {i}: {str(r)[:120]}.")
+        try:
+            safe_name(fn, f"the domain of record {i} of {path}", r["domain"],
+                      "A domain name names its folder in the corpus: rename the domain in the file.")
+        except ValueError as exc:
+            raise CorpusError(str(exc)) from None
         src = str(r.get("source") or r.get("id") or f"{Path(path).name}:{i}")
         grouped.setdefault(r["domain"], {}).setdefault(src, []).append(r["text"])
     return {
@@ -258,9 +281,14 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
                  force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Collect the domains, split and cap them, and write the JSONL files and the manifest.
 
-    A folder already built with the same ``config.key()`` is reused unless ``force``. Domains
-    that cannot be had (package missing, fetch failure, too few units) are reported on stderr by
-    name and listed under ``"skipped"`` in the manifest; they never vanish silently.
+    A folder already built with the same ``config.key()`` is reused unless ``force``, provided
+    its build was complete and every JSONL file still has the SHA-256 of the manifest (else it is
+    rebuilt, with a warning). Domains that cannot be had (package missing, fetch failure, too few
+    units) are reported on stderr by name and listed under ``"skipped"`` in the manifest (which
+    then says ``"complete": false``, so the next build tries them again); they never vanish
+    silently. Domain names must be safe file names (no separator, no ``..``): every file is
+    written inside ``out_dir``. One build writes a folder (and a package cache) at a time; a
+    second one waits for it.
 
     Args:
         out_dir: the corpus folder.
@@ -277,15 +305,52 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
     """
     _check_config(config)
     out = Path(out_dir)
+    with folder_lock(out, "build_corpus", "out_dir", wait=True):  # one writer per corpus folder; others wait
+        return _build_corpus(out, config, force, progress)
+
+
+def _reusable(out: Path, key: str) -> dict[str, Any] | None:
+    """The manifest of ``out`` if it was built with ``key``, is complete (no skipped domain) and its
+    files still have their SHA-256; else None (with a warning saying why, when it is not a plain miss)."""
+    try:
+        old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"warning: corpus: rebuilding {out}: its {MANIFEST} is unreadable ({exc})", file=sys.stderr)
+        return None
+    if not isinstance(old, dict) or old.get("key") != key:
+        return None
+    if old.get("skipped"):
+        print(f"warning: corpus: rebuilding {out}: its last build skipped {sorted(old['skipped'])}; trying them again",
+              file=sys.stderr)
+        return None
+    for name, entry in (old.get("domains") or {}).items():
+        for side in SPLITS:
+            f = out / name / f"{side}.jsonl"
+            want = (entry.get(side) or {}).get("sha256")
+            if _name_problem_free(name) and f.is_file() and want is not None and file_sha256(f) == want:
+                continue
+            print(f"warning: corpus: rebuilding {out}: {f} is missing or changed since it was built", file=sys.stderr)
+            return None
+    return old
+
+
+def _name_problem_free(name: str) -> bool:
+    try:
+        safe_name("build_corpus", "domain", name)
+        return True
+    except ValueError:
+        return False
+
+
+def _build_corpus(out: Path, config: CorpusConfig, force: bool, progress: bool) -> dict[str, Any]:
+    key = config.key()
     man_path = out / MANIFEST
-    if not force and man_path.is_file():
-        try:
-            old = json.loads(man_path.read_text(encoding="utf-8"))
-            if old.get("key") == config.key():
-                return old
-        except json.JSONDecodeError:
-            pass
-    out.mkdir(parents=True, exist_ok=True)
+    if not force:
+        old = _reusable(out, key)
+        if old is not None:
+            return old
     t0 = time.perf_counter()
     sources, skipped, skipped_lines = _collect_sources(config)
     domains = _write_domains(out, sources, skipped, config, progress)
@@ -295,7 +360,9 @@ def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusC
         raise ValueError(f"build_corpus: at least one domain must be available; got none (skipped: {skipped}).")
     manifest = {
         "version": _MANIFEST_VERSION,
-        "key": config.key(),
+        "key": key,
+        "complete": not skipped,
+        "digest": json_fingerprint({d: {side: e[side]["sha256"] for side in SPLITS} for d, e in domains.items()}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.perf_counter() - t0, 1),
         "config": {**asdict(config), "user_folders": dict(config.user_folders),
@@ -317,13 +384,15 @@ def _collect_sources(config: CorpusConfig) -> tuple[_Sources, dict[str, str], di
     cache = PackageCache(config.cache_dir or DEFAULT_CACHE_DIR, offline=config.offline)
     sources: _Sources = {}
     skipped: dict[str, str] = {}
-    for name in config.domains:
-        spec = DOMAINS[name]
-        try:
-            prov, units = spec.units(cache)
-            sources[name] = (prov, spec.licence, spec.description, units)
-        except (DomainUnavailable, OSError, ValueError) as e:
-            skipped[name] = str(e)
+    if config.domains:  # one writer per package cache: two builds would break each other's dpkg -x
+        with folder_lock(cache.root, "build_corpus", "cache_dir", wait=True):
+            for name in config.domains:
+                spec = DOMAINS[name]
+                try:
+                    prov, units = spec.units(cache)
+                    sources[name] = (prov, spec.licence, spec.description, units)
+                except (DomainUnavailable, OSError, ValueError) as e:
+                    skipped[name] = str(e)
     for name, folder in sorted(config.user_folders.items()):
         try:
             sources[name] = (f"folder:{Path(folder).resolve()}", "user-provided", "user folder; unit = file",
@@ -359,12 +428,12 @@ def _write_domains(out: Path, sources: _Sources, skipped: dict[str, str], config
             skipped[name] = str(e)
             continue
         entry: dict[str, Any] = {"provenance": prov, "licence": lic, "description": desc, "units": len(units)}
-        ddir = out / name
+        ddir = child_path("build_corpus", "domain", out, name)  # never outside the corpus folder
         ddir.mkdir(parents=True, exist_ok=True)
         for side in SPLITS:
             recs, stats = _take(name, sides[side], budgets[side], config.record_chars)
             _write_jsonl_atomic(ddir / f"{side}.jsonl", recs)
-            entry[side] = stats
+            entry[side] = {**stats, "sha256": file_sha256(ddir / f"{side}.jsonl")}
         if entry["train"]["records"] == 0 or entry["validation"]["records"] == 0:
             skipped[name] = "no non-empty text on one side of the split"
             continue
@@ -403,7 +472,7 @@ def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | 
     for side in SPLITS:
         rows: dict[str, list[str]] = {"id": [], "domain": [], "source": [], "text": []}
         for d in names:
-            for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", on_error=on_error,
+            for r in read_jsonl(child_path("load_corpus", "domain", corpus_dir, d) / f"{side}.jsonl", on_error=on_error,
                                 required=("id", "domain", "source", "text")):
                 for k in rows:
                     rows[k].append(r[k])
@@ -419,5 +488,6 @@ def domain_texts(corpus_dir: str | os.PathLike[str], side: str, domains: Sequenc
     """
     man = load_manifest(corpus_dir)
     names = list(domains) if domains is not None else list(man["domains"])
-    return {d: [r["text"] for r in read_jsonl(Path(corpus_dir) / d / f"{side}.jsonl", on_error=on_error, required=("text",))]
+    return {d: [r["text"] for r in read_jsonl(child_path("domain_texts", "domain", corpus_dir, d) / f"{side}.jsonl",
+                                              on_error=on_error, required=("text",))]
             for d in names}

@@ -28,14 +28,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ddk._io import atomic_write_text, file_sha256, folder_lock
 from ddk.distributed import broadcast_object, init_from_env, rank_world, rank_zero_first
 from ddk.losses import causal_lm_kd_loss
 from ddk.recipes.config import RecipeConfig
-from ddk.recipes.distill import distill, log, make_optimizer
+from ddk.recipes.distill import distill, log, make_optimizer, run_folder_lock
 from ddk.sampling import MixtureSampler
 
 __all__ = ["demo_config", "demo_corpus", "demo_student", "demo_teacher", "llama_config", "run_demo"]
 
+META = "demo_meta.json"
 _TEACHER_KEYS = ("teacher_hidden", "teacher_layers", "teacher_heads", "teacher_intermediate", "teacher_steps",
                  "teacher_lr", "teacher_batch_size", "teacher_seed", "weight_decay", "grad_clip", "warmup_steps",
                  "min_lr_ratio", "seq_len")
@@ -51,13 +53,14 @@ def demo_corpus(cfg: RecipeConfig) -> tuple[Path, list[str], Path]:
                         max_chars=cfg.max_chars, validation_fraction=cfg.validation_fraction, seed=0,
                         cache_dir=str(root / "debs"), offline=cfg.offline, skip_bad_lines=cfg.skip_bad_lines)
     cdir = root / "corpus" / ccfg.key()
-    man = build_corpus(cdir, ccfg, progress=cfg.progress)
-    names = sorted(man["domains"])
-    tdir = cdir / f"tokenizer-v{cfg.vocab_size}"
-    if not (tdir / "tokenizer.json").is_file():
-        log(f"tokenizer: training byte-level BPE (vocab {cfg.vocab_size}) on the training split")
-        texts = domain_texts(cdir, "train", names, on_error="skip" if cfg.skip_bad_lines else "raise")
-        train_tokenizer((t for d in names for t in texts[d]), tdir, vocab_size=cfg.vocab_size)
+    with folder_lock(cdir, "demo_corpus", "data_dir", wait=True):  # one writer; another demo waits, then reuses
+        man = build_corpus(cdir, ccfg, progress=cfg.progress)
+        names = sorted(man["domains"])
+        tdir = cdir / f"tokenizer-v{cfg.vocab_size}-{man['digest']}"  # keyed by the corpus files' digests
+        if not (tdir / "tokenizer.json").is_file():
+            log(f"tokenizer: training byte-level BPE (vocab {cfg.vocab_size}) on the training split")
+            texts = domain_texts(cdir, "train", names, on_error="skip" if cfg.skip_bad_lines else "raise")
+            train_tokenizer((t for d in names for t in texts[d]), tdir, vocab_size=cfg.vocab_size)  # atomic
     return cdir, names, tdir
 
 
@@ -79,15 +82,42 @@ def llama_config(cfg: RecipeConfig, who: str, vocab_size: int) -> Any:
 
 
 def _save_model(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any]) -> None:
-    """``save_pretrained`` of model and tokenizer plus ``demo_meta.json``, into ``folder`` atomically."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """``save_pretrained`` of model and tokenizer plus ``demo_meta.json`` (with every file's SHA-256),
+    into ``folder`` atomically."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    (tmp / "demo_meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "files": {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}}
+    atomic_write_text(tmp / META, json.dumps(meta, indent=2))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cached_model(folder: Path, what: str) -> dict[str, Any] | None:
+    """``demo_meta.json`` of a cached demo model whose files all have their recorded SHA-256, else None
+    (a plain miss, or, with a warning, an unreadable meta file or a changed weight file: rebuilt)."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log(f"warning: {what}: rebuilding {folder}: its {META} is unreadable ({type(exc).__name__}: {exc})")
+        return None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not files:
+        log(f"warning: {what}: rebuilding {folder}: its {META} lists no file digests")
+        return None
+    for name, digest in files.items():
+        f = folder / str(name)
+        if Path(str(name)).name != name or not f.is_file() or file_sha256(f) != digest:
+            log(f"warning: {what}: rebuilding {folder}: {f} is missing or changed since it was saved")
+            return None
+    return meta
 
 
 def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
@@ -97,10 +127,10 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
     from ddk.data import DomainCollator, tokenizer_hash
 
     folder = cfg.data_path / "teachers" / cfg.hash_of(_TEACHER_KEYS, extra=[packed.key, tokenizer_hash(tokenizer)])
-    if (folder / "demo_meta.json").is_file():
+    meta = _cached_model(folder, "teacher")
+    if meta is not None:
         if cfg.progress:
-            meta = json.loads((folder / "demo_meta.json").read_text())
-            log(f"teacher: cached at {folder} (trained in {meta['train_seconds']:.0f} s)")
+            log(f"teacher: cached at {folder} (trained in {float(meta.get('train_seconds') or 0):.0f} s)")
         return folder
     t0 = time.perf_counter()
     torch.manual_seed(cfg.teacher_seed)
@@ -143,7 +173,7 @@ def demo_student(cfg: RecipeConfig, tokenizer: Any) -> Path:
 
     keys = ("student_hidden", "student_layers", "student_heads", "student_intermediate", "seq_len", "seed")
     folder = cfg.data_path / "students" / cfg.hash_of(keys, extra=tokenizer_hash(tokenizer))
-    if not (folder / "demo_meta.json").is_file():
+    if _cached_model(folder, "student") is None:
         torch.manual_seed(cfg.seed)
         _save_model(LlamaForCausalLM(llama_config(cfg, "student", len(tokenizer))), tokenizer, folder,
                     {"config": {k: getattr(cfg, k) for k in keys}})
@@ -167,8 +197,10 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
         packed = pack_domains(records, tokenizer, seq_len=cfg.seq_len, val_samples=cfg.val_samples,
                               validation=load_records(list(validation), progress=cfg.progress),
                               cache_dir=cfg.data_path / "packed", progress=cfg.progress)
-        teacher = demo_teacher(cfg, packed, tokenizer)
-        student = demo_student(cfg, tokenizer)
+        with folder_lock(cfg.data_path / "teachers", "demo_config", "data_dir", wait=True):  # one trainer per cache
+            teacher = demo_teacher(cfg, packed, tokenizer)
+        with folder_lock(cfg.data_path / "students", "demo_config", "data_dir", wait=True):
+            student = demo_student(cfg, tokenizer)
     return dataclasses.replace(cfg, teacher=str(teacher), student=str(student), tokenizer=str(tdir), data=train,
                                validation_data=validation)
 
@@ -181,12 +213,13 @@ def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
     """
     created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
     try:
-        if broadcast_object((cfg.run_dir / "summary.json").is_file()):
-            cfg = dataclasses.replace(cfg, resume=False)
-        t0 = time.perf_counter()
-        cfg = demo_config(cfg)
-        t_prep = time.perf_counter() - t0
-        summary = distill(cfg)
+        with run_folder_lock(cfg):  # before the corpus and the teacher: a busy or read-only --out fails at once
+            if broadcast_object((cfg.run_dir / "summary.json").is_file()):
+                cfg = dataclasses.replace(cfg, resume=False)
+            t0 = time.perf_counter()
+            cfg = demo_config(cfg)
+            t_prep = time.perf_counter() - t0
+            summary = distill(cfg)
         if rank_world()[0] == 0:
             print(f"\ntimes: corpus + tokenizer + teacher {t_prep:.0f} s, distill {summary['wall_seconds']:.0f} s, "
                   f"total {time.perf_counter() - t0:.0f} s")

@@ -13,10 +13,17 @@ batch-to-loss code ``DDKTrainer`` uses. Methods, at an equal token budget:
 * ``ddk-online``: the discrepancy from the training batches' per-domain CE (the teacher's side
   is its validation CE), instead of validation passes.
 
-The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>.pt``
-(student, optimizer, LR schedule, RNG states, controller; atomic; the newest
-``keep_checkpoints`` kept; resumed from the newest), ``student/`` (``save_pretrained`` plus the
-tokenizer), ``summary.json`` and plots.
+The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>/``
+(student, optimizer, LR schedule, RNG states, controller: safetensors + JSON + a SHA-256
+manifest written last, see ``ddk.recipes.checkpoint``; the newest ``keep_checkpoints`` kept;
+resumed from the newest valid one), ``student/`` (``save_pretrained`` plus the tokenizer and
+``ddk_run.json``, the digest of the config that trained it), ``summary.json`` and plots.
+
+A run folder has one writer: rank 0 holds its advisory lock (``.lock``, with its pid) for the
+whole run, and a second ``ddk distill`` on it stops with an error naming that pid. A fresh start
+(``--no-resume``, or no checkpoint) moves the previous run's files into ``replaced-<time>/``
+instead of deleting them. SIGTERM/SIGINT finish the current step, write a checkpoint and raise
+``Preempted`` (the CLI exits with 75); the same command then resumes.
 
 This loop is the CLI's own rather than a layer over ``DDKTrainer``: it checkpoints the sampler,
 the RNG states and the optimizer in one file per step, which is what makes SIGKILL-and-resume
@@ -41,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddk._io import atomic_write_text
+from ddk._io import atomic_write_text, folder_lock, json_fingerprint
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
 from ddk.distributed import (
@@ -61,16 +68,28 @@ from ddk.recipes import checkpoint as ckpt
 from ddk.recipes.config import METHODS, RecipeConfig
 from ddk.recipes.models import autocast_dtype, load_models, save_student
 from ddk.recipes.parallel import device_for, full_student_state, global_sums, load_train_state, parallelize, train_state
+from ddk.recipes.preempt import Preempted, StopSignals
 from ddk.reliability import NonFiniteGuard, grad_norm
 from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
 
-__all__ = ["DistillStep", "distill", "evaluate", "make_optimizer"]
+__all__ = ["DistillStep", "Preempted", "config_digest", "distill", "evaluate", "make_optimizer"]
 
 SMOOTHER_MODE = {"cpt": "uniform", "kd": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}
 # options that may change between a checkpoint and its resume
 RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline",
                   "on_nonfinite", "skip_bad_lines", "keep_checkpoints", "dist_backend", "debug_checks", "device")
+
+
+# artefacts of a run, moved aside (never deleted) when the folder starts over
+RUN_FILES = ("config.json", "metrics.jsonl", "controller.jsonl", "summary.json", "eval.json", "weights.png", "gaps.png",
+             "student")
+RUN_INFO = "ddk_run.json"  # in student/: the digest of the config that trained it
+
+
+def config_digest(cfg_dict: dict[str, Any]) -> str:
+    """Digest of the options that determine a run's result (``RESUME_IGNORED`` left out)."""
+    return json_fingerprint({k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED})
 
 
 def log(msg: str) -> None:
@@ -188,10 +207,19 @@ def distill(cfg: RecipeConfig, *, prepared: Any = None) -> dict[str, Any]:
     """
     created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
     try:
-        return _distill(cfg, prepared)
+        _check_run(cfg, rank_world()[1])
+        with run_folder_lock(cfg):
+            return _distill(cfg, prepared)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def run_folder_lock(cfg: RecipeConfig) -> Any:
+    """The run folder's lock on rank 0 (``ddk._io.folder_lock``; also checks it can be written); nothing elsewhere."""
+    if rank_world()[0] != 0:
+        return _nullcontext()
+    return folder_lock(cfg.run_dir, "distill", "out", hint="Wait for that run to finish (or stop it), or pass another --out.")
 
 
 def _check_run(cfg: RecipeConfig, world: int) -> None:
@@ -210,6 +238,10 @@ def _check_run(cfg: RecipeConfig, world: int) -> None:
 
 def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
     defaults = RecipeConfig().to_dict()  # options added since the checkpoint was written: their defaults
+    unknown = sorted(set(ck["config"]) - set(defaults))
+    if unknown:
+        raise ckpt.CheckpointError(f"distill: the checkpoint {path} must hold a config of this recipe; got unknown "
+                                   f"options {unknown[:10]}.")
     old = {k: v for k, v in {**defaults, **ck["config"]}.items() if k not in RESUME_IGNORED}
     new = {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED}
     if old != new:
@@ -232,7 +264,6 @@ class _Run:
     def __init__(self, cfg: RecipeConfig, prepared: Any) -> None:
         self.cfg = cfg
         self.rank, self.world = rank_world()
-        _check_run(cfg, self.world)
         self.device = device_for(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -287,25 +318,32 @@ class _Run:
                                         log_path=self.ctrl_path, online=cfg.method == "ddk-online")
 
     def start_or_resume(self) -> int:
-        """Resume from the newest checkpoint (rank 0 picks it, every rank loads it), else start: Eq. 1."""
+        """Resume from the newest valid checkpoint (rank 0 picks it, every rank loads it), else start: Eq. 1.
+
+        A newest checkpoint that is torn or corrupted (manifest, sizes, SHA-256) is passed over
+        with a warning for the previous one; if none is usable, nothing is written and the error
+        says why. A fresh start moves the previous run's files aside (``replaced-<time>/``).
+        """
         cfg, out = self.cfg, self.out
-        path = broadcast_object(ckpt.latest_checkpoint(out) if cfg.resume and self.rank == 0 else None)
+        picked: tuple[Path | None, str] = (None, "")
+        if self.rank == 0:
+            ckpt.remove_stale_temporaries(out)
+            if cfg.resume:
+                try:
+                    picked = (self._pick_checkpoint(), "")
+                except ValueError as exc:  # every rank raises it, none waits on the others
+                    picked = (None, str(exc))
+        path, error = broadcast_object(picked)
+        if error:
+            raise ValueError(error)
         if path is None:
             if self.rank == 0:
-                for p in (self.metrics_path, self.ctrl_path, out / "summary.json", *[p for _, p in ckpt.checkpoints(out)]):
-                    p.unlink(missing_ok=True)
+                _move_aside(out)
                 atomic_json(out / "config.json", self.cfg_dict)
             self.controller.start(self.step_mod)
             seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
             return 0
-        ck = ckpt.load_checkpoint(path)
-        _resume(ck, path, self.cfg_dict)
-        load_train_state(self.step_mod, self.student, self.opt, ck, cfg.fsdp)
-        self.sched.load_state_dict(ck["scheduler"])
-        self.controller.load_state_dict(ck["controller"])
-        self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
-        ckpt.set_rng_state(ck["rng"])
-        start = int(ck["step"])
+        start = self._load_checkpoint(path)
         if self.rank == 0:
             ckpt.truncate_jsonl(self.metrics_path, start)
             ckpt.truncate_jsonl(self.ctrl_path, start)
@@ -313,8 +351,45 @@ class _Run:
             log(f"distill: resumed {out} at step {start}")
         return start
 
+    def _pick_checkpoint(self) -> Path | None:
+        """The newest verified checkpoint of the run folder (warning about newer unusable ones), or None."""
+        out = self.out
+        path, passed = ckpt.newest_valid_checkpoint(out)
+        if path is None and passed:
+            raise ValueError(f"distill: a checkpoint of {out} must be complete and intact to resume; got none: "
+                             + " ".join(passed) + " Nothing was overwritten: pass --no-resume to start over (the old "
+                             "run is moved aside), or use another --out.")
+        for why in passed:
+            log(f"warning: {why} Resuming from the previous valid checkpoint {path.name}.")  # type: ignore[union-attr]
+        legacy = ckpt.legacy_checkpoints(out)
+        if path is None and legacy:
+            raise ValueError(f"distill: the checkpoints of {out} must be checkpoint-<step>/ folders (safetensors + "
+                             f"JSON) to resume; got {[p.name for p in legacy]} of an older ddk, which are never "
+                             "loaded (unpickling can run code). Pass --no-resume to start over (the old run is moved "
+                             "aside), or use another --out.")
+        return path
+
+    def _load_checkpoint(self, path: Path) -> int:
+        """Restore every state of the checkpoint ``path``; return its step."""
+        ck = ckpt.load_checkpoint(path)
+        _resume(ck, path, self.cfg_dict)
+        try:
+            load_train_state(self.step_mod, self.student, self.opt, ck, self.cfg.fsdp)
+            if not self.cfg.fsdp:
+                _check_optimizer_state(self.opt)
+            _check_like("scheduler", ck["scheduler"], self.sched.state_dict())
+            self.sched.load_state_dict(ck["scheduler"])
+            self.controller.load_state_dict(ck["controller"])
+            self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
+            ckpt.set_rng_state(ck["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"distill: the checkpoint {path} must hold the state of this run to resume; got "
+                             f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
+                             "(the old run is moved aside), or use another --out.") from None
+        return int(ck["step"])
+
     def save(self, step: int) -> None:
-        """``checkpoint-<step>.pt`` (rank 0 writes; under FSDP every rank gathers)."""
+        """``checkpoint-<step>/`` (rank 0 writes; under FSDP every rank gathers)."""
         student_state, opt_state = train_state(self.step_mod, self.student, self.opt, self.cfg.fsdp)
         ctrl_state = self.controller.state_dict()
         if self.world > 1 and self.controller.online:  # every rank's online sums, restored on rank 0 at resume
@@ -356,7 +431,8 @@ class _Run:
         self.student.train()
         bar = tqdm(range(start_step + 1, steps + 1), desc=f"distill {cfg.method}", initial=start_step, total=steps,
                    disable=not cfg.progress or self.rank != 0)
-        with self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf:
+        with (self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf,
+              StopSignals("distill") as stop):
             for step in bar:
                 lo, finite = self.train_step(step, collate)
                 n_rec = len(self.controller.records)
@@ -373,16 +449,36 @@ class _Run:
                     if not cfg.fsdp:  # FSDP shards differ by design
                         sums["student parameters"] = tensor_checksum(self.student.parameters())
                     check_same_across_ranks(sums, where=f"distill step {step}")
-                if step % cfg.checkpoint_every == 0 or step == steps:
+                saved = step % cfg.checkpoint_every == 0 or step == steps
+                if saved:
                     self.save(step)
+                signum = self._stop_signal(stop)
+                if signum:
+                    if not saved:
+                        self.save(step)
+                    bar.close()
+                    name = stop.signame or f"signal {signum}"
+                    log(f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
+                        "command to resume.")
+                    raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
         bar.close()
+
+    def _stop_signal(self, stop: StopSignals) -> int:
+        """The signal number any rank received (0: none); one small all-reduce per step under torchrun."""
+        flag = stop.signum or 0
+        if self.world > 1:
+            t = torch.tensor([float(flag)], device=collective_device(self.device))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
 
     def finish(self) -> dict[str, Any]:
         """Final validation pass, ``student/``, ``summary.json``, plots and the table (rank 0)."""
         cfg, out = self.cfg, self.out
         self.student.eval()
         final = self.estimator.estimate(self.step_mod)
-        save_student(full_student_state(self.step_mod, self.student, cfg.fsdp), self.student, self.tokenizer, out)
+        save_student(full_student_state(self.step_mod, self.student, cfg.fsdp), self.student, self.tokenizer, out,
+                     run_info={"config_digest": config_digest(self.cfg_dict), "method": cfg.method, "steps": self.steps})
         summary = {
             "method": cfg.method, "seed": cfg.seed, "domains": self.names,
             "student_ce": final.student_ce.tolist(), "teacher_ce": final.teacher_ce.tolist(),
@@ -405,6 +501,61 @@ class _Run:
         for p in summary["plots"]:
             print(f"plot: {p}")
         return summary
+
+
+def _move_aside(out: Path) -> Path | None:
+    """Move the previous run's files (``RUN_FILES``, checkpoints) into ``out/replaced-<time>/``; never delete them."""
+    old = [out / n for n in RUN_FILES if (out / n).exists()]
+    old += [p for _, p in ckpt.checkpoints(out)] + ckpt.legacy_checkpoints(out)
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out / f"replaced-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / f"replaced-{stamp}-{n}"
+    dest.mkdir()
+    for p in old:
+        os.replace(p, dest / p.name)
+    log(f"distill: starting over in {out}; the previous run's files were moved to {dest}")
+    return dest
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Every per-parameter tensor of the loaded optimizer state has its parameter's shape."""
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f"optimizer state {k!r} of parameter {i} of group {g} must have the parameter's "
+                                     f"shape {tuple(p.shape)}; got {tuple(v.shape)}.")
+
+
+def _check_like(where: str, got: Any, like: Any) -> None:
+    """``got`` has the structure of ``like`` (same keys, list lengths and kinds of value; numbers interchange)."""
+    def kind(x: Any) -> str:
+        if isinstance(x, bool):
+            return "bool"
+        if isinstance(x, (int, float)):
+            return "number"
+        return "none" if x is None else type(x).__name__
+
+    if isinstance(like, dict):
+        if not isinstance(got, dict) or set(got) != set(like):
+            raise ValueError(f"{where} must have the keys {sorted(like)}; got "
+                             f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
+        for k in like:
+            _check_like(f"{where}.{k}", got[k], like[k])
+    elif isinstance(like, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(like):
+            raise ValueError(f"{where} must be a list of {len(like)}; got {str(got)[:80]}.")
+        for i, (a, b) in enumerate(zip(got, like)):
+            _check_like(f"{where}[{i}]", a, b)
+    elif like is not None and kind(got) != kind(like):
+        raise ValueError(f"{where} must be a {kind(like)}; got {got!r}.")
+    elif kind(got) == "number" and not math.isfinite(got):
+        raise ValueError(f"{where} must be finite; got {got!r}.")
 
 
 def _forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], norm: torch.Tensor | None, accum: int
@@ -466,22 +617,55 @@ def _metrics(run: _Run, step: int, lo: KDLossOutput, finite: bool, n_rec: int) -
     return rec
 
 
-def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Per-domain validation CE of a finished run's student and of its teacher; writes ``eval.json``."""
-    from transformers import AutoModelForCausalLM
-
+def _read_run_config(run: Path, fn: str = "evaluate") -> RecipeConfig:
+    """The ``config.json`` of a run folder, validated like user input (types, ranges, known options)."""
     from ddk.recipes.config import make_config
+
+    path = run / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{fn}: {path} must be the JSON config written by ddk distill; got an unreadable file "
+                         f"({type(exc).__name__}: {exc}).") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{fn}: {path} must hold a mapping of config options; got {type(saved).__name__}.")
+    try:
+        return make_config(**saved)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {path} must be a valid config written by ddk distill; got: {exc}") from None
+
+
+def _check_student_of(run: Path, cfg: RecipeConfig, fn: str = "evaluate") -> None:
+    """``run/student`` was trained with ``run/config.json`` (its ``ddk_run.json`` holds the same digest)."""
+    want = config_digest(cfg.to_dict())
+    try:
+        got = json.loads((run / "student" / RUN_INFO).read_text(encoding="utf-8")).get("config_digest")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        got = None
+    if got != want:
+        raise ValueError(f"{fn}: the student/ of {str(run)!r} must be the one trained with its config.json (config "
+                         f"digest {want}); got {'a student of config digest ' + repr(got) if got else 'a student without a readable ' + RUN_INFO}. "
+                         "It is left from another run: rerun `ddk distill` with this folder's config.")
+
+
+def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-domain validation CE of a finished run's student and of its teacher; writes ``eval.json``.
+
+    The run's ``config.json`` is validated like user input, and the student must carry the digest
+    of that config (``student/ddk_run.json``): a ``student/`` left from another run is refused.
+    """
     from ddk.recipes.data import distill_data
+    from ddk.recipes.models import _from_pretrained
     from ddk.recipes.report import format_table
 
     run = Path(run_dir)
     if not (run / "student" / "config.json").is_file() or not (run / "config.json").is_file():
         raise ValueError(f"evaluate: run_dir must be a finished distill run (with config.json and student/); got {str(run)!r}.")
-    saved = json.loads((run / "config.json").read_text())
-    cfg = make_config(**saved)
+    cfg = _read_run_config(run)
+    _check_student_of(run, cfg)
     device = device_for(cfg)
     teacher, _, tokenizer = load_models(cfg, device)
-    student = AutoModelForCausalLM.from_pretrained(str(run / "student")).to(device).eval()
+    student = _from_pretrained("student", str(run / "student"), fn="evaluate").to(device).eval()
     packed = distill_data(cfg, tokenizer)
     est = DiscrepancyEstimator(packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce, device=device,
                                progress=cfg.progress)

@@ -4,6 +4,7 @@ distilled student saved with its tokenizer."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ddk._io import fsync_dir, fsync_file
 from ddk.distributed import rank_world
 from ddk.recipes.config import RecipeConfig
 
@@ -29,20 +31,21 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
 
 
-def _from_pretrained(kind: str, name: str, **kwargs: Any) -> Any:
-    """``Auto*.from_pretrained(name)``; a missing local folder is an error naming it."""
+def _from_pretrained(kind: str, name: str, fn: str = "distill", **kwargs: Any) -> Any:
+    """``Auto*.from_pretrained(name)``; a missing local folder, or one that fails to load (a torn
+    safetensors file, a garbage config), is an error naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(os.path.expanduser(name))
     if not path.exists() and _looks_local(name):
-        raise ValueError(f"distill: {kind} must be a folder written by save_pretrained (or a hub name); "
+        raise ValueError(f"{fn}: {kind} must be a folder written by save_pretrained (or a hub name); "
                          f"got {name!r}, which does not exist.")
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
         return loader.from_pretrained(str(path) if path.exists() else name, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"distill: {kind} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
-                         f"folder or hub name; loading {name!r} failed: {exc}") from exc
+    except Exception as exc:  # OSError, ValueError, SafetensorError, JSONDecodeError, ...: name the folder
+        raise ValueError(f"{fn}: {kind} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
+                         f"folder or hub name; loading {name!r} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def output_rows(model: Any) -> int:
@@ -109,19 +112,33 @@ def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]
     return teacher, student, tokenizer
 
 
-def save_student(state: dict[str, torch.Tensor] | None, student: Any, tokenizer: Any, out: Path) -> Path | None:
+def save_student(state: dict[str, torch.Tensor] | None, student: Any, tokenizer: Any, out: Path,
+                 run_info: dict[str, Any] | None = None) -> Path | None:
     """``out/student`` with ``save_pretrained`` (weights and config) plus the tokenizer, by rank 0.
 
-    ``state`` is the full student state (gathered under FSDP2); written through ``student.tmp``
-    and ``os.replace``, so ``AutoModelForCausalLM.from_pretrained(out/"student")`` and
-    ``AutoTokenizer.from_pretrained(out/"student")`` load a complete folder or none.
+    ``state`` is the full student state (gathered under FSDP2); ``run_info`` (the config digest
+    of the run) goes to ``student/ddk_run.json``. Written into a hidden temporary folder, every
+    file ``fsync``-ed, then renamed into place (the old folder renamed away first), so
+    ``from_pretrained(out/"student")`` loads a complete folder or none.
     """
     if rank_world()[0] != 0 or state is None:
         return None
-    tmp = out / "student.tmp"
+    final = out / "student"
+    tmp = out / f".student.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(str(tmp), state_dict=state)
     tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out / "student", ignore_errors=True)
-    os.replace(tmp, out / "student")
-    return out / "student"
+    if run_info is not None:
+        (tmp / "ddk_run.json").write_text(json.dumps(run_info, indent=2), encoding="utf-8")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_file(f)
+    fsync_dir(tmp)
+    old = out / f".student.old-{os.getpid()}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -43,6 +43,10 @@ def _is_int(x: object) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def _fmt_list(xs: Sequence[Any], limit: int = 8) -> str:
     xs = list(xs)
     body = ", ".join(repr(float(x)) if isinstance(x, (float, np.floating)) else repr(x) for x in xs[:limit])
@@ -608,7 +612,22 @@ class MixtureSampler:
             ValueError: a missing key or a field that does not match or is invalid (named); the
                 sampler is left unchanged.
         """
-        fn = f"{_NAME}.load_state_dict"
+        self._commit_state(self.check_state_dict(state, rank=rank, world_size=world_size))
+
+    def check_state_dict(self, state: dict[str, Any], *, rank: int | None = None,
+                         world_size: int | None = None, fn: str | None = None) -> dict[str, Any]:
+        """Validate a ``state_dict()`` for this sampler without changing anything; return it parsed.
+
+        Every field is checked for type and range: ``carry`` numbers in ``[-B, B]``, ``passes`` and
+        ``positions`` ints consistent with ``batches_yielded`` (``sum(passes * sizes + positions)
+        == batches_yielded * B``, which also bounds the counts), normalised weights. The result is
+        what ``load_state_dict`` commits; ``DDKController.load_state_dict`` checks every part
+        first, so a rejected state changes nothing.
+
+        Raises:
+            ValueError: the first invalid field, named.
+        """
+        fn = fn or f"{_NAME}.load_state_dict"
         if not isinstance(state, dict):
             raise TypeError(f"{fn}: state must be a dict from state_dict(); got {type(state).__name__}.")
         new_rank = self._rank if rank is None else rank
@@ -636,26 +655,37 @@ class MixtureSampler:
         if not _is_int(batches) or batches < 0:
             raise ValueError(f"{fn}: batches_yielded must be an int >= 0; got {batches!r}.")
 
-        def vector(key: str, kind: type) -> np.ndarray:
+        def vector(key: str, kind: type) -> list[Any]:
             value = state[key]
             if not isinstance(value, (list, tuple)) or len(value) != D:
                 raise ValueError(f"{fn}: {key} must be a list of {D} numbers (one per domain); got {value!r}.")
             if kind is int and not all(_is_int(x) for x in value):
                 raise ValueError(f"{fn}: {key} must hold ints; got {value!r}.")
-            arr = np.asarray(value, dtype=np.float64 if kind is float else np.int64)
-            if not np.isfinite(arr).all():
+            if not all(_is_number(x) for x in value):
+                raise ValueError(f"{fn}: {key} must hold numbers; got {value!r}.")
+            if kind is float and not np.isfinite(np.asarray(value, dtype=np.float64)).all():
                 raise ValueError(f"{fn}: {key} must be finite; got {value!r}.")
-            return arr
+            return [int(x) for x in value] if kind is int else [float(x) for x in value]
 
-        carry = vector("carry", float)
+        carry = np.asarray(vector("carry", float), dtype=np.float64)
+        if (np.abs(carry) > self._B).any():
+            raise ValueError(f"{fn}: carry must be in [-{self._B}, {self._B}] per domain (the rounding carry of the "
+                             f"apportionment, normally in (-1, 1)); got {state['carry']!r}.")
         passes = vector("passes", int)
         positions = vector("positions", int)
-        if (passes < 0).any():
+        if any(x < 0 for x in passes):
             raise ValueError(f"{fn}: passes must be >= 0; got {state['passes']!r}.")
-        if (positions < 0).any() or (positions >= self._sizes).any():
+        if any(not 0 <= x < n for x, n in zip(positions, self._size_list)):
             raise ValueError(
                 f"{fn}: positions must be in [0, domain size) per domain; got {state['positions']!r} "
                 f"for domain_sizes {list(self._size_list)!r}."
+            )
+        drawn = sum(k * n + x for k, n, x in zip(passes, self._size_list, positions))  # Python ints: no overflow
+        if drawn != int(batches) * self._B:
+            raise ValueError(
+                f"{fn}: passes and positions must account for batches_yielded * global_batch_size = "
+                f"{int(batches) * self._B} samples (sum of passes * domain_size + positions); got {drawn} from passes "
+                f"{state['passes']!r} and positions {state['positions']!r}."
             )
         log = state["weight_log"]
         if not isinstance(log, (list, tuple)) or not log:
@@ -671,6 +701,8 @@ class MixtureSampler:
                     f"{fn}: weight_log indices must start at 0 and increase; got {[e[0] for e in log]!r}."
                 )
             try:
+                if not isinstance(w_raw, (list, tuple)) or not all(_is_number(x) for x in w_raw):
+                    raise TypeError
                 w = np.asarray(w_raw, dtype=np.float64)
             except (TypeError, ValueError):
                 raise ValueError(f"{fn}: weight_log weights must be lists of numbers; got {w_raw!r}.") from None
@@ -686,13 +718,17 @@ class MixtureSampler:
                 f"got {_fmt_list(state['weights'])}."
             )
 
-        # Validated: commit.
-        self._rank, self._world_size = int(new_rank), int(new_ws)
-        self._batches = int(batches)
-        self._carry = carry
-        self._pass = [int(x) for x in passes]
-        self._pos = [int(x) for x in positions]
-        self._log_idx, self._log_w = log_idx, log_w
+        return {"rank": int(new_rank), "world_size": int(new_ws), "batches": int(batches), "carry": carry,
+                "passes": passes, "positions": positions, "log_idx": log_idx, "log_w": log_w}
+
+    def _commit_state(self, parsed: dict[str, Any]) -> None:
+        """Apply a state parsed by :meth:`check_state_dict` (cannot fail)."""
+        self._rank, self._world_size = parsed["rank"], parsed["world_size"]
+        self._batches = parsed["batches"]
+        self._carry = parsed["carry"]
+        self._pass = list(parsed["passes"])
+        self._pos = list(parsed["positions"])
+        self._log_idx, self._log_w = parsed["log_idx"], parsed["log_w"]
         self._cur_meta = None
         self._snapshots.clear()
 

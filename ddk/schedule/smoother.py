@@ -220,27 +220,63 @@ class FactorSmoother:
         """Restore weights and history saved by ``state_dict``.
 
         ``alpha``, ``mode`` and ``init`` stay those given to the constructor (so a resumed run may
-        change them); ``num_domains`` must match.
+        change them); ``num_domains`` must match. The state is validated whole first
+        (:meth:`check_state_dict`); a rejected state changes nothing.
         """
-        fn = "FactorSmoother.load_state_dict"
+        self._commit_state(self.check_state_dict(state))
+
+    def _commit_state(self, parsed: tuple[torch.Tensor | None, list[dict[str, Any]]]) -> None:
+        """Apply a state parsed by :meth:`check_state_dict` (cannot fail)."""
+        self._weights, self._history = parsed
+
+    def check_state_dict(self, state: dict[str, Any], fn: str = "FactorSmoother.load_state_dict"
+                         ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
+        """Validate a ``state_dict()`` without changing anything; return ``(weights, history)``.
+
+        ``weights``: ``None`` or ``num_domains`` finite numbers >= 0 summing to 1 (equal to the last
+        history entry's); ``history``: entries ``{"kind": "init" | "update", "ratio": D finite
+        numbers, "weights": D finite numbers >= 0 summing to 1}``.
+
+        Raises:
+            TypeError: not a dict from ``state_dict()``.
+            ValueError: the first invalid field, named.
+        """
         if not isinstance(state, dict) or "weights" not in state or "history" not in state:
             raise TypeError(f"{fn}: state must be a dict from FactorSmoother.state_dict(); got {type(state).__name__}.")
-        if state.get("num_domains") != self.num_domains:
+        d = self.num_domains
+        if state.get("num_domains") != d:
             raise ValueError(
-                f"{fn}: state['num_domains'] must equal this smoother's num_domains={self.num_domains}; "
+                f"{fn}: state['num_domains'] must equal this smoother's num_domains={d}; "
                 f"got {state.get('num_domains')!r}."
             )
+
+        def numbers(where: str, value: Any, simplex: bool) -> list[float]:
+            ok = isinstance(value, (list, tuple)) and len(value) == d and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+            if ok and simplex:
+                ok = all(x >= 0 for x in value) and abs(math.fsum(value) - 1.0) <= 1e-6
+            if not ok:
+                what = "finite weights >= 0 summing to 1" if simplex else "finite numbers"
+                raise ValueError(f"{fn}: {where} must be {d} {what}; got {value!r}.")
+            return [float(x) for x in value]
+
+        history = state["history"]
+        if not isinstance(history, list):
+            raise ValueError(f"{fn}: state['history'] must be a list of entries; got {type(history).__name__}.")
+        parsed: list[dict[str, Any]] = []
+        for i, h in enumerate(history):
+            if not isinstance(h, dict) or h.get("kind") not in ("init", "update"):
+                raise ValueError(f"{fn}: state['history'][{i}] must be a dict with kind 'init' or 'update'; got {str(h)[:120]}.")
+            parsed.append({"kind": h["kind"], "ratio": numbers(f"state['history'][{i}]['ratio']", h.get("ratio"), False),
+                           "weights": numbers(f"state['history'][{i}]['weights']", h.get("weights"), True)})
         w = state["weights"]
-        if w is not None:
-            t = torch.tensor(w, dtype=torch.float64)
-            if t.shape != (self.num_domains,) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                raise ValueError(f"{fn}: state['weights'] must be {self.num_domains} finite weights >= 0; got {w!r}.")
-            self._weights = t
-        else:
-            self._weights = None
-        self._history = [
-            {"kind": h["kind"], "ratio": list(h["ratio"]), "weights": list(h["weights"])} for h in state["history"]
-        ]
+        if w is None:
+            return None, parsed
+        t = torch.tensor(numbers("state['weights']", w, True), dtype=torch.float64)
+        if parsed and t.tolist() != parsed[-1]["weights"]:
+            raise ValueError(f"{fn}: state['weights'] must equal the last history entry's weights "
+                             f"{parsed[-1]['weights']}; got {w!r}.")
+        return t, parsed
 
     def __repr__(self) -> str:
         return (

@@ -317,9 +317,10 @@ def test_ddktrainer_fused_loss_never_allocates_tokens_by_vocab(tmp_path, monkeyp
     (the detector can fail). V = 8192 >> H = 32, and a 4 MiB workspace forces token chunks."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ddk_kernels import fused_chunked
+    from ddk_kernels import fused_chunked, fused_plan
 
-    monkeypatch.setattr(fused_chunked, "default_workspace_bytes", lambda device: 4 << 20)
+    monkeypatch.setattr(fused_plan, "default_workspace_bytes", lambda device: 4 << 20)
+    real_plan = fused_plan.plan_fused
     vocab, seq, b = 8192, 64, 4
     g = torch.Generator().manual_seed(0)
     train = [{"input_ids": torch.randint(0, vocab, (seq,), generator=g), "domain_id": i % 2} for i in range(16)]
@@ -334,13 +335,17 @@ def test_ddktrainer_fused_loss_never_allocates_tokens_by_vocab(tmp_path, monkeyp
                          method="kd", loss=loss, **COMMON)
         tr = DDKTrainer(model=make_model("llama", vocab, seed=2), teacher=make_model("llama", vocab, seed=1),
                         args=args, train_dataset=train, controller=ctrl)
-        tiles: list[tuple[int, int]] = []
-        fused_chunked._TILE_OBSERVER = tiles.append
-        try:
+        tiles: list[tuple[int, int]] = []  # the largest logits tile of each fused call's plan
+
+        def spy(*a, **kw):  # type: ignore[no-untyped-def]
+            plan = real_plan(*a, **kw)
+            tiles.append((plan.token_chunk, plan.vocab_tile))
+            return plan
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_chunked, "plan_fused", spy)
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 tr.train()
-        finally:
-            fused_chunked._TILE_OBSERVER = None
         return max(e.cpu_memory_usage for e in prof.events()), tiles
 
     naive, _ = peak("logits")

@@ -1,4 +1,4 @@
-"""``ddk distill``'s checkpoints: ``checkpoint-<step>.pt``, the newest ``keep_checkpoints`` kept,
+"""``ddk distill``'s checkpoints: ``checkpoint-<step>/``, the newest ``keep_checkpoints`` kept,
 ``--resume`` from the newest; in one process on the tiny models and corpus of ``recipe_cases``. The SIGKILL and truncated-file cases are in ``test_kill_resume``; many
 processes in ``test_distributed_distill``.
 """
@@ -51,18 +51,20 @@ def _crash_at_step(monkeypatch, cfg, step: int) -> None:  # type: ignore[no-unty
 
 
 def _resume_loading(monkeypatch, cfg) -> list[str]:  # type: ignore[no-untyped-def]
-    """Run ``distill`` again (resume) and return the names of the files it ``torch.load``ed."""
+    """Run ``distill`` again (resume) and return the names of the checkpoints it loaded."""
+    from ddk.recipes import checkpoint as ckpt
+
     loaded: list[str] = []
-    orig = torch.load
+    orig = ckpt.load_checkpoint
 
-    def spy(f, *a, **k):  # type: ignore[no-untyped-def]
-        loaded.append(Path(f).name)
-        return orig(f, *a, **k)
+    def spy(path, *a, **k):  # type: ignore[no-untyped-def]
+        loaded.append(Path(path).name)
+        return orig(path, *a, **k)
 
-    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setattr(ckpt, "load_checkpoint", spy)
     real.distill(cfg)
     monkeypatch.undo()
-    return [n for n in loaded if n.startswith("checkpoint")]
+    return loaded
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -78,14 +80,15 @@ def test_distill_keeps_last_k_checkpoints_and_resumes_from_the_newest(tmp_path, 
     ref_cfg = _config(tmp_path, "ref")
     real.distill(ref_cfg)
     ref = Path(ref_cfg.out)
-    assert _ckpts(ref) == ["checkpoint-5.pt", "checkpoint-6.pt"]  # every step written, the newest 2 kept, no .tmp
+    assert _ckpts(ref) == ["checkpoint-5", "checkpoint-6"]  # every step written, the newest 2 kept, no temporaries
+    assert sorted(p.name for p in ref.iterdir() if p.name.startswith(".")) == [".lock"]
 
     cfg = _config(tmp_path, "crash", keep_checkpoints=3)  # keep_checkpoints does not change the run
     run = Path(cfg.out)
     _crash_at_step(monkeypatch, cfg, 5)
-    assert _ckpts(run) == ["checkpoint-2.pt", "checkpoint-3.pt", "checkpoint-4.pt"]
-    assert _resume_loading(monkeypatch, cfg) == ["checkpoint-4.pt"]
-    assert _ckpts(run) == ["checkpoint-4.pt", "checkpoint-5.pt", "checkpoint-6.pt"]
+    assert _ckpts(run) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert _resume_loading(monkeypatch, cfg) == ["checkpoint-4"]
+    assert _ckpts(run) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
     _same_run(ref, run)
 
 
@@ -137,7 +140,7 @@ def test_distill_resume_with_another_config_names_the_checkpoint_and_overwrites_
     real.distill(cfg)
     run = Path(cfg.out)
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"distill: the checkpoint .*checkpoint-2\.pt must be of the same config to "
+    with pytest.raises(ValueError, match=r"distill: the checkpoint .*checkpoint-2 must be of the same config to "
                                          r"resume; got different \['lr'\] \(use another --out or --no-resume\)\."):
         real.distill(_config(tmp_path, "run", steps=2, lr=0.5))
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -91,9 +91,13 @@ def test_build_corpus_manifest_and_reuse(tmp_path, capsys):
     assert set(man["domains"]["mine"]) >= {"provenance", "licence", "train", "validation", "units"}
     assert man["domains"]["mine"]["units"] == 10
     assert man["domains"]["mine"]["train"]["sources"] + man["domains"]["mine"]["validation"]["sources"] == 10
-    (out / "mine" / "train.jsonl").write_text("")  # a rebuild would restore it; a reuse does not
-    assert build_corpus(out, _cfg(user_folders={"mine": str(src)}), progress=False)["created"] == man["created"]
-    assert (out / "mine" / "train.jsonl").read_text() == ""
+    good = (out / "mine" / "train.jsonl").read_text()
+    assert build_corpus(out, _cfg(user_folders={"mine": str(src)}), progress=False)["created"] == man["created"]  # reused
+    (out / "mine" / "train.jsonl").write_text("")  # its SHA-256 no longer matches the manifest: rebuilt
+    capsys.readouterr()
+    build_corpus(out, _cfg(user_folders={"mine": str(src)}), progress=False)
+    assert (out / "mine" / "train.jsonl").read_text() == good
+    assert "train.jsonl is missing or changed since it was built" in capsys.readouterr().err
 
 
 def test_build_corpus_reports_unavailable_domain_by_name(tmp_path, capsys):

@@ -26,6 +26,7 @@ yaml = pytest.importorskip("yaml")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from ddk.recipes.checkpoint import load_checkpoint  # noqa: E402
 from recipe_cases import own_cfg  # noqa: E402
 
 STEPS = 40
@@ -49,14 +50,14 @@ def _setup(tmp_path: Path, name: str, steps: int = STEPS) -> tuple[list[str], di
 
 
 def _latest_ckpt(run: Path) -> Path:
-    """The newest checkpoint-<step>.pt of the run folder."""
-    return max(run.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    """The newest checkpoint-<step>/ folder of the run folder."""
+    return max((p for p in run.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
 
 
 def _ckpt_step(run: Path) -> int | None:
     """Step of the last line of metrics.jsonl (written just before that step's checkpoint), or None."""
     p = run / "metrics.jsonl"
-    if not any(run.glob("checkpoint-*.pt")) or not p.is_file():
+    if not any(run.glob("checkpoint-*/manifest.json")) or not p.is_file():
         return None
     lines = [line for line in p.read_text().splitlines() if line.endswith("}")]
     return json.loads(lines[-1])["step"] if lines else None
@@ -94,7 +95,7 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
     assert killed_after is not None and proc.returncode == -signal.SIGKILL, (
         f"the run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
     proc.stderr.close()
-    saved = torch.load(_latest_ckpt(run), weights_only=True)["step"]
+    saved = load_checkpoint(_latest_ckpt(run))["step"]
     print(f"kill_at={kill_at} killed after metrics step {killed_after}, checkpoint step {saved}")
     assert 1 <= saved < STEPS and not (run / "summary.json").exists()
 
@@ -104,30 +105,49 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
 
 
+def _files(run: Path) -> dict[str, bytes]:
+    """Every file of the run folder but the lock (which holds the pid of its last writer)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
 @pytest.fixture(scope="module")
-def truncated(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A finished 4-step run whose newest checkpoint is cut in half, then the same command again (resume)."""
+def torn(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A finished 4-step run whose newest checkpoint's tensors are cut in half, then the same command again."""
     tmp_path = tmp_path_factory.mktemp("trunc")
     cmd, env, run = _setup(tmp_path, "trunc", steps=4)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     ckpt = _latest_ckpt(run)
-    assert ckpt.name == "checkpoint-4.pt"
-    blob = ckpt.read_bytes()
-    ckpt.write_bytes(blob[: len(blob) // 2])
-    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert ckpt.name == "checkpoint-4"
+    finished = load_file(str(run / "student" / "model.safetensors"))
+    blob = (ckpt / "tensors.safetensors").read_bytes()
+    (ckpt / "tensors.safetensors").write_bytes(blob[: len(blob) // 2])
     res = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
-    after = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    return ckpt, res, before, after
+    return cmd, env, run, finished, res
 
 
-def test_truncated_checkpoint_resume_fails_and_overwrites_nothing(truncated):
-    ckpt, res, before, after = truncated
-    assert res.returncode != 0
-    assert after.keys() == before.keys()
-    assert [k for k in before if after[k] != before[k]] == []
-
-
-def test_truncated_checkpoint_error_names_the_file(truncated):
-    ckpt, res, _, _ = truncated
+def test_torn_newest_checkpoint_falls_back_to_the_previous_one_bit_identically(torn):
+    _, _, run, finished, res = torn
     err = res.stderr.decode()
-    assert str(ckpt) in err, err[-2000:]
+    assert res.returncode == 0, err[-2000:]
+    assert f"the checkpoint {run / 'checkpoint-4'} must be complete and intact" in err, err[-2000:]
+    assert "Resuming from the previous valid checkpoint checkpoint-3." in err
+    again = load_file(str(run / "student" / "model.safetensors"))
+    assert [k for k in finished if not torch.equal(finished[k], again[k])] == []
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_no_valid_checkpoint_fails_naming_each_and_overwrites_nothing(torn):
+    cmd, env, run, _, _ = torn
+    for step in (3, 4):
+        f = run / f"checkpoint-{step}" / "tensors.safetensors"
+        blob = bytearray(f.read_bytes())
+        blob[-3] ^= 0x10  # one flipped bit in the tensor data
+        f.write_bytes(bytes(blob))
+    before = _files(run)
+    res = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+    err = res.stderr.decode()
+    assert res.returncode == 2, err[-2000:]
+    for step in (3, 4):
+        assert f"{run / f'checkpoint-{step}'} must be complete and intact; got tensors.safetensors with SHA-256" in err
+    assert "pass --no-resume to start over (the old run is moved aside)" in err
+    assert _files(run) == before

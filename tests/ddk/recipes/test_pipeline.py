@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import ddk.recipes.distill as distill_mod  # noqa: E402
+from ddk.recipes.checkpoint import load_checkpoint  # noqa: E402
 from ddk.recipes.cli import main  # noqa: E402
 from ddk.recipes.config import METHODS, make_config  # noqa: E402
 from recipe_cases import own_cfg, own_models  # noqa: E402
@@ -27,7 +28,8 @@ def test_cli_distill_own_models_end_to_end_and_the_student_reloads(tmp_path: Pat
             "--data-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     assert "mean" in capsys.readouterr().out  # the per-domain table
-    for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-4.pt", "summary.json", "weights.png"):
+    for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-4/manifest.json", "summary.json",
+              "weights.png"):
         assert (out / f).is_file(), f
     summary = json.loads((out / "summary.json").read_text())
     assert summary["domains"] == ["code", "math", "prose"]
@@ -35,7 +37,7 @@ def test_cli_distill_own_models_end_to_end_and_the_student_reloads(tmp_path: Pat
     tok = AutoTokenizer.from_pretrained(str(out / "student"))
     assert type(reloaded).__name__ == type(AutoModelForCausalLM.from_pretrained(str(student))).__name__
     assert len(tok) == len(AutoTokenizer.from_pretrained(str(student)))
-    final = torch.load(out / "checkpoint-4.pt", weights_only=True)["student"]
+    final = load_checkpoint(out / "checkpoint-4")["student"]
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, final[k]), k  # the saved student is the trained one
     if family in ("qwen2", "gpt2"):  # tied embeddings stay tied: one tensor, one gradient
@@ -48,7 +50,7 @@ def test_distill_all_methods_equal_budget_and_crash_resume(tmp_path: Path, monke
         cfg = own_cfg(tmp_path, method=m, out=str(tmp_path / "runs" / m))
         summaries[m] = distill_mod.distill(cfg)
         run = tmp_path / "runs" / m
-        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-6.pt", "summary.json",
+        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-6/manifest.json", "summary.json",
                   "student/config.json", "student/tokenizer.json", "weights.png", "gaps.png"):
             assert (run / f).is_file(), f"{m}: missing {f}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -196,9 +198,9 @@ def test_distill_never_allocates_tokens_by_vocab(tmp_path: Path, monkeypatch: py
     from transformers import PreTrainedTokenizerFast
 
     from ddk.data import pack_domains
-    from ddk_kernels import fused_chunked
+    from ddk_kernels import fused_plan
 
-    monkeypatch.setattr(fused_chunked, "default_workspace_bytes", lambda device: 1 << 20)  # tiles of at most 1 MiB
+    monkeypatch.setattr(fused_plan, "default_workspace_bytes", lambda device: 1 << 20)  # tiles of at most 1 MiB
     vocab, seq, b = 8192, 64, 4
     words = {"<eos>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab)}}
     backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
