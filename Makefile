@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.ext-built
 
 export PYTHONHASHSEED := 0
 
-.PHONY: setup ext demo demo-synthetic test test-all bench bench-gpu clean
+.PHONY: setup ext demo demo-synthetic test test-all docs bench bench-gpu clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: setup
 test-all: setup
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q --timeout=3600 $(PYTEST_ARGS)
 
+# The documentation site (MkDocs + mkdocstrings, from the docstrings) into site/; warnings fail.
+# Griffe reads the sources statically, so the compiled extension is not needed.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/latest.json $(PYTEST_ARGS)
 	$(PY) bench/report.py bench/results/latest.json
@@ -50,4 +55,4 @@ bench-gpu:
 	bash bench/gpu/run.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info ddk_kernels/_C*.so .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) build *.egg-info ddk_kernels/_C*.so .pytest_cache .hypothesis .benchmarks site
