@@ -45,7 +45,7 @@ class DDKController:
         online: estimate from the training batches passed to ``observe`` instead of validation
             passes at each update (``start`` still runs one validation pass for ``r_0``).
 
-    Example:
+    Examples:
         >>> # controller = DDKController(estimator, FactorSmoother(D), sampler, interval=1000)
         >>> # controller.start(student)
         >>> # for step, batch in enumerate(loader, 1): ...; controller.step_end(step, student)

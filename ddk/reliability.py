@@ -140,7 +140,7 @@ class NonFiniteGuard:
         fn: the name that starts error messages (e.g. ``"distill"``).
         hint: the advice that ends error messages.
 
-    Example:
+    Examples:
         >>> import torch
         >>> guard = NonFiniteGuard("skip", domain_names=["web", "code"])
         >>> guard.check(1, loss=torch.tensor(2.0))

@@ -369,7 +369,7 @@ def row_losses(
     Returns:
         ``(ce, kd)`` float32 (float64 for float64 inputs), differentiable w.r.t. ``student_logits``.
 
-    Example:
+    Examples:
         >>> zs = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
         >>> ce, kd = row_losses(zs, torch.zeros(1, 3), torch.tensor([0]), KDConfig())
         >>> round(float(ce.detach()), 4), round(float(kd.detach()), 4)

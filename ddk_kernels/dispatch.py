@@ -17,7 +17,7 @@ ignored by the ops that do not; a name no op has is an error. An explicit backen
 a name the op does not have raises ``ValueError``. Implementation modules are imported only
 once their backend is known to run (Triton and the compiled extension stay optional).
 
-Example:
+Examples:
     >>> import torch
     >>> from ddk_kernels.types import KDConfig
     >>> rows = resolve("kd_rows", "chunked", "cpu")

@@ -11,7 +11,7 @@ per-token weights ``w_ce = 1 / normalizer`` and ``w_kd = gamma * s / normalizer`
 (``ddk_kernels.reduce``) are known in the forward pass: the gradients are computed there and the
 backward only scales them by ``grad_output``.
 
-Example:
+Examples:
     >>> import torch
     >>> from ddk_kernels.types import KDLossParams, TeacherInputs
     >>> h, w = torch.randn(6, 4, requires_grad=True), torch.randn(10, 4)

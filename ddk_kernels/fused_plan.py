@@ -17,7 +17,7 @@ Strategies (``plan_fused``):
   while token_chunks at 32 rows costs only the extra read-modify-write of ``d weight`` per chunk,
   so recompute is kept for tight memory.
 
-Example:
+Examples:
     >>> plan_fused(50, 128256, workspace_bytes=256 << 20)
     FusedPlan(strategy='token_chunks', token_chunk=50, vocab_tile=128256)
     >>> plan_fused(4096, 128256, workspace_bytes=32 << 20).strategy

@@ -4,7 +4,7 @@
 ``t2_scale`` and ``normalizer`` = the number of valid tokens (at least 1) unless given; the
 per-domain sums of CE and KD and the per-domain token counts are detached. No host syncs.
 
-Example:
+Examples:
     >>> import torch
     >>> from ddk_kernels.types import KDLossParams
     >>> ce, kd = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.5, 1.5, 0.0])

@@ -150,7 +150,7 @@ def kd_loss_reference(
     Returns:
         ``KDLossOutput`` (the formula of ``ddk_kernels.reduce``).
 
-    Example:
+    Examples:
         >>> zs, zt = torch.zeros(2, 3), torch.zeros(2, 4)
         >>> out = kd_loss_reference(zs, zt, torch.tensor([0, -100]))
         >>> round(float(out.loss), 4), int(out.num_tokens)

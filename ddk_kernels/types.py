@@ -9,7 +9,7 @@ to the launchers and autograd Functions (CONVENTIONS.md 11):
 * :class:`TeacherInputs`: the teacher side of the fused ``lm_head`` op;
 * :class:`RowKernels`: what a backend of the per-row op provides.
 
-Example:
+Examples:
     >>> params = KDLossParams(KDConfig(temperature=2.0, divergence="jsd", beta=0.0), gamma=0.5, t2_scale=True)
     >>> params.config.effective_divergence, params.config.code, params.kd_weight
     ('forward_kl', 0, 2.0)
@@ -169,7 +169,7 @@ class RowKernels:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the KD math for inputs of ``dtype``: float64 for float64, else float32.
 
-    Example:
+    Examples:
         >>> acc_dtype(torch.bfloat16), acc_dtype(torch.float64)
         (torch.float32, torch.float64)
     """

@@ -75,7 +75,7 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
             is the same for all.
         names: ``(D,)`` domain names, one per array.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> ds = DomainSequenceDataset([np.arange(6, dtype=np.int32).reshape(2, 3),
         ...                             np.full((1, 3), 9, dtype=np.int32)], ["a", "b"])
@@ -172,7 +172,7 @@ class DomainCollator:
     are right-padded to the longest with ``pad_token_id``, labels are ``ignore_index`` there and
     ``"attention_mask"`` ``(B, L)`` int64 (1 = token, 0 = pad) is added.
 
-    Example:
+    Examples:
         >>> import torch
         >>> collate = DomainCollator(pad_token_id=0)
         >>> batch = collate([{"input_ids": torch.tensor([5, 6, 7]), "domain_id": 1},

@@ -203,7 +203,7 @@ class DiscrepancyEstimator:
         device: where batches are moved (default: the device of the model's first parameter).
         progress: show a tqdm progress bar (rank 0 only).
 
-    Example:
+    Examples:
         >>> import torch
         >>> class TinyLM(torch.nn.Module):
         ...     def __init__(self):

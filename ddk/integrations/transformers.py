@@ -108,7 +108,7 @@ class DDKConfig(TrainingArguments):
     sampler's stream is infinite). The fields below are validated in ``__post_init__`` and parse
     from the command line with ``HfArgumentParser`` like the others.
 
-    Example:
+    Examples:
         >>> cfg = DDKConfig(output_dir="out", max_steps=10, seq_len=128, method="ddk", report_to="none")
         >>> cfg.gamma, cfg.interval, cfg.divergence
         (0.2, 1000, 'forward_kl')
@@ -423,7 +423,7 @@ class DDKTrainer(Trainer):
         ValueError, TypeError: on a missing column, a vocabulary mismatch, a missing teacher, a
             bad batch size or configuration, before anything is trained.
 
-    Example:
+    Examples:
         >>> # import datasets, transformers
         >>> # from ddk.integrations.transformers import DDKConfig, DDKTrainer
         >>> # tok = transformers.AutoTokenizer.from_pretrained("my-student")

@@ -242,7 +242,7 @@ def fused_linear_kd_loss(
     Raises:
         TypeError, ValueError: bad input, named in the message with the expected shape or value.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ddk.losses.fused import fused_linear_kd_loss
         >>> h = torch.randn(2, 4, 8, requires_grad=True)
@@ -541,7 +541,7 @@ def causal_lm_kd_loss(
         ValueError: labels or domain ids of another shape, both domain-id sources, a teacher
             vocabulary smaller than the student's, ``gamma > 0`` without a teacher, bad options.
 
-    Example:
+    Examples:
         >>> import torch, transformers
         >>> from ddk.losses.fused import causal_lm_kd_loss
         >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,

@@ -59,7 +59,7 @@ def flatten_labels_domains(
     Raises:
         ValueError: ``labels`` is not ``(B, L)`` or ``domain_ids`` neither ``(B,)`` nor ``(B, L)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ddk.losses.kd import flatten_labels_domains
         >>> y, d = flatten_labels_domains(torch.tensor([[5, 6, 7]]), torch.tensor([2]), (1, 3), shift=True)
@@ -123,7 +123,7 @@ def flatten_for_loss(
         ValueError: shapes that do not fit the convention (each message names the accepted shapes
             and the actual one), or ``shift=True`` with 2-D inputs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ddk.losses.kd import flatten_for_loss
         >>> (rows,), y, d = flatten_for_loss([torch.zeros(2, 3, 5)], torch.tensor([[1, 2, 3], [4, 5, 6]]),
@@ -357,7 +357,7 @@ def kd_loss(
     Raises:
         TypeError, ValueError: bad input, named in the message with the expected shape or value.
 
-    Example:
+    Examples:
         >>> import torch, ddk
         >>> zs = torch.randn(2, 4, 11, requires_grad=True)
         >>> zt = torch.randn(2, 4, 13)

@@ -21,7 +21,7 @@ KeyFn = Callable[[Mapping[str, Any]], Any]
 def stable_unit_hash(key: str, seed: int = 0) -> float:
     """Deterministic hash of ``(seed, key)`` mapped to ``[0, 1)`` (BLAKE2b, 64 bits).
 
-    Example:
+    Examples:
         >>> stable_unit_hash("abc", seed=0) == stable_unit_hash("abc", seed=0)
         True
     """
@@ -100,7 +100,7 @@ class DomainPartitioner:
         domains: the declared domains; an example assigned to another name is an error.
         name: description used in ``repr``.
 
-    Example:
+    Examples:
         >>> part = DomainPartitioner.by_rules({"code": r"\\.py$", "docs": r"\\.md$"}, field="source")
         >>> part.assign({"source": "setup.py"})
         'code'

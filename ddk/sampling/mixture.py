@@ -126,7 +126,7 @@ class MixtureSampler:
         ValueError: on any invalid argument, before anything is sampled.
         TypeError: on arguments of the wrong type.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from ddk.sampling import MixtureSampler
         >>> s = MixtureSampler([3, 5], global_batch_size=4, weights=[0.25, 0.75], seed=0)

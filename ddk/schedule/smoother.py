@@ -88,7 +88,7 @@ class FactorSmoother:
         mode: ``"ddk"``, ``"no_smoothing"`` or ``"uniform"``.
         init: ``"discrepancy"`` (Eq. 1) or ``"uniform"`` (the paper's pseudo-code).
 
-    Example:
+    Examples:
         >>> s = FactorSmoother(2, alpha=0.5)
         >>> s.initialize([1.0, 1.0]).tolist()
         [0.5, 0.5]
