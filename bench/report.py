@@ -18,8 +18,10 @@ def _fmt(x: object) -> str:
 
 def report(path: str | Path) -> str:
     data = json.loads(Path(path).read_text())
-    lines = [f"Machine: {data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}, "
-             f"{data.get('datetime', '?')}", ""]
+    lines = [
+        f"Machine: {data.get('machine_info', {}).get('cpu', {}).get('brand_raw', '?')}, {data.get('datetime', '?')}",
+        "",
+    ]
     groups: dict[str, list[dict]] = {}
     for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or b["fullname"].split("::")[0], []).append(b)
@@ -36,7 +38,9 @@ def report(path: str | Path) -> str:
         for b in benches:
             st = b["stats"]
             extra = [_fmt(b.get("extra_info", {}).get(k, "")) for k in extra_keys]
-            lines.append(f"| {b['name']} | {st['median']:.4g} | {st['min']:.4g} | {st['rounds']} | " + " | ".join(extra) + " |")
+            lines.append(
+                f"| {b['name']} | {st['median']:.4g} | {st['min']:.4g} | {st['rounds']} | " + " | ".join(extra) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import reset_peak, status_kb  # noqa: E402
+from memory import reset_peak, status_kb
 
 N, HID, V = 4096, 512, 32000
 ROUNDS = int(os.environ.get("DDK_BENCH_ROUNDS", "1"))
@@ -74,7 +74,9 @@ def make_step(variant: str):  # type: ignore[no-untyped-def]
     elif variant == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        mod = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=0.2, beta=0.0, temperature=1.0, compiled=False)
+        mod = LigerFusedLinearJSDLoss(
+            weight_hard_loss=1.0, weight_soft_loss=0.2, beta=0.0, temperature=1.0, compiled=False
+        )
 
         def step(x: dict) -> float:
             loss = mod(x["h"], x["w"], x["th"], x["tw"], x["labels"])
@@ -88,8 +90,14 @@ def make_step(variant: str):  # type: ignore[no-untyped-def]
 
         def step(x: dict) -> float:
             out = fused_linear_kd_loss(
-                x["h"], x["w"], x["labels"], teacher_hidden=x["th"], teacher_weight=x["tw"], gamma=0.2,
-                strategy=strategy, backend="chunked",
+                x["h"],
+                x["w"],
+                x["labels"],
+                teacher_hidden=x["th"],
+                teacher_weight=x["tw"],
+                gamma=0.2,
+                strategy=strategy,
+                backend="chunked",
             )
             out.loss.backward()
             return float(out.loss.detach())
@@ -114,8 +122,14 @@ def measure_in_this_process(variant: str, n: int, v: int, hid: int) -> dict:
     else:
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before
     return {
-        "variant": variant, "n": n, "v": v, "h": hid, "time_s": dt, "peak_mb": peak_kb / 1024,
-        "method": "VmHWM-after-clear_refs" if hwm_ok else "ru_maxrss-delta", "loss": loss,
+        "variant": variant,
+        "n": n,
+        "v": v,
+        "h": hid,
+        "time_s": dt,
+        "peak_mb": peak_kb / 1024,
+        "method": "VmHWM-after-clear_refs" if hwm_ok else "ru_maxrss-delta",
+        "loss": loss,
         "threads": torch.get_num_threads(),
     }
 
@@ -124,7 +138,11 @@ def measure_in_subprocess(variant: str, n: int, v: int, hid: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, __file__, variant, str(n), str(v), str(hid)],
-        capture_output=True, text=True, env=env, cwd=_ROOT, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=_ROOT,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} worker failed:\n{proc.stderr[-3000:]}")
@@ -148,13 +166,22 @@ def test_bench_fused_fwd_bwd(benchmark, variant: str) -> None:  # type: ignore[n
     mem = measure_in_subprocess(variant, N, V, HID)
     _RESULTS[variant] = {"time_s": benchmark.stats.stats.min, "peak_mb": mem["peak_mb"]}
     benchmark.extra_info.update(
-        {"n": N, "v": V, "h": HID, "peak_mb": round(mem["peak_mb"], 1), "peak_method": mem["method"],
-         "subprocess_time_s": round(mem["time_s"], 3), "threads": THREADS}
+        {
+            "n": N,
+            "v": V,
+            "h": HID,
+            "peak_mb": round(mem["peak_mb"], 1),
+            "peak_method": mem["method"],
+            "subprocess_time_s": round(mem["time_s"], 3),
+            "threads": THREADS,
+        }
     )
     for other in ("naive", "liger"):
         if other in _RESULTS and other != variant:
             benchmark.extra_info[f"time_vs_{other}"] = round(_RESULTS[variant]["time_s"] / _RESULTS[other]["time_s"], 3)
-            benchmark.extra_info[f"peak_vs_{other}"] = round(_RESULTS[variant]["peak_mb"] / max(_RESULTS[other]["peak_mb"], 1e-9), 3)
+            benchmark.extra_info[f"peak_vs_{other}"] = round(
+                _RESULTS[variant]["peak_mb"] / max(_RESULTS[other]["peak_mb"], 1e-9), 3
+            )
 
 
 @pytest.mark.parametrize("v", [32000, 128256])
@@ -171,9 +198,17 @@ def test_bench_fused_scaling(benchmark, n: int, v: int) -> None:  # type: ignore
 
     plan = plan_fused(int(n * 0.9), v)
     benchmark.extra_info.update(
-        {"n": n, "v": v, "h": HID, "fwd_bwd_time_s": round(res["time_s"], 3), "peak_mb": round(res["peak_mb"], 1),
-         "plan": f"{plan.strategy} chunk={plan.token_chunk} tile={plan.vocab_tile}",
-         "dW_mb": v * HID * 4 / 2**20, "dh_mb": n * HID * 4 / 2**20, "threads": THREADS}
+        {
+            "n": n,
+            "v": v,
+            "h": HID,
+            "fwd_bwd_time_s": round(res["time_s"], 3),
+            "peak_mb": round(res["peak_mb"], 1),
+            "plan": f"{plan.strategy} chunk={plan.token_chunk} tile={plan.vocab_tile}",
+            "dW_mb": v * HID * 4 / 2**20,
+            "dh_mb": n * HID * 4 / 2**20,
+            "threads": THREADS,
+        }
     )
 
 

@@ -61,8 +61,13 @@ class _NaiveSampler:
             yield out
 
 
-def _drive(sampler: MixtureSampler | _NaiveSampler, it: Iterator[list[int]], rng: np.random.Generator,
-           n: int, counter: Callable[[], int]) -> int:
+def _drive(
+    sampler: MixtureSampler | _NaiveSampler,
+    it: Iterator[list[int]],
+    rng: np.random.Generator,
+    n: int,
+    counter: Callable[[], int],
+) -> int:
     total = 0
     for _ in range(n):
         if counter() % INTERVAL == 0:
@@ -114,13 +119,15 @@ def test_bench_mixture_sampler_vs_naive(benchmark, mode: str) -> None:
     benchmark.pedantic(run, rounds=5, iterations=1)
     fast = 1.0 / float(np.median(times))
     naive = _naive_indices_per_s()
-    benchmark.extra_info.update({
-        "indices_per_s": fast,
-        "naive_indices_per_s": naive,
-        "speedup": fast / naive,
-        "batches_per_round": FAST_BATCHES,
-        "global_batch_size": BATCH,
-        "num_domains": len(SIZES),
-        "peak_mem_mb": _peak_memory_mb(mode),
-    })
+    benchmark.extra_info.update(
+        {
+            "indices_per_s": fast,
+            "naive_indices_per_s": naive,
+            "speedup": fast / naive,
+            "batches_per_round": FAST_BATCHES,
+            "global_batch_size": BATCH,
+            "num_domains": len(SIZES),
+            "peak_mem_mb": _peak_memory_mb(mode),
+        }
+    )
     assert sampler.batches_yielded == 200 + 5 * FAST_BATCHES

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import reset_peak, status_kb  # noqa: E402
+from memory import reset_peak, status_kb
 
 V, B, L = 32000, 8, 256
 ROUNDS = int(os.environ.get("DDK_BENCH_ROUNDS", "3"))
@@ -63,18 +63,42 @@ def make_trainer(loss: str, folder: Path) -> tuple[Any, Any]:
 
     def llama(hidden: int, seed: int) -> Any:
         torch.manual_seed(seed)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                            max_position_embeddings=L, bos_token_id=0, eos_token_id=0, pad_token_id=1))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=V,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=L,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=1,
+            )
+        )
 
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(2, V, (300,), generator=g)) for _ in range(3 * 24)]
     records = Dataset.from_dict({"text": texts, "domain": [f"d{i % 3}" for i in range(len(texts))]})
-    args = DDKConfig(output_dir=str(folder / "run"), max_steps=100, per_device_train_batch_size=B, learning_rate=1e-4,
-                     seq_len=L, val_samples=2, interval=1000, method="kd", loss=loss, report_to="none", use_cpu=True,
-                     disable_tqdm=True, save_strategy="no")
-    trainer = DDKTrainer(model=llama(256, 1), teacher=llama(512, 2), args=args, train_dataset=records,
-                         processing_class=tok)
+    args = DDKConfig(
+        output_dir=str(folder / "run"),
+        max_steps=100,
+        per_device_train_batch_size=B,
+        learning_rate=1e-4,
+        seq_len=L,
+        val_samples=2,
+        interval=1000,
+        method="kd",
+        loss=loss,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = DDKTrainer(
+        model=llama(256, 1), teacher=llama(512, 2), args=args, train_dataset=records, processing_class=tok
+    )
     trainer.create_optimizer()
     batch = next(iter(trainer.get_train_dataloader()))
     n_items = int((batch["labels"][:, 1:] != -100).sum())
@@ -118,8 +142,16 @@ def test_bench_ddktrainer_step(benchmark, loss: str, tmp_path: Path) -> None:  #
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
     mem = measure_in_subprocess(loss)
     _RESULTS[loss] = {"time_s": benchmark.stats.stats.median, "peak_mb": mem["peak_mb"]}
-    benchmark.extra_info.update({"v": V, "b": B, "l": L, "peak_mb": round(mem["peak_mb"], 1), "threads": THREADS,
-                                 "subprocess_time_s": round(mem["time_s"], 3)})
+    benchmark.extra_info.update(
+        {
+            "v": V,
+            "b": B,
+            "l": L,
+            "peak_mb": round(mem["peak_mb"], 1),
+            "threads": THREADS,
+            "subprocess_time_s": round(mem["time_s"], 3),
+        }
+    )
     if loss == "fused" and "logits" in _RESULTS:
         benchmark.extra_info["time_vs_logits"] = round(_RESULTS["fused"]["time_s"] / _RESULTS["logits"]["time_s"], 3)
         benchmark.extra_info["peak_vs_logits"] = round(_RESULTS["fused"]["peak_mb"] / _RESULTS["logits"]["peak_mb"], 3)

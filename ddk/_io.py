@@ -23,8 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "child_path", "file_sha256", "folder_lock", "fsync_dir",
-           "fsync_file", "json_fingerprint", "safe_name"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "child_path",
+    "file_sha256",
+    "folder_lock",
+    "fsync_dir",
+    "fsync_file",
+    "json_fingerprint",
+    "safe_name",
+]
 
 LOCK_NAME = ".lock"
 
@@ -132,8 +141,9 @@ def child_path(fn: str, arg: str, folder: str | os.PathLike[str], name: object, 
     p = Path(folder) / safe_name(fn, arg, name, hint)
     base = Path(folder).resolve()
     if p.resolve().parent != base:  # e.g. a symbolic link that points elsewhere
-        raise ValueError(f"{fn}: {arg} must name a path inside {str(base)!r}; got {name!r} (resolves to "
-                         f"{str(p.resolve())!r}).")
+        raise ValueError(
+            f"{fn}: {arg} must name a path inside {str(base)!r}; got {name!r} (resolves to {str(p.resolve())!r})."
+        )
     return p
 
 
@@ -151,8 +161,9 @@ def _holder(lock_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike[str], fn: str, arg: str, *, wait: bool = False,
-                hint: str = "") -> Iterator[Path]:
+def folder_lock(
+    folder: str | os.PathLike[str], fn: str, arg: str, *, wait: bool = False, hint: str = ""
+) -> Iterator[Path]:
     """Hold the advisory lock of ``folder`` (created if missing) for the ``with`` block.
 
     The lock is ``fcntl.flock`` on ``<folder>/.lock``, which holds the owner's pid; the kernel
@@ -179,10 +190,12 @@ def folder_lock(folder: str | os.PathLike[str], fn: str, arg: str, *, wait: bool
             if held is not None:
                 held[1] += 1
         if held is None:
-            f = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 - held until the block ends
+            f = open(lock_file, "a+", encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"{fn}: {arg} must be a folder this process can write; got {str(folder)!r} "
-                         f"({type(exc).__name__}: {exc}). Pass another {arg} or fix its permissions.") from None
+        raise ValueError(
+            f"{fn}: {arg} must be a folder this process can write; got {str(folder)!r} "
+            f"({type(exc).__name__}: {exc}). Pass another {arg} or fix its permissions."
+        ) from None
     if held is not None:
         try:
             yield folder
@@ -218,7 +231,9 @@ def _acquire(f: Any, lock_file: Path, fn: str, arg: str, folder: Path, wait: boo
     except BlockingIOError:
         who = _holder(lock_file)
     if not wait:
-        raise ValueError(f"{fn}: {arg} must not be in use by another process; got {str(folder)!r} locked by {who} "
-                         f"({lock_file}).{' ' + hint if hint else ''}")
+        raise ValueError(
+            f"{fn}: {arg} must not be in use by another process; got {str(folder)!r} locked by {who} "
+            f"({lock_file}).{' ' + hint if hint else ''}"
+        )
     print(f"{fn}: waiting for {who}, which is writing {folder}", file=sys.stderr, flush=True)
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)

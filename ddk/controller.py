@@ -70,10 +70,14 @@ class DDKController:
         if missing:
             raise TypeError(f"{fn}: sampler must be a MixtureSampler (with {missing}); got {type(sampler).__name__}.")
         if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-            raise ValueError(f"{fn}: interval must be an int >= 1 (optimizer steps between updates; paper: 1000); got {interval!r}.")
+            raise ValueError(
+                f"{fn}: interval must be an int >= 1 (optimizer steps between updates; paper: 1000); got {interval!r}."
+            )
         d = estimator.num_domains
         if smoother.num_domains != d:
-            raise ValueError(f"{fn}: smoother.num_domains must equal the estimator's {d} domains; got {smoother.num_domains}.")
+            raise ValueError(
+                f"{fn}: smoother.num_domains must equal the estimator's {d} domains; got {smoother.num_domains}."
+            )
         sampler_d = getattr(sampler, "num_domains", d)
         if sampler_d != d:
             raise ValueError(f"{fn}: sampler.num_domains must equal the estimator's {d} domains; got {sampler_d}.")
@@ -245,11 +249,15 @@ class DDKController:
         drawn = sampler_state.get("batches_yielded") if isinstance(sampler_state, dict) else None
         bound = drawn if isinstance(drawn, int) and not isinstance(drawn, bool) and drawn >= 0 else None
         if not _is_int(last) or last < 0 or (bound is not None and last > bound) or (not started and last):
-            raise ValueError(f"{fn}: state['controller']['last_update_step'] must be an int in [0, {bound}] (the "
-                             f"sampler's batches_yielded; 0 before start); got {last!r}.")
+            raise ValueError(
+                f"{fn}: state['controller']['last_update_step'] must be an int in [0, {bound}] (the "
+                f"sampler's batches_yielded; 0 before start); got {last!r}."
+            )
         if not _is_int(updates) or not 0 <= updates <= last:
-            raise ValueError(f"{fn}: state['controller']['num_updates'] must be an int in [0, last_update_step="
-                             f"{last}]; got {updates!r}.")
+            raise ValueError(
+                f"{fn}: state['controller']['num_updates'] must be an int in [0, last_update_step="
+                f"{last}]; got {updates!r}."
+            )
         estimator = self.estimator.check_state_dict(state["estimator"], fn=f"{fn} (estimator)")
         smoother = self.smoother.check_state_dict(state["smoother"], fn=f"{fn} (smoother)")
         if started and smoother[0] is None:

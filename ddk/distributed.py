@@ -88,11 +88,15 @@ def global_token_normalizer(num_valid: torch.Tensor) -> torch.Tensor | None:
     """
     if not isinstance(num_valid, torch.Tensor) or num_valid.numel() != 1:
         got = tuple(num_valid.shape) if isinstance(num_valid, torch.Tensor) else type(num_valid).__name__
-        raise TypeError(f"global_token_normalizer: num_valid must be a one-element tensor (this rank's valid-token "
-                        f"count); got {got}.")
+        raise TypeError(
+            f"global_token_normalizer: num_valid must be a one-element tensor (this rank's valid-token "
+            f"count); got {got}."
+        )
     if not is_distributed() or dist.get_world_size() == 1:
         return None
-    total = num_valid.detach().reshape(()).to(device=collective_device(num_valid.device), dtype=torch.float64, copy=True)
+    total = (
+        num_valid.detach().reshape(()).to(device=collective_device(num_valid.device), dtype=torch.float64, copy=True)
+    )
     return (all_reduce_sum_(total) / dist.get_world_size()).to(num_valid.device)
 
 
@@ -136,7 +140,9 @@ def init_from_env(backend: str = "auto", *, force: bool = False) -> bool:
     if is_distributed() or not launched_by_torchrun() or (env_world_size() <= 1 and not force):
         return False
     if not dist.is_available():
-        raise RuntimeError(f"{fn}: torch.distributed must be available to run under torchrun; got a torch build without it.")
+        raise RuntimeError(
+            f"{fn}: torch.distributed must be available to run under torchrun; got a torch build without it."
+        )
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

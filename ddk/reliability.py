@@ -80,12 +80,20 @@ class NonFiniteReport:
     def describe(self) -> str:
         """One line: the values, the step, the domains and the scanned tensors' counts."""
         vals = ", ".join(f"{k}={v}" for k, v in self.values.items()) or "a non-finite value on another rank"
-        where = {"tokens": "in the tokens of domain(s)", "domain_sums": "in the per-domain sums of domain(s)",
-                 "batch": "in a batch of domain(s)", "none": "(domains unknown)"}[self.located_by]
+        where = {
+            "tokens": "in the tokens of domain(s)",
+            "domain_sums": "in the per-domain sums of domain(s)",
+            "batch": "in a batch of domain(s)",
+            "none": "(domains unknown)",
+        }[self.located_by]
         text = f"{vals} at step {self.step} {where}" + (f" {list(self.domains)}" if self.domains else "")
         if self.tensors:
-            parts = [f"{n}: " + ", ".join(f"{c[k]} {k}" for k in ("nan", "+inf", "-inf") if c[k]) + f" in {c['tokens']} token(s)"
-                     for n, c in self.tensors.items()]
+            parts = [
+                f"{n}: "
+                + ", ".join(f"{c[k]} {k}" for k in ("nan", "+inf", "-inf") if c[k])
+                + f" in {c['tokens']} token(s)"
+                for n, c in self.tensors.items()
+            ]
             text += " (" + "; ".join(parts) + ")"
         return text
 
@@ -163,7 +171,9 @@ class NonFiniteGuard:
     ) -> None:
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"NonFiniteGuard: policy must be one of {NONFINITE_POLICIES}; got {policy!r}.")
-        if domain_names is not None and (isinstance(domain_names, str) or not all(isinstance(n, str) for n in domain_names)):
+        if domain_names is not None and (
+            isinstance(domain_names, str) or not all(isinstance(n, str) for n in domain_names)
+        ):
             raise TypeError(f"NonFiniteGuard: domain_names must be a sequence of str or None; got {domain_names!r}.")
         self.policy = policy
         self.domain_names: tuple[str, ...] | None = None if domain_names is None else tuple(domain_names)
@@ -240,12 +250,23 @@ class NonFiniteGuard:
         if self.policy == "raise":
             raise NonFiniteError(self._message(report), report)
         self.skipped_steps.append(int(step))
-        logger.warning("%s: skipped the batch of step %d: %s (%d skipped so far).", self.fn, step, report.describe(),
-                       self.skipped_batches)
+        logger.warning(
+            "%s: skipped the batch of step %d: %s (%d skipped so far).",
+            self.fn,
+            step,
+            report.describe(),
+            self.skipped_batches,
+        )
         return False
 
-    def _report(self, step: int, checked: Mapping[str, Any], output: Any, domain_ids: torch.Tensor | None,
-                tensors: Mapping[str, torch.Tensor]) -> NonFiniteReport:
+    def _report(
+        self,
+        step: int,
+        checked: Mapping[str, Any],
+        output: Any,
+        domain_ids: torch.Tensor | None,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> NonFiniteReport:
         vals: dict[str, float] = {}
         for k, v in checked.items():
             x = v.detach().float().reshape(-1).cpu() if isinstance(v, torch.Tensor) else torch.tensor([float(v)])
@@ -276,14 +297,17 @@ class NonFiniteGuard:
             ids, located = sorted(set(domain_ids.unique().tolist())), "batch"
         if located == "none" and not counts and self.domain_names is not None and len(self.domain_names) == 1:
             ids, located = [0], "batch"
-        return NonFiniteReport(step=int(step), values=vals, domains=tuple(self._name(i) for i in ids),
-                               located_by=located, tensors=counts)
+        return NonFiniteReport(
+            step=int(step), values=vals, domains=tuple(self._name(i) for i in ids), located_by=located, tensors=counts
+        )
 
     def _message(self, report: NonFiniteReport) -> str:
         advice = self.hint
         if report.has_neginf:
-            advice = ("-inf logits (e.g. masked vocabulary entries) are not supported by the fast backends: mask with a "
-                      f"large finite negative value such as -1e4 instead; or {self.hint}")
+            advice = (
+                "-inf logits (e.g. masked vocabulary entries) are not supported by the fast backends: mask with a "
+                f"large finite negative value such as -1e4 instead; or {self.hint}"
+            )
         return f"{self.fn}: the loss and gradients must be finite; got {report.describe()}. {advice[0].upper()}{advice[1:]}."
 
     # ------------------------------------------------------------------ checkpoints
@@ -295,8 +319,10 @@ class NonFiniteGuard:
         """Restore the skipped-step count of a ``state_dict()`` (the policy stays the constructor's)."""
         steps = state.get("skipped_steps") if isinstance(state, Mapping) else None
         if not isinstance(steps, list) or not all(isinstance(s, int) for s in steps):
-            raise ValueError(f"NonFiniteGuard.load_state_dict: state must be a dict from state_dict() with a "
-                             f"'skipped_steps' list of ints; got {state!r}.")
+            raise ValueError(
+                f"NonFiniteGuard.load_state_dict: state must be a dict from state_dict() with a "
+                f"'skipped_steps' list of ints; got {state!r}."
+            )
         self.skipped_steps = list(steps)
 
     def __repr__(self) -> str:

@@ -337,7 +337,11 @@ class KDLossChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig,
+        ctx: Any,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor,
+        config: KDConfig,
         block_elems: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_rows(ctx, kd_chunked_forward, student, teacher, labels, config, block_elems)

@@ -90,8 +90,13 @@ def fused_linear_kd_forward(
         db=torch.zeros(vocab, dtype=cd, device=dev) if need_db and student_bias is not None else None,
     )
     plan = options.plan or plan_fused(
-        nv, vocab, compute_bytes=torch.finfo(cd).bits // 8, strategy=options.strategy,
-        workspace_bytes=options.workspace_bytes, device=dev, input_bytes=student_hidden.element_size(),
+        nv,
+        vocab,
+        compute_bytes=torch.finfo(cd).bits // 8,
+        strategy=options.strategy,
+        workspace_bytes=options.workspace_bytes,
+        device=dev,
+        input_bytes=student_hidden.element_size(),
         gemm_ok=student_weight.dtype == student_hidden.dtype,
     )
     batch = FusedBatch(student_hidden, student_weight, student_bias, labels, rows, teacher)

@@ -55,7 +55,9 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
                 warnings.warn(
                     f"fused_linear_kd_loss: torch.{key[1]}(..., out_dtype={out.dtype}) failed on this torch "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); the gemm strategy now rounds "
-                    f"each {key[1]} product to {a.dtype} before accumulating.", RuntimeWarning, stacklevel=3,
+                    f"each {key[1]} product to {a.dtype} before accumulating.",
+                    RuntimeWarning,
+                    stacklevel=3,
                 )
             _OUT_DTYPE_MM[key] = False
     for r0 in range(0, a.shape[0], _FALLBACK_ROWS):
@@ -96,7 +98,7 @@ def run_gemm_chunks(
     tw_t = t.weight[:vocab].T if t.weight is not None else None
     kd_ratio = w_kd / w_ce  # gamma * kd_scale, a 0-dim tensor (no host sync)
     for c0 in range(0, int(batch.rows.numel()), plan.token_chunk):
-        rows = batch.rows[c0:c0 + plan.token_chunk]
+        rows = batch.rows[c0 : c0 + plan.token_chunk]
         r = int(rows.numel())
         h_c = h.index_select(0, rows)
         lab_c = batch.labels.index_select(0, rows)
@@ -115,8 +117,15 @@ def run_gemm_chunks(
         out.kd.index_copy_(0, rows, kd.to(acc))
         if not out.need_grad:
             continue
-        g = kernels.backward(zs, zt, lab_c, stats, torch.ones(r, dtype=ce.dtype, device=ce.device),
-                             kd_ratio.to(ce.dtype).expand(r).contiguous(), config)  # (r, V), input dtype, unscaled
+        g = kernels.backward(
+            zs,
+            zt,
+            lab_c,
+            stats,
+            torch.ones(r, dtype=ce.dtype, device=ce.device),
+            kd_ratio.to(ce.dtype).expand(r).contiguous(),
+            config,
+        )  # (r, V), input dtype, unscaled
         del zs, zt, stats
         if out.dh is not None:
             dh_c = torch.empty(r, out.dh.shape[1], dtype=acc, device=out.dh.device)

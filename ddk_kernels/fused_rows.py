@@ -83,9 +83,7 @@ class FusedBuffers:
         return self.dh is not None or self.dw is not None or self.db is not None
 
 
-def linear_tile(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int
-) -> torch.Tensor:
+def linear_tile(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
     """``x @ weight[v0:v1].T (+ bias[v0:v1])`` in ``x.dtype`` (the compute dtype); low-precision
     weights are upcast ``_LOWP_SUBTILE`` rows at a time."""
     cd = x.dtype
@@ -95,7 +93,7 @@ def linear_tile(
         out = torch.empty(x.shape[0], v1 - v0, dtype=cd, device=x.device)
         for a in range(v0, v1, _LOWP_SUBTILE):
             b = min(v1, a + _LOWP_SUBTILE)
-            out[:, a - v0:b - v0] = x @ weight[a:b].to(cd).T
+            out[:, a - v0 : b - v0] = x @ weight[a:b].to(cd).T
     if bias is not None:
         out += bias[v0:v1].to(cd)
     return out
@@ -118,7 +116,7 @@ def accumulate_grads(
         else:
             for a in range(v0, v1, _LOWP_SUBTILE):
                 b = min(v1, a + _LOWP_SUBTILE)
-                dx.addmm_(g[:, a - v0:b - v0], weight[a:b].to(g.dtype))
+                dx.addmm_(g[:, a - v0 : b - v0], weight[a:b].to(g.dtype))
     if dw is not None:
         dw[v0:v1].addmm_(g.T, x)
     if db is not None:
@@ -320,8 +318,12 @@ def chunk_rows(
                 del log_q, q
             else:
                 es, et, diff = _kl_terms(
-                    _scaled(zs, inv_t, False), _scaled(zt, inv_t, False), m_s, m_t,
-                    "reverse_kl" if kind == "reverse_kl" else None, not t1,
+                    _scaled(zs, inv_t, False),
+                    _scaled(zt, inv_t, False),
+                    m_s,
+                    m_t,
+                    "reverse_kl" if kind == "reverse_kl" else None,
+                    not t1,
                 )
             del zs, zt
         if kind == "forward_kl":  # G = w_ce softmax(zS) + w_kd (q - p) / T
@@ -356,7 +358,7 @@ def run_token_chunks(
     cd, dev = out.ce.dtype, out.ce.device
     t = batch.teacher
     for c0 in range(0, int(batch.rows.numel()), plan.token_chunk):
-        rows = batch.rows[c0:c0 + plan.token_chunk]
+        rows = batch.rows[c0 : c0 + plan.token_chunk]
         h_c = batch.hidden.index_select(0, rows).to(cd)
         lab_c = batch.labels.index_select(0, rows)
         zlab = (h_c * batch.weight.index_select(0, lab_c).to(cd)).sum(1)

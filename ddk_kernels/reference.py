@@ -56,9 +56,7 @@ def _plogp_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return term.sum(dim=-1)
 
 
-def divergence_reference(
-    log_q: torch.Tensor, log_p: torch.Tensor, divergence: Divergence, beta: float
-) -> torch.Tensor:
+def divergence_reference(log_q: torch.Tensor, log_p: torch.Tensor, divergence: Divergence, beta: float) -> torch.Tensor:
     """Per-row divergence between teacher ``p`` and student ``q`` given their log-probabilities.
 
     Args:
@@ -76,9 +74,7 @@ def divergence_reference(
         return _plogp_diff(log_p, log_q)
     if kind == "reverse_kl":
         return _plogp_diff(log_q, log_p)
-    log_m = torch.logsumexp(
-        torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0
-    )
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
     return beta * _plogp_diff(log_p, log_m) + (1.0 - beta) * _plogp_diff(log_q, log_m)
 
 

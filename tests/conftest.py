@@ -10,11 +10,16 @@ from hypothesis import HealthCheck, settings
 
 # "fast" keeps `make test` quick; "ci" (HYPOTHESIS_PROFILE=ci, used by `make test-all`) digs deeper.
 settings.register_profile(
-    "fast", max_examples=40, deadline=None, derandomize=True,
+    "fast",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "ci", max_examples=300, deadline=None,
+    "ci",
+    max_examples=300,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))

@@ -108,8 +108,13 @@ def command_lines(block: CodeBlock) -> list[str]:
 
 def distill_commands(markdown: str) -> list[str]:
     """Lines of executed ``bash`` blocks that start with ``ddk distill --teacher``."""
-    return [line for b in code_blocks(markdown) if b.lang == "bash" and b.not_executed is None
-            for line in command_lines(b) if line.startswith(DISTILL_PREFIX)]
+    return [
+        line
+        for b in code_blocks(markdown)
+        if b.lang == "bash" and b.not_executed is None
+        for line in command_lines(b)
+        if line.startswith(DISTILL_PREFIX)
+    ]
 
 
 def page_steps(markdown: str, origin: str, fresh_last: bool = False) -> list[dict[str, object]]:
@@ -121,11 +126,15 @@ def page_steps(markdown: str, origin: str, fresh_last: bool = False) -> list[dic
             continue
         where = f"{origin}:{b.line}"
         if b.lang == "python":
-            steps.append({"kind": "python", "code": b.text, "origin": where, "page": origin, "line": b.line,
-                          "fresh": False})
+            steps.append(
+                {"kind": "python", "code": b.text, "origin": where, "page": origin, "line": b.line, "fresh": False}
+            )
         elif b.lang == "bash":
-            steps += [{"kind": "command", "argv": shlex.split(line), "origin": where}
-                      for line in command_lines(b) if line.startswith(COMMAND_PREFIXES)]
+            steps += [
+                {"kind": "command", "argv": shlex.split(line), "origin": where}
+                for line in command_lines(b)
+                if line.startswith(COMMAND_PREFIXES)
+            ]
     python = [s for s in steps if s["kind"] == "python"]
     if fresh_last and python:
         python[-1]["fresh"] = True
@@ -141,8 +150,9 @@ def _argv(argv: list[str]) -> list[str]:
     raise ValueError(f"no way to run {argv[0]!r}")
 
 
-def run_page(markdown_path: Path, cwd: Path, *, fresh_last: bool = False, timeout: float = 600
-             ) -> subprocess.CompletedProcess[str]:
+def run_page(
+    markdown_path: Path, cwd: Path, *, fresh_last: bool = False, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     """Run the steps of ``markdown_path`` as one session in ``cwd``; fail the test if one fails."""
     origin = str(markdown_path.relative_to(ROOT)) if markdown_path.is_relative_to(ROOT) else markdown_path.name
     steps = page_steps(markdown_path.read_text(), origin, fresh_last)
@@ -184,7 +194,11 @@ def _run_command(argv: list[str]) -> int:
         res = subprocess.run(argv, env=env, capture_output=True, text=True)
         sys.stdout.write(res.stdout[-4000:])
         sys.stderr.write(res.stderr[-8000:])
-        if not (attempt == 1 and argv[1:3] == ["-m", "torch.distributed.run"] and gloo_aborted(res.returncode, res.stdout + res.stderr)):
+        if not (
+            attempt == 1
+            and argv[1:3] == ["-m", "torch.distributed.run"]
+            and gloo_aborted(res.returncode, res.stdout + res.stderr)
+        ):
             return res.returncode
     return res.returncode
 
@@ -204,8 +218,13 @@ def make_user_folder(root: Path, docs_per_domain: int = 60) -> Path:
 def example_env() -> dict[str, str]:
     """The environment examples run in: this checkout importable, CPU only, one thread, no hub,
     Triton not interpreted."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
     env.pop("TRITON_INTERPRET", None)  # set by tests/conftest.py for the kernel tests, not by users
     return env
 
@@ -227,6 +246,7 @@ def run_python(script: str, cwd: Path, name: str) -> subprocess.CompletedProcess
 def run_command(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run one printed command line (``ddk ...`` or ``torchrun ...``) in ``cwd``."""
     return run_example(_argv(shlex.split(command)), cwd)
+
 
 if __name__ == "__main__":
     sys.exit(_session(Path(sys.argv[1])))

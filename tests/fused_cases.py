@@ -25,11 +25,13 @@ class FusedCase:
     b: torch.Tensor | None  # (V,)
     domain_ids: torch.Tensor  # (N,)
 
-    def to(self, dtype: torch.dtype) -> "FusedCase":
+    def to(self, dtype: torch.dtype) -> FusedCase:
         def cv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype)
 
-        return FusedCase(cv(self.h), cv(self.w), self.labels, cv(self.th), cv(self.tw), cv(self.tl), cv(self.b), self.domain_ids)
+        return FusedCase(
+            cv(self.h), cv(self.w), self.labels, cv(self.th), cv(self.tw), cv(self.tl), cv(self.b), self.domain_ids
+        )
 
     def teacher_kwargs(self) -> dict:
         if self.tl is not None:
@@ -72,7 +74,9 @@ def make_case(
     labels = torch.randint(0, v, (n,), generator=g)
     labels[torch.rand(n, generator=g) < masked_fraction] = ignore_index
     domain_ids = torch.randint(0, max(1, num_domains - 1), (n,), generator=g)
-    return FusedCase(h, w, labels, None if teacher_as_logits else th, None if teacher_as_logits else tw, tl, b, domain_ids)
+    return FusedCase(
+        h, w, labels, None if teacher_as_logits else th, None if teacher_as_logits else tw, tl, b, domain_ids
+    )
 
 
 def naive_loss(case: FusedCase, grad_output: float = 1.0, **opts):

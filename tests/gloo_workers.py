@@ -45,13 +45,24 @@ def run_workers(script: Path, args_of_rank, world: int = 2, timeout: float = 120
     return logs
 
 
-def _start_and_wait(script: Path, args_of_rank, world: int, timeout: float
-                    ) -> tuple[list[subprocess.Popen[str]], list[str]]:  # type: ignore[no-untyped-def]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+def _start_and_wait(
+    script: Path, args_of_rank, world: int, timeout: float
+) -> tuple[list[subprocess.Popen[str]], list[str]]:  # type: ignore[no-untyped-def]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    )
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args_of_rank(r, port))], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *map(str, args_of_rank(r, port))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     logs = []
     for p in procs:
         try:

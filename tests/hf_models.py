@@ -50,28 +50,67 @@ def _config(family: str, vocab: int, hidden: int, layers: int, tie: bool, dropou
     if family == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                           tie_word_embeddings=tie, attention_dropout=dropout, bos_token_id=0, eos_token_id=0,
-                           pad_token_id=1)
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie,
+            attention_dropout=dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     if family == "qwen2":
         from transformers import Qwen2Config
 
-        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                           tie_word_embeddings=tie, attention_dropout=dropout, bos_token_id=0, eos_token_id=0,
-                           pad_token_id=1)
+        return Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie,
+            attention_dropout=dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     if family == "gpt2":
         from transformers import GPT2Config
 
-        return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=2, n_positions=256,
-                          tie_word_embeddings=True, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=2,
+            n_positions=256,
+            tie_word_embeddings=True,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     raise ValueError(f"unknown family {family!r}; pick one of {FAMILIES}")
 
 
-def make_model(family: str, vocab: int, *, hidden: int = 32, layers: int = 1, tie: bool | None = None,
-               dropout: float = 0.0, seed: int = 0) -> Any:
+def make_model(
+    family: str,
+    vocab: int,
+    *,
+    hidden: int = 32,
+    layers: int = 1,
+    tie: bool | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Any:
     """A randomly initialised causal LM of ``family`` (float32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
@@ -81,8 +120,9 @@ def make_model(family: str, vocab: int, *, hidden: int = 32, layers: int = 1, ti
     return model.eval()
 
 
-def make_pair(root: str | Path, family: str = "llama", *, dropout: float = 0.0, tokenizer_vocab: int = 300
-              ) -> tuple[Path, Path]:
+def make_pair(
+    root: str | Path, family: str = "llama", *, dropout: float = 0.0, tokenizer_vocab: int = 300
+) -> tuple[Path, Path]:
     """Save ``root/teacher`` and ``root/student`` (student with the tokenizer); return both folders.
 
     The teacher is wider (hidden 48, 2 layers) than the student (hidden 32, 1 layer); for
@@ -101,8 +141,15 @@ def make_pair(root: str | Path, family: str = "llama", *, dropout: float = 0.0, 
     return root / "teacher", root / "student"
 
 
-def write_jsonl(path: str | Path, docs_per_domain: int = 30, domains: tuple[str, ...] = ("code", "prose", "math"),
-                seed: int = 0, words: int = 40, domain_field: str = "domain", text_field: str = "text") -> Path:
+def write_jsonl(
+    path: str | Path,
+    docs_per_domain: int = 30,
+    domains: tuple[str, ...] = ("code", "prose", "math"),
+    seed: int = 0,
+    words: int = 40,
+    domain_field: str = "domain",
+    text_field: str = "text",
+) -> Path:
     """A JSONL corpus with ``docs_per_domain`` records per domain, shuffled."""
     rng = random.Random(seed)
     recs = [{domain_field: d, text_field: domain_text(d, rng, words)} for d in domains for _ in range(docs_per_domain)]

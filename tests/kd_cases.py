@@ -27,6 +27,7 @@ def runnable_backends(op: Op, device: torch.device | str = DEVICE) -> list[str]:
     """The backends of ``op`` that run on ``device`` here (Triton on CPU: under TRITON_INTERPRET=1)."""
     return [name for name, reason in available_backends(device, op).items() if not reason]
 
+
 # (divergence, beta) pairs covering all three divergences and the JSD end points.
 DIVERGENCE_CASES: list[tuple[str, float]] = [
     ("forward_kl", 0.5),
@@ -113,7 +114,9 @@ def assert_close_error_relative(
 def upstream(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 upstream gradients ``(grad_ce, grad_kd)`` of ``n`` rows, not all 1 (some negative)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, generator=g, dtype=torch.float64) * 2 - 0.5, torch.rand(n, generator=g, dtype=torch.float64) * 3
+    return torch.rand(n, generator=g, dtype=torch.float64) * 2 - 0.5, torch.rand(
+        n, generator=g, dtype=torch.float64
+    ) * 3
 
 
 def naive_low(zs, zt, labels, cfg: KDConfig, gce, gkd):  # type: ignore[no-untyped-def]

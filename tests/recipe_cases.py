@@ -25,9 +25,22 @@ def own_cfg(root: Path, family: str = "llama", *, dropout: float = 0.0, **kw: An
 
     teacher, student, corpus = own_models(root, family, dropout)
     base: dict[str, Any] = dict(
-        teacher=str(teacher), student=str(student), data=(str(corpus),), data_dir=str(root / "cache"), seq_len=16,
-        val_samples=4, eval_batch_size=4, steps=6, batch_size=4, warmup_steps=2, interval=3, log_every=2,
-        checkpoint_every=3, out=str(root / "runs" / "ddk"), progress=False, device="cpu",  # bit-exact checks: CPU
+        teacher=str(teacher),
+        student=str(student),
+        data=(str(corpus),),
+        data_dir=str(root / "cache"),
+        seq_len=16,
+        val_samples=4,
+        eval_batch_size=4,
+        steps=6,
+        batch_size=4,
+        warmup_steps=2,
+        interval=3,
+        log_every=2,
+        checkpoint_every=3,
+        out=str(root / "runs" / "ddk"),
+        progress=False,
+        device="cpu",  # bit-exact checks: CPU
     )
     base.update(kw)
     return make_config(**base)

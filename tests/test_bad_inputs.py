@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import ddk
-from ddk.recipes.corpus import CorpusConfig, CorpusError, build_corpus, domain_texts, read_jsonl
 from ddk.losses.fused import fused_linear_kd_loss
 from ddk.recipes.config import load_yaml, make_config
+from ddk.recipes.corpus import CorpusConfig, CorpusError, build_corpus, domain_texts, read_jsonl
 from ddk.reliability import NonFiniteError, NonFiniteGuard, grad_norm
 from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
@@ -49,7 +49,9 @@ def test_nonfinite_guard_raises_with_step_and_domain_of_offending_tokens() -> No
     out.loss.backward()
     guard = NonFiniteGuard(domain_names=NAMES)
     with pytest.raises(NonFiniteError) as info:
-        guard.check(5, out, grad_norm=grad_norm([zs]), domain_ids=dom, tensors={"student_logits": zs, "teacher_logits": zt})
+        guard.check(
+            5, out, grad_norm=grad_norm([zs]), domain_ids=dom, tensors={"student_logits": zs, "teacher_logits": zt}
+        )
     msg = str(info.value)
     assert msg.startswith("NonFiniteGuard.check: the loss and gradients must be finite; got loss=nan")
     assert "at step 5 in the tokens of domain(s) ['code'] (teacher_logits: 1 nan in 1 token(s))" in msg
@@ -66,7 +68,9 @@ def test_nonfinite_guard_skip_counts_logs_and_resumes(caplog: pytest.LogCaptureF
         assert not guard.check(4, loss=torch.tensor(1.0), grad_norm=torch.tensor(float("nan")))
     assert guard.skipped_batches == 2 and guard.skipped_steps == [2, 4]
     assert [r.getMessage().split(":")[1].strip() for r in caplog.records] == [
-        "skipped the batch of step 2", "skipped the batch of step 4"]
+        "skipped the batch of step 2",
+        "skipped the batch of step 4",
+    ]
     assert "loss=inf at step 2 in a batch of domain(s) ['math']" in caplog.records[0].getMessage()
     resumed = NonFiniteGuard("skip")
     resumed.load_state_dict(json.loads(json.dumps(guard.state_dict())))
@@ -119,11 +123,18 @@ def test_nonfinite_guard_locates_domains_by_per_domain_sums_without_tensors() ->
 
 
 def test_nonfinite_guard_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match=r"^NonFiniteGuard: policy must be one of \('raise', 'skip'\); got 'ignore'\.$"):
+    with pytest.raises(
+        ValueError, match=r"^NonFiniteGuard: policy must be one of \('raise', 'skip'\); got 'ignore'\.$"
+    ):
         NonFiniteGuard("ignore")
-    with pytest.raises(ValueError, match=r"^NonFiniteGuard.check: at least one of output, loss, grad_norm or values must be given; got none\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^NonFiniteGuard.check: at least one of output, loss, grad_norm or values must be given; got none\.$",
+    ):
         NonFiniteGuard().check(1)
-    with pytest.raises(ValueError, match=r"^RecipeConfig: on_nonfinite must be one of \('raise', 'skip'\); got 'ignore'\.$"):
+    with pytest.raises(
+        ValueError, match=r"^RecipeConfig: on_nonfinite must be one of \('raise', 'skip'\); got 'ignore'\.$"
+    ):
         make_config(on_nonfinite="ignore")
 
 
@@ -143,7 +154,9 @@ def test_kd_loss_teacher_padding_rows_are_sliced() -> None:
     h, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
     th, tw = torch.randn(6, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
     f1 = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw)
-    f2 = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=torch.cat([tw, 9 * torch.ones(3, 5, dtype=torch.float64)]))
+    f2 = fused_linear_kd_loss(
+        h, w, labels, teacher_hidden=th, teacher_weight=torch.cat([tw, 9 * torch.ones(3, 5, dtype=torch.float64)])
+    )
     assert float(f1.loss) == float(f2.loss)
 
 
@@ -164,12 +177,17 @@ def test_labels_negative_and_not_ignore_index_is_an_error(which: str) -> None:
             return ddk.kd_loss(zs, zt, lab, **kw)
         return fused_linear_kd_loss(h, w, lab, teacher_logits=zt, **kw)
 
-    with pytest.raises(ValueError, match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=-100; got -1\. "
-                                         r"Labels come from the student's tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=-100; got -1\. "
+        r"Labels come from the student's tokenizer",
+    ):
         call(bad)
     ok = labels.clone()
     ok[3] = 7  # the ignore_index may lie outside [0, V) ...
-    assert int(call(ok.int(), ignore_index=7, domain_ids=dom.int(), num_domains=3).num_tokens) == 5  # ... and int32 works
+    assert (
+        int(call(ok.int(), ignore_index=7, domain_ids=dom.int(), num_domains=3).num_tokens) == 5
+    )  # ... and int32 works
     with pytest.raises(ValueError, match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=7; got -100\."):
         call(torch.full((6,), -100), ignore_index=7)
 
@@ -184,8 +202,9 @@ def test_labels_negative_and_not_ignore_index_is_an_error(which: str) -> None:
 def test_kd_loss_empty_or_fully_ignored_batch_is_zero_loss_zero_grad(backend: str, n: int) -> None:
     zs = torch.randn(n, 7, requires_grad=True)
     labels = torch.full((n,), -100)
-    out = ddk.kd_loss(zs, torch.randn(n, 9), labels, domain_ids=torch.zeros(n, dtype=torch.long), num_domains=2,
-                      backend=backend)
+    out = ddk.kd_loss(
+        zs, torch.randn(n, 9), labels, domain_ids=torch.zeros(n, dtype=torch.long), num_domains=2, backend=backend
+    )
     out.loss.backward()
     assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0 and out.domain_tokens.tolist() == [0, 0]
     assert zs.grad is not None and float(zs.grad.abs().sum()) == 0.0
@@ -195,7 +214,9 @@ def test_kd_loss_empty_or_fully_ignored_batch_is_zero_loss_zero_grad(backend: st
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_fused_loss_zero_tokens_is_zero_loss_zero_grad(backend: str) -> None:
     h, w = torch.randn(0, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
-    out = fused_linear_kd_loss(h, w, torch.zeros(0, dtype=torch.long), teacher_logits=torch.randn(0, 7), backend=backend)
+    out = fused_linear_kd_loss(
+        h, w, torch.zeros(0, dtype=torch.long), teacher_logits=torch.randn(0, 7), backend=backend
+    )
     out.loss.backward()
     assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0
     assert w.grad is None or float(w.grad.abs().sum()) == 0.0
@@ -211,7 +232,9 @@ def test_fused_loss_zero_tokens_is_zero_loss_zero_grad(backend: str) -> None:
 # ---------------------------------------------------------------------------- f. domain exhausted mid-interval
 
 
-def test_mixture_sampler_exhausted_domain_is_reused_cyclically_and_logged_once_per_wrap(caplog: pytest.LogCaptureFixture) -> None:
+def test_mixture_sampler_exhausted_domain_is_reused_cyclically_and_logged_once_per_wrap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     s = MixtureSampler([3, 50], 4, [0.5, 0.5], seed=1, domain_names=["tiny", "big"])
     with caplog.at_level(logging.INFO, logger="ddk.sampling.mixture"):
         batches = [s.next_global_batch() for _ in range(6)]  # 'tiny' gives 2 per batch: 12 draws = 4 passes
@@ -223,7 +246,9 @@ def test_mixture_sampler_exhausted_domain_is_reused_cyclically_and_logged_once_p
     assert s.passes().tolist() == [4, 0]
 
 
-def test_mixture_sampler_many_wraps_in_one_batch_log_one_line_and_only_on_rank0(caplog: pytest.LogCaptureFixture) -> None:
+def test_mixture_sampler_many_wraps_in_one_batch_log_one_line_and_only_on_rank0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.INFO, logger="ddk.sampling.mixture"):
         MixtureSampler([1, 20], 8, [0.5, 0.5], domain_names=["one", "big"]).next_global_batch()
         MixtureSampler([1, 20], 8, [0.5, 0.5], domain_names=["one", "big"], rank=1, world_size=2).next_global_batch()
@@ -263,7 +288,10 @@ def test_mixture_sampler_denormal_weights_are_renormalised() -> None:
     assert s.weights == (0.5, 0.5)
     t = MixtureSampler([4, 4], 4, [1e-320, 1.0])  # effectively zero: never drawn, exact counts kept
     assert all(0 not in t.domain_of(t.next_global_batch()).tolist() for _ in range(50))
-    with pytest.raises(ValueError, match=r"^MixtureSampler: weights must have a positive sum \(at least one domain > 0\); got all zeros\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^MixtureSampler: weights must have a positive sum \(at least one domain > 0\); got all zeros\.$",
+    ):
         MixtureSampler([4, 4], 4, [0.0, 0.0])
 
 
@@ -272,7 +300,11 @@ def test_mixture_sampler_denormal_weights_are_renormalised() -> None:
 
 
 def _user_jsonl(path: Path, n: int = 12) -> Path:
-    rows = [json.dumps({"domain": d, "source": f"{d}{i}", "text": f"{d} text number {i} " * 8}) for d in ("a", "b") for i in range(n)]
+    rows = [
+        json.dumps({"domain": d, "source": f"{d}{i}", "text": f"{d} text number {i} " * 8})
+        for d in ("a", "b")
+        for i in range(n)
+    ]
     rows.insert(3, '{"domain": "a", "text": "cut off')
     rows.insert(7, "not json at all")
     path.write_text("\n".join(rows) + "\n")
@@ -289,15 +321,18 @@ def test_build_corpus_corrupted_jsonl_lines_raise_with_file_and_line_unless_skip
     assert "skip_bad_lines=True / --skip-bad-lines" in msg
     man = build_corpus(tmp_path / "c2", CorpusConfig(**cfg, skip_bad_lines=True), progress=False)
     assert man["skipped_lines"] == {str(src.resolve()): 2} and sorted(man["domains"]) == ["a", "b"]
-    assert f"skipped 2 corrupted line(s)" in capsys.readouterr().err
+    assert "skipped 2 corrupted line(s)" in capsys.readouterr().err
     assert CorpusConfig(**cfg).key() == CorpusConfig(**cfg, skip_bad_lines=True).key()
 
 
 def test_corpus_readers_of_a_built_corpus_skip_only_when_asked(tmp_path: Path) -> None:
     src = _user_jsonl(tmp_path / "user.jsonl")
     out = tmp_path / "c"
-    build_corpus(out, CorpusConfig(domains=(), user_jsonl=(str(src),), max_chars=None, validation_fraction=0.25,
-                                   skip_bad_lines=True), progress=False)
+    build_corpus(
+        out,
+        CorpusConfig(domains=(), user_jsonl=(str(src),), max_chars=None, validation_fraction=0.25, skip_bad_lines=True),
+        progress=False,
+    )
     train = out / "a" / "train.jsonl"
     n = len(read_jsonl(train))
     with train.open("a") as f:
@@ -311,7 +346,17 @@ def test_cli_data_build_skip_bad_lines_flag(tmp_path: Path, capsys) -> None:  # 
     from ddk.recipes.cli import main
 
     src = _user_jsonl(tmp_path / "user.jsonl")
-    args = ["data", "build", "--no-builtin", "--user-jsonl", str(src), "--max-chars", "0", "--validation-fraction", "0.25"]
+    args = [
+        "data",
+        "build",
+        "--no-builtin",
+        "--user-jsonl",
+        str(src),
+        "--max-chars",
+        "0",
+        "--validation-fraction",
+        "0.25",
+    ]
     assert main([*args, "--out", str(tmp_path / "c1")]) == 2
     assert f"{src}:4:" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "c2"), "--skip-bad-lines"]) == 0
@@ -329,7 +374,10 @@ def test_config_yaml_unknown_key_is_named_with_the_valid_ones(tmp_path: Path) ->
     msg = str(info.value)
     assert msg.startswith(f"load_config: keys of {p} must be config options; got unknown ['alpah'] (valid: [")
     assert "'alpha'" in msg and "'on_nonfinite'" in msg and "'skip_bad_lines'" in msg
-    with pytest.raises(ValueError, match=r"^make_config: overrides must be config options; got unknown \['alpah'\] \(valid: \[.*'alpha'"):
+    with pytest.raises(
+        ValueError,
+        match=r"^make_config: overrides must be config options; got unknown \['alpah'\] \(valid: \[.*'alpha'",
+    ):
         make_config(alpah=0.3)
 
 
@@ -375,12 +423,17 @@ def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) 
     root, cfg = recipe
     tok = AutoTokenizer.from_pretrained(cfg.student)
     student = make_model("llama", len(tok))
-    with pytest.raises(ValueError, match=rf"^distill: the teacher's vocabulary must cover the student's \(a teacher wider "
-                                         rf"by padding rows is sliced\); got teacher the teacher with {len(tok) - 1} rows "
-                                         rf"and student the student with {len(tok)}\."):
+    with pytest.raises(
+        ValueError,
+        match=rf"^distill: the teacher's vocabulary must cover the student's \(a teacher wider "
+        rf"by padding rows is sliced\); got teacher the teacher with {len(tok) - 1} rows "
+        rf"and student the student with {len(tok)}\.",
+    ):
         check_vocabularies(make_model("llama", len(tok) - 1), student, tok)
     check_vocabularies(make_model("llama", len(tok) + 8), student, tok)
-    with pytest.raises(ValueError, match=rf"^distill: the student's vocabulary must cover the tokenizer's {len(tok)} tokens"):
+    with pytest.raises(
+        ValueError, match=rf"^distill: the student's vocabulary must cover the tokenizer's {len(tok)} tokens"
+    ):
         check_vocabularies(student, make_model("llama", len(tok) - 2), tok)
 
 
@@ -391,12 +444,17 @@ def test_recipe_unknown_model_path_is_an_error_naming_it(recipe, tmp_path: Path)
 
     root, cfg = recipe
     missing = str(tmp_path / "no-such-teacher")
-    with pytest.raises(ValueError, match=rf"^distill: teacher must be a folder written by save_pretrained \(or a hub "
-                                         rf"name\); got '{missing}', which does not exist\."):
+    with pytest.raises(
+        ValueError,
+        match=rf"^distill: teacher must be a folder written by save_pretrained \(or a hub "
+        rf"name\); got '{missing}', which does not exist\.",
+    ):
         load_models(dataclasses.replace(cfg, teacher=missing), torch.device("cpu"))
 
 
-def test_recipe_record_without_domain_field_is_an_error_with_file_and_line_unless_skipped(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_recipe_record_without_domain_field_is_an_error_with_file_and_line_unless_skipped(
+    recipe, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
     from ddk.recipes.distill import distill
@@ -464,8 +522,10 @@ def test_recipe_distill_nonfinite_raises_with_step_and_domain(recipe, monkeypatc
     msg = str(info.value)
     assert msg.startswith("distill: the loss and gradients must be finite; got loss=nan")
     assert f"at step 2 in the per-domain sums of domain(s) ['{name}']" in msg
-    assert msg.endswith("Pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run resumes from "
-                        "its last checkpoint.")
+    assert msg.endswith(
+        "Pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; the run resumes from "
+        "its last checkpoint."
+    )
 
 
 def test_recipe_distill_nonfinite_skip_counts_in_metrics_and_summary(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

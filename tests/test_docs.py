@@ -29,15 +29,35 @@ import pytest
 pytest.importorskip("mkdocs", reason="the documentation build needs requirements-dev.txt")
 pytest.importorskip("mkdocstrings_handlers.python", reason="the documentation build needs requirements-dev.txt")
 
-from doc_examples import COMMAND_PREFIXES, ROOT, code_blocks, command_lines, make_user_folder, run_page  # noqa: E402
+from doc_examples import COMMAND_PREFIXES, ROOT, code_blocks, command_lines, make_user_folder, run_page
 
 DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
 PAGES = sorted(DOCS.rglob("*.md"))
-RUNNABLE = [p for p in PAGES if any(b.not_executed is None and (b.lang == "python" or (
-    b.lang == "bash" and any(line.startswith(COMMAND_PREFIXES) for line in command_lines(b)))) for b in code_blocks(p.read_text()))]
-PUBLIC_MODULES = ("ddk", "ddk.data", "ddk.integrations.transformers", "ddk_kernels", "ddk.partition", "ddk.discrepancy",
-                  "ddk.schedule", "ddk.sampling", "ddk.losses", "ddk.integrations")
+RUNNABLE = [
+    p
+    for p in PAGES
+    if any(
+        b.not_executed is None
+        and (
+            b.lang == "python"
+            or (b.lang == "bash" and any(line.startswith(COMMAND_PREFIXES) for line in command_lines(b)))
+        )
+        for b in code_blocks(p.read_text())
+    )
+]
+PUBLIC_MODULES = (
+    "ddk",
+    "ddk.data",
+    "ddk.integrations.transformers",
+    "ddk_kernels",
+    "ddk.partition",
+    "ddk.discrepancy",
+    "ddk.schedule",
+    "ddk.sampling",
+    "ddk.losses",
+    "ddk.integrations",
+)
 ANCHOR = re.compile(r'id="((?:ddk|ddk_kernels)(?:\.\w+)*)"')
 
 
@@ -49,8 +69,14 @@ def _rel(path: Path) -> str:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, f"mkdocs build --strict failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return out
 
@@ -96,8 +122,9 @@ def test_every_page_is_in_the_nav_and_every_guide_ends_with_a_block_that_runs() 
     assert len(GUIDES) >= 6
     for guide in GUIDES:
         last = code_blocks(guide.read_text())[-1]
-        runs = last.lang == "python" or (last.lang == "bash" and any(
-            line.startswith(COMMAND_PREFIXES) for line in command_lines(last)))
+        runs = last.lang == "python" or (
+            last.lang == "bash" and any(line.startswith(COMMAND_PREFIXES) for line in command_lines(last))
+        )
         assert runs and last.not_executed is None, f"{_rel(guide)}: the last block (line {last.line}) must run"
 
 
@@ -106,22 +133,26 @@ def test_only_marked_torchrun_blocks_are_not_run_and_every_command_is_one_that_r
     for page in PAGES:
         for b in code_blocks(page.read_text()):
             where = f"{_rel(page)}:{b.line}"
-            commands = [line for line in command_lines(b) if b.lang == "bash" and line.startswith(("ddk ", "torchrun "))]
+            commands = [
+                line for line in command_lines(b) if b.lang == "bash" and line.startswith(("ddk ", "torchrun "))
+            ]
             if b.not_executed is not None:
                 assert b.lang == "bash" and commands and all(c.startswith("torchrun ") for c in commands), (
-                    f"{where}: only torchrun commands may be marked not executed")
+                    f"{where}: only torchrun commands may be marked not executed"
+                )
                 marked.append((where, b.not_executed))
                 continue
             assert b.lang in ("python", "bash", "json", ""), f"{where}: a {b.lang!r} block is neither run nor marked"
             assert all(c.startswith(COMMAND_PREFIXES) for c in commands), (
-                f"{where}: {commands} would be shown but not run; use a command the tests run or mark the block")
+                f"{where}: {commands} would be shown but not run; use a command the tests run or mark the block"
+            )
     assert [w.split(":")[0] for w, _ in marked] == ["docs/guides/distributed.md"] * 2, marked
     assert all(len(reason) > 20 for _, reason in marked)
 
 
 def test_readme_links_every_guide() -> None:
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Documentation"):].split("\n## ", 1)[0]
+    section = readme[readme.index("## Documentation") :].split("\n## ", 1)[0]
     links = re.findall(r"\]\((docs/[^)#]+\.md)\)", section)
     assert all((ROOT / link).is_file() for link in links), links
     assert {_rel(g) for g in GUIDES} <= set(links)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from doc_examples import ROOT, distill_commands, make_user_folder, python_blocks, run_command, run_python  # noqa: E402
+from doc_examples import ROOT, distill_commands, make_user_folder, python_blocks, run_command, run_python
 
 README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = [b.text for b in python_blocks(README)]

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from ddk.recipes.config import METHODS, add_config_arguments, config_from_args
 from ddk.recipes.demo import demo_config
 from ddk.recipes.distill import distill
-from ddk.recipes.config import METHODS, add_config_arguments, config_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,13 +98,24 @@ def _plots(results: dict[str, list[dict[str, Any]]], runs: Path, fig_dir: Path) 
     if "ddk" in results:
         from ddk.recipes.plotting import plot_weights
 
-        out.append(plot_weights(Path(results["ddk"][0]["run_dir"]) / "controller.jsonl", fig_dir / "e2e_ddk_weights.png",
-                                title=f"DDK domain weights (seed {results['ddk'][0]['seed']})"))
+        out.append(
+            plot_weights(
+                Path(results["ddk"][0]["run_dir"]) / "controller.jsonl",
+                fig_dir / "e2e_ddk_weights.png",
+                title=f"DDK domain weights (seed {results['ddk'][0]['seed']})",
+            )
+        )
     return out
 
 
-def _report(results: dict[str, list[dict[str, Any]]], cfg_dict: dict[str, Any], argv: list[str], wall: float,
-            plots: list[Path], report: Path) -> str:
+def _report(
+    results: dict[str, list[dict[str, Any]]],
+    cfg_dict: dict[str, Any],
+    argv: list[str],
+    wall: float,
+    plots: list[Path],
+    report: Path,
+) -> str:
     names = next(iter(results.values()))[0]["domains"]
     r0 = next(iter(results.values()))[0]
     lines = [
@@ -141,16 +152,28 @@ def _report(results: dict[str, list[dict[str, Any]]], cfg_dict: dict[str, Any], 
         "|---|---|---|---|",
     ]
     for m, rs in results.items():
-        lines.append(f"| {m} | {_mean_std([r['mean_gap'] for r in rs])} | {_mean_std([r['worst_gap'] for r in rs])} | "
-                     f"{_mean_std([r['mean_ratio'] for r in rs])} |")
+        lines.append(
+            f"| {m} | {_mean_std([r['mean_gap'] for r in rs])} | {_mean_std([r['worst_gap'] for r in rs])} | "
+            f"{_mean_std([r['mean_ratio'] for r in rs])} |"
+        )
     seeds = sorted({r["seed"] for rs in results.values() for r in rs})
-    lines += ["", "Per seed (mean gap / worst-domain gap):", "",
-              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    lines += [
+        "",
+        "Per seed (mean gap / worst-domain gap):",
+        "",
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     by_seed = {m: {r["seed"]: r for r in rs} for m, rs in results.items()}
     for m in results:
-        lines.append(f"| {m} | " + " | ".join(
-            f"{by_seed[m][s]['mean_gap']:.4f} / {by_seed[m][s]['worst_gap']:.4f}" if s in by_seed[m] else "-"
-            for s in seeds) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{by_seed[m][s]['mean_gap']:.4f} / {by_seed[m][s]['worst_gap']:.4f}" if s in by_seed[m] else "-"
+                for s in seeds
+            )
+            + " |"
+        )
     if "ddk" in by_seed:
         for other in ("kd", "cpt"):
             if other not in by_seed:
@@ -159,21 +182,41 @@ def _report(results: dict[str, list[dict[str, Any]]], cfg_dict: dict[str, Any], 
             wins_mean = sum(by_seed["ddk"][s]["mean_gap"] < by_seed[other][s]["mean_gap"] for s in common)
             wins_worst = sum(by_seed["ddk"][s]["worst_gap"] < by_seed[other][s]["worst_gap"] for s in common)
             lines.append("")
-            lines.append(f"DDK vs {other}: lower mean gap on {wins_mean} of {len(common)} seeds, "
-                         f"lower worst-domain gap on {wins_worst} of {len(common)} seeds.")
-    lines += ["", "Per-domain gap (mean over seeds):", "",
-              "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            lines.append(
+                f"DDK vs {other}: lower mean gap on {wins_mean} of {len(common)} seeds, "
+                f"lower worst-domain gap on {wins_worst} of {len(common)} seeds."
+            )
+    lines += [
+        "",
+        "Per-domain gap (mean over seeds):",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for m, rs in results.items():
-        lines.append(f"| {m} | " + " | ".join(f"{statistics.mean(r['gap'][i] for r in rs):.4f}" for i in range(len(names))) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{statistics.mean(r['gap'][i] for r in rs):.4f}" for i in range(len(names)))
+            + " |"
+        )
     lines.append("| teacher CE | " + " | ".join(f"{c:.4f}" for c in r0["teacher_ce"]) + " |")
-    lines += ["", "Samples drawn per domain (first seed):", "", "| method | " + " | ".join(names) + " |",
-              "|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Samples drawn per domain (first seed):",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for m, rs in results.items():
         lines.append(f"| {m} | " + " | ".join(str(c) for c in rs[0]["samples_per_domain"]) + " |")
     if plots:
         lines += ["", "Plots:", ""] + [f"![{p.stem}]({p.relative_to(report.parent).as_posix()})" for p in plots]
-    lines += ["", "Run folders (config, metrics.jsonl, controller.jsonl, checkpoint, student, plots): "
-              + ", ".join(sorted({str(Path(r['run_dir']).parent) for rs in results.values() for r in rs})) + "."]
+    lines += [
+        "",
+        "Run folders (config, metrics.jsonl, controller.jsonl, checkpoint, student, plots): "
+        + ", ".join(sorted({str(Path(r["run_dir"]).parent) for rs in results.values() for r in rs}))
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -188,20 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     for method in args.methods:
         for seed in args.seeds:
-            cfg = config_from_args(argparse.Namespace(**{**vars(args), "method": method, "seed": seed,
-                                                          "out": str(runs / f"{method}-s{seed}")}), base=("experiment",))
+            cfg = config_from_args(
+                argparse.Namespace(
+                    **{**vars(args), "method": method, "seed": seed, "out": str(runs / f"{method}-s{seed}")}
+                ),
+                base=("experiment",),
+            )
             cfg = demo_config(cfg)  # this seed's demo student; teacher and corpus from the cache
             summary_path = cfg.run_dir / "summary.json"
             cfg_path = cfg.run_dir / "config.json"
-            done = (summary_path.is_file() and cfg_path.is_file()
-                    and json.loads(cfg_path.read_text()) == cfg.to_dict())
+            done = summary_path.is_file() and cfg_path.is_file() and json.loads(cfg_path.read_text()) == cfg.to_dict()
             summary = json.loads(summary_path.read_text()) if done else distill(cfg)
             summary["run_dir"] = str(cfg.run_dir)
             results.setdefault(method, []).append(summary)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     plots = _plots(results, runs, report.parent / "figures")
-    text = _report(results, {**base.to_dict(), "_teacher_seconds": teacher_seconds}, argv, time.perf_counter() - t0, plots, report)
+    text = _report(
+        results, {**base.to_dict(), "_teacher_seconds": teacher_seconds}, argv, time.perf_counter() - t0, plots, report
+    )
     report.write_text(text)
     print(text)
     print(f"report: {report}")

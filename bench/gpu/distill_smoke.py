@@ -26,10 +26,10 @@ sys.path.insert(1, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from recipe_cases import own_cfg  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from ddk.recipes.distill import distill  # noqa: E402
-from recipe_cases import own_cfg  # noqa: E402
 
 
 def main() -> int:
@@ -43,12 +43,24 @@ def main() -> int:
     path = tmp / "fsdp.yaml"
     path.write_text(yaml.safe_dump(gpu.to_dict()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           "-m", "ddk.recipes.cli", "distill", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "ddk.recipes.cli",
+        "distill",
+        "--config",
+        str(path),
+    ]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    print(f"torchrun --nproc_per_node=1 --fsdp (cuda available: {torch.cuda.is_available()}): "
-          f"rc {res.returncode}, {time.perf_counter() - t0:.1f} s")
+    print(
+        f"torchrun --nproc_per_node=1 --fsdp (cuda available: {torch.cuda.is_available()}): "
+        f"rc {res.returncode}, {time.perf_counter() - t0:.1f} s"
+    )
     if res.returncode != 0:
         print(res.stdout[-3000:], res.stderr[-6000:], sep="\n")
         return 1

@@ -32,9 +32,9 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -230,8 +230,9 @@ def compare_to_oracle(
         naive = err_naive[name] if err_naive is not None else 0.0
         good = error_relative_ok(err, naive, k, rel_atol * scale.get(name, 1.0))
         ok &= good
-        parts.append(f"{name} {err:.2e}" + (f"/naive {naive:.2e}" if err_naive is not None else "")
-                     + ("" if good else " FAIL"))
+        parts.append(
+            f"{name} {err:.2e}" + (f"/naive {naive:.2e}" if err_naive is not None else "") + ("" if good else " FAIL")
+        )
     return ok, ", ".join(parts)
 
 
@@ -248,8 +249,9 @@ def format_fused_table(rows: list[FusedTimingRow], floor_ms: float | None, matmu
         lines.append(f"{r.backend:<11} {ms} {mem} {x_naive} {x_floor}  {r.note}".rstrip())
     if floor_ms:
         rate = f" ({matmul_tflops:.0f} TFLOP/s)" if matmul_tflops else ""
-        lines.append(f"{'floor':<11} {floor_ms:10.2f} {'':>10} {'':>8} {1.0:8.2f}  "
-                     f"2*N*V*(Ht+3*Hs) FLOP / bf16 matmul rate{rate}")
+        lines.append(
+            f"{'floor':<11} {floor_ms:10.2f} {'':>10} {'':>8} {1.0:8.2f}  2*N*V*(Ht+3*Hs) FLOP / bf16 matmul rate{rate}"
+        )
     return "\n".join(lines)
 
 
@@ -346,7 +348,7 @@ def check_backends(report: Report, names: tuple[str, ...] = BACKENDS_CHECKED) ->
                 ce, kd = fn(x, zt, labels, cfg)
                 (g,) = torch.autograd.grad((ce * gce.to(ce.dtype)).sum() + (kd * gkd.to(kd.dtype)).sum(), x)
                 _sync()
-            except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
+            except Exception as exc:
                 report.checks.append(CheckRow(name, case, False, f"raised {type(exc).__name__}: {exc}"))
                 continue
             atol = 1e-9 if dtype == torch.float64 else 2e-5
@@ -356,7 +358,9 @@ def check_backends(report: Report, names: tuple[str, ...] = BACKENDS_CHECKED) ->
                 err_naive = float((naive[idx].double() - oracle).abs().max()) if naive else 0.0
                 good = error_relative_ok(err, err_naive, k, atol)
                 ok &= good
-                parts.append(f"{what} {err:.2e}" + (f"/naive {err_naive:.2e}" if naive else "") + ("" if good else " FAIL"))
+                parts.append(
+                    f"{what} {err:.2e}" + (f"/naive {err_naive:.2e}" if naive else "") + ("" if good else " FAIL")
+                )
             dtype_ok = ce.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and g.dtype == dtype
             if not dtype_ok:
                 ok = False
@@ -367,8 +371,14 @@ def check_backends(report: Report, names: tuple[str, ...] = BACKENDS_CHECKED) ->
 
 
 def time_backend(
-    name: str, fn: Callable, zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, cfg: KDConfig,
-    reps: int, budget_s: float,
+    name: str,
+    fn: Callable,
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: KDConfig,
+    reps: int,
+    budget_s: float,
 ) -> TimingRow:
     """Median forward + backward time (CUDA events) and peak memory above the inputs."""
     row = TimingRow(name)
@@ -403,18 +413,35 @@ def time_backend(
         row.reps = n_reps
     except torch.cuda.OutOfMemoryError as exc:
         row.note = f"out of memory ({str(exc).splitlines()[0][:80]})"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         row.note = f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
     torch.cuda.empty_cache()
     return row
 
 
-def run_timings(report: Report, n: int, v: int, teacher_v: int, divergence: str, beta: float, temperature: float,
-                reps: int, budget_s: float, names: tuple[str, ...] = BACKENDS_TIMED) -> None:
+def run_timings(
+    report: Report,
+    n: int,
+    v: int,
+    teacher_v: int,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    reps: int,
+    budget_s: float,
+    names: tuple[str, ...] = BACKENDS_TIMED,
+) -> None:
     cfg = KDConfig(temperature=temperature, divergence=divergence, beta=beta)
     zs, zt, labels = _inputs(n, v, torch.bfloat16, 1234, teacher_v - v, masked=0.1)
-    report.shape = {"n": n, "v": v, "teacher_v": teacher_v, "dtype": "bfloat16", "divergence": divergence,
-                    "beta": beta, "temperature": temperature}
+    report.shape = {
+        "n": n,
+        "v": v,
+        "teacher_v": teacher_v,
+        "dtype": "bfloat16",
+        "divergence": divergence,
+        "beta": beta,
+        "temperature": temperature,
+    }
     rate = measure_copy_rate()
     report.copy_rate_gb_s = rate / 1e9
     report.floor_ms = bandwidth_floor_seconds(n, v, 2, rate) * 1e3
@@ -449,9 +476,11 @@ class FusedCase:
     masked: float = 0.2
 
     def label(self) -> str:
-        return (f"n={self.n} Hs={self.hs} Ht={self.ht} V={self.v} (teacher {self.teacher_v}) "
-                f"{str(self.dtype).replace('torch.', '')}{' +bias' if self.bias else ''} "
-                f"{self.divergence}(beta={self.beta}) T={self.temperature}")
+        return (
+            f"n={self.n} Hs={self.hs} Ht={self.ht} V={self.v} (teacher {self.teacher_v}) "
+            f"{str(self.dtype).replace('torch.', '')}{' +bias' if self.bias else ''} "
+            f"{self.divergence}(beta={self.beta}) T={self.temperature}"
+        )
 
     def options(self) -> dict:
         return dict(gamma=self.gamma, temperature=self.temperature, divergence=self.divergence, beta=self.beta)
@@ -465,8 +494,17 @@ FUSED_CASES: tuple[FusedCase, ...] = (
 
 
 def fused_inputs(
-    n: int, hs: int, ht: int, v: int, teacher_v: int, dtype: torch.dtype, bias: bool, masked: float, seed: int,
-    device: torch.device | str = "cuda", logit_std: float = 3.0,
+    n: int,
+    hs: int,
+    ht: int,
+    v: int,
+    teacher_v: int,
+    dtype: torch.dtype,
+    bias: bool,
+    masked: float,
+    seed: int,
+    device: torch.device | str = "cuda",
+    logit_std: float = 3.0,
 ) -> dict:
     """Hidden states ``N(0, 1)``, weights scaled to logits of std ``logit_std``, labels with a
     ``masked`` fraction of -100. Student ``h``, ``w`` (and ``b``) are leaves requiring grad."""
@@ -516,6 +554,7 @@ def make_fused_step(name: str, opts: dict) -> tuple[Callable | None, str]:
     (the same loss: CE at T=1 plus gamma times the divergence at T, over valid tokens).
     """
     if name == "naive":
+
         def loss_fn(x: dict) -> torch.Tensor:
             v = x["w"].shape[0]
             zs = x["h"] @ x["w"].T
@@ -536,8 +575,15 @@ def make_fused_step(name: str, opts: dict) -> tuple[Callable | None, str]:
             if rows:  # a workspace of that many token rows of the gemm strategy
                 extra["workspace_bytes"] = int(rows) * 3 * x["w"].shape[0] * x["h"].element_size()
             return fused_linear_kd_loss(
-                x["h"], x["w"], x["labels"], teacher_hidden=x["th"], teacher_weight=x["tw"], student_bias=x["b"],
-                backend=backend, **extra, **opts,
+                x["h"],
+                x["w"],
+                x["labels"],
+                teacher_hidden=x["th"],
+                teacher_weight=x["tw"],
+                student_bias=x["b"],
+                backend=backend,
+                **extra,
+                **opts,
             ).loss
 
     elif name.startswith("liger"):
@@ -546,8 +592,10 @@ def make_fused_step(name: str, opts: dict) -> tuple[Callable | None, str]:
         except ImportError as exc:
             return None, f"not installed ({exc})"
         mod = LigerFusedLinearJSDLoss(
-            weight_hard_loss=1.0, weight_soft_loss=float(opts["gamma"]),
-            beta=liger_beta(opts["divergence"], opts["beta"]), temperature=float(opts["temperature"]),
+            weight_hard_loss=1.0,
+            weight_soft_loss=float(opts["gamma"]),
+            beta=liger_beta(opts["divergence"], opts["beta"]),
+            temperature=float(opts["temperature"]),
             compiled=name != "liger_eager",
         )
 
@@ -573,7 +621,9 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_fused(
-    report: Report, cases: tuple[FusedCase, ...] = FUSED_CASES, names: tuple[str, ...] = FUSED_CHECKED,
+    report: Report,
+    cases: tuple[FusedCase, ...] = FUSED_CASES,
+    names: tuple[str, ...] = FUSED_CHECKED,
     device: torch.device | str = "cuda",
 ) -> None:
     """Loss and gradients of each fused backend vs the float64 oracle (into ``report.fused_checks``)."""
@@ -587,8 +637,18 @@ def check_fused(
             available[name] = str(exc).splitlines()[0][:160]
             report.fused_checks.append(CheckRow(name, "all", False, f"unavailable: {available[name]}"))
     for seed, case in enumerate(cases):
-        x = fused_inputs(case.n, case.hs, case.ht, case.v, case.teacher_v, case.dtype, case.bias, case.masked,
-                         seed=100 + seed, device=dev)
+        x = fused_inputs(
+            case.n,
+            case.hs,
+            case.ht,
+            case.v,
+            case.teacher_v,
+            case.dtype,
+            case.bias,
+            case.masked,
+            seed=100 + seed,
+            device=dev,
+        )
         opts = case.options()
         o_loss, o_grads = fused_oracle(x, opts)
         keys = ["loss", "dh", "dW"] + (["db"] if case.bias else [])
@@ -609,13 +669,16 @@ def check_fused(
                 loss, grads = step(x)
                 if dev.type == "cuda":
                     _sync()
-            except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
+            except Exception as exc:
                 report.fused_checks.append(CheckRow(name, case.label(), False, f"raised {type(exc).__name__}: {exc}"))
                 continue
             err = {k: _max_err(t, o) for k, t, o in zip(keys, (loss,) + grads, (o_loss,) + o_grads)}
             ok, detail = compare_to_oracle(err, err_naive, scale)
-            bad = [f"{k} {t.dtype}/{tuple(t.shape)}" for k, t, p in zip(keys[1:], grads, _params(x))
-                   if t.dtype != p.dtype or t.shape != p.shape]
+            bad = [
+                f"{k} {t.dtype}/{tuple(t.shape)}"
+                for k, t, p in zip(keys[1:], grads, _params(x))
+                if t.dtype != p.dtype or t.shape != p.shape
+            ]
             if bad:
                 ok = False
                 detail += f", grad dtype/shape {', '.join(bad)} FAIL"
@@ -666,7 +729,14 @@ def _timed_ms(step: Callable, x: dict) -> float:
 
 
 def time_fused_variant(
-    name: str, step: Callable, x: dict, probe_n: int, reps: int, loop_s: float, max_step_s: float, deadline: float,
+    name: str,
+    step: Callable,
+    x: dict,
+    probe_n: int,
+    reps: int,
+    loop_s: float,
+    max_step_s: float,
+    deadline: float,
 ) -> FusedTimingRow:
     """Probe at ``probe_n`` tokens (compiles; one timed step), then, unless the projected step is
     too long for ``max_step_s`` or the time left before ``deadline`` (``time.perf_counter()``), one
@@ -706,10 +776,13 @@ def time_fused_variant(
         row.reps = n_reps
     except torch.cuda.OutOfMemoryError:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if phase == "full size" else None
-        row.note = "OOM" + (f" at {phase}" if phase != "full size" else "") + (
-            f" (>= {peak:.0f} MiB above the inputs when it failed)" if peak else "")
+        row.note = (
+            "OOM"
+            + (f" at {phase}" if phase != "full size" else "")
+            + (f" (>= {peak:.0f} MiB above the inputs when it failed)" if peak else "")
+        )
         row.peak_mib = None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         msg = str(exc).splitlines()[0][:100] if str(exc) else ""
         row.note = f"raised {type(exc).__name__} at {phase}: {msg}"
     torch.cuda.empty_cache()
@@ -717,9 +790,24 @@ def time_fused_variant(
 
 
 def run_fused_timings(
-    report: Report, n: int, hs: int, ht: int, v: int, teacher_v: int, divergence: str, beta: float,
-    temperature: float, gamma: float, masked: float, reps: int, loop_s: float, max_step_s: float, budget_s: float,
-    probe_n: int, names: tuple[str, ...] = FUSED_TIMED, on_row: Callable[[], None] | None = None,
+    report: Report,
+    n: int,
+    hs: int,
+    ht: int,
+    v: int,
+    teacher_v: int,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    gamma: float,
+    masked: float,
+    reps: int,
+    loop_s: float,
+    max_step_s: float,
+    budget_s: float,
+    probe_n: int,
+    names: tuple[str, ...] = FUSED_TIMED,
+    on_row: Callable[[], None] | None = None,
     min_start_s: float = 5.0,
 ) -> None:
     """Times each variant of ``names`` (see ``time_fused_variant``) into ``report.fused_timings``;
@@ -732,13 +820,29 @@ def run_fused_timings(
     report.fused_floor_ms = flop_floor_seconds(flops, rate) * 1e3
     x = fused_inputs(n, hs, ht, v, teacher_v, torch.bfloat16, False, masked, seed=4321, device="cuda", logit_std=3.0)
     report.fused_shape = {
-        "n": n, "hs": hs, "ht": ht, "v": v, "teacher_v": teacher_v, "dtype": "bfloat16", "bias": False,
-        "valid_tokens": int((x["labels"] != -100).sum()), "divergence": divergence, "beta": beta,
-        "temperature": temperature, "gamma": gamma, "flops": flops, "probe_n": probe_n,
-        "reps": reps, "budget_s": budget_s, "max_step_s": max_step_s,
+        "n": n,
+        "hs": hs,
+        "ht": ht,
+        "v": v,
+        "teacher_v": teacher_v,
+        "dtype": "bfloat16",
+        "bias": False,
+        "valid_tokens": int((x["labels"] != -100).sum()),
+        "divergence": divergence,
+        "beta": beta,
+        "temperature": temperature,
+        "gamma": gamma,
+        "flops": flops,
+        "probe_n": probe_n,
+        "reps": reps,
+        "budget_s": budget_s,
+        "max_step_s": max_step_s,
     }
-    print(f"  bf16 matmul {report.matmul_tflops:.0f} TFLOP/s; floor {report.fused_floor_ms:.2f} ms "
-          f"({flops / 1e12:.1f} TFLOP)", flush=True)
+    print(
+        f"  bf16 matmul {report.matmul_tflops:.0f} TFLOP/s; floor {report.fused_floor_ms:.2f} ms "
+        f"({flops / 1e12:.1f} TFLOP)",
+        flush=True,
+    )
     for name in names:
         step, reason = make_fused_step(name, opts)
         if step is not None and deadline - time.perf_counter() < min_start_s:
@@ -755,12 +859,15 @@ def run_fused_timings(
             assert eager is not None
             first_note = row.note
             row = time_fused_variant(name, eager, x, probe_n, reps, loop_s, max_step_s, deadline)
-            row.note = (f"compiled=False; compiled {first_note[:80]}" + (f"; {row.note}" if row.note else ""))
+            row.note = f"compiled=False; compiled {first_note[:80]}" + (f"; {row.note}" if row.note else "")
         report.fused_timings.append(row)
         if on_row is not None:
             on_row()
-        print(f"  fused {name}: {row.ms} ms x{row.reps}, peak {row.peak_mib} MiB, loss {row.loss}, "
-              f"probe {row.probe_ms} ms, {time.perf_counter() - t0:.1f} s {row.note}", flush=True)
+        print(
+            f"  fused {name}: {row.ms} ms x{row.reps}, peak {row.peak_mib} MiB, loss {row.loss}, "
+            f"probe {row.probe_ms} ms, {time.perf_counter() - t0:.1f} s {row.note}",
+            flush=True,
+        )
     del x
     torch.cuda.empty_cache()
 
@@ -792,10 +899,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fused-variants", default=",".join(FUSED_TIMED), help=f"subset of {','.join(FUSED_TIMED)}")
     p.add_argument("--fused-reps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--fused-loop-s", type=float, default=10.0, help="time budget of each variant's timed loop")
-    p.add_argument("--fused-max-step-s", type=float, default=25.0,
-                   help="skip a variant whose step, projected from the probe, is longer")
-    p.add_argument("--fused-budget-s", type=float, default=120.0,
-                   help="wall-clock budget of all fused timings (probes, warm-ups, timed steps)")
+    p.add_argument(
+        "--fused-max-step-s",
+        type=float,
+        default=25.0,
+        help="skip a variant whose step, projected from the probe, is longer",
+    )
+    p.add_argument(
+        "--fused-budget-s",
+        type=float,
+        default=120.0,
+        help="wall-clock budget of all fused timings (probes, warm-ups, timed steps)",
+    )
     p.add_argument("--fused-probe-n", type=int, default=1024, help="tokens of the probe step")
     p.add_argument("--json", default=None, help="JSON path (default $OUT/kd_bench.json if OUT is set)")
     args = p.parse_args(argv)
@@ -831,15 +946,24 @@ def main(argv: list[str] | None = None) -> int:
         write_json()
     if not args.skip_timing:
         t0 = time.perf_counter()
-        run_timings(report, args.n, args.v, args.teacher_v, args.divergence, args.beta, args.temperature,
-                    args.reps, args.budget_s)
+        run_timings(
+            report,
+            args.n,
+            args.v,
+            args.teacher_v,
+            args.divergence,
+            args.beta,
+            args.temperature,
+            args.reps,
+            args.budget_s,
+        )
         print(f"(timings took {time.perf_counter() - t0:.1f} s)")
         write_json()
     if not args.skip_fused:
         t0 = time.perf_counter()
         try:
             check_fused(report)
-        except Exception as exc:  # noqa: BLE001 - keep the rest of the report
+        except Exception as exc:
             traceback.print_exc()
             report.fused_checks.append(CheckRow("fused", "check_fused", False, f"raised {type(exc).__name__}: {exc}"))
         print(f"\n== fused lm_head + KD oracle checks ({time.perf_counter() - t0:.1f} s) ==")
@@ -851,12 +975,26 @@ def main(argv: list[str] | None = None) -> int:
         variants = tuple(v.strip() for v in args.fused_variants.split(",") if v.strip())
         try:
             run_fused_timings(
-                report, args.fused_n, args.fused_hs, args.fused_ht, args.fused_v, args.fused_teacher_v,
-                args.fused_divergence, args.fused_beta, args.fused_temperature, args.fused_gamma, args.fused_masked,
-                args.fused_reps, args.fused_loop_s, args.fused_max_step_s, args.fused_budget_s, args.fused_probe_n,
-                variants, on_row=write_json,
+                report,
+                args.fused_n,
+                args.fused_hs,
+                args.fused_ht,
+                args.fused_v,
+                args.fused_teacher_v,
+                args.fused_divergence,
+                args.fused_beta,
+                args.fused_temperature,
+                args.fused_gamma,
+                args.fused_masked,
+                args.fused_reps,
+                args.fused_loop_s,
+                args.fused_max_step_s,
+                args.fused_budget_s,
+                args.fused_probe_n,
+                variants,
+                on_row=write_json,
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             traceback.print_exc()
             report.fused_timings.append(FusedTimingRow("fused", note=f"raised {type(exc).__name__}: {exc}"[:160]))
         print(f"(fused timings took {time.perf_counter() - t0:.1f} s)")
@@ -866,25 +1004,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
     if report.timings:
         s = report.shape
-        print(f"\n== KD loss forward+backward, N={s['n']} V={s['v']} (teacher {s['teacher_v']} sliced) bf16 "
-              f"{s['divergence']} T={s['temperature']} on {report.device}; copy rate "
-              f"{report.copy_rate_gb_s:.0f} GB/s (read+write) ==")
+        print(
+            f"\n== KD loss forward+backward, N={s['n']} V={s['v']} (teacher {s['teacher_v']} sliced) bf16 "
+            f"{s['divergence']} T={s['temperature']} on {report.device}; copy rate "
+            f"{report.copy_rate_gb_s:.0f} GB/s (read+write) =="
+        )
         print(format_table(report.timings, report.floor_ms))
     if report.fused_timings:
         s = report.fused_shape
-        shape = (f"N={s['n']} ({s['valid_tokens']} valid) Hs={s['hs']} Ht={s['ht']} V={s['v']} (teacher "
-                 f"{s['teacher_v']} rows sliced) bf16 {s['divergence']} T={s['temperature']} " if s else "")
-        print(f"\n== fused lm_head + KD forward+backward, {shape}on {report.device}; peak = max allocated above "
-              f"the inputs, gradients included ==")
+        shape = (
+            f"N={s['n']} ({s['valid_tokens']} valid) Hs={s['hs']} Ht={s['ht']} V={s['v']} (teacher "
+            f"{s['teacher_v']} rows sliced) bf16 {s['divergence']} T={s['temperature']} "
+            if s
+            else ""
+        )
+        print(
+            f"\n== fused lm_head + KD forward+backward, {shape}on {report.device}; peak = max allocated above "
+            f"the inputs, gradients included =="
+        )
         print(format_fused_table(report.fused_timings, report.fused_floor_ms, report.matmul_tflops))
     failed = [c for c in report.checks if not c.ok]
     if failed:
-        print(f"\n{len(failed)} oracle check(s) FAILED or unavailable: "
-              + ", ".join(sorted({c.backend for c in failed})))
+        print(
+            f"\n{len(failed)} oracle check(s) FAILED or unavailable: " + ", ".join(sorted({c.backend for c in failed}))
+        )
     fused_failed = [c for c in report.fused_checks if not c.ok]
     if fused_failed:
-        print(f"\n{len(fused_failed)} fused oracle check(s) FAILED or unavailable: "
-              + ", ".join(sorted({c.backend for c in fused_failed})))
+        print(
+            f"\n{len(fused_failed)} fused oracle check(s) FAILED or unavailable: "
+            + ", ".join(sorted({c.backend for c in fused_failed}))
+        )
     all_checks = report.checks + report.fused_checks
     return 1 if any(not c.ok and not c.detail.startswith("unavailable") for c in all_checks) else 0
 

@@ -34,9 +34,10 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +72,17 @@ def build_model(shape: Shape, vocab: int, seq: int, seed: int, dtype: torch.dtyp
     """A ``Qwen2ForCausalLM`` with random weights of ``shape``, on ``device`` in ``dtype``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, max_position_embeddings=max(seq, 64),
-                      tie_word_embeddings=True, use_cache=False)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max(seq, 64),
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
@@ -116,7 +124,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device(args.device)
-        self.autocast = torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and self.device.type == "cuda")) else None
+        self.autocast = (
+            torch.bfloat16 if (args.dtype == "bf16" or (args.dtype == "auto" and self.device.type == "cuda")) else None
+        )
         t_shape, s_shape, self.vocab = PRESETS[args.preset]
         self.teacher = build_model(t_shape, self.vocab, args.seq, 1, self.autocast or torch.float32, self.device).eval()
         for p in self.teacher.parameters():
@@ -128,8 +138,10 @@ class Bench:
         n_train = max(64, 4 * args.batch)
         self.train = torch.randint(0, self.vocab, (self.domains * n_train, args.seq), generator=g)
         val = torch.randint(0, self.vocab, (self.domains, args.val_batches * args.eval_batch, args.seq), generator=g)
-        self.validation = {f"d{i}": [{"input_ids": val[i, j:j + args.eval_batch]}
-                                     for j in range(0, val.shape[1], args.eval_batch)] for i in range(self.domains)}
+        self.validation = {
+            f"d{i}": [{"input_ids": val[i, j : j + args.eval_batch]} for j in range(0, val.shape[1], args.eval_batch)]
+            for i in range(self.domains)
+        }
         self.sizes = [n_train] * self.domains
 
     def fresh_student(self) -> Any:
@@ -138,7 +150,9 @@ class Bench:
         return self.student
 
     def autocast_ctx(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        )
 
 
 def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], float], dict[str, float]]:
@@ -157,8 +171,16 @@ def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], f
         return bench.train[torch.as_tensor(uniform.next_global_batch())].to(device)
 
     if name in ("ddk", "kd"):
-        step_mod = DistillStep(student, teacher, num_domains=bench.domains, gamma=gamma, temperature=1.0,
-                               loss="fused", backend="auto", autocast=bench.autocast)
+        step_mod = DistillStep(
+            student,
+            teacher,
+            num_domains=bench.domains,
+            gamma=gamma,
+            temperature=1.0,
+            loss="fused",
+            backend="auto",
+            autocast=bench.autocast,
+        )
         sampler = MixtureSampler(bench.sizes, batch, seed=0)
         controller = None
         if name == "ddk":
@@ -187,16 +209,21 @@ def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], f
         return step, timers
 
     if name == "logits":
+
         def step(i: int) -> float:
             ids = fixed_batch(i)
             with bench.autocast_ctx():
                 zs = student(input_ids=ids).logits[:, :-1].float()
                 with torch.no_grad():
-                    zt = teacher(input_ids=ids).logits[:, :-1, :zs.shape[-1]].float()
+                    zt = teacher(input_ids=ids).logits[:, :-1, : zs.shape[-1]].float()
                 labels = ids[:, 1:]
                 ce = F.cross_entropy(zs.reshape(-1, zs.shape[-1]), labels.reshape(-1))
-                kl = F.kl_div(F.log_softmax(zs, -1).reshape(-1, zs.shape[-1]),
-                              F.log_softmax(zt, -1).reshape(-1, zs.shape[-1]), log_target=True, reduction="batchmean")
+                kl = F.kl_div(
+                    F.log_softmax(zs, -1).reshape(-1, zs.shape[-1]),
+                    F.log_softmax(zt, -1).reshape(-1, zs.shape[-1]),
+                    log_target=True,
+                    reduction="batchmean",
+                )
                 loss = ce + gamma * kl
             loss.backward()
             opt.step()
@@ -208,8 +235,9 @@ def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], f
     if name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        jsd = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=gamma, beta=0.0, temperature=1.0,
-                                      compiled=device.type == "cuda")  # on the CPU torch.compile recompiles per chunk
+        jsd = LigerFusedLinearJSDLoss(
+            weight_hard_loss=1.0, weight_soft_loss=gamma, beta=0.0, temperature=1.0, compiled=device.type == "cuda"
+        )  # on the CPU torch.compile recompiles per chunk
 
         def step(i: int) -> float:
             ids = fixed_batch(i)
@@ -220,7 +248,12 @@ def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], f
                 ws = student.lm_head.weight
                 wt = teacher.lm_head.weight[: ws.shape[0]]
                 if bench.autocast is not None:
-                    hs, ws, ht, wt = hs.to(bench.autocast), ws.to(bench.autocast), ht.to(bench.autocast), wt.to(bench.autocast)
+                    hs, ws, ht, wt = (
+                        hs.to(bench.autocast),
+                        ws.to(bench.autocast),
+                        ht.to(bench.autocast),
+                        wt.to(bench.autocast),
+                    )
                 loss = jsd(hs.reshape(-1, hs.shape[-1]), ws, ht.reshape(-1, ht.shape[-1]), wt, ids[:, 1:].reshape(-1))
             loss.backward()
             opt.step()
@@ -230,6 +263,7 @@ def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], f
         return step, timers
 
     if name == "models":
+
         def step(i: int) -> float:
             ids = fixed_batch(i)
             with bench.autocast_ctx():
@@ -261,10 +295,17 @@ def time_variant(bench: Bench, name: str, batch: int) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     tokens = batch * bench.args.seq
-    return {"variant": name, "batch": batch, "median_s": med, "tokens_per_s": tokens / med, "first_loss": first,
-            "peak_mib": peak_bytes(bench.device) / 2**20, "estimator_share": timers["estimator_s"] / sum(times),
-            "estimate_s": timers["estimator_s"] / timers["estimates"] if timers["estimates"] else 0.0,
-            "steps": len(times)}
+    return {
+        "variant": name,
+        "batch": batch,
+        "median_s": med,
+        "tokens_per_s": tokens / med,
+        "first_loss": first,
+        "peak_mib": peak_bytes(bench.device) / 2**20,
+        "estimator_share": timers["estimator_s"] / sum(times),
+        "estimate_s": timers["estimator_s"] / timers["estimates"] if timers["estimates"] else 0.0,
+        "steps": len(times),
+    }
 
 
 def max_batch(bench: Bench, name: str, limit: int) -> int:
@@ -310,27 +351,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     losses = [results[n]["first_loss"] for n in LOSS_VARIANTS if n in results]
     spread = (max(losses) - min(losses)) / max(abs(statistics.mean(losses)), 1e-12) if len(losses) > 1 else 0.0
     results["first_loss_rel_spread"] = spread
-    results["config"] = {**vars(args), "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
-                         "torch": torch.__version__}
+    results["config"] = {
+        **vars(args),
+        "device_name": torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     return results
 
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = ["| variant | batch | median step | tokens/s | peak memory | loss share | largest batch |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | batch | median step | tokens/s | peak memory | loss share | largest batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in VARIANTS:
         r = results.get(name)
         if r is None:
             continue
         share = f"{r['loss_share']:.1%}" if "loss_share" in r and name != "models" else ""
-        rows.append(f"| {name} | {r['batch']} | {r['median_s'] * 1e3:.1f} ms | {r['tokens_per_s']:,.0f} | "
-                    f"{r['peak_mib']:,.0f} MiB | {share} | {r.get('max_batch', '')} |")
+        rows.append(
+            f"| {name} | {r['batch']} | {r['median_s'] * 1e3:.1f} ms | {r['tokens_per_s']:,.0f} | "
+            f"{r['peak_mib']:,.0f} MiB | {share} | {r.get('max_batch', '')} |"
+        )
     if "ddk_overhead" in results:
         rows.append("")
-        rows.append(f"DDK over KD: {results['ddk_overhead']:+.2%} measured with an estimate every "
-                    f"{results['config']['interval']} steps (estimator share {results['ddk']['estimator_share']:.2%}, "
-                    f"{results['ddk']['estimate_s'] * 1e3:.1f} ms per estimate); at K = 1000: "
-                    f"{results['ddk_overhead_k1000']:+.3%}")
+        rows.append(
+            f"DDK over KD: {results['ddk_overhead']:+.2%} measured with an estimate every "
+            f"{results['config']['interval']} steps (estimator share {results['ddk']['estimator_share']:.2%}, "
+            f"{results['ddk']['estimate_s'] * 1e3:.1f} ms per estimate); at K = 1000: "
+            f"{results['ddk_overhead_k1000']:+.3%}"
+        )
     return "\n".join(rows)
 
 
@@ -340,17 +390,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up step)")
-    p.add_argument("--interval", type=int, default=2, help="DDK interval K of the ddk variant (estimator every K steps)")
+    p.add_argument(
+        "--interval", type=int, default=2, help="DDK interval K of the ddk variant (estimator every K steps)"
+    )
     p.add_argument("--val-batches", type=int, default=1, help="validation batches per domain")
     p.add_argument("--eval-batch", type=int, default=4, help="sequences per validation batch")
     p.add_argument("--gamma", type=float, default=0.2)
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 autocast on CUDA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--max-batch", action="store_true", help="find the largest power-of-two batch of each variant (CUDA)")
+    p.add_argument(
+        "--max-batch", action="store_true", help="find the largest power-of-two batch of each variant (CUDA)"
+    )
     p.add_argument("--max-batch-limit", type=int, default=64)
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="largest relative spread of the variants' first losses (default 2e-2 with bf16, 1e-4 fp32)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest relative spread of the variants' first losses (default 2e-2 with bf16, 1e-4 fp32)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 

@@ -89,10 +89,14 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
     def __init__(self, arrays: Sequence[np.ndarray], names: Sequence[str]) -> None:
         fn = "DomainSequenceDataset"
         if isinstance(names, str) or len(arrays) != len(names) or not arrays:
-            raise ValueError(f"{fn}: names must give one name per array (at least one); got {len(arrays)} arrays and names {names!r}.")
+            raise ValueError(
+                f"{fn}: names must give one name per array (at least one); got {len(arrays)} arrays and names {names!r}."
+            )
         lengths = {a.shape[1] for a in arrays if getattr(a, "ndim", 0) == 2}
         if len(lengths) != 1 or any(getattr(a, "ndim", 0) != 2 for a in arrays):
-            raise ValueError(f"{fn}: arrays must all be 2-D (n_d, L) with the same L; got shapes {[np.shape(a) for a in arrays]}.")
+            raise ValueError(
+                f"{fn}: arrays must all be 2-D (n_d, L) with the same L; got shapes {[np.shape(a) for a in arrays]}."
+            )
         self._arrays = list(arrays)
         self._names = tuple(names)
         self._sizes = tuple(int(a.shape[0]) for a in arrays)
@@ -140,7 +144,8 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_arrays"] = [
             ("memmap", a.filename, a.offset, a.shape, a.dtype.str)
-            if isinstance(a, np.memmap) and a.filename is not None else a
+            if isinstance(a, np.memmap) and a.filename is not None
+            else a
             for a in self._arrays
         ]
         return state
@@ -148,7 +153,8 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["_arrays"] = [
             np.memmap(a[1], dtype=np.dtype(a[4]), mode="r", offset=a[2], shape=a[3])
-            if isinstance(a, tuple) and a and a[0] == "memmap" else a
+            if isinstance(a, tuple) and a and a[0] == "memmap"
+            else a
             for a in state["_arrays"]
         ]
         self.__dict__.update(state)
@@ -187,7 +193,9 @@ class DomainCollator:
 
     def __init__(self, pad_token_id: int | None = None, ignore_index: int = -100) -> None:
         fn = "DomainCollator"
-        if pad_token_id is not None and (not isinstance(pad_token_id, (int, np.integer)) or isinstance(pad_token_id, bool) or pad_token_id < 0):
+        if pad_token_id is not None and (
+            not isinstance(pad_token_id, (int, np.integer)) or isinstance(pad_token_id, bool) or pad_token_id < 0
+        ):
             raise ValueError(f"{fn}: pad_token_id must be a non-negative int or None; got {pad_token_id!r}.")
         if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
             raise TypeError(f"{fn}: ignore_index must be an int; got {ignore_index!r}.")
@@ -198,7 +206,9 @@ class DomainCollator:
     def _ids(fn: str, i: int, key: str, value: Any) -> torch.Tensor:
         t = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
         if t.dim() != 1 or (t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)):
-            raise ValueError(f"{fn}: features[{i}][{key!r}] must be a 1-D sequence of ints; got shape {tuple(t.shape)}, dtype {t.dtype}.")
+            raise ValueError(
+                f"{fn}: features[{i}][{key!r}] must be a 1-D sequence of ints; got shape {tuple(t.shape)}, dtype {t.dtype}."
+            )
         return t.to(torch.long)
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -218,18 +228,24 @@ class DomainCollator:
         """
         fn = "DomainCollator"
         if isinstance(features, Mapping) or not isinstance(features, Sequence) or not features:
-            raise ValueError(f"{fn}: features must be a non-empty list of mappings; got {type(features).__name__} {features!r:.60}.")
+            raise ValueError(
+                f"{fn}: features must be a non-empty list of mappings; got {type(features).__name__} {features!r:.60}."
+            )
         ids: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
         domains: list[int] = []
         for i, f in enumerate(features):
             if not isinstance(f, Mapping) or "input_ids" not in f or "domain_id" not in f:
                 got = sorted(f) if isinstance(f, Mapping) else type(f).__name__
-                raise ValueError(f"{fn}: features[{i}] must be a mapping with 'input_ids' and 'domain_id' (items of DomainSequenceDataset); got {got}.")
+                raise ValueError(
+                    f"{fn}: features[{i}] must be a mapping with 'input_ids' and 'domain_id' (items of DomainSequenceDataset); got {got}."
+                )
             x = self._ids(fn, i, "input_ids", f["input_ids"])
             y = self._ids(fn, i, "labels", f["labels"]) if f.get("labels") is not None else x
             if y.shape != x.shape:
-                raise ValueError(f"{fn}: features[{i}]['labels'] must have the length of its input_ids {x.numel()}; got {y.numel()}.")
+                raise ValueError(
+                    f"{fn}: features[{i}]['labels'] must have the length of its input_ids {x.numel()}; got {y.numel()}."
+                )
             d = f["domain_id"]
             if isinstance(d, torch.Tensor) and d.numel() == 1:
                 d = d.item()
@@ -297,11 +313,15 @@ class PackedDomains:
     def _index(self, domain: str | int) -> int:
         if isinstance(domain, str):
             if domain not in self.names:
-                raise ValueError(f"PackedDomains.validation_dataset: domain must be one of {list(self.names)}; got {domain!r}.")
+                raise ValueError(
+                    f"PackedDomains.validation_dataset: domain must be one of {list(self.names)}; got {domain!r}."
+                )
             return self.names.index(domain)
         if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool) and 0 <= domain < len(self.names):
             return int(domain)
-        raise ValueError(f"PackedDomains.validation_dataset: domain must be a name or an index in [0, {len(self.names)}); got {domain!r}.")
+        raise ValueError(
+            f"PackedDomains.validation_dataset: domain must be a name or an index in [0, {len(self.names)}); got {domain!r}."
+        )
 
     def train_dataset(self) -> DomainSequenceDataset:
         """All training sequences, domains concatenated in ``names`` order (``MixtureSampler`` indices)."""
@@ -324,14 +344,18 @@ class PackedDomains:
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"PackedDomains.validation_batches: batch_size must be an int >= 1; got {batch_size!r}.")
         return {
-            name: [{"input_ids": torch.from_numpy(np.array(arr[s : s + batch_size], dtype=np.int64))}
-                   for s in range(0, arr.shape[0], batch_size)]
+            name: [
+                {"input_ids": torch.from_numpy(np.array(arr[s : s + batch_size], dtype=np.int64))}
+                for s in range(0, arr.shape[0], batch_size)
+            ]
             for name, arr in zip(self.names, self.validation)
         }
 
     def __repr__(self) -> str:
-        return (f"PackedDomains(names={self.names}, seq_len={self.seq_len}, train={self.sizes}, "
-                f"validation={[int(a.shape[0]) for a in self.validation]}, key={self.key!r}, root={self.root})")
+        return (
+            f"PackedDomains(names={self.names}, seq_len={self.seq_len}, train={self.sizes}, "
+            f"validation={[int(a.shape[0]) for a in self.validation]}, key={self.key!r}, root={self.root})"
+        )
 
 
 # ---------------------------------------------------------------------------- tokenizer hash
@@ -359,7 +383,9 @@ def tokenizer_hash(tokenizer: Any) -> str:
     else:
         get_vocab = getattr(tokenizer, "get_vocab", None)
         if not callable(get_vocab):
-            raise TypeError(f"tokenizer_hash: tokenizer must be a transformers tokenizer (with get_vocab); got {type(tokenizer).__name__}.")
+            raise TypeError(
+                f"tokenizer_hash: tokenizer must be a transformers tokenizer (with get_vocab); got {type(tokenizer).__name__}."
+            )
         parts["class"] = type(tokenizer).__name__
         parts["vocab"] = sorted((int(i), str(t)) for t, i in get_vocab().items())
         ranks = getattr(tokenizer, "bpe_ranks", None)
@@ -386,23 +412,31 @@ class _Records:
         self.fn, self.arg = fn, arg
         mod = sys.modules.get("datasets")
         if mod is not None and isinstance(data, (getattr(mod, "DatasetDict", ()), getattr(mod, "IterableDataset", ()))):
-            raise TypeError(f"{fn}: {arg} must be a map-style datasets.Dataset (pick a split, e.g. ds['train'], and do not stream); got {type(data).__name__}.")
+            raise TypeError(
+                f"{fn}: {arg} must be a map-style datasets.Dataset (pick a split, e.g. ds['train'], and do not stream); got {type(data).__name__}."
+            )
         if _is_hf_dataset(data):
             cols = list(data.column_names)
             self.is_ds = True
         elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
             bad = next((i for i, r in enumerate(data) if not isinstance(r, Mapping)), None)
             if bad is not None:
-                raise TypeError(f"{fn}: {arg} must be a datasets.Dataset or a list of dicts; got {type(data[bad]).__name__} at index {bad}.")
+                raise TypeError(
+                    f"{fn}: {arg} must be a datasets.Dataset or a list of dicts; got {type(data[bad]).__name__} at index {bad}."
+                )
             cols = sorted({k for r in data for k in r}) if data else []
             self.is_ds = False
         else:
-            raise TypeError(f"{fn}: {arg} must be a datasets.Dataset (as load_records returns) or a list of dicts; got {type(data).__name__}.")
+            raise TypeError(
+                f"{fn}: {arg} must be a datasets.Dataset (as load_records returns) or a list of dicts; got {type(data).__name__}."
+            )
         if len(data) == 0:
             raise ValueError(f"{fn}: {arg} must hold at least one record; got 0.")
         tokens = "input_ids" if "input_ids" in cols else "text" if "text" in cols else None
         if "domain" not in cols or tokens is None:
-            raise ValueError(f"{fn}: {arg} must have a 'domain' column and a 'text' (or pre-tokenized 'input_ids') column; got columns {cols}.")
+            raise ValueError(
+                f"{fn}: {arg} must have a 'domain' column and a 'text' (or pre-tokenized 'input_ids') column; got columns {cols}."
+            )
         self.data = data
         self.tokens = tokens  # the column the token ids come from
         self.has_text = "text" in cols  # the split key is the text when there is one
@@ -438,7 +472,9 @@ class _Records:
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise ValueError(f"{self.fn}: {self.arg}[{i}]['input_ids'] must be a list of ints; got {value!r:.60}.")
         if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"{self.fn}: {self.arg}[{i}]['input_ids'] must be ids in [0, 2**31); got {int(arr.min())}..{int(arr.max())}.")
+            raise ValueError(
+                f"{self.fn}: {self.arg}[{i}]['input_ids'] must be ids in [0, 2**31); got {int(arr.min())}..{int(arr.max())}."
+            )
         return arr.astype(_DTYPE, copy=False)
 
 
@@ -525,7 +561,9 @@ class _Windows:
             return
         self._buf += (ids, eos)
         self._buf_len += len(ids) + 1
-        if self._buf_len >= self._flush_at or (self.limit is not None and self._buf_len >= (self.limit - self.windows) * self.L):
+        if self._buf_len >= self._flush_at or (
+            self.limit is not None and self._buf_len >= (self.limit - self.windows) * self.L
+        ):
             self._flush()
 
     def _flush(self) -> None:
@@ -582,9 +620,11 @@ def _check_int(fn: str, arg: str, value: Any, low: int) -> int:
 
 def _cap_message(capped: Mapping[str, int], val_samples: int, max_val_fraction: float) -> str:
     listing = ", ".join(f"{n!r} ({c})" for n, c in capped.items())
-    return (f"pack_domains: validation capped at max_val_fraction={max_val_fraction} of each domain's documents, "
-            f"below val_samples={val_samples} sequences, for {listing}. Add documents to these domains, lower "
-            "val_samples, or pass validation= records for a full validation set.")
+    return (
+        f"pack_domains: validation capped at max_val_fraction={max_val_fraction} of each domain's documents, "
+        f"below val_samples={val_samples} sequences, for {listing}. Add documents to these domains, lower "
+        "val_samples, or pass validation= records for a full validation set."
+    )
 
 
 def _entry(name: str, windows: _Windows) -> dict[str, Any]:
@@ -596,10 +636,14 @@ def _open_cache(root: Path, *, key: str, verify: bool, val_samples: int, max_val
     try:
         meta = json.loads((root / _META).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{fn}: cache folder {root} must hold a readable {_META}; got {type(e).__name__}: {e}. Delete the folder to rebuild it.") from None
+        raise ValueError(
+            f"{fn}: cache folder {root} must hold a readable {_META}; got {type(e).__name__}: {e}. Delete the folder to rebuild it."
+        ) from None
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION or meta.get("key") != key:
-        raise ValueError(f"{fn}: cache folder {root} must hold a {_FORMAT} v{_VERSION} cache of key {key}; got {meta.get('format')} "
-                         f"v{meta.get('version')} key {meta.get('key')}. Delete the folder to rebuild it.")
+        raise ValueError(
+            f"{fn}: cache folder {root} must hold a {_FORMAT} v{_VERSION} cache of key {key}; got {meta.get('format')} "
+            f"v{meta.get('version')} key {meta.get('key')}. Delete the folder to rebuild it."
+        )
     L = int(meta["seq_len"])
     arrays: dict[str, list[np.ndarray]] = {"train": [], "validation": []}
     for side in ("train", "validation"):
@@ -609,21 +653,34 @@ def _open_cache(root: Path, *, key: str, verify: bool, val_samples: int, max_val
             expected = n * width * _DTYPE.itemsize
             size = path.stat().st_size if path.is_file() else -1
             if size != expected or width != L:
-                raise ValueError(f"{fn}: cache file {path} must hold {expected} bytes ({n} x {L} int32); got {size}. "
-                                 f"The cache is damaged: delete {root} to rebuild it.")
+                raise ValueError(
+                    f"{fn}: cache file {path} must hold {expected} bytes ({n} x {L} int32); got {size}. "
+                    f"The cache is damaged: delete {root} to rebuild it."
+                )
             if verify:
                 sha = hashlib.sha256()
                 with path.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 24), b""):
                         sha.update(block)
                 if sha.hexdigest() != e["sha256"]:
-                    raise ValueError(f"{fn}: cache file {path} must have sha256 {e['sha256']}; got {sha.hexdigest()}. "
-                                     f"The cache is damaged: delete {root} to rebuild it.")
-            arrays[side].append(np.memmap(path, dtype=_DTYPE, mode="r", shape=(n, L)) if n else np.empty((0, L), dtype=_DTYPE))
+                    raise ValueError(
+                        f"{fn}: cache file {path} must have sha256 {e['sha256']}; got {sha.hexdigest()}. "
+                        f"The cache is damaged: delete {root} to rebuild it."
+                    )
+            arrays[side].append(
+                np.memmap(path, dtype=_DTYPE, mode="r", shape=(n, L)) if n else np.empty((0, L), dtype=_DTYPE)
+            )
     if meta.get("capped"):
         warnings.warn(_cap_message(meta["capped"], val_samples, max_val_fraction), stacklevel=3)
-    return PackedDomains(names=tuple(meta["names"]), seq_len=L, train=tuple(arrays["train"]),
-                         validation=tuple(arrays["validation"]), eos_token_id=int(meta["eos_token_id"]), key=key, root=root)
+    return PackedDomains(
+        names=tuple(meta["names"]),
+        seq_len=L,
+        train=tuple(arrays["train"]),
+        validation=tuple(arrays["validation"]),
+        eos_token_id=int(meta["eos_token_id"]),
+        key=key,
+        root=root,
+    )
 
 
 def pack_domains(
@@ -685,16 +742,27 @@ def pack_domains(
     val_samples = _check_int(fn, "val_samples", val_samples, 1)
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise TypeError(f"{fn}: seed must be an int; got {seed!r}.")
-    if not isinstance(max_val_fraction, (int, float)) or isinstance(max_val_fraction, bool) or not 0.0 < max_val_fraction < 1.0:
+    if (
+        not isinstance(max_val_fraction, (int, float))
+        or isinstance(max_val_fraction, bool)
+        or not 0.0 < max_val_fraction < 1.0
+    ):
         raise ValueError(f"{fn}: max_val_fraction must be in (0, 1); got {max_val_fraction!r}.")
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None:
-        raise ValueError(f"{fn}: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. "
-                         "Set tokenizer.eos_token = '<its end-of-text token>' first.")
+        raise ValueError(
+            f"{fn}: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. "
+            "Set tokenizer.eos_token = '<its end-of-text token>' first."
+        )
     eos_id = int(eos_id)
     keep: list[str] | None = None
     if domains is not None:
-        if isinstance(domains, str) or not all(isinstance(d, str) for d in domains) or not domains or len(set(domains)) != len(domains):
+        if (
+            isinstance(domains, str)
+            or not all(isinstance(d, str) for d in domains)
+            or not domains
+            or len(set(domains)) != len(domains)
+        ):
             raise ValueError(f"{fn}: domains must be a non-empty list of unique domain names or None; got {domains!r}.")
         keep = sorted(domains)
     train_rec = _Records(fn, "records", records)
@@ -712,15 +780,26 @@ def pack_domains(
         val_names = {d for d in val_scan.names if keep is None or d in keep}
         missing, extra = sorted(set(names) - val_names), sorted(val_names - set(names))
         if missing or extra:
-            raise ValueError(f"{fn}: validation must have exactly the training domains {names}; got missing {missing}, extra {extra}.")
+            raise ValueError(
+                f"{fn}: validation must have exactly the training domains {names}; got missing {missing}, extra {extra}."
+            )
 
     tok_hash = tokenizer_hash(tokenizer)
-    key = json_fingerprint({
-        "format": _FORMAT, "version": _VERSION, "records": scan.digest,
-        "validation": val_scan.digest if val_scan is not None else None, "tokenizer": tok_hash, "eos_token_id": eos_id,
-        "seq_len": L, "val_samples": val_samples, "seed": int(seed), "max_val_fraction": float(max_val_fraction),
-        "domains": keep,
-    })
+    key = json_fingerprint(
+        {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "records": scan.digest,
+            "validation": val_scan.digest if val_scan is not None else None,
+            "tokenizer": tok_hash,
+            "eos_token_id": eos_id,
+            "seq_len": L,
+            "val_samples": val_samples,
+            "seed": int(seed),
+            "max_val_fraction": float(max_val_fraction),
+            "domains": keep,
+        }
+    )
 
     root: Path | None = None
     tmp: Path | None = None
@@ -730,14 +809,28 @@ def pack_domains(
         if (root / _META).is_file():
             return _open_cache(root, key=key, verify=verify, val_samples=val_samples, max_val_fraction=max_val_fraction)
         if root.exists():
-            raise ValueError(f"{fn}: cache folder {root} must hold {_META} (it is not a finished cache); got a folder "
-                             "without it. Delete the folder to rebuild it.")
+            raise ValueError(
+                f"{fn}: cache folder {root} must hold {_META} (it is not a finished cache); got a folder "
+                "without it. Delete the folder to rebuild it."
+            )
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=base))
 
     try:
-        built = _build(train_rec, val_rec, scan, val_scan, names, tokenizer, L=L, val_samples=val_samples,
-                       max_val_fraction=float(max_val_fraction), eos_id=eos_id, tmp=tmp, progress=progress)
+        built = _build(
+            train_rec,
+            val_rec,
+            scan,
+            val_scan,
+            names,
+            tokenizer,
+            L=L,
+            val_samples=val_samples,
+            max_val_fraction=float(max_val_fraction),
+            eos_id=eos_id,
+            tmp=tmp,
+            progress=progress,
+        )
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -746,15 +839,35 @@ def pack_domains(
     if tmp is None or root is None:
         if capped:
             warnings.warn(_cap_message(capped, val_samples, max_val_fraction), stacklevel=2)
-        return PackedDomains(names=tuple(names), seq_len=L, train=tuple(train_arrays), validation=tuple(val_arrays),
-                             eos_token_id=eos_id, key=key, root=None)
+        return PackedDomains(
+            names=tuple(names),
+            seq_len=L,
+            train=tuple(train_arrays),
+            validation=tuple(val_arrays),
+            eos_token_id=eos_id,
+            key=key,
+            root=None,
+        )
 
     meta = {
-        "format": _FORMAT, "version": _VERSION, "key": key, "names": names, "seq_len": L, "eos_token_id": eos_id,
-        "tokenizer_hash": tok_hash, "dtype": _DTYPE.str, "capped": capped,
-        "options": {"val_samples": val_samples, "seed": int(seed), "max_val_fraction": float(max_val_fraction),
-                    "domains": keep, "split": "validation records" if val_rec is not None else "hash"},
-        "train": entries["train"], "validation": entries["validation"],
+        "format": _FORMAT,
+        "version": _VERSION,
+        "key": key,
+        "names": names,
+        "seq_len": L,
+        "eos_token_id": eos_id,
+        "tokenizer_hash": tok_hash,
+        "dtype": _DTYPE.str,
+        "capped": capped,
+        "options": {
+            "val_samples": val_samples,
+            "seed": int(seed),
+            "max_val_fraction": float(max_val_fraction),
+            "domains": keep,
+            "split": "validation records" if val_rec is not None else "hash",
+        },
+        "train": entries["train"],
+        "validation": entries["validation"],
     }
     (tmp / _META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     try:
@@ -767,9 +880,21 @@ def pack_domains(
     return _open_cache(root, key=key, verify=False, val_samples=val_samples, max_val_fraction=max_val_fraction)
 
 
-def _build(train_rec: _Records, val_rec: _Records | None, scan: _Scan, val_scan: _Scan | None, names: list[str],
-           tokenizer: Any, *, L: int, val_samples: int, max_val_fraction: float, eos_id: int, tmp: Path | None,
-           progress: bool) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[dict[str, Any]]], dict[str, int]]:
+def _build(
+    train_rec: _Records,
+    val_rec: _Records | None,
+    scan: _Scan,
+    val_scan: _Scan | None,
+    names: list[str],
+    tokenizer: Any,
+    *,
+    L: int,
+    val_samples: int,
+    max_val_fraction: float,
+    eos_id: int,
+    tmp: Path | None,
+    progress: bool,
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[dict[str, Any]]], dict[str, int]]:
     """Pack every domain, one at a time; returns in-memory arrays (``tmp`` None) or file entries."""
     from tqdm.auto import tqdm
 

@@ -141,7 +141,9 @@ def _parquet_rows(path: Path, text_field: str, domain_field: str, partitioner: A
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types for a damaged file
-        raise ValueError(f"load_records: {path} must be a Parquet file; reading it failed ({type(e).__name__}: {e}).") from None
+        raise ValueError(
+            f"load_records: {path} must be a Parquet file; reading it failed ({type(e).__name__}: {e})."
+        ) from None
     cols = _wanted_columns(pf.schema_arrow.names, text_field, domain_field, partitioner)
     if not cols:  # neither field exists: every row is a bad record, still counted per row
         for row in range(1, pf.metadata.num_rows + 1):
@@ -197,7 +199,9 @@ def _looks_local(src: str | os.PathLike[str]) -> bool:
     return Path(s).suffix.lower() in _SUFFIXES or s.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in s
 
 
-def _rows(src: str | os.PathLike[str], text_field: str, domain_field: str, partitioner: Any) -> tuple[str, Iterator[Row]]:
+def _rows(
+    src: str | os.PathLike[str], text_field: str, domain_field: str, partitioner: Any
+) -> tuple[str, Iterator[Row]]:
     """``(label, rows)`` of one source (``label`` names it in messages)."""
     fn = "load_records"
     if not _looks_local(src):
@@ -208,7 +212,9 @@ def _rows(src: str | os.PathLike[str], text_field: str, domain_field: str, parti
         return name, _dataset_rows(ds, name, text_field, domain_field, partitioner)
     path = Path(src).expanduser()
     if not path.exists():
-        raise ValueError(f"{fn}: paths must be existing files or folders (or a hub dataset name); got missing {str(path)!r}.")
+        raise ValueError(
+            f"{fn}: paths must be existing files or folders (or a hub dataset name); got missing {str(path)!r}."
+        )
     if path.is_dir():
         return str(path), _dataset_rows(_load_from_disk(path), str(path), text_field, domain_field, partitioner)
     suffix = path.suffix.lower()
@@ -227,8 +233,9 @@ def _rows(src: str | os.PathLike[str], text_field: str, domain_field: str, parti
 
 
 # ---------------------------------------------------------------------------- public
-def _record_problem(rec: Mapping[str, Any], text_field: str, domain_field: str,
-                    partitioner: DomainPartitioner | None) -> tuple[str, str] | str:
+def _record_problem(
+    rec: Mapping[str, Any], text_field: str, domain_field: str, partitioner: DomainPartitioner | None
+) -> tuple[str, str] | str:
     """``(text, domain)`` of a record, or the reason it is bad."""
     if text_field not in rec:
         return f"missing field {text_field!r}"

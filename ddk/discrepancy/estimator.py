@@ -31,7 +31,9 @@ def _as_vector(fn: str, name: str, value: Any, dtype: torch.dtype, length: int |
         try:
             t = torch.as_tensor(np.asarray(value, dtype=np.float64)).to(dtype)
         except (TypeError, ValueError):
-            raise TypeError(f"{fn}: {name} must be a 1-D sequence or tensor of numbers; got {type(value).__name__}.") from None
+            raise TypeError(
+                f"{fn}: {name} must be a 1-D sequence or tensor of numbers; got {type(value).__name__}."
+            ) from None
     if t.dim() != 1 or (length is not None and t.shape[0] != length):
         want = f"({length},)" if length is not None else "1-D"
         raise ValueError(f"{fn}: {name} must have shape {want}; got {tuple(t.shape)}.")
@@ -124,7 +126,9 @@ def causal_lm_ce_sum(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.
     fn = "causal_lm_ce_sum"
     if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
         got = type(batch).__name__ if not isinstance(batch, Mapping) else f"keys {sorted(batch)}"
-        raise TypeError(f"{fn}: batch must be a dict with an 'input_ids' tensor (B, L) (collate examples into batches); got {got}.")
+        raise TypeError(
+            f"{fn}: batch must be a dict with an 'input_ids' tensor (B, L) (collate examples into batches); got {got}."
+        )
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
         raise ValueError(f"{fn}: batch['input_ids'] must have shape (B, L); got {tuple(input_ids.shape)}.")
@@ -151,7 +155,9 @@ def causal_lm_ce_sum(model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.
     else:
         raise TypeError(f"{fn}: model output must be a logits tensor or have .logits; got {type(out).__name__}.")
     if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"{fn}: logits must have shape (B, L, V) with (B, L)={tuple(input_ids.shape)}; got {tuple(logits.shape)}.")
+        raise ValueError(
+            f"{fn}: logits must have shape (B, L, V) with (B, L)={tuple(input_ids.shape)}; got {tuple(logits.shape)}."
+        )
     shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1).to(device=shift_logits.device, dtype=torch.long)
     ce = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
@@ -274,7 +280,9 @@ class DiscrepancyEstimator:
                     f"got {type(s).__name__}."
                 )
             if hasattr(s, "__len__") and len(s) == 0:  # type: ignore[arg-type]
-                raise ValueError(f"{fn}: validation[{name!r}] must hold at least one batch; got an empty domain {name!r}.")
+                raise ValueError(
+                    f"{fn}: validation[{name!r}] must hold at least one batch; got an empty domain {name!r}."
+                )
         self._names: tuple[str, ...] = tuple(names)
         self._sets: list[Iterable[Any]] = sets
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else causal_lm_ce_sum
@@ -397,7 +405,9 @@ class DiscrepancyEstimator:
     # ------------------------------------------------------------------ online mode
     def _check_domain_vector(self, fn: str, name: str, t: Any) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({self.num_domains},); got {type(t).__name__}.")
+            raise TypeError(
+                f"{fn}: {name} must be a torch.Tensor of shape ({self.num_domains},); got {type(t).__name__}."
+            )
         if t.shape != (self.num_domains,):
             raise ValueError(
                 f"{fn}: {name} must have shape ({self.num_domains},) (pass num_domains={self.num_domains} "
@@ -512,8 +522,9 @@ class DiscrepancyEstimator:
                 online.zero_()
             self._acc = online.to(self.device) if self.device is not None else online
 
-    def check_state_dict(self, state: dict[str, Any], fn: str = "DiscrepancyEstimator.load_state_dict"
-                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def check_state_dict(
+        self, state: dict[str, Any], fn: str = "DiscrepancyEstimator.load_state_dict"
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Validate a ``state_dict()`` without changing anything; return ``(teacher_ce, last_student_ce, online)``.
 
         ``teacher_ce``: ``None`` or D finite CEs >= 0; ``last_student_ce``: ``None`` or D finite
@@ -524,7 +535,9 @@ class DiscrepancyEstimator:
             ValueError: the first invalid field, named.
         """
         if not isinstance(state, dict) or "domain_names" not in state:
-            raise TypeError(f"{fn}: state must be a dict from DiscrepancyEstimator.state_dict(); got {type(state).__name__}.")
+            raise TypeError(
+                f"{fn}: state must be a dict from DiscrepancyEstimator.state_dict(); got {type(state).__name__}."
+            )
         names = state["domain_names"]
         if not isinstance(names, (list, tuple)) or list(names) != list(self._names):
             raise ValueError(f"{fn}: state['domain_names'] must equal {list(self._names)}; got {names!r}.")
@@ -535,16 +548,24 @@ class DiscrepancyEstimator:
             if value is None:
                 return None
             rows = value if len(shape) == 2 else [value]
-            ok = isinstance(value, (list, tuple)) and len(value) == shape[0] and all(
-                isinstance(r, (list, tuple)) and len(r) == shape[-1]
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r)
-                for r in rows)
+            ok = (
+                isinstance(value, (list, tuple))
+                and len(value) == shape[0]
+                and all(
+                    isinstance(r, (list, tuple))
+                    and len(r) == shape[-1]
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r)
+                    for r in rows
+                )
+            )
             if ok and nonneg_cols is not None:
                 ok = all(r[c] >= 0 for r in rows for c in (nonneg_cols or range(shape[-1])))
             if not ok:
                 kind = "finite numbers" + (" >= 0" if nonneg_cols == () else "")
-                raise ValueError(f"{fn}: state[{key!r}] must be {'x'.join(map(str, shape))} {kind}"
-                                 f"{' with token counts >= 0' if nonneg_cols else ''}; got {str(value)[:200]}.")
+                raise ValueError(
+                    f"{fn}: state[{key!r}] must be {'x'.join(map(str, shape))} {kind}"
+                    f"{' with token counts >= 0' if nonneg_cols else ''}; got {str(value)[:200]}."
+                )
             return torch.tensor(value, dtype=torch.float64)
 
         teacher = table("teacher_ce", (d,), ())

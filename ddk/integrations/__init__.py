@@ -22,7 +22,17 @@ from ddk.distributed import (
 )
 
 __all__ = [
-    "all_reduce_sum_", "barrier", "broadcast_object", "check_same_across_ranks", "collective_device",
-    "global_token_normalizer", "init_from_env", "is_distributed", "is_fsdp", "rank_world", "rank_zero_first",
-    "tensor_checksum", "unsharded",
+    "all_reduce_sum_",
+    "barrier",
+    "broadcast_object",
+    "check_same_across_ranks",
+    "collective_device",
+    "global_token_normalizer",
+    "init_from_env",
+    "is_distributed",
+    "is_fsdp",
+    "rank_world",
+    "rank_zero_first",
+    "tensor_checksum",
+    "unsharded",
 ]

@@ -3,4 +3,4 @@
 ``from ddk.integrations.distributed import X`` keeps working; import from ``ddk.distributed``.
 """
 
-from ddk.distributed import *  # noqa: F401,F403
+from ddk.distributed import *  # noqa: F403

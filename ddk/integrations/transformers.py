@@ -73,8 +73,15 @@ from ddk.schedule.smoother import SMOOTHER_INITS, FactorSmoother
 from ddk_kernels.types import DIVERGENCES
 
 __all__ = [
-    "DDK_LOG_NAME", "DDK_RNG_STATE_NAME", "DDK_STATE_NAME", "METHODS", "DDKCallback", "DDKConfig", "DDKTrainer",
-    "load_rng_state", "save_rng_state",
+    "DDK_LOG_NAME",
+    "DDK_RNG_STATE_NAME",
+    "DDK_STATE_NAME",
+    "METHODS",
+    "DDKCallback",
+    "DDKConfig",
+    "DDKTrainer",
+    "load_rng_state",
+    "save_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,7 +92,13 @@ DDK_LOG_NAME = "ddk_log.jsonl"
 METHODS: tuple[str, ...] = ("kd", "ddk", "ddk-no-smoothing", "ddk-online", "cpt")
 LOSSES: tuple[str, ...] = ("fused", "logits")
 _ADAPTIVE = ("ddk", "ddk-no-smoothing", "ddk-online")
-_SMOOTHER_MODE = {"kd": "uniform", "cpt": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}
+_SMOOTHER_MODE = {
+    "kd": "uniform",
+    "cpt": "uniform",
+    "ddk": "ddk",
+    "ddk-no-smoothing": "no_smoothing",
+    "ddk-online": "ddk",
+}
 _INDEX_KEY = "ddk_index"
 # Wrappers whose forward sets up gradient synchronisation or parameter gathering.
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -114,44 +127,85 @@ class DDKConfig(TrainingArguments):
         (0.2, 1000, 'forward_kl')
     """
 
-    gamma: float = field(default=0.2, metadata={
-        "help": "Weight of the divergence term: loss = CE + gamma * D (paper: 0.2)."})
-    temperature: float = field(default=1.0, metadata={
-        "help": "Temperature T of the divergence; CE stays at T = 1 (paper: 1.0)."})
-    divergence: str = field(default="forward_kl", metadata={
-        "help": "forward_kl = KL(p_T || p_S) (the paper's), reverse_kl = KL(p_S || p_T), or jsd (JSD(beta)).",
-        "choices": list(DIVERGENCES)})
-    beta: float = field(default=0.5, metadata={
-        "help": "beta of JSD(beta) in [0, 1] (0 = forward KL, 1 = reverse KL); jsd only."})
-    alpha: float = field(default=0.5, metadata={
-        "help": "Smoothing weight of Eq. 2 in (0, 1]; (1 - alpha) / N is every domain's floor (paper: 0.5)."})
-    interval: int = field(default=1000, metadata={
-        "help": "K: optimizer steps between domain-weight updates (paper: 1000)."})
-    val_samples: int = field(default=500, metadata={
-        "help": "Held-out validation sequences per domain for the discrepancy (paper: 500)."})
-    domain_column: str = field(default="domain", metadata={
-        "help": "Column of train_dataset holding each record's domain (strings or other values, named by str())."})
-    text_column: str = field(default="text", metadata={
-        "help": "Column of train_dataset holding the text (a pre-tokenized input_ids column is used instead when "
-                "present)."})
-    seq_len: int | None = field(default=None, metadata={
-        "help": "Tokens per packed training sequence (required: text and input_ids rows are both packed, an EOS "
-                "after each document)."})
-    method: str = field(default="ddk", metadata={
-        "help": "kd: uniform domain mixture; ddk: Eq. 1 + smoothed Eq. 2 updates; ddk-no-smoothing: softmax of the "
-                "ratios at every update; ddk-online: ddk estimated from the training batches; cpt: continued "
-                "pretraining (CE only, no teacher, uniform mixture).",
-        "choices": list(METHODS)})
-    ddk_init: str = field(default="discrepancy", metadata={
-        "help": "First interval's weights: discrepancy (Eq. 1, r_0 = softmax(ppl_S / ppl_T)) or uniform.",
-        "choices": list(SMOOTHER_INITS)})
-    loss: str = field(default="fused", metadata={
-        "help": "fused: loss fused with the lm_head, never forming the (tokens, vocab) logits; logits: from the "
-                "models' full logits (needed under DDP/FSDP/DeepSpeed wrappers).", "choices": list(LOSSES)})
-    kd_backend: str = field(default="auto", metadata={
-        "help": "Loss backend (auto, chunked, cpp, triton, reference); auto picks the fastest available (`ddk backends` lists them)."})
-    pack_cache_dir: str | None = field(default=None, metadata={
-        "help": "Folder caching the packed token sequences (keyed by content); None: no cache."})
+    gamma: float = field(
+        default=0.2, metadata={"help": "Weight of the divergence term: loss = CE + gamma * D (paper: 0.2)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of the divergence; CE stays at T = 1 (paper: 1.0)."}
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "forward_kl = KL(p_T || p_S) (the paper's), reverse_kl = KL(p_S || p_T), or jsd (JSD(beta)).",
+            "choices": list(DIVERGENCES),
+        },
+    )
+    beta: float = field(
+        default=0.5, metadata={"help": "beta of JSD(beta) in [0, 1] (0 = forward KL, 1 = reverse KL); jsd only."}
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Smoothing weight of Eq. 2 in (0, 1]; (1 - alpha) / N is every domain's floor (paper: 0.5)."},
+    )
+    interval: int = field(
+        default=1000, metadata={"help": "K: optimizer steps between domain-weight updates (paper: 1000)."}
+    )
+    val_samples: int = field(
+        default=500, metadata={"help": "Held-out validation sequences per domain for the discrepancy (paper: 500)."}
+    )
+    domain_column: str = field(
+        default="domain",
+        metadata={
+            "help": "Column of train_dataset holding each record's domain (strings or other values, named by str())."
+        },
+    )
+    text_column: str = field(
+        default="text",
+        metadata={
+            "help": "Column of train_dataset holding the text (a pre-tokenized input_ids column is used instead when "
+            "present)."
+        },
+    )
+    seq_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per packed training sequence (required: text and input_ids rows are both packed, an EOS "
+            "after each document)."
+        },
+    )
+    method: str = field(
+        default="ddk",
+        metadata={
+            "help": "kd: uniform domain mixture; ddk: Eq. 1 + smoothed Eq. 2 updates; ddk-no-smoothing: softmax of the "
+            "ratios at every update; ddk-online: ddk estimated from the training batches; cpt: continued "
+            "pretraining (CE only, no teacher, uniform mixture).",
+            "choices": list(METHODS),
+        },
+    )
+    ddk_init: str = field(
+        default="discrepancy",
+        metadata={
+            "help": "First interval's weights: discrepancy (Eq. 1, r_0 = softmax(ppl_S / ppl_T)) or uniform.",
+            "choices": list(SMOOTHER_INITS),
+        },
+    )
+    loss: str = field(
+        default="fused",
+        metadata={
+            "help": "fused: loss fused with the lm_head, never forming the (tokens, vocab) logits; logits: from the "
+            "models' full logits (needed under DDP/FSDP/DeepSpeed wrappers).",
+            "choices": list(LOSSES),
+        },
+    )
+    kd_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Loss backend (auto, chunked, cpp, triton, reference); auto picks the fastest available (`ddk backends` lists them)."
+        },
+    )
+    pack_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder caching the packed token sequences (keyed by content); None: no cache."}
+    )
 
     def __post_init__(self) -> None:
         fn = "DDKConfig"
@@ -206,7 +260,9 @@ class _IndexedDataset(Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.base[i]
         if not isinstance(item, Mapping):
-            raise TypeError(f"DDKTrainer: train_dataset items must be dicts (e.g. {{'input_ids': ...}}); got {type(item).__name__}.")
+            raise TypeError(
+                f"DDKTrainer: train_dataset items must be dicts (e.g. {{'input_ids': ...}}); got {type(item).__name__}."
+            )
         return {**item, _INDEX_KEY: int(i)}
 
 
@@ -220,7 +276,9 @@ class _DomainBatcher:
     with padding (``attention_mask == 0``) set to -100, unshifted.
     """
 
-    def __init__(self, collate: Any, domain_bounds: Sequence[int], domain_names: Sequence[str], keeps_domain_id: bool) -> None:
+    def __init__(
+        self, collate: Any, domain_bounds: Sequence[int], domain_names: Sequence[str], keeps_domain_id: bool
+    ) -> None:
         self.collate = collate
         self.bounds = np.asarray(domain_bounds, dtype=np.int64)  # end (exclusive) of each domain's indices
         self.names = tuple(domain_names)
@@ -280,7 +338,11 @@ class _ValidationDataset(Dataset):  # type: ignore[type-arg]
 
 # ---------------------------------------------------------------------------- random states
 def _rng_file(folder: str | os.PathLike[str], process_index: int, world_size: int) -> Path:
-    name = DDK_RNG_STATE_NAME if world_size <= 1 else DDK_RNG_STATE_NAME.replace(".safetensors", f"_{process_index}.safetensors")
+    name = (
+        DDK_RNG_STATE_NAME
+        if world_size <= 1
+        else DDK_RNG_STATE_NAME.replace(".safetensors", f"_{process_index}.safetensors")
+    )
     return Path(folder) / name
 
 
@@ -302,7 +364,11 @@ def save_rng_state(path: str | os.PathLike[str]) -> Path:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch.cuda.{i}"] = s
-    meta = {"ddk": json.dumps({"python": [py_version, py_gauss], "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]})}
+    meta = {
+        "ddk": json.dumps(
+            {"python": [py_version, py_gauss], "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]}
+        )
+    }
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
@@ -359,7 +425,6 @@ class DDKCallback(TrainerCallback):
         folder = Path(tr._get_output_dir(None)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if not (folder / DDK_STATE_NAME).is_file():
             tr._save_ddk_state(folder)
-
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -469,7 +534,9 @@ class DDKTrainer(Trainer):
                 "trains without one); got None."
             )
         if teacher is not None and self.method == "cpt":
-            raise ValueError(f"{fn}: teacher must be None with method='cpt' (continued pretraining uses no teacher); got a teacher.")
+            raise ValueError(
+                f"{fn}: teacher must be None with method='cpt' (continued pretraining uses no teacher); got a teacher."
+            )
         if teacher is not None and not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"{fn}: teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
         self._check_vocabularies(model, teacher, processing_class)
@@ -478,8 +545,11 @@ class DDKTrainer(Trainer):
         opt = (lambda name: getattr(cfg, name)) if cfg is not None else (lambda name: defaults[name].default)
         self.loss_mode: str = opt("loss")
         self._loss_options: dict[str, Any] = dict(
-            gamma=0.0 if self.method == "cpt" else float(opt("gamma")), temperature=float(opt("temperature")),
-            divergence=opt("divergence"), beta=float(opt("beta")), backend=opt("kd_backend"),
+            gamma=0.0 if self.method == "cpt" else float(opt("gamma")),
+            temperature=float(opt("temperature")),
+            divergence=opt("divergence"),
+            beta=float(opt("beta")),
+            backend=opt("kd_backend"),
         )
 
         if controller is None:
@@ -513,8 +583,10 @@ class DDKTrainer(Trainer):
             if train_dataset is not None and hasattr(train_dataset, "__len__"):
                 total = sum(sampler.domain_sizes)
                 if len(train_dataset) != total:
-                    raise ValueError(f"{fn}: train_dataset must hold sum(sampler.domain_sizes)={total} examples; "
-                                     f"got {len(train_dataset)}.")
+                    raise ValueError(
+                        f"{fn}: train_dataset must hold sum(sampler.domain_sizes)={total} examples; "
+                        f"got {len(train_dataset)}."
+                    )
             train_ds, eval_sets = train_dataset, eval_dataset
             self.packed = None
         sampler = controller.sampler
@@ -524,10 +596,19 @@ class DDKTrainer(Trainer):
 
         if data_collator is None:
             data_collator = DomainCollator(pad_token_id=getattr(processing_class, "pad_token_id", None))
-        batcher = _DomainBatcher(data_collator, bounds, names, keeps_domain_id=isinstance(data_collator, DomainCollator))
+        batcher = _DomainBatcher(
+            data_collator, bounds, names, keeps_domain_id=isinstance(data_collator, DomainCollator)
+        )
 
-        super().__init__(model=model, args=args, data_collator=batcher, train_dataset=train_ds,
-                         eval_dataset=eval_sets, processing_class=processing_class, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=batcher,
+            train_dataset=train_ds,
+            eval_dataset=eval_sets,
+            processing_class=processing_class,
+            **kwargs,
+        )
         self.controller = controller
         self.num_domains = len(names)
         self.teacher = self._prepare_teacher(teacher)
@@ -556,27 +637,40 @@ class DDKTrainer(Trainer):
                         f"{who}'s {v} vocabulary rows); got a tokenizer of {n} tokens."
                     )
 
-    def _pack(self, cfg: DDKConfig, train_dataset: Any, eval_dataset: Any, tokenizer: Any
-              ) -> tuple[Any, Any, dict[str, list[dict[str, torch.Tensor]]], tuple[str, ...]]:
+    def _pack(
+        self, cfg: DDKConfig, train_dataset: Any, eval_dataset: Any, tokenizer: Any
+    ) -> tuple[Any, Any, dict[str, list[dict[str, torch.Tensor]]], tuple[str, ...]]:
         from ddk.data.packing import pack_domains
 
         fn = "DDKTrainer"
         if train_dataset is None:
-            raise ValueError(f"{fn}: train_dataset must be a datasets.Dataset with a {cfg.domain_column!r} column; got None.")
+            raise ValueError(
+                f"{fn}: train_dataset must be a datasets.Dataset with a {cfg.domain_column!r} column; got None."
+            )
         records = self._records(fn, "train_dataset", train_dataset, cfg, tokenizer)
         validation = None
         if eval_dataset is not None:
             if not isinstance(eval_dataset, Mapping) or not eval_dataset:
-                raise TypeError(f"{fn}: eval_dataset must be None or a dict {{domain: Dataset}}; got {type(eval_dataset).__name__}.")
+                raise TypeError(
+                    f"{fn}: eval_dataset must be None or a dict {{domain: Dataset}}; got {type(eval_dataset).__name__}."
+                )
             import datasets
 
-            parts = [self._records(fn, f"eval_dataset[{name!r}]", ds, cfg, tokenizer, domain=str(name))
-                     for name, ds in eval_dataset.items()]
+            parts = [
+                self._records(fn, f"eval_dataset[{name!r}]", ds, cfg, tokenizer, domain=str(name))
+                for name, ds in eval_dataset.items()
+            ]
             validation = datasets.concatenate_datasets(parts)
         with cfg.main_process_first(desc="DDK packing"):
             packed = pack_domains(
-                records, tokenizer, seq_len=int(cfg.seq_len), val_samples=cfg.val_samples, validation=validation,
-                seed=cfg.seed, cache_dir=cfg.pack_cache_dir, progress=not cfg.disable_tqdm,
+                records,
+                tokenizer,
+                seq_len=int(cfg.seq_len),
+                val_samples=cfg.val_samples,
+                validation=validation,
+                seed=cfg.seed,
+                cache_dir=cfg.pack_cache_dir,
+                progress=not cfg.disable_tqdm,
             )
         names = tuple(packed.names)
         val = packed.validation_batches(cfg.per_device_eval_batch_size)
@@ -629,21 +723,40 @@ class DDKTrainer(Trainer):
         if isinstance(feature, datasets.ClassLabel):
             data = data.cast_column("domain", datasets.Value("string"))  # the label names
         elif getattr(feature, "dtype", None) != "string":
-            data = data.map(lambda b: {"domain": [str(x) for x in b["domain"]]}, batched=True,
-                            features=datasets.Features({**data.features, "domain": datasets.Value("string")}))
+            data = data.map(
+                lambda b: {"domain": [str(x) for x in b["domain"]]},
+                batched=True,
+                features=datasets.Features({**data.features, "domain": datasets.Value("string")}),
+            )
         return data
 
     @staticmethod
-    def _build_controller(cfg: DDKConfig, packed: Any, validation: Mapping[str, Any], names: Sequence[str]) -> DDKController:
+    def _build_controller(
+        cfg: DDKConfig, packed: Any, validation: Mapping[str, Any], names: Sequence[str]
+    ) -> DDKController:
         world, rank = max(int(cfg.world_size), 1), int(cfg.process_index)
         seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
-        sampler = MixtureSampler(list(packed.sizes), cfg.per_device_train_batch_size * world, seed=int(seed),
-                                 rank=rank, world_size=world, domain_names=list(names))
+        sampler = MixtureSampler(
+            list(packed.sizes),
+            cfg.per_device_train_batch_size * world,
+            seed=int(seed),
+            rank=rank,
+            world_size=world,
+            domain_names=list(names),
+        )
         estimator = DiscrepancyEstimator({n: validation[n] for n in names}, progress=not cfg.disable_tqdm)
-        smoother = FactorSmoother(len(names), alpha=float(cfg.alpha), mode=_SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
+        smoother = FactorSmoother(
+            len(names), alpha=float(cfg.alpha), mode=_SMOOTHER_MODE[cfg.method], init=cfg.ddk_init
+        )
         log_path = Path(cfg.output_dir) / DDK_LOG_NAME if cfg.output_dir is not None else None
-        return DDKController(estimator, smoother, sampler, interval=int(cfg.interval), log_path=log_path,
-                             online=cfg.method == "ddk-online")
+        return DDKController(
+            estimator,
+            smoother,
+            sampler,
+            interval=int(cfg.interval),
+            log_path=log_path,
+            online=cfg.method == "ddk-online",
+        )
 
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
         if teacher is None:
@@ -660,8 +773,11 @@ class DDKTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("DDKTrainer.get_train_dataloader: train_dataset must be given; got None.")
         return DataLoader(
-            _IndexedDataset(self.train_dataset), batch_sampler=self.controller.sampler, collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+            _IndexedDataset(self.train_dataset),
+            batch_sampler=self.controller.sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
         )
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list[Any], Any]:
@@ -687,8 +803,13 @@ class DDKTrainer(Trainer):
         return batches, count
 
     # ------------------------------------------------------------------ loss
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         """``causal_lm_kd_loss`` of the student (and the teacher) on one micro-batch.
 
         ``inputs``: ``input_ids`` ``(B, L)``, optional ``attention_mask`` ``(B, L)``, ``labels``
@@ -761,20 +882,27 @@ class DDKTrainer(Trainer):
         if resume_from_checkpoint is True:
             path = get_last_checkpoint(self.args.output_dir)
             if path is None:
-                raise ValueError(f"{fn}: resume_from_checkpoint=True needs a checkpoint in {self.args.output_dir}; got none.")
+                raise ValueError(
+                    f"{fn}: resume_from_checkpoint=True needs a checkpoint in {self.args.output_dir}; got none."
+                )
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             path = str(resume_from_checkpoint)
         if path is not None:
             state_file = Path(path) / DDK_STATE_NAME
             if not state_file.is_file():
-                raise ValueError(f"{fn}: the checkpoint must hold {DDK_STATE_NAME} (saved by DDKTrainer); got none in {path}.")
+                raise ValueError(
+                    f"{fn}: the checkpoint must hold {DDK_STATE_NAME} (saved by DDKTrainer); got none in {path}."
+                )
             self.controller.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
             rng = _rng_file(path, self.args.process_index, self.args.world_size)
             if rng.is_file():
                 self._pending_rng = rng
             else:
-                logger.warning("DDKTrainer.train: no %s in %s (saved with another number of processes?); dropout "
-                               "will not continue bit-identically.", rng.name, path)
+                logger.warning(
+                    "DDKTrainer.train: no %s in %s (saved with another number of processes?); dropout "
+                    "will not continue bit-identically.",
+                    rng.name,
+                    path,
+                )
             resume_from_checkpoint = path
         return super().train(resume_from_checkpoint, *args, **kwargs)
-

@@ -6,4 +6,12 @@ from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_
 from ddk.losses.kd import KDLoss, flatten_for_loss, kd_loss
 from ddk_kernels.types import KDLossOutput
 
-__all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossOutput", "causal_lm_kd_loss", "flatten_for_loss", "fused_linear_kd_loss", "kd_loss"]
+__all__ = [
+    "FusedLinearKDLoss",
+    "KDLoss",
+    "KDLossOutput",
+    "causal_lm_kd_loss",
+    "flatten_for_loss",
+    "fused_linear_kd_loss",
+    "kd_loss",
+]

@@ -19,7 +19,8 @@ autocast-dtype values with float32 accumulation and keep the logits in float32. 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,15 +54,22 @@ def __getattr__(name: str) -> Any:
     from ddk_kernels import dispatch
 
     if name == "FUSED_BACKENDS":
-        warnings.warn("ddk.losses.fused.FUSED_BACKENDS is deprecated; use ddk_kernels.dispatch.TABLE['fused_linear_kd']",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "ddk.losses.fused.FUSED_BACKENDS is deprecated; use ddk_kernels.dispatch.TABLE['fused_linear_kd']",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return ("auto", *dispatch.TABLE["fused_linear_kd"])
     if name == "resolve_fused_backend":
-        warnings.warn("ddk.losses.fused.resolve_fused_backend is deprecated; use "
-                      "ddk_kernels.dispatch.resolve_backend(backend, device, op='fused_linear_kd')",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "ddk.losses.fused.resolve_fused_backend is deprecated; use "
+            "ddk_kernels.dispatch.resolve_backend(backend, device, op='fused_linear_kd')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return lambda backend, device: dispatch.resolve_backend(backend, device, op="fused_linear_kd")
     raise AttributeError(f"module 'ddk.losses.fused' has no attribute {name!r}")
+
 
 _FN = "fused_linear_kd_loss"
 
@@ -134,7 +142,9 @@ def _validate(
         _check_2d("teacher_hidden", teacher_hidden)
         _check_2d("teacher_weight", teacher_weight)
         if teacher_hidden.shape[0] != n:
-            raise ValueError(f"{_FN}: teacher_hidden must have N={n} rows like student_hidden; got {_shape(teacher_hidden)}.")
+            raise ValueError(
+                f"{_FN}: teacher_hidden must have N={n} rows like student_hidden; got {_shape(teacher_hidden)}."
+            )
         if teacher_weight.shape[1] != teacher_hidden.shape[1]:
             raise ValueError(
                 f"{_FN}: teacher_weight must have shape (Vt, Ht) with Ht={teacher_hidden.shape[1]} like teacher_hidden; "
@@ -150,7 +160,9 @@ def _validate(
         _check_2d("teacher_logits", teacher_logits)
         assert teacher_logits is not None
         if teacher_logits.shape[0] != n:
-            raise ValueError(f"{_FN}: teacher_logits must have N={n} rows like student_hidden; got {_shape(teacher_logits)}.")
+            raise ValueError(
+                f"{_FN}: teacher_logits must have N={n} rows like student_hidden; got {_shape(teacher_logits)}."
+            )
         if teacher_logits.shape[1] < vocab:
             raise ValueError(
                 f"{_FN}: teacher_logits must have at least the student's V={vocab} columns (a larger teacher "
@@ -262,8 +274,13 @@ def fused_linear_kd_loss(
             f"got shape {_shape(student_hidden)} and dtype {student_hidden.dtype}."
         )
     (student_hidden, teacher_hidden, teacher_logits), labels, domain_ids = flatten_for_loss(
-        (student_hidden, teacher_hidden, teacher_logits), labels, domain_ids, shift=shift,
-        ignore_index=ignore_index, names=("student_hidden", "teacher_hidden", "teacher_logits"), fn=_FN,
+        (student_hidden, teacher_hidden, teacher_logits),
+        labels,
+        domain_ids,
+        shift=shift,
+        ignore_index=ignore_index,
+        names=("student_hidden", "teacher_hidden", "teacher_logits"),
+        fn=_FN,
     )
     amp = autocast_dtype(student_hidden.device)
     if amp is not None:  # the lm_head matmuls in the autocast dtype, as F.linear would run them
@@ -272,8 +289,13 @@ def fused_linear_kd_loss(
         )
     n, vocab = _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias)
     validate_kd_options(
-        _FN, gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
-        num_domains=num_domains, normalizer=normalizer,
+        _FN,
+        gamma=gamma,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        num_domains=num_domains,
+        normalizer=normalizer,
     )
     if strategy not in STRATEGIES:
         raise ValueError(f"{_FN}: strategy must be one of {STRATEGIES}; got {strategy!r}.")
@@ -286,7 +308,9 @@ def fused_linear_kd_loss(
         check_inputs = dev.type == "cpu"
     d = validate_labels_domains(_FN, n, vocab, labels, domain_ids, num_domains, ignore_index, dev, check_inputs)
     labels = labels.long()
-    config = KDConfig(temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index)
+    config = KDConfig(
+        temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index
+    )
     params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
     fused = resolve("fused_linear_kd", backend, dev)
     if teacher_weight is not None:
@@ -301,8 +325,9 @@ def fused_linear_kd_loss(
     teacher = TeacherInputs(teacher_hidden, teacher_weight, teacher_logits)
     options = FusedOptions(strategy=strategy, workspace_bytes=workspace_bytes)
     with autocast_off(dev):
-        loss, ce, kd = fused(student_hidden, student_weight, labels, teacher, params, student_bias=student_bias,
-                             options=options)
+        loss, ce, kd = fused(
+            student_hidden, student_weight, labels, teacher, params, student_bias=student_bias, options=options
+        )
         return kd_output(loss, ce, kd, labels != ignore_index, domain_ids, d)
 
 
@@ -339,11 +364,18 @@ class FusedLinearKDLoss(KDLossConfigModule):
         shift: bool = False,
     ) -> KDLossOutput:
         return fused_linear_kd_loss(
-            student_hidden, student_weight, labels,
-            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
-            student_bias=student_bias, domain_ids=domain_ids,
+            student_hidden,
+            student_weight,
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_logits=teacher_logits,
+            student_bias=student_bias,
+            domain_ids=domain_ids,
             num_domains=self.num_domains if domain_ids is not None else None,
-            normalizer=normalizer, shift=shift, **self.options(),
+            normalizer=normalizer,
+            shift=shift,
+            **self.options(),
         )
 
 
@@ -353,8 +385,18 @@ _CAUSAL = "causal_lm_kd_loss"
 _LOSS_PATHS: tuple[str, ...] = ("fused", "logits")
 #: keyword options ``causal_lm_kd_loss`` forwards to the loss of each path
 _PATH_OPTIONS: dict[str, tuple[str, ...]] = {
-    "fused": ("gamma", "temperature", "divergence", "beta", "ignore_index", "t2_scale", "backend", "strategy",
-              "workspace_bytes", "check_inputs"),
+    "fused": (
+        "gamma",
+        "temperature",
+        "divergence",
+        "beta",
+        "ignore_index",
+        "t2_scale",
+        "backend",
+        "strategy",
+        "workspace_bytes",
+        "check_inputs",
+    ),
     "logits": ("gamma", "temperature", "divergence", "beta", "ignore_index", "t2_scale", "backend", "check_inputs"),
 }
 
@@ -362,7 +404,9 @@ _PATH_OPTIONS: dict[str, tuple[str, ...]] = {
 def _unwrap(model: nn.Module) -> nn.Module:
     """The causal LM inside a data-parallel wrapper (``DistributedDataParallel``, ``DataParallel``,
     accelerate's or DeepSpeed's engines hold it as ``.module``), or ``model`` itself."""
-    while isinstance(getattr(model, "module", None), nn.Module) and not callable(getattr(model, "get_output_embeddings", None)):
+    while isinstance(getattr(model, "module", None), nn.Module) and not callable(
+        getattr(model, "get_output_embeddings", None)
+    ):
         model = model.module
     return model
 
@@ -377,8 +421,13 @@ def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     inner = _unwrap(model)
     if inner is not model:
         empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                    logits_to_keep=empty)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=empty,
+        )
         hidden = getattr(out, "hidden_states", None)
         if not hidden:
             raise TypeError(
@@ -569,9 +618,13 @@ def causal_lm_kd_loss(
         opts["gamma"] = 0.0
     ignore_index = opts.get("ignore_index", -100)
     validate_kd_options(
-        fn, gamma=opts.get("gamma", 0.2), temperature=opts.get("temperature", 1.0),
-        divergence=opts.get("divergence", "forward_kl"), beta=opts.get("beta", 0.5),
-        num_domains=num_domains, normalizer=normalizer,
+        fn,
+        gamma=opts.get("gamma", 0.2),
+        temperature=opts.get("temperature", 1.0),
+        divergence=opts.get("divergence", "forward_kl"),
+        beta=opts.get("beta", 0.5),
+        num_domains=num_domains,
+        normalizer=normalizer,
     )
     input_ids, attention_mask, labels, domain_ids = _read_batch(batch, domain_ids, ignore_index)
     b, seq = input_ids.shape

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -193,7 +194,9 @@ def validate_kd_options(
         raise ValueError(f"{fn}: temperature must be a finite number > 0; got {temperature!r}.")
     if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
         raise ValueError(f"{fn}: beta must be in [0, 1]; got {beta!r}.")
-    if num_domains is not None and (not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1):
+    if num_domains is not None and (
+        not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1
+    ):
         raise ValueError(f"{fn}: num_domains must be an int >= 1; got {num_domains!r}.")
     if normalizer is not None:
         validate_normalizer(fn, normalizer)
@@ -209,7 +212,9 @@ def validate_normalizer(fn: str, normalizer: float | torch.Tensor) -> None:
     hint = "(e.g. the token count of the whole accumulated batch)"
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1 or normalizer.dim() > 1:
-            raise ValueError(f"{fn}: normalizer must be a scalar {hint}; got a tensor of shape {tuple(normalizer.shape)}.")
+            raise ValueError(
+                f"{fn}: normalizer must be a scalar {hint}; got a tensor of shape {tuple(normalizer.shape)}."
+            )
         if normalizer.dtype == torch.bool or normalizer.is_complex():
             raise TypeError(f"{fn}: normalizer must be a real number {hint}; got dtype {normalizer.dtype}.")
         if normalizer.device.type != "cpu":
@@ -219,7 +224,9 @@ def validate_normalizer(fn: str, normalizer: float | torch.Tensor) -> None:
     elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
         value, shown = float(normalizer), normalizer
     else:
-        raise TypeError(f"{fn}: normalizer must be a number or a one-element tensor {hint}; got {type(normalizer).__name__}.")
+        raise TypeError(
+            f"{fn}: normalizer must be a number or a one-element tensor {hint}; got {type(normalizer).__name__}."
+        )
     if not math.isfinite(value):
         raise ValueError(f"{fn}: normalizer must be finite {hint}; got {shown!r}.")
     if not value > 0:
@@ -261,7 +268,9 @@ def validate_labels_domains(
     if domain_ids.device != device:
         raise ValueError(f"{fn}: domain_ids must be on {device}; got {domain_ids.device}.")
     if num_domains is None:
-        raise ValueError(f"{fn}: num_domains must be given with domain_ids (the length of the per-domain sums); got None.")
+        raise ValueError(
+            f"{fn}: num_domains must be given with domain_ids (the length of the per-domain sums); got None."
+        )
     if check_values and n:
         _check_ranges(fn, vocab, labels, domain_ids, num_domains, ignore_index)
     return num_domains
@@ -382,8 +391,13 @@ def kd_loss(
             f"got shape {_shape(teacher_logits)} and dtype {teacher_logits.dtype}."
         )
     (student_logits, teacher_logits), labels, domain_ids = flatten_for_loss(
-        (student_logits, teacher_logits), labels, domain_ids, shift=shift, ignore_index=ignore_index,
-        names=("student_logits", "teacher_logits"), fn=fn,
+        (student_logits, teacher_logits),
+        labels,
+        domain_ids,
+        shift=shift,
+        ignore_index=ignore_index,
+        names=("student_logits", "teacher_logits"),
+        fn=fn,
     )
     n, vocab = student_logits.shape
     if teacher_logits.shape[0] != n:
@@ -402,8 +416,13 @@ def kd_loss(
             f"{fn}: teacher_logits must be on the student's device {student_logits.device}; got {teacher_logits.device}."
         )
     validate_kd_options(
-        fn, gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
-        num_domains=num_domains, normalizer=normalizer,
+        fn,
+        gamma=gamma,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        num_domains=num_domains,
+        normalizer=normalizer,
     )
     if check_inputs is None:
         check_inputs = student_logits.device.type == "cpu"
@@ -411,7 +430,9 @@ def kd_loss(
         fn, n, vocab, labels, domain_ids, num_domains, ignore_index, student_logits.device, check_inputs
     )
     labels = labels.long()
-    config = KDConfig(temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index)
+    config = KDConfig(
+        temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index
+    )
     params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
     rows = resolve("kd_rows", backend, student_logits.device)
     teacher = teacher_logits[:, :vocab].detach()
@@ -445,8 +466,13 @@ class KDLossConfigModule(nn.Module):
     ) -> None:
         super().__init__()
         validate_kd_options(
-            type(self).__name__, gamma=gamma, temperature=temperature, divergence=divergence, beta=beta,
-            num_domains=num_domains, normalizer=None,
+            type(self).__name__,
+            gamma=gamma,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            num_domains=num_domains,
+            normalizer=None,
         )
         self.num_domains = num_domains
         self.gamma = gamma
@@ -460,8 +486,13 @@ class KDLossConfigModule(nn.Module):
     def options(self) -> dict[str, Any]:
         """The keyword options of the loss function (without tensors and ``num_domains``)."""
         return dict(
-            gamma=self.gamma, temperature=self.temperature, divergence=self.divergence, beta=self.beta,
-            ignore_index=self.ignore_index, t2_scale=self.t2_scale, backend=self.backend,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            t2_scale=self.t2_scale,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -486,8 +517,12 @@ class KDLoss(KDLossConfigModule):
         shift: bool = False,
     ) -> KDLossOutput:
         return kd_loss(
-            student_logits, teacher_logits, labels,
+            student_logits,
+            teacher_logits,
+            labels,
             domain_ids=domain_ids,
             num_domains=self.num_domains if domain_ids is not None else None,
-            normalizer=normalizer, shift=shift, **self.options(),
+            normalizer=normalizer,
+            shift=shift,
+            **self.options(),
         )

@@ -25,7 +25,7 @@ def stable_unit_hash(key: str, seed: int = 0) -> float:
         >>> stable_unit_hash("abc", seed=0) == stable_unit_hash("abc", seed=0)
         True
     """
-    digest = hashlib.blake2b(f"{seed}\x1f{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
 
 
@@ -110,7 +110,13 @@ class DomainPartitioner:
         {'code': (3, 2), 'docs': (3, 2)}
     """
 
-    def __init__(self, assign_fn: Callable[[Mapping[str, Any]], str], *, domains: Sequence[str] | None = None, name: str = "function") -> None:
+    def __init__(
+        self,
+        assign_fn: Callable[[Mapping[str, Any]], str],
+        *,
+        domains: Sequence[str] | None = None,
+        name: str = "function",
+    ) -> None:
         if not callable(assign_fn):
             raise TypeError(f"DomainPartitioner: assign_fn must be callable; got {type(assign_fn).__name__}.")
         self._assign_fn = assign_fn
@@ -179,7 +185,9 @@ class DomainPartitioner:
             try:
                 compiled.append((name, re.compile(pattern) if isinstance(pattern, str) else pattern))
             except re.error as e:
-                raise ValueError(f"{fn}: rules[{name!r}] must be a valid regular expression; got {pattern!r} ({e}).") from None
+                raise ValueError(
+                    f"{fn}: rules[{name!r}] must be a valid regular expression; got {pattern!r} ({e})."
+                ) from None
         if default is not None and not isinstance(default, str):
             raise TypeError(f"{fn}: default must be a str or None; got {default!r}.")
         domains = list(rules)
@@ -202,7 +210,9 @@ class DomainPartitioner:
         return cls(assign, domains=domains, name=f"by_rules({list(rules)}, field={field!r})")
 
     @classmethod
-    def by_function(cls, fn: Callable[[Mapping[str, Any]], str], domains: Sequence[str] | None = None) -> DomainPartitioner:
+    def by_function(
+        cls, fn: Callable[[Mapping[str, Any]], str], domains: Sequence[str] | None = None
+    ) -> DomainPartitioner:
         """Domain = ``fn(example)`` (must return a str).
 
         Args:
@@ -254,7 +264,9 @@ class DomainPartitioner:
         elif _is_instance(data, ds_cls) or (isinstance(data, Sequence) and not isinstance(data, (str, bytes))):
             examples = data
         else:
-            raise TypeError(f"{fn}: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got {type(data).__name__}.")
+            raise TypeError(
+                f"{fn}: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got {type(data).__name__}."
+            )
         return [self.assign(ex) for ex in examples]
 
     def _group(self, names: Sequence[str]) -> dict[str, list[int]]:
@@ -335,7 +347,9 @@ class DomainPartitioner:
             return self._split_iterable(data, validation_fraction, seed, key)
         is_ds = _is_instance(data, ds_cls)
         if not is_ds and (not isinstance(data, Sequence) or isinstance(data, (str, bytes))):
-            raise TypeError(f"{fn}: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got {type(data).__name__}.")
+            raise TypeError(
+                f"{fn}: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got {type(data).__name__}."
+            )
 
         names: list[str] = []
         hashes: list[float] = []

@@ -31,9 +31,21 @@ import torch
 
 from ddk._io import atomic_write_text, file_sha256, fsync_dir, fsync_file
 
-__all__ = ["CheckpointError", "checkpoints", "decode_state", "encode_state", "legacy_checkpoints", "load_checkpoint",
-           "newest_valid_checkpoint", "prune_checkpoints", "remove_stale_temporaries", "rng_state", "save_checkpoint",
-           "set_rng_state", "truncate_jsonl"]
+__all__ = [
+    "CheckpointError",
+    "checkpoints",
+    "decode_state",
+    "encode_state",
+    "legacy_checkpoints",
+    "load_checkpoint",
+    "newest_valid_checkpoint",
+    "prune_checkpoints",
+    "remove_stale_temporaries",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "truncate_jsonl",
+]
 
 FORMAT = "ddk-distill-checkpoint"
 VERSION = 1
@@ -56,8 +68,13 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available():
@@ -76,8 +93,10 @@ def set_rng_state(state: dict[str, Any], fn: str = "distill") -> None:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise CheckpointError(f"{fn}: the checkpoint's rng state must be one written by rng_state(); got an "
-                              f"unusable one ({type(exc).__name__}: {exc}).") from None
+        raise CheckpointError(
+            f"{fn}: the checkpoint's rng state must be one written by rng_state(); got an "
+            f"unusable one ({type(exc).__name__}: {exc})."
+        ) from None
 
 
 # ---------------------------------------------------------------------------- JSON + tensors
@@ -122,8 +141,10 @@ def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             if all(isinstance(k, str) for k in x) and _MARK not in x:
                 return {k: enc(v, f"{where}.{k}") for k, v in x.items()}
             return {_MARK: "dict", "items": [[enc(k, f"{where} key"), enc(v, f"{where}[{k!r}]")] for k, v in x.items()]}
-        raise TypeError(f"encode_state: state must hold only dicts, lists, numbers, strings and tensors; got "
-                        f"{type(x).__name__} at {where}.")
+        raise TypeError(
+            f"encode_state: state must hold only dicts, lists, numbers, strings and tensors; got "
+            f"{type(x).__name__} at {where}."
+        )
 
     return enc(obj, "state"), tensors
 
@@ -143,11 +164,15 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return tensors[x["name"]]
         if kind == "tuple" and isinstance(x.get("items"), list):
             return tuple(dec(v) for v in x["items"])
-        if kind == "dict" and isinstance(x.get("items"), list) and all(
-                isinstance(kv, list) and len(kv) == 2 for kv in x["items"]):
+        if (
+            kind == "dict"
+            and isinstance(x.get("items"), list)
+            and all(isinstance(kv, list) and len(kv) == 2 for kv in x["items"])
+        ):
             return {dec(k): dec(v) for k, v in x["items"]}
-        raise CheckpointError(f"decode_state: {STATE} must reference only stored tensors and known markers; got "
-                              f"{str(x)[:120]}.")
+        raise CheckpointError(
+            f"decode_state: {STATE} must reference only stored tensors and known markers; got {str(x)[:120]}."
+        )
 
     return dec(tree)
 
@@ -221,9 +246,12 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> P
     tree, tensors = encode_state({"step": step, **state})
     _save_tensors(tmp / TENSORS, tensors)
     _write_durable(tmp / STATE, json.dumps(tree))
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in (TENSORS, STATE)}
-    _write_durable(tmp / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, "step": step, "files": files},
-                                              indent=2))
+    files = {
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in (TENSORS, STATE)
+    }
+    _write_durable(
+        tmp / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, "step": step, "files": files}, indent=2)
+    )
     fsync_dir(tmp)
     if final.exists():  # a step redone after a resume from an older checkpoint
         _remove_tree(final)
@@ -235,6 +263,7 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> P
 
 def _verified(path: Path, fn: str) -> None:
     """Check the manifest, then every listed file's size and SHA-256; raise ``CheckpointError``."""
+
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{fn}: the checkpoint {path} must be complete and intact; got {why}.")
 
@@ -253,15 +282,19 @@ def _verified(path: Path, fn: str) -> None:
         raise bad(f"a {MANIFEST} of step {man.get('step')!r} in the folder of step {m.group(1)}")
     files = man.get("files")
     if not isinstance(files, dict) or set(files) != {TENSORS, STATE}:
-        raise bad(f"a {MANIFEST} that lists {sorted(files) if isinstance(files, dict) else files!r} instead of "
-                  f"{[STATE, TENSORS]}")
+        raise bad(
+            f"a {MANIFEST} that lists {sorted(files) if isinstance(files, dict) else files!r} instead of "
+            f"{[STATE, TENSORS]}"
+        )
     for name, entry in files.items():
         f = path / name
         if not f.is_file():
             raise bad(f"no {name}")
         size = f.stat().st_size
         if not isinstance(entry, dict) or size != entry.get("bytes"):
-            raise bad(f"{name} of {size} bytes where the manifest says {entry.get('bytes') if isinstance(entry, dict) else entry!r}")
+            raise bad(
+                f"{name} of {size} bytes where the manifest says {entry.get('bytes') if isinstance(entry, dict) else entry!r}"
+            )
         digest = file_sha256(f)
         if digest != entry.get("sha256"):
             raise bad(f"{name} with SHA-256 {digest} where the manifest says {entry.get('sha256')}")
@@ -280,13 +313,20 @@ def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
     try:
         tensors = load_file(str(path / TENSORS), device="cpu")
         tree = json.loads((path / STATE).read_text(encoding="utf-8"))
-    except Exception as exc:  # noqa: BLE001 - digests match but the content is not ours
-        raise CheckpointError(f"{fn}: the checkpoint {path} must hold a readable {TENSORS} and {STATE}; got "
-                              f"{type(exc).__name__}: {exc}.") from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"{fn}: the checkpoint {path} must hold a readable {TENSORS} and {STATE}; got {type(exc).__name__}: {exc}."
+        ) from None
     ck = decode_state(tree, tensors)
-    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or ck.get("step") != int(path.name.split("-")[1]):
-        raise CheckpointError(f"{fn}: the checkpoint {path} must hold the step and config of this recipe; got "
-                              f"keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}.")
+    if (
+        not isinstance(ck, dict)
+        or not isinstance(ck.get("config"), dict)
+        or ck.get("step") != int(path.name.split("-")[1])
+    ):
+        raise CheckpointError(
+            f"{fn}: the checkpoint {path} must hold the step and config of this recipe; got "
+            f"keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}."
+        )
     return ck
 
 
@@ -330,8 +370,10 @@ def truncate_jsonl(path: Path, max_step: int, fn: str = "distill") -> None:
             if i == len(lines):
                 print(f"warning: {fn}: dropped the torn last line {i} of {path} ({exc})", file=sys.stderr, flush=True)
                 break
-            raise ValueError(f"{fn}: every line of {path} must be a JSON record to resume; got line {i}: {exc}. "
-                             "Delete that line (the run resumes from its checkpoint), or pass --no-resume.") from None
+            raise ValueError(
+                f"{fn}: every line of {path} must be a JSON record to resume; got line {i}: {exc}. "
+                "Delete that line (the run resumes from its checkpoint), or pass --no-resume."
+            ) from None
         step = rec.get("step", 0)
         if not isinstance(step, (int, float)) or step <= max_step:
             keep.append(line.decode("utf-8"))

@@ -32,15 +32,30 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     if args.no_builtin:
         domains = ()
     folders = dict(args.user_folder or {})
-    cfg = CorpusConfig(domains=domains, user_folders=folders, user_jsonl=tuple(args.user_jsonl or ()),
-                       max_chars=args.max_chars if args.max_chars > 0 else None,
-                       validation_fraction=args.validation_fraction, record_chars=args.record_chars,
-                       seed=args.seed, cache_dir=args.cache_dir, offline=args.offline,
-                       skip_bad_lines=args.skip_bad_lines)
+    cfg = CorpusConfig(
+        domains=domains,
+        user_folders=folders,
+        user_jsonl=tuple(args.user_jsonl or ()),
+        max_chars=args.max_chars if args.max_chars > 0 else None,
+        validation_fraction=args.validation_fraction,
+        record_chars=args.record_chars,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        offline=args.offline,
+        skip_bad_lines=args.skip_bad_lines,
+    )
     man = build_corpus(args.out, cfg, force=args.force)
-    print(json.dumps({"out": args.out, "domains": {k: {s: v[s]["chars"] for s in ("train", "validation")}
-                                                  for k, v in man["domains"].items()},
-                      "skipped": man["skipped"], "skipped_lines": man.get("skipped_lines", {})}, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "domains": {k: {s: v[s]["chars"] for s in ("train", "validation")} for k, v in man["domains"].items()},
+                "skipped": man["skipped"],
+                "skipped_lines": man.get("skipped_lines", {}),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -142,27 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="data/corpus", help="corpus folder (default: data/corpus)")
     build.add_argument("--domains", nargs="+", help="built-in domains to collect (default: all eight)")
     build.add_argument("--no-builtin", action="store_true", help="only the user domains")
-    build.add_argument("--user-folder", nargs="+", action=_KeyValue, metavar="NAME=DIR", help="extra domain from a folder of files")
+    build.add_argument(
+        "--user-folder", nargs="+", action=_KeyValue, metavar="NAME=DIR", help="extra domain from a folder of files"
+    )
     build.add_argument("--user-jsonl", nargs="+", metavar="FILE", help="JSONL files with 'domain' and 'text' fields")
     build.add_argument("--max-chars", type=int, default=2_000_000, help="per-domain cap in characters (0: none)")
     build.add_argument("--validation-fraction", type=float, default=0.05)
-    build.add_argument("--record-chars", type=int, default=4000, help="longest record; longer units are cut at line breaks")
+    build.add_argument(
+        "--record-chars", type=int, default=4000, help="longest record; longer units are cut at line breaks"
+    )
     build.add_argument("--seed", type=int, default=0, help="seed of the split hash")
     build.add_argument("--cache-dir", default=None, help="package cache (default: ~/.cache/ddk/debs)")
     build.add_argument("--offline", action="store_true", help="use only packages already in the cache")
     build.add_argument("--force", action="store_true", help="rebuild even when the manifest matches")
-    build.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip corrupted lines of --user-jsonl files (reported with file and line, counted in the "
-                            "manifest's skipped_lines) instead of failing")
+    build.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip corrupted lines of --user-jsonl files (reported with file and line, counted in the "
+        "manifest's skipped_lines) instead of failing",
+    )
     build.set_defaults(func=_cmd_data_build)
 
     for name, func, text in (
         ("teacher", _cmd_teacher, "build (or find cached) the demo corpus, tokenizer, pretrained teacher and student"),
-        ("distill", _cmd_distill, "distill --teacher into --student on --data: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online"),
+        (
+            "distill",
+            _cmd_distill,
+            "distill --teacher into --student on --data: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online",
+        ),
         ("demo-real", _cmd_demo_real, "corpus + tokenizer + teacher + one DDK distillation (config preset 'demo')"),
     ):
-        p = sub.add_parser(name, help=text, description=text + (_DISTRIBUTED_HELP if name != "teacher" else ""),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=text + (_DISTRIBUTED_HELP if name != "teacher" else ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_config_arguments(p)
         p.set_defaults(func=func)
     ev = sub.add_parser("evaluate", help="per-domain validation CE of a run's student and its teacher")

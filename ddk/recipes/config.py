@@ -90,7 +90,9 @@ class RecipeConfig:
     gamma: float = 0.2
     temperature: float = 1.0
     alpha: float = 0.5
-    ddk_init: str = "discrepancy"  # first interval's weights: Eq. 1 r_0 ("discrepancy") or "uniform" (paper's pseudo-code)
+    ddk_init: str = (
+        "discrepancy"  # first interval's weights: Eq. 1 r_0 ("discrepancy") or "uniform" (paper's pseudo-code)
+    )
     interval: int = 50  # K, optimizer steps between DDK updates (and validation evaluations)
     backend: str = "auto"  # KD loss backend
     loss: str = "fused"  # "fused": lm_head + KD without (tokens, V) logits; "logits": both models' full logits
@@ -109,7 +111,9 @@ class RecipeConfig:
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
     # --- many processes (torchrun --nproc_per_node=R: batch_size is the global batch, split over ranks)
-    dist_backend: str = "auto"  # process-group backend under torchrun: "auto" (nccl with CUDA, else gloo), "gloo", "nccl"
+    dist_backend: str = (
+        "auto"  # process-group backend under torchrun: "auto" (nccl with CUDA, else gloo), "gloo", "nccl"
+    )
     fsdp: bool = False  # shard the student with FSDP2 (fully_shard) instead of DDP; needs torchrun
     debug_checks: bool = False  # at each DDK interval, check every rank holds the same weights (also: DDK_DEBUG=1)
     device: str = "auto"  # one process: "auto" (cuda:0 when CUDA is available, else cpu), "cpu" or "cuda"
@@ -191,11 +195,15 @@ def _coerce(name: str, value: Any) -> Any:
                 raise TypeError
             return tuple(value)
         if origin is dict:
-            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
                 raise TypeError
             return dict(value)
     except TypeError:
-        raise ValueError(f"{fn}: {name} must be of type {getattr(hint, '__name__', str(hint))}; got {value!r}.") from None
+        raise ValueError(
+            f"{fn}: {name} must be of type {getattr(hint, '__name__', str(hint))}; got {value!r}."
+        ) from None
     return value
 
 
@@ -204,30 +212,57 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     fn = "RecipeConfig"
     if cfg.method not in METHODS:
         raise ValueError(f"{fn}: method must be one of {METHODS}; got {cfg.method!r}.")
-    positive = ("vocab_size", "seq_len", "val_samples", "grad_accum", "eval_batch_size", "teacher_hidden", "teacher_layers",
-                "teacher_heads", "teacher_intermediate", "teacher_batch_size", "student_hidden", "student_layers",
-                "student_heads", "student_intermediate", "steps", "batch_size", "interval", "log_every",
-                "checkpoint_every", "keep_checkpoints", "max_chars")
+    positive = (
+        "vocab_size",
+        "seq_len",
+        "val_samples",
+        "grad_accum",
+        "eval_batch_size",
+        "teacher_hidden",
+        "teacher_layers",
+        "teacher_heads",
+        "teacher_intermediate",
+        "teacher_batch_size",
+        "student_hidden",
+        "student_layers",
+        "student_heads",
+        "student_intermediate",
+        "steps",
+        "batch_size",
+        "interval",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_chars",
+    )
     for k in positive:
         if getattr(cfg, k) < 1:
             raise ValueError(f"{fn}: {k} must be >= 1; got {getattr(cfg, k)!r}.")
     for who in ("teacher", "student"):
         h, n = getattr(cfg, f"{who}_hidden"), getattr(cfg, f"{who}_heads")
         if h % n or (h // n) % 2:
-            raise ValueError(f"{fn}: {who}_hidden must be a multiple of 2*{who}_heads (even head size for RoPE); got {h} with {n} heads.")
+            raise ValueError(
+                f"{fn}: {who}_hidden must be a multiple of 2*{who}_heads (even head size for RoPE); got {h} with {n} heads."
+            )
     if cfg.loss not in LOSSES:
         raise ValueError(f"{fn}: loss must be one of {LOSSES}; got {cfg.loss!r}.")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"{fn}: dtype must be one of {DTYPES}; got {cfg.dtype!r}.")
     if cfg.batch_size % cfg.grad_accum:
-        raise ValueError(f"{fn}: batch_size must be a multiple of grad_accum={cfg.grad_accum} (the global batch is "
-                         f"split into micro-batches); got {cfg.batch_size}.")
+        raise ValueError(
+            f"{fn}: batch_size must be a multiple of grad_accum={cfg.grad_accum} (the global batch is "
+            f"split into micro-batches); got {cfg.batch_size}."
+        )
     if bool(cfg.student) != bool(cfg.data) or (cfg.teacher and not cfg.student):
-        raise ValueError(f"{fn}: teacher, student and data must be given together (or none of them, for the "
-                         f"bundled demo); got teacher={cfg.teacher!r}, student={cfg.student!r}, data={list(cfg.data)}.")
+        raise ValueError(
+            f"{fn}: teacher, student and data must be given together (or none of them, for the "
+            f"bundled demo); got teacher={cfg.teacher!r}, student={cfg.student!r}, data={list(cfg.data)}."
+        )
     if cfg.student and not cfg.teacher and cfg.method != "cpt":
-        raise ValueError(f"{fn}: teacher must be given for method {cfg.method!r} (only cpt trains without one); "
-                         f"got none. Pass --teacher PATH.")
+        raise ValueError(
+            f"{fn}: teacher must be given for method {cfg.method!r} (only cpt trains without one); "
+            f"got none. Pass --teacher PATH."
+        )
     for k in ("teacher_steps", "warmup_steps", "seed", "teacher_seed", "threads", "tokens"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(cfg, k)!r}.")
@@ -236,8 +271,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if cfg.dist_backend not in DIST_BACKENDS:
         raise ValueError(f"{fn}: dist_backend must be one of {DIST_BACKENDS}; got {cfg.dist_backend!r}.")
     if (cfg.device, cfg.dist_backend) in (("cpu", "nccl"), ("cuda", "gloo")):
-        raise ValueError(f"{fn}: dist_backend must match device (gloo runs on the CPU, nccl on CUDA); got device "
-                         f"{cfg.device!r} with dist_backend {cfg.dist_backend!r}.")
+        raise ValueError(
+            f"{fn}: dist_backend must match device (gloo runs on the CPU, nccl on CUDA); got device "
+            f"{cfg.device!r} with dist_backend {cfg.dist_backend!r}."
+        )
     if cfg.on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{fn}: on_nonfinite must be one of {NONFINITE_POLICIES}; got {cfg.on_nonfinite!r}.")
     if cfg.ddk_init not in SMOOTHER_INITS:
@@ -272,8 +309,9 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"load_config: {p} must hold a mapping of option names; got {type(data).__name__}.")
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"load_config: keys of {p} must be config options; got unknown {unknown} "
-                         f"(valid: {sorted(_FIELDS)}).")
+        raise ValueError(
+            f"load_config: keys of {p} must be config options; got unknown {unknown} (valid: {sorted(_FIELDS)})."
+        )
     return {k: _coerce(k, v) for k, v in data.items()}
 
 
@@ -284,14 +322,22 @@ def make_config(files: typing.Sequence[str | os.PathLike[str]] = (), **overrides
         values.update(load_yaml(f))
     unknown = sorted(set(overrides) - set(_FIELDS))
     if unknown:
-        raise ValueError(f"make_config: overrides must be config options; got unknown {unknown} (valid: {sorted(_FIELDS)}).")
+        raise ValueError(
+            f"make_config: overrides must be config options; got unknown {unknown} (valid: {sorted(_FIELDS)})."
+        )
     values.update({k: _coerce(k, v) for k, v in overrides.items()})
     return validate(RecipeConfig(**values))
 
 
 # ---------------------------------------------------------------------------- argparse
 class _KeyValue(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         cur = dict(getattr(namespace, self.dest, None) or {})
         for item in values:
             if "=" not in item:
@@ -338,30 +384,30 @@ _HELP: dict[str, str] = {
     "threads": "torch threads (0: torch's default)",
     "progress": "progress bars",
     "checkpoint_every": "write checkpoint-<step>/ (safetensors + JSON + SHA-256 manifest) every this many steps (and "
-                        "at the last step, and on SIGTERM/SIGINT)",
+    "at the last step, and on SIGTERM/SIGINT)",
     "keep_checkpoints": "keep only the newest k checkpoint-<step>/ folders; --resume loads the newest valid one",
     "resume": "continue from the newest valid checkpoint of --out (--no-resume: start over; the old run's files are "
-              "moved into --out/replaced-<time>/, never deleted)",
+    "moved into --out/replaced-<time>/, never deleted)",
     "dist_backend": "process-group backend under torchrun: auto (nccl with CUDA, else gloo), gloo or nccl",
     "device": "where one process distills: auto (cuda:0 when CUDA is available, else cpu), cpu or cuda "
-              "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU; with --dist-backend auto, "
-              "--device cpu picks gloo and --device cuda nccl)",
+    "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU; with --dist-backend auto, "
+    "--device cpu picks gloo and --device cuda nccl)",
     "fsdp": "under torchrun, shard the student with FSDP2 (fully_shard per decoder layer + root) instead of DDP",
     "debug_checks": "at each DDK interval all-gather checksums of the domain weights and the student parameters "
-                    "and fail naming the ranks that differ (also on with the environment variable DDK_DEBUG=1)",
+    "and fail naming the ranks that differ (also on with the environment variable DDK_DEBUG=1)",
     "batch_size": "global batch (sequences per optimizer step over all ranks; a multiple of the number of ranks)",
     "on_nonfinite": "NaN/inf loss or gradient: raise (naming the step and domains) or skip the batch (counted in "
-                    "metrics.jsonl and summary.json)",
+    "metrics.jsonl and summary.json)",
     "teacher": "the teacher: a folder written by save_pretrained (or a hub name); with --student and --data",
     "student": "the student to distill into: a save_pretrained folder (its starting weights) or a hub name",
     "tokenizer": "tokenizer folder (default: the student's folder); teacher and student must share it",
     "data": "training records with a domain and a text field: .jsonl/.json/.parquet/.csv files or "
-            "datasets.save_to_disk folders (a hub dataset name passes to datasets.load_dataset)",
+    "datasets.save_to_disk folders (a hub dataset name passes to datasets.load_dataset)",
     "validation_data": "separate validation records (default: a stable per-domain split of --data)",
     "text_field": "the records' text field",
     "domain_field": "the records' domain field",
     "val_samples": "validation sequences per domain for the discrepancy estimate (paper: 500); small domains "
-                   "are capped with a warning",
+    "are capped with a warning",
     "skip_bad_records": "drop records without the domain or text field (warned and counted) instead of failing",
     "seq_len": "tokens per packed training sequence (documents of one domain joined with EOS)",
     "loss": "fused: the lm_head fused with the loss, no (tokens, vocab) logits; logits: both models' full logits",
@@ -370,38 +416,53 @@ _HELP: dict[str, str] = {
     "gradient_checkpointing": "recompute the student's activations in the backward pass (less memory)",
     "tokens": "token budget of the run; > 0 overrides steps (steps = ceil(tokens / (batch_size * seq_len)))",
     "method": "cpt (no teacher), kd (uniform mixture), ddk, ddk-no-smoothing (weights = Eq. 1 at each update), "
-              "ddk-online (discrepancy from training batches)",
+    "ddk-online (discrepancy from training batches)",
     "interval": "K: optimizer steps between DDK mixture updates (and validation evaluations)",
     "gamma": "weight of the divergence in CE + gamma * KL(p_T || p_S)",
     "out": "run folder (default: runs/real/<method>-s<seed>)",
     "skip_bad_lines": "skip corrupted lines of the corpus JSONL files (each reported with file and line, and counted) "
-                      "instead of failing",
+    "instead of failing",
 }
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per config field (defaults suppressed: unset = not given)."""
-    parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="YAML config file or preset name (repeatable; later files win; flags win over files)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="YAML config file or preset name (repeatable; later files win; flags win over files)",
+    )
     for name, f in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
         hint = _HINTS[name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_ = f"{_HELP[name]} (default: {default!r})" if name in _HELP else f"(default: {default!r})"
         if hint is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
         elif typing.get_origin(hint) is tuple:
             parser.add_argument(flag, dest=name, nargs="+", default=argparse.SUPPRESS, help=help_)
         elif typing.get_origin(hint) is dict:
-            parser.add_argument(flag.rstrip("s"), dest=name, nargs="+", action=_KeyValue, default=argparse.SUPPRESS,
-                                metavar="NAME=DIR", help="extra domain from a folder of files (repeatable)")
+            parser.add_argument(
+                flag.rstrip("s"),
+                dest=name,
+                nargs="+",
+                action=_KeyValue,
+                default=argparse.SUPPRESS,
+                metavar="NAME=DIR",
+                help="extra domain from a folder of files (repeatable)",
+            )
         elif name == "method":
             parser.add_argument(flag, dest=name, choices=METHODS, default=argparse.SUPPRESS, help=help_)
         elif name == "device":
             parser.add_argument(flag, dest=name, choices=DEVICES, default=argparse.SUPPRESS, help=help_)
         elif name in ("loss", "dtype"):
-            parser.add_argument(flag, dest=name, choices=LOSSES if name == "loss" else DTYPES, default=argparse.SUPPRESS,
-                                help=help_)
+            parser.add_argument(
+                flag, dest=name, choices=LOSSES if name == "loss" else DTYPES, default=argparse.SUPPRESS, help=help_
+            )
         elif name == "on_nonfinite":
             parser.add_argument(flag, dest=name, choices=NONFINITE_POLICIES, default=argparse.SUPPRESS, help=help_)
         else:

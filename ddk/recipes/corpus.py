@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ddk._io import atomic_write_text, child_path, file_sha256, folder_lock, json_fingerprint, safe_name
-from ddk.recipes.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
 from ddk.partition.partitioner import stable_unit_hash
+from ddk.recipes.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
 
 __all__ = [
     "CorpusConfig",
@@ -96,7 +96,9 @@ class CorpusConfig:
         d.pop("offline")
         d.pop("skip_bad_lines")
         d["user_folders"] = sorted((k, _tree_digest(Path(v))) for k, v in self.user_folders.items())
-        d["user_jsonl"] = [file_sha256(p) if Path(p).is_file() else f"missing:{Path(p).resolve()}" for p in self.user_jsonl]
+        d["user_jsonl"] = [
+            file_sha256(p) if Path(p).is_file() else f"missing:{Path(p).resolve()}" for p in self.user_jsonl
+        ]
         return json_fingerprint(d)
 
 
@@ -114,7 +116,9 @@ def _check_config(cfg: CorpusConfig) -> None:
     fn = "build_corpus"
     unknown = [d for d in cfg.domains if d not in DOMAINS]
     if unknown:
-        raise ValueError(f"{fn}: domains must be among the built-in {list(DOMAINS)} (add others with user_folders/user_jsonl); got unknown {unknown}.")
+        raise ValueError(
+            f"{fn}: domains must be among the built-in {list(DOMAINS)} (add others with user_folders/user_jsonl); got unknown {unknown}."
+        )
     if cfg.max_chars is not None and (not isinstance(cfg.max_chars, int) or cfg.max_chars < 1):
         raise ValueError(f"{fn}: max_chars must be a positive int or None; got {cfg.max_chars!r}.")
     if not 0.0 < cfg.validation_fraction < 1.0:
@@ -129,8 +133,13 @@ def _check_config(cfg: CorpusConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- JSONL
-def read_jsonl(path: str | os.PathLike[str], *, on_error: str = "raise",
-               required: Sequence[str] = (), bad_lines: list[str] | None = None) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    on_error: str = "raise",
+    required: Sequence[str] = (),
+    bad_lines: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Read a JSONL file, reporting every corrupted line with its file and line number.
 
     A corrupted line is one that is not UTF-8, not JSON, not a JSON object, or lacks a
@@ -175,16 +184,24 @@ def read_jsonl(path: str | os.PathLike[str], *, on_error: str = "raise",
     if bad:
         listing = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
         if on_error == "raise":
-            raise CorpusError(f"{fn}: every line of {p} must be a JSON object; got {len(bad)} corrupted line(s) (fix them, "
-                              f"or skip them with on_error='skip' / skip_bad_lines=True / --skip-bad-lines):\n  {listing}")
+            raise CorpusError(
+                f"{fn}: every line of {p} must be a JSON object; got {len(bad)} corrupted line(s) (fix them, "
+                f"or skip them with on_error='skip' / skip_bad_lines=True / --skip-bad-lines):\n  {listing}"
+            )
         if bad_lines is not None:
             bad_lines.extend(bad)
         print(f"warning: {fn}: skipped {len(bad)} corrupted line(s):\n  {listing}", file=sys.stderr)
     return out
 
 
-def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise",
-                bad_lines: list[str] | None = None) -> dict[str, list[Unit]]:
+def _constant(text: str) -> Any:
+    """A loader returning ``text`` (a ``Unit``'s text, already in memory)."""
+    return lambda: text
+
+
+def jsonl_units(
+    path: str | os.PathLike[str], *, on_error: str = "raise", bad_lines: list[str] | None = None
+) -> dict[str, list[Unit]]:
     """Units of a user JSONL file with a ``domain`` field: ``domain -> units``.
 
     Records sharing ``source`` (default: ``id``, else ``<file>:<line>``) are joined into one unit
@@ -196,17 +213,22 @@ def jsonl_units(path: str | os.PathLike[str], *, on_error: str = "raise",
     grouped: dict[str, dict[str, list[str]]] = {}
     for i, r in enumerate(recs):
         if not isinstance(r["domain"], str) or not r["domain"] or not isinstance(r["text"], str):
-            raise CorpusError(f"{fn}: records of {path} must have a non-empty str 'domain' and a str 'text'; got record {i}: {str(r)[:120]}.")
+            raise CorpusError(
+                f"{fn}: records of {path} must have a non-empty str 'domain' and a str 'text'; got record {i}: {str(r)[:120]}."
+            )
         try:
-            safe_name(fn, f"the domain of record {i} of {path}", r["domain"],
-                      "A domain name names its folder in the corpus: rename the domain in the file.")
+            safe_name(
+                fn,
+                f"the domain of record {i} of {path}",
+                r["domain"],
+                "A domain name names its folder in the corpus: rename the domain in the file.",
+            )
         except ValueError as exc:
             raise CorpusError(str(exc)) from None
         src = str(r.get("source") or r.get("id") or f"{Path(path).name}:{i}")
         grouped.setdefault(r["domain"], {}).setdefault(src, []).append(r["text"])
     return {
-        d: [Unit(src, (lambda t="\n\n".join(texts): t)) for src, texts in sorted(g.items())]
-        for d, g in grouped.items()
+        d: [Unit(src, _constant("\n\n".join(texts))) for src, texts in sorted(g.items())] for d, g in grouped.items()
     }
 
 
@@ -250,7 +272,9 @@ def split_units(units: Sequence[Unit], *, validation_fraction: float, seed: int 
     return {"validation": ranked[:n_val], "train": ranked[n_val:]}
 
 
-def _take(domain: str, units: Sequence[Unit], budget: int | None, record_chars: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _take(
+    domain: str, units: Sequence[Unit], budget: int | None, record_chars: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     records: list[dict[str, Any]] = []
     chars = 0
     sources = 0
@@ -277,8 +301,13 @@ def _take(domain: str, units: Sequence[Unit], budget: int | None, record_chars: 
 
 
 # ---------------------------------------------------------------------------- build / load
-def build_corpus(out_dir: str | os.PathLike[str], config: CorpusConfig = CorpusConfig(), *,
-                 force: bool = False, progress: bool = True) -> dict[str, Any]:
+def build_corpus(
+    out_dir: str | os.PathLike[str],
+    config: CorpusConfig = CorpusConfig(),
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Collect the domains, split and cap them, and write the JSONL files and the manifest.
 
     A folder already built with the same ``config.key()`` is reused unless ``force``, provided
@@ -322,8 +351,10 @@ def _reusable(out: Path, key: str) -> dict[str, Any] | None:
     if not isinstance(old, dict) or old.get("key") != key:
         return None
     if old.get("skipped"):
-        print(f"warning: corpus: rebuilding {out}: its last build skipped {sorted(old['skipped'])}; trying them again",
-              file=sys.stderr)
+        print(
+            f"warning: corpus: rebuilding {out}: its last build skipped {sorted(old['skipped'])}; trying them again",
+            file=sys.stderr,
+        )
         return None
     for name, entry in (old.get("domains") or {}).items():
         for side in SPLITS:
@@ -365,8 +396,12 @@ def _build_corpus(out: Path, config: CorpusConfig, force: bool, progress: bool) 
         "digest": json_fingerprint({d: {side: e[side]["sha256"] for side in SPLITS} for d, e in domains.items()}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.perf_counter() - t0, 1),
-        "config": {**asdict(config), "user_folders": dict(config.user_folders),
-                   "domains": list(config.domains), "user_jsonl": list(config.user_jsonl)},
+        "config": {
+            **asdict(config),
+            "user_folders": dict(config.user_folders),
+            "domains": list(config.domains),
+            "user_jsonl": list(config.user_jsonl),
+        },
         "domains": domains,
         "skipped": skipped,
         "skipped_lines": skipped_lines,
@@ -395,14 +430,20 @@ def _collect_sources(config: CorpusConfig) -> tuple[_Sources, dict[str, str], di
                     skipped[name] = str(e)
     for name, folder in sorted(config.user_folders.items()):
         try:
-            sources[name] = (f"folder:{Path(folder).resolve()}", "user-provided", "user folder; unit = file",
-                             folder_units(folder, prefix=f"{name}/"))
+            sources[name] = (
+                f"folder:{Path(folder).resolve()}",
+                "user-provided",
+                "user folder; unit = file",
+                folder_units(folder, prefix=f"{name}/"),
+            )
         except ValueError as e:
             skipped[name] = str(e)
     skipped_lines: dict[str, int] = {}
     for path in config.user_jsonl:
         bad: list[str] = []
-        for name, units in jsonl_units(path, on_error="skip" if config.skip_bad_lines else "raise", bad_lines=bad).items():
+        for name, units in jsonl_units(
+            path, on_error="skip" if config.skip_bad_lines else "raise", bad_lines=bad
+        ).items():
             if name in sources:
                 prov, lic, desc, old_units = sources[name]
                 sources[name] = (f"{prov} + jsonl:{Path(path).resolve()}", lic, desc, old_units + units)
@@ -413,12 +454,19 @@ def _collect_sources(config: CorpusConfig) -> tuple[_Sources, dict[str, str], di
     return sources, skipped, skipped_lines
 
 
-def _write_domains(out: Path, sources: _Sources, skipped: dict[str, str], config: CorpusConfig, progress: bool
-                   ) -> dict[str, Any]:
+def _write_domains(
+    out: Path, sources: _Sources, skipped: dict[str, str], config: CorpusConfig, progress: bool
+) -> dict[str, Any]:
     """Split, cap and write every domain's JSONL files; return the manifest's ``domains`` (adds to ``skipped``)."""
     f = config.validation_fraction
-    budgets = {"train": None, "validation": None} if config.max_chars is None else {
-        "validation": max(1, int(round(config.max_chars * f))), "train": config.max_chars - max(1, int(round(config.max_chars * f)))}
+    budgets = (
+        {"train": None, "validation": None}
+        if config.max_chars is None
+        else {
+            "validation": max(1, int(round(config.max_chars * f))),
+            "train": config.max_chars - max(1, int(round(config.max_chars * f))),
+        }
+    )
     domains: dict[str, Any] = {}
     for name in sorted(sources):
         prov, lic, desc, units = sources[name]
@@ -439,9 +487,11 @@ def _write_domains(out: Path, sources: _Sources, skipped: dict[str, str], config
             continue
         domains[name] = entry
         if progress:
-            print(f"corpus: {name:<14} train {entry['train']['chars']:>10,} chars / {entry['train']['sources']:>5} units   "
-                  f"validation {entry['validation']['chars']:>8,} chars / {entry['validation']['sources']:>4} units   [{prov}]",
-                  file=sys.stderr)
+            print(
+                f"corpus: {name:<14} train {entry['train']['chars']:>10,} chars / {entry['train']['sources']:>5} units   "
+                f"validation {entry['validation']['chars']:>8,} chars / {entry['validation']['sources']:>4} units   [{prov}]",
+                file=sys.stderr,
+            )
     return domains
 
 
@@ -449,12 +499,15 @@ def load_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a built corpus folder."""
     p = Path(corpus_dir) / MANIFEST
     if not p.is_file():
-        raise ValueError(f"load_manifest: corpus_dir must hold a {MANIFEST} (run `ddk data build`); got {str(Path(corpus_dir))!r}.")
+        raise ValueError(
+            f"load_manifest: corpus_dir must hold a {MANIFEST} (run `ddk data build`); got {str(Path(corpus_dir))!r}."
+        )
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | None = None,
-                on_error: str = "raise") -> Any:
+def load_corpus(
+    corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | None = None, on_error: str = "raise"
+) -> Any:
     """A built corpus as a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits.
 
     Columns ``id``, ``domain``, ``source``, ``text`` (str). Domains in manifest order (sorted),
@@ -472,22 +525,34 @@ def load_corpus(corpus_dir: str | os.PathLike[str], *, domains: Sequence[str] | 
     for side in SPLITS:
         rows: dict[str, list[str]] = {"id": [], "domain": [], "source": [], "text": []}
         for d in names:
-            for r in read_jsonl(child_path("load_corpus", "domain", corpus_dir, d) / f"{side}.jsonl", on_error=on_error,
-                                required=("id", "domain", "source", "text")):
+            for r in read_jsonl(
+                child_path("load_corpus", "domain", corpus_dir, d) / f"{side}.jsonl",
+                on_error=on_error,
+                required=("id", "domain", "source", "text"),
+            ):
                 for k in rows:
                     rows[k].append(r[k])
         out[side] = datasets.Dataset.from_dict(rows)
     return datasets.DatasetDict(out)
 
 
-def domain_texts(corpus_dir: str | os.PathLike[str], side: str, domains: Sequence[str] | None = None, *,
-                 on_error: str = "raise") -> dict[str, list[str]]:
+def domain_texts(
+    corpus_dir: str | os.PathLike[str], side: str, domains: Sequence[str] | None = None, *, on_error: str = "raise"
+) -> dict[str, list[str]]:
     """``domain -> texts`` of one split, straight from the JSONL (no ``datasets`` needed).
 
     A corrupted line raises ``CorpusError`` naming file and line; ``on_error="skip"`` drops it.
     """
     man = load_manifest(corpus_dir)
     names = list(domains) if domains is not None else list(man["domains"])
-    return {d: [r["text"] for r in read_jsonl(child_path("domain_texts", "domain", corpus_dir, d) / f"{side}.jsonl",
-                                              on_error=on_error, required=("text",))]
-            for d in names}
+    return {
+        d: [
+            r["text"]
+            for r in read_jsonl(
+                child_path("domain_texts", "domain", corpus_dir, d) / f"{side}.jsonl",
+                on_error=on_error,
+                required=("text",),
+            )
+        ]
+        for d in names
+    }

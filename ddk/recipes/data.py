@@ -22,5 +22,12 @@ def distill_data(cfg: RecipeConfig, tokenizer: Any) -> Any:
     opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
     records = load_records(list(cfg.data), **opts)
     validation = load_records(list(cfg.validation_data), **opts) if cfg.validation_data else None
-    return pack_domains(records, tokenizer, seq_len=cfg.seq_len, val_samples=cfg.val_samples, validation=validation,
-                        cache_dir=cfg.data_path / "packed", progress=cfg.progress)
+    return pack_domains(
+        records,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        val_samples=cfg.val_samples,
+        validation=validation,
+        cache_dir=cfg.data_path / "packed",
+        progress=cfg.progress,
+    )

@@ -38,9 +38,21 @@ from ddk.sampling import MixtureSampler
 __all__ = ["demo_config", "demo_corpus", "demo_student", "demo_teacher", "llama_config", "run_demo"]
 
 META = "demo_meta.json"
-_TEACHER_KEYS = ("teacher_hidden", "teacher_layers", "teacher_heads", "teacher_intermediate", "teacher_steps",
-                 "teacher_lr", "teacher_batch_size", "teacher_seed", "weight_decay", "grad_clip", "warmup_steps",
-                 "min_lr_ratio", "seq_len")
+_TEACHER_KEYS = (
+    "teacher_hidden",
+    "teacher_layers",
+    "teacher_heads",
+    "teacher_intermediate",
+    "teacher_steps",
+    "teacher_lr",
+    "teacher_batch_size",
+    "teacher_seed",
+    "weight_decay",
+    "grad_clip",
+    "warmup_steps",
+    "min_lr_ratio",
+    "seq_len",
+)
 
 
 def demo_corpus(cfg: RecipeConfig) -> tuple[Path, list[str], Path]:
@@ -49,9 +61,17 @@ def demo_corpus(cfg: RecipeConfig) -> tuple[Path, list[str], Path]:
     from ddk.recipes.tokenizer import train_tokenizer
 
     root = cfg.data_path
-    ccfg = CorpusConfig(domains=tuple(cfg.domains), user_folders=dict(cfg.user_folders), user_jsonl=tuple(cfg.user_jsonl),
-                        max_chars=cfg.max_chars, validation_fraction=cfg.validation_fraction, seed=0,
-                        cache_dir=str(root / "debs"), offline=cfg.offline, skip_bad_lines=cfg.skip_bad_lines)
+    ccfg = CorpusConfig(
+        domains=tuple(cfg.domains),
+        user_folders=dict(cfg.user_folders),
+        user_jsonl=tuple(cfg.user_jsonl),
+        max_chars=cfg.max_chars,
+        validation_fraction=cfg.validation_fraction,
+        seed=0,
+        cache_dir=str(root / "debs"),
+        offline=cfg.offline,
+        skip_bad_lines=cfg.skip_bad_lines,
+    )
     cdir = root / "corpus" / ccfg.key()
     with folder_lock(cdir, "demo_corpus", "data_dir", wait=True):  # one writer; another demo waits, then reuses
         man = build_corpus(cdir, ccfg, progress=cfg.progress)
@@ -77,7 +97,9 @@ def llama_config(cfg: RecipeConfig, who: str, vocab_size: int) -> Any:
         num_key_value_heads=getattr(cfg, f"{who}_heads"),
         max_position_embeddings=max(cfg.seq_len, 64),
         tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
 
 
@@ -136,10 +158,12 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
     torch.manual_seed(cfg.teacher_seed)
     teacher = LlamaForCausalLM(llama_config(cfg, "teacher", len(tokenizer)))
     data, collate = packed.train_dataset(), DomainCollator()
-    sampler = MixtureSampler(packed.sizes, cfg.teacher_batch_size, seed=cfg.teacher_seed + 1000,
-                             domain_names=list(packed.names))
-    opt, sched = make_optimizer(teacher, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps, cfg.teacher_steps,
-                                cfg.min_lr_ratio)
+    sampler = MixtureSampler(
+        packed.sizes, cfg.teacher_batch_size, seed=cfg.teacher_seed + 1000, domain_names=list(packed.names)
+    )
+    opt, sched = make_optimizer(
+        teacher, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps, cfg.teacher_steps, cfg.min_lr_ratio
+    )
     losses: list[float] = []
     teacher.train()
     bar = tqdm(range(cfg.teacher_steps), desc="teacher", disable=not cfg.progress)
@@ -156,9 +180,14 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    meta = {"config": {k: getattr(cfg, k) for k in _TEACHER_KEYS}, "data_key": packed.key, "domains": list(packed.names),
-            "loss_curve": losses[::10], "final_loss": losses[-1] if losses else None,
-            "train_seconds": time.perf_counter() - t0}
+    meta = {
+        "config": {k: getattr(cfg, k) for k in _TEACHER_KEYS},
+        "data_key": packed.key,
+        "domains": list(packed.names),
+        "loss_curve": losses[::10],
+        "final_loss": losses[-1] if losses else None,
+        "train_seconds": time.perf_counter() - t0,
+    }
     _save_model(teacher.eval(), tokenizer, folder, meta)
     if cfg.progress:
         log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {folder}")
@@ -175,8 +204,12 @@ def demo_student(cfg: RecipeConfig, tokenizer: Any) -> Path:
     folder = cfg.data_path / "students" / cfg.hash_of(keys, extra=tokenizer_hash(tokenizer))
     if _cached_model(folder, "student") is None:
         torch.manual_seed(cfg.seed)
-        _save_model(LlamaForCausalLM(llama_config(cfg, "student", len(tokenizer))), tokenizer, folder,
-                    {"config": {k: getattr(cfg, k) for k in keys}})
+        _save_model(
+            LlamaForCausalLM(llama_config(cfg, "student", len(tokenizer))),
+            tokenizer,
+            folder,
+            {"config": {k: getattr(cfg, k) for k in keys}},
+        )
     return folder
 
 
@@ -194,15 +227,22 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
         train = tuple(str(cdir / n / "train.jsonl") for n in names)
         validation = tuple(str(cdir / n / "validation.jsonl") for n in names)
         records = load_records(list(train), progress=cfg.progress)
-        packed = pack_domains(records, tokenizer, seq_len=cfg.seq_len, val_samples=cfg.val_samples,
-                              validation=load_records(list(validation), progress=cfg.progress),
-                              cache_dir=cfg.data_path / "packed", progress=cfg.progress)
+        packed = pack_domains(
+            records,
+            tokenizer,
+            seq_len=cfg.seq_len,
+            val_samples=cfg.val_samples,
+            validation=load_records(list(validation), progress=cfg.progress),
+            cache_dir=cfg.data_path / "packed",
+            progress=cfg.progress,
+        )
         with folder_lock(cfg.data_path / "teachers", "demo_config", "data_dir", wait=True):  # one trainer per cache
             teacher = demo_teacher(cfg, packed, tokenizer)
         with folder_lock(cfg.data_path / "students", "demo_config", "data_dir", wait=True):
             student = demo_student(cfg, tokenizer)
-    return dataclasses.replace(cfg, teacher=str(teacher), student=str(student), tokenizer=str(tdir), data=train,
-                               validation_data=validation)
+    return dataclasses.replace(
+        cfg, teacher=str(teacher), student=str(student), tokenizer=str(tdir), data=train, validation_data=validation
+    )
 
 
 def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
@@ -221,8 +261,10 @@ def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
             t_prep = time.perf_counter() - t0
             summary = distill(cfg)
         if rank_world()[0] == 0:
-            print(f"\ntimes: corpus + tokenizer + teacher {t_prep:.0f} s, distill {summary['wall_seconds']:.0f} s, "
-                  f"total {time.perf_counter() - t0:.0f} s")
+            print(
+                f"\ntimes: corpus + tokenizer + teacher {t_prep:.0f} s, distill {summary['wall_seconds']:.0f} s, "
+                f"total {time.perf_counter() - t0:.0f} s"
+            )
             print(f"run folder: {cfg.run_dir}")
         summary["demo_seconds"] = {"prepare": t_prep, "total": time.perf_counter() - t0}
         return summary

@@ -75,15 +75,43 @@ from ddk.schedule import FactorSmoother
 
 __all__ = ["DistillStep", "Preempted", "config_digest", "distill", "evaluate", "make_optimizer"]
 
-SMOOTHER_MODE = {"cpt": "uniform", "kd": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}
+SMOOTHER_MODE = {
+    "cpt": "uniform",
+    "kd": "uniform",
+    "ddk": "ddk",
+    "ddk-no-smoothing": "no_smoothing",
+    "ddk-online": "ddk",
+}
 # options that may change between a checkpoint and its resume
-RESUME_IGNORED = ("resume", "progress", "threads", "out", "log_every", "checkpoint_every", "data_dir", "offline",
-                  "on_nonfinite", "skip_bad_lines", "keep_checkpoints", "dist_backend", "debug_checks", "device")
+RESUME_IGNORED = (
+    "resume",
+    "progress",
+    "threads",
+    "out",
+    "log_every",
+    "checkpoint_every",
+    "data_dir",
+    "offline",
+    "on_nonfinite",
+    "skip_bad_lines",
+    "keep_checkpoints",
+    "dist_backend",
+    "debug_checks",
+    "device",
+)
 
 
 # artefacts of a run, moved aside (never deleted) when the folder starts over
-RUN_FILES = ("config.json", "metrics.jsonl", "controller.jsonl", "summary.json", "eval.json", "weights.png", "gaps.png",
-             "student")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "controller.jsonl",
+    "summary.json",
+    "eval.json",
+    "weights.png",
+    "gaps.png",
+    "student",
+)
 RUN_INFO = "ddk_run.json"  # in student/: the digest of the config that trained it
 
 
@@ -113,8 +141,18 @@ class DistillStep(nn.Module):
     the root module).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, *, num_domains: int, gamma: float,
-                 temperature: float, loss: str, backend: str, autocast: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        *,
+        num_domains: int,
+        gamma: float,
+        temperature: float,
+        loss: str,
+        backend: str,
+        autocast: torch.dtype | None,
+    ) -> None:
         super().__init__()
         self.student = student
         self._teacher = [teacher]  # a list: not a submodule
@@ -123,16 +161,31 @@ class DistillStep(nn.Module):
         self.loss = loss
         self.autocast = autocast
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor | None = None,
-                normalizer: torch.Tensor | None = None, distill: bool = True) -> tuple[torch.Tensor, KDLossOutput]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        domain_ids: torch.Tensor | None = None,
+        normalizer: torch.Tensor | None = None,
+        distill: bool = True,
+    ) -> tuple[torch.Tensor, KDLossOutput]:
         batch = {"input_ids": input_ids, "labels": labels}
-        with torch.autocast(input_ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with torch.autocast(
+            input_ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        ):
             if not distill:
                 out = causal_lm_kd_loss(self.student, None, batch, gamma=0.0)
             else:
-                out = causal_lm_kd_loss(self.student, self._teacher[0], batch, domain_ids=domain_ids,
-                                        num_domains=self.num_domains, loss=self.loss, normalizer=normalizer,
-                                        **self.options)
+                out = causal_lm_kd_loss(
+                    self.student,
+                    self._teacher[0],
+                    batch,
+                    domain_ids=domain_ids,
+                    num_domains=self.num_domains,
+                    loss=self.loss,
+                    normalizer=normalizer,
+                    **self.options,
+                )
         return out.loss, out
 
 
@@ -157,13 +210,17 @@ def validation_ce(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Ten
     return out.ce_sum.double(), out.num_tokens
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int, min_ratio: float
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int, min_ratio: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (no decay on norms and biases) + linear warm-up to ``lr`` then cosine to ``lr * min_ratio``."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -178,8 +235,12 @@ def sum_outputs(outs: list[KDLossOutput]) -> KDLossOutput:
     """One ``KDLossOutput`` of a step's micro-batches (losses are already over the global normaliser)."""
     if len(outs) == 1:
         return outs[0]
-    return KDLossOutput(*(sum(getattr(o, f) for o in outs) for f in
-                          ("loss", "ce_sum", "kd_sum", "num_tokens", "domain_ce_sum", "domain_kd_sum", "domain_tokens")))
+    return KDLossOutput(
+        *(
+            sum(getattr(o, f) for o in outs)
+            for f in ("loss", "ce_sum", "kd_sum", "num_tokens", "domain_ce_sum", "domain_kd_sum", "domain_tokens")
+        )
+    )
 
 
 def distill(cfg: RecipeConfig, *, prepared: Any = None) -> dict[str, Any]:
@@ -219,35 +280,46 @@ def run_folder_lock(cfg: RecipeConfig) -> Any:
     """The run folder's lock on rank 0 (``ddk._io.folder_lock``; also checks it can be written); nothing elsewhere."""
     if rank_world()[0] != 0:
         return _nullcontext()
-    return folder_lock(cfg.run_dir, "distill", "out", hint="Wait for that run to finish (or stop it), or pass another --out.")
+    return folder_lock(
+        cfg.run_dir, "distill", "out", hint="Wait for that run to finish (or stop it), or pass another --out."
+    )
 
 
 def _check_run(cfg: RecipeConfig, world: int) -> None:
     if cfg.method not in METHODS:
         raise ValueError(f"distill: method must be one of {METHODS}; got {cfg.method!r}.")
     if cfg.uses_demo:
-        raise ValueError("distill: teacher, student and data must be given (--teacher, --student, --data); got none. "
-                         "`ddk distill` without them runs the bundled demo through ddk.recipes.demo.")
+        raise ValueError(
+            "distill: teacher, student and data must be given (--teacher, --student, --data); got none. "
+            "`ddk distill` without them runs the bundled demo through ddk.recipes.demo."
+        )
     if cfg.fsdp and not is_distributed():
-        raise ValueError("distill: fsdp must run under torchrun (it needs a process group); got a plain process. "
-                         "Launch with `torchrun --nproc_per_node=R -m ddk.recipes.cli distill --fsdp ...` or drop --fsdp.")
+        raise ValueError(
+            "distill: fsdp must run under torchrun (it needs a process group); got a plain process. "
+            "Launch with `torchrun --nproc_per_node=R -m ddk.recipes.cli distill --fsdp ...` or drop --fsdp."
+        )
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"distill: batch_size (the global batch) must be a multiple of ranks x grad_accum = "
-                         f"{world} x {cfg.grad_accum}; got {cfg.batch_size}.")
+        raise ValueError(
+            f"distill: batch_size (the global batch) must be a multiple of ranks x grad_accum = "
+            f"{world} x {cfg.grad_accum}; got {cfg.batch_size}."
+        )
 
 
 def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
     defaults = RecipeConfig().to_dict()  # options added since the checkpoint was written: their defaults
     unknown = sorted(set(ck["config"]) - set(defaults))
     if unknown:
-        raise ckpt.CheckpointError(f"distill: the checkpoint {path} must hold a config of this recipe; got unknown "
-                                   f"options {unknown[:10]}.")
+        raise ckpt.CheckpointError(
+            f"distill: the checkpoint {path} must hold a config of this recipe; got unknown options {unknown[:10]}."
+        )
     old = {k: v for k, v in {**defaults, **ck["config"]}.items() if k not in RESUME_IGNORED}
     new = {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED}
     if old != new:
         diff = sorted(k for k in new if old.get(k) != new[k])
-        raise ValueError(f"distill: the checkpoint {path} must be of the same config to resume; "
-                         f"got different {diff} (use another --out or --no-resume).")
+        raise ValueError(
+            f"distill: the checkpoint {path} must be of the same config to resume; "
+            f"got different {diff} (use another --out or --no-resume)."
+        )
 
 
 def _distill(cfg: RecipeConfig, prepared: Any) -> dict[str, Any]:
@@ -295,27 +367,56 @@ class _Run:
     def _build(self) -> None:
         """The training step (wrapped for DDP/FSDP2), optimizer, sampler, estimator, smoother, controller, guard."""
         cfg, d = self.cfg, len(self.names)
-        self.step_mod = DistillStep(self.student, None if cfg.method == "cpt" else self.teacher, num_domains=d,
-                                    gamma=cfg.gamma, temperature=cfg.temperature, loss=cfg.loss, backend=cfg.backend,
-                                    autocast=autocast_dtype(cfg, self.device))
+        self.step_mod = DistillStep(
+            self.student,
+            None if cfg.method == "cpt" else self.teacher,
+            num_domains=d,
+            gamma=cfg.gamma,
+            temperature=cfg.temperature,
+            loss=cfg.loss,
+            backend=cfg.backend,
+            autocast=autocast_dtype(cfg, self.device),
+        )
         self.model = parallelize(self.step_mod, self.student, cfg, self.device)  # step_mod stays the bare module
-        self.opt, self.sched = make_optimizer(self.step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.steps,
-                                              cfg.min_lr_ratio)
+        self.opt, self.sched = make_optimizer(
+            self.step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.steps, cfg.min_lr_ratio
+        )
         self.train_ds = self.packed.train_dataset()
-        self.sampler = MixtureSampler(self.packed.sizes, cfg.batch_size, seed=cfg.seed, domain_names=self.names,
-                                      num_batches=self.steps, rank=self.rank, world_size=self.world)
-        self.estimator = DiscrepancyEstimator(self.packed.validation_batches(cfg.eval_batch_size),
-                                              loss_fn=validation_ce, device=self.device, progress=False)
+        self.sampler = MixtureSampler(
+            self.packed.sizes,
+            cfg.batch_size,
+            seed=cfg.seed,
+            domain_names=self.names,
+            num_batches=self.steps,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.estimator = DiscrepancyEstimator(
+            self.packed.validation_batches(cfg.eval_batch_size),
+            loss_fn=validation_ce,
+            device=self.device,
+            progress=False,
+        )
         if self.teacher is not None:
             self.estimator.compute_teacher(self.teacher)
         else:  # cpt without a teacher: the logged "teacher" CE is the student's own at the start
             self.estimator.teacher_ce = self.estimator.estimate(self.step_mod).student_ce
         smoother = FactorSmoother(d, alpha=cfg.alpha, mode=SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
-        self.guard = NonFiniteGuard(cfg.on_nonfinite, domain_names=self.names, fn="distill",
-                                    hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; "
-                                         "the run resumes from its last checkpoint")
-        self.controller = DDKController(self.estimator, smoother, self.sampler, interval=cfg.interval,
-                                        log_path=self.ctrl_path, online=cfg.method == "ddk-online")
+        self.guard = NonFiniteGuard(
+            cfg.on_nonfinite,
+            domain_names=self.names,
+            fn="distill",
+            hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; "
+            "the run resumes from its last checkpoint",
+        )
+        self.controller = DDKController(
+            self.estimator,
+            smoother,
+            self.sampler,
+            interval=cfg.interval,
+            log_path=self.ctrl_path,
+            online=cfg.method == "ddk-online",
+        )
 
     def start_or_resume(self) -> int:
         """Resume from the newest valid checkpoint (rank 0 picks it, every rank loads it), else start: Eq. 1.
@@ -356,17 +457,22 @@ class _Run:
         out = self.out
         path, passed = ckpt.newest_valid_checkpoint(out)
         if path is None and passed:
-            raise ValueError(f"distill: a checkpoint of {out} must be complete and intact to resume; got none: "
-                             + " ".join(passed) + " Nothing was overwritten: pass --no-resume to start over (the old "
-                             "run is moved aside), or use another --out.")
+            raise ValueError(
+                f"distill: a checkpoint of {out} must be complete and intact to resume; got none: "
+                + " ".join(passed)
+                + " Nothing was overwritten: pass --no-resume to start over (the old "
+                "run is moved aside), or use another --out."
+            )
         for why in passed:
             log(f"warning: {why} Resuming from the previous valid checkpoint {path.name}.")  # type: ignore[union-attr]
         legacy = ckpt.legacy_checkpoints(out)
         if path is None and legacy:
-            raise ValueError(f"distill: the checkpoints of {out} must be checkpoint-<step>/ folders (safetensors + "
-                             f"JSON) to resume; got {[p.name for p in legacy]} of an older ddk, which are never "
-                             "loaded (unpickling can run code). Pass --no-resume to start over (the old run is moved "
-                             "aside), or use another --out.")
+            raise ValueError(
+                f"distill: the checkpoints of {out} must be checkpoint-<step>/ folders (safetensors + "
+                f"JSON) to resume; got {[p.name for p in legacy]} of an older ddk, which are never "
+                "loaded (unpickling can run code). Pass --no-resume to start over (the old run is moved "
+                "aside), or use another --out."
+            )
         return path
 
     def _load_checkpoint(self, path: Path) -> int:
@@ -383,9 +489,11 @@ class _Run:
             self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
             ckpt.set_rng_state(ck["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-            raise ValueError(f"distill: the checkpoint {path} must hold the state of this run to resume; got "
-                             f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
-                             "(the old run is moved aside), or use another --out.") from None
+            raise ValueError(
+                f"distill: the checkpoint {path} must hold the state of this run to resume; got "
+                f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
+                "(the old run is moved aside), or use another --out."
+            ) from None
         return int(ck["step"])
 
     def save(self, step: int) -> None:
@@ -397,14 +505,20 @@ class _Run:
             acc = all_reduce_sum_(torch.tensor(acc, dtype=torch.float64, device=collective_device(self.device)))
             ctrl_state["estimator"]["online"] = acc.cpu().tolist()
         if self.rank == 0:
-            state = {"config": self.cfg_dict, "student": student_state, "optimizer": opt_state,
-                     "scheduler": self.sched.state_dict(), "rng": ckpt.rng_state(), "controller": ctrl_state,
-                     "nonfinite": self.guard.state_dict()}
+            state = {
+                "config": self.cfg_dict,
+                "student": student_state,
+                "optimizer": opt_state,
+                "scheduler": self.sched.state_dict(),
+                "rng": ckpt.rng_state(),
+                "controller": ctrl_state,
+                "nonfinite": self.guard.state_dict(),
+            }
             ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
 
     def train_step(self, step: int, collate: Any) -> tuple[KDLossOutput, bool]:
         """One optimizer step on this rank's slice of the next global batch; ``(output, finite)``."""
-        idx = torch.as_tensor(self.sampler.next_global_batch())[self.rank::self.world]
+        idx = torch.as_tensor(self.sampler.next_global_batch())[self.rank :: self.world]
         batch = {k: v.to(self.device) for k, v in collate([self.train_ds[int(i)] for i in idx]).items()}
         norm = global_token_normalizer((batch["labels"][:, 1:] != -100).sum())
         lo = _forward_backward(self.model, batch, norm, self.cfg.grad_accum)
@@ -429,10 +543,17 @@ class _Run:
         cfg, steps, collate = self.cfg, self.steps, DomainCollator()
         debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
         self.student.train()
-        bar = tqdm(range(start_step + 1, steps + 1), desc=f"distill {cfg.method}", initial=start_step, total=steps,
-                   disable=not cfg.progress or self.rank != 0)
-        with (self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf,
-              StopSignals("distill") as stop):
+        bar = tqdm(
+            range(start_step + 1, steps + 1),
+            desc=f"distill {cfg.method}",
+            initial=start_step,
+            total=steps,
+            disable=not cfg.progress or self.rank != 0,
+        )
+        with (
+            self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf,
+            StopSignals("distill") as stop,
+        ):
             for step in bar:
                 lo, finite = self.train_step(step, collate)
                 n_rec = len(self.controller.records)
@@ -440,12 +561,16 @@ class _Run:
                 rec = _metrics(self, step, lo, finite, n_rec)
                 if rec is not None:
                     if "ratio" in rec:
-                        bar.set_postfix(loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
-                                        gap=f"{np.mean(np.log(rec['ratio'])):.3f}")
+                        bar.set_postfix(
+                            loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
+                            gap=f"{np.mean(np.log(rec['ratio'])):.3f}",
+                        )
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
                 if debug and (step % cfg.interval == 0 or step == steps):
-                    sums = {"domain weights": tensor_checksum([torch.tensor(self.sampler.weights, dtype=torch.float64)])}
+                    sums = {
+                        "domain weights": tensor_checksum([torch.tensor(self.sampler.weights, dtype=torch.float64)])
+                    }
                     if not cfg.fsdp:  # FSDP shards differ by design
                         sums["student parameters"] = tensor_checksum(self.student.parameters())
                     check_same_across_ranks(sums, where=f"distill step {step}")
@@ -458,8 +583,10 @@ class _Run:
                         self.save(step)
                     bar.close()
                     name = stop.signame or f"signal {signum}"
-                    log(f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
-                        "command to resume.")
+                    log(
+                        f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
+                        "command to resume."
+                    )
                     raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
         bar.close()
 
@@ -477,17 +604,30 @@ class _Run:
         cfg, out = self.cfg, self.out
         self.student.eval()
         final = self.estimator.estimate(self.step_mod)
-        save_student(full_student_state(self.step_mod, self.student, cfg.fsdp), self.student, self.tokenizer, out,
-                     run_info={"config_digest": config_digest(self.cfg_dict), "method": cfg.method, "steps": self.steps})
+        save_student(
+            full_student_state(self.step_mod, self.student, cfg.fsdp),
+            self.student,
+            self.tokenizer,
+            out,
+            run_info={"config_digest": config_digest(self.cfg_dict), "method": cfg.method, "steps": self.steps},
+        )
         summary = {
-            "method": cfg.method, "seed": cfg.seed, "domains": self.names,
-            "student_ce": final.student_ce.tolist(), "teacher_ce": final.teacher_ce.tolist(),
-            "gap": final.gap.tolist(), "ratio": final.ratio.tolist(),
-            "mean_gap": float(final.gap.mean()), "worst_gap": float(final.gap.max()),
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "domains": self.names,
+            "student_ce": final.student_ce.tolist(),
+            "teacher_ce": final.teacher_ce.tolist(),
+            "gap": final.gap.tolist(),
+            "ratio": final.ratio.tolist(),
+            "mean_gap": float(final.gap.mean()),
+            "worst_gap": float(final.gap.max()),
             "mean_ratio": float(final.ratio.mean()),
-            "final_weights": list(self.sampler.weights), "samples_per_domain": self.sampler.cumulative_counts().tolist(),
-            "skipped_batches": self.guard.skipped_batches, "skipped_steps": list(self.guard.skipped_steps),
-            "tokens": self.steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.perf_counter() - self.t_start,
+            "final_weights": list(self.sampler.weights),
+            "samples_per_domain": self.sampler.cumulative_counts().tolist(),
+            "skipped_batches": self.guard.skipped_batches,
+            "skipped_steps": list(self.guard.skipped_steps),
+            "tokens": self.steps * cfg.batch_size * cfg.seq_len,
+            "wall_seconds": time.perf_counter() - self.t_start,
             "student_params": sum(p.numel() for p in self.student.parameters()),
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0,
         }
@@ -528,12 +668,15 @@ def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
         for i, p in enumerate(group["params"]):
             for k, v in opt.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f"optimizer state {k!r} of parameter {i} of group {g} must have the parameter's "
-                                     f"shape {tuple(p.shape)}; got {tuple(v.shape)}.")
+                    raise ValueError(
+                        f"optimizer state {k!r} of parameter {i} of group {g} must have the parameter's "
+                        f"shape {tuple(p.shape)}; got {tuple(v.shape)}."
+                    )
 
 
 def _check_like(where: str, got: Any, like: Any) -> None:
     """``got`` has the structure of ``like`` (same keys, list lengths and kinds of value; numbers interchange)."""
+
     def kind(x: Any) -> str:
         if isinstance(x, bool):
             return "bool"
@@ -543,8 +686,10 @@ def _check_like(where: str, got: Any, like: Any) -> None:
 
     if isinstance(like, dict):
         if not isinstance(got, dict) or set(got) != set(like):
-            raise ValueError(f"{where} must have the keys {sorted(like)}; got "
-                             f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.")
+            raise ValueError(
+                f"{where} must have the keys {sorted(like)}; got "
+                f"{sorted(got) if isinstance(got, dict) else type(got).__name__}."
+            )
         for k in like:
             _check_like(f"{where}.{k}", got[k], like[k])
     elif isinstance(like, (list, tuple)):
@@ -558,8 +703,9 @@ def _check_like(where: str, got: Any, like: Any) -> None:
         raise ValueError(f"{where} must be finite; got {got!r}.")
 
 
-def _forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], norm: torch.Tensor | None, accum: int
-                      ) -> KDLossOutput:
+def _forward_backward(
+    model: nn.Module, batch: dict[str, torch.Tensor], norm: torch.Tensor | None, accum: int
+) -> KDLossOutput:
     """Forward and backward of one rank's slice in ``accum`` micro-batches; returns their summed output.
 
     ``norm`` (the global valid-token count over the ranks) divides every micro-batch's sums, so the
@@ -597,9 +743,14 @@ def _metrics(run: _Run, step: int, lo: KDLossOutput, finite: bool, n_rec: int) -
     ce_sum, kd_sum, num_tok, dom_tok = global_sums(lo)  # over all ranks (as is in one process)
     tok = max(int(num_tok), 1)
     rec: dict[str, Any] = {
-        "step": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
-        "loss": (float(ce_sum) + gamma * float(kd_sum)) / tok, "ce": float(ce_sum) / tok, "kd": float(kd_sum) / tok,
-        "lr": run.sched.get_last_lr()[0], "weights": list(run.sampler.weights), "batch_domain_tokens": dom_tok.tolist(),
+        "step": step,
+        "tokens_seen": step * cfg.batch_size * cfg.seq_len,
+        "loss": (float(ce_sum) + gamma * float(kd_sum)) / tok,
+        "ce": float(ce_sum) / tok,
+        "kd": float(kd_sum) / tok,
+        "lr": run.sched.get_last_lr()[0],
+        "weights": list(run.sampler.weights),
+        "batch_domain_tokens": dom_tok.tolist(),
         "skipped_batches": run.guard.skipped_batches,
     }
     if not finite:
@@ -625,8 +776,10 @@ def _read_run_config(run: Path, fn: str = "evaluate") -> RecipeConfig:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{fn}: {path} must be the JSON config written by ddk distill; got an unreadable file "
-                         f"({type(exc).__name__}: {exc}).") from None
+        raise ValueError(
+            f"{fn}: {path} must be the JSON config written by ddk distill; got an unreadable file "
+            f"({type(exc).__name__}: {exc})."
+        ) from None
     if not isinstance(saved, dict):
         raise ValueError(f"{fn}: {path} must hold a mapping of config options; got {type(saved).__name__}.")
     try:
@@ -643,9 +796,11 @@ def _check_student_of(run: Path, cfg: RecipeConfig, fn: str = "evaluate") -> Non
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         got = None
     if got != want:
-        raise ValueError(f"{fn}: the student/ of {str(run)!r} must be the one trained with its config.json (config "
-                         f"digest {want}); got {'a student of config digest ' + repr(got) if got else 'a student without a readable ' + RUN_INFO}. "
-                         "It is left from another run: rerun `ddk distill` with this folder's config.")
+        raise ValueError(
+            f"{fn}: the student/ of {str(run)!r} must be the one trained with its config.json (config "
+            f"digest {want}); got {'a student of config digest ' + repr(got) if got else 'a student without a readable ' + RUN_INFO}. "
+            "It is left from another run: rerun `ddk distill` with this folder's config."
+        )
 
 
 def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -660,23 +815,35 @@ def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     run = Path(run_dir)
     if not (run / "student" / "config.json").is_file() or not (run / "config.json").is_file():
-        raise ValueError(f"evaluate: run_dir must be a finished distill run (with config.json and student/); got {str(run)!r}.")
+        raise ValueError(
+            f"evaluate: run_dir must be a finished distill run (with config.json and student/); got {str(run)!r}."
+        )
     cfg = _read_run_config(run)
     _check_student_of(run, cfg)
     device = device_for(cfg)
     teacher, _, tokenizer = load_models(cfg, device)
     student = _from_pretrained("student", str(run / "student"), fn="evaluate").to(device).eval()
     packed = distill_data(cfg, tokenizer)
-    est = DiscrepancyEstimator(packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce, device=device,
-                               progress=cfg.progress)
+    est = DiscrepancyEstimator(
+        packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce, device=device, progress=cfg.progress
+    )
     if teacher is not None:
         est.compute_teacher(teacher)
     else:
         est.teacher_ce = est.estimate(student).student_ce
     disc = est.estimate(student)
-    res = {"method": cfg.method, "seed": cfg.seed, "domains": list(packed.names), "student_ce": disc.student_ce.tolist(),
-           "teacher_ce": disc.teacher_ce.tolist(), "gap": disc.gap.tolist(), "ratio": disc.ratio.tolist(),
-           "mean_gap": float(disc.gap.mean()), "worst_gap": float(disc.gap.max()), "mean_ratio": float(disc.ratio.mean())}
+    res = {
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "domains": list(packed.names),
+        "student_ce": disc.student_ce.tolist(),
+        "teacher_ce": disc.teacher_ce.tolist(),
+        "gap": disc.gap.tolist(),
+        "ratio": disc.ratio.tolist(),
+        "mean_gap": float(disc.gap.mean()),
+        "worst_gap": float(disc.gap.max()),
+        "mean_ratio": float(disc.ratio.mean()),
+    }
     atomic_json(run / "eval.json", res)
     print(format_table([res]))
     return res

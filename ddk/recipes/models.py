@@ -38,14 +38,18 @@ def _from_pretrained(kind: str, name: str, fn: str = "distill", **kwargs: Any) -
 
     path = Path(os.path.expanduser(name))
     if not path.exists() and _looks_local(name):
-        raise ValueError(f"{fn}: {kind} must be a folder written by save_pretrained (or a hub name); "
-                         f"got {name!r}, which does not exist.")
+        raise ValueError(
+            f"{fn}: {kind} must be a folder written by save_pretrained (or a hub name); "
+            f"got {name!r}, which does not exist."
+        )
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
         return loader.from_pretrained(str(path) if path.exists() else name, **kwargs)
     except Exception as exc:  # OSError, ValueError, SafetensorError, JSONDecodeError, ...: name the folder
-        raise ValueError(f"{fn}: {kind} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
-                         f"folder or hub name; loading {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"{fn}: {kind} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
+            f"folder or hub name; loading {name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def output_rows(model: Any) -> int:
@@ -64,12 +68,16 @@ def check_vocabularies(teacher: Any, student: Any, tokenizer: Any, fn: str = "di
     s_name = getattr(student, "name_or_path", "") or "the student"
     t_name = getattr(teacher, "name_or_path", "") or "the teacher"
     if vs < n:
-        raise ValueError(f"{fn}: the student's vocabulary must cover the tokenizer's {n} tokens; got an lm_head of "
-                         f"{vs} rows in {s_name}. Pass the tokenizer the student was trained with (--tokenizer).")
+        raise ValueError(
+            f"{fn}: the student's vocabulary must cover the tokenizer's {n} tokens; got an lm_head of "
+            f"{vs} rows in {s_name}. Pass the tokenizer the student was trained with (--tokenizer)."
+        )
     if vt < vs:
-        raise ValueError(f"{fn}: the teacher's vocabulary must cover the student's (a teacher wider by padding rows "
-                         f"is sliced); got teacher {t_name} with {vt} rows and student {s_name} with {vs}. Teacher "
-                         "and student must share a tokenizer.")
+        raise ValueError(
+            f"{fn}: the teacher's vocabulary must cover the student's (a teacher wider by padding rows "
+            f"is sliced); got teacher {t_name} with {vt} rows and student {s_name} with {vs}. Teacher "
+            "and student must share a tokenizer."
+        )
 
 
 def _tokenizers_agree(a: Any, b: Any) -> bool:
@@ -87,8 +95,10 @@ def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]
     """
     tokenizer = _from_pretrained("tokenizer", cfg.tokenizer or cfg.student)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"distill: the tokenizer must have an EOS token (it separates documents in packed "
-                         f"sequences); got none in {cfg.tokenizer or cfg.student!r}. Set tokenizer.eos_token and save it.")
+        raise ValueError(
+            f"distill: the tokenizer must have an EOS token (it separates documents in packed "
+            f"sequences); got none in {cfg.tokenizer or cfg.student!r}. Set tokenizer.eos_token and save it."
+        )
     student = _from_pretrained("student", cfg.student, dtype=torch.float32).to(device)
     teacher = None
     if cfg.teacher:
@@ -101,9 +111,11 @@ def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]
         if (t_path / "tokenizer_config.json").is_file():
             t_tok = _from_pretrained("tokenizer", str(t_path))
             if not _tokenizers_agree(t_tok, tokenizer):
-                raise ValueError(f"distill: teacher and student must share a tokenizer; got different vocabularies in "
-                                 f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
-                                 f"({len(tokenizer)} tokens).")
+                raise ValueError(
+                    f"distill: teacher and student must share a tokenizer; got different vocabularies in "
+                    f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
+                    f"({len(tokenizer)} tokens)."
+                )
     if cfg.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
         enable()
@@ -112,8 +124,13 @@ def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]
     return teacher, student, tokenizer
 
 
-def save_student(state: dict[str, torch.Tensor] | None, student: Any, tokenizer: Any, out: Path,
-                 run_info: dict[str, Any] | None = None) -> Path | None:
+def save_student(
+    state: dict[str, torch.Tensor] | None,
+    student: Any,
+    tokenizer: Any,
+    out: Path,
+    run_info: dict[str, Any] | None = None,
+) -> Path | None:
     """``out/student`` with ``save_pretrained`` (weights and config) plus the tokenizer, by rank 0.
 
     ``state`` is the full student state (gathered under FSDP2); ``run_info`` (the config digest

@@ -24,8 +24,10 @@ def device_for(cfg: RecipeConfig) -> torch.device:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("distill: device must be 'cpu' or 'auto' without a CUDA device; got 'cuda' "
-                         "(torch.cuda.is_available() is False).")
+        raise ValueError(
+            "distill: device must be 'cpu' or 'auto' without a CUDA device; got 'cuda' "
+            "(torch.cuda.is_available() is False)."
+        )
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", 0)
     return torch.device("cpu")
@@ -38,12 +40,15 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         layers = getattr(decoder, name, None)
         if isinstance(layers, torch.nn.ModuleList):
             return list(layers)
-    raise ValueError(f"distill: fsdp needs the student's decoder blocks (decoder.layers or .h); got none in "
-                     f"{type(model).__name__}. Drop --fsdp to use DDP.")
+    raise ValueError(
+        f"distill: fsdp needs the student's decoder blocks (decoder.layers or .h); got none in "
+        f"{type(model).__name__}. Drop --fsdp to use DDP."
+    )
 
 
-def parallelize(step: torch.nn.Module, student: torch.nn.Module, cfg: RecipeConfig, device: torch.device
-                ) -> torch.nn.Module:
+def parallelize(
+    step: torch.nn.Module, student: torch.nn.Module, cfg: RecipeConfig, device: torch.device
+) -> torch.nn.Module:
     """Prepare the training step module for torch.distributed; return the module the loop calls.
 
     ``step`` holds the student as a submodule (and the teacher outside its parameters), so one
@@ -63,8 +68,10 @@ def parallelize(step: torch.nn.Module, student: torch.nn.Module, cfg: RecipeConf
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError as exc:  # pragma: no cover - torch < 2.6
-            raise ValueError(f"distill: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6); "
-                             f"got torch {torch.__version__} without it ({exc}). Drop --fsdp to use DDP.") from None
+            raise ValueError(
+                f"distill: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6); "
+                f"got torch {torch.__version__} without it ({exc}). Drop --fsdp to use DDP."
+            ) from None
         for layer in _decoder_layers(student):
             fully_shard(layer, reshard_after_forward=True)
         fully_shard(step, reshard_after_forward=True)
@@ -79,8 +86,9 @@ def parallelize(step: torch.nn.Module, student: torch.nn.Module, cfg: RecipeConf
     return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
 
 
-def train_state(step: torch.nn.Module, student: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
+def train_state(
+    step: torch.nn.Module, student: torch.nn.Module, opt: torch.optim.Optimizer, fsdp: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(student state, optimizer state)`` to checkpoint; with FSDP2 the full (unsharded) ones, on rank 0 (a collective)."""
     if not fsdp:
         return student.state_dict(), opt.state_dict()
@@ -90,8 +98,9 @@ def train_state(step: torch.nn.Module, student: torch.nn.Module, opt: torch.opti
     return get_model_state_dict(step, options=options), get_optimizer_state_dict(step, opt, options=options)
 
 
-def load_train_state(step: torch.nn.Module, student: torch.nn.Module, opt: torch.optim.Optimizer,
-                     ck: dict[str, Any], fsdp: bool) -> None:
+def load_train_state(
+    step: torch.nn.Module, student: torch.nn.Module, opt: torch.optim.Optimizer, ck: dict[str, Any], fsdp: bool
+) -> None:
     """Inverse of :func:`train_state` (with FSDP2 every rank reads the full state and keeps its shard)."""
     if not fsdp:
         student.load_state_dict(ck["student"])
@@ -117,14 +126,15 @@ def full_student_state(step: torch.nn.Module, student: torch.nn.Module, fsdp: bo
     if rank != 0:
         return None
     prefix = "student."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def global_sums(lo: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ce_sum, kd_sum, num_tokens, domain_tokens (D,))`` of a ``KDLossOutput``, summed over ranks (for the logs)."""
     if rank_world()[1] == 1:
         return lo.ce_sum, lo.kd_sum, lo.num_tokens, lo.domain_tokens
-    v = torch.cat([torch.stack([lo.ce_sum.double(), lo.kd_sum.double(), lo.num_tokens.double()]),
-                   lo.domain_tokens.double()])
+    v = torch.cat(
+        [torch.stack([lo.ce_sum.double(), lo.kd_sum.double(), lo.num_tokens.double()]), lo.domain_tokens.double()]
+    )
     all_reduce_sum_(v)
     return v[0], v[1], v[2], v[3:].round().long()

@@ -39,7 +39,9 @@ def load_records(log_path_or_records: str | os.PathLike[str] | Iterable[Mapping[
     for r in records:
         missing = [k for k in ("step", "domain_names", "weights") if k not in r]
         if missing:
-            raise ValueError(f"{fn}: every record must have keys step, domain_names, weights; got a record missing {missing}.")
+            raise ValueError(
+                f"{fn}: every record must have keys step, domain_names, weights; got a record missing {missing}."
+            )
     return records
 
 
@@ -118,7 +120,9 @@ def plot_gaps(
     records = load_records(log_path_or_records)
     for r in records:
         if "student_ce" not in r or "teacher_ce" not in r:
-            raise ValueError("plot_gaps: every record must have keys student_ce, teacher_ce; got a record without them.")
+            raise ValueError(
+                "plot_gaps: every record must have keys student_ce, teacher_ce; got a record without them."
+            )
     names = records[-1]["domain_names"]
     steps = [r["step"] for r in records]
     labels = {"gap": "CE_S - CE_T (nats/token)", "ratio": "ppl_S / ppl_T", "student_ce": "student CE (nats/token)"}

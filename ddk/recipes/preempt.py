@@ -25,8 +25,9 @@ class Preempted(Exception):
     """``distill`` stopped by a signal after writing ``checkpoint``; rerun the same command to resume."""
 
     def __init__(self, signame: str, step: int, checkpoint: str) -> None:
-        super().__init__(f"stopped by {signame} after step {step}; wrote {checkpoint}. Rerun the same command to "
-                         "resume from it.")
+        super().__init__(
+            f"stopped by {signame} after step {step}; wrote {checkpoint}. Rerun the same command to resume from it."
+        )
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
 
 
@@ -49,8 +50,12 @@ class StopSignals:
         if self.signum is None:
             self.signum = signum
         signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # the next one acts at once
-        print(f"{self.fn}: got {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"{self.fn}: got {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

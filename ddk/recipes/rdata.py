@@ -55,7 +55,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         if self.i + n > len(self.b):
             raise ValueError(f"unserialize: data must not end early; got {len(self.b)} bytes, needed {self.i + n}.")
-        out = self.b[self.i:self.i + n]
+        out = self.b[self.i : self.i + n]
         self.i += n
         return out
 
@@ -75,7 +75,7 @@ class _Reader:
         pl = self.item()
         return dict(zip(pl.names or [], pl)) if isinstance(pl, RList) else {}
 
-    def item(self) -> Any:  # noqa: C901 - one branch per SEXP type, as in R's ReadItem
+    def item(self) -> Any:
         flags = self.int()
         t = flags & 0xFF
         has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
@@ -152,7 +152,9 @@ class _Reader:
             state = self.item()
             self.item()  # attributes
             cls = info[0] if isinstance(info, list) and info else None
-            if cls in ("wrap_string", "wrap_integer", "wrap_real", "wrap_logical", "wrap_list") and isinstance(state, list):
+            if cls in ("wrap_string", "wrap_integer", "wrap_real", "wrap_logical", "wrap_list") and isinstance(
+                state, list
+            ):
                 return state[0]
             if cls == "compact_intseq" and isinstance(state, list) and state:
                 n, start, step = (int(x) for x in state[0][:3])
@@ -238,6 +240,6 @@ def read_lazyload_db(base: str | Path) -> dict[str, Any]:
     data = rdb.read_bytes()
     out: dict[str, Any] = {}
     for name, (offset, length) in zip(variables.names or [], variables):
-        blob = data[int(offset):int(offset) + int(length)]
+        blob = data[int(offset) : int(offset) + int(length)]
         out[str(name)] = unserialize(_decompress_blob(blob, compressed))
     return out

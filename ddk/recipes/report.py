@@ -18,7 +18,9 @@ def plots(out: Path, method: str) -> list[str]:
         return []
     paths = []
     try:
-        paths.append(str(plot_weights(out / "controller.jsonl", out / "weights.png", title=f"{method}: domain weights")))
+        paths.append(
+            str(plot_weights(out / "controller.jsonl", out / "weights.png", title=f"{method}: domain weights"))
+        )
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "student_ce" in line]
         names = json.loads((out / "summary.json").read_text())["domains"]
         if recs:
@@ -34,12 +36,17 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     """Per-domain CE gap (student - teacher, nats/token) per run, with mean, worst and mean ppl ratio."""
     names = summaries[0]["domains"]
     w = max(10, max(len(n) for n in names) + 2)
-    head = f"{'method':<18}" + "".join(f"{n[:w - 1]:>{w}}" for n in names) + f"{'mean':>9}{'worst':>9}{'ppl-ratio':>11}"
+    head = (
+        f"{'method':<18}" + "".join(f"{n[: w - 1]:>{w}}" for n in names) + f"{'mean':>9}{'worst':>9}{'ppl-ratio':>11}"
+    )
     rows = [head, "-" * len(head)]
     for s in summaries:
         label = s["method"] + (f" s{s['seed']}" if len(summaries) > 1 and "seed" in s else "")
-        rows.append(f"{label:<18}" + "".join(f"{g:>{w}.4f}" for g in s["gap"])
-                    + f"{s['mean_gap']:>9.4f}{s['worst_gap']:>9.4f}{s['mean_ratio']:>11.4f}")
+        rows.append(
+            f"{label:<18}"
+            + "".join(f"{g:>{w}.4f}" for g in s["gap"])
+            + f"{s['mean_gap']:>9.4f}{s['worst_gap']:>9.4f}{s['mean_ratio']:>11.4f}"
+        )
     rows.append(f"{'teacher CE':<18}" + "".join(f"{c:>{w}.4f}" for c in summaries[0]["teacher_ce"]))
     rows.append(f"{'student CE':<18}" + "".join(f"{c:>{w}.4f}" for c in summaries[-1]["student_ce"]))
     return "\n".join(rows)

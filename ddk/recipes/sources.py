@@ -93,7 +93,9 @@ class PackageCache:
     @staticmethod
     def _apt_lists_missing() -> bool:
         lists = Path("/var/lib/apt/lists")
-        return not lists.is_dir() or not any(p.name.endswith(("_Packages", "_Packages.lz4", "_Packages.xz", "_Packages.gz")) for p in lists.iterdir())
+        return not lists.is_dir() or not any(
+            p.name.endswith(("_Packages", "_Packages.lz4", "_Packages.xz", "_Packages.gz")) for p in lists.iterdir()
+        )
 
     def _apt_update(self) -> None:
         self._updated = True
@@ -136,8 +138,9 @@ class PackageCache:
             raise DomainUnavailable(f"PyPI package {package!r} is not in the cache {self.root} (offline)")
         dl = self.root / "pypi" / "_downloads"
         dl.mkdir(parents=True, exist_ok=True)
-        res = self._run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                         "-d", str(dl), package], dl)
+        res = self._run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dl), package], dl
+        )
         norm = package.replace("-", "_").lower()
         wheels = sorted(p for p in dl.glob("*.whl") if p.name.lower().startswith(norm + "-"))
         if res.returncode != 0 or not wheels:
@@ -185,7 +188,9 @@ def _file_units(root: Path, files: list[Path], prefix: str, reader: Callable[[Pa
     return [Unit(f"{prefix}{p.relative_to(root).as_posix()}", (lambda p=p: reader(p))) for p in sorted(files)]
 
 
-def folder_units(folder: str | os.PathLike[str], *, suffixes: tuple[str, ...] | None = None, prefix: str = "") -> list[Unit]:
+def folder_units(
+    folder: str | os.PathLike[str], *, suffixes: tuple[str, ...] | None = None, prefix: str = ""
+) -> list[Unit]:
     """One unit per regular file under ``folder`` (recursively; hidden files skipped).
 
     Args:
@@ -196,9 +201,14 @@ def folder_units(folder: str | os.PathLike[str], *, suffixes: tuple[str, ...] | 
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"folder_units: folder must be an existing directory; got {str(root)!r}.")
-    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)
-             and (suffixes is None or p.name.endswith(suffixes))]
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.is_symlink()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and (suffixes is None or p.name.endswith(suffixes))
+    ]
     return _file_units(root, files, prefix)
 
 
@@ -295,7 +305,7 @@ def dictd_entries(index_path: Path, dict_path: Path) -> list[tuple[str, str]]:
         if off in seen:
             continue
         seen.add(off)
-        out.append((parts[0], raw[off:off + length].decode("utf-8", errors="replace")))
+        out.append((parts[0], raw[off : off + length].decode("utf-8", errors="replace")))
     return out
 
 
@@ -319,14 +329,23 @@ def _python_code(cache: PackageCache) -> tuple[str, list[Unit]]:
 def _go_code(cache: PackageCache) -> tuple[str, list[Unit]]:
     names = []
     if shutil.which("apt-cache"):
-        out = subprocess.run(["apt-cache", "search", "--names-only", r"^golang-1\.[0-9]+-src$"],
-                             capture_output=True, text=True, check=False).stdout
-        names = sorted({line.split()[0] for line in out.splitlines() if line.strip()},
-                       key=lambda n: [int(x) for x in re.findall(r"\d+", n)], reverse=True)
+        out = subprocess.run(
+            ["apt-cache", "search", "--names-only", r"^golang-1\.[0-9]+-src$"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        names = sorted(
+            {line.split()[0] for line in out.splitlines() if line.strip()},
+            key=lambda n: [int(x) for x in re.findall(r"\d+", n)],
+            reverse=True,
+        )
     cached = sorted(p.name for p in cache.root.glob("golang-1.*-src") if (p / ".extracted").is_file())
     pkg = cache.first_available(cached + names or ["golang-1.19-src"])
     root = cache.deb(pkg)
-    src = next(iter(sorted(root.glob("usr/share/go-*/src"))), None) or next(iter(sorted(root.glob("usr/lib/go-*/src"))), None)
+    src = next(iter(sorted(root.glob("usr/share/go-*/src"))), None) or next(
+        iter(sorted(root.glob("usr/lib/go-*/src"))), None
+    )
     if src is None:
         raise DomainUnavailable(f"{pkg} has no usr/share/go-*/src folder")
     files = [p for p in src.rglob("*.go") if p.is_file() and "testdata" not in p.relative_to(src).parts]
@@ -335,7 +354,9 @@ def _go_code(cache: PackageCache) -> tuple[str, list[Unit]]:
 
 def _tech_docs(cache: PackageCache) -> tuple[str, list[Unit]]:
     minor = sys.version_info.minor
-    candidates = [f"python3.{m}-doc" for m in range(minor, minor - 4, -1)] + [f"python3.{m}-doc" for m in range(minor + 1, minor + 4)]
+    candidates = [f"python3.{m}-doc" for m in range(minor, minor - 4, -1)] + [
+        f"python3.{m}-doc" for m in range(minor + 1, minor + 4)
+    ]
     pkg = cache.first_available(candidates)
     root = cache.deb(pkg)
     srcs = sorted(root.glob("usr/share/doc/python3*/html/_sources"))
@@ -392,7 +413,9 @@ def _dialogue(cache: PackageCache) -> tuple[str, list[Unit]]:
         lines = []
         for turn in data[cid].get("messages", []):
             for msg in turn:
-                who = speakers.setdefault(msg.get("sender", "?"), "AB"[len(speakers) % 2] if len(speakers) < 2 else f"S{len(speakers)}")
+                who = speakers.setdefault(
+                    msg.get("sender", "?"), "AB"[len(speakers) % 2] if len(speakers) < 2 else f"S{len(speakers)}"
+                )
                 lines.append(f"{who}: {msg.get('text', '')}")
         if lines:
             text = "\n".join(lines) + "\n"
@@ -403,19 +426,43 @@ def _dialogue(cache: PackageCache) -> tuple[str, list[Unit]]:
 DOMAINS: dict[str, DomainSpec] = {
     s.name: s
     for s in (
-        DomainSpec("novels", "Jane Austen's six novels (r-cran-janeaustenr, R lazy-load database); unit = chapter",
-                   "public domain texts; package MIT", _novels),
-        DomainSpec("encyclopedia", "Free On-line Dictionary of Computing (dict-foldoc, dictd); unit = entry",
-                   "GFDL-1.1+ (FOLDOC)", _encyclopedia),
+        DomainSpec(
+            "novels",
+            "Jane Austen's six novels (r-cran-janeaustenr, R lazy-load database); unit = chapter",
+            "public domain texts; package MIT",
+            _novels,
+        ),
+        DomainSpec(
+            "encyclopedia",
+            "Free On-line Dictionary of Computing (dict-foldoc, dictd); unit = entry",
+            "GFDL-1.1+ (FOLDOC)",
+            _encyclopedia,
+        ),
         DomainSpec("python", "the interpreter's own standard library (*.py); unit = file", "PSF-2.0", _python_code),
-        DomainSpec("go", "Go standard library sources (golang-*-src, *.go without testdata); unit = file",
-                   "BSD-3-Clause (Go)", _go_code),
-        DomainSpec("docs", "Python documentation reST sources (python3.X-doc html/_sources); unit = file",
-                   "PSF-2.0", _tech_docs),
+        DomainSpec(
+            "go",
+            "Go standard library sources (golang-*-src, *.go without testdata); unit = file",
+            "BSD-3-Clause (Go)",
+            _go_code,
+        ),
+        DomainSpec(
+            "docs",
+            "Python documentation reST sources (python3.X-doc html/_sources); unit = file",
+            "PSF-2.0",
+            _tech_docs,
+        ),
         DomainSpec("math", "PARI/GP TeX manuals (pari-doc); unit = file", "GPL-2+ (PARI/GP)", _math_latex),
-        DomainSpec("german", "German fortunes (fortunes-de) and Debian Reference chapters (debian-reference-de); unit = file",
-                   "GPL-2+", _german),
-        DomainSpec("dialogue", "Chit-Chat Challenge conversations (PyPI chitchat-dataset); unit = conversation",
-                   "MIT", _dialogue),
+        DomainSpec(
+            "german",
+            "German fortunes (fortunes-de) and Debian Reference chapters (debian-reference-de); unit = file",
+            "GPL-2+",
+            _german,
+        ),
+        DomainSpec(
+            "dialogue",
+            "Chit-Chat Challenge conversations (PyPI chitchat-dataset); unit = conversation",
+            "MIT",
+            _dialogue,
+        ),
     )
 }

@@ -112,14 +112,25 @@ def _step_loss(student, teacher, batch, domain_ids, num_domains, cfg, use_teache
     else:  # plain language modelling: the divergence term is switched off
         t_logits, gamma = logits.detach().reshape(n, v), 0.0
     return kd_loss(
-        logits.reshape(n, v), t_logits, targets.reshape(n), domain_ids=tok_domains,
-        num_domains=num_domains, gamma=gamma, temperature=cfg.temperature,
+        logits.reshape(n, v),
+        t_logits,
+        targets.reshape(n),
+        domain_ids=tok_domains,
+        num_domains=num_domains,
+        gamma=gamma,
+        temperature=cfg.temperature,
     )
 
 
 def pretrain(
-    train: torch.Tensor, names: list[str], cfg: SyntheticConfig, hidden: int, steps: int,
-    seed: int, desc: str, progress: bool = True,
+    train: torch.Tensor,
+    names: list[str],
+    cfg: SyntheticConfig,
+    hidden: int,
+    steps: int,
+    seed: int,
+    desc: str,
+    progress: bool = True,
 ) -> TinyLM:
     """Language-model pretraining (CE only) of a ``TinyLM`` on a uniform mixture of the domains."""
     torch.manual_seed(seed)
@@ -165,9 +176,7 @@ def distill(
     d = len(names)
     student = copy.deepcopy(base_student)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    sampler = MixtureSampler(
-        [cfg.train_seqs_per_domain] * d, cfg.batch_size, seed=cfg.seed + 2, domain_names=names
-    )
+    sampler = MixtureSampler([cfg.train_seqs_per_domain] * d, cfg.batch_size, seed=cfg.seed + 2, domain_names=names)
     mode = {"kd": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing"}[method]
     smoother = FactorSmoother(d, alpha=cfg.alpha, mode=mode)
     controller = DDKController(
@@ -195,7 +204,9 @@ def distill(
     }
 
 
-def run(cfg: SyntheticConfig = SyntheticConfig(), out_dir: str | Path = "runs/demo", progress: bool = True) -> list[dict]:
+def run(
+    cfg: SyntheticConfig = SyntheticConfig(), out_dir: str | Path = "runs/demo", progress: bool = True
+) -> list[dict]:
     """Build the data, pretrain the teacher, distill each method, write results and plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +245,8 @@ def format_table(results: list[dict], names: list[str]) -> str:
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
-            f"{r['method']:<18}" + "".join(f"{g:>10.4f}" for g in r["gap"])
+            f"{r['method']:<18}"
+            + "".join(f"{g:>10.4f}" for g in r["gap"])
             + f"{r['mean_gap']:>10.4f}{r['worst_gap']:>10.4f}"
         )
     rows.append(f"{'teacher CE':<18}" + "".join(f"{c:>10.4f}" for c in results[0]["teacher_ce"]))

@@ -16,8 +16,9 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike[str], *, vocab_size: int = 4096,
-                    min_frequency: int = 2) -> Any:
+def train_tokenizer(
+    texts: Iterable[str], out_dir: str | os.PathLike[str], *, vocab_size: int = 4096, min_frequency: int = 2
+) -> Any:
     """Train a byte-level BPE tokenizer and save it as a ``PreTrainedTokenizerFast``.
 
     Args:
@@ -34,13 +35,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike[str], *, vo
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"train_tokenizer: vocab_size must be an int >= 300 (256 bytes + merges + specials); got {vocab_size!r}.")
+        raise ValueError(
+            f"train_tokenizer: vocab_size must be an int >= 300 (256 bytes + merges + specials); got {vocab_size!r}."
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None)
@@ -61,7 +67,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
     p = Path(path)
     if not (p / "tokenizer.json").is_file():
-        raise ValueError(f"load_tokenizer: path must be a folder with tokenizer.json (from train_tokenizer); got {str(p)!r}.")
+        raise ValueError(
+            f"load_tokenizer: path must be a folder with tokenizer.json (from train_tokenizer); got {str(p)!r}."
+        )
     return PreTrainedTokenizerFast.from_pretrained(str(p))
 
 

@@ -64,8 +64,7 @@ def _validate_weights(fn: str, weights: object, num_domains: int, names: Sequenc
             raise TypeError(f"{fn}: weights must be a sequence of {num_domains} numbers; got {weights!r}.") from None
     if arr.ndim != 1 or arr.shape[0] != num_domains:
         raise ValueError(
-            f"{fn}: weights must have one entry per domain (length {num_domains}); "
-            f"got shape {tuple(arr.shape)}."
+            f"{fn}: weights must have one entry per domain (length {num_domains}); got shape {tuple(arr.shape)}."
         )
     bad = ~np.isfinite(arr)
     if bad.any():
@@ -74,7 +73,9 @@ def _validate_weights(fn: str, weights: object, num_domains: int, names: Sequenc
     neg = arr < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
-        raise ValueError(f"{fn}: weights must be non-negative; got {float(arr[i])!r} for domain {names[i]!r} (index {i}).")
+        raise ValueError(
+            f"{fn}: weights must be non-negative; got {float(arr[i])!r} for domain {names[i]!r} (index {i})."
+        )
     total = float(arr.sum())
     if not total > 0:
         raise ValueError(f"{fn}: weights must have a positive sum (at least one domain > 0); got all zeros.")
@@ -173,8 +174,11 @@ class MixtureSampler:
         if num_batches is not None and (not _is_int(num_batches) or num_batches < 0):
             raise ValueError(f"{_NAME}: num_batches must be None or an int >= 0; got {num_batches!r}.")
         self._check_rank(_NAME, rank, world_size, int(global_batch_size))
-        w = (np.full(num_domains, 1.0 / num_domains) if weights is None
-             else _validate_weights(_NAME, weights, num_domains, names))
+        w = (
+            np.full(num_domains, 1.0 / num_domains)
+            if weights is None
+            else _validate_weights(_NAME, weights, num_domains, names)
+        )
 
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._size_list: tuple[int, ...] = tuple(sizes)
@@ -221,8 +225,7 @@ class MixtureSampler:
             if not _is_int(s):
                 raise TypeError(f"{_NAME}: domain_sizes must be ints; got {s!r} at index {i}.")
             if s < 1:
-                name = (domain_names[i] if domain_names is not None and i < len(domain_names)
-                        else f"domain{i}")
+                name = domain_names[i] if domain_names is not None and i < len(domain_names) else f"domain{i}"
                 raise ValueError(
                     f"{_NAME}: domain_sizes must be >= 1 for every domain; got {s!r} for domain "
                     f"{name!r} (index {i}); drop the empty domain or give it data."
@@ -235,9 +238,7 @@ class MixtureSampler:
             return tuple(f"domain{i}" for i in range(num_domains))
         names = list(domain_names)
         if len(names) != num_domains or not all(isinstance(n, str) for n in names):
-            raise ValueError(
-                f"{_NAME}: domain_names must be {num_domains} strings (one per domain); got {names!r}."
-            )
+            raise ValueError(f"{_NAME}: domain_names must be {num_domains} strings (one per domain); got {names!r}.")
         if len(set(names)) != len(names):
             raise ValueError(f"{_NAME}: domain_names must be unique; got {names!r}.")
         return tuple(names)
@@ -390,9 +391,9 @@ class MixtureSampler:
                 key[zero] = -np.inf
             order = np.argsort(-key, kind="stable")
             n_ok = len(key) if not (any_negative or zero is not None) else int(np.count_nonzero(key > -np.inf))
-            counts[order[:min(rem, n_ok)]] += 1
+            counts[order[: min(rem, n_ok)]] += 1
             if rem > n_ok:  # only from float round-off; never reached in practice
-                self._spread(counts, order[:max(n_ok, 1)], rem - n_ok, +1)
+                self._spread(counts, order[: max(n_ok, 1)], rem - n_ok, +1)
         elif rem < 0:
             # No floor/ceil choice of non-negative counts sums to B: take the excess from the
             # domains with the smallest fractional parts (see the class docstring).
@@ -445,7 +446,7 @@ class MixtureSampler:
             size = sizes[i]
             while n > 0:
                 m = min(n, size - pos)
-                out[cursor:cursor + m] = self._perm(i, k)[pos:pos + m]
+                out[cursor : cursor + m] = self._perm(i, k)[pos : pos + m]
                 cursor += m
                 n -= m
                 pos += m
@@ -466,7 +467,12 @@ class MixtureSampler:
             wraps = new_pass - old_pass
             logger.info(
                 "%s: domain %r (%d examples) exhausted in global batch %d; reusing it cyclically from pass %d "
-                "with a fresh permutation%s.", _NAME, self._names[domain], self._size_list[domain], batch, new_pass,
+                "with a fresh permutation%s.",
+                _NAME,
+                self._names[domain],
+                self._size_list[domain],
+                batch,
+                new_pass,
                 "" if wraps == 1 else f" ({wraps} passes completed in this batch)",
             )
 
@@ -477,7 +483,7 @@ class MixtureSampler:
         when ``num_batches`` is ``None``).
         """
         while self._num_batches is None or self._batches < self._num_batches:
-            yield self.next_global_batch()[self._rank::self._world_size].tolist()
+            yield self.next_global_batch()[self._rank :: self._world_size].tolist()
 
     def __len__(self) -> int:
         """Remaining global batches (``num_batches - batches_yielded``).
@@ -530,9 +536,7 @@ class MixtureSampler:
         arr = arr.astype(np.int64, copy=False)
         if arr.size and (arr.min() < 0 or arr.max() >= self._total):
             bad = arr[(arr < 0) | (arr >= self._total)].flat[0]
-            raise ValueError(
-                f"{_NAME}.domain_of: indices must be in [0, {self._total}); got {int(bad)}."
-            )
+            raise ValueError(f"{_NAME}.domain_of: indices must be in [0, {self._total}); got {int(bad)}.")
         dom = np.searchsorted(self._bounds, arr, side="right").astype(np.int64)
         return int(dom) if scalar else dom
 
@@ -595,8 +599,7 @@ class MixtureSampler:
             "weight_log": [[i, [float(x) for x in w]] for i, w in zip(self._log_idx, self._log_w)],
         }
 
-    def load_state_dict(self, state: dict[str, Any], *, rank: int | None = None,
-                        world_size: int | None = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, rank: int | None = None, world_size: int | None = None) -> None:
         """Restore a ``state_dict()``; the continuation is then exactly the saved sampler's.
 
         The config (sizes, batch size, seed, mode, names) must match this sampler's; this
@@ -614,8 +617,9 @@ class MixtureSampler:
         """
         self._commit_state(self.check_state_dict(state, rank=rank, world_size=world_size))
 
-    def check_state_dict(self, state: dict[str, Any], *, rank: int | None = None,
-                         world_size: int | None = None, fn: str | None = None) -> dict[str, Any]:
+    def check_state_dict(
+        self, state: dict[str, Any], *, rank: int | None = None, world_size: int | None = None, fn: str | None = None
+    ) -> dict[str, Any]:
         """Validate a ``state_dict()`` for this sampler without changing anything; return it parsed.
 
         Every field is checked for type and range: ``carry`` numbers in ``[-B, B]``, ``passes`` and
@@ -642,8 +646,13 @@ class MixtureSampler:
         config = state["config"]
         if not isinstance(config, dict):
             raise ValueError(f"{fn}: config must be a dict; got {config!r}.")
-        mine = {"domain_sizes": list(self._size_list), "global_batch_size": self._B, "seed": self._seed,
-                "mode": self._mode, "domain_names": list(self._names)}
+        mine = {
+            "domain_sizes": list(self._size_list),
+            "global_batch_size": self._B,
+            "seed": self._seed,
+            "mode": self._mode,
+            "domain_names": list(self._names),
+        }
         for key, value in mine.items():
             if key not in config:
                 raise ValueError(f"{fn}: config must contain {key!r}; got keys {sorted(config)!r}.")
@@ -669,8 +678,10 @@ class MixtureSampler:
 
         carry = np.asarray(vector("carry", float), dtype=np.float64)
         if (np.abs(carry) > self._B).any():
-            raise ValueError(f"{fn}: carry must be in [-{self._B}, {self._B}] per domain (the rounding carry of the "
-                             f"apportionment, normally in (-1, 1)); got {state['carry']!r}.")
+            raise ValueError(
+                f"{fn}: carry must be in [-{self._B}, {self._B}] per domain (the rounding carry of the "
+                f"apportionment, normally in (-1, 1)); got {state['carry']!r}."
+            )
         passes = vector("passes", int)
         positions = vector("positions", int)
         if any(x < 0 for x in passes):
@@ -697,9 +708,7 @@ class MixtureSampler:
                 raise ValueError(f"{fn}: weight_log entries must be [batch_index, weights]; got {entry!r}.")
             idx, w_raw = int(entry[0]), entry[1]
             if (not log_idx and idx != 0) or (log_idx and idx <= log_idx[-1]):
-                raise ValueError(
-                    f"{fn}: weight_log indices must start at 0 and increase; got {[e[0] for e in log]!r}."
-                )
+                raise ValueError(f"{fn}: weight_log indices must start at 0 and increase; got {[e[0] for e in log]!r}.")
             try:
                 if not isinstance(w_raw, (list, tuple)) or not all(_is_number(x) for x in w_raw):
                     raise TypeError
@@ -718,8 +727,16 @@ class MixtureSampler:
                 f"got {_fmt_list(state['weights'])}."
             )
 
-        return {"rank": int(new_rank), "world_size": int(new_ws), "batches": int(batches), "carry": carry,
-                "passes": passes, "positions": positions, "log_idx": log_idx, "log_w": log_w}
+        return {
+            "rank": int(new_rank),
+            "world_size": int(new_ws),
+            "batches": int(batches),
+            "carry": carry,
+            "passes": passes,
+            "positions": positions,
+            "log_idx": log_idx,
+            "log_w": log_w,
+        }
 
     def _commit_state(self, parsed: dict[str, Any]) -> None:
         """Apply a state parsed by :meth:`check_state_dict` (cannot fail)."""
@@ -755,8 +772,13 @@ class MixtureSampler:
             if key not in config:
                 raise ValueError(f"{fn}: config must contain {key!r}; got keys {sorted(config)!r}.")
         sampler = cls(
-            config["domain_sizes"], config["global_batch_size"], seed=config["seed"], rank=rank,
-            world_size=world_size, mode=config["mode"], num_batches=config["num_batches"],
+            config["domain_sizes"],
+            config["global_batch_size"],
+            seed=config["seed"],
+            rank=rank,
+            world_size=world_size,
+            mode=config["mode"],
+            num_batches=config["num_batches"],
             domain_names=config["domain_names"],
         )
         sampler.load_state_dict(state)

@@ -50,9 +50,7 @@ def ratio_to_tensor(fn: str, ratio: Any, num_domains: int) -> torch.Tensor:
             f"floats; got {type(ratio).__name__}."
         ) from None
     if t.dim() != 1 or t.shape[0] != num_domains:
-        raise ValueError(
-            f"{fn}: ratio must have shape ({num_domains},) (one value per domain); got {tuple(t.shape)}."
-        )
+        raise ValueError(f"{fn}: ratio must have shape ({num_domains},) (one value per domain); got {tuple(t.shape)}.")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{fn}: ratio must be finite; got {t.tolist()}.")
     if not bool((t > 0).all()):
@@ -136,8 +134,7 @@ class FactorSmoother:
         """Copy of the current ``(D,)`` float64 weights (on the simplex)."""
         if self._weights is None:
             raise RuntimeError(
-                "FactorSmoother.weights: the smoother must be initialised first; "
-                "call smoother.initialize(ratio)."
+                "FactorSmoother.weights: the smoother must be initialised first; call smoother.initialize(ratio)."
             )
         return self._weights.clone()
 
@@ -229,8 +226,9 @@ class FactorSmoother:
         """Apply a state parsed by :meth:`check_state_dict` (cannot fail)."""
         self._weights, self._history = parsed
 
-    def check_state_dict(self, state: dict[str, Any], fn: str = "FactorSmoother.load_state_dict"
-                         ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
+    def check_state_dict(
+        self, state: dict[str, Any], fn: str = "FactorSmoother.load_state_dict"
+    ) -> tuple[torch.Tensor | None, list[dict[str, Any]]]:
         """Validate a ``state_dict()`` without changing anything; return ``(weights, history)``.
 
         ``weights``: ``None`` or ``num_domains`` finite numbers >= 0 summing to 1 (equal to the last
@@ -251,8 +249,11 @@ class FactorSmoother:
             )
 
         def numbers(where: str, value: Any, simplex: bool) -> list[float]:
-            ok = isinstance(value, (list, tuple)) and len(value) == d and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+            ok = (
+                isinstance(value, (list, tuple))
+                and len(value) == d
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+            )
             if ok and simplex:
                 ok = all(x >= 0 for x in value) and abs(math.fsum(value) - 1.0) <= 1e-6
             if not ok:
@@ -266,16 +267,25 @@ class FactorSmoother:
         parsed: list[dict[str, Any]] = []
         for i, h in enumerate(history):
             if not isinstance(h, dict) or h.get("kind") not in ("init", "update"):
-                raise ValueError(f"{fn}: state['history'][{i}] must be a dict with kind 'init' or 'update'; got {str(h)[:120]}.")
-            parsed.append({"kind": h["kind"], "ratio": numbers(f"state['history'][{i}]['ratio']", h.get("ratio"), False),
-                           "weights": numbers(f"state['history'][{i}]['weights']", h.get("weights"), True)})
+                raise ValueError(
+                    f"{fn}: state['history'][{i}] must be a dict with kind 'init' or 'update'; got {str(h)[:120]}."
+                )
+            parsed.append(
+                {
+                    "kind": h["kind"],
+                    "ratio": numbers(f"state['history'][{i}]['ratio']", h.get("ratio"), False),
+                    "weights": numbers(f"state['history'][{i}]['weights']", h.get("weights"), True),
+                }
+            )
         w = state["weights"]
         if w is None:
             return None, parsed
         t = torch.tensor(numbers("state['weights']", w, True), dtype=torch.float64)
         if parsed and t.tolist() != parsed[-1]["weights"]:
-            raise ValueError(f"{fn}: state['weights'] must equal the last history entry's weights "
-                             f"{parsed[-1]['weights']}; got {w!r}.")
+            raise ValueError(
+                f"{fn}: state['weights'] must equal the last history entry's weights "
+                f"{parsed[-1]['weights']}; got {w!r}."
+            )
         return t, parsed
 
     def __repr__(self) -> str:

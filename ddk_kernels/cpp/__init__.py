@@ -20,7 +20,13 @@ from ddk_kernels.autograd import backward_rows, forward_rows
 from ddk_kernels.types import KDConfig, RowKernels, acc_dtype
 
 __all__ = [
-    "ROW_KERNELS", "KDLossCppFunction", "is_available", "kd_backward", "kd_forward", "load_extension", "row_losses",
+    "ROW_KERNELS",
+    "KDLossCppFunction",
+    "is_available",
+    "kd_backward",
+    "kd_forward",
+    "load_extension",
+    "row_losses",
 ]
 
 _state: dict[str, Any] = {"loaded": None, "reason": ""}
@@ -35,7 +41,7 @@ def load_extension() -> tuple[bool, str]:
     if _state["loaded"] is None:
         try:
             importlib.import_module("ddk_kernels._C")
-        except Exception as exc:  # noqa: BLE001 - ImportError, OSError (bad .so), undefined symbols
+        except Exception as exc:
             _state["loaded"] = False
             _state["reason"] = (
                 f"the compiled extension ddk_kernels._C is not importable ({exc}); "
@@ -109,8 +115,16 @@ def kd_backward(
 ) -> torch.Tensor:
     """``(N, V)`` gradient w.r.t. ``student`` in its dtype, of ``sum(grad_ce * ce + grad_kd * kd)``."""
     return torch.ops.ddk.kd_bwd(
-        student, teacher, labels, stats, grad_ce, grad_kd,
-        float(config.temperature), config.code, float(config.beta), int(config.ignore_index),
+        student,
+        teacher,
+        labels,
+        stats,
+        grad_ce,
+        grad_kd,
+        float(config.temperature),
+        config.code,
+        float(config.beta),
+        int(config.ignore_index),
     )
 
 

@@ -34,4 +34,3 @@ def is_available(device: torch.device | str) -> tuple[bool, str]:
             return True, ""
         return False, "on CPU only under TRITON_INTERPRET=1 (Triton's interpreter, for tests)"
     return False, f"device type {device.type!r} is not supported (CUDA only)"
-

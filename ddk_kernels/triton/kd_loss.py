@@ -67,8 +67,15 @@ def _log_mix(log_p, log_q, log_beta, log_1m_beta):
 
 @triton.jit
 def _kd_fwd_kernel(
-    zs_ptr, zt_ptr, labels_ptr, ce_ptr, kd_ptr, stats_ptr,
-    V, stride_s, stride_t,
+    zs_ptr,
+    zt_ptr,
+    labels_ptr,
+    ce_ptr,
+    kd_ptr,
+    stats_ptr,
+    V,
+    stride_s,
+    stride_t,
     par_ptr,  # [1/T, log beta, log(1 - beta), beta, 1 - beta] in ACC (scalar args would be float32)
     ignore_index,
     DIV: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
@@ -195,8 +202,17 @@ def _kd_fwd_kernel(
 
 @triton.jit
 def _kd_bwd_kernel(
-    zs_ptr, zt_ptr, labels_ptr, stats_ptr, gce_ptr, gkd_ptr, grad_ptr,
-    V, stride_s, stride_t, stride_g,
+    zs_ptr,
+    zt_ptr,
+    labels_ptr,
+    stats_ptr,
+    gce_ptr,
+    gkd_ptr,
+    grad_ptr,
+    V,
+    stride_s,
+    stride_t,
+    stride_g,
     par_ptr,  # as in _kd_fwd_kernel
     ignore_index,
     DIV: tl.constexpr,
@@ -324,8 +340,15 @@ def kd_forward_triton(
         return ce, kd, stats
     bv = _block_v(vocab, block_v)
     _kd_fwd_kernel[(n,)](
-        zs, zt, labels, ce, kd, stats,
-        vocab, zs.stride(0), zt.stride(0),
+        zs,
+        zt,
+        labels,
+        ce,
+        kd,
+        stats,
+        vocab,
+        zs.stride(0),
+        zt.stride(0),
         _scalar_params(config, acc, zs.device),
         int(config.ignore_index),
         DIV=config.code,
@@ -368,9 +391,17 @@ def kd_backward_triton(
         return grad
     bv = _block_v(vocab, block_v)
     _kd_bwd_kernel[(n,)](
-        zs, zt, labels, stats.to(torch.float64).contiguous(), grad_ce.to(acc).contiguous(),
-        grad_kd.to(acc).contiguous(), grad,
-        vocab, zs.stride(0), zt.stride(0), grad.stride(0),
+        zs,
+        zt,
+        labels,
+        stats.to(torch.float64).contiguous(),
+        grad_ce.to(acc).contiguous(),
+        grad_kd.to(acc).contiguous(),
+        grad,
+        vocab,
+        zs.stride(0),
+        zt.stride(0),
+        grad.stride(0),
         _scalar_params(config, acc, zs.device),
         int(config.ignore_index),
         DIV=config.code,
@@ -387,7 +418,11 @@ class KDLossTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig,
+        ctx: Any,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor,
+        config: KDConfig,
         block_v: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_rows(ctx, kd_forward_triton, student, teacher, labels, config, block_v)

@@ -189,8 +189,10 @@ def test_check_fused_catches_a_wrong_gradient(monkeypatch):
 def test_liger_step_same_loss_as_naive_and_reports_missing(monkeypatch):
     pytest.importorskip("liger_kernel")
     x = kd_bench.fused_inputs(40, 32, 48, 300, 307, torch.float32, False, 0.2, seed=0, device="cpu")
-    for opts in (dict(gamma=0.2, temperature=1.0, divergence="forward_kl", beta=0.5),
-                 dict(gamma=0.3, temperature=2.0, divergence="jsd", beta=0.3)):
+    for opts in (
+        dict(gamma=0.2, temperature=1.0, divergence="forward_kl", beta=0.5),
+        dict(gamma=0.3, temperature=2.0, divergence="jsd", beta=0.3),
+    ):
         naive, _ = kd_bench.make_fused_step("naive", opts)
         liger, why = kd_bench.make_fused_step("liger_eager", opts)
         assert liger is not None, why
@@ -199,7 +201,9 @@ def test_liger_step_same_loss_as_naive_and_reports_missing(monkeypatch):
         for a, b in zip(ng, lg):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)  # import now fails
-    step, why = kd_bench.make_fused_step("liger", {"gamma": 0.2, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5})
+    step, why = kd_bench.make_fused_step(
+        "liger", {"gamma": 0.2, "temperature": 1.0, "divergence": "forward_kl", "beta": 0.5}
+    )
     assert step is None and why.startswith("not installed")
 
 
@@ -210,7 +214,7 @@ class _FakeEvent:
     def record(self) -> None:
         self.t = time.perf_counter()
 
-    def elapsed_time(self, other: "_FakeEvent") -> float:
+    def elapsed_time(self, other: _FakeEvent) -> float:
         return (other.t - self.t) * 1e3
 
 
@@ -218,9 +222,14 @@ class _FakeEvent:
 def fake_cuda(monkeypatch):  # type: ignore[no-untyped-def]
     """The torch.cuda calls of the fused part replaced by stand-ins; inputs and checks on CPU."""
     for name, value in {
-        "is_available": lambda: True, "get_device_name": lambda *a: "fake", "synchronize": lambda *a: None,
-        "empty_cache": lambda: None, "reset_peak_memory_stats": lambda *a: None,
-        "memory_allocated": lambda *a: 0, "max_memory_allocated": lambda *a: 3 * 2**20, "Event": _FakeEvent,
+        "is_available": lambda: True,
+        "get_device_name": lambda *a: "fake",
+        "synchronize": lambda *a: None,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda *a: None,
+        "memory_allocated": lambda *a: 0,
+        "max_memory_allocated": lambda *a: 3 * 2**20,
+        "Event": _FakeEvent,
     }.items():
         monkeypatch.setattr(torch.cuda, name, value)
     monkeypatch.setattr(kd_bench.dispatch, "available_backends", lambda dev: {"fake": True})
@@ -230,8 +239,23 @@ def fake_cuda(monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(kd_bench, "measure_matmul_rate", lambda: 1e12)
 
 
-_TINY_ARGS = ["--fused-only", "--fused-n", "64", "--fused-hs", "32", "--fused-ht", "48", "--fused-v", "300",
-              "--fused-teacher-v", "307", "--fused-probe-n", "16", "--fused-reps", "2"]
+_TINY_ARGS = [
+    "--fused-only",
+    "--fused-n",
+    "64",
+    "--fused-hs",
+    "32",
+    "--fused-ht",
+    "48",
+    "--fused-v",
+    "300",
+    "--fused-teacher-v",
+    "307",
+    "--fused-probe-n",
+    "16",
+    "--fused-reps",
+    "2",
+]
 
 
 def test_main_fused_only_flow_on_cpu_with_fake_cuda(fake_cuda, tmp_path, capsys):
@@ -253,14 +277,18 @@ def test_main_fused_only_flow_on_cpu_with_fake_cuda(fake_cuda, tmp_path, capsys)
     assert rows["nope"]["note"].startswith("unknown variant")
     assert data["fused_shape"]["flops"] == kd_bench.fused_flops(64, 300, 32, 48)
     assert data["fused_floor_ms"] == pytest.approx(kd_bench.fused_flops(64, 300, 32, 48) / 1e12 * 1e3)
-    table = text[text.index("== fused lm_head + KD forward+backward"):]
+    table = text[text.index("== fused lm_head + KD forward+backward") :]
     assert "chunked" in table and table.rstrip().splitlines()[-1].startswith("floor")
 
 
 def test_time_fused_variant_skips_and_reports_oom(monkeypatch):
     for name, value in {
-        "synchronize": lambda *a: None, "empty_cache": lambda: None, "reset_peak_memory_stats": lambda *a: None,
-        "memory_allocated": lambda *a: 0, "max_memory_allocated": lambda *a: 5 * 2**20, "Event": _FakeEvent,
+        "synchronize": lambda *a: None,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda *a: None,
+        "memory_allocated": lambda *a: 0,
+        "max_memory_allocated": lambda *a: 5 * 2**20,
+        "Event": _FakeEvent,
     }.items():
         monkeypatch.setattr(torch.cuda, name, value)
     x = kd_bench.fused_inputs(64, 8, 8, 50, 50, torch.float32, False, 0.0, seed=0, device="cpu")
@@ -269,8 +297,9 @@ def test_time_fused_variant_skips_and_reports_oom(monkeypatch):
         time.sleep(0.02)
         return torch.zeros(()), ()
 
-    row = kd_bench.time_fused_variant("slow", slow, x, probe_n=8, reps=3, loop_s=10.0, max_step_s=0.05,
-                                      deadline=time.perf_counter() + 100)
+    row = kd_bench.time_fused_variant(
+        "slow", slow, x, probe_n=8, reps=3, loop_s=10.0, max_step_s=0.05, deadline=time.perf_counter() + 100
+    )
     assert row.ms is None and row.probe_ms and row.note.startswith("skipped: projected")
 
     def oom(xx):  # type: ignore[no-untyped-def]
@@ -278,8 +307,9 @@ def test_time_fused_variant_skips_and_reports_oom(monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.64 GiB")
         return torch.zeros(()), ()
 
-    row = kd_bench.time_fused_variant("naive", oom, x, probe_n=8, reps=3, loop_s=10.0, max_step_s=10.0,
-                                      deadline=time.perf_counter() + 100)
+    row = kd_bench.time_fused_variant(
+        "naive", oom, x, probe_n=8, reps=3, loop_s=10.0, max_step_s=10.0, deadline=time.perf_counter() + 100
+    )
     assert row.ms is None and row.peak_mib is None and row.note.startswith("OOM (>= 5 MiB")
 
 

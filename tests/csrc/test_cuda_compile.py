@@ -55,12 +55,22 @@ def test_cuda_binding_compiles_against_the_shared_checks_header(tmp_path: Path) 
     if cxx is None or not (Path(cuda_home) / "include" / "cuda_runtime.h").is_file():
         pytest.skip("needs a C++ compiler and the CUDA runtime headers")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for p in cpp_extension.include_paths()):
+    if not any(
+        (Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for p in cpp_extension.include_paths()
+    ):
         stub = tmp_path / "c10" / "cuda" / "impl"
         stub.mkdir(parents=True)
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
         includes.insert(0, f"-I{tmp_path}")
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-DDDK_WITH_CUDA", *includes, f"-I{Path(cuda_home) / 'include'}",
-           str(ROOT / "csrc" / "cuda" / "binding_cuda.cpp")]
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-fsyntax-only",
+        "-w",
+        "-DDDK_WITH_CUDA",
+        *includes,
+        f"-I{Path(cuda_home) / 'include'}",
+        str(ROOT / "csrc" / "cuda" / "binding_cuda.cpp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kd_cases import assert_close_error_relative, oracle_grad, oracle_rows, realistic_logits
 
 from ddk_kernels.reference import kd_row_losses_reference
 from ddk_kernels.types import KDConfig
-from kd_cases import assert_close_error_relative, oracle_grad, oracle_rows, realistic_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 EMU = Path(__file__).resolve().parent / "cuda_emu"
@@ -47,10 +47,24 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h) to emulate the CUDA kernels")
     out = tmp_path_factory.mktemp("cuda_emu") / "harness"
     cmd = [
-        cxx, "-std=c++20", "-O1", "-pthread", "-w", "-DDDK_KD_THREADS=128",
-        f"-I{inc}", f"-I{ROOT / 'csrc' / 'cuda'}", "-include", str(EMU / "emu.h"),
-        "-x", "c++", str(ROOT / "csrc" / "cuda" / "kd_loss_cuda.cu"),
-        "-x", "c++", str(EMU / "harness.cpp"), "-o", str(out),
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-pthread",
+        "-w",
+        "-DDDK_KD_THREADS=128",
+        f"-I{inc}",
+        f"-I{ROOT / 'csrc' / 'cuda'}",
+        "-include",
+        str(EMU / "emu.h"),
+        "-x",
+        "c++",
+        str(ROOT / "csrc" / "cuda" / "kd_loss_cuda.cu"),
+        "-x",
+        "c++",
+        str(EMU / "harness.cpp"),
+        "-o",
+        str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
@@ -67,14 +81,30 @@ def _read(path: Path, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tenso
     return torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).reshape(shape)
 
 
-def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int = 0, student_pad: int = 0,
-              divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-              ignore_index: int = -100, seed: int = 0, std: float = 4.0, all_masked: bool = False,
-              k_grad: float = 3.0, atol_grad: float | None = None) -> None:
+def _run_case(
+    harness: Path,
+    tmp: Path,
+    dt: str,
+    n: int,
+    v: int,
+    *,
+    extra: int = 0,
+    student_pad: int = 0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    seed: int = 0,
+    std: float = 4.0,
+    all_masked: bool = False,
+    k_grad: float = 3.0,
+    atol_grad: float | None = None,
+) -> None:
     dtype = DTYPES[dt]
     cfg = KDConfig(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index)
-    zs, zt, labels = realistic_logits(n, v, seed=seed, std=std, dtype=dtype, teacher_extra_cols=extra,
-                                      ignore_index=ignore_index)
+    zs, zt, labels = realistic_logits(
+        n, v, seed=seed, std=std, dtype=dtype, teacher_extra_cols=extra, ignore_index=ignore_index
+    )
     if all_masked:
         labels[:] = ignore_index
     elif n > 2:
@@ -88,8 +118,19 @@ def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int =
     stored = torch.cat([zs, torch.full((n, student_pad), 1e3).to(dtype)], 1) if student_pad else zs
     for name, t in (("zs", stored), ("zt", zt), ("lab", labels), ("gce", grad_ce.to(acc)), ("gkd", grad_kd.to(acc))):
         _write(tmp / f"{name}.bin", t)
-    cmd = [str(harness), dt, str(n), str(v), str(v + student_pad), str(v + extra), repr(temperature),
-           str(CODES[divergence]), repr(beta), str(ignore_index), str(tmp)]
+    cmd = [
+        str(harness),
+        dt,
+        str(n),
+        str(v),
+        str(v + student_pad),
+        str(v + extra),
+        repr(temperature),
+        str(CODES[divergence]),
+        repr(beta),
+        str(ignore_index),
+        str(tmp),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ce, kd = _read(tmp / "ce.out", acc, (n,)), _read(tmp / "kd.out", acc, (n,))
@@ -107,7 +148,9 @@ def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int =
     atol = 1e-10 if dtype == torch.float64 else 2e-5
     assert_close_error_relative(ce, o_ce, naive[0], k=2, atol=atol, what="ce")
     assert_close_error_relative(kd, o_kd, naive[1], k=2, atol=atol, what="kd")
-    assert_close_error_relative(grad, o_grad, naive[2], k=k_grad, atol=atol if atol_grad is None else atol_grad, what="grad")
+    assert_close_error_relative(
+        grad, o_grad, naive[2], k=k_grad, atol=atol if atol_grad is None else atol_grad, what="grad"
+    )
     ignored = labels == ignore_index
     assert torch.all(ce[ignored] == 0) and torch.all(kd[ignored] == 0) and torch.all(grad[ignored] == 0)
     assert torch.all(stats[ignored] == 0)
@@ -120,7 +163,9 @@ def _run_case(harness: Path, tmp: Path, dt: str, n: int, v: int, *, extra: int =
     torch.testing.assert_close(stats[valid, 2].double(), torch.logsumexp(z64, -1), **tol)
 
 
-@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)])
+@pytest.mark.parametrize(
+    "divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
+)
 def test_kd_cuda_emulated_divergences_float32(harness, tmp_path, divergence, beta):
     # V = 1037 over 128 threads: several loop trips per thread, odd tail; teacher row stride 1040.
     _run_case(harness, tmp_path, "f32", 5, 1037, extra=3, divergence=divergence, beta=beta, temperature=2.0, seed=1)
@@ -134,8 +179,9 @@ def test_kd_cuda_emulated_temperatures_float32(harness, tmp_path, temperature, d
 @pytest.mark.parametrize("vocab,divergence", [(4096, "forward_kl"), (4096, "jsd"), (1001, "reverse_kl")])
 def test_kd_cuda_emulated_bfloat16_vector_and_scalar_paths(harness, tmp_path, vocab, divergence):
     # 4096 (row strides multiples of 8): 16-byte loads; 1001: rows unaligned, scalar loads.
-    _run_case(harness, tmp_path, "bf16", 4, vocab, extra=8 if vocab % 8 == 0 else 3, divergence=divergence,
-              seed=3, std=10.0)
+    _run_case(
+        harness, tmp_path, "bf16", 4, vocab, extra=8 if vocab % 8 == 0 else 3, divergence=divergence, seed=3, std=10.0
+    )
 
 
 def test_kd_cuda_emulated_float16_and_float64(harness, tmp_path):
@@ -155,5 +201,16 @@ def test_kd_cuda_emulated_reverse_kl_peaked_rows_gradient(harness, tmp_path, see
     """T = 0.5, logits of std 15 with peaked rows (|lse| ~ 100+, KL tens of nats): float64 row
     statistics and E_q[(zS - zT)/T] in double keep the float32 gradient within 2x the naive
     float32 path's error, with no absolute slack (tests/ddk_kernels/test_stats_precision.py)."""
-    _run_case(harness, tmp_path, "f32", 37, 1000, divergence="reverse_kl", temperature=0.5, seed=seed, std=15.0,
-              k_grad=2.0, atol_grad=0.0)
+    _run_case(
+        harness,
+        tmp_path,
+        "f32",
+        37,
+        1000,
+        divergence="reverse_kl",
+        temperature=0.5,
+        seed=seed,
+        std=15.0,
+        k_grad=2.0,
+        atol_grad=0.0,
+    )

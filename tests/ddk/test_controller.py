@@ -33,17 +33,26 @@ class TinyLM(nn.Module):
 
 def _val() -> dict[str, list[dict[str, torch.Tensor]]]:
     g = torch.Generator().manual_seed(0)
-    return {n: [{"input_ids": torch.randint(0, VOCAB, (2, 6), generator=g)} for _ in range(1 + i)] for i, n in enumerate(NAMES)}
+    return {
+        n: [{"input_ids": torch.randint(0, VOCAB, (2, 6), generator=g)} for _ in range(1 + i)]
+        for i, n in enumerate(NAMES)
+    }
 
 
-def _make(tmp_path: Path | None = None, *, online: bool = False, interval: int = 5, teacher: bool = True, seed: int = 0):
+def _make(
+    tmp_path: Path | None = None, *, online: bool = False, interval: int = 5, teacher: bool = True, seed: int = 0
+):
     est = DiscrepancyEstimator(_val(), progress=False)
     if teacher:
         est.compute_teacher(TinyLM(100))
     sampler = MixtureSampler([30, 40, 50], 8, seed=seed, domain_names=NAMES)
     ctl = DDKController(
-        est, FactorSmoother(3, alpha=0.5), sampler, interval=interval,
-        log_path=None if tmp_path is None else tmp_path / "logs" / "ddk.jsonl", online=online,
+        est,
+        FactorSmoother(3, alpha=0.5),
+        sampler,
+        interval=interval,
+        log_path=None if tmp_path is None else tmp_path / "logs" / "ddk.jsonl",
+        online=online,
     )
     return ctl, est, sampler
 
@@ -98,7 +107,18 @@ def test_controller_step_end_updates_every_interval(tmp_path: Path) -> None:
     assert [r["event"] for r in recs] == ["init", "update", "update", "update"]
     assert [r["step"] for r in recs] == [0, 3, 6, 9]
     assert [r["batch"] for r in recs] == [0, 3, 6, 9]
-    assert set(recs[1]) == {"event", "step", "batch", "domain_names", "weights", "ratio", "student_ce", "teacher_ce", "tokens", "time"}
+    assert set(recs[1]) == {
+        "event",
+        "step",
+        "batch",
+        "domain_names",
+        "weights",
+        "ratio",
+        "student_ce",
+        "teacher_ce",
+        "tokens",
+        "time",
+    }
     assert recs == json.loads(json.dumps(ctl.records))
 
 
@@ -108,18 +128,26 @@ def test_controller_online_mode_uses_observed_batches() -> None:
     teacher_ce = est.teacher_ce
     z = torch.zeros(())
     for _ in range(2):
-        ctl.observe(KDLossOutput(
-            loss=z, ce_sum=z, kd_sum=z, num_tokens=torch.tensor(6),
-            domain_ce_sum=torch.tensor([6.0, 2.0, 0.0]), domain_kd_sum=torch.zeros(3),
-            domain_tokens=torch.tensor([2, 2, 0]),
-        ))
+        ctl.observe(
+            KDLossOutput(
+                loss=z,
+                ce_sum=z,
+                kd_sum=z,
+                num_tokens=torch.tensor(6),
+                domain_ce_sum=torch.tensor([6.0, 2.0, 0.0]),
+                domain_kd_sum=torch.zeros(3),
+                domain_tokens=torch.tensor([2, 2, 0]),
+            )
+        )
     assert ctl.step_end(1) is None
     ctl.step_end(2)
     rec = ctl.records[-1]
     assert rec["tokens"] == [4, 4, 0]
     assert rec["student_ce"][:2] == pytest.approx([3.0, 1.0])
     assert rec["teacher_ce"] == pytest.approx(teacher_ce.tolist())
-    assert rec["student_ce"][2] == pytest.approx(ctl.records[0]["student_ce"][2])  # unobserved: keeps the start estimate
+    assert rec["student_ce"][2] == pytest.approx(
+        ctl.records[0]["student_ce"][2]
+    )  # unobserved: keeps the start estimate
 
 
 def test_controller_state_dict_resume_continues_identically(tmp_path: Path) -> None:
@@ -158,46 +186,70 @@ def test_controller_state_dict_at_batch() -> None:
 
 def test_controller_start_without_teacher_raises() -> None:
     ctl, _, _ = _make(teacher=False)
-    with pytest.raises(RuntimeError, match=r"DDKController.start: the estimator must have the teacher CE; call estimator.compute_teacher\(teacher\) first"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"DDKController.start: the estimator must have the teacher CE; call estimator.compute_teacher\(teacher\) first",
+    ):
         ctl.start(TinyLM(1))
 
 
 def test_controller_step_end_errors() -> None:
     ctl, _, _ = _make()
-    with pytest.raises(RuntimeError, match=r"DDKController.step_end: the controller must be started first; call controller.start\(student\)\."):
+    with pytest.raises(
+        RuntimeError,
+        match=r"DDKController.step_end: the controller must be started first; call controller.start\(student\)\.",
+    ):
         ctl.step_end(5, TinyLM(1))
     ctl.start(TinyLM(1))
     with pytest.raises(ValueError, match=r"DDKController.step_end: global_step must be an int >= 0; got -1\."):
         ctl.step_end(-1, TinyLM(1))
-    with pytest.raises(ValueError, match=r"DDKController.step_end: student must be given unless online=True; got None\."):
+    with pytest.raises(
+        ValueError, match=r"DDKController.step_end: student must be given unless online=True; got None\."
+    ):
         ctl.step_end(5)
 
 
 @pytest.mark.parametrize("interval", [0, -3, 2.5, "10", True])
 def test_controller_bad_interval_raises(interval) -> None:
     est = DiscrepancyEstimator(_val(), progress=False)
-    with pytest.raises(ValueError, match=r"DDKController: interval must be an int >= 1 \(optimizer steps between updates; paper: 1000\); got "):
+    with pytest.raises(
+        ValueError,
+        match=r"DDKController: interval must be an int >= 1 \(optimizer steps between updates; paper: 1000\); got ",
+    ):
         DDKController(est, FactorSmoother(3), MixtureSampler([3, 3, 3], 4), interval=interval)
 
 
 def test_controller_mismatched_parts_raise() -> None:
     est = DiscrepancyEstimator(_val(), progress=False)
-    with pytest.raises(ValueError, match=r"DDKController: smoother.num_domains must equal the estimator's 3 domains; got 2\."):
+    with pytest.raises(
+        ValueError, match=r"DDKController: smoother.num_domains must equal the estimator's 3 domains; got 2\."
+    ):
         DDKController(est, FactorSmoother(2), MixtureSampler([3, 3, 3], 4))
-    with pytest.raises(ValueError, match=r"DDKController: sampler.num_domains must equal the estimator's 3 domains; got 4\."):
+    with pytest.raises(
+        ValueError, match=r"DDKController: sampler.num_domains must equal the estimator's 3 domains; got 4\."
+    ):
         DDKController(est, FactorSmoother(3), MixtureSampler([3, 3, 3, 3], 4))
-    with pytest.raises(ValueError, match=r"DDKController: sampler.domain_names must equal the estimator's \['code', 'law', 'web'\] \(same order\); got \['web', 'law', 'code'\]\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DDKController: sampler.domain_names must equal the estimator's \['code', 'law', 'web'\] \(same order\); got \['web', 'law', 'code'\]\.",
+    ):
         DDKController(est, FactorSmoother(3), MixtureSampler([3, 3, 3], 4, domain_names=["web", "law", "code"]))
     with pytest.raises(TypeError, match=r"DDKController: estimator must be a DiscrepancyEstimator; got dict\."):
         DDKController({}, FactorSmoother(3), MixtureSampler([3, 3, 3], 4))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"DDKController: sampler must be a MixtureSampler \(with \['set_weights', 'state_dict', 'load_state_dict'\]\); got list\."):
+    with pytest.raises(
+        TypeError,
+        match=r"DDKController: sampler must be a MixtureSampler \(with \['set_weights', 'state_dict', 'load_state_dict'\]\); got list\.",
+    ):
         DDKController(est, FactorSmoother(3), [])
     DDKController(est, FactorSmoother(3), MixtureSampler([3, 3, 3], 4))  # default sampler names are accepted
 
 
 def test_controller_load_state_dict_bad_state_raises() -> None:
     ctl, _, _ = _make()
-    with pytest.raises(TypeError, match=r"DDKController.load_state_dict: state must be a dict from DDKController.state_dict\(\) with keys controller, estimator, smoother, sampler; got \['weights'\]\."):
+    with pytest.raises(
+        TypeError,
+        match=r"DDKController.load_state_dict: state must be a dict from DDKController.state_dict\(\) with keys controller, estimator, smoother, sampler; got \['weights'\]\.",
+    ):
         ctl.load_state_dict({"weights": []})
 
 

@@ -7,16 +7,15 @@ and ``ddk distill`` under torchrun in tests/ddk/recipes/test_distributed_distill
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_workers import free_port, run_workers
 
 import ddk
-from gloo_workers import free_port, run_workers
 from ddk.integrations import (
     all_reduce_sum_,
     barrier,
@@ -32,7 +31,6 @@ from ddk.integrations import (
     tensor_checksum,
     unsharded,
 )
-
 
 
 def test_distributed_helpers_without_process_group() -> None:
@@ -92,9 +90,13 @@ def test_distributed_helpers_reject_bad_inputs() -> None:
         tensor_checksum([[1.0]])  # type: ignore[list-item]
     with pytest.raises(TypeError, match=r"check_same_across_ranks: checksums must map names to ints; got"):
         check_same_across_ranks({"w": 1.5}, where="x")  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match=r"global_token_normalizer: num_valid must be a one-element tensor .*; got \(2,\)\."):
+    with pytest.raises(
+        TypeError, match=r"global_token_normalizer: num_valid must be a one-element tensor .*; got \(2,\)\."
+    ):
         global_token_normalizer(torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match=r"init_from_env: backend must be one of \('auto', 'gloo', 'nccl'\); got 'mpi'\."):
+    with pytest.raises(
+        ValueError, match=r"init_from_env: backend must be one of \('auto', 'gloo', 'nccl'\); got 'mpi'\."
+    ):
         init_from_env("mpi")
 
 

@@ -35,7 +35,7 @@ def test_atomic_write_text_with_concurrent_writers_never_tears(tmp_path: Path) -
         try:
             for _ in range(40):
                 atomic_write_text(p, text)
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        except BaseException as exc:
             errors.append(exc)
 
     def read() -> None:
@@ -62,8 +62,14 @@ def test_safe_name_and_child_path_keep_paths_inside_their_folder(tmp_path: Path)
     from ddk._io import child_path, safe_name
 
     assert safe_name("f", "domain", "wiki de-1.x") == "wiki de-1.x"
-    for bad, why in [("a/x", "not contain '/'"), ("..", "not be '.' or '..'"), (".x", "not start with '.'"),
-                     ("a\\b", "not contain '\\\\'"), ("", "be a non-empty string"), ("a\nb", "not contain control")]:
+    for bad, why in [
+        ("a/x", "not contain '/'"),
+        ("..", "not be '.' or '..'"),
+        (".x", "not start with '.'"),
+        ("a\\b", "not contain '\\\\'"),
+        ("", "be a non-empty string"),
+        ("a\nb", "not contain control"),
+    ]:
         with pytest.raises(ValueError, match="^" + re.escape(f"f: domain must {why}")):
             safe_name("f", "domain", bad)
     (tmp_path / "link").symlink_to(tmp_path.parent)

@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_import_ddk_loads_no_application_module_and_no_optional_dependency() -> None:
-    code = ("import sys, ddk; print(sorted(m for m in sys.modules if m.startswith('ddk.recipes') or "
-            "m.split('.')[0] in ('transformers', 'datasets', 'triton', 'matplotlib', 'yaml')))")
+    code = (
+        "import sys, ddk; print(sorted(m for m in sys.modules if m.startswith('ddk.recipes') or "
+        "m.split('.')[0] in ('transformers', 'datasets', 'triton', 'matplotlib', 'yaml')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -25,8 +27,11 @@ def test_no_library_module_imports_the_application() -> None:
             if "recipes" in path.relative_to(ROOT).parts:
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                )
                 offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith("ddk.recipes")]
     assert offenders == []
 

@@ -82,7 +82,9 @@ def test_cpp_torch_compile_traces_the_ops() -> None:
 def test_cpp_op_rejects_bad_inputs() -> None:
     zs, zt, labels = realistic_logits(3, 10, masked_fraction=0.0)
     zt = zt[:, :10]
-    with pytest.raises(RuntimeError, match=r"divergence must be 0 \(forward KL\), 1 \(reverse KL\) or 2 \(JSD\); got 5"):
+    with pytest.raises(
+        RuntimeError, match=r"divergence must be 0 \(forward KL\), 1 \(reverse KL\) or 2 \(JSD\); got 5"
+    ):
         torch.ops.ddk.kd_fwd(zs, zt, labels, 1.0, 5, 0.5, -100)
     with pytest.raises(RuntimeError, match=r"beta must be in \[0, 1\]; got 1.5"):
         torch.ops.ddk.kd_fwd(zs, zt, labels, 1.0, 2, 1.5, -100)

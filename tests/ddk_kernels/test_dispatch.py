@@ -44,14 +44,19 @@ def test_dispatch_row_kernels_have_explicit_backend_named_functions() -> None:
             continue
         rows = dispatch.resolve("kd_rows", name, "cpu")
         module = inspect.getmodule(rows.row_losses)
-        functions = [c for _, c in inspect.getmembers(module, inspect.isclass)
-                     if issubclass(c, torch.autograd.Function) and c.__module__ == module.__name__]
+        functions = [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, torch.autograd.Function) and c.__module__ == module.__name__
+        ]
         assert [c.__name__ for c in functions] == [f"KDLoss{name.capitalize()}Function"], name
         names[name] = functions[0]
     assert "chunked" in names
 
 
-@pytest.mark.parametrize(("device", "op", "want"), [("cpu", "fused_linear_kd", "chunked"), ("meta", "kd_rows", "chunked")])
+@pytest.mark.parametrize(
+    ("device", "op", "want"), [("cpu", "fused_linear_kd", "chunked"), ("meta", "kd_rows", "chunked")]
+)
 def test_dispatch_auto_follows_the_device_order(device: str, op: dispatch.Op, want: str) -> None:
     assert dispatch.resolve_backend("auto", device, op) == want
 
@@ -82,9 +87,13 @@ def test_dispatch_fused_gemm_gets_the_row_kernels_kd_loss_gets(monkeypatch: pyte
     h, w = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, -100])
     teacher = TeacherInputs(logits=torch.randn(5, 7, dtype=torch.float64))
-    gemm, _, _ = fused_linear_kd(h, w, labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("gemm", 2, 7)))
+    gemm, _, _ = fused_linear_kd(
+        h, w, labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("gemm", 2, 7))
+    )
     monkeypatch.delenv("DDK_BACKEND")
-    tc, _, _ = fused_linear_kd(h, w, labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("gemm", 2, 7)))
+    tc, _, _ = fused_linear_kd(
+        h, w, labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("gemm", 2, 7))
+    )
     assert seen == [("kd_rows", "auto"), ("kd_rows", "auto")]
     torch.testing.assert_close(gemm, tc, rtol=1e-10, atol=1e-12)  # the oracle's launchers, then cpp/chunked
 
@@ -99,25 +108,42 @@ def test_dispatch_ddk_backend_steers_auto_for_the_ops_that_have_it(monkeypatch: 
     monkeypatch.setenv("DDK_BACKEND", "auto")
     assert dispatch.resolve_backend("auto", "cpu", "fused_linear_kd") == "chunked"
     monkeypatch.setenv("DDK_BACKEND", "nope")
-    with pytest.raises(ValueError, match=r"^kd_loss: backend must be one of \('auto', 'reference', 'chunked', 'cpp', 'triton'\); got 'nope' \(from DDK_BACKEND\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^kd_loss: backend must be one of \('auto', 'reference', 'chunked', 'cpp', 'triton'\); got 'nope' \(from DDK_BACKEND\)\.$",
+    ):
         dispatch.resolve_backend("auto", "cpu")
 
 
 def test_dispatch_ddk_backend_that_cannot_run_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DDK_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match=r"^kd_loss: backend 'triton' cannot run on cpu: on CPU only under TRITON_INTERPRET=1"):
+    with pytest.raises(
+        RuntimeError, match=r"^kd_loss: backend 'triton' cannot run on cpu: on CPU only under TRITON_INTERPRET=1"
+    ):
         dispatch.resolve("kd_rows", "auto", "cpu")
 
 
 def test_dispatch_error_messages() -> None:
-    with pytest.raises(ValueError, match=r"^fused_linear_kd_loss: backend must be one of \('auto', 'reference', 'chunked'\); got 'triton' \(a backend of kd_loss only\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^fused_linear_kd_loss: backend must be one of \('auto', 'reference', 'chunked'\); got 'triton' \(a backend of kd_loss only\)\.$",
+    ):
         dispatch.resolve("fused_linear_kd", "triton", "cpu")
-    with pytest.raises(ValueError, match=r"^fused_linear_kd_loss: backend must be one of \('auto', 'reference', 'chunked'\); got 'cpp' \(a backend of kd_loss only\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^fused_linear_kd_loss: backend must be one of \('auto', 'reference', 'chunked'\); got 'cpp' \(a backend of kd_loss only\)\.$",
+    ):
         dispatch.resolve_backend("cpp", "cpu", "fused_linear_kd")
-    with pytest.raises(ValueError, match=r"^kd_loss: backend must be one of \('auto', 'reference', 'chunked', 'cpp', 'triton'\); got 'cuda'\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^kd_loss: backend must be one of \('auto', 'reference', 'chunked', 'cpp', 'triton'\); got 'cuda'\.$",
+    ):
         dispatch.resolve("kd_rows", "cuda", "cpu")
-    with pytest.raises(RuntimeError, match=r"^kd_loss: backend 'cpp' cannot run on meta: .*Available there: \['reference', 'chunked'\]; use backend='auto' to pick the fastest\.$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^kd_loss: backend 'cpp' cannot run on meta: .*Available there: \['reference', 'chunked'\]; use backend='auto' to pick the fastest\.$",
+    ):
         dispatch.resolve("kd_rows", "cpp", "meta")
 
 

@@ -26,4 +26,6 @@ def test_ddk_kernels_has_docstring_examples() -> None:
     """The core modules each show their use (so the examples cannot silently disappear)."""
     for name in ("types", "reduce", "reference", "dispatch", "chunked", "fused_plan", "fused_chunked"):
         module = importlib.import_module(f"ddk_kernels.{name}")
-        assert doctest.DocTestFinder().find(module) and any(t.examples for t in doctest.DocTestFinder().find(module)), name
+        assert doctest.DocTestFinder().find(module) and any(t.examples for t in doctest.DocTestFinder().find(module)), (
+            name
+        )

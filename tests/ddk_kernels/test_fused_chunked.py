@@ -35,8 +35,9 @@ def test_fused_chunked_without_grad_skips_gradient_sweep() -> None:
     seen: list[tuple[int, int]] = []
     options = FusedOptions(plan=FusedPlan("recompute", 5, 16), tile_observer=seen.append)
     with torch.no_grad():
-        loss, _, _ = fused_linear_kd(case.h, case.w, case.labels, TeacherInputs(logits=case.th @ case.tw.T),
-                                     KDLossParams(), options=options)
+        loss, _, _ = fused_linear_kd(
+            case.h, case.w, case.labels, TeacherInputs(logits=case.th @ case.tw.T), KDLossParams(), options=options
+        )
     assert not loss.requires_grad
     assert seen == [(5, 16), (5, 16), (5, 8)] * 2  # 2 chunks x 3 tiles (16 + 16 + 8), sweep 1 only
 
@@ -50,8 +51,14 @@ def test_fused_chunked_tiles_follow_the_plan(strategy: str, sweeps: int) -> None
     seen: list[tuple[int, int]] = []
     plan = FusedPlan(strategy, 8, 20 if strategy == "recompute" else 50)
     h = case.h.clone().requires_grad_()
-    loss, _, _ = fused_linear_kd(h, case.w, case.labels, _teacher(case), KDLossParams(),
-                                 options=FusedOptions(plan=plan, tile_observer=seen.append))
+    loss, _, _ = fused_linear_kd(
+        h,
+        case.w,
+        case.labels,
+        _teacher(case),
+        KDLossParams(),
+        options=FusedOptions(plan=plan, tile_observer=seen.append),
+    )
     loss.backward()
     assert max(r for r, _ in seen) <= 8 and max(c for _, c in seen) == plan.vocab_tile
     assert sum(r * c for r, c in seen) == sweeps * nv * 50

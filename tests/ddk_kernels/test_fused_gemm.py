@@ -16,8 +16,14 @@ from ddk_kernels.types import KDLossParams, TeacherInputs
 def _gemm(case, rows: int, **params):  # type: ignore[no-untyped-def]
     h = case.h.detach().clone().requires_grad_()
     w = case.w.detach().clone().requires_grad_()
-    loss, _, _ = fused_linear_kd(h, w, case.labels, TeacherInputs(case.th, case.tw), KDLossParams(**params),
-                                 options=FusedOptions(plan=FusedPlan("gemm", rows, w.shape[0])))
+    loss, _, _ = fused_linear_kd(
+        h,
+        w,
+        case.labels,
+        TeacherInputs(case.th, case.tw),
+        KDLossParams(**params),
+        options=FusedOptions(plan=FusedPlan("gemm", rows, w.shape[0])),
+    )
     loss.backward()
     return loss, (h.grad, w.grad)
 
@@ -42,14 +48,25 @@ def test_fused_gemm_teacher_hidden_and_weight_of_other_dtypes() -> None:
     case = make_case(20, 8, 12, 45, seed=14)
     teacher = TeacherInputs(case.th.float(), case.tw.to(torch.bfloat16))
     h, w = case.h.float(), case.w.float()
-    gemm, _, _ = fused_linear_kd(h, w, case.labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("gemm", 7, 45)))
-    tc, _, _ = fused_linear_kd(h, w, case.labels, teacher, KDLossParams(),
-                               options=FusedOptions(plan=FusedPlan("token_chunks", 7, 45)))
+    gemm, _, _ = fused_linear_kd(
+        h, w, case.labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("gemm", 7, 45))
+    )
+    tc, _, _ = fused_linear_kd(
+        h, w, case.labels, teacher, KDLossParams(), options=FusedOptions(plan=FusedPlan("token_chunks", 7, 45))
+    )
     assert torch.allclose(gemm, tc, rtol=1e-3)
 
 
 def test_fused_gemm_needs_hidden_and_weight_of_one_dtype() -> None:
     case = make_case(4, 3, 3, 5, seed=15)
-    with pytest.raises(TypeError, match=r"student_weight must have the dtype of student_hidden \(torch.float32\) for strategy='gemm'"):
-        fused_linear_kd(case.h.float(), case.w, case.labels, TeacherInputs(case.th, case.tw), KDLossParams(),
-                        options=FusedOptions(plan=FusedPlan("gemm", 2, 5)))
+    with pytest.raises(
+        TypeError, match=r"student_weight must have the dtype of student_hidden \(torch.float32\) for strategy='gemm'"
+    ):
+        fused_linear_kd(
+            case.h.float(),
+            case.w,
+            case.labels,
+            TeacherInputs(case.th, case.tw),
+            KDLossParams(),
+            options=FusedOptions(plan=FusedPlan("gemm", 2, 5)),
+        )

@@ -39,13 +39,19 @@ def run(impl: str, case: FusedCase, grad_output: float = 1.0, **opts):  # type: 
     b = None if case.b is None else case.b.detach().clone().requires_grad_()
     v = w.shape[0]
     teacher = TeacherInputs(logits=case.tl) if case.tl is not None else TeacherInputs(case.th, case.tw[:v])  # type: ignore[index]
-    cfg = KDConfig(temperature=opts.pop("temperature", 1.0), divergence=opts.pop("divergence", "forward_kl"),
-                   beta=opts.pop("beta", 0.5))
-    params = KDLossParams(cfg, gamma=opts.pop("gamma", 0.2), t2_scale=opts.pop("t2_scale", False),
-                          normalizer=opts.pop("normalizer", None))
+    cfg = KDConfig(
+        temperature=opts.pop("temperature", 1.0),
+        divergence=opts.pop("divergence", "forward_kl"),
+        beta=opts.pop("beta", 0.5),
+    )
+    params = KDLossParams(
+        cfg, gamma=opts.pop("gamma", 0.2), t2_scale=opts.pop("t2_scale", False), normalizer=opts.pop("normalizer", None)
+    )
     assert not opts, opts
     plan = PLANS.get(impl)
-    options = FusedOptions(plan=None if plan is None else FusedPlan(plan.strategy, plan.token_chunk, min(v, plan.vocab_tile)))
+    options = FusedOptions(
+        plan=None if plan is None else FusedPlan(plan.strategy, plan.token_chunk, min(v, plan.vocab_tile))
+    )
     fn = dispatch.resolve("fused_linear_kd", backend, "cpu")
     loss, ce, kd = fn(h, w, case.labels, teacher, params, student_bias=b, options=options)
     (loss * grad_output).backward()

@@ -46,9 +46,14 @@ def test_chunk_rows_leaves_shared_teacher_logits_intact_across_sweeps() -> None:
     tiles = ChunkTiles(case.h, case.w, None, TeacherInputs(logits=logits), 8)
     zlab = (case.h * case.w[case.labels]).sum(1)
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
-        chunk_rows(tiles, case.labels, zlab, KDConfig(temperature=2.0, divergence=divergence),
-                   (torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
-                   (torch.zeros_like(case.h), None, None))
+        chunk_rows(
+            tiles,
+            case.labels,
+            zlab,
+            KDConfig(temperature=2.0, divergence=divergence),
+            (torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+            (torch.zeros_like(case.h), None, None),
+        )
         assert torch.equal(logits, case.tl)
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kd_cases import DIVERGENCE_CASES, realistic_logits
 
 from ddk_kernels.reference import (
     divergence_reference,
@@ -15,7 +16,6 @@ from ddk_kernels.reference import (
     kd_row_losses_reference,
 )
 from ddk_kernels.types import KDConfig
-from kd_cases import DIVERGENCE_CASES, realistic_logits
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])

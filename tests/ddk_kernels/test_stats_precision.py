@@ -28,12 +28,18 @@ def test_stats_are_float64_and_exact_to_float32_sums(name):
     zs, zt, labels = realistic_logits(6, 300, seed=21, masked_fraction=0.0)
     zs, zt = zs + 120.0, zt + 90.0  # |lse| ~ 250 at T = 0.5: a float32 lse would be off by ~1e-5
     cfg = KDConfig(temperature=0.5, divergence="reverse_kl")
-    _, _, stats = dispatch.resolve("kd_rows", name, DEVICE).forward(zs.to(DEVICE), zt.to(DEVICE), labels.to(DEVICE), cfg)
+    _, _, stats = dispatch.resolve("kd_rows", name, DEVICE).forward(
+        zs.to(DEVICE), zt.to(DEVICE), labels.to(DEVICE), cfg
+    )
     stats = stats.cpu()
     assert stats.dtype == torch.float64 and stats.shape == (6, 4)
     z64, t64 = zs.double(), zt.double()
     assert float(stats[:, 0].abs().min()) > 200
-    for col, want in ((0, torch.logsumexp(z64 * 2, -1)), (1, torch.logsumexp(t64 * 2, -1)), (2, torch.logsumexp(z64, -1))):
+    for col, want in (
+        (0, torch.logsumexp(z64 * 2, -1)),
+        (1, torch.logsumexp(t64 * 2, -1)),
+        (2, torch.logsumexp(z64, -1)),
+    ):
         err = float((stats[:, col] - want).abs().max())
         assert err < 2e-6, f"{name}: lse column {col} off by {err:.2e}"
     e_st = (torch.softmax(z64 * 2, -1) * (z64 - t64) * 2).sum(-1)  # reverse KL: extra = E_q[s - t]

@@ -17,10 +17,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from ddk_kernels import triton as kd_triton  # noqa: E402
-from ddk_kernels.triton.kd_loss import kd_backward_triton, kd_forward_triton, row_losses  # noqa: E402
-from ddk_kernels.types import KDConfig  # noqa: E402
-from kd_cases import DEVICE, DIVERGENCE_CASES, check_row_losses, oracle_grad, realistic_logits  # noqa: E402
+from kd_cases import DEVICE, DIVERGENCE_CASES, check_row_losses, oracle_grad, realistic_logits
+
+from ddk_kernels import triton as kd_triton
+from ddk_kernels.triton.kd_loss import kd_backward_triton, kd_forward_triton, row_losses
+from ddk_kernels.types import KDConfig
 
 # The interpreter warns about the inf/nan produced (and discarded by tl.where) on masked columns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -77,8 +78,10 @@ def test_row_losses_stats_are_row_logsumexps():
         elif divergence == "reverse_kl":  # E_q[s - t]
             expected = (log_q.exp() * (zs - zt[:, :45]) / 2.0).sum(-1)
         else:
-            log_m = torch.logaddexp(log_p + torch.log(torch.tensor(beta, dtype=torch.float64)),
-                                    log_q + torch.log1p(torch.tensor(-beta, dtype=torch.float64)))
+            log_m = torch.logaddexp(
+                log_p + torch.log(torch.tensor(beta, dtype=torch.float64)),
+                log_q + torch.log1p(torch.tensor(-beta, dtype=torch.float64)),
+            )
             expected = (log_q.exp() * (log_q - log_m)).sum(-1)
         torch.testing.assert_close(stats[:, 3], expected)
 
@@ -172,8 +175,13 @@ def test_kernels_compile_for_sm90_without_gpu():
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=root)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such file" in proc.stderr):
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=root
+    )
+    if (
+        proc.returncode != 0
+        and "ptxas" in proc.stderr
+        and ("not found" in proc.stderr or "No such file" in proc.stderr)
+    ):
         pytest.skip("Triton's ptxas is not available here")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

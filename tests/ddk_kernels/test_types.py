@@ -35,7 +35,9 @@ def test_divergence_literal_lists_the_divergences() -> None:
         ("jsd", 1e-12, "jsd", 2),
     ],
 )
-def test_kd_config_effective_divergence_and_code(divergence: Divergence, beta: float, effective: str, code: int) -> None:
+def test_kd_config_effective_divergence_and_code(
+    divergence: Divergence, beta: float, effective: str, code: int
+) -> None:
     cfg = KDConfig(divergence=divergence, beta=beta)
     assert cfg.effective_divergence == effective and cfg.code == code
 
@@ -69,7 +71,12 @@ def test_teacher_inputs_detached_drops_autograd_not_data() -> None:
 
 @pytest.mark.parametrize(
     ("dtype", "acc"),
-    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)],
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
 )
 def test_acc_dtype(dtype: torch.dtype, acc: torch.dtype) -> None:
     assert acc_dtype(dtype) == acc

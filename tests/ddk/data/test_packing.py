@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddk import MixtureSampler
-from ddk.data.packing import DomainCollator, DomainSequenceDataset, PackedDomains, pack_domains, tokenizer_hash
+from ddk.data.packing import DomainCollator, PackedDomains, pack_domains, tokenizer_hash
 from ddk.data.records import load_records
 from ddk.partition.partitioner import stable_unit_hash
 
@@ -100,20 +100,28 @@ def test_pack_domains_hash_split_is_a_prefix_of_the_hash_order(tok, records):
         order = _hash_order(texts)
         assert packed.validation[d].shape[0] == 3
         # k is the first prefix holding val_samples sequences
-        assert len(_stream(tok, [texts[i] for i in order[: k - 1]])) < 3 * L <= len(_stream(tok, [texts[i] for i in order[:k]]))
+        assert (
+            len(_stream(tok, [texts[i] for i in order[: k - 1]]))
+            < 3 * L
+            <= len(_stream(tok, [texts[i] for i in order[:k]]))
+        )
 
 
 def test_pack_domains_list_of_dicts_and_pretokenized_ids_give_the_same_arrays(tok, records):
     ref = pack_domains(records, tok, **_quiet(val_samples=3))
     as_list = pack_domains(list(records), tok, **_quiet(val_samples=3))
-    ids = [{"domain": r["domain"], "text": r["text"], "input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]}
-           for r in records]
+    ids = [
+        {"domain": r["domain"], "text": r["text"], "input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]}
+        for r in records
+    ]
     pre = pack_domains(datasets.Dataset.from_list(ids), tok, **_quiet(val_samples=3))
     for other in (as_list, pre):
         assert other.names == ref.names
         for a, b in zip(ref.train + ref.validation, other.train + other.validation):
             np.testing.assert_array_equal(a, b)
-    only_ids = pack_domains([{"domain": r["domain"], "input_ids": r["input_ids"]} for r in ids], tok, **_quiet(val_samples=3))
+    only_ids = pack_domains(
+        [{"domain": r["domain"], "input_ids": r["input_ids"]} for r in ids], tok, **_quiet(val_samples=3)
+    )
     assert [a.shape[0] for a in only_ids.validation] == [3, 3, 3]
     for d, name in enumerate(only_ids.names):  # every token still from its own domain's documents
         allowed = set(np.concatenate([_stream(tok, _docs(records, name))]).tolist())
@@ -123,7 +131,12 @@ def test_pack_domains_list_of_dicts_and_pretokenized_ids_give_the_same_arrays(to
 def test_pack_domains_domains_keeps_only_the_named_ones(tok, records):
     packed = pack_domains(records, tok, domains=["prose", "code"], **_quiet(val_samples=2))
     assert packed.names == ("code", "prose")
-    with pytest.raises(ValueError, match=re.escape("pack_domains: domains must be names found in records ['code', 'math', 'prose']; got unknown ['web'].")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "pack_domains: domains must be names found in records ['code', 'math', 'prose']; got unknown ['web']."
+        ),
+    ):
         pack_domains(records, tok, domains=["code", "web"], **_quiet())
 
 
@@ -174,7 +187,9 @@ def test_pack_domains_warns_once_when_validation_is_capped(tok, records):
         packed = pack_domains(records, tok, **_quiet(val_samples=1000, max_val_fraction=0.25))
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert msg.startswith("pack_domains: validation capped at max_val_fraction=0.25 of each domain's documents, below val_samples=1000 sequences, for ")
+    assert msg.startswith(
+        "pack_domains: validation capped at max_val_fraction=0.25 of each domain's documents, below val_samples=1000 sequences, for "
+    )
     for d, name in enumerate(packed.names):
         assert f"{name!r} ({packed.validation[d].shape[0]})" in msg
         assert _split_of(tok, packed, d, _docs(records, name)) == int(0.25 * 20)  # exactly the cap
@@ -185,7 +200,9 @@ def test_pack_domains_too_small_domain_is_an_error(tok, records):
     with pytest.raises(ValueError) as e:
         pack_domains(small, tok, **_quiet(val_samples=2))
     msg = str(e.value)
-    assert msg.startswith("pack_domains: domain 'tiny' must give at least one training and one validation sequence of seq_len=16 tokens; got 0 training and 0 validation")
+    assert msg.startswith(
+        "pack_domains: domain 'tiny' must give at least one training and one validation sequence of seq_len=16 tokens; got 0 training and 0 validation"
+    )
     assert "tokens (2 documents" in msg and "Lower seq_len or val_samples, or add data to 'tiny'." in msg
 
 
@@ -194,10 +211,19 @@ def test_pack_domains_validation_records(tok, records):
     packed = pack_domains(records, tok, validation=datasets.Dataset.from_list(val), **_quiet(val_samples=2))
     for d, name in enumerate(packed.names):
         np.testing.assert_array_equal(packed.validation[d].ravel(), _stream(tok, [val[d]["text"]])[: 2 * L])
-        np.testing.assert_array_equal(packed.train[d].ravel(), _stream(tok, _docs(records, name))[: packed.sizes[d] * L])
-    with pytest.raises(ValueError, match=re.escape("pack_domains: validation must have exactly the training domains ['code', 'math', 'prose']; got missing ['prose'], extra ['web'].")):
+        np.testing.assert_array_equal(
+            packed.train[d].ravel(), _stream(tok, _docs(records, name))[: packed.sizes[d] * L]
+        )
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "pack_domains: validation must have exactly the training domains ['code', 'math', 'prose']; got missing ['prose'], extra ['web']."
+        ),
+    ):
         pack_domains(records, tok, validation=val[:2] + [{"domain": "web", "text": "a b"}], **_quiet())
-    packed = pack_domains(records, tok, validation=val, domains=["math"], **_quiet(val_samples=2))  # others dropped on both sides
+    packed = pack_domains(
+        records, tok, validation=val, domains=["math"], **_quiet(val_samples=2)
+    )  # others dropped on both sides
     assert packed.names == ("math",)
 
 
@@ -208,17 +234,28 @@ def test_pack_domains_bad_arguments(tok, records):
         pack_domains(records, tok, **_quiet(val_samples=0))
     with pytest.raises(ValueError, match=re.escape("pack_domains: max_val_fraction must be in (0, 1); got 1.0.")):
         pack_domains(records, tok, **_quiet(max_val_fraction=1.0))
-    with pytest.raises(ValueError, match=re.escape("pack_domains: records must have a 'domain' column and a 'text' (or pre-tokenized 'input_ids') column; got columns ['body', 'domain'].")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "pack_domains: records must have a 'domain' column and a 'text' (or pre-tokenized 'input_ids') column; got columns ['body', 'domain']."
+        ),
+    ):
         pack_domains([{"domain": "a", "body": "x"}], tok, **_quiet())
-    with pytest.raises(ValueError, match=re.escape("pack_domains: records[1]['domain'] must be a non-empty str; got 3.")):
+    with pytest.raises(
+        ValueError, match=re.escape("pack_domains: records[1]['domain'] must be a non-empty str; got 3.")
+    ):
         pack_domains([{"domain": "a", "text": "x"}, {"domain": 3, "text": "y"}], tok, **_quiet())
     with pytest.raises(ValueError, match=re.escape("pack_domains: domain names must not contain '/'")):
         pack_domains([{"domain": "a/b", "text": "x"}], tok, **_quiet())
-    with pytest.raises(ValueError, match=re.escape("pack_domains: records[0]['input_ids'] must be a list of ints; got [0.5].")):
+    with pytest.raises(
+        ValueError, match=re.escape("pack_domains: records[0]['input_ids'] must be a list of ints; got [0.5].")
+    ):
         pack_domains([{"domain": "a", "input_ids": [0.5]}], tok, **_quiet())
     with pytest.raises(TypeError, match="pack_domains: records must be a datasets.Dataset"):
         pack_domains("c.jsonl", tok, **_quiet())
-    with pytest.raises(TypeError, match=re.escape("pack_domains: records must be a map-style datasets.Dataset (pick a split")):
+    with pytest.raises(
+        TypeError, match=re.escape("pack_domains: records must be a map-style datasets.Dataset (pick a split")
+    ):
         pack_domains(datasets.DatasetDict({"train": records}), tok, **_quiet())
     with pytest.raises(ValueError, match="pack_domains: records must hold at least one record; got 0."):
         pack_domains([], tok, **_quiet())
@@ -228,7 +265,12 @@ def test_pack_domains_tokenizer_without_eos_is_an_error(tok, records):
     class NoEos:
         eos_token_id = None
 
-    with pytest.raises(ValueError, match=re.escape("pack_domains: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. Set tokenizer.eos_token")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "pack_domains: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. Set tokenizer.eos_token"
+        ),
+    ):
         pack_domains(records, NoEos(), **_quiet())
 
 
@@ -237,11 +279,20 @@ def test_pack_domains_cache_hit_memory_maps_without_tokenizing(tok, records, tmp
     first = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
     assert first.root == tmp_path / first.key
     files = sorted(p.name for p in first.root.iterdir())
-    assert files == ["meta.json", "train_0.bin", "train_1.bin", "train_2.bin",
-                     "validation_0.bin", "validation_1.bin", "validation_2.bin"]  # by index, never by name
+    assert files == [
+        "meta.json",
+        "train_0.bin",
+        "train_1.bin",
+        "train_2.bin",
+        "validation_0.bin",
+        "validation_1.bin",
+        "validation_2.bin",
+    ]  # by index, never by name
     assert [p.name for p in tmp_path.iterdir()] == [first.key]  # the temp folder was renamed
     meta = json.loads((first.root / "meta.json").read_text())
-    assert meta["names"] == ["code", "math", "prose"] and meta["seq_len"] == L and meta["eos_token_id"] == tok.eos_token_id
+    assert (
+        meta["names"] == ["code", "math", "prose"] and meta["seq_len"] == L and meta["eos_token_id"] == tok.eos_token_id
+    )
     assert meta["tokenizer_hash"] == tokenizer_hash(tok)
     assert [e["shape"] for e in meta["train"]] == [[n, L] for n in first.sizes]
     assert all(len(e["sha256"]) == 64 for e in meta["train"] + meta["validation"])
@@ -254,7 +305,9 @@ def test_pack_domains_cache_hit_memory_maps_without_tokenizing(tok, records, tmp
     assert again.key == first.key and again.names == first.names
     monkeypatch.undo()
     uncached = pack_domains(records, tok, **_quiet(val_samples=3))
-    for a, b, c in zip(again.train + again.validation, first.train + first.validation, uncached.train + uncached.validation):
+    for a, b, c in zip(
+        again.train + again.validation, first.train + first.validation, uncached.train + uncached.validation
+    ):
         assert isinstance(a, np.memmap) and a.dtype == np.int32
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
@@ -291,7 +344,10 @@ def test_pack_domains_damaged_cache_is_an_error(tok, records, tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"pack_domains: cache file {f} must have sha256 ")):
         pack_domains(records, tok, cache_dir=tmp_path, verify=True, **_quiet(val_samples=3))
     f.write_bytes(bytes(data[:-4]))
-    with pytest.raises(ValueError, match=re.escape(f"pack_domains: cache file {f} must hold {len(data)} bytes") + r".*delete .* to rebuild it"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"pack_domains: cache file {f} must hold {len(data)} bytes") + r".*delete .* to rebuild it",
+    ):
         pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
 
 
@@ -331,7 +387,9 @@ def test_domain_sequence_dataset_indices_agree_with_mixture_sampler(tok, records
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=DomainCollator())
     for batch in loader:
         assert batch["input_ids"].shape == (6, L) and "attention_mask" not in batch
-    with pytest.raises(IndexError, match=re.escape(f"DomainSequenceDataset: index must be in [0, {len(ds)}); got {len(ds)}.")):
+    with pytest.raises(
+        IndexError, match=re.escape(f"DomainSequenceDataset: index must be in [0, {len(ds)}); got {len(ds)}.")
+    ):
         ds[len(ds)]
     assert ds[-1]["domain_id"] == 2 and ds[np.int64(0)]["domain_id"] == 0
     clone = pickle.loads(pickle.dumps(ds))  # a DataLoader worker gets the files, not their contents
@@ -349,9 +407,16 @@ def test_packed_domains_validation_sets(tok, records):
     one = packed.validation_dataset("math")
     assert one.domain_names == ("math",) and len(one) == 5 and one[0]["domain_id"] == 0
     assert packed.validation_dataset(1).domain_names == ("math",)
-    with pytest.raises(ValueError, match=re.escape("PackedDomains.validation_dataset: domain must be one of ['code', 'math', 'prose']; got 'web'.")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "PackedDomains.validation_dataset: domain must be one of ['code', 'math', 'prose']; got 'web'."
+        ),
+    ):
         packed.validation_dataset("web")
-    with pytest.raises(ValueError, match=re.escape("PackedDomains.validation_batches: batch_size must be an int >= 1; got 0.")):
+    with pytest.raises(
+        ValueError, match=re.escape("PackedDomains.validation_batches: batch_size must be an int >= 1; got 0.")
+    ):
         packed.validation_batches(0)
     assert "train=[" in repr(packed)
 
@@ -368,26 +433,48 @@ def test_domain_collator_stacks_equal_lengths():
 
 
 def test_domain_collator_pads_unequal_lengths():
-    feats = [{"input_ids": [1, 2], "domain_id": 0}, {"input_ids": [3, 4, 5, 6], "domain_id": 1, "labels": [-100, 4, 5, 6]}]
+    feats = [
+        {"input_ids": [1, 2], "domain_id": 0},
+        {"input_ids": [3, 4, 5, 6], "domain_id": 1, "labels": [-100, 4, 5, 6]},
+    ]
     out = DomainCollator(pad_token_id=7, ignore_index=-1)(feats)
     assert out["input_ids"].tolist() == [[1, 2, 7, 7], [3, 4, 5, 6]]
     assert out["labels"].tolist() == [[1, 2, -1, -1], [-100, 4, 5, 6]]
     assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and out["attention_mask"].dtype == torch.int64
-    with pytest.raises(ValueError, match=re.escape("DomainCollator: features must all have the same length when pad_token_id is None; got lengths [2, 4] (pass DomainCollator(pad_token_id=tokenizer.pad_token_id)).")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "DomainCollator: features must all have the same length when pad_token_id is None; got lengths [2, 4] (pass DomainCollator(pad_token_id=tokenizer.pad_token_id))."
+        ),
+    ):
         DomainCollator()(feats)
 
 
 def test_domain_collator_bad_features():
     c = DomainCollator()
-    with pytest.raises(ValueError, match=re.escape("DomainCollator: features[0] must be a mapping with 'input_ids' and 'domain_id' (items of DomainSequenceDataset); got ['input_ids'].")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "DomainCollator: features[0] must be a mapping with 'input_ids' and 'domain_id' (items of DomainSequenceDataset); got ['input_ids']."
+        ),
+    ):
         c([{"input_ids": [1]}])
     with pytest.raises(ValueError, match=re.escape("DomainCollator: features must be a non-empty list of mappings")):
         c([])
-    with pytest.raises(ValueError, match=re.escape("DomainCollator: features[0]['domain_id'] must be a non-negative int; got -1.")):
+    with pytest.raises(
+        ValueError, match=re.escape("DomainCollator: features[0]['domain_id'] must be a non-negative int; got -1.")
+    ):
         c([{"input_ids": [1], "domain_id": -1}])
-    with pytest.raises(ValueError, match=re.escape("DomainCollator: features[0]['input_ids'] must be a 1-D sequence of ints; got shape (1, 2), dtype torch.int64.")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "DomainCollator: features[0]['input_ids'] must be a 1-D sequence of ints; got shape (1, 2), dtype torch.int64."
+        ),
+    ):
         c([{"input_ids": [[1, 2]], "domain_id": 0}])
-    with pytest.raises(ValueError, match=re.escape("DomainCollator: pad_token_id must be a non-negative int or None; got -1.")):
+    with pytest.raises(
+        ValueError, match=re.escape("DomainCollator: pad_token_id must be a non-negative int or None; got -1.")
+    ):
         DomainCollator(pad_token_id=-1)
 
 

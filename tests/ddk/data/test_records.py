@@ -56,11 +56,20 @@ def test_load_records_every_format_gives_the_same_records(tmp_path, corpus):
     _write_csv(tmp_path / "c.csv", with_extra)
     _write_csv(tmp_path / "c.tsv", recs, delimiter="\t")
     datasets.Dataset.from_list(with_extra).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(recs),
-                          "test": datasets.Dataset.from_list(recs[:2])}).save_to_disk(str(tmp_path / "saved_dict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(recs), "test": datasets.Dataset.from_list(recs[:2])}
+    ).save_to_disk(str(tmp_path / "saved_dict"))
 
-    sources = [path, tmp_path / "a.json", tmp_path / "lines.json", tmp_path / "c.parquet", tmp_path / "c.csv",
-               str(tmp_path / "c.tsv"), tmp_path / "saved", tmp_path / "saved_dict"]
+    sources = [
+        path,
+        tmp_path / "a.json",
+        tmp_path / "lines.json",
+        tmp_path / "c.parquet",
+        tmp_path / "c.csv",
+        str(tmp_path / "c.tsv"),
+        tmp_path / "saved",
+        tmp_path / "saved_dict",
+    ]
     for src in sources:
         ds = load_records(src, progress=False)
         assert isinstance(ds, datasets.Dataset), src
@@ -98,7 +107,9 @@ def test_load_records_missing_domain_raises_with_file_and_line(tmp_path, corpus)
     with pytest.raises(ValueError) as e:
         load_records(path, progress=False)
     msg = str(e.value)
-    assert msg.startswith("load_records: every record must have a str 'text' and a non-empty str 'domain'; got 2 bad record(s)")
+    assert msg.startswith(
+        "load_records: every record must have a str 'text' and a non-empty str 'domain'; got 2 bad record(s)"
+    )
     assert f"{path}:3: missing field 'domain'" in msg and f"{path}:5: missing field 'domain'" in msg
     assert "on_missing='skip'" in msg and "--skip-bad-records" in msg
 
@@ -128,10 +139,13 @@ def test_load_records_skip_drops_bad_records_with_one_warning(tmp_path, corpus):
     assert _as_list(ds) == good + [{"text": r["text"], "domain": r["domain"]} for r in bad_other[:1]]
 
 
-@pytest.mark.parametrize("value, reason", [
-    (3, "the domain must be a non-empty str; got 3"),
-    (None, "the domain must be a non-empty str; got None"),
-])
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (3, "the domain must be a non-empty str; got 3"),
+        (None, "the domain must be a non-empty str; got None"),
+    ],
+)
 def test_load_records_non_string_domain_is_a_bad_record(tmp_path, value, reason):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"text": "a", "domain": "x"}) + "\n" + json.dumps({"text": "b", "domain": value}) + "\n")
@@ -163,7 +177,11 @@ def test_load_records_row_numbers_for_csv_and_parquet(tmp_path):
 
 def test_load_records_lists_only_the_first_few_bad_records(tmp_path):
     p = tmp_path / "c.jsonl"
-    p.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(12)) + json.dumps({"text": "a", "domain": "x"}) + "\n")
+    p.write_text(
+        "".join(json.dumps({"text": str(i)}) + "\n" for i in range(12))
+        + json.dumps({"text": "a", "domain": "x"})
+        + "\n"
+    )
     with pytest.raises(ValueError) as e:
         load_records(p, progress=False)
     msg = str(e.value)
@@ -191,10 +209,16 @@ def test_load_records_other_field_names(tmp_path):
     assert ds["text"] == [r["body"] for r in _records(p)]
 
 
-@pytest.mark.parametrize("name, problem", [
-    ("a/b", "must not contain '/'"), ("a\\b", "must not contain '\\\\'"), ("a\x00b", "must not contain NUL"),
-    (".", "must not be '.'"), ("..", "must not be '..'"),
-])
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("a/b", "must not contain '/'"),
+        ("a\\b", "must not contain '\\\\'"),
+        ("a\x00b", "must not contain NUL"),
+        (".", "must not be '.'"),
+        ("..", "must not be '..'"),
+    ],
+)
 def test_load_records_rejects_domain_names_that_cannot_name_files(tmp_path, name, problem):
     p = tmp_path / "c.jsonl"
     p.write_text(json.dumps({"text": "a", "domain": "ok"}) + "\n" + json.dumps({"text": "b", "domain": name}) + "\n")
@@ -208,7 +232,12 @@ def test_load_records_rejects_domain_names_that_cannot_name_files(tmp_path, name
 # ----------------------------------------------------------------------------- bad arguments
 def test_load_records_missing_file_is_an_error_naming_it(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(ValueError, match=re.escape(f"load_records: paths must be existing files or folders (or a hub dataset name); got missing {str(missing)!r}.")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"load_records: paths must be existing files or folders (or a hub dataset name); got missing {str(missing)!r}."
+        ),
+    ):
         load_records([missing], progress=False)
     with pytest.raises(ValueError, match="got missing"):
         load_records("./data/nope", progress=False)  # an explicit relative path is never a hub name
@@ -222,8 +251,12 @@ def test_load_records_bad_arguments(tmp_path, corpus):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="load_records: a folder must be written by datasets.Dataset.save_to_disk"):
         load_records(tmp_path / "plain", progress=False)
-    datasets.DatasetDict({"dev": datasets.Dataset.from_list([{"text": "a", "domain": "x"}])}).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(ValueError, match=re.escape("load_records: a saved DatasetDict must have a 'train' split") + r".*\['dev'\]"):
+    datasets.DatasetDict({"dev": datasets.Dataset.from_list([{"text": "a", "domain": "x"}])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    with pytest.raises(
+        ValueError, match=re.escape("load_records: a saved DatasetDict must have a 'train' split") + r".*\['dev'\]"
+    ):
         load_records(tmp_path / "dd", progress=False)
     with pytest.raises(ValueError, match="load_records: on_missing must be 'raise' or 'skip'; got 'drop'."):
         load_records(path, on_missing="drop", progress=False)
@@ -234,7 +267,9 @@ def test_load_records_bad_arguments(tmp_path, corpus):
     with pytest.raises(TypeError, match="load_records: partitioner must be a ddk.DomainPartitioner"):
         load_records(path, partitioner="domain", progress=False)  # type: ignore[arg-type]
     (tmp_path / "bad.json").write_text('[{"text": "a", "domain": "x"},')
-    with pytest.raises(ValueError, match="load_records: a .json file must hold one JSON array of records or JSON lines"):
+    with pytest.raises(
+        ValueError, match="load_records: a .json file must hold one JSON array of records or JSON lines"
+    ):
         load_records(tmp_path / "bad.json", progress=False)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="load_records: paths must hold at least one valid record; got none"):

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from gloo_workers import run_workers
 from torch import nn
 
 from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy, causal_lm_ce_sum
 from ddk_kernels.types import KDLossOutput
-from gloo_workers import run_workers
 
 VOCAB = 13
 
@@ -94,10 +93,17 @@ def test_causal_lm_ce_sum_matches_reference_with_padding_and_labels() -> None:
 def test_causal_lm_ce_sum_bad_batch_raises() -> None:
     with pytest.raises(TypeError, match=r"causal_lm_ce_sum: batch must be a dict with an 'input_ids' tensor \(B, L\)"):
         causal_lm_ce_sum(TinyLM(), {"text": "hello"})
-    with pytest.raises(ValueError, match=r"causal_lm_ce_sum: batch\['input_ids'\] must have shape \(B, L\); got \(4,\)\."):
+    with pytest.raises(
+        ValueError, match=r"causal_lm_ce_sum: batch\['input_ids'\] must have shape \(B, L\); got \(4,\)\."
+    ):
         causal_lm_ce_sum(TinyLM(), {"input_ids": torch.arange(4)})
-    with pytest.raises(ValueError, match=r"causal_lm_ce_sum: batch\['labels'\] must have the shape of input_ids \(1, 4\); got \(1, 3\)\."):
-        causal_lm_ce_sum(TinyLM(), {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 3, dtype=torch.long)})
+    with pytest.raises(
+        ValueError,
+        match=r"causal_lm_ce_sum: batch\['labels'\] must have the shape of input_ids \(1, 4\); got \(1, 3\)\.",
+    ):
+        causal_lm_ce_sum(
+            TinyLM(), {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 3, dtype=torch.long)}
+        )
 
 
 def test_estimator_estimate_token_weighted_per_domain() -> None:
@@ -151,7 +157,9 @@ def test_estimator_dataloader_and_sequence_domains() -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     ids = torch.randint(0, VOCAB, (7, 5), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(ids), batch_size=3, collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows])})
+    loader = DataLoader(
+        TensorDataset(ids), batch_size=3, collate_fn=lambda rows: {"input_ids": torch.stack([r[0] for r in rows])}
+    )
     est = DiscrepancyEstimator([loader, make_batches(4, 2)], progress=False)
     assert est.domain_names == ("domain0", "domain1")
     model = TinyLM()
@@ -179,15 +187,28 @@ def test_estimator_custom_loss_fn() -> None:
 
 def test_estimator_errors() -> None:
     fn = "DiscrepancyEstimator"
-    with pytest.raises(ValueError, match=rf"{fn}: validation\['b'\] must hold at least one batch; got an empty domain 'b'\."):
+    with pytest.raises(
+        ValueError, match=rf"{fn}: validation\['b'\] must hold at least one batch; got an empty domain 'b'\."
+    ):
         DiscrepancyEstimator({"a": make_batches(1, 1), "b": []})
-    with pytest.raises(TypeError, match=rf"{fn}: validation must be a mapping name -> batches or a sequence of per-domain batches; got int\."):
+    with pytest.raises(
+        TypeError,
+        match=rf"{fn}: validation must be a mapping name -> batches or a sequence of per-domain batches; got int\.",
+    ):
         DiscrepancyEstimator(3)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=rf"{fn}: validation\['domain0'\] must be a re-iterable of batches .*; got dict\."):
+    with pytest.raises(
+        TypeError, match=rf"{fn}: validation\['domain0'\] must be a re-iterable of batches .*; got dict\."
+    ):
         DiscrepancyEstimator(make_batches(1, 2))
-    with pytest.raises(TypeError, match=rf"{fn}: validation\['a'\] must be re-iterable \(a list or DataLoader\), not a one-shot iterator; got generator\."):
+    with pytest.raises(
+        TypeError,
+        match=rf"{fn}: validation\['a'\] must be re-iterable \(a list or DataLoader\), not a one-shot iterator; got generator\.",
+    ):
         DiscrepancyEstimator({"a": (b for b in make_batches(1, 2))})
-    with pytest.raises(ValueError, match=rf"{fn}: validation must have exactly the domains in domain_names; got missing \['c'\], unknown \['b'\]\."):
+    with pytest.raises(
+        ValueError,
+        match=rf"{fn}: validation must have exactly the domains in domain_names; got missing \['c'\], unknown \['b'\]\.",
+    ):
         DiscrepancyEstimator({"a": make_batches(1, 1), "b": make_batches(1, 1)}, domain_names=["a", "c"])
     with pytest.raises(ValueError, match=rf"{fn}: domain_names must have one name per validation set \(2\); got 1\."):
         DiscrepancyEstimator([make_batches(1, 1), make_batches(1, 1)], domain_names=["a"])
@@ -197,14 +218,19 @@ def test_estimator_errors() -> None:
         DiscrepancyEstimator({})
     with pytest.raises(ValueError, match=rf"{fn}.teacher_ce: teacher_ce must have shape \(2,\); got \(3,\)\."):
         DiscrepancyEstimator([make_batches(1, 1)] * 2, teacher_ce=[1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match=rf"{fn}.teacher_ce: teacher_ce must be finite and >= 0 \(nats per token\); got \[1.0, nan\]\."):
+    with pytest.raises(
+        ValueError, match=rf"{fn}.teacher_ce: teacher_ce must be finite and >= 0 \(nats per token\); got \[1.0, nan\]\."
+    ):
         DiscrepancyEstimator([make_batches(1, 1)] * 2, teacher_ce=[1.0, float("nan")])
 
 
 def test_estimator_missing_teacher_raises() -> None:
     est = DiscrepancyEstimator([make_batches(1, 1)], progress=False)
-    with pytest.raises(RuntimeError, match=r"DiscrepancyEstimator.teacher_ce: the teacher CE must be computed first; call estimator.compute_teacher\(teacher\)"):
-        est.teacher_ce
+    with pytest.raises(
+        RuntimeError,
+        match=r"DiscrepancyEstimator.teacher_ce: the teacher CE must be computed first; call estimator.compute_teacher\(teacher\)",
+    ):
+        est.teacher_ce  # noqa: B018
     with pytest.raises(RuntimeError, match=r"DiscrepancyEstimator.estimate: the teacher CE must be computed first"):
         est.estimate(TinyLM())
 
@@ -213,17 +239,26 @@ def test_estimator_domain_without_tokens_raises() -> None:
     ids = torch.zeros(1, 4, dtype=torch.long)
     val = {"ok": make_batches(1, 1), "masked": [{"input_ids": ids, "labels": torch.full_like(ids, -100)}]}
     est = DiscrepancyEstimator(val, progress=False)
-    with pytest.raises(ValueError, match=r"DiscrepancyEstimator.compute_teacher: every validation domain must have at least one predicted \(non-ignored\) token; got none in \['masked'\]\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DiscrepancyEstimator.compute_teacher: every validation domain must have at least one predicted \(non-ignored\) token; got none in \['masked'\]\.",
+    ):
         est.compute_teacher(TinyLM())
-    with pytest.raises(TypeError, match=r"DiscrepancyEstimator.compute_teacher: model must be a torch.nn.Module; got str\."):
+    with pytest.raises(
+        TypeError, match=r"DiscrepancyEstimator.compute_teacher: model must be a torch.nn.Module; got str\."
+    ):
         est.compute_teacher("teacher")  # type: ignore[arg-type]
 
 
 def _output(ce: list[float], tok: list[int]) -> KDLossOutput:
     z = torch.zeros(())
     return KDLossOutput(
-        loss=z, ce_sum=z, kd_sum=z, num_tokens=torch.tensor(sum(tok)),
-        domain_ce_sum=torch.tensor(ce, dtype=torch.float32), domain_kd_sum=torch.zeros(len(ce)),
+        loss=z,
+        ce_sum=z,
+        kd_sum=z,
+        num_tokens=torch.tensor(sum(tok)),
+        domain_ce_sum=torch.tensor(ce, dtype=torch.float32),
+        domain_kd_sum=torch.zeros(len(ce)),
         domain_tokens=torch.tensor(tok, dtype=torch.int64),
     )
 
@@ -267,13 +302,19 @@ def test_estimator_online_state_dict_roundtrip() -> None:
     other.load_state_dict(state)
     torch.testing.assert_close(other.estimate_online().student_ce, est.estimate_online().student_ce)
     bad = dict(state, domain_names=["x", "y"])
-    with pytest.raises(ValueError, match=r"DiscrepancyEstimator.load_state_dict: state\['domain_names'\] must equal \['domain0', 'domain1'\]; got \['x', 'y'\]\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DiscrepancyEstimator.load_state_dict: state\['domain_names'\] must equal \['domain0', 'domain1'\]; got \['x', 'y'\]\.",
+    ):
         other.load_state_dict(bad)
 
 
 def test_estimator_observe_bad_shapes_raise() -> None:
     est = DiscrepancyEstimator([make_batches(1, 1)] * 2, teacher_ce=[1.0, 1.0], progress=False)
-    with pytest.raises(ValueError, match=r"DiscrepancyEstimator.observe: output.domain_ce_sum must have shape \(2,\) \(pass num_domains=2 to the loss\); got \(3,\)\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DiscrepancyEstimator.observe: output.domain_ce_sum must have shape \(2,\) \(pass num_domains=2 to the loss\); got \(3,\)\.",
+    ):
         est.observe(_output([1.0, 1.0, 1.0], [1, 1, 1]))
     with pytest.raises(TypeError, match=r"DiscrepancyEstimator.observe: output must be a KDLossOutput; got float\."):
         est.observe(1.0)
@@ -286,7 +327,9 @@ def test_estimator_online_without_teacher_raises() -> None:
     est.observe(_output([1.0, 1.0], [1, 1]), teacher_ce_sum=torch.tensor([1.0, 0.0]))
     est.observe(_output([1.0, 1.0], [0, 1]))
     est.observe(_output([1.0, 1.0], [1, 0]))
-    with pytest.raises(RuntimeError, match=r"DiscrepancyEstimator.estimate_online: the teacher CE must be known for every domain"):
+    with pytest.raises(
+        RuntimeError, match=r"DiscrepancyEstimator.estimate_online: the teacher CE must be known for every domain"
+    ):
         DiscrepancyEstimator([make_batches(1, 1)] * 2, domain_names=["p", "q"]).estimate_online()
     d = est.estimate_online()
     assert d.teacher_ce.tolist() == [1.0, 0.0]

@@ -28,8 +28,9 @@ from ddk.integrations.transformers import (  # noqa: E402
 
 VOCAB, SEQ, SIZES, BATCH = 100, 12, (20, 14, 9), 4
 NAMES = ("a", "b", "c")
-COMMON = dict(report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, logging_steps=100,
-              save_strategy="no")
+COMMON = dict(
+    report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, logging_steps=100, save_strategy="no"
+)
 
 
 # ---------------------------------------------------------------------------- low-level form
@@ -44,7 +45,7 @@ def _data(ragged: bool = False) -> tuple[list[dict[str, torch.Tensor]], dict[str
             item = {"input_ids": r, "domain_id": d}
             if ragged:
                 labels = r.clone()
-                labels[int(torch.randint(2, SEQ + 1, (1,), generator=g)):] = -100
+                labels[int(torch.randint(2, SEQ + 1, (1,), generator=g)) :] = -100
                 item["labels"] = labels
             train.append(item)
         val[name] = [{"input_ids": rows[n:]}]
@@ -74,11 +75,21 @@ def _controller(batch: int = BATCH, online: bool = False, val=None) -> DDKContro
 
 def _low_level(out_dir: str, max_steps: int, online: bool = False, **extra) -> _RecordingTrainer:  # type: ignore[no-untyped-def]
     train, val = _data()
-    args = TrainingArguments(output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=BATCH,
-                             learning_rate=1e-2, seed=0, **{**COMMON, **extra})
-    return _RecordingTrainer(model=make_model("llama", VOCAB, seed=2), args=args, train_dataset=train,
-                             teacher=make_model("llama", VOCAB, hidden=48, layers=2, seed=1),
-                             controller=_controller(online=online, val=val))
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-2,
+        seed=0,
+        **{**COMMON, **extra},
+    )
+    return _RecordingTrainer(
+        model=make_model("llama", VOCAB, seed=2),
+        args=args,
+        train_dataset=train,
+        teacher=make_model("llama", VOCAB, hidden=48, layers=2, seed=1),
+        controller=_controller(online=online, val=val),
+    )
 
 
 def test_ddktrainer_low_level_resume_continues_sampler_and_controller_exactly(tmp_path):
@@ -110,10 +121,15 @@ def test_ddktrainer_low_level_domain_ids_follow_the_sampler_layout(tmp_path):
 
 def test_ddktrainer_low_level_rejects_item_in_the_wrong_domain(tmp_path):
     train, val = _data()
-    train = train[SIZES[0]:SIZES[0] + 1] + train[:SIZES[0]] + train[SIZES[0] + 1:]  # one domain-b item first
+    train = train[SIZES[0] : SIZES[0] + 1] + train[: SIZES[0]] + train[SIZES[0] + 1 :]  # one domain-b item first
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH, **COMMON)
-    tr = DDKTrainer(model=make_model("llama", VOCAB), args=args, train_dataset=train,
-                    teacher=make_model("llama", VOCAB, seed=1), controller=_controller(val=val))
+    tr = DDKTrainer(
+        model=make_model("llama", VOCAB),
+        args=args,
+        train_dataset=train,
+        teacher=make_model("llama", VOCAB, seed=1),
+        controller=_controller(val=val),
+    )
     batch = [{**train[0], "ddk_index": 0}]
     with pytest.raises(ValueError, match="item 0 must belong to domain 'a'.*got domain_id 1"):
         tr.data_collator(batch)
@@ -132,8 +148,13 @@ def test_ddktrainer_rejects_mismatched_batch_size(tmp_path):
     ctrl = DDKController(est, FactorSmoother(3), MixtureSampler(list(SIZES), 8, domain_names=NAMES), interval=2)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH, **COMMON)
     with pytest.raises(ValueError, match="per_device_train_batch_size=4; got 8"):
-        DDKTrainer(model=make_model("llama", VOCAB), args=args, train_dataset=train,
-                   teacher=make_model("llama", VOCAB, seed=1), controller=ctrl)
+        DDKTrainer(
+            model=make_model("llama", VOCAB),
+            args=args,
+            train_dataset=train,
+            teacher=make_model("llama", VOCAB, seed=1),
+            controller=ctrl,
+        )
 
 
 def test_ddktrainer_resume_without_ddk_state_raises(tmp_path):
@@ -152,19 +173,35 @@ def test_ddktrainer_evaluate_runs_on_eval_batches_without_sampler_index(tmp_path
 
 
 # ---------------------------------------------------------------------------- gradient accumulation
-def _final_weights(tmp: Path, per_device: int, accumulation: int, steps: int = 3, loss: str = "fused"
-                   ) -> dict[str, torch.Tensor]:
+def _final_weights(
+    tmp: Path, per_device: int, accumulation: int, steps: int = 3, loss: str = "fused"
+) -> dict[str, torch.Tensor]:
     train, val = _data(ragged=True)
     student = make_model("llama", VOCAB, seed=2).double()
     teacher = make_model("llama", VOCAB, hidden=48, layers=2, seed=1).double()
-    args = DDKConfig(output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=per_device,
-                     gradient_accumulation_steps=accumulation, learning_rate=0.5, optim="sgd", max_grad_norm=0.0,
-                     lr_scheduler_type="constant", seed=0, method="kd", loss=loss, **COMMON)
+    args = DDKConfig(
+        output_dir=str(tmp),
+        max_steps=steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.5,
+        optim="sgd",
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        seed=0,
+        method="kd",
+        loss=loss,
+        **COMMON,
+    )
     world = args.world_size
-    controller = DDKController(DiscrepancyEstimator(val, progress=False), FactorSmoother(3, mode="uniform"),
-                               MixtureSampler(list(SIZES), per_device * world, seed=3, domain_names=NAMES,
-                                              rank=args.process_index, world_size=world),
-                               interval=1000)
+    controller = DDKController(
+        DiscrepancyEstimator(val, progress=False),
+        FactorSmoother(3, mode="uniform"),
+        MixtureSampler(
+            list(SIZES), per_device * world, seed=3, domain_names=NAMES, rank=args.process_index, world_size=world
+        ),
+        interval=1000,
+    )
     # Two domains of weight 1/2: a global batch of 4 = the union of two consecutive batches of 2.
     controller.sampler.set_weights([0.5, 0.5, 0.0])
     tr = DDKTrainer(model=student, args=args, train_dataset=train, teacher=teacher, controller=controller)
@@ -197,11 +234,24 @@ def test_ddktrainer_resume_is_bit_identical_with_dropout(tmp_path):
     def run(out: Path, resume: bool | None, stop_at: int | None = None) -> dict[str, torch.Tensor]:
         train, val = _data()
         student = make_model("gpt2", VOCAB, dropout=0.1, seed=2)
-        args = DDKConfig(output_dir=str(out), max_steps=4, per_device_train_batch_size=BATCH, learning_rate=1e-2,
-                         seed=0, interval=2, **{**COMMON, "save_strategy": "steps"}, save_steps=2)
-        tr = DDKTrainer(model=student, args=args, train_dataset=train,
-                        teacher=make_model("gpt2", VOCAB, hidden=48, layers=2, seed=1), controller=_controller(val=val),
-                        callbacks=[_StopAt(stop_at)] if stop_at else None)
+        args = DDKConfig(
+            output_dir=str(out),
+            max_steps=4,
+            per_device_train_batch_size=BATCH,
+            learning_rate=1e-2,
+            seed=0,
+            interval=2,
+            **{**COMMON, "save_strategy": "steps"},
+            save_steps=2,
+        )
+        tr = DDKTrainer(
+            model=student,
+            args=args,
+            train_dataset=train,
+            teacher=make_model("gpt2", VOCAB, hidden=48, layers=2, seed=1),
+            controller=_controller(val=val),
+            callbacks=[_StopAt(stop_at)] if stop_at else None,
+        )
         tr.train(resume_from_checkpoint=resume)
         return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
@@ -219,17 +269,29 @@ def tok(tmp_path_factory):  # type: ignore[no-untyped-def]
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def _records(n: int = 24, words: int = 30, shuffle: bool = True, domain_field: str = "domain",
-             text_field: str = "text") -> datasets.Dataset:
+def _records(
+    n: int = 24, words: int = 30, shuffle: bool = True, domain_field: str = "domain", text_field: str = "text"
+) -> datasets.Dataset:
     rng = random.Random(0)
-    rows = [{domain_field: d, text_field: domain_text(d, rng, words)} for d in ("code", "prose", "math") for _ in range(n)]
+    rows = [
+        {domain_field: d, text_field: domain_text(d, rng, words)} for d in ("code", "prose", "math") for _ in range(n)
+    ]
     ds = datasets.Dataset.from_list(rows)
     return ds.shuffle(seed=1) if shuffle else ds
 
 
 def _config(tmp: Path, **kw) -> DDKConfig:  # type: ignore[no-untyped-def]
-    base = dict(output_dir=str(tmp), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, seq_len=16,
-                val_samples=4, interval=1, seed=0, **COMMON)
+    base = dict(
+        output_dir=str(tmp),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        seq_len=16,
+        val_samples=4,
+        interval=1,
+        seed=0,
+        **COMMON,
+    )
     return DDKConfig(**{**base, **kw})
 
 
@@ -249,8 +311,13 @@ def test_ddktrainer_one_call_takes_each_sequence_domain_from_the_column(tmp_path
 
     records = _records(domain_field="source", text_field="body")  # shuffled, string domains, other names
     args = _config(tmp_path, domain_column="source", text_column="body", max_steps=6)
-    tr = _SeenTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), hidden=48, seed=1),
-                      args=args, train_dataset=records, processing_class=tok)
+    tr = _SeenTrainer(
+        model=make_model("llama", len(tok), seed=2),
+        teacher=make_model("llama", len(tok), hidden=48, seed=1),
+        args=args,
+        train_dataset=records,
+        processing_class=tok,
+    )
     assert tr.controller.estimator.domain_names == ("code", "math", "prose")  # sorted
     tr.train()
     assert tr.controller.num_updates == 6
@@ -266,30 +333,51 @@ def test_ddktrainer_one_call_takes_each_sequence_domain_from_the_column(tmp_path
 
 def test_ddktrainer_one_call_evaluates_per_domain_and_accepts_eval_dataset(tmp_path, tok):
     records = _records()
-    held_out = {d: _records(n=6).filter(lambda r, d=d: r["domain"] == d).remove_columns("domain")
-                for d in ("code", "math", "prose")}
-    tr = DDKTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), seed=1),
-                    args=_config(tmp_path), train_dataset=records, eval_dataset=held_out, processing_class=tok)
+    held_out = {
+        d: _records(n=6).filter(lambda r, d=d: r["domain"] == d).remove_columns("domain")
+        for d in ("code", "math", "prose")
+    }
+    tr = DDKTrainer(
+        model=make_model("llama", len(tok), seed=2),
+        teacher=make_model("llama", len(tok), seed=1),
+        args=_config(tmp_path),
+        train_dataset=records,
+        eval_dataset=held_out,
+        processing_class=tok,
+    )
     metrics = tr.evaluate()
     assert {"eval_code_loss", "eval_math_loss", "eval_prose_loss"} <= set(metrics)
 
 
 @pytest.mark.parametrize("method", ["kd", "ddk-no-smoothing", "ddk-online"])
 def test_ddktrainer_one_call_methods_train(tmp_path, tok, method):
-    tr = DDKTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), seed=1),
-                    args=_config(tmp_path, method=method), train_dataset=_records(), processing_class=tok)
+    tr = DDKTrainer(
+        model=make_model("llama", len(tok), seed=2),
+        teacher=make_model("llama", len(tok), seed=1),
+        args=_config(tmp_path, method=method),
+        train_dataset=_records(),
+        processing_class=tok,
+    )
     tr.train()
     assert not tr.teacher.training and all(not p.requires_grad and p.grad is None for p in tr.teacher.parameters())
     assert tr.controller.num_updates == (0 if method == "kd" else 2)
-    assert tr.controller.smoother.mode == {"kd": "uniform", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}[method]
+    assert (
+        tr.controller.smoother.mode
+        == {"kd": "uniform", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}[method]
+    )
     assert tr.controller.online == (method == "ddk-online")
 
 
 def test_ddktrainer_cpt_trains_without_teacher(tmp_path, tok):
     student = make_model("llama", len(tok), seed=2)
     before = student.model.embed_tokens.weight.detach().clone()
-    tr = DDKTrainer(model=student, teacher=None, args=_config(tmp_path, method="cpt"), train_dataset=_records(),
-                    processing_class=tok)
+    tr = DDKTrainer(
+        model=student,
+        teacher=None,
+        args=_config(tmp_path, method="cpt"),
+        train_dataset=_records(),
+        processing_class=tok,
+    )
     out = tr.train()
     assert tr.teacher is None and torch.isfinite(torch.tensor(out.training_loss))
     assert not torch.equal(before, student.model.embed_tokens.weight)
@@ -300,8 +388,13 @@ def test_ddktrainer_one_call_pretokenized_input_ids(tmp_path, tok):
     records = _records().map(lambda r: {"input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]})
 
     def packed(ds: datasets.Dataset):  # type: ignore[no-untyped-def]
-        return DDKTrainer(model=make_model("llama", len(tok), seed=2), teacher=make_model("llama", len(tok), seed=1),
-                          args=_config(tmp_path), train_dataset=ds, processing_class=tok).packed
+        return DDKTrainer(
+            model=make_model("llama", len(tok), seed=2),
+            teacher=make_model("llama", len(tok), seed=1),
+            args=_config(tmp_path),
+            train_dataset=ds,
+            processing_class=tok,
+        ).packed
 
     ref, ids = packed(_records()), packed(records)
     assert ids.sizes == ref.sizes
@@ -329,12 +422,28 @@ def test_ddktrainer_fused_loss_never_allocates_tokens_by_vocab(tmp_path, monkeyp
     nv_bytes = b * (seq - 1) * vocab * 4
 
     def peak(loss: str) -> tuple[int, list[tuple[int, int]]]:
-        ctrl = DDKController(DiscrepancyEstimator(val, progress=False), FactorSmoother(2, mode="uniform"),
-                             MixtureSampler([8, 8], b, seed=0, domain_names=("a", "b")), interval=1000)
-        args = DDKConfig(output_dir=str(tmp_path / loss), max_steps=1, per_device_train_batch_size=b, optim="sgd",
-                         method="kd", loss=loss, **COMMON)
-        tr = DDKTrainer(model=make_model("llama", vocab, seed=2), teacher=make_model("llama", vocab, seed=1),
-                        args=args, train_dataset=train, controller=ctrl)
+        ctrl = DDKController(
+            DiscrepancyEstimator(val, progress=False),
+            FactorSmoother(2, mode="uniform"),
+            MixtureSampler([8, 8], b, seed=0, domain_names=("a", "b")),
+            interval=1000,
+        )
+        args = DDKConfig(
+            output_dir=str(tmp_path / loss),
+            max_steps=1,
+            per_device_train_batch_size=b,
+            optim="sgd",
+            method="kd",
+            loss=loss,
+            **COMMON,
+        )
+        tr = DDKTrainer(
+            model=make_model("llama", vocab, seed=2),
+            teacher=make_model("llama", vocab, seed=1),
+            args=args,
+            train_dataset=train,
+            controller=ctrl,
+        )
         tiles: list[tuple[int, int]] = []  # the largest logits tile of each fused call's plan
 
         def spy(*a, **kw):  # type: ignore[no-untyped-def]
@@ -358,78 +467,140 @@ def test_ddktrainer_fused_loss_never_allocates_tokens_by_vocab(tmp_path, monkeyp
 # ---------------------------------------------------------------------------- errors
 def test_ddktrainer_missing_domain_column_names_it_and_lists_columns(tmp_path, tok):
     records = _records().remove_columns("domain")
-    with pytest.raises(ValueError, match=r"train_dataset must have the domain column 'domain' .*got columns \['text'\]"):
-        DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)), args=_config(tmp_path),
-                   train_dataset=records, processing_class=tok)
+    with pytest.raises(
+        ValueError, match=r"train_dataset must have the domain column 'domain' .*got columns \['text'\]"
+    ):
+        DDKTrainer(
+            model=make_model("llama", len(tok)),
+            teacher=make_model("llama", len(tok)),
+            args=_config(tmp_path),
+            train_dataset=records,
+            processing_class=tok,
+        )
 
 
 def test_ddktrainer_missing_text_column_and_missing_pieces(tmp_path, tok):
     s, t = make_model("llama", len(tok)), make_model("llama", len(tok))
-    with pytest.raises(ValueError, match=r"text column 'body' .* or a pre-tokenized 'input_ids' column; got columns \['domain', 'text'\]"):
-        DDKTrainer(model=s, teacher=t, args=_config(tmp_path, text_column="body"), train_dataset=_records(shuffle=False),
-                   processing_class=tok)
+    with pytest.raises(
+        ValueError,
+        match=r"text column 'body' .* or a pre-tokenized 'input_ids' column; got columns \['domain', 'text'\]",
+    ):
+        DDKTrainer(
+            model=s,
+            teacher=t,
+            args=_config(tmp_path, text_column="body"),
+            train_dataset=_records(shuffle=False),
+            processing_class=tok,
+        )
     with pytest.raises(ValueError, match="args.seq_len must be set"):
-        DDKTrainer(model=s, teacher=t, args=_config(tmp_path, seq_len=None), train_dataset=_records(), processing_class=tok)
+        DDKTrainer(
+            model=s, teacher=t, args=_config(tmp_path, seq_len=None), train_dataset=_records(), processing_class=tok
+        )
     with pytest.raises(ValueError, match="processing_class must be the tokenizer"):
         DDKTrainer(model=s, teacher=t, args=_config(tmp_path), train_dataset=_records(), processing_class=None)
     with pytest.raises(ValueError, match=r"args.max_steps must be set > 0"):
-        DDKTrainer(model=s, teacher=t, args=_config(tmp_path, max_steps=-1), train_dataset=_records(), processing_class=tok)
+        DDKTrainer(
+            model=s, teacher=t, args=_config(tmp_path, max_steps=-1), train_dataset=_records(), processing_class=tok
+        )
     with pytest.raises(TypeError, match="args must be a DDKConfig when no controller is given"):
-        DDKTrainer(model=s, teacher=t, args=TrainingArguments(output_dir=str(tmp_path), **COMMON),
-                   train_dataset=_records(), processing_class=tok)
+        DDKTrainer(
+            model=s,
+            teacher=t,
+            args=TrainingArguments(output_dir=str(tmp_path), **COMMON),
+            train_dataset=_records(),
+            processing_class=tok,
+        )
 
 
 def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
     n = len(tok)
-    with pytest.raises(ValueError, match=rf"teacher must have at least the student's vocabulary of V={n} rows.*got {n - 50}"):
-        DDKTrainer(model=make_model("llama", n), teacher=make_model("llama", n - 50), args=_config(tmp_path),
-                   train_dataset=_records(), processing_class=tok)
-    with pytest.raises(ValueError, match=rf"processing_class must be the tokenizer of the student and the teacher .*got a tokenizer of {n} tokens"):
-        DDKTrainer(model=make_model("llama", n - 50), teacher=make_model("llama", n - 50), args=_config(tmp_path),
-                   train_dataset=_records(), processing_class=tok)
+    with pytest.raises(
+        ValueError, match=rf"teacher must have at least the student's vocabulary of V={n} rows.*got {n - 50}"
+    ):
+        DDKTrainer(
+            model=make_model("llama", n),
+            teacher=make_model("llama", n - 50),
+            args=_config(tmp_path),
+            train_dataset=_records(),
+            processing_class=tok,
+        )
+    with pytest.raises(
+        ValueError,
+        match=rf"processing_class must be the tokenizer of the student and the teacher .*got a tokenizer of {n} tokens",
+    ):
+        DDKTrainer(
+            model=make_model("llama", n - 50),
+            teacher=make_model("llama", n - 50),
+            args=_config(tmp_path),
+            train_dataset=_records(),
+            processing_class=tok,
+        )
     # a teacher vocabulary padded larger is fine
-    DDKTrainer(model=make_model("llama", n), teacher=make_model("llama", n + 8), args=_config(tmp_path),
-               train_dataset=_records(), processing_class=tok)
+    DDKTrainer(
+        model=make_model("llama", n),
+        teacher=make_model("llama", n + 8),
+        args=_config(tmp_path),
+        train_dataset=_records(),
+        processing_class=tok,
+    )
 
 
 @pytest.mark.parametrize("method", ["kd", "ddk", "ddk-no-smoothing", "ddk-online"])
 def test_ddktrainer_methods_other_than_cpt_need_a_teacher(tmp_path, tok, method):
     with pytest.raises(ValueError, match=rf"teacher must be given for method='{method}'.*got None"):
-        DDKTrainer(model=make_model("llama", len(tok)), teacher=None, args=_config(tmp_path, method=method),
-                   train_dataset=_records(), processing_class=tok)
+        DDKTrainer(
+            model=make_model("llama", len(tok)),
+            teacher=None,
+            args=_config(tmp_path, method=method),
+            train_dataset=_records(),
+            processing_class=tok,
+        )
 
 
 def test_ddktrainer_cpt_rejects_a_teacher(tmp_path, tok):
     with pytest.raises(ValueError, match="teacher must be None with method='cpt'"):
-        DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)),
-                   args=_config(tmp_path, method="cpt"), train_dataset=_records(), processing_class=tok)
+        DDKTrainer(
+            model=make_model("llama", len(tok)),
+            teacher=make_model("llama", len(tok)),
+            args=_config(tmp_path, method="cpt"),
+            train_dataset=_records(),
+            processing_class=tok,
+        )
 
 
 def test_ddktrainer_fused_loss_goes_through_a_data_parallel_wrapper(tmp_path, tok):
-    tr = DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", len(tok)), args=_config(tmp_path),
-                    train_dataset=_records(), processing_class=tok)
+    tr = DDKTrainer(
+        model=make_model("llama", len(tok)),
+        teacher=make_model("llama", len(tok)),
+        args=_config(tmp_path),
+        train_dataset=_records(),
+        processing_class=tok,
+    )
     wrapped = torch.nn.DataParallel(tr.model)
     assert tr._loss_student(wrapped) is wrapped  # causal_lm_kd_loss calls the wrapper's forward (hidden states only)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("gamma", -0.1, "gamma must be a finite number >= 0"),
-    ("gamma", float("nan"), "gamma must be a finite number >= 0"),
-    ("temperature", 0.0, "temperature must be a finite number > 0"),
-    ("divergence", "kl", "divergence must be one of"),
-    ("beta", 1.5, r"beta must be a number in \[0, 1\]"),
-    ("alpha", 0.0, r"alpha must be a number in \(0, 1\]"),
-    ("interval", 0, "interval must be an int >= 1"),
-    ("interval", 2.0, "interval must be an int >= 1"),
-    ("val_samples", 0, "val_samples must be an int >= 1"),
-    ("domain_column", "", "domain_column must be a non-empty column name"),
-    ("text_column", None, "text_column must be a non-empty column name"),
-    ("seq_len", 1, "seq_len must be None or an int >= 2"),
-    ("method", "doremi", "method must be one of"),
-    ("ddk_init", "random", "ddk_init must be one of"),
-    ("loss", "naive", "loss must be one of"),
-    ("kd_backend", "", "kd_backend must be a backend name"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("gamma", -0.1, "gamma must be a finite number >= 0"),
+        ("gamma", float("nan"), "gamma must be a finite number >= 0"),
+        ("temperature", 0.0, "temperature must be a finite number > 0"),
+        ("divergence", "kl", "divergence must be one of"),
+        ("beta", 1.5, r"beta must be a number in \[0, 1\]"),
+        ("alpha", 0.0, r"alpha must be a number in \(0, 1\]"),
+        ("interval", 0, "interval must be an int >= 1"),
+        ("interval", 2.0, "interval must be an int >= 1"),
+        ("val_samples", 0, "val_samples must be an int >= 1"),
+        ("domain_column", "", "domain_column must be a non-empty column name"),
+        ("text_column", None, "text_column must be a non-empty column name"),
+        ("seq_len", 1, "seq_len must be None or an int >= 2"),
+        ("method", "doremi", "method must be one of"),
+        ("ddk_init", "random", "ddk_init must be one of"),
+        ("loss", "naive", "loss must be one of"),
+        ("kd_backend", "", "kd_backend must be a backend name"),
+    ],
+)
 def test_ddkconfig_rejects_bad_values(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=f"DDKConfig: {message}.*got"):
         DDKConfig(output_dir=str(tmp_path), **{field: value})
@@ -438,17 +609,24 @@ def test_ddkconfig_rejects_bad_values(tmp_path, field, value, message):
 def test_ddkconfig_defaults_are_the_papers_and_fields_are_documented(tmp_path):
     cfg = DDKConfig(output_dir=str(tmp_path))
     assert (cfg.gamma, cfg.temperature, cfg.divergence, cfg.alpha, cfg.interval, cfg.val_samples) == (
-        0.2, 1.0, "forward_kl", 0.5, 1000, 500)
+        0.2,
+        1.0,
+        "forward_kl",
+        0.5,
+        1000,
+        500,
+    )
     assert (cfg.method, cfg.ddk_init, cfg.loss, cfg.seq_len) == ("ddk", "discrepancy", "fused", None)
     own = set(DDKConfig.__dataclass_fields__) - set(TrainingArguments.__dataclass_fields__)
     assert own and all(DDKConfig.__dataclass_fields__[f].metadata.get("help") for f in own)
-    parsed, = transformers.HfArgumentParser(DDKConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--gamma", "0.3", "--method", "kd", "--seq_len", "64"])
+    (parsed,) = transformers.HfArgumentParser(DDKConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--gamma", "0.3", "--method", "kd", "--seq_len", "64"]
+    )
     assert (parsed.gamma, parsed.method, parsed.seq_len) == (0.3, "kd", 64)
 
 
 # ---------------------------------------------------------------------------- README example
-README_EXAMPLE = '''
+README_EXAMPLE = """
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ddk.data import load_records
@@ -465,7 +643,7 @@ trainer = DDKTrainer(model=student, teacher=teacher, args=args,
                      train_dataset=records, processing_class=tokenizer)
 trainer.train()
 trainer.save_model("run/final")
-'''
+"""
 
 
 def test_readme_example_runs_as_printed(tmp_path, monkeypatch):

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from kd_cases import max_err
 from torch.profiler import ProfilerActivity, profile
 
 from ddk.losses.fused import causal_lm_kd_loss
-from kd_cases import max_err
 
 transformers = pytest.importorskip("transformers")
 from hf_models import FAMILIES, make_model  # noqa: E402
@@ -38,7 +38,7 @@ def _batch(b: int = 3, seq: int = 10, vocab: int = V, seed: int = 0) -> dict[str
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(2, vocab, (b, seq), generator=g)
     attention_mask = torch.ones(b, seq, dtype=torch.long)
-    attention_mask[-1, seq - 3:] = 0  # right padding
+    attention_mask[-1, seq - 3 :] = 0  # right padding
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[0, 4] = -100  # an ignored token inside a sequence
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -75,8 +75,15 @@ def _reference(student, teacher, batch, domain_ids, num_domains, *, gamma, tempe
     loss = (ce.sum() + gamma * kl.sum()) / n
     d = dom.reshape(-1)
     per = lambda x: torch.zeros(num_domains, dtype=x.dtype, device=x.device).index_add_(0, d, x.detach())  # noqa: E731
-    return dict(loss=loss, ce_sum=ce.sum().detach(), kd_sum=kl.sum().detach(), num_tokens=n,
-                domain_ce_sum=per(ce), domain_kd_sum=per(kl), domain_tokens=per(valid.reshape(-1).long()))
+    return dict(
+        loss=loss,
+        ce_sum=ce.sum().detach(),
+        kd_sum=kl.sum().detach(),
+        num_tokens=n,
+        domain_ce_sum=per(ce),
+        domain_kd_sum=per(kl),
+        domain_tokens=per(valid.reshape(-1).long()),
+    )
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -212,8 +219,9 @@ def test_causal_lm_kd_loss_fused_never_allocates_tokens_by_vocab() -> None:
 
     def peak_op_bytes(**kw) -> int:  # type: ignore[no-untyped-def]
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = causal_lm_kd_loss(student, teacher, {"input_ids": input_ids}, domain_ids=torch.arange(b) % 2,
-                                    num_domains=2, **kw)
+            out = causal_lm_kd_loss(
+                student, teacher, {"input_ids": input_ids}, domain_ids=torch.arange(b) % 2, num_domains=2, **kw
+            )
             out.loss.backward()
         student.zero_grad(set_to_none=True)
         return max(e.cpu_memory_usage for e in prof.events())
@@ -232,39 +240,96 @@ def _bad_cases():  # type: ignore[no-untyped-def]
     bare = student.model  # LlamaModel: no lm_head, no .logits
     dom = torch.tensor([0, 1])
     return [
-        (dict(student_model=bare), TypeError, C + "student_model must have an output embedding (lm_head, from "
-         "get_output_embeddings()); got LlamaModel without one. Pass the ...ForCausalLM model, not its bare decoder."),
-        (dict(teacher_model=torch.nn.Linear(3, 3)), TypeError, C + "teacher_model must have an output embedding "
-         "(lm_head, from get_output_embeddings()); got Linear without one. Pass the ...ForCausalLM model, not its bare decoder."),
-        (dict(student_model=bare, loss="logits"), TypeError, C + "student_model must return .logits of shape (B, L, V) "
-         "with (B, L)=(2, 6); got LlamaModel returning BaseModelOutputWithPast."),
-        (dict(batch={**batch, "labels": batch["labels"][:, 1:]}), ValueError, C + "batch['labels'] must have the shape "
-         "of input_ids (2, 6) (unshifted: the shift happens inside); got (2, 5)."),
-        (dict(teacher_model=small_teacher), ValueError, C + "teacher_model must have a vocabulary of at least the "
-         "student's V=97 (a larger teacher vocabulary is sliced); got 94. Teacher and student must share a tokenizer."),
-        (dict(teacher_model=small_teacher, loss="logits"), ValueError, C + "teacher_model must have a vocabulary of at "
-         "least the student's V=97 (a larger teacher vocabulary is sliced); got 94. Teacher and student must share a tokenizer."),
-        (dict(batch={**batch, "domain_ids": dom}, domain_ids=dom, num_domains=2), ValueError,
-         C + "domain_ids must be given once, as the keyword or as batch['domain_ids']; got both."),
-        (dict(domain_ids=torch.tensor([0, 1, 1]), num_domains=2), ValueError,
-         C + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (3,) with (B, L)=(2, 6)."),
-        (dict(domain_ids=torch.zeros(2, 5, dtype=torch.long), num_domains=2), ValueError,
-         C + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 5) with (B, L)=(2, 6)."),
+        (
+            dict(student_model=bare),
+            TypeError,
+            C + "student_model must have an output embedding (lm_head, from "
+            "get_output_embeddings()); got LlamaModel without one. Pass the ...ForCausalLM model, not its bare decoder.",
+        ),
+        (
+            dict(teacher_model=torch.nn.Linear(3, 3)),
+            TypeError,
+            C + "teacher_model must have an output embedding "
+            "(lm_head, from get_output_embeddings()); got Linear without one. Pass the ...ForCausalLM model, not its bare decoder.",
+        ),
+        (
+            dict(student_model=bare, loss="logits"),
+            TypeError,
+            C + "student_model must return .logits of shape (B, L, V) "
+            "with (B, L)=(2, 6); got LlamaModel returning BaseModelOutputWithPast.",
+        ),
+        (
+            dict(batch={**batch, "labels": batch["labels"][:, 1:]}),
+            ValueError,
+            C + "batch['labels'] must have the shape "
+            "of input_ids (2, 6) (unshifted: the shift happens inside); got (2, 5).",
+        ),
+        (
+            dict(teacher_model=small_teacher),
+            ValueError,
+            C + "teacher_model must have a vocabulary of at least the "
+            "student's V=97 (a larger teacher vocabulary is sliced); got 94. Teacher and student must share a tokenizer.",
+        ),
+        (
+            dict(teacher_model=small_teacher, loss="logits"),
+            ValueError,
+            C + "teacher_model must have a vocabulary of at "
+            "least the student's V=97 (a larger teacher vocabulary is sliced); got 94. Teacher and student must share a tokenizer.",
+        ),
+        (
+            dict(batch={**batch, "domain_ids": dom}, domain_ids=dom, num_domains=2),
+            ValueError,
+            C + "domain_ids must be given once, as the keyword or as batch['domain_ids']; got both.",
+        ),
+        (
+            dict(domain_ids=torch.tensor([0, 1, 1]), num_domains=2),
+            ValueError,
+            C + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (3,) with (B, L)=(2, 6).",
+        ),
+        (
+            dict(domain_ids=torch.zeros(2, 5, dtype=torch.long), num_domains=2),
+            ValueError,
+            C + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 5) with (B, L)=(2, 6).",
+        ),
         (dict(domain_ids=torch.tensor([0, 2]), num_domains=2), ValueError, C + "domain_ids must be in [0, 2); got 2."),
-        (dict(domain_ids=dom), ValueError,
-         C + "num_domains must be given with domain_ids (the length of the per-domain sums); got None."),
-        (dict(teacher_model=None), ValueError,
-         C + "gamma must be 0 or not given when teacher_model is None (continued pretraining: CE only); got 0.2."),
-        (dict(teacher_model=None, gamma=0.1), ValueError,
-         C + "gamma must be 0 or not given when teacher_model is None (continued pretraining: CE only); got 0.1."),
+        (
+            dict(domain_ids=dom),
+            ValueError,
+            C + "num_domains must be given with domain_ids (the length of the per-domain sums); got None.",
+        ),
+        (
+            dict(teacher_model=None),
+            ValueError,
+            C + "gamma must be 0 or not given when teacher_model is None (continued pretraining: CE only); got 0.2.",
+        ),
+        (
+            dict(teacher_model=None, gamma=0.1),
+            ValueError,
+            C + "gamma must be 0 or not given when teacher_model is None (continued pretraining: CE only); got 0.1.",
+        ),
         (dict(loss="naive"), ValueError, C + "loss must be one of ('fused', 'logits'); got 'naive'."),
-        (dict(loss="logits", strategy="recompute"), TypeError, C + "options must be among ('gamma', 'temperature', "
-         "'divergence', 'beta', 'ignore_index', 't2_scale', 'backend', 'check_inputs') with loss='logits'; got 'strategy'."),
-        (dict(shift=True), TypeError, C + "options must be among ('gamma', 'temperature', 'divergence', 'beta', "
-         "'ignore_index', 't2_scale', 'backend', 'strategy', 'workspace_bytes', 'check_inputs') with loss='fused'; got 'shift'."),
-        (dict(batch={"labels": batch["labels"]}), ValueError, C + "batch must hold 'input_ids' (B, L); got keys ['labels']."),
-        (dict(batch={"input_ids": batch["input_ids"].reshape(-1)}), ValueError,
-         C + "batch['input_ids'] must be a (B, L) integer tensor; got (12,) torch.int64."),
+        (
+            dict(loss="logits", strategy="recompute"),
+            TypeError,
+            C + "options must be among ('gamma', 'temperature', "
+            "'divergence', 'beta', 'ignore_index', 't2_scale', 'backend', 'check_inputs') with loss='logits'; got 'strategy'.",
+        ),
+        (
+            dict(shift=True),
+            TypeError,
+            C + "options must be among ('gamma', 'temperature', 'divergence', 'beta', "
+            "'ignore_index', 't2_scale', 'backend', 'strategy', 'workspace_bytes', 'check_inputs') with loss='fused'; got 'shift'.",
+        ),
+        (
+            dict(batch={"labels": batch["labels"]}),
+            ValueError,
+            C + "batch must hold 'input_ids' (B, L); got keys ['labels'].",
+        ),
+        (
+            dict(batch={"input_ids": batch["input_ids"].reshape(-1)}),
+            ValueError,
+            C + "batch['input_ids'] must be a (B, L) integer tensor; got (12,) torch.int64.",
+        ),
         (dict(temperature=0.0), ValueError, C + "temperature must be a finite number > 0; got 0.0."),
     ], dict(student_model=student, teacher_model=teacher, batch=batch)
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fused_cases import make_case
+from kd_cases import max_err
 from torch.profiler import ProfilerActivity, profile
 
 from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss
 from ddk.losses.kd import kd_loss
 from ddk_kernels import fused_chunked, fused_plan
 from ddk_kernels.reference import kd_loss_reference
-from fused_cases import make_case
-from kd_cases import max_err
 
 STRATEGIES = ["recompute", "token_chunks"]
 SMALL_WS = 8 * 4 * 16 * 32  # forces several chunks and (recompute) several vocab tiles here
@@ -25,8 +25,14 @@ def _public(case, *, strategy="auto", workspace_bytes=SMALL_WS, **opts):  # type
     w = case.w.detach().clone().requires_grad_()
     b = None if case.b is None else case.b.detach().clone().requires_grad_()
     out = fused_linear_kd_loss(
-        h, w, case.labels, student_bias=b, strategy=strategy, workspace_bytes=workspace_bytes,
-        **case.teacher_kwargs(), **opts,
+        h,
+        w,
+        case.labels,
+        student_bias=b,
+        strategy=strategy,
+        workspace_bytes=workspace_bytes,
+        **case.teacher_kwargs(),
+        **opts,
     )
     out.loss.backward()
     return out, (h.grad, w.grad, None if b is None else b.grad)
@@ -51,7 +57,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> bool:
 @pytest.mark.parametrize("teacher_as_logits", [False, True])
 def test_fused_linear_kd_loss_matches_oracle_with_domains(strategy: str, teacher_as_logits: bool) -> None:
     case = make_case(29, 12, 20, 67, 70, seed=21, bias=True, teacher_as_logits=teacher_as_logits, num_domains=4)
-    opts = dict(domain_ids=case.domain_ids, num_domains=4, gamma=0.4, temperature=2.0, t2_scale=True, divergence="jsd", beta=0.3)
+    opts = dict(
+        domain_ids=case.domain_ids, num_domains=4, gamma=0.4, temperature=2.0, t2_scale=True, divergence="jsd", beta=0.3
+    )
     out, grads = _public(case, strategy=strategy, **opts)
     ref, ref_grads = _oracle(case, **opts)
     for field in ("loss", "ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum"):
@@ -84,8 +92,15 @@ def test_fused_linear_kd_loss_normalizer_two_halves_equal_full_batch(strategy: s
     loss = 0.0
     for sl in (slice(0, 15), slice(15, 30)):
         out = fused_linear_kd_loss(
-            h[sl], w, case.labels[sl], teacher_hidden=case.th[sl], teacher_weight=case.tw, student_bias=b,
-            normalizer=total, strategy=strategy, workspace_bytes=SMALL_WS,
+            h[sl],
+            w,
+            case.labels[sl],
+            teacher_hidden=case.th[sl],
+            teacher_weight=case.tw,
+            student_bias=b,
+            normalizer=total,
+            strategy=strategy,
+            workspace_bytes=SMALL_WS,
         )
         out.loss.backward()
         loss = loss + out.loss.detach()
@@ -134,7 +149,9 @@ def test_fused_linear_kd_loss_never_allocates_n_by_v() -> None:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(fused_chunked, "plan_fused", spy)
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                out = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, workspace_bytes=512 << 10, **kw)
+                out = fused_linear_kd_loss(
+                    h, w, labels, teacher_hidden=th, teacher_weight=tw, workspace_bytes=512 << 10, **kw
+                )
                 out.loss.backward()
         return max(e.cpu_memory_usage for e in prof.events()), tiles
 
@@ -152,8 +169,15 @@ def test_fused_linear_kd_loss_module_wrapper() -> None:
     assert "reverse_kl" in repr(mod)
     out = mod(case.h, case.w, case.labels, teacher_hidden=case.th, teacher_weight=case.tw, domain_ids=case.domain_ids)
     ref = fused_linear_kd_loss(
-        case.h, case.w, case.labels, teacher_hidden=case.th, teacher_weight=case.tw, domain_ids=case.domain_ids,
-        num_domains=2, gamma=0.5, divergence="reverse_kl",
+        case.h,
+        case.w,
+        case.labels,
+        teacher_hidden=case.th,
+        teacher_weight=case.tw,
+        domain_ids=case.domain_ids,
+        num_domains=2,
+        gamma=0.5,
+        divergence="reverse_kl",
     )
     assert _close(out.loss, ref.loss) and out.domain_tokens.tolist() == ref.domain_tokens.tolist()
 
@@ -167,33 +191,127 @@ def _bad_inputs():  # type: ignore[no-untyped-def]
     F = "fused_linear_kd_loss: "
     return [
         (dict(student_hidden=[1.0]), TypeError, F + "student_hidden must be a torch.Tensor; got list."),
-        (dict(student_hidden=torch.randn(n)), ValueError, F + "student_hidden must be a 2-D (N, Hs) or 3-D (B, L, Hs) float tensor; got shape (4,) and dtype torch.float32."),
-        (dict(teacher_hidden=torch.randn(1, n, ht)), ValueError, F + "teacher_hidden must be a 2-D float tensor; got shape (1, 4, 5) and dtype torch.float32."),
-        (dict(shift=True), ValueError, F + "shift=True needs 3-D inputs (student_hidden (B, L, ...) and labels (B, L)) to shift within each sequence; got student_hidden of shape (4, 3). Pass (B, L, ...) inputs, or shift the labels yourself and keep shift=False."),
-        (dict(domain_ids=torch.zeros(2, 2, dtype=torch.long), num_domains=2), ValueError, F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 2) with N=4."),
-        (dict(labels=labels[None]), ValueError, F + "labels must be (N,), or (B, L) with 3-D inputs; got (1, 4) with N=4."),
-        (dict(student_weight=torch.randn(v, hs + 1)), ValueError, F + "student_weight must have shape (V, Hs) with Hs=3 like student_hidden; got (7, 4)."),
-        (dict(student_weight=w.double()), TypeError, F + "student_weight must have the dtype of student_hidden (torch.float32); got torch.float64."),
-        (dict(student_bias=torch.randn(v + 1)), ValueError, F + "student_bias must be a 1-D tensor of length V=7 or None; got (8,)."),
-        (dict(teacher_logits=tl), ValueError, F + "teacher must be given exactly one way, teacher_hidden + teacher_weight or teacher_logits; got teacher_hidden=set, teacher_weight=set, teacher_logits=set."),
-        (dict(teacher_hidden=None, teacher_weight=None), ValueError, F + "teacher must be given exactly one way, teacher_hidden + teacher_weight or teacher_logits; got teacher_hidden=None, teacher_weight=None, teacher_logits=None."),
-        (dict(teacher_weight=None), ValueError, F + "teacher_weight must be given together with the other teacher tensor; got None."),
-        (dict(teacher_hidden=torch.randn(n + 1, ht)), ValueError, F + "teacher_hidden must have N=4 rows like student_hidden; got (5, 5)."),
-        (dict(teacher_weight=torch.randn(v, ht + 1)), ValueError, F + "teacher_weight must have shape (Vt, Ht) with Ht=5 like teacher_hidden; got (7, 6)."),
-        (dict(teacher_weight=torch.randn(v - 1, ht)), ValueError, F + "teacher_weight must have at least the student's V=7 rows (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer."),
-        (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n, v - 1)), ValueError, F + "teacher_logits must have at least the student's V=7 columns (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer."),
-        (dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n + 1, v)), ValueError, F + "teacher_logits must have N=4 rows like student_hidden; got (5, 7)."),
-        (dict(labels=torch.tensor([0, 1, 7, 2])), ValueError, F + "labels must be in [0, 7) or equal ignore_index=-100; got 7. "
-         "Labels come from the student's tokenizer: check that teacher, student and data share it."),
+        (
+            dict(student_hidden=torch.randn(n)),
+            ValueError,
+            F
+            + "student_hidden must be a 2-D (N, Hs) or 3-D (B, L, Hs) float tensor; got shape (4,) and dtype torch.float32.",
+        ),
+        (
+            dict(teacher_hidden=torch.randn(1, n, ht)),
+            ValueError,
+            F + "teacher_hidden must be a 2-D float tensor; got shape (1, 4, 5) and dtype torch.float32.",
+        ),
+        (
+            dict(shift=True),
+            ValueError,
+            F
+            + "shift=True needs 3-D inputs (student_hidden (B, L, ...) and labels (B, L)) to shift within each sequence; got student_hidden of shape (4, 3). Pass (B, L, ...) inputs, or shift the labels yourself and keep shift=False.",
+        ),
+        (
+            dict(domain_ids=torch.zeros(2, 2, dtype=torch.long), num_domains=2),
+            ValueError,
+            F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 2) with N=4.",
+        ),
+        (
+            dict(labels=labels[None]),
+            ValueError,
+            F + "labels must be (N,), or (B, L) with 3-D inputs; got (1, 4) with N=4.",
+        ),
+        (
+            dict(student_weight=torch.randn(v, hs + 1)),
+            ValueError,
+            F + "student_weight must have shape (V, Hs) with Hs=3 like student_hidden; got (7, 4).",
+        ),
+        (
+            dict(student_weight=w.double()),
+            TypeError,
+            F + "student_weight must have the dtype of student_hidden (torch.float32); got torch.float64.",
+        ),
+        (
+            dict(student_bias=torch.randn(v + 1)),
+            ValueError,
+            F + "student_bias must be a 1-D tensor of length V=7 or None; got (8,).",
+        ),
+        (
+            dict(teacher_logits=tl),
+            ValueError,
+            F
+            + "teacher must be given exactly one way, teacher_hidden + teacher_weight or teacher_logits; got teacher_hidden=set, teacher_weight=set, teacher_logits=set.",
+        ),
+        (
+            dict(teacher_hidden=None, teacher_weight=None),
+            ValueError,
+            F
+            + "teacher must be given exactly one way, teacher_hidden + teacher_weight or teacher_logits; got teacher_hidden=None, teacher_weight=None, teacher_logits=None.",
+        ),
+        (
+            dict(teacher_weight=None),
+            ValueError,
+            F + "teacher_weight must be given together with the other teacher tensor; got None.",
+        ),
+        (
+            dict(teacher_hidden=torch.randn(n + 1, ht)),
+            ValueError,
+            F + "teacher_hidden must have N=4 rows like student_hidden; got (5, 5).",
+        ),
+        (
+            dict(teacher_weight=torch.randn(v, ht + 1)),
+            ValueError,
+            F + "teacher_weight must have shape (Vt, Ht) with Ht=5 like teacher_hidden; got (7, 6).",
+        ),
+        (
+            dict(teacher_weight=torch.randn(v - 1, ht)),
+            ValueError,
+            F
+            + "teacher_weight must have at least the student's V=7 rows (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer.",
+        ),
+        (
+            dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n, v - 1)),
+            ValueError,
+            F
+            + "teacher_logits must have at least the student's V=7 columns (a larger teacher vocabulary is sliced); got 6. Teacher and student must share a tokenizer.",
+        ),
+        (
+            dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n + 1, v)),
+            ValueError,
+            F + "teacher_logits must have N=4 rows like student_hidden; got (5, 7).",
+        ),
+        (
+            dict(labels=torch.tensor([0, 1, 7, 2])),
+            ValueError,
+            F + "labels must be in [0, 7) or equal ignore_index=-100; got 7. "
+            "Labels come from the student's tokenizer: check that teacher, student and data share it.",
+        ),
         (dict(labels=labels.float()), TypeError, F + "labels must be int64 or int32; got torch.float32."),
-        (dict(domain_ids=torch.tensor([0, 1, 2, 3]), num_domains=3), ValueError, F + "domain_ids must be in [0, 3); got 3."),
-        (dict(divergence="kl"), ValueError, F + "divergence must be one of ('forward_kl', 'reverse_kl', 'jsd'); got 'kl'."),
+        (
+            dict(domain_ids=torch.tensor([0, 1, 2, 3]), num_domains=3),
+            ValueError,
+            F + "domain_ids must be in [0, 3); got 3.",
+        ),
+        (
+            dict(divergence="kl"),
+            ValueError,
+            F + "divergence must be one of ('forward_kl', 'reverse_kl', 'jsd'); got 'kl'.",
+        ),
         (dict(temperature=0.0), ValueError, F + "temperature must be a finite number > 0; got 0.0."),
-        (dict(normalizer=0), ValueError, F + "normalizer must be > 0 (e.g. the token count of the whole accumulated batch); got 0."),
-        (dict(strategy="fast"), ValueError, F + "strategy must be one of ('auto', 'recompute', 'token_chunks', 'gemm'); got 'fast'."),
+        (
+            dict(normalizer=0),
+            ValueError,
+            F + "normalizer must be > 0 (e.g. the token count of the whole accumulated batch); got 0.",
+        ),
+        (
+            dict(strategy="fast"),
+            ValueError,
+            F + "strategy must be one of ('auto', 'recompute', 'token_chunks', 'gemm'); got 'fast'.",
+        ),
         (dict(workspace_bytes=0), ValueError, F + "workspace_bytes must be a positive int or None; got 0."),
         (dict(backend="cuda"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked'); got 'cuda'."),
-        (dict(backend="triton"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked'); got 'triton' (a backend of kd_loss only)."),
+        (
+            dict(backend="triton"),
+            ValueError,
+            F + "backend must be one of ('auto', 'reference', 'chunked'); got 'triton' (a backend of kd_loss only).",
+        ),
     ], base
 
 
@@ -215,8 +333,14 @@ def test_fused_linear_kd_loss_bad_input_message(change, exc, message) -> None:  
 def _tiny_llama(vocab: int, seed: int):  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).double()
@@ -280,16 +404,31 @@ def test_fused_linear_kd_loss_3d_shift_matches_oracle_on_shifted_rows(teacher_as
     bias = case.b.detach().clone().requires_grad_()
     teacher = {k: (v.reshape(b, seq, -1) if k != "teacher_weight" else v) for k, v in case.teacher_kwargs().items()}
     opts = dict(num_domains=3, gamma=0.4, temperature=2.0, divergence="reverse_kl")
-    out = fused_linear_kd_loss(h, w, case.labels.reshape(b, seq), student_bias=bias, domain_ids=dom, shift=True,
-                               workspace_bytes=SMALL_WS, **teacher, **opts)
+    out = fused_linear_kd_loss(
+        h,
+        w,
+        case.labels.reshape(b, seq),
+        student_bias=bias,
+        domain_ids=dom,
+        shift=True,
+        workspace_bytes=SMALL_WS,
+        **teacher,
+        **opts,
+    )
     out.loss.backward()
     # the oracle on hand-shifted rows: positions 0..L-2 with the labels (and domains) of 1..L-1
     keep = torch.arange(b * seq).reshape(b, seq)[:, :-1].reshape(-1)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (case.h, case.w, case.b))
     zt = case.tl.double() if case.tl is not None else case.th.double() @ case.tw.double().T
     rows_dom = (dom[:, 1:] if per_token else dom[:, None].expand(b, seq - 1)).reshape(-1)
-    ref = kd_loss_reference((h64 @ w64.T + b64)[keep], zt[keep], case.labels.reshape(b, seq)[:, 1:].reshape(-1),
-                            domain_ids=rows_dom, compute_dtype=torch.float64, **opts)
+    ref = kd_loss_reference(
+        (h64 @ w64.T + b64)[keep],
+        zt[keep],
+        case.labels.reshape(b, seq)[:, 1:].reshape(-1),
+        domain_ids=rows_dom,
+        compute_dtype=torch.float64,
+        **opts,
+    )
     ref.loss.backward()
     for field in ("loss", "ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum"):
         assert _close(getattr(out, field), getattr(ref, field)), field
@@ -304,13 +443,26 @@ def test_fused_linear_kd_loss_3d_bad_shape_messages() -> None:
     th, tw = torch.randn(b, seq, 4), torch.randn(v, 4)
     F = "fused_linear_kd_loss: "
     cases = [
-        (dict(teacher_hidden=th[:, 1:]), F + "teacher_hidden must be 3-D (B, L, ...) like student_hidden; got (2, 4, 4) with (B, L)=(2, 5)."),
-        (dict(teacher_hidden=th.reshape(b * seq, 4)), F + "teacher_hidden must be 3-D (B, L, ...) like student_hidden; got (10, 4) with (B, L)=(2, 5)."),
-        (dict(labels=y.reshape(-1)), F + "labels must be (N,), or (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5)."),
-        (dict(domain_ids=torch.zeros(b * seq, dtype=torch.long), num_domains=2),
-         F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5)."),
-        (dict(domain_ids=torch.zeros(b + 1, dtype=torch.long), num_domains=2),
-         F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (3,) with (B, L)=(2, 5)."),
+        (
+            dict(teacher_hidden=th[:, 1:]),
+            F + "teacher_hidden must be 3-D (B, L, ...) like student_hidden; got (2, 4, 4) with (B, L)=(2, 5).",
+        ),
+        (
+            dict(teacher_hidden=th.reshape(b * seq, 4)),
+            F + "teacher_hidden must be 3-D (B, L, ...) like student_hidden; got (10, 4) with (B, L)=(2, 5).",
+        ),
+        (
+            dict(labels=y.reshape(-1)),
+            F + "labels must be (N,), or (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5).",
+        ),
+        (
+            dict(domain_ids=torch.zeros(b * seq, dtype=torch.long), num_domains=2),
+            F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5).",
+        ),
+        (
+            dict(domain_ids=torch.zeros(b + 1, dtype=torch.long), num_domains=2),
+            F + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (3,) with (B, L)=(2, 5).",
+        ),
     ]
     for change, message in cases:
         kw = {**dict(labels=y, teacher_hidden=th, teacher_weight=tw, shift=True), **change}
@@ -329,14 +481,30 @@ def test_fused_linear_kd_loss_under_cpu_autocast_runs_in_bf16(strategy: str) -> 
     w = case.w.clone().requires_grad_()
     th = case.th.reshape(b, seq, -1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = fused_linear_kd_loss(h, w, case.labels.reshape(b, seq), teacher_hidden=th, teacher_weight=case.tw,
-                                   student_bias=case.b, shift=True, strategy=strategy, workspace_bytes=SMALL_WS)
+        out = fused_linear_kd_loss(
+            h,
+            w,
+            case.labels.reshape(b, seq),
+            teacher_hidden=th,
+            teacher_weight=case.tw,
+            student_bias=case.b,
+            shift=True,
+            strategy=strategy,
+            workspace_bytes=SMALL_WS,
+        )
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     r = lambda t: t.detach().bfloat16().double()  # noqa: E731
     h64, w64 = r(h).requires_grad_(), r(w).requires_grad_()
-    want = fused_linear_kd_loss(h64, w64, case.labels.reshape(b, seq), teacher_hidden=r(th), teacher_weight=r(case.tw),
-                                student_bias=r(case.b), shift=True)
+    want = fused_linear_kd_loss(
+        h64,
+        w64,
+        case.labels.reshape(b, seq),
+        teacher_hidden=r(th),
+        teacher_weight=r(case.tw),
+        student_bias=r(case.b),
+        shift=True,
+    )
     want.loss.backward()
     assert _close(out.loss, want.loss, 1e-5)
     assert _close(h.grad, h64.grad, 1e-2) and _close(w.grad, w64.grad, 1e-2)  # gradients rounded to bf16

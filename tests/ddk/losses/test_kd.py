@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kd_cases import DIVERGENCE_CASES, realistic_logits
 
 import ddk
 from ddk import KDLoss, kd_loss
 from ddk.losses import flatten_for_loss
 from ddk_kernels.dispatch import available_backends
 from ddk_kernels.reference import kd_loss_reference
-from kd_cases import DIVERGENCE_CASES, realistic_logits
 
 CPU_BACKENDS = [name for name, reason in available_backends("cpu").items() if not reason]
 
@@ -24,13 +24,28 @@ def test_kd_loss_matches_oracle_with_domains(backend: str, divergence: str, beta
     domain_ids[domain_ids == 3] = 2  # domain 3 stays empty
     zs.requires_grad_(True)
     out = kd_loss(
-        zs, zt, labels, domain_ids=domain_ids, num_domains=4, gamma=0.7, temperature=2.0,
-        divergence=divergence, beta=beta, backend=backend,
+        zs,
+        zt,
+        labels,
+        domain_ids=domain_ids,
+        num_domains=4,
+        gamma=0.7,
+        temperature=2.0,
+        divergence=divergence,
+        beta=beta,
+        backend=backend,
     )
     zs64 = zs.detach().double().requires_grad_(True)
     ref = kd_loss_reference(
-        zs64, zt.double(), labels, domain_ids=domain_ids, num_domains=4, gamma=0.7,
-        temperature=2.0, divergence=divergence, beta=beta,
+        zs64,
+        zt.double(),
+        labels,
+        domain_ids=domain_ids,
+        num_domains=4,
+        gamma=0.7,
+        temperature=2.0,
+        divergence=divergence,
+        beta=beta,
     )
     (3.0 * out.loss).backward()
     (3.0 * ref.loss).backward()
@@ -65,8 +80,15 @@ def test_kd_loss_module_wrapper_matches_function() -> None:
 
 def test_kd_loss_public_names_exported() -> None:
     assert ddk.KDLossOutput is type(kd_loss(*realistic_logits(2, 3)))
-    for name in ("DomainPartitioner", "DiscrepancyEstimator", "FactorSmoother", "MixtureSampler",
-                 "DDKController", "kd_loss", "KDLossOutput"):
+    for name in (
+        "DomainPartitioner",
+        "DiscrepancyEstimator",
+        "FactorSmoother",
+        "MixtureSampler",
+        "DDKController",
+        "kd_loss",
+        "KDLossOutput",
+    ):
         assert hasattr(ddk, name), name
 
 
@@ -75,24 +97,76 @@ def _inputs():  # type: ignore[no-untyped-def]
 
 
 BAD_CASES = [
-    (lambda zs, zt, y: kd_loss(zs[0], zt, y), ValueError, r"kd_loss: student_logits must be a 2-D \(N, V\) or 3-D \(B, L, V\) float tensor"),
-    (lambda zs, zt, y: kd_loss(zs.long(), zt, y), ValueError, r"student_logits must be a 2-D \(N, V\) or 3-D \(B, L, V\) float tensor; .* dtype torch.int64"),
-    (lambda zs, zt, y: kd_loss(zs.tolist(), zt, y), TypeError, r"kd_loss: student_logits must be a torch.Tensor; got list"),
+    (
+        lambda zs, zt, y: kd_loss(zs[0], zt, y),
+        ValueError,
+        r"kd_loss: student_logits must be a 2-D \(N, V\) or 3-D \(B, L, V\) float tensor",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs.long(), zt, y),
+        ValueError,
+        r"student_logits must be a 2-D \(N, V\) or 3-D \(B, L, V\) float tensor; .* dtype torch.int64",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs.tolist(), zt, y),
+        TypeError,
+        r"kd_loss: student_logits must be a torch.Tensor; got list",
+    ),
     (lambda zs, zt, y: kd_loss(zs, zt[:3], y), ValueError, r"teacher_logits must have N=4 rows"),
     (lambda zs, zt, y: kd_loss(zs, zt[:, :5], y), ValueError, r"at least the student's V=6 columns .* got 5"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y[:3]), ValueError, r"labels must be \(N,\), or \(B, L\) with 3-D inputs; got \(3,\) with N=4\."),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y[:3]),
+        ValueError,
+        r"labels must be \(N,\), or \(B, L\) with 3-D inputs; got \(3,\) with N=4\.",
+    ),
     (lambda zs, zt, y: kd_loss(zs, zt, y.float()), TypeError, r"labels must be int64 or int32; got torch.float32"),
-    (lambda zs, zt, y: kd_loss(zs, zt, torch.tensor([0, 1, 6, 2])), ValueError, r"labels must be in \[0, 6\) or equal ignore_index=-100; got 6"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 1, 2, 0]), num_domains=2), ValueError, r"domain_ids must be in \[0, 2\); got 2"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 1, -1, 0]), num_domains=2), ValueError, r"domain_ids must be in \[0, 2\); got -1"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 1]), num_domains=2), ValueError, r"domain_ids must be \(N,\), or \(B,\) / \(B, L\) with 3-D inputs; got \(2,\) with N=4\."),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.zeros(4), num_domains=2), TypeError, r"domain_ids must be int64 or int32"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.zeros(4, dtype=torch.long)), ValueError, r"num_domains must be given with domain_ids"),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, torch.tensor([0, 1, 6, 2])),
+        ValueError,
+        r"labels must be in \[0, 6\) or equal ignore_index=-100; got 6",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 1, 2, 0]), num_domains=2),
+        ValueError,
+        r"domain_ids must be in \[0, 2\); got 2",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 1, -1, 0]), num_domains=2),
+        ValueError,
+        r"domain_ids must be in \[0, 2\); got -1",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 1]), num_domains=2),
+        ValueError,
+        r"domain_ids must be \(N,\), or \(B,\) / \(B, L\) with 3-D inputs; got \(2,\) with N=4\.",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.zeros(4), num_domains=2),
+        TypeError,
+        r"domain_ids must be int64 or int32",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        r"num_domains must be given with domain_ids",
+    ),
     (lambda zs, zt, y: kd_loss(zs, zt, y, num_domains=3), ValueError, r"num_domains=3 needs domain_ids"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.zeros(4, dtype=torch.long), num_domains=0), ValueError, r"num_domains must be an int >= 1; got 0"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, divergence="kl"), ValueError, r"divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\); got 'kl'"),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, domain_ids=torch.zeros(4, dtype=torch.long), num_domains=0),
+        ValueError,
+        r"num_domains must be an int >= 1; got 0",
+    ),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, divergence="kl"),
+        ValueError,
+        r"divergence must be one of \('forward_kl', 'reverse_kl', 'jsd'\); got 'kl'",
+    ),
     (lambda zs, zt, y: kd_loss(zs, zt, y, gamma=-1.0), ValueError, r"gamma must be a finite number >= 0; got -1.0"),
-    (lambda zs, zt, y: kd_loss(zs, zt, y, temperature=0.0), ValueError, r"temperature must be a finite number > 0; got 0.0"),
+    (
+        lambda zs, zt, y: kd_loss(zs, zt, y, temperature=0.0),
+        ValueError,
+        r"temperature must be a finite number > 0; got 0.0",
+    ),
     (lambda zs, zt, y: kd_loss(zs, zt, y, beta=1.5), ValueError, r"beta must be in \[0, 1\]; got 1.5"),
     (lambda zs, zt, y: kd_loss(zs, zt, y, normalizer=0), ValueError, r"normalizer must be > 0"),
     (lambda zs, zt, y: kd_loss(zs, zt, y, backend="cuda-magic"), ValueError, r"backend must be one of"),
@@ -143,14 +217,21 @@ def test_kd_loss_3d_shift_matches_oracle_on_shifted_rows(backend: str, per_token
     g = torch.Generator().manual_seed(8)
     dom = torch.randint(0, 3, (b, seq) if per_token else (b,), generator=g)
     zs = zs.requires_grad_(True)
-    out = kd_loss(zs, zt, labels, domain_ids=dom, num_domains=4, gamma=0.6, temperature=1.5, shift=True, backend=backend)
+    out = kd_loss(
+        zs, zt, labels, domain_ids=dom, num_domains=4, gamma=0.6, temperature=1.5, shift=True, backend=backend
+    )
     (2.0 * out.loss).backward()
     # the oracle on hand-shifted rows: logits of positions 0..L-2, labels (and domains) of 1..L-1
     zs64 = zs.detach().double().requires_grad_(True)
     rows_dom = dom[:, 1:] if per_token else dom[:, None].expand(b, seq - 1)
     ref = kd_loss_reference(
-        zs64[:, :-1].reshape(-1, v), zt[:, :-1].reshape(-1, v + 2).double(), labels[:, 1:].reshape(-1),
-        domain_ids=rows_dom.reshape(-1), num_domains=4, gamma=0.6, temperature=1.5,
+        zs64[:, :-1].reshape(-1, v),
+        zt[:, :-1].reshape(-1, v + 2).double(),
+        labels[:, 1:].reshape(-1),
+        domain_ids=rows_dom.reshape(-1),
+        num_domains=4,
+        gamma=0.6,
+        temperature=1.5,
     )
     (2.0 * ref.loss).backward()
     torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-4, atol=1e-5)
@@ -167,8 +248,13 @@ def test_kd_loss_3d_without_shift_equals_flattened_rows() -> None:
     b, seq, v = zs.shape
     dom = torch.tensor([1, 0, 2])
     got = kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
-    want = kd_loss(zs.reshape(-1, v), zt.reshape(b * seq, -1), labels.reshape(-1),
-                   domain_ids=dom.repeat_interleave(seq), num_domains=3)
+    want = kd_loss(
+        zs.reshape(-1, v),
+        zt.reshape(b * seq, -1),
+        labels.reshape(-1),
+        domain_ids=dom.repeat_interleave(seq),
+        num_domains=3,
+    )
     for field in ("loss", "ce_sum", "kd_sum", "num_tokens", "domain_ce_sum", "domain_kd_sum", "domain_tokens"):
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
 
@@ -203,31 +289,66 @@ def _shape_cases():  # type: ignore[no-untyped-def]
     zs2, zt2, y2 = zs.reshape(-1, v)[:4], zt.reshape(-1, v)[:4], y.reshape(-1)[:4]
     K = "kd_loss: "
     return [
-        (lambda: kd_loss(zs, zt, y, domain_ids=torch.zeros(b * seq, dtype=torch.long), num_domains=2), ValueError,
-         K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5)."),
-        (lambda: kd_loss(zs, zt, y, domain_ids=torch.zeros(b, seq + 1, dtype=torch.long), num_domains=2), ValueError,
-         K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 6) with (B, L)=(2, 5)."),
-        (lambda: kd_loss(zs, zt, y, domain_ids=[0, 1], num_domains=2), ValueError,
-         K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got list with (B, L)=(2, 5)."),
-        (lambda: kd_loss(zs2, zt2, y2, domain_ids=torch.zeros(2, 2, dtype=torch.long), num_domains=2), ValueError,
-         K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 2) with N=4."),
-        (lambda: kd_loss(zs, zt, y.reshape(-1)), ValueError,
-         K + "labels must be (N,), or (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5)."),
-        (lambda: kd_loss(zs, zt, y[:, 1:], shift=True), ValueError,
-         K + "labels must be (N,), or (B, L) with 3-D inputs; got (2, 4) with (B, L)=(2, 5)."),
-        (lambda: kd_loss(zs, zt.reshape(-1, v), y), ValueError,
-         K + "teacher_logits must be a 3-D float tensor like student_logits; got shape (10, 7) and dtype torch.float32."),
-        (lambda: kd_loss(zs, zt[:, 1:], y), ValueError,
-         K + "teacher_logits must be 3-D (B, L, ...) like student_logits; got (2, 4, 7) with (B, L)=(2, 5)."),
-        (lambda: kd_loss(zs[None], zt[None], y), ValueError,
-         K + "student_logits must be a 2-D (N, V) or 3-D (B, L, V) float tensor; got shape (1, 2, 5, 7) and dtype torch.float32."),
-        (lambda: kd_loss(zs2, zt2, y2, shift=True), ValueError,
-         K + "shift=True needs 3-D inputs (student_logits (B, L, ...) and labels (B, L)) to shift within each "
-         "sequence; got student_logits of shape (4, 7). Pass (B, L, ...) inputs, or shift the labels yourself "
-         "and keep shift=False."),
+        (
+            lambda: kd_loss(zs, zt, y, domain_ids=torch.zeros(b * seq, dtype=torch.long), num_domains=2),
+            ValueError,
+            K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5).",
+        ),
+        (
+            lambda: kd_loss(zs, zt, y, domain_ids=torch.zeros(b, seq + 1, dtype=torch.long), num_domains=2),
+            ValueError,
+            K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 6) with (B, L)=(2, 5).",
+        ),
+        (
+            lambda: kd_loss(zs, zt, y, domain_ids=[0, 1], num_domains=2),
+            ValueError,
+            K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got list with (B, L)=(2, 5).",
+        ),
+        (
+            lambda: kd_loss(zs2, zt2, y2, domain_ids=torch.zeros(2, 2, dtype=torch.long), num_domains=2),
+            ValueError,
+            K + "domain_ids must be (N,), or (B,) / (B, L) with 3-D inputs; got (2, 2) with N=4.",
+        ),
+        (
+            lambda: kd_loss(zs, zt, y.reshape(-1)),
+            ValueError,
+            K + "labels must be (N,), or (B, L) with 3-D inputs; got (10,) with (B, L)=(2, 5).",
+        ),
+        (
+            lambda: kd_loss(zs, zt, y[:, 1:], shift=True),
+            ValueError,
+            K + "labels must be (N,), or (B, L) with 3-D inputs; got (2, 4) with (B, L)=(2, 5).",
+        ),
+        (
+            lambda: kd_loss(zs, zt.reshape(-1, v), y),
+            ValueError,
+            K
+            + "teacher_logits must be a 3-D float tensor like student_logits; got shape (10, 7) and dtype torch.float32.",
+        ),
+        (
+            lambda: kd_loss(zs, zt[:, 1:], y),
+            ValueError,
+            K + "teacher_logits must be 3-D (B, L, ...) like student_logits; got (2, 4, 7) with (B, L)=(2, 5).",
+        ),
+        (
+            lambda: kd_loss(zs[None], zt[None], y),
+            ValueError,
+            K
+            + "student_logits must be a 2-D (N, V) or 3-D (B, L, V) float tensor; got shape (1, 2, 5, 7) and dtype torch.float32.",
+        ),
+        (
+            lambda: kd_loss(zs2, zt2, y2, shift=True),
+            ValueError,
+            K + "shift=True needs 3-D inputs (student_logits (B, L, ...) and labels (B, L)) to shift within each "
+            "sequence; got student_logits of shape (4, 7). Pass (B, L, ...) inputs, or shift the labels yourself "
+            "and keep shift=False.",
+        ),
         (lambda: kd_loss(zs, zt, y.float()), TypeError, K + "labels must be int64 or int32; got torch.float32."),
-        (lambda: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 2]), num_domains=2), ValueError,
-         K + "domain_ids must be in [0, 2); got 2."),
+        (
+            lambda: kd_loss(zs, zt, y, domain_ids=torch.tensor([0, 2]), num_domains=2),
+            ValueError,
+            K + "domain_ids must be in [0, 2); got 2.",
+        ),
     ]
 
 

@@ -31,24 +31,36 @@ def test_partitioner_declared_domains_keep_order_and_reject_unknown() -> None:
     part = DomainPartitioner.by_field("domain", domains=["web", "code", "law"])
     assert list(part.partition(corpus(4, ("code", "web")))) == ["web", "code", "law"]
     assert part.partition(corpus(4, ("code", "web")))["law"] == []
-    with pytest.raises(ValueError, match=r"DomainPartitioner.assign: domain must be one of the declared domains \['web', 'code', 'law'\]; got unknown domain 'math'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.assign: domain must be one of the declared domains \['web', 'code', 'law'\]; got unknown domain 'math'\.",
+    ):
         part.assign({"domain": "math"})
 
 
 def test_partitioner_by_field_bad_examples_raise() -> None:
     part = DomainPartitioner.by_field("domain")
-    with pytest.raises(ValueError, match=r"DomainPartitioner.assign: example must have the field 'domain'; got keys \['text'\]\."):
+    with pytest.raises(
+        ValueError, match=r"DomainPartitioner.assign: example must have the field 'domain'; got keys \['text'\]\."
+    ):
         part.assign({"text": "x"})
-    with pytest.raises(TypeError, match=r"DomainPartitioner.assign: example\['domain'\] must be a str domain name .*; got 3\."):
+    with pytest.raises(
+        TypeError, match=r"DomainPartitioner.assign: example\['domain'\] must be a str domain name .*; got 3\."
+    ):
         part.assign({"domain": 3})
 
 
 def test_partitioner_by_rules_first_match_wins_and_default() -> None:
-    part = DomainPartitioner.by_rules({"tests": r"(^|/)test_.*\.py$", "code": r"\.py$", "docs": r"\.(md|rst)$"}, field="source")
+    part = DomainPartitioner.by_rules(
+        {"tests": r"(^|/)test_.*\.py$", "code": r"\.py$", "docs": r"\.(md|rst)$"}, field="source"
+    )
     assert part.assign({"source": "pkg/test_x.py"}) == "tests"
     assert part.assign({"source": "pkg/x.py"}) == "code"
     assert part.assign({"source": "README.md"}) == "docs"
-    with pytest.raises(ValueError, match=r"DomainPartitioner.assign: example\['source'\] must match one of the rules \['tests', 'code', 'docs'\] \(or pass default=\); got 'a.c'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.assign: example\['source'\] must match one of the rules \['tests', 'code', 'docs'\] \(or pass default=\); got 'a.c'\.",
+    ):
         part.assign({"source": "a.c"})
     with_default = DomainPartitioner.by_rules({"code": r"\.py$"}, field="source", default="other")
     assert with_default.assign({"source": "a.c"}) == "other"
@@ -56,9 +68,13 @@ def test_partitioner_by_rules_first_match_wins_and_default() -> None:
 
 
 def test_partitioner_by_rules_bad_rules_raise() -> None:
-    with pytest.raises(ValueError, match=r"DomainPartitioner.by_rules: rules must be a non-empty mapping domain -> regex; got \{\}\."):
+    with pytest.raises(
+        ValueError, match=r"DomainPartitioner.by_rules: rules must be a non-empty mapping domain -> regex; got \{\}\."
+    ):
         DomainPartitioner.by_rules({})
-    with pytest.raises(ValueError, match=r"DomainPartitioner.by_rules: rules\['x'\] must be a valid regular expression; got '\('"):
+    with pytest.raises(
+        ValueError, match=r"DomainPartitioner.by_rules: rules\['x'\] must be a valid regular expression; got '\('"
+    ):
         DomainPartitioner.by_rules({"x": "("})
 
 
@@ -73,7 +89,9 @@ def test_partitioner_by_function() -> None:
 
 
 def test_partitioner_bad_domains_raise() -> None:
-    with pytest.raises(ValueError, match=r"DomainPartitioner: domains must be a non-empty list of unique names; got \['a', 'a'\]\."):
+    with pytest.raises(
+        ValueError, match=r"DomainPartitioner: domains must be a non-empty list of unique names; got \['a', 'a'\]\."
+    ):
         DomainPartitioner.by_field("domain", domains=["a", "a"])
     with pytest.raises(TypeError, match=r"DomainPartitioner: domains must be a sequence of str; got 'ab'\."):
         DomainPartitioner.by_field("domain", domains="ab")
@@ -85,7 +103,9 @@ def test_stable_unit_hash_is_fixed_and_seeded() -> None:
     assert h == stable_unit_hash("ex1", 0)
     assert h != stable_unit_hash("ex1", 1)
     # pinned value: BLAKE2b, not Python's salted hash(), so it is the same in every process.
-    assert h == pytest.approx(int.from_bytes(__import__("hashlib").blake2b(b"0\x1fex1", digest_size=8).digest(), "big") / 2**64)
+    assert h == pytest.approx(
+        int.from_bytes(__import__("hashlib").blake2b(b"0\x1fex1", digest_size=8).digest(), "big") / 2**64
+    )
 
 
 def test_partitioner_split_count_rule_sizes_and_disjoint() -> None:
@@ -104,7 +124,9 @@ def test_partitioner_split_count_rule_sizes_and_disjoint() -> None:
 
 
 @given(st.integers(5, 40), st.integers(1, 40), st.integers(1, 4), st.integers(0, 3))
-def test_partitioner_split_count_rule_appending_never_moves_train_to_validation(n: int, extra: int, k: int, seed: int) -> None:
+def test_partitioner_split_count_rule_appending_never_moves_train_to_validation(
+    n: int, extra: int, k: int, seed: int
+) -> None:
     part = DomainPartitioner.by_field("domain")
     base = corpus(3 * n)
     k = min(k, n - 1)
@@ -144,22 +166,42 @@ def test_partitioner_split_key_without_id_uses_content_and_key_field() -> None:
 def test_partitioner_split_errors_name_the_domain() -> None:
     part = DomainPartitioner.by_field("domain")
     data = corpus(30) + [{"id": "x", "domain": "tiny", "text": "t"}]
-    with pytest.raises(ValueError, match=r"DomainPartitioner.split: domain 'tiny' must have more than validation_size=2 examples \(so that its train set is not empty\); got 1\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.split: domain 'tiny' must have more than validation_size=2 examples \(so that its train set is not empty\); got 1\.",
+    ):
         part.split(data, validation_size=2)
     declared = DomainPartitioner.by_field("domain", domains=["code", "law", "web", "math"])
-    with pytest.raises(ValueError, match=r"DomainPartitioner.split: every declared domain must have examples; got none for \['math'\]\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.split: every declared domain must have examples; got none for \['math'\]\.",
+    ):
         declared.split(corpus(30), validation_size=2)
-    with pytest.raises(ValueError, match=r"DomainPartitioner.assign: domain must be one of the declared domains .*; got unknown domain 'tiny'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.assign: domain must be one of the declared domains .*; got unknown domain 'tiny'\.",
+    ):
         declared.split(data, validation_size=2)
-    with pytest.raises(ValueError, match=r"DomainPartitioner.split: domain 'code' must have examples in both train and validation with validation_fraction=0.01; got an empty validation set from 2 examples\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.split: domain 'code' must have examples in both train and validation with validation_fraction=0.01; got an empty validation set from 2 examples\.",
+    ):
         part.split(corpus(6), validation_fraction=0.01)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"validation_size": 0}, ValueError, r"DomainPartitioner.split: validation_size must be an int >= 1 \(paper: 500\); got 0\."),
-        ({"validation_fraction": 1.0}, ValueError, r"DomainPartitioner.split: validation_fraction must be in \(0, 1\); got 1.0\."),
+        (
+            {"validation_size": 0},
+            ValueError,
+            r"DomainPartitioner.split: validation_size must be an int >= 1 \(paper: 500\); got 0\.",
+        ),
+        (
+            {"validation_fraction": 1.0},
+            ValueError,
+            r"DomainPartitioner.split: validation_fraction must be in \(0, 1\); got 1.0\.",
+        ),
         ({"seed": "a"}, TypeError, r"DomainPartitioner.split: seed must be an int; got 'a'\."),
         ({"key": 3}, TypeError, r"DomainPartitioner.split: key must be a field name, a function or None; got int\."),
     ],
@@ -170,7 +212,10 @@ def test_partitioner_split_bad_arguments_raise(kwargs, exc, match) -> None:
 
 
 def test_partitioner_split_bad_data_raises() -> None:
-    with pytest.raises(TypeError, match=r"DomainPartitioner.split: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got int\."):
+    with pytest.raises(
+        TypeError,
+        match=r"DomainPartitioner.split: data must be a datasets.Dataset, IterableDataset or a sequence of dicts; got int\.",
+    ):
         DomainPartitioner.by_field("domain").split(3)
 
 
@@ -199,9 +244,17 @@ def test_partitioner_split_hf_iterable_dataset_fraction_rule() -> None:
         assert isinstance(a.validation[d], datasets.IterableDataset)
         assert [r["id"] for r in a.validation[d]] == [r["id"] for r in b.validation[d]]
         assert [r["id"] for r in a.train[d]] == [r["id"] for r in b.train[d]]
-    with pytest.raises(ValueError, match=r"DomainPartitioner.split: validation_fraction must be given for a datasets.IterableDataset .*; got validation_fraction=None\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.split: validation_fraction must be given for a datasets.IterableDataset .*; got validation_fraction=None\.",
+    ):
         part.split(ids, validation_size=5)
-    with pytest.raises(ValueError, match=r"DomainPartitioner.split: domains must be declared for a datasets.IterableDataset .*; got domains=None\."):
+    with pytest.raises(
+        ValueError,
+        match=r"DomainPartitioner.split: domains must be declared for a datasets.IterableDataset .*; got domains=None\.",
+    ):
         DomainPartitioner.by_field("domain").split(ids, validation_fraction=0.3)
-    with pytest.raises(TypeError, match=r"DomainPartitioner.partition: data must be indexable .*; got an IterableDataset"):
+    with pytest.raises(
+        TypeError, match=r"DomainPartitioner.partition: data must be indexable .*; got an IterableDataset"
+    ):
         part.partition(ids)

@@ -13,13 +13,13 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import torch
+from recipe_cases import own_cfg
+from safetensors.torch import load_file
 
-import ddk.recipes.distill as real  # noqa: E402
-from ddk.recipes.config import make_config  # noqa: E402
-from ddk.recipes.parallel import device_for  # noqa: E402
-from recipe_cases import own_cfg  # noqa: E402
+import ddk.recipes.distill as real
+from ddk.recipes.config import make_config
+from ddk.recipes.parallel import device_for
 
 
 def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
@@ -70,8 +70,10 @@ def _resume_loading(monkeypatch, cfg) -> list[str]:  # type: ignore[no-untyped-d
 def _same_run(a: Path, b: Path) -> None:
     sa, sb = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
-    log = [[(r["step"], r["weights"]) for r in map(json.loads, (run / "controller.jsonl").read_text().splitlines())]
-           for run in (a, b)]
+    log = [
+        [(r["step"], r["weights"]) for r in map(json.loads, (run / "controller.jsonl").read_text().splitlines())]
+        for run in (a, b)
+    ]
     assert log[0] == log[1]
     assert [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
@@ -95,20 +97,27 @@ def test_distill_keeps_last_k_checkpoints_and_resumes_from_the_newest(tmp_path, 
 def test_distill_fsdp_outside_torchrun_is_an_error(tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    with pytest.raises(ValueError, match=r"distill: fsdp must run under torchrun \(it needs a process group\); got a "
-                                         r"plain process\. Launch with `torchrun --nproc_per_node=R"):
+    with pytest.raises(
+        ValueError,
+        match=r"distill: fsdp must run under torchrun \(it needs a process group\); got a "
+        r"plain process\. Launch with `torchrun --nproc_per_node=R",
+    ):
         real.distill(_config(tmp_path, "fsdp", fsdp=True))
 
 
 def test_config_checkpoint_and_distributed_options_are_checked():
     with pytest.raises(ValueError, match=r"RecipeConfig: keep_checkpoints must be >= 1; got 0\."):
         make_config(keep_checkpoints=0)
-    with pytest.raises(ValueError, match=r"RecipeConfig: dist_backend must be one of \('auto', 'gloo', 'nccl'\); got 'mpi'\."):
+    with pytest.raises(
+        ValueError, match=r"RecipeConfig: dist_backend must be one of \('auto', 'gloo', 'nccl'\); got 'mpi'\."
+    ):
         make_config(dist_backend="mpi")
     from ddk.recipes.cli import build_parser
     from ddk.recipes.config import config_from_args
 
-    args = build_parser().parse_args(["distill", "--keep-checkpoints", "5", "--fsdp", "--debug-checks", "--dist-backend", "gloo"])
+    args = build_parser().parse_args(
+        ["distill", "--keep-checkpoints", "5", "--fsdp", "--debug-checks", "--dist-backend", "gloo"]
+    )
     cfg = config_from_args(args)
     assert (cfg.keep_checkpoints, cfg.fsdp, cfg.debug_checks, cfg.dist_backend) == (5, True, True, "gloo")
 
@@ -130,8 +139,11 @@ def test_config_device_option(monkeypatch):
     # under torchrun --device picks the process-group backend when --dist-backend is auto
     assert [make_config(device=d).process_group_backend for d in ("auto", "cpu", "cuda")] == ["auto", "gloo", "nccl"]
     assert make_config(device="cpu", dist_backend="gloo").process_group_backend == "gloo"
-    with pytest.raises(ValueError, match=r"RecipeConfig: dist_backend must match device \(gloo runs on the CPU, nccl "
-                                         r"on CUDA\); got device 'cpu' with dist_backend 'nccl'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"RecipeConfig: dist_backend must match device \(gloo runs on the CPU, nccl "
+        r"on CUDA\); got device 'cpu' with dist_backend 'nccl'\.",
+    ):
         make_config(device="cpu", dist_backend="nccl")
 
 
@@ -140,7 +152,10 @@ def test_distill_resume_with_another_config_names_the_checkpoint_and_overwrites_
     real.distill(cfg)
     run = Path(cfg.out)
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"distill: the checkpoint .*checkpoint-2 must be of the same config to "
-                                         r"resume; got different \['lr'\] \(use another --out or --no-resume\)\."):
+    with pytest.raises(
+        ValueError,
+        match=r"distill: the checkpoint .*checkpoint-2 must be of the same config to "
+        r"resume; got different \['lr'\] \(use another --out or --no-resume\)\.",
+    ):
         real.distill(_config(tmp_path, "run", steps=2, lr=0.5))
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

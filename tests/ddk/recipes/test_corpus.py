@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from ddk.recipes.corpus import CorpusConfig, CorpusError, build_corpus, jsonl_units, load_corpus, read_jsonl, split_units
-from ddk.recipes.sources import folder_units
-from ddk.recipes.corpus import _chunks
+from ddk.recipes.corpus import (
+    CorpusConfig,
+    CorpusError,
+    _chunks,
+    build_corpus,
+    jsonl_units,
+    load_corpus,
+    read_jsonl,
+    split_units,
+)
 from ddk.recipes.rdata import read_lazyload_db, unserialize
-from ddk.recipes.sources import PackageCache, dictd_entries, html_to_text
+from ddk.recipes.sources import PackageCache, dictd_entries, folder_units, html_to_text
 
 
 def _folder(root: Path, n: int, size: int = 300, prefix: str = "f") -> Path:
@@ -92,7 +99,9 @@ def test_build_corpus_manifest_and_reuse(tmp_path, capsys):
     assert man["domains"]["mine"]["units"] == 10
     assert man["domains"]["mine"]["train"]["sources"] + man["domains"]["mine"]["validation"]["sources"] == 10
     good = (out / "mine" / "train.jsonl").read_text()
-    assert build_corpus(out, _cfg(user_folders={"mine": str(src)}), progress=False)["created"] == man["created"]  # reused
+    assert (
+        build_corpus(out, _cfg(user_folders={"mine": str(src)}), progress=False)["created"] == man["created"]
+    )  # reused
     (out / "mine" / "train.jsonl").write_text("")  # its SHA-256 no longer matches the manifest: rebuilt
     capsys.readouterr()
     build_corpus(out, _cfg(user_folders={"mine": str(src)}), progress=False)
@@ -103,8 +112,11 @@ def test_build_corpus_manifest_and_reuse(tmp_path, capsys):
 def test_build_corpus_reports_unavailable_domain_by_name(tmp_path, capsys):
     src = _folder(tmp_path / "src", 6)
     # offline with an empty cache: the built-in Debian domain cannot be had and is skipped, loudly
-    man = build_corpus(tmp_path / "out", _cfg(domains=("math",), user_folders={"mine": str(src)},
-                                              cache_dir=str(tmp_path / "cache")), progress=False)
+    man = build_corpus(
+        tmp_path / "out",
+        _cfg(domains=("math",), user_folders={"mine": str(src)}, cache_dir=str(tmp_path / "cache")),
+        progress=False,
+    )
     assert "math" in man["skipped"] and "pari-doc" in man["skipped"]["math"]
     assert list(man["domains"]) == ["mine"]
     assert "domain 'math' skipped" in capsys.readouterr().err
@@ -131,7 +143,9 @@ def test_user_jsonl_domains_keep_conversations_together(tmp_path):
     lines = []
     for c in range(20):
         for turn in range(3):
-            lines.append({"domain": "chat" if c % 2 else "law", "source": f"conv{c}", "text": f"turn {turn} of conv {c} " * 5})
+            lines.append(
+                {"domain": "chat" if c % 2 else "law", "source": f"conv{c}", "text": f"turn {turn} of conv {c} " * 5}
+            )
     p.write_text("".join(json.dumps(r) + "\n" for r in lines))
     units = jsonl_units(p)
     assert sorted(units) == ["chat", "law"] and len(units["chat"]) == 10
@@ -173,9 +187,12 @@ def test_dictd_entries_decode_index_offsets(tmp_path):
     enc = lambda n: b64[n // 64] + b64[n % 64] if n >= 64 else b64[n]  # noqa: E731
     i_foo, i_bar = body.index("foo"), body.index("bar")
     (tmp_path / "x.index").write_text(
-        f"00-database-info\tA\t{enc(i_foo)}\nbar\t{enc(i_bar)}\t{enc(len(body) - i_bar)}\nfoo\t{enc(i_foo)}\t{enc(i_bar - i_foo)}\n")
+        f"00-database-info\tA\t{enc(i_foo)}\nbar\t{enc(i_bar)}\t{enc(len(body) - i_bar)}\nfoo\t{enc(i_foo)}\t{enc(i_bar - i_foo)}\n"
+    )
     assert dictd_entries(tmp_path / "x.index", tmp_path / "x.dict.dz") == [
-        ("bar", "bar\n   another\n"), ("foo", "foo\n   a thing\n")]
+        ("bar", "bar\n   another\n"),
+        ("foo", "foo\n   a thing\n"),
+    ]
 
 
 def _xdr_strsxp(values: list[str]) -> bytes:
@@ -196,6 +213,7 @@ def test_rdata_unserialize_and_lazyload_db(tmp_path):
     assert unserialize(blob) == ["CHAPTER 1", "It is a truth.", ""]
     payload = struct.pack(">I", len(blob)) + zlib.compress(blob)
     (tmp_path / "Rdata.rdb").write_bytes(payload)
+
     # index: list(variables = list(book = c(0L, n)), references = list(), compressed = TRUE)
     def intsxp(xs):  # type: ignore[no-untyped-def]
         return struct.pack(">ii", 13, len(xs)) + b"".join(struct.pack(">i", x) for x in xs)
@@ -208,12 +226,24 @@ def test_rdata_unserialize_and_lazyload_db(tmp_path):
         return s + struct.pack(">i", 254)
 
     variables = struct.pack(">ii", 19 | (1 << 9), 1) + intsxp([0, len(payload)]) + names_attr(["book"])
-    index = (b"X\n" + struct.pack(">iii", 2, 0x040201, 0x020300) + struct.pack(">ii", 19 | (1 << 9), 3) + variables
-             + struct.pack(">ii", 19, 0) + struct.pack(">ii", 10, 1) + struct.pack(">i", 1)
-             + names_attr(["variables", "references", "compressed"]))
+    index = (
+        b"X\n"
+        + struct.pack(">iii", 2, 0x040201, 0x020300)
+        + struct.pack(">ii", 19 | (1 << 9), 3)
+        + variables
+        + struct.pack(">ii", 19, 0)
+        + struct.pack(">ii", 10, 1)
+        + struct.pack(">i", 1)
+        + names_attr(["variables", "references", "compressed"])
+    )
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
     assert read_lazyload_db(tmp_path / "Rdata") == {"book": ["CHAPTER 1", "It is a truth.", ""]}
 
 
 def test_html_to_text_drops_markup():
-    assert html_to_text("<html><head><title>x</title></head><body><p>Hallo <b>Welt</b></p><script>1</script></body></html>") == "Hallo Welt\n"
+    assert (
+        html_to_text(
+            "<html><head><title>x</title></head><body><p>Hallo <b>Welt</b></p><script>1</script></body></html>"
+        )
+        == "Hallo Welt\n"
+    )

@@ -36,24 +36,33 @@ yaml = pytest.importorskip("yaml")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from gloo_workers import gloo_aborted  # noqa: E402
+from recipe_cases import own_cfg, own_models  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import ddk.recipes.distill as real  # noqa: E402
 from ddk.recipes.config import make_config  # noqa: E402
-from gloo_workers import gloo_aborted  # noqa: E402
-from recipe_cases import own_cfg, own_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 PARAM_ATOL = 1e-5
 REL = 1e-6
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
-    base = dict(steps=6, batch_size=4, interval=2, checkpoint_every=2, log_every=1, threads=1, keep_checkpoints=2,
-                out=str(tmp / "runs" / name))
+    base = dict(
+        steps=6,
+        batch_size=4,
+        interval=2,
+        checkpoint_every=2,
+        log_every=1,
+        threads=1,
+        keep_checkpoints=2,
+        out=str(tmp / "runs" / name),
+    )
     base.update(kw)
     return own_cfg(tmp, **base)
 
@@ -74,13 +83,29 @@ def _torchrun(tmp: Path, cfg, *flags: str, command: str = "distill") -> subproce
     """``torchrun --standalone --nproc_per_node=2 -m ddk.recipes.cli <command> --config <cfg as YAML> flags...``."""
     path = tmp / f"{Path(cfg.out).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DDK_DEBUG"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddk.recipes.cli", command, "--config", str(path), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ddk.recipes.cli",
+        command,
+        "--config",
+        str(path),
+        *flags,
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if gloo_aborted(res.returncode, res.stdout + res.stderr):  # gloo's spurious abort: once more
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -128,7 +153,8 @@ def test_distill_ddp_two_ranks_match_one_process(tmp):  # type: ignore[no-untype
     assert res.stdout.count("teacher CE") == 1  # only rank 0 prints the table
     _assert_same_run(tmp / "runs" / "ddk-1", tmp / "runs" / "ddk-2")
     assert json.loads((tmp / "runs" / "ddk-2" / "summary.json").read_text())["final_weights"] == pytest.approx(
-        ref["final_weights"], rel=REL)
+        ref["final_weights"], rel=REL
+    )
 
 
 def test_distill_fsdp_two_ranks_match_one_process_and_resume(tmp):  # type: ignore[no-untyped-def]
@@ -157,11 +183,30 @@ def test_teacher_under_torchrun_from_a_cold_cache(tmp_path):  # type: ignore[no-
     """Two ranks and nothing cached: rank 0 builds the demo corpus, tokenizer, teacher and student
     while rank 1 waits, then rank 1 finds them: one teacher folder and one printout result."""
     _, _, corpus = own_models(tmp_path)
-    cfg = make_config(data_dir=str(tmp_path / "data"), domains=(), user_jsonl=(str(corpus),), max_chars=20000,
-                      validation_fraction=0.25, offline=True, vocab_size=320, seq_len=16, val_samples=4,
-                      teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64, teacher_steps=4,
-                      teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2,
-                      student_intermediate=32, progress=False, device="cpu", out=str(tmp_path / "runs" / "teacher"))
+    cfg = make_config(
+        data_dir=str(tmp_path / "data"),
+        domains=(),
+        user_jsonl=(str(corpus),),
+        max_chars=20000,
+        validation_fraction=0.25,
+        offline=True,
+        vocab_size=320,
+        seq_len=16,
+        val_samples=4,
+        teacher_hidden=32,
+        teacher_layers=1,
+        teacher_heads=2,
+        teacher_intermediate=64,
+        teacher_steps=4,
+        teacher_batch_size=4,
+        student_hidden=16,
+        student_layers=1,
+        student_heads=2,
+        student_intermediate=32,
+        progress=False,
+        device="cpu",
+        out=str(tmp_path / "runs" / "teacher"),
+    )
     res = _torchrun(tmp_path, cfg, command="teacher")
     assert res.stdout.count("teacher: ") == 1
     teachers = [p.parent for p in (tmp_path / "data" / "teachers").rglob("demo_meta.json")]

@@ -24,10 +24,10 @@ pytest.importorskip("tokenizers")
 yaml = pytest.importorskip("yaml")
 
 import torch  # noqa: E402
+from recipe_cases import own_cfg  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from ddk.recipes.checkpoint import load_checkpoint  # noqa: E402
-from recipe_cases import own_cfg  # noqa: E402
 
 STEPS = 40
 KILL_SEED = 6
@@ -35,16 +35,30 @@ KILL_SEED = 6
 
 def _setup(tmp_path: Path, name: str, steps: int = STEPS) -> tuple[list[str], dict[str, str], Path]:
     """Save the models and corpus; return (command, env, run folder) of one distill run."""
-    cfg = own_cfg(tmp_path, dropout=0.1, steps=steps, checkpoint_every=1, log_every=1, threads=1,
-                  out=str(tmp_path / "runs" / name))
+    cfg = own_cfg(
+        tmp_path,
+        dropout=0.1,
+        steps=steps,
+        checkpoint_every=1,
+        log_every=1,
+        threads=1,
+        out=str(tmp_path / "runs" / name),
+    )
     if not (tmp_path / ".prepared").is_file():
         site = tmp_path / "site"
         site.mkdir()
         (site / "sitecustomize.py").write_text("import torch\ntorch.use_deterministic_algorithms(True)\n")
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     (tmp_path / ".prepared").touch()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")]),
-               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(tmp_path / "site"), str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")]
+        ),
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
     cmd = [sys.executable, "-m", "ddk.recipes.cli", "distill", "--config", str(tmp_path / f"{name}.yaml")]
     return cmd, env, Path(cfg.out)
 
@@ -93,7 +107,8 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
         time.sleep(0.002)
     proc.wait(timeout=30)
     assert killed_after is not None and proc.returncode == -signal.SIGKILL, (
-        f"the run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        f"the run was not killed mid-way (rc {proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
+    )
     proc.stderr.close()
     saved = load_checkpoint(_latest_ckpt(run))["step"]
     print(f"kill_at={kill_at} killed after metrics step {killed_after}, checkpoint step {saved}")
@@ -102,7 +117,9 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)  # same command: resumes
     _assert_same_student(ref, run)
     assert _weight_log(run) == _weight_log(ref)
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, STEPS + 1)
+    )
 
 
 def _files(run: Path) -> dict[str, bytes]:

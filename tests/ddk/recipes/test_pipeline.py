@@ -9,27 +9,56 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from recipe_cases import own_cfg, own_models
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import ddk.recipes.distill as distill_mod  # noqa: E402
-from ddk.recipes.checkpoint import load_checkpoint  # noqa: E402
-from ddk.recipes.cli import main  # noqa: E402
-from ddk.recipes.config import METHODS, make_config  # noqa: E402
-from recipe_cases import own_cfg, own_models  # noqa: E402
+import ddk.recipes.distill as distill_mod
+from ddk.recipes.checkpoint import load_checkpoint
+from ddk.recipes.cli import main
+from ddk.recipes.config import METHODS, make_config
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_cli_distill_own_models_end_to_end_and_the_student_reloads(tmp_path: Path, family: str, capsys) -> None:  # type: ignore[no-untyped-def]
     teacher, student, corpus = own_models(tmp_path, family)
     out = tmp_path / "run"
-    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus), "--out", str(out),
-            "--seq-len", "16", "--val-samples", "4", "--steps", "4", "--batch-size", "4", "--interval", "2",
-            "--data-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    argv = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--seq-len",
+        "16",
+        "--val-samples",
+        "4",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--interval",
+        "2",
+        "--data-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     assert "mean" in capsys.readouterr().out  # the per-domain table
-    for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-4/manifest.json", "summary.json",
-              "weights.png"):
+    for f in (
+        "config.json",
+        "metrics.jsonl",
+        "controller.jsonl",
+        "checkpoint-4/manifest.json",
+        "summary.json",
+        "weights.png",
+    ):
         assert (out / f).is_file(), f
     summary = json.loads((out / "summary.json").read_text())
     assert summary["domains"] == ["code", "math", "prose"]
@@ -44,14 +73,25 @@ def test_cli_distill_own_models_end_to_end_and_the_student_reloads(tmp_path: Pat
         assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
 
 
-def test_distill_all_methods_equal_budget_and_crash_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_distill_all_methods_equal_budget_and_crash_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
     summaries = {}
     for m in METHODS:
         cfg = own_cfg(tmp_path, method=m, out=str(tmp_path / "runs" / m))
         summaries[m] = distill_mod.distill(cfg)
         run = tmp_path / "runs" / m
-        for f in ("config.json", "metrics.jsonl", "controller.jsonl", "checkpoint-6/manifest.json", "summary.json",
-                  "student/config.json", "student/tokenizer.json", "weights.png", "gaps.png"):
+        for f in (
+            "config.json",
+            "metrics.jsonl",
+            "controller.jsonl",
+            "checkpoint-6/manifest.json",
+            "summary.json",
+            "student/config.json",
+            "student/tokenizer.json",
+            "weights.png",
+            "gaps.png",
+        ):
             assert (run / f).is_file(), f"{m}: missing {f}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in metrics] == [2, 3, 4, 6]
@@ -82,7 +122,9 @@ def test_distill_all_methods_equal_budget_and_crash_resume(tmp_path: Path, monke
     resumed = distill_mod.distill(crash)
     assert resumed["student_ce"] == summaries["ddk"]["student_ce"]
     assert resumed["final_weights"] == summaries["ddk"]["final_weights"]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "crash" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "runs" / "crash" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [2, 3, 4, 6]
 
     res = distill_mod.evaluate(tmp_path / "runs" / "ddk")
@@ -106,12 +148,37 @@ def test_demo_path_builds_teacher_and_student_then_distills_through_the_same_pat
     from ddk.recipes.demo import demo_config, run_demo
 
     _, _, corpus = own_models(tmp_path)
-    cfg = make_config(data_dir=str(tmp_path / "demo"), domains=(), user_jsonl=(str(corpus),), max_chars=20000,
-                      validation_fraction=0.25, offline=True, vocab_size=320, seq_len=16, val_samples=4,
-                      eval_batch_size=4, teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64,
-                      teacher_steps=8, teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2,
-                      student_intermediate=32, steps=4, batch_size=4, warmup_steps=2, interval=2, log_every=2,
-                      checkpoint_every=2, out=str(tmp_path / "runs" / "demo"), progress=False, device="cpu")
+    cfg = make_config(
+        data_dir=str(tmp_path / "demo"),
+        domains=(),
+        user_jsonl=(str(corpus),),
+        max_chars=20000,
+        validation_fraction=0.25,
+        offline=True,
+        vocab_size=320,
+        seq_len=16,
+        val_samples=4,
+        eval_batch_size=4,
+        teacher_hidden=32,
+        teacher_layers=1,
+        teacher_heads=2,
+        teacher_intermediate=64,
+        teacher_steps=8,
+        teacher_batch_size=4,
+        student_hidden=16,
+        student_layers=1,
+        student_heads=2,
+        student_intermediate=32,
+        steps=4,
+        batch_size=4,
+        warmup_steps=2,
+        interval=2,
+        log_every=2,
+        checkpoint_every=2,
+        out=str(tmp_path / "runs" / "demo"),
+        progress=False,
+        device="cpu",
+    )
     assert cfg.uses_demo
     filled = demo_config(cfg)
     assert not filled.uses_demo and Path(filled.teacher, "config.json").is_file()
@@ -170,8 +237,22 @@ def test_cli_data_build_user_folder(tmp_path: Path, capsys) -> None:  # type: ig
     src.mkdir()
     for i in range(5):
         (src / f"{i}.txt").write_text(f"file {i}\n" * 20)
-    assert main(["data", "build", "--no-builtin", "--user-folder", f"mine={src}", "--out", str(tmp_path / "c"),
-                 "--validation-fraction", "0.3"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--no-builtin",
+                "--user-folder",
+                f"mine={src}",
+                "--out",
+                str(tmp_path / "c"),
+                "--validation-fraction",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert set(out["domains"]) == {"mine"} and out["skipped"] == {}
 
@@ -208,14 +289,27 @@ def test_distill_never_allocates_tokens_by_vocab(tmp_path: Path, monkeypatch: py
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(2, vocab, (200,), generator=g)) for _ in range(16)]
-    packed = pack_domains(Dataset.from_dict({"text": texts, "domain": ["a", "b"] * 8}), tok, seq_len=seq,
-                          val_samples=2, progress=False)
+    packed = pack_domains(
+        Dataset.from_dict({"text": texts, "domain": ["a", "b"] * 8}), tok, seq_len=seq, val_samples=2, progress=False
+    )
     nv_bytes = b * (seq - 1) * vocab * 4
 
     def peak(loss: str) -> int:
-        cfg = make_config(teacher="t", student="s", data=("d",), method="kd", loss=loss, steps=1, batch_size=b,
-                          seq_len=seq, val_samples=2, eval_batch_size=2, out=str(tmp_path / loss), progress=False,
-                          device="cpu")
+        cfg = make_config(
+            teacher="t",
+            student="s",
+            data=("d",),
+            method="kd",
+            loss=loss,
+            steps=1,
+            batch_size=b,
+            seq_len=seq,
+            val_samples=2,
+            eval_batch_size=2,
+            out=str(tmp_path / loss),
+            progress=False,
+            device="cpu",
+        )
         prepared = (make_model("llama", vocab, seed=1), make_model("llama", vocab, seed=2), tok, packed)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             distill_mod.distill(cfg, prepared=prepared)

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ddk.recipes.plotting import load_records, plot_gaps, plot_weights  # noqa: E402
+from ddk.recipes.plotting import load_records, plot_gaps, plot_weights
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -17,12 +17,20 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _records() -> list[dict]:
     out = []
     for k, step in enumerate((0, 100, 200)):
-        out.append({
-            "event": "init" if k == 0 else "update", "step": step, "batch": step,
-            "domain_names": ["code", "web"], "weights": [0.5 - 0.1 * k, 0.5 + 0.1 * k],
-            "ratio": [1.2, 1.1 + k], "student_ce": [2.0, 2.5 - 0.1 * k], "teacher_ce": [1.8, 2.0],
-            "tokens": [10, 12], "time": 0.0,
-        })
+        out.append(
+            {
+                "event": "init" if k == 0 else "update",
+                "step": step,
+                "batch": step,
+                "domain_names": ["code", "web"],
+                "weights": [0.5 - 0.1 * k, 0.5 + 0.1 * k],
+                "ratio": [1.2, 1.1 + k],
+                "student_ce": [2.0, 2.5 - 0.1 * k],
+                "teacher_ce": [1.8, 2.0],
+                "tokens": [10, 12],
+                "time": 0.0,
+            }
+        )
     return out
 
 
@@ -41,11 +49,21 @@ def test_plot_gaps_from_records(tmp_path: Path, quantity: str) -> None:
 
 
 def test_plotting_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"load_records: log_path_or_records must be an existing JSON-lines file; got '.*missing.jsonl'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"load_records: log_path_or_records must be an existing JSON-lines file; got '.*missing.jsonl'\.",
+    ):
         plot_weights(tmp_path / "missing.jsonl", tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"load_records: log_path_or_records must hold at least one record; got none\."):
+    with pytest.raises(
+        ValueError, match=r"load_records: log_path_or_records must hold at least one record; got none\."
+    ):
         plot_weights([], tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"load_records: every record must have keys step, domain_names, weights; got a record missing \['weights'\]\."):
+    with pytest.raises(
+        ValueError,
+        match=r"load_records: every record must have keys step, domain_names, weights; got a record missing \['weights'\]\.",
+    ):
         plot_weights([{"step": 0, "domain_names": ["a"]}], tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"plot_gaps: quantity must be one of \('gap', 'ratio', 'student_ce'\); got 'kl'\."):
+    with pytest.raises(
+        ValueError, match=r"plot_gaps: quantity must be one of \('gap', 'ratio', 'student_ce'\); got 'kl'\."
+    ):
         plot_gaps(_records(), tmp_path / "x.png", quantity="kl")

@@ -23,8 +23,14 @@ def test_make_domains_deterministic_and_in_blocks() -> None:
 
 def test_run_tiny_writes_logs_and_moves_weights(tmp_path: Path) -> None:
     cfg = SyntheticConfig(
-        train_seqs_per_domain=64, val_seqs_per_domain=8, seq_len=9, teacher_steps=30, student_pretrain_steps=10,
-        student_steps=20, batch_size=16, interval=5,
+        train_seqs_per_domain=64,
+        val_seqs_per_domain=8,
+        seq_len=9,
+        teacher_steps=30,
+        student_pretrain_steps=10,
+        student_steps=20,
+        batch_size=16,
+        interval=5,
     )
     results = run(cfg, out_dir=tmp_path, progress=False)
     assert [r["method"] for r in results] == ["kd", "ddk"]

@@ -26,15 +26,15 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import torch
+from recipe_cases import own_cfg
+from safetensors.torch import load_file
 
-import ddk.recipes.distill as real  # noqa: E402
-from ddk._io import file_sha256  # noqa: E402
-from ddk.recipes import checkpoint as ckpt  # noqa: E402
-from ddk.recipes.cli import main  # noqa: E402
-from ddk.recipes.preempt import EXIT_PREEMPTED, Preempted  # noqa: E402
-from recipe_cases import own_cfg  # noqa: E402
+import ddk.recipes.distill as real
+from ddk._io import file_sha256
+from ddk.recipes import checkpoint as ckpt
+from ddk.recipes.cli import main
+from ddk.recipes.preempt import EXIT_PREEMPTED, Preempted
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -77,8 +77,12 @@ def _flip_bit(path: Path, offset: int = -3) -> None:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+    )
 
 
 class _Payload:
@@ -106,18 +110,25 @@ def test_crafted_checkpoint_never_executes_code(tmp_path):
         (evil / name).write_bytes(payload)
     man = json.loads((evil / ckpt.MANIFEST).read_text())
     man["step"] = 3
-    man["files"] = {n: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-                    for n in (ckpt.TENSORS, ckpt.STATE)}
+    man["files"] = {
+        n: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()} for n in (ckpt.TENSORS, ckpt.STATE)
+    }
     (evil / ckpt.MANIFEST).write_text(json.dumps(man))
     (run / "checkpoint-9.pt").write_bytes(payload)  # and an old-format checkpoint: never opened
-    with pytest.raises(ValueError, match=r"distill: the checkpoint .*checkpoint-3 must hold a readable "
-                                         r"tensors\.safetensors and state\.json; got "):
+    with pytest.raises(
+        ValueError,
+        match=r"distill: the checkpoint .*checkpoint-3 must hold a readable "
+        r"tensors\.safetensors and state\.json; got ",
+    ):
         real.distill(cfg)
     shutil.rmtree(evil)
     for _, p in ckpt.checkpoints(run):
         shutil.rmtree(p)
-    with pytest.raises(ValueError, match=r"distill: the checkpoints of .* must be checkpoint-<step>/ folders "
-                                         r"\(safetensors \+ JSON\) to resume; got \['checkpoint-9\.pt'\] of an older ddk"):
+    with pytest.raises(
+        ValueError,
+        match=r"distill: the checkpoints of .* must be checkpoint-<step>/ folders "
+        r"\(safetensors \+ JSON\) to resume; got \['checkpoint-9\.pt'\] of an older ddk",
+    ):
         real.distill(cfg)
     assert not marker.exists()
 
@@ -134,8 +145,12 @@ def test_flipped_bit_in_newest_checkpoint_is_detected_and_resume_falls_back(tmp_
     assert path == run / "checkpoint-3"
     have = file_sha256(run / "checkpoint-6" / ckpt.TENSORS)
     want = json.loads((run / "checkpoint-6" / ckpt.MANIFEST).read_text())["files"][ckpt.TENSORS]["sha256"]
-    assert passed == [(f"distill: the checkpoint {run / 'checkpoint-6'} must be complete and intact; got "
-                       f"tensors.safetensors with SHA-256 {have} where the manifest says {want}.")]
+    assert passed == [
+        (
+            f"distill: the checkpoint {run / 'checkpoint-6'} must be complete and intact; got "
+            f"tensors.safetensors with SHA-256 {have} where the manifest says {want}."
+        )
+    ]
     capsys.readouterr()
     real.distill(cfg)
     assert "Resuming from the previous valid checkpoint checkpoint-3." in capsys.readouterr().err
@@ -169,8 +184,15 @@ def test_corpus_key_follows_file_contents_and_a_partial_build_is_retried(tmp_pat
     folder.mkdir()
     (folder / "a.txt").write_text("hello\n" * 50)
     (folder / "b.txt").write_text("world\n" * 50)
-    base = dict(domains=("math",), user_jsonl=(str(data),), user_folders={"fold": str(folder)}, max_chars=None,
-                validation_fraction=0.3, cache_dir=str(tmp_path / "debs"), offline=True)
+    base = dict(
+        domains=("math",),
+        user_jsonl=(str(data),),
+        user_folders={"fold": str(folder)},
+        max_chars=None,
+        validation_fraction=0.3,
+        cache_dir=str(tmp_path / "debs"),
+        offline=True,
+    )
     key = CorpusConfig(**base).key()
     assert CorpusConfig(**{**base, "offline": False}).key() == key
     with data.open("a") as f:  # the same path, other contents
@@ -195,8 +217,22 @@ def test_data_build_rejects_domain_names_that_leave_the_folder(tmp_path, capsys,
     data = tmp_path / "evil.jsonl"
     data.write_text("".join(json.dumps({"domain": domain, "id": f"u{i}", "text": "a\n" * 40}) + "\n" for i in range(6)))
     out = tmp_path / "a" / "b" / "corpus"
-    assert main(["data", "build", "--no-builtin", "--user-jsonl", str(data), "--out", str(out),
-                 "--validation-fraction", "0.4"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--no-builtin",
+                "--user-jsonl",
+                str(data),
+                "--out",
+                str(out),
+                "--validation-fraction",
+                "0.4",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"jsonl_units: the domain of record 0 of {data} must " in err and repr(domain) in err
     assert sorted(p.name for p in tmp_path.rglob("*.jsonl")) == ["evil.jsonl"]  # nothing written, inside or out
@@ -212,24 +248,34 @@ def test_evaluate_validates_the_run_config_like_user_input(tmp_path, capsys):
     run = Path(cfg.out)
     (run / "config.json").write_text("{not json")
     assert main(["evaluate", str(run)]) == 2
-    assert f"ddk evaluate: error: evaluate: {run / 'config.json'} must be the JSON config written by ddk distill; " \
-           "got an unreadable file (JSONDecodeError" in capsys.readouterr().err
+    assert (
+        f"ddk evaluate: error: evaluate: {run / 'config.json'} must be the JSON config written by ddk distill; "
+        "got an unreadable file (JSONDecodeError" in capsys.readouterr().err
+    )
     (run / "config.json").write_text(json.dumps({**cfg.to_dict(), "steps": "6; rm -rf /"}))
-    with pytest.raises(ValueError, match=r"evaluate: .*config\.json must be a valid config written by ddk distill; "
-                                         r"got: RecipeConfig: steps must be of type int; got '6; rm -rf /'\."):
+    with pytest.raises(
+        ValueError,
+        match=r"evaluate: .*config\.json must be a valid config written by ddk distill; "
+        r"got: RecipeConfig: steps must be of type int; got '6; rm -rf /'\.",
+    ):
         real.evaluate(run)
 
 
 # ---------------------------------------------------------------------------- 5
 def test_second_writer_on_a_run_folder_is_refused_naming_the_holder(tmp_path):
     cfg = _cfg(tmp_path, "run", steps=2)
-    code = ("import sys, time; from ddk._io import folder_lock\n"
-            "with folder_lock(sys.argv[1], 'distill', 'out'):\n    print('locked', flush=True); time.sleep(120)\n")
+    code = (
+        "import sys, time; from ddk._io import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'distill', 'out'):\n    print('locked', flush=True); time.sleep(120)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, cfg.out], env=_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=rf"distill: out must not be in use by another process; got "
-                                             rf"'{cfg.out}' locked by pid {holder.pid} .*Wait for that run to finish"):
+        with pytest.raises(
+            ValueError,
+            match=rf"distill: out must not be in use by another process; got "
+            rf"'{cfg.out}' locked by pid {holder.pid} .*Wait for that run to finish",
+        ):
             real.distill(cfg)
         assert not (Path(cfg.out) / "config.json").exists()  # nothing written
     finally:
@@ -257,8 +303,11 @@ def test_torn_log_line_is_dropped_on_resume_and_no_resume_moves_the_run_aside(tm
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]) + "\n")
     shutil.rmtree(run / "checkpoint-6")
-    with pytest.raises(ValueError, match=rf"distill: every line of {run / 'metrics.jsonl'} must be a JSON record to "
-                                         r"resume; got line 2: "):
+    with pytest.raises(
+        ValueError,
+        match=rf"distill: every line of {run / 'metrics.jsonl'} must be a JSON record to "
+        r"resume; got line 2: ",
+    ):
         real.distill(cfg)
 
     kept = {p.name for p in run.iterdir() if p.name.startswith("checkpoint-")}
@@ -281,8 +330,11 @@ def test_stale_student_is_moved_aside_and_evaluate_refuses_a_foreign_one(tmp_pat
         real.evaluate(run)
     old = next(p for p in run.iterdir() if p.name.startswith("replaced-"))
     shutil.copytree(old / "student", run / "student")  # a student of another config, put back by hand
-    with pytest.raises(ValueError, match=r"evaluate: the student/ of .* must be the one trained with its config\.json "
-                                         r"\(config digest [0-9a-f]{16}\); got a student of config digest '[0-9a-f]{16}'"):
+    with pytest.raises(
+        ValueError,
+        match=r"evaluate: the student/ of .* must be the one trained with its config\.json "
+        r"\(config digest [0-9a-f]{16}\); got a student of config digest '[0-9a-f]{16}'",
+    ):
         real.evaluate(run)
 
 
@@ -297,18 +349,40 @@ def test_ddktrainer_newest_checkpoint_holds_the_ddk_state_before_rotation(tmp_pa
     from ddk.integrations.transformers import DDK_STATE_NAME, DDKCallback, DDKTrainer
 
     g = torch.Generator().manual_seed(0)
-    train = [{"input_ids": torch.randint(30 * d, 30 * d + 30, (12,), generator=g), "domain_id": d}
-             for d, n in enumerate((8, 6)) for _ in range(n)]
+    train = [
+        {"input_ids": torch.randint(30 * d, 30 * d + 30, (12,), generator=g), "domain_id": d}
+        for d, n in enumerate((8, 6))
+        for _ in range(n)
+    ]
     val = {name: [{"input_ids": torch.randint(0, 60, (2, 12), generator=g)}] for name in ("a", "b")}
 
     def trainer(max_steps: int) -> DDKTrainer:
-        ctrl = DDKController(DiscrepancyEstimator(val, progress=False), FactorSmoother(2),
-                             MixtureSampler([8, 6], 4, seed=3, domain_names=("a", "b")), interval=2)
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
-                                 save_strategy="steps", save_steps=1, save_total_limit=1, report_to=[], use_cpu=True,
-                                 disable_tqdm=True, dataloader_num_workers=0, logging_steps=100)
-        return DDKTrainer(model=make_model("llama", 100, seed=2), args=args, train_dataset=train,
-                          teacher=make_model("llama", 100, hidden=48, layers=2, seed=1), controller=ctrl)
+        ctrl = DDKController(
+            DiscrepancyEstimator(val, progress=False),
+            FactorSmoother(2),
+            MixtureSampler([8, 6], 4, seed=3, domain_names=("a", "b")),
+            interval=2,
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=1,
+            save_total_limit=1,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            logging_steps=100,
+        )
+        return DDKTrainer(
+            model=make_model("llama", 100, seed=2),
+            args=args,
+            train_dataset=train,
+            teacher=make_model("llama", 100, hidden=48, layers=2, seed=1),
+            controller=ctrl,
+        )
 
     calls = {"n": 0}
     orig = DDKCallback.on_save
@@ -347,23 +421,34 @@ def test_states_are_validated_whole_before_anything_changes():
 
     def controller() -> DDKController:
         batch = [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}]
-        est = DiscrepancyEstimator({n: batch for n in ("domain0", "domain1", "domain2")}, progress=False,
-                                   teacher_ce=[1.0, 2.0, 3.0])
+        est = DiscrepancyEstimator(
+            {n: batch for n in ("domain0", "domain1", "domain2")}, progress=False, teacher_ce=[1.0, 2.0, 3.0]
+        )
         return DDKController(est, FactorSmoother(3), MixtureSampler([10, 10, 10], 6, seed=0), interval=2)
 
     src = controller()
     src.sampler.set_weights([0.2, 0.3, 0.5])
-    src.smoother.load_state_dict({"num_domains": 3, "alpha": 0.5, "mode": "ddk", "init": "discrepancy",
-                                  "weights": [0.2, 0.3, 0.5], "history": [{"kind": "init", "ratio": [1.0] * 3,
-                                                                            "weights": [0.2, 0.3, 0.5]}]})
+    src.smoother.load_state_dict(
+        {
+            "num_domains": 3,
+            "alpha": 0.5,
+            "mode": "ddk",
+            "init": "discrepancy",
+            "weights": [0.2, 0.3, 0.5],
+            "history": [{"kind": "init", "ratio": [1.0] * 3, "weights": [0.2, 0.3, 0.5]}],
+        }
+    )
     src._started = True
     for _ in range(4):
         src.sampler.next_global_batch()
     state = src.state_dict()
     state["controller"].update(last_update_step=4, num_updates=2)
     controller().load_state_dict(state)  # the genuine state loads
-    bad_sampler = {**state, "estimator": {**state["estimator"], "teacher_ce": [9.0, 9.0, 9.0]},
-                   "sampler": {**state["sampler"], "carry": [1e6, -1e6, 0.0]}}
+    bad_sampler = {
+        **state,
+        "estimator": {**state["estimator"], "teacher_ce": [9.0, 9.0, 9.0]},
+        "sampler": {**state["sampler"], "carry": [1e6, -1e6, 0.0]},
+    }
     dst = controller()
     before = (dst.estimator.teacher_ce.tolist(), dst.smoother.initialized, dst.sampler.state_dict())
     with pytest.raises(ValueError, match=r"DDKController.load_state_dict \(sampler\): carry must be in"):
@@ -372,8 +457,11 @@ def test_states_are_validated_whole_before_anything_changes():
     for part, patch, message in [
         ("controller", {"last_update_step": 10**9}, r"last_update_step'\] must be an int in \[0, 4\]"),
         ("controller", {"num_updates": -1}, r"num_updates'\] must be an int in \[0, last_update_step=4\]"),
-        ("smoother", {"weights": [0.0, 0.0, 0.0]},
-         r"\(smoother\): state\['weights'\] must be 3 finite weights >= 0 summing to 1"),
+        (
+            "smoother",
+            {"weights": [0.0, 0.0, 0.0]},
+            r"\(smoother\): state\['weights'\] must be 3 finite weights >= 0 summing to 1",
+        ),
         ("estimator", {"online": [[1.0, -5.0, 0.0, 0.0]] * 3}, r"\(estimator\): state\['online'\] must be 3x4"),
     ]:
         with pytest.raises(ValueError, match=rf"DDKController.load_state_dict.*{message}"):
@@ -396,8 +484,11 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_bit_identical
         return orig(*a, **k)
 
     monkeypatch.setattr(real, "causal_lm_kd_loss", preempted)
-    with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 3; wrote .*checkpoint-3\. Rerun the same "
-                                        r"command to resume from it\."):
+    with pytest.raises(
+        Preempted,
+        match=r"stopped by SIGTERM after step 3; wrote .*checkpoint-3\. Rerun the same "
+        r"command to resume from it\.",
+    ):
         real.distill(cfg)
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
@@ -431,11 +522,13 @@ def test_loss_normalizer_must_be_a_positive_finite_scalar():
     from ddk import kd_loss
 
     zs, zt, y = torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3])
-    for value, message in [(torch.tensor(0.0), r"must be > 0 .*; got 0\.0\."),
-                           (torch.tensor(-4.0), r"must be > 0 .*; got -4\.0\."),
-                           (torch.tensor([1.0, 2.0]), r"must be a scalar .*; got a tensor of shape \(2,\)\."),
-                           (float("inf"), r"must be finite .*; got inf\."),
-                           (torch.tensor(float("nan")), r"must be finite .*; got nan\.")]:
+    for value, message in [
+        (torch.tensor(0.0), r"must be > 0 .*; got 0\.0\."),
+        (torch.tensor(-4.0), r"must be > 0 .*; got -4\.0\."),
+        (torch.tensor([1.0, 2.0]), r"must be a scalar .*; got a tensor of shape \(2,\)\."),
+        (float("inf"), r"must be finite .*; got inf\."),
+        (torch.tensor(float("nan")), r"must be finite .*; got nan\."),
+    ]:
         with pytest.raises(ValueError, match=r"kd_loss: normalizer " + message):
             kd_loss(zs, zt, y, normalizer=value)
 
@@ -476,8 +569,11 @@ def test_unwritable_out_and_torn_model_files_are_errors_not_tracebacks(tmp_path,
     blocker.write_text("")
     cfg = own_cfg(tmp_path, out=str(blocker / "run"))
     monkeypatch.setattr(real, "load_models", lambda *a: pytest.fail("models loaded before the run folder was checked"))
-    with pytest.raises(ValueError, match=r"distill: out must be a folder this process can write; got .*a-file/run' "
-                                         r"\((NotADirectoryError|FileExistsError)"):
+    with pytest.raises(
+        ValueError,
+        match=r"distill: out must be a folder this process can write; got .*a-file/run' "
+        r"\((NotADirectoryError|FileExistsError)",
+    ):
         real.distill(cfg)
     monkeypatch.undo()
 
@@ -486,8 +582,11 @@ def test_unwritable_out_and_torn_model_files_are_errors_not_tracebacks(tmp_path,
     blob = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     cfg = _cfg(tmp_path, "torn", student=str(bad))
-    with pytest.raises(ValueError, match=rf"distill: student must be a transformers causal LM folder or hub name; "
-                                         rf"loading '{bad}' failed: "):
+    with pytest.raises(
+        ValueError,
+        match=rf"distill: student must be a transformers causal LM folder or hub name; "
+        rf"loading '{bad}' failed: ",
+    ):
         real.distill(cfg)
 
 
@@ -509,6 +608,7 @@ def _killed_in_write(monkeypatch, cfg, k: int) -> bool:  # type: ignore[no-untyp
                         Path(a[0]).write_text(a[1][: len(a[1]) // 2])
                     raise KeyboardInterrupt(f"killed in {name}")
             return orig(*a, **kw)
+
         return op
 
     orig_save = ckpt.save_checkpoint

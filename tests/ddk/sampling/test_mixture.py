@@ -47,13 +47,23 @@ def configs(draw: st.DrawFn, *, max_domains: int = 6, max_size: int = 40, max_ba
 
 
 @st.composite
-def schedules(draw: st.DrawFn, num_domains: int, *, zeros: bool = False, tiny: bool = False,
-              max_changes: int = 5, max_run: int = 15) -> list[tuple[int, list[float]]]:
+def schedules(
+    draw: st.DrawFn,
+    num_domains: int,
+    *,
+    zeros: bool = False,
+    tiny: bool = False,
+    max_changes: int = 5,
+    max_run: int = 15,
+) -> list[tuple[int, list[float]]]:
     """``[(batches to draw, weights to set before them), ...]``."""
-    return draw(st.lists(
-        st.tuples(st.integers(0, max_run), weight_vectors(num_domains, zeros=zeros, tiny=tiny)),
-        min_size=1, max_size=max_changes,
-    ))
+    return draw(
+        st.lists(
+            st.tuples(st.integers(0, max_run), weight_vectors(num_domains, zeros=zeros, tiny=tiny)),
+            min_size=1,
+            max_size=max_changes,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -149,7 +159,9 @@ def test_mixture_sampler_deterministic_across_processes() -> None:
         "print(json.dumps(out))\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
     namespace: dict = {}
     exec(code.replace("print(json.dumps(out))\n", ""), namespace)  # same program, this process
     assert json.loads(proc.stdout) == namespace["out"]
@@ -281,7 +293,7 @@ def test_mixture_sampler_pass_order_follows_seeded_permutations(config: dict, da
                     k = len(streams[i]) // s.domain_sizes[i]
                     perm = np.random.default_rng([config["seed"], 0, i, k]).permutation(s.domain_sizes[i])
                     streams[i] = np.concatenate([streams[i], perm])
-                expected = np.sort(streams[i][taken[i]:taken[i] + len(local)])
+                expected = np.sort(streams[i][taken[i] : taken[i] + len(local)])
                 np.testing.assert_array_equal(local, expected)
                 taken[i] += len(local)
 
@@ -571,21 +583,40 @@ def test_mixture_sampler_docstring_example_runs() -> None:
 # ----------------------------------------------------------------------------- errors
 
 _BAD_INIT = [
-    (dict(weights=[1.0, -0.5, 1.0]), ValueError,
-     r"^MixtureSampler: weights must be non-negative; got -0\.5 for domain 'domain1' \(index 1\)\.$"),
+    (
+        dict(weights=[1.0, -0.5, 1.0]),
+        ValueError,
+        r"^MixtureSampler: weights must be non-negative; got -0\.5 for domain 'domain1' \(index 1\)\.$",
+    ),
     (dict(weights=torch.tensor([1.0, -2.0, 1.0])), ValueError, r"weights must be non-negative; got -2\.0"),
-    (dict(weights=[1.0, float("nan"), 1.0]), ValueError,
-     r"^MixtureSampler: weights must be finite; got nan for domain 'domain1' \(index 1\)\.$"),
+    (
+        dict(weights=[1.0, float("nan"), 1.0]),
+        ValueError,
+        r"^MixtureSampler: weights must be finite; got nan for domain 'domain1' \(index 1\)\.$",
+    ),
     (dict(weights=[1.0, 1.0, float("inf")]), ValueError, r"weights must be finite; got inf for domain 'domain2'"),
-    (dict(weights=[0.0, 0.0, 0.0]), ValueError,
-     r"^MixtureSampler: weights must have a positive sum \(at least one domain > 0\); got all zeros\.$"),
-    (dict(weights=[0.5, 0.5]), ValueError,
-     r"^MixtureSampler: weights must have one entry per domain \(length 3\); got shape \(2,\)\.$"),
-    (dict(weights=[[0.5, 0.5, 1.0]]), ValueError, r"weights must have one entry per domain \(length 3\); got shape \(1, 3\)"),
+    (
+        dict(weights=[0.0, 0.0, 0.0]),
+        ValueError,
+        r"^MixtureSampler: weights must have a positive sum \(at least one domain > 0\); got all zeros\.$",
+    ),
+    (
+        dict(weights=[0.5, 0.5]),
+        ValueError,
+        r"^MixtureSampler: weights must have one entry per domain \(length 3\); got shape \(2,\)\.$",
+    ),
+    (
+        dict(weights=[[0.5, 0.5, 1.0]]),
+        ValueError,
+        r"weights must have one entry per domain \(length 3\); got shape \(1, 3\)",
+    ),
     (dict(weights=["a", "b", "c"]), TypeError, r"^MixtureSampler: weights must be a sequence of 3 numbers; got"),
-    (dict(domain_sizes=[4, 0, 2], domain_names=["web", "code", "math"]), ValueError,
-     r"^MixtureSampler: domain_sizes must be >= 1 for every domain; got 0 for domain 'code' \(index 1\); "
-     r"drop the empty domain or give it data\.$"),
+    (
+        dict(domain_sizes=[4, 0, 2], domain_names=["web", "code", "math"]),
+        ValueError,
+        r"^MixtureSampler: domain_sizes must be >= 1 for every domain; got 0 for domain 'code' \(index 1\); "
+        r"drop the empty domain or give it data\.$",
+    ),
     (dict(domain_sizes=[]), ValueError, r"^MixtureSampler: domain_sizes must name at least one domain; got \[\]\.$"),
     (dict(domain_sizes=[4, 2.5, 2]), TypeError, r"^MixtureSampler: domain_sizes must be ints; got 2\.5 at index 1\.$"),
     (dict(global_batch_size=0), ValueError, r"^MixtureSampler: global_batch_size must be a positive int; got 0\.$"),
@@ -594,8 +625,11 @@ _BAD_INIT = [
     (dict(world_size=0), ValueError, r"^MixtureSampler: world_size must be a positive int; got 0\.$"),
     (dict(rank=2, world_size=2), ValueError, r"^MixtureSampler: rank must be an int in \[0, world_size=2\); got 2\.$"),
     (dict(rank=-1), ValueError, r"rank must be an int in \[0, world_size=1\); got -1\."),
-    (dict(global_batch_size=10, world_size=4), ValueError,
-     r"^MixtureSampler: global_batch_size must be divisible by world_size=4; got 10; pick a multiple of 4\.$"),
+    (
+        dict(global_batch_size=10, world_size=4),
+        ValueError,
+        r"^MixtureSampler: global_batch_size must be divisible by world_size=4; got 10; pick a multiple of 4\.$",
+    ),
     (dict(mode="uniform"), ValueError, r"^MixtureSampler: mode must be one of \('exact', 'iid'\); got 'uniform'\.$"),
     (dict(seed=-1), ValueError, r"^MixtureSampler: seed must be a non-negative int; got -1\.$"),
     (dict(num_batches=-1), ValueError, r"^MixtureSampler: num_batches must be None or an int >= 0; got -1\.$"),
@@ -611,12 +645,21 @@ def test_mixture_sampler_init_rejects_bad_input(kwargs: dict, error: type, patte
         MixtureSampler(**args)
 
 
-@pytest.mark.parametrize(("weights", "pattern"), [
-    ([1.0, -1.0], r"^MixtureSampler\.set_weights: weights must be non-negative; got -1\.0 for domain 'domain1' \(index 1\)\.$"),
-    ([float("nan"), 1.0], r"^MixtureSampler\.set_weights: weights must be finite; got nan"),
-    ([0, 0], r"^MixtureSampler\.set_weights: weights must have a positive sum"),
-    ([1.0, 2.0, 3.0], r"^MixtureSampler\.set_weights: weights must have one entry per domain \(length 2\); got shape \(3,\)\.$"),
-])
+@pytest.mark.parametrize(
+    ("weights", "pattern"),
+    [
+        (
+            [1.0, -1.0],
+            r"^MixtureSampler\.set_weights: weights must be non-negative; got -1\.0 for domain 'domain1' \(index 1\)\.$",
+        ),
+        ([float("nan"), 1.0], r"^MixtureSampler\.set_weights: weights must be finite; got nan"),
+        ([0, 0], r"^MixtureSampler\.set_weights: weights must have a positive sum"),
+        (
+            [1.0, 2.0, 3.0],
+            r"^MixtureSampler\.set_weights: weights must have one entry per domain \(length 2\); got shape \(3,\)\.$",
+        ),
+    ],
+)
 def test_mixture_sampler_set_weights_rejects_bad_input(weights: list[float], pattern: str) -> None:
     s = MixtureSampler([3, 4], 2, [1, 3])
     s.next_global_batch()
@@ -626,7 +669,9 @@ def test_mixture_sampler_set_weights_rejects_bad_input(weights: list[float], pat
 
 
 def test_mixture_sampler_len_infinite_raises_type_error() -> None:
-    with pytest.raises(TypeError, match=r"^MixtureSampler: num_batches must be set to take len\(\) of the sampler; got None"):
+    with pytest.raises(
+        TypeError, match=r"^MixtureSampler: num_batches must be set to take len\(\) of the sampler; got None"
+    ):
         len(MixtureSampler([3], 1))
 
 
@@ -647,27 +692,41 @@ def _state() -> dict:
     return json.loads(json.dumps(s.state_dict()))
 
 
-@pytest.mark.parametrize(("mutate", "pattern"), [
-    (lambda st: st.pop("carry"), r"^MixtureSampler\.load_state_dict: state must contain 'carry'; got keys"),
-    (lambda st: st["config"].update(domain_sizes=[3, 5]),
-     r"^MixtureSampler\.load_state_dict: config\.domain_sizes must match this sampler's \[3, 4\]; got \[3, 5\]\.$"),
-    (lambda st: st["config"].update(global_batch_size=4), r"config\.global_batch_size must match this sampler's 2; got 4\."),
-    (lambda st: st["config"].update(seed=2), r"config\.seed must match"),
-    (lambda st: st["config"].update(mode="iid"), r"config\.mode must match"),
-    (lambda st: st["config"].update(domain_names=["x", "z"]), r"config\.domain_names must match"),
-    (lambda st: st["config"].pop("seed"), r"config must contain 'seed'"),
-    (lambda st: st.update(carry=[0.0]), r"^MixtureSampler\.load_state_dict: carry must be a list of 2 numbers \(one per domain\)"),
-    (lambda st: st.update(carry=[float("nan"), 0.0]), r"carry must be finite"),
-    (lambda st: st.update(positions=[0, 4]), r"positions must be in \[0, domain size\) per domain; got \[0, 4\]"),
-    (lambda st: st.update(passes=[-1, 0]), r"passes must be >= 0"),
-    (lambda st: st.update(passes=[0.5, 0]), r"passes must hold ints"),
-    (lambda st: st.update(batches_yielded=-3), r"batches_yielded must be an int >= 0; got -3\."),
-    (lambda st: st.update(version=99), r"version must be 1; got 99\."),
-    (lambda st: st.update(weight_log=[]), r"weight_log must be a non-empty list"),
-    (lambda st: st.update(weight_log=[[1, [0.5, 0.5]]]), r"weight_log indices must start at 0 and increase"),
-    (lambda st: st.update(weight_log=[[0, [0.5, 0.6]]]), r"weight_log weights must be 2 normalized non-negative numbers"),
-    (lambda st: st.update(weights=[0.5, 0.5]), r"weights must equal the last weight_log entry"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (lambda st: st.pop("carry"), r"^MixtureSampler\.load_state_dict: state must contain 'carry'; got keys"),
+        (
+            lambda st: st["config"].update(domain_sizes=[3, 5]),
+            r"^MixtureSampler\.load_state_dict: config\.domain_sizes must match this sampler's \[3, 4\]; got \[3, 5\]\.$",
+        ),
+        (
+            lambda st: st["config"].update(global_batch_size=4),
+            r"config\.global_batch_size must match this sampler's 2; got 4\.",
+        ),
+        (lambda st: st["config"].update(seed=2), r"config\.seed must match"),
+        (lambda st: st["config"].update(mode="iid"), r"config\.mode must match"),
+        (lambda st: st["config"].update(domain_names=["x", "z"]), r"config\.domain_names must match"),
+        (lambda st: st["config"].pop("seed"), r"config must contain 'seed'"),
+        (
+            lambda st: st.update(carry=[0.0]),
+            r"^MixtureSampler\.load_state_dict: carry must be a list of 2 numbers \(one per domain\)",
+        ),
+        (lambda st: st.update(carry=[float("nan"), 0.0]), r"carry must be finite"),
+        (lambda st: st.update(positions=[0, 4]), r"positions must be in \[0, domain size\) per domain; got \[0, 4\]"),
+        (lambda st: st.update(passes=[-1, 0]), r"passes must be >= 0"),
+        (lambda st: st.update(passes=[0.5, 0]), r"passes must hold ints"),
+        (lambda st: st.update(batches_yielded=-3), r"batches_yielded must be an int >= 0; got -3\."),
+        (lambda st: st.update(version=99), r"version must be 1; got 99\."),
+        (lambda st: st.update(weight_log=[]), r"weight_log must be a non-empty list"),
+        (lambda st: st.update(weight_log=[[1, [0.5, 0.5]]]), r"weight_log indices must start at 0 and increase"),
+        (
+            lambda st: st.update(weight_log=[[0, [0.5, 0.6]]]),
+            r"weight_log weights must be 2 normalized non-negative numbers",
+        ),
+        (lambda st: st.update(weights=[0.5, 0.5]), r"weights must equal the last weight_log entry"),
+    ],
+)
 def test_mixture_sampler_load_state_dict_rejects_bad_state(mutate, pattern: str) -> None:
     state = _state()
     mutate(state)
@@ -680,7 +739,9 @@ def test_mixture_sampler_load_state_dict_rejects_bad_state(mutate, pattern: str)
 
 def test_mixture_sampler_load_state_dict_rejects_bad_world_size() -> None:
     state = _state()
-    with pytest.raises(ValueError, match=r"^MixtureSampler\.load_state_dict: global_batch_size must be divisible by world_size=4"):
+    with pytest.raises(
+        ValueError, match=r"^MixtureSampler\.load_state_dict: global_batch_size must be divisible by world_size=4"
+    ):
         MixtureSampler([3, 4], 2, seed=1, domain_names=["x", "y"]).load_state_dict(state, world_size=4)
     with pytest.raises(ValueError, match=r"^MixtureSampler\.from_state_dict: state must be a dict from state_dict\(\)"):
         MixtureSampler.from_state_dict({"carry": []})

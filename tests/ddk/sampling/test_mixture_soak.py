@@ -57,8 +57,10 @@ def test_soak_one_million_batches_exact_counts_flat_memory():
         expected += bw
         drift = np.abs(s.cumulative_counts() - expected).max()
         if drift >= 1.0:
-            pytest.fail(f"batch {b}: cumulative counts {s.cumulative_counts().tolist()} drift {drift} from "
-                        f"sum B*w = {expected.tolist()}")
+            pytest.fail(
+                f"batch {b}: cumulative counts {s.cumulative_counts().tolist()} drift {drift} from "
+                f"sum B*w = {expected.tolist()}"
+            )
         worst = max(worst, drift)
         if b + 1 == WARMUP:
             base_state, base_rss = _state_sizes(s), _maxrss_bytes()

@@ -14,9 +14,7 @@ from hypothesis import strategies as st
 from ddk.discrepancy import DomainDiscrepancy
 from ddk.schedule import FactorSmoother
 
-ratios = st.integers(1, 8).flatmap(
-    lambda d: st.lists(st.floats(0.01, 60.0, allow_nan=False), min_size=d, max_size=d)
-)
+ratios = st.integers(1, 8).flatmap(lambda d: st.lists(st.floats(0.01, 60.0, allow_nan=False), min_size=d, max_size=d))
 alphas = st.floats(0.01, 1.0)
 
 
@@ -179,15 +177,20 @@ def test_smoother_state_dict_roundtrip_json() -> None:
 
 def test_smoother_load_state_dict_wrong_domains_raises() -> None:
     state = FactorSmoother(3).state_dict()
-    with pytest.raises(ValueError, match=r"FactorSmoother.load_state_dict: state\['num_domains'\] must equal .*num_domains=2; got 3\."):
+    with pytest.raises(
+        ValueError, match=r"FactorSmoother.load_state_dict: state\['num_domains'\] must equal .*num_domains=2; got 3\."
+    ):
         FactorSmoother(2).load_state_dict(state)
 
 
 def test_smoother_update_before_initialize_raises() -> None:
-    with pytest.raises(RuntimeError, match=r"FactorSmoother.update: the smoother must be initialised first; call smoother.initialize\(ratio\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"FactorSmoother.update: the smoother must be initialised first; call smoother.initialize\(ratio\)",
+    ):
         FactorSmoother(2).update([1.0, 1.0])
     with pytest.raises(RuntimeError, match=r"FactorSmoother.weights: .*call smoother.initialize\(ratio\)"):
-        FactorSmoother(2).weights
+        FactorSmoother(2).weights  # noqa: B018
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5, float("nan"), "0.5"])
@@ -199,21 +202,37 @@ def test_smoother_bad_alpha_raises(alpha) -> None:
 def test_smoother_bad_options_raise() -> None:
     with pytest.raises(ValueError, match=r"FactorSmoother: num_domains must be an int >= 1; got 0\."):
         FactorSmoother(0)
-    with pytest.raises(ValueError, match=r"FactorSmoother: mode must be one of \('ddk', 'no_smoothing', 'uniform'\); got 'soft'\."):
+    with pytest.raises(
+        ValueError, match=r"FactorSmoother: mode must be one of \('ddk', 'no_smoothing', 'uniform'\); got 'soft'\."
+    ):
         FactorSmoother(2, mode="soft")
-    with pytest.raises(ValueError, match=r"FactorSmoother: init must be one of \('discrepancy', 'uniform'\); got 'random'\."):
+    with pytest.raises(
+        ValueError, match=r"FactorSmoother: init must be one of \('discrepancy', 'uniform'\); got 'random'\."
+    ):
         FactorSmoother(2, init="random")
 
 
 @pytest.mark.parametrize(
     ("ratio", "exc", "match"),
     [
-        ([1.0, 2.0, 3.0], ValueError, r"FactorSmoother.initialize: ratio must have shape \(2,\) \(one value per domain\); got \(3,\)\."),
+        (
+            [1.0, 2.0, 3.0],
+            ValueError,
+            r"FactorSmoother.initialize: ratio must have shape \(2,\) \(one value per domain\); got \(3,\)\.",
+        ),
         ([1.0, float("nan")], ValueError, r"FactorSmoother.initialize: ratio must be finite; got \[1.0, nan\]\."),
         ([1.0, float("inf")], ValueError, r"FactorSmoother.initialize: ratio must be finite; got"),
-        ([1.0, -2.0], ValueError, r"FactorSmoother.initialize: ratio must be > 0 \(ppl_S / ppl_T\); got \[1.0, -2.0\]\."),
+        (
+            [1.0, -2.0],
+            ValueError,
+            r"FactorSmoother.initialize: ratio must be > 0 \(ppl_S / ppl_T\); got \[1.0, -2.0\]\.",
+        ),
         ([1.0, 0.0], ValueError, r"FactorSmoother.initialize: ratio must be > 0"),
-        ("ab", TypeError, r"FactorSmoother.initialize: ratio must be a sequence, ndarray, tensor or DomainDiscrepancy of 2 floats; got str\."),
+        (
+            "ab",
+            TypeError,
+            r"FactorSmoother.initialize: ratio must be a sequence, ndarray, tensor or DomainDiscrepancy of 2 floats; got str\.",
+        ),
         ([[1.0, 2.0]], ValueError, r"ratio must have shape \(2,\)"),
     ],
 )
