@@ -143,10 +143,12 @@ def _cached_model(folder: Path, what: str) -> dict[str, Any] | None:
 
 
 def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
-    """Pretrain (or find the cached) demo teacher on the packed demo corpus; return its folder."""
-    from transformers import LlamaForCausalLM
+    """Pretrain (or find the cached) demo teacher on the packed demo corpus; return its folder.
 
-    from ddk.data import DomainCollator, tokenizer_hash
+    The pretraining checkpoints into ``<folder>.training`` and resumes from there after a crash
+    or a SIGTERM/SIGINT (``Preempted``); the folder is removed once the teacher is saved.
+    """
+    from ddk.data import tokenizer_hash
 
     folder = cfg.data_path / "teachers" / cfg.hash_of(_TEACHER_KEYS, extra=[packed.key, tokenizer_hash(tokenizer)])
     meta = _cached_model(folder, "teacher")
@@ -154,7 +156,35 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
         if cfg.progress:
             log(f"teacher: cached at {folder} (trained in {float(meta.get('train_seconds') or 0):.0f} s)")
         return folder
-    t0 = time.perf_counter()
+    teacher, losses, seconds = _pretrain_teacher(cfg, packed, tokenizer, folder.with_name(folder.name + ".training"))
+    meta = {
+        "config": {k: getattr(cfg, k) for k in _TEACHER_KEYS},
+        "data_key": packed.key,
+        "domains": list(packed.names),
+        "loss_curve": losses[::10],
+        "final_loss": losses[-1] if losses else None,
+        "train_seconds": seconds,
+    }
+    _save_model(teacher.eval(), tokenizer, folder, meta)
+    shutil.rmtree(folder.with_name(folder.name + ".training"), ignore_errors=True)
+    if cfg.progress:
+        log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {folder}")
+    return folder
+
+
+def _pretrain_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any, work: Path) -> tuple[Any, list[float], float]:
+    """CE pretraining of the demo teacher: ``(teacher, loss per step, seconds)``.
+
+    Checkpoints (the format of ``ddk distill``'s) go to ``work`` every ``checkpoint_every`` steps
+    and when SIGTERM/SIGINT arrives (then ``Preempted`` is raised); a later call resumes from
+    the newest valid one, bit-identically.
+    """
+    from transformers import LlamaForCausalLM
+
+    from ddk.data import DomainCollator
+    from ddk.recipes import checkpoint as ckpt
+    from ddk.recipes.preempt import Preempted, StopSignals
+
     torch.manual_seed(cfg.teacher_seed)
     teacher = LlamaForCausalLM(llama_config(cfg, "teacher", len(tokenizer)))
     data, collate = packed.train_dataset(), DomainCollator()
@@ -164,34 +194,65 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
     opt, sched = make_optimizer(
         teacher, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps, cfg.teacher_steps, cfg.min_lr_ratio
     )
+    config = {k: getattr(cfg, k) for k in _TEACHER_KEYS}
     losses: list[float] = []
+    start, seconds = 0, 0.0
+    work.mkdir(parents=True, exist_ok=True)
+    path, passed = ckpt.newest_valid_checkpoint(work, fn="teacher")
+    for why in passed:
+        log(f"teacher: skipping a damaged checkpoint: {why}")
+    if path is not None:
+        ck = ckpt.load_checkpoint(path, fn="teacher")
+        teacher.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        sampler.load_state_dict(ck["sampler"])
+        ckpt.set_rng_state(ck["rng"], fn="teacher")
+        start, losses, seconds = int(ck["step"]), list(ck["losses"]), float(ck["seconds"])
+        log(f"teacher: resumed from {path} at step {start}")
+
+    def save(step: int, elapsed: float) -> Path:
+        state = {
+            "config": config,
+            "model": teacher.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "losses": losses,
+            "seconds": elapsed,
+        }
+        return ckpt.save_checkpoint(work, step, state, keep=1)
+
+    t0 = time.perf_counter() - seconds
     teacher.train()
-    bar = tqdm(range(cfg.teacher_steps), desc="teacher", disable=not cfg.progress)
-    for step in bar:
-        batch = collate([data[int(i)] for i in sampler.next_global_batch()])
-        loss = causal_lm_kd_loss(teacher, None, {"input_ids": batch["input_ids"]}, gamma=0.0).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar = tqdm(
+        range(start + 1, cfg.teacher_steps + 1),
+        desc="teacher",
+        initial=start,
+        total=cfg.teacher_steps,
+        disable=not cfg.progress,
+    )
+    with StopSignals("teacher") as stop:
+        for step in bar:
+            batch = collate([data[int(i)] for i in sampler.next_global_batch()])
+            loss = causal_lm_kd_loss(teacher, None, {"input_ids": batch["input_ids"]}, gamma=0.0).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % cfg.checkpoint_every == 0 or stop.signum:
+                written = save(step, time.perf_counter() - t0)
+                if stop.signum:
+                    bar.close()
+                    raise Preempted(stop.signame, step, str(written))
     bar.close()
-    meta = {
-        "config": {k: getattr(cfg, k) for k in _TEACHER_KEYS},
-        "data_key": packed.key,
-        "domains": list(packed.names),
-        "loss_curve": losses[::10],
-        "final_loss": losses[-1] if losses else None,
-        "train_seconds": time.perf_counter() - t0,
-    }
-    _save_model(teacher.eval(), tokenizer, folder, meta)
-    if cfg.progress:
-        log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {folder}")
-    return folder
+    return teacher, losses, time.perf_counter() - t0
 
 
 def demo_student(cfg: RecipeConfig, tokenizer: Any) -> Path:

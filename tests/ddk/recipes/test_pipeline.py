@@ -144,6 +144,85 @@ def test_distill_token_budget_sets_the_steps(tmp_path: Path) -> None:
     assert cfg.total_steps == 3
 
 
+def _demo_cfg(tmp_path: Path, corpus: Path, **kw):  # type: ignore[no-untyped-def]
+    base = dict(
+        data_dir=str(tmp_path / "demo"),
+        domains=(),
+        user_jsonl=(str(corpus),),
+        max_chars=20000,
+        validation_fraction=0.25,
+        offline=True,
+        vocab_size=320,
+        seq_len=16,
+        val_samples=4,
+        eval_batch_size=4,
+        teacher_hidden=32,
+        teacher_layers=1,
+        teacher_heads=2,
+        teacher_intermediate=64,
+        teacher_steps=8,
+        teacher_batch_size=4,
+        student_hidden=16,
+        student_layers=1,
+        student_heads=2,
+        student_intermediate=32,
+        steps=4,
+        batch_size=4,
+        warmup_steps=2,
+        interval=2,
+        log_every=2,
+        checkpoint_every=3,
+        out=str(tmp_path / "runs" / "demo"),
+        progress=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return make_config(**base)
+
+
+def test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    import ddk.recipes.demo as demo
+    from ddk.recipes.preempt import Preempted
+
+    _, _, corpus = own_models(tmp_path)
+    ref = demo.demo_config(_demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "ref")))
+    cfg = _demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "cut"))
+    calls = {"n": 0}
+    orig = demo.causal_lm_kd_loss
+
+    def sigterm_at_step_5(*a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler records it; step 5 finishes and checkpoints
+        return orig(*a, **k)
+
+    monkeypatch.setattr(demo, "causal_lm_kd_loss", sigterm_at_step_5)
+    with pytest.raises(Preempted, match="after step 5"):
+        demo.demo_config(cfg)
+    monkeypatch.undo()
+    work = [p for p in (tmp_path / "cut" / "teachers").iterdir() if p.name.endswith(".training")]
+    assert len(work) == 1 and sorted(p.name for p in work[0].glob("checkpoint-*")) == ["checkpoint-5"]
+    counted = {"n": 0}
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        counted["n"] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(demo, "causal_lm_kd_loss", counting)
+    resumed = demo.demo_config(cfg)
+    monkeypatch.undo()
+    assert counted["n"] == 8 - 5  # resumed after step 5, not restarted
+    a = load_file(str(Path(ref.teacher) / "model.safetensors"))
+    b = load_file(str(Path(resumed.teacher) / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not work[0].exists()  # the working folder is removed once the teacher is saved
+
+
 def test_demo_path_builds_teacher_and_student_then_distills_through_the_same_path(tmp_path: Path) -> None:
     from ddk.recipes.demo import demo_config, run_demo
 
