@@ -36,7 +36,13 @@ demo: setup
 demo-synthetic: setup
 	$(PY) -m ddk.recipes.cli demo
 
-test: setup
+# House checks (pinned ruff and mypy; configured in pyproject.toml), run by `make test` first.
+lint: setup
+	$(PY) -m ruff check ddk ddk_kernels tests bench docs
+	$(PY) -m ruff format --check ddk ddk_kernels tests bench docs
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q -m "not slow" --timeout=900 $(PYTEST_ARGS)
 
 test-all: setup

@@ -133,7 +133,8 @@ def safe_name(fn: str, arg: str, name: object, hint: str = "") -> str:
     problem = _name_problem(name)
     if problem is not None:
         raise ValueError(f"{fn}: {arg} must {problem}; got {name!r}.{' ' + hint if hint else ''}")
-    return name  # type: ignore[return-value]
+    assert isinstance(name, str)  # _name_problem rejects every non-str
+    return name
 
 
 def child_path(fn: str, arg: str, folder: str | os.PathLike[str], name: object, hint: str = "") -> Path:

@@ -286,8 +286,8 @@ class NonFiniteGuard:
                     rows_bad = rows if rows_bad is None else rows_bad | rows
         ids: list[int] = []
         located = "none"
-        if rows_bad is not None and bool(rows_bad.any()):
-            ids, located = sorted(set(domain_ids[rows_bad].tolist())), "tokens"  # type: ignore[index]
+        if rows_bad is not None and domain_ids is not None and bool(rows_bad.any()):  # rows_bad needs domain_ids
+            ids, located = sorted(set(domain_ids[rows_bad].tolist())), "tokens"
         elif output is not None and hasattr(output, "domain_ce_sum"):
             sums = torch.stack([output.domain_ce_sum.detach().double(), output.domain_kd_sum.detach().double()])
             bad_d = (~torch.isfinite(sums)).any(dim=0)

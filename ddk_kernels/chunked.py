@@ -252,6 +252,7 @@ def kd_chunked_forward(
             val = beta * kp + (1.0 - beta) * kq
             extra = kq
         elif kind == "reverse_kl":
+            assert e_st is not None  # E_q[s - t] of the row, set above for reverse KL
             extra = e_st
             val = (e_st - (ls - lt)).to(acc)  # KL(q||p) = E_q[s - t] - (lse(s) - lse(t)), float64
         else:
@@ -336,7 +337,7 @@ class KDLossChunkedFunction(torch.autograd.Function):
     -> (ce, kd)``; saves the inputs (no copies) and ``stats (N, 4)``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student: torch.Tensor,
         teacher: torch.Tensor,
@@ -347,9 +348,7 @@ class KDLossChunkedFunction(torch.autograd.Function):
         return forward_rows(ctx, kd_chunked_forward, student, teacher, labels, config, block_elems)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return backward_rows(ctx, kd_chunked_backward, grad_ce, grad_kd)
 
 

@@ -103,11 +103,16 @@ def fused_linear_kd_forward(
     run = run_gemm_chunks if plan.strategy == "gemm" else run_token_chunks
     run(batch, params.config, gradient_weights(norm, params), plan, out, options.tile_observer)
     loss = combine(out.ce.sum(), out.kd.sum(), norm, params)
-    grads = tuple(
-        None if g is None or like is None else g.to(like.dtype)
-        for g, like in zip((out.dh, out.dw, out.db), (student_hidden, student_weight, student_bias))
+
+    def in_dtype_of(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+        return None if g is None or like is None else g.to(like.dtype)
+
+    grads = (
+        in_dtype_of(out.dh, student_hidden),
+        in_dtype_of(out.dw, student_weight),
+        in_dtype_of(out.db, student_bias),
     )
-    return loss, out.ce, out.kd, grads  # type: ignore[return-value]
+    return loss, out.ce, out.kd, grads
 
 
 class FusedLinearKDChunkedFunction(torch.autograd.Function):
@@ -119,7 +124,7 @@ class FusedLinearKDChunkedFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student_hidden: torch.Tensor,
         student_weight: torch.Tensor,
@@ -138,9 +143,7 @@ class FusedLinearKDChunkedFunction(torch.autograd.Function):
         return loss, ce, kd
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_loss: torch.Tensor, _grad_ce: torch.Tensor, _grad_kd: torch.Tensor
-    ) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_ce: torch.Tensor, _grad_kd: torch.Tensor) -> tuple[Any, ...]:
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -168,6 +171,6 @@ def fused_linear_kd(
 
     Inputs as :func:`fused_linear_kd_forward`, already validated; the teacher is detached.
     """
-    return FusedLinearKDChunkedFunction.apply(  # type: ignore[no-any-return]
+    return FusedLinearKDChunkedFunction.apply(
         student_hidden, student_weight, student_bias, labels, teacher.detached(), params, options
     )

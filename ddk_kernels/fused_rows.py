@@ -261,9 +261,11 @@ def chunk_rows(
         l_s = l_s * a_s + es.sum(1)
         l_t = l_t * a_t + et.sum(1)
         if kind == "forward_kl":
-            acc = acc * a_t + _rowdot(diff, et)  # type: ignore[arg-type]
+            assert diff is not None  # _kl_terms(..., "forward_kl") returns d = t - s
+            acc = acc * a_t + _rowdot(diff, et)
         elif kind == "reverse_kl":
-            acc = acc * a_s + _rowdot(diff, es)  # type: ignore[arg-type]
+            assert diff is not None  # _kl_terms(..., "reverse_kl") returns d = s - t
+            acc = acc * a_s + _rowdot(diff, es)
         m_s, m_t = new_m_s, new_m_t
         if reuse and need_grad:
             kept = (es, et, diff if kind == "reverse_kl" else None, ez)
@@ -299,24 +301,25 @@ def chunk_rows(
     w_kd_t = w_kd * inv_t
     d_lse = (m_s - m_t) + (ll_s - ll_t)  # lse(s) - lse(t)
     for v0, v1 in tiles.ranges():
-        if kept is not None:
-            es, et, diff, ez = kept
-            kept = None
-        else:
+        if kind == "jsd":  # sweep 1 kept nothing (no reuse for the JSD): recompute the tile
             zs, zt = tile(v0, v1)
             ez = None if t1 else (zs - m_z[:, None]).exp_()
-            if kind == "jsd":
-                es = et = diff = None
-                log_q = _log_softmax_tile(zs, inv_t, m_s, ll_s)
-                log_p = _log_softmax_tile(zt, inv_t, m_t, ll_t).add_(math.log(beta))
-                q = log_q.exp()
-                g = torch.logaddexp(log_p, log_q + math.log1p(-beta))  # log m
-                del log_p
-                g.neg_().add_(log_q).sub_(kl_qm[:, None]).mul_(q).mul_((1.0 - beta) * w_kd_t)
-                if t1:
-                    g.add_(q.mul_(w_ce))  # softmax(zS) = q at T = 1
-                del log_q, q
+            log_q = _log_softmax_tile(zs, inv_t, m_s, ll_s)
+            log_p = _log_softmax_tile(zt, inv_t, m_t, ll_t).add_(math.log(beta))
+            q = log_q.exp()
+            g = torch.logaddexp(log_p, log_q + math.log1p(-beta))  # log m
+            del log_p
+            g.neg_().add_(log_q).sub_(kl_qm[:, None]).mul_(q).mul_((1.0 - beta) * w_kd_t)
+            if t1:
+                g.add_(q.mul_(w_ce))  # softmax(zS) = q at T = 1
+            del log_q, q, zs, zt
+        else:
+            if kept is not None:
+                es, et, diff, ez = kept
+                kept = None
             else:
+                zs, zt = tile(v0, v1)
+                ez = None if t1 else (zs - m_z[:, None]).exp_()
                 es, et, diff = _kl_terms(
                     _scaled(zs, inv_t, False),
                     _scaled(zt, inv_t, False),
@@ -325,17 +328,18 @@ def chunk_rows(
                     "reverse_kl" if kind == "reverse_kl" else None,
                     not t1,
                 )
-            del zs, zt
-        if kind == "forward_kl":  # G = w_ce softmax(zS) + w_kd (q - p) / T
-            q_scale = (w_kd_t + w_ce) / l_s if t1 else w_kd_t / l_s
-            g = es.mul_(q_scale[:, None]).sub_(et.mul_((w_kd_t / l_t)[:, None]))  # type: ignore[union-attr]
-        elif kind == "reverse_kl":  # G = w_ce softmax(zS) + w_kd q (s - t - (lse_s - lse_t) - KL) / T
-            del et
-            g = diff.sub_((d_lse + kd)[:, None]).mul_(w_kd_t)  # type: ignore[union-attr]
-            if t1:
-                g.add_(w_ce)
-            g.mul_(es.mul_((1.0 / l_s)[:, None]))  # type: ignore[union-attr]
-        del es, diff
+                del zs, zt
+            if kind == "forward_kl":  # G = w_ce softmax(zS) + w_kd (q - p) / T
+                q_scale = (w_kd_t + w_ce) / l_s if t1 else w_kd_t / l_s
+                g = es.mul_(q_scale[:, None]).sub_(et.mul_((w_kd_t / l_t)[:, None]))
+            else:  # reverse_kl: G = w_ce softmax(zS) + w_kd q (s - t - (lse_s - lse_t) - KL) / T
+                assert diff is not None  # kept by sweep 1, or _kl_terms(..., "reverse_kl")
+                del et
+                g = diff.sub_((d_lse + kd)[:, None]).mul_(w_kd_t)
+                if t1:
+                    g.add_(w_ce)
+                g.mul_(es.mul_((1.0 / l_s)[:, None]))
+            del es, diff
         if ez is not None:  # softmax(zS) at T = 1 for the CE
             g.add_(ez.mul_((w_ce / l_z)[:, None]))
             del ez
@@ -375,5 +379,5 @@ def run_token_chunks(
         del tiles
         out.ce.index_copy_(0, rows, ce)
         out.kd.index_copy_(0, rows, kd)
-        if dh_c is not None:
-            out.dh.index_copy_(0, rows, dh_c)  # type: ignore[union-attr]
+        if out.dh is not None and dh_c is not None:  # dh_c exists exactly when out.dh does
+            out.dh.index_copy_(0, rows, dh_c)

@@ -446,7 +446,7 @@ class _Records:
 
     def batches(self) -> Any:
         """``(start, columns dict of lists)`` over all records, in order."""
-        if self.is_ds:
+        if self._view is not None:  # a datasets.Dataset
             start = 0
             for b in self._view.iter(batch_size=_SCAN_BATCH):
                 yield start, b
@@ -459,7 +459,7 @@ class _Records:
     def column(self, name: str, indices: np.ndarray) -> list[Any]:
         """Values of column ``name`` at ``indices`` (in that order)."""
         idx = [int(i) for i in indices]
-        if self.is_ds:
+        if self._view is not None:  # a datasets.Dataset
             return self._view[idx][name]
         return [self.data[i][name] for i in idx]
 
@@ -527,6 +527,7 @@ def _scan(rec: _Records, *, seed: int, want_hash: bool, progress: bool) -> _Scan
                 if key is None:
                     key = hashlib.sha256(b).hexdigest()
             if split_hash is not None:
+                assert key is not None  # every record has a text or an input_ids column
                 split_hash[i] = stable_unit_hash(key, seed)
         bar.update(len(cols["domain"]))
     bar.close()
@@ -647,9 +648,9 @@ def _open_cache(root: Path, *, key: str, verify: bool, val_samples: int, max_val
     L = int(meta["seq_len"])
     arrays: dict[str, list[np.ndarray]] = {"train": [], "validation": []}
     for side in ("train", "validation"):
-        for e in meta[side]:
-            path = root / e["file"]
-            n, width = (int(s) for s in e["shape"])
+        for entry in meta[side]:
+            path = root / entry["file"]
+            n, width = (int(s) for s in entry["shape"])
             expected = n * width * _DTYPE.itemsize
             size = path.stat().st_size if path.is_file() else -1
             if size != expected or width != L:
@@ -662,9 +663,9 @@ def _open_cache(root: Path, *, key: str, verify: bool, val_samples: int, max_val
                 with path.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 24), b""):
                         sha.update(block)
-                if sha.hexdigest() != e["sha256"]:
+                if sha.hexdigest() != entry["sha256"]:
                     raise ValueError(
-                        f"{fn}: cache file {path} must have sha256 {e['sha256']}; got {sha.hexdigest()}. "
+                        f"{fn}: cache file {path} must have sha256 {entry['sha256']}; got {sha.hexdigest()}. "
                         f"The cache is damaged: delete {root} to rebuild it."
                     )
             arrays[side].append(
@@ -946,8 +947,8 @@ def _build(
             need = np.array([i for i in chunk if int(i) not in leftover], dtype=np.int64)
             fresh = iter(_token_lists(train_rec, tokenizer, need)) if len(need) else iter(())
             for i in chunk:
-                ids = leftover.pop(int(i), None)
-                train_w.add(next(fresh) if ids is None else ids, eos)
+                known = leftover.pop(int(i), None)
+                train_w.add(next(fresh) if known is None else known, eos)
             bar.update(len(chunk))
         train_arr = train_w.close()
         bar.close()

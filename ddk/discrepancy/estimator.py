@@ -9,7 +9,7 @@ training batches' ``KDLossOutput`` instead of running validation passes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,7 +279,7 @@ class DiscrepancyEstimator:
                     f"{fn}: validation[{name!r}] must be re-iterable (a list or DataLoader), not a one-shot iterator; "
                     f"got {type(s).__name__}."
                 )
-            if hasattr(s, "__len__") and len(s) == 0:  # type: ignore[arg-type]
+            if isinstance(s, Sized) and len(s) == 0:
                 raise ValueError(
                     f"{fn}: validation[{name!r}] must hold at least one batch; got an empty domain {name!r}."
                 )
@@ -290,7 +290,7 @@ class DiscrepancyEstimator:
         self.progress = progress
         self._teacher_ce: torch.Tensor | None = None
         if teacher_ce is not None:
-            self.teacher_ce = teacher_ce  # type: ignore[assignment]
+            self.teacher_ce = teacher_ce
         self._last_student_ce: torch.Tensor | None = None
         self._acc: torch.Tensor | None = None  # (D, 4) float64: ce_sum, tokens, teacher_sum, teacher_tokens
 
@@ -335,9 +335,8 @@ class DiscrepancyEstimator:
         device = self.device if self.device is not None else _model_device(model)
         rank, world = rank_world()
         acc = torch.zeros(self.num_domains, 2, dtype=torch.float64, device=collective_device(device))
-        total = None
-        if all(hasattr(s, "__len__") for s in self._sets):
-            total = sum(len(s) for s in self._sets)  # type: ignore[arg-type]
+        sized = [s for s in self._sets if isinstance(s, Sized)]
+        total = sum(len(s) for s in sized) if len(sized) == len(self._sets) else None
         was_training = model.training
         model.eval()
         bar = tqdm(total=total, desc=desc, disable=not self.progress or rank != 0, leave=False)

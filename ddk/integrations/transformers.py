@@ -248,7 +248,7 @@ class DDKConfig(TrainingArguments):
 
 
 # ---------------------------------------------------------------------------- data
-class _IndexedDataset(Dataset):  # type: ignore[type-arg]
+class _IndexedDataset(Dataset[dict[str, Any]]):
     """Adds the sampler's global index to each item (checked against the item's own domain)."""
 
     def __init__(self, base: Any) -> None:
@@ -298,11 +298,12 @@ class _DomainBatcher:
                     )
             domains: list[int] | None = layout.tolist()
         elif all(d is not None for d in own):
-            domains = [int(d) for d in own]
+            domains = [int(d) for d in own if d is not None]
         else:
             domains = None
+        per_item: list[int | None] = [None] * len(features) if domains is None else list(domains)
         items = []
-        for f, d in zip(features, domains if domains is not None else [None] * len(features)):
+        for f, d in zip(features, per_item):
             item = {k: v for k, v in f.items() if k not in (_INDEX_KEY, "domain_id")}
             if self.keeps_domain_id:
                 item["domain_id"] = d if d is not None else 0
@@ -322,7 +323,7 @@ class _DomainBatcher:
         return batch
 
 
-class _ValidationDataset(Dataset):  # type: ignore[type-arg]
+class _ValidationDataset(Dataset[dict[str, Any]]):
     """One domain's validation sequences as items ``{"input_ids": (L,), "domain_id": d}`` (for ``evaluate``)."""
 
     def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], domain_id: int) -> None:
@@ -408,6 +409,7 @@ class DDKCallback(TrainerCallback):
         if not tr.adaptive:
             return
         if not tr.controller.estimator.has_teacher_ce:
+            assert tr.teacher is not None  # only method='cpt' has no teacher, and it is not adaptive
             tr.controller.estimator.compute_teacher(tr.teacher)
         if not tr.controller.started:
             tr.controller.start(tr.accelerator.unwrap_model(tr.model))
@@ -429,9 +431,11 @@ class DDKCallback(TrainerCallback):
 
 # ---------------------------------------------------------------------------- trainer
 def _vocab_rows(model: torch.nn.Module) -> int | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
     v = getattr(getattr(model, "config", None), "vocab_size", None)
     return int(v) if v is not None else None
 
@@ -542,7 +546,10 @@ class DDKTrainer(Trainer):
         self._check_vocabularies(model, teacher, processing_class)
         self.adaptive = self.method in _ADAPTIVE
         defaults = DDKConfig.__dataclass_fields__
-        opt = (lambda name: getattr(cfg, name)) if cfg is not None else (lambda name: defaults[name].default)
+
+        def opt(name: str) -> Any:
+            return getattr(cfg, name) if cfg is not None else defaults[name].default
+
         self.loss_mode: str = opt("loss")
         self._loss_options: dict[str, Any] = dict(
             gamma=0.0 if self.method == "cpt" else float(opt("gamma")),
@@ -648,6 +655,8 @@ class DDKTrainer(Trainer):
                 f"{fn}: train_dataset must be a datasets.Dataset with a {cfg.domain_column!r} column; got None."
             )
         records = self._records(fn, "train_dataset", train_dataset, cfg, tokenizer)
+        seq_len = cfg.seq_len
+        assert seq_len is not None  # _records raised for a None seq_len
         validation = None
         if eval_dataset is not None:
             if not isinstance(eval_dataset, Mapping) or not eval_dataset:
@@ -665,7 +674,7 @@ class DDKTrainer(Trainer):
             packed = pack_domains(
                 records,
                 tokenizer,
-                seq_len=int(cfg.seq_len),
+                seq_len=int(seq_len),
                 val_samples=cfg.val_samples,
                 validation=validation,
                 seed=cfg.seed,
@@ -768,7 +777,7 @@ class DDKTrainer(Trainer):
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # ------------------------------------------------------------------ data
-    def get_train_dataloader(self) -> DataLoader:  # type: ignore[type-arg]
+    def get_train_dataloader(self) -> DataLoader:
         """A ``DataLoader`` whose ``batch_sampler`` is the controller's ``MixtureSampler``."""
         if self.train_dataset is None:
             raise ValueError("DDKTrainer.get_train_dataloader: train_dataset must be given; got None.")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from ddk.losses.kd import (
     flatten_for_loss,
     flatten_labels_domains,
     kd_loss,
+    one_of,
     validate_kd_options,
     validate_labels_domains,
 )
@@ -92,6 +93,10 @@ def _check_2d(name: str, t: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{_FN}: {name} must be a 2-D float tensor; got shape {_shape(t)} and dtype {t.dtype}.")
 
 
+@overload
+def _to_autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _to_autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
 def _to_autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` in the autocast ``dtype`` where autocast would cast it (float32/16 and bfloat16, not float64)."""
     if t is None or t.dtype == dtype or t.dtype == torch.float64 or not t.is_floating_point():
@@ -155,7 +160,10 @@ def _validate(
                 f"{_FN}: teacher_weight must have at least the student's V={vocab} rows (a larger teacher vocabulary "
                 f"is sliced); got {teacher_weight.shape[0]}. Teacher and student must share a tokenizer."
             )
-        teachers = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+        teachers: tuple[tuple[str, torch.Tensor], ...] = (
+            ("teacher_hidden", teacher_hidden),
+            ("teacher_weight", teacher_weight),
+        )
     else:
         _check_2d("teacher_logits", teacher_logits)
         assert teacher_logits is not None
@@ -284,11 +292,12 @@ def fused_linear_kd_loss(
     )
     amp = autocast_dtype(student_hidden.device)
     if amp is not None:  # the lm_head matmuls in the autocast dtype, as F.linear would run them
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight = (
-            _to_autocast(t, amp) for t in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight)
+        student_hidden, student_weight = _to_autocast(student_hidden, amp), _to_autocast(student_weight, amp)
+        student_bias, teacher_hidden, teacher_weight = (
+            _to_autocast(t, amp) for t in (student_bias, teacher_hidden, teacher_weight)
         )
     n, vocab = _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias)
-    validate_kd_options(
+    kind = validate_kd_options(
         _FN,
         gamma=gamma,
         temperature=temperature,
@@ -297,8 +306,7 @@ def fused_linear_kd_loss(
         num_domains=num_domains,
         normalizer=normalizer,
     )
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{_FN}: strategy must be one of {STRATEGIES}; got {strategy!r}.")
+    plan_strategy = one_of(_FN, "strategy", strategy, STRATEGIES)
     if workspace_bytes is not None and (
         not isinstance(workspace_bytes, int) or isinstance(workspace_bytes, bool) or workspace_bytes < 1
     ):
@@ -308,9 +316,7 @@ def fused_linear_kd_loss(
         check_inputs = dev.type == "cpu"
     d = validate_labels_domains(_FN, n, vocab, labels, domain_ids, num_domains, ignore_index, dev, check_inputs)
     labels = labels.long()
-    config = KDConfig(
-        temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index
-    )
+    config = KDConfig(temperature=float(temperature), divergence=kind, beta=float(beta), ignore_index=ignore_index)
     params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
     fused = resolve("fused_linear_kd", backend, dev)
     if teacher_weight is not None:
@@ -323,7 +329,7 @@ def fused_linear_kd_loss(
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
         student_bias = None if student_bias is None else student_bias.detach()
     teacher = TeacherInputs(teacher_hidden, teacher_weight, teacher_logits)
-    options = FusedOptions(strategy=strategy, workspace_bytes=workspace_bytes)
+    options = FusedOptions(strategy=plan_strategy, workspace_bytes=workspace_bytes)
     with autocast_off(dev):
         loss, ce, kd = fused(
             student_hidden, student_weight, labels, teacher, params, student_bias=student_bias, options=options
@@ -404,11 +410,11 @@ _PATH_OPTIONS: dict[str, tuple[str, ...]] = {
 def _unwrap(model: nn.Module) -> nn.Module:
     """The causal LM inside a data-parallel wrapper (``DistributedDataParallel``, ``DataParallel``,
     accelerate's or DeepSpeed's engines hold it as ``.module``), or ``model`` itself."""
-    while isinstance(getattr(model, "module", None), nn.Module) and not callable(
-        getattr(model, "get_output_embeddings", None)
-    ):
-        model = model.module
-    return model
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or callable(getattr(model, "get_output_embeddings", None)):
+            return model
+        model = inner
 
 
 def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -436,8 +442,9 @@ def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
             )
         return hidden[-1]
     decoder = None
-    if callable(getattr(model, "get_decoder", None)):
-        decoder = model.get_decoder()
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        decoder = get_decoder()
     if decoder is None or decoder is model:
         base = getattr(model, "base_model", None)
         decoder = base if base is not None and base is not model else getattr(model, "model", None)

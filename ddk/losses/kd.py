@@ -7,16 +7,26 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from ddk_kernels.dispatch import resolve
 from ddk_kernels.reduce import reduce_kd_rows
-from ddk_kernels.types import DIVERGENCES, FLOAT_DTYPES, KDConfig, KDLossOutput, KDLossParams
+from ddk_kernels.types import DIVERGENCES, FLOAT_DTYPES, Divergence, KDConfig, KDLossOutput, KDLossParams
 
 _FLOAT_DTYPES = FLOAT_DTYPES
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def one_of(fn: str, arg: str, value: object, choices: tuple[_Choice, ...]) -> _Choice:
+    """``value`` as the one of ``choices`` it equals (so typed as their ``Literal``), or a ValueError."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise ValueError(f"{fn}: {arg} must be one of {choices}; got {value!r}.")
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -184,10 +194,10 @@ def validate_kd_options(
     beta: float,
     num_domains: int | None,
     normalizer: float | torch.Tensor | None,
-) -> None:
-    """Check the scalar options shared by ``kd_loss`` and ``fused_linear_kd_loss``."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"{fn}: divergence must be one of {DIVERGENCES}; got {divergence!r}.")
+) -> Divergence:
+    """Check the scalar options shared by ``kd_loss`` and ``fused_linear_kd_loss``; return
+    ``divergence`` as a ``Divergence``."""
+    checked = one_of(fn, "divergence", divergence, DIVERGENCES)
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"{fn}: gamma must be a finite number >= 0; got {gamma!r}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -200,6 +210,7 @@ def validate_kd_options(
         raise ValueError(f"{fn}: num_domains must be an int >= 1; got {num_domains!r}.")
     if normalizer is not None:
         validate_normalizer(fn, normalizer)
+    return checked
 
 
 def validate_normalizer(fn: str, normalizer: float | torch.Tensor) -> None:
@@ -415,7 +426,7 @@ def kd_loss(
         raise ValueError(
             f"{fn}: teacher_logits must be on the student's device {student_logits.device}; got {teacher_logits.device}."
         )
-    validate_kd_options(
+    kind = validate_kd_options(
         fn,
         gamma=gamma,
         temperature=temperature,
@@ -430,9 +441,7 @@ def kd_loss(
         fn, n, vocab, labels, domain_ids, num_domains, ignore_index, student_logits.device, check_inputs
     )
     labels = labels.long()
-    config = KDConfig(
-        temperature=float(temperature), divergence=divergence, beta=float(beta), ignore_index=ignore_index
-    )
+    config = KDConfig(temperature=float(temperature), divergence=kind, beta=float(beta), ignore_index=ignore_index)
     params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
     rows = resolve("kd_rows", backend, student_logits.device)
     teacher = teacher_logits[:, :vocab].detach()

@@ -123,6 +123,7 @@ class DomainPartitioner:
         self._declared: tuple[str, ...] | None = self._check_domains("DomainPartitioner", domains)
         self._seen: set[str] = set()
         self._name = name
+        self._field: str | None = None  # by_field's key: the column fast path for datasets.Dataset
 
     @staticmethod
     def _check_domains(fn: str, domains: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -156,7 +157,7 @@ class DomainPartitioner:
             return value
 
         part = cls(assign, domains=domains, name=f"by_field({field!r})")
-        part._field = field  # type: ignore[attr-defined]  # column fast path for datasets.Dataset
+        part._field = field
         return part
 
     @classmethod
@@ -258,7 +259,7 @@ class DomainPartitioner:
                 f"{fn}: data must be indexable (a datasets.Dataset or a sequence of dicts); got an IterableDataset "
                 "(use split(..., validation_fraction=...) for streaming data)."
             )
-        field = getattr(self, "_field", None)
+        field = self._field
         if field is not None and _is_instance(data, ds_cls) and field in data.column_names:
             examples: Iterable[Any] = ({field: v} for v in data[field])
         elif _is_instance(data, ds_cls) or (isinstance(data, Sequence) and not isinstance(data, (str, bytes))):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the commands import the heavy modules lazily
+    from ddk.recipes.config import RecipeConfig
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -59,7 +63,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_config(args: argparse.Namespace, base: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+def _recipe_config(args: argparse.Namespace, base: tuple[str, ...] = ()) -> RecipeConfig:
     from ddk.recipes.config import config_from_args
 
     return config_from_args(args, base)

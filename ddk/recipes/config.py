@@ -437,7 +437,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
         hint = _HINTS[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING  # every RecipeConfig field has a default
+            default = f.default_factory()
         help_ = f"{_HELP[name]} (default: {default!r})" if name in _HELP else f"(default: {default!r})"
         if hint is bool:
             parser.add_argument(

@@ -459,7 +459,7 @@ def _write_domains(
 ) -> dict[str, Any]:
     """Split, cap and write every domain's JSONL files; return the manifest's ``domains`` (adds to ``skipped``)."""
     f = config.validation_fraction
-    budgets = (
+    budgets: dict[str, int | None] = (
         {"train": None, "validation": None}
         if config.max_chars is None
         else {

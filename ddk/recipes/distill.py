@@ -456,15 +456,16 @@ class _Run:
         """The newest verified checkpoint of the run folder (warning about newer unusable ones), or None."""
         out = self.out
         path, passed = ckpt.newest_valid_checkpoint(out)
-        if path is None and passed:
-            raise ValueError(
-                f"distill: a checkpoint of {out} must be complete and intact to resume; got none: "
-                + " ".join(passed)
-                + " Nothing was overwritten: pass --no-resume to start over (the old "
-                "run is moved aside), or use another --out."
-            )
-        for why in passed:
-            log(f"warning: {why} Resuming from the previous valid checkpoint {path.name}.")  # type: ignore[union-attr]
+        if passed:
+            if path is None:
+                raise ValueError(
+                    f"distill: a checkpoint of {out} must be complete and intact to resume; got none: "
+                    + " ".join(passed)
+                    + " Nothing was overwritten: pass --no-resume to start over (the old "
+                    "run is moved aside), or use another --out."
+                )
+            for why in passed:
+                log(f"warning: {why} Resuming from the previous valid checkpoint {path.name}.")
         legacy = ckpt.legacy_checkpoints(out)
         if path is None and legacy:
             raise ValueError(
@@ -717,7 +718,8 @@ def _forward_backward(
     chunks = [torch.arange(batch["input_ids"].shape[0]).chunk(accum)[i] for i in range(accum)]
     for i, rows in enumerate(chunks):
         last = i == accum - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else _nullcontext()
+        no_sync = getattr(model, "no_sync", None)  # DDP's: skip the all-reduce of all but the last micro-batch
+        sync = no_sync() if callable(no_sync) and not last else _nullcontext()
         with sync:
             loss, out = model(batch["input_ids"][rows], batch["labels"][rows], batch["domain_ids"][rows], norm)
             loss.backward()

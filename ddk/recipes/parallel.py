@@ -4,7 +4,7 @@ training step, full (unsharded) train state for checkpoints, sums over ranks for
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,8 @@ def device_for(cfg: RecipeConfig) -> torch.device:
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers causal LM (``model.layers``, GPT-2's ``transformer.h``)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else model
     for name in ("layers", "h", "blocks"):
         layers = getattr(decoder, name, None)
         if isinstance(layers, torch.nn.ModuleList):
@@ -126,7 +127,8 @@ def full_student_state(step: torch.nn.Module, student: torch.nn.Module, fsdp: bo
     if rank != 0:
         return None
     prefix = "student."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    # full_state_dict (gathered, cpu-offloaded) holds the plain tensors of the model, no DTensors
+    return {k[len(prefix) :]: cast(torch.Tensor, v) for k, v in state.items() if k.startswith(prefix)}
 
 
 def global_sums(lo: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

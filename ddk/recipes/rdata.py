@@ -37,7 +37,7 @@ class RList(list):
     """An R list / pairlist read as a Python list, with ``names`` (or None) and ``attributes``."""
 
     names: list[str | None] | None = None
-    attributes: dict[str, Any]
+    attributes: dict[str | None, Any]  # an untagged attribute is keyed None
 
     def get(self, name: str) -> Any:
         """The element called ``name`` (KeyError if absent)."""
@@ -59,24 +59,24 @@ class _Reader:
         self.i += n
         return out
 
-    def int(self) -> int:
+    def int32(self) -> int:
         return struct.unpack(">i", self.take(4))[0]
 
     def length(self) -> int:
-        n = self.int()
+        n = self.int32()
         if n == -1:
-            hi, lo = self.int(), self.int()
+            hi, lo = self.int32(), self.int32()
             n = (hi << 32) + lo
         return n
 
-    def attrs(self, flags: int) -> dict[str, Any]:
+    def attrs(self, flags: int) -> dict[str | None, Any]:
         if not flags & (1 << 9):
             return {}
         pl = self.item()
         return dict(zip(pl.names or [], pl)) if isinstance(pl, RList) else {}
 
     def item(self) -> Any:
-        flags = self.int()
+        flags = self.int32()
         t = flags & 0xFF
         has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
         if t in (_NILVALUE, _NILSXP, _GLOBALENV, _UNBOUND, _MISSINGARG, _BASENS, _EMPTYENV, _BASEENV):
@@ -84,19 +84,19 @@ class _Reader:
         if t == _REFSXP:
             idx = flags >> 8
             if idx == 0:
-                idx = self.int()
+                idx = self.int32()
             return self.refs[idx - 1]
         if t == _SYMSXP:
             name = self.item()
             self.refs.append(name)
             return name
         if t == _CHARSXP:
-            n = self.int()
+            n = self.int32()
             return None if n == -1 else self.take(n).decode("utf-8", errors="replace")
         if t in (_LISTSXP, _LANGSXP, _DOTSXP):
             out = RList()
             names: list[str | None] = []
-            attributes: dict[str, Any] = {}
+            attributes: dict[str | None, Any] = {}
             while True:  # walk the cdr chain iteratively
                 if has_attr:
                     a = self.item()
@@ -104,7 +104,7 @@ class _Reader:
                         attributes.update(zip(a.names or [], a))
                 names.append(self.item() if has_tag else None)
                 out.append(self.item())
-                flags = self.int()
+                flags = self.int32()
                 t = flags & 0xFF
                 if t not in (_LISTSXP, _LANGSXP, _DOTSXP):
                     self.i -= 4
@@ -177,11 +177,11 @@ def unserialize(data: bytes) -> Any:
         raise ValueError(f"unserialize: data must start with the XDR header b'X\\n'; got {data[:2]!r}.")
     r = _Reader(data)
     r.i = 2
-    version = r.int()
-    r.int()
-    r.int()
+    version = r.int32()
+    r.int32()
+    r.int32()
     if version == 3:
-        r.take(r.int())  # native encoding
+        r.take(r.int32())  # native encoding
     elif version != 2:
         raise ValueError(f"unserialize: format version must be 2 or 3; got {version}.")
     return r.item()

@@ -184,8 +184,18 @@ def _read_text(path: Path) -> str:
         return raw.decode("latin-1")
 
 
+def _text_unit(source: str, text: str) -> Unit:
+    """A unit whose text is already in memory."""
+    return Unit(source, lambda: text)
+
+
+def _file_unit(source: str, path: Path, reader: Callable[[Path], str]) -> Unit:
+    """A unit that reads ``path`` with ``reader`` when loaded."""
+    return Unit(source, lambda: reader(path))
+
+
 def _file_units(root: Path, files: list[Path], prefix: str, reader: Callable[[Path], str] = _read_text) -> list[Unit]:
-    return [Unit(f"{prefix}{p.relative_to(root).as_posix()}", (lambda p=p: reader(p))) for p in sorted(files)]
+    return [_file_unit(f"{prefix}{p.relative_to(root).as_posix()}", p, reader) for p in sorted(files)]
 
 
 def folder_units(
@@ -274,7 +284,7 @@ def _novels(cache: PackageCache) -> tuple[str, list[Unit]]:
             chapters[-1].append(line)
         for k, ch in enumerate(chapters):
             text = "\n".join(ch).strip() + "\n"
-            units.append(Unit(f"janeaustenr/{book}#chapter{k:03d}", (lambda t=text: t)))
+            units.append(_text_unit(f"janeaustenr/{book}#chapter{k:03d}", text))
     if not units:
         raise DomainUnavailable(f"no character vectors found in {base}.rdb")
     return f"deb:r-cran-janeaustenr={cache.versions.get('r-cran-janeaustenr', '?')}", units
@@ -312,7 +322,7 @@ def dictd_entries(index_path: Path, dict_path: Path) -> list[tuple[str, str]]:
 def _encyclopedia(cache: PackageCache) -> tuple[str, list[Unit]]:
     root = cache.deb("dict-foldoc")
     entries = dictd_entries(root / "usr/share/dictd/foldoc.index", root / "usr/share/dictd/foldoc.dict.dz")
-    units = [Unit(f"foldoc#{head}", (lambda b=body: b)) for head, body in entries]
+    units = [_text_unit(f"foldoc#{head}", body) for head, body in entries]
     return f"deb:dict-foldoc={cache.versions.get('dict-foldoc', '?')}", units
 
 
@@ -419,7 +429,7 @@ def _dialogue(cache: PackageCache) -> tuple[str, list[Unit]]:
                 lines.append(f"{who}: {msg.get('text', '')}")
         if lines:
             text = "\n".join(lines) + "\n"
-            units.append(Unit(f"chitchat#{cid}", (lambda t=text: t)))
+            units.append(_text_unit(f"chitchat#{cid}", text))
     return f"pypi:chitchat-dataset={cache.versions.get('chitchat-dataset', '?')}", units
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
-from ddk.losses import kd_loss
+from ddk.losses import KDLossOutput, kd_loss
 from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
 
@@ -100,7 +100,15 @@ def make_domains(cfg: SyntheticConfig) -> tuple[torch.Tensor, list[torch.Tensor]
     return torch.cat(train), val, names
 
 
-def _step_loss(student, teacher, batch, domain_ids, num_domains, cfg, use_teacher):  # type: ignore[no-untyped-def]
+def _step_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    cfg: SyntheticConfig,
+    use_teacher: bool,
+) -> KDLossOutput:
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = student(inputs)
     n, v = logits.shape[0] * logits.shape[1], logits.shape[-1]

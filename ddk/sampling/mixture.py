@@ -20,8 +20,8 @@ import bisect
 import logging
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, overload
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeGuard, overload
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 WeightsLike = Sequence[float] | torch.Tensor | np.ndarray
 
 
-def _is_int(x: object) -> bool:
+def _is_int(x: object) -> TypeGuard[int | np.integer[Any]]:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -47,7 +47,7 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
-def _fmt_list(xs: Sequence[Any], limit: int = 8) -> str:
+def _fmt_list(xs: Iterable[Any], limit: int = 8) -> str:
     xs = list(xs)
     body = ", ".join(repr(float(x)) if isinstance(x, (float, np.floating)) else repr(x) for x in xs[:limit])
     return f"[{body}{', ...' if len(xs) > limit else ''}]"
@@ -211,7 +211,7 @@ class MixtureSampler:
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
     def _check_positive_int(arg: str, value: object) -> None:
-        if not _is_int(value) or value < 1:  # type: ignore[operator]
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{_NAME}: {arg} must be a positive int; got {value!r}.")
 
     @staticmethod
@@ -245,11 +245,11 @@ class MixtureSampler:
 
     @staticmethod
     def _check_rank(fn: str, rank: object, world_size: object, batch_size: int) -> None:
-        if not _is_int(world_size) or world_size < 1:  # type: ignore[operator]
+        if not _is_int(world_size) or world_size < 1:
             raise ValueError(f"{fn}: world_size must be a positive int; got {world_size!r}.")
-        if not _is_int(rank) or not 0 <= rank < world_size:  # type: ignore[operator]
+        if not _is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"{fn}: rank must be an int in [0, world_size={world_size}); got {rank!r}.")
-        if batch_size % world_size != 0:  # type: ignore[operator]
+        if batch_size % world_size != 0:
             raise ValueError(
                 f"{fn}: global_batch_size must be divisible by world_size={world_size}; "
                 f"got {batch_size}; pick a multiple of {world_size}."

@@ -56,7 +56,15 @@ def load_extension() -> tuple[bool, str]:
 def _register_fakes() -> None:
     """Shape/dtype-only (meta) kernels so torch.compile and FakeTensor trace the ops."""
 
-    def kd_fwd_fake(student, teacher, labels, temperature, divergence, beta, ignore_index):  # type: ignore[no-untyped-def]
+    def kd_fwd_fake(
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float,
+        divergence: int,
+        beta: float,
+        ignore_index: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = student.shape[0]
         acc = acc_dtype(student.dtype)
         return (
@@ -65,7 +73,18 @@ def _register_fakes() -> None:
             student.new_empty((n, 4), dtype=torch.float64),
         )
 
-    def kd_bwd_fake(student, teacher, labels, stats, grad_ce, grad_kd, temperature, divergence, beta, ignore_index):  # type: ignore[no-untyped-def]
+    def kd_bwd_fake(
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor,
+        stats: torch.Tensor,
+        grad_ce: torch.Tensor,
+        grad_kd: torch.Tensor,
+        temperature: float,
+        divergence: int,
+        beta: float,
+        ignore_index: int,
+    ) -> torch.Tensor:
         return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
     for name, fn in (("ddk::kd_fwd", kd_fwd_fake), ("ddk::kd_bwd", kd_bwd_fake)):
@@ -133,15 +152,13 @@ class KDLossCppFunction(torch.autograd.Function):
     saves only the inputs (no copies) and ``stats``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, config: KDConfig
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_rows(ctx, kd_forward, student, teacher, labels, config)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return backward_rows(ctx, kd_backward, grad_ce, grad_kd)
 
 

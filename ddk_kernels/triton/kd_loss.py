@@ -417,7 +417,7 @@ class KDLossTritonFunction(torch.autograd.Function):
     differentiable w.r.t. ``zS`` only; saves the inputs (no copies) and ``stats (N, 4)``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         student: torch.Tensor,
         teacher: torch.Tensor,
@@ -428,9 +428,7 @@ class KDLossTritonFunction(torch.autograd.Function):
         return forward_rows(ctx, kd_forward_triton, student, teacher, labels, config, block_v)
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_ce: torch.Tensor, grad_kd: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return backward_rows(ctx, kd_backward_triton, grad_ce, grad_kd)
 
 
