@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.ext-built
 
 export PYTHONHASHSEED := 0
 
-.PHONY: setup ext demo demo-synthetic test test-all docs bench bench-gpu clean
+.PHONY: setup ext demo demo-synthetic lint test test-all docs bench bench-gpu clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
