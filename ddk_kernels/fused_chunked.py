@@ -1,6 +1,6 @@
 """Fused ``lm_head`` + KD loss in pure torch, tiled over tokens and vocabulary ("chunked" backend).
 
-The ladder (CONVENTIONS.md 1): ``fused_linear_kd_forward`` (launcher on plain tensors; it also
+The op ladder: ``fused_linear_kd_forward`` (launcher on plain tensors; it also
 produces the gradients) -> ``FusedLinearKDChunkedFunction`` (autograd) -> ``fused_linear_kd``
 (the backend contract, resolved by ``ddk_kernels.dispatch`` for ``ddk.fused_linear_kd_loss``).
 

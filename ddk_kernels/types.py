@@ -1,7 +1,7 @@
 """Parameter and result types shared by every backend of the KD loss.
 
 Options travel as frozen dataclasses from the public functions through ``ddk_kernels.dispatch``
-to the launchers and autograd Functions (CONVENTIONS.md 11):
+to the launchers and autograd Functions (parameters travel as objects):
 
 * :class:`KDConfig`: what one row needs (temperature, divergence, beta, ignore_index);
 * :class:`KDLossParams`: the whole loss (a ``KDConfig`` plus gamma, ``T**2`` scaling and the

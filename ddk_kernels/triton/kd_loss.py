@@ -1,6 +1,6 @@
 """Vocab-tiled KD loss on given logits, in Triton.
 
-The ladder (CONVENTIONS.md 1): ``_kd_fwd_kernel`` / ``_kd_bwd_kernel`` (private, ``@triton.jit``)
+The op ladder: ``_kd_fwd_kernel`` / ``_kd_bwd_kernel`` (private, ``@triton.jit``)
 -> ``kd_forward_triton`` / ``kd_backward_triton`` (launchers on plain tensors)
 -> ``KDLossTritonFunction`` (autograd) -> ``row_losses`` (the backend contract of
 ``ddk_kernels.dispatch``, ``ROW_KERNELS``).
