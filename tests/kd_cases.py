@@ -175,3 +175,12 @@ def check_row_losses(row_losses: RowLosses, zs, zt, labels, cfg: KDConfig, seed:
     ignored = labels == cfg.ignore_index
     assert bool((ce[ignored] == 0).all()) and bool((kd[ignored] == 0).all())
     assert bool((grad[ignored] == 0).all())
+
+
+def small_batch(n: int = 6, v: int = 7, seed: int = 0, num_domains: int = 3):  # type: ignore[no-untyped-def]
+    """``(student logits (n, v) requiring grad, teacher logits (n, v), labels (n,), domain ids (n,))``."""
+    g = torch.Generator().manual_seed(seed)
+    zs = (torch.randn(n, v, generator=g) * 3).requires_grad_(True)
+    zt = torch.randn(n, v, generator=g) * 3
+    labels = torch.randint(0, v, (n,), generator=g)
+    return zs, zt, labels, torch.arange(n) % num_domains

@@ -44,3 +44,42 @@ def own_cfg(root: Path, family: str = "llama", *, dropout: float = 0.0, **kw: An
     )
     base.update(kw)
     return make_config(**base)
+
+
+def demo_cfg(root: Path, corpus: Path, **kw: Any) -> Any:
+    """A ``RecipeConfig`` of the bundled demo on ``corpus`` alone (offline, tiny teacher and student, CPU)."""
+    from ddk.recipes.config import make_config
+
+    base: dict[str, Any] = dict(
+        data_dir=str(root / "demo"),
+        domains=(),
+        user_jsonl=(str(corpus),),
+        max_chars=20000,
+        validation_fraction=0.25,
+        offline=True,
+        vocab_size=320,
+        seq_len=16,
+        val_samples=4,
+        eval_batch_size=4,
+        teacher_hidden=32,
+        teacher_layers=1,
+        teacher_heads=2,
+        teacher_intermediate=64,
+        teacher_steps=8,
+        teacher_batch_size=4,
+        student_hidden=16,
+        student_layers=1,
+        student_heads=2,
+        student_intermediate=32,
+        steps=4,
+        batch_size=4,
+        warmup_steps=2,
+        interval=2,
+        log_every=2,
+        checkpoint_every=3,
+        out=str(root / "runs" / "demo"),
+        progress=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return make_config(**base)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kd_cases import small_batch
 
 import ddk
 from ddk.losses.fused import fused_linear_kd_loss
@@ -26,15 +27,6 @@ from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
 
 NAMES = ["web", "code", "math"]
-
-
-def _batch(n: int = 6, v: int = 7, seed: int = 0):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    zs = (torch.randn(n, v, generator=g) * 3).requires_grad_(True)
-    zt = torch.randn(n, v, generator=g) * 3
-    labels = torch.randint(0, v, (n,), generator=g)
-    dom = torch.arange(n) % len(NAMES)
-    return zs, zt, labels, dom
 
 
 # ---------------------------------------------------------------------------- a. NaN / inf
@@ -49,7 +41,7 @@ def _batch(n: int = 6, v: int = 7, seed: int = 0):  # type: ignore[no-untyped-de
 
 
 def test_kd_loss_teacher_padding_rows_are_sliced() -> None:
-    zs, zt, labels, dom = _batch()
+    zs, zt, labels, dom = small_batch()
     padded = torch.cat([zt, torch.full((zt.shape[0], 5), 40.0)], dim=1)  # huge padding logits: must be ignored
     a = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
     b = ddk.kd_loss(zs, padded, labels, domain_ids=dom, num_domains=3)
@@ -70,7 +62,7 @@ def test_kd_loss_teacher_padding_rows_are_sliced() -> None:
 
 @pytest.mark.parametrize("which", ["kd_loss", "fused_linear_kd_loss"])
 def test_labels_negative_and_not_ignore_index_is_an_error(which: str) -> None:
-    zs, zt, labels, dom = _batch()
+    zs, zt, labels, dom = small_batch()
     bad = labels.clone()
     bad[3] = -1
     h, w = torch.randn(6, 4), torch.randn(7, 4)

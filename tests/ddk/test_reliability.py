@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from kd_cases import small_batch
 
 import ddk
 from ddk.recipes.config import make_config
@@ -17,21 +18,12 @@ from ddk.reliability import NonFiniteError, NonFiniteGuard, grad_norm
 NAMES = ["web", "code", "math"]
 
 
-def _batch(n: int = 6, v: int = 7, seed: int = 0):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    zs = (torch.randn(n, v, generator=g) * 3).requires_grad_(True)
-    zt = torch.randn(n, v, generator=g) * 3
-    labels = torch.randint(0, v, (n,), generator=g)
-    dom = torch.arange(n) % len(NAMES)
-    return zs, zt, labels, dom
-
-
 # ---------------------------------------------------------------------------- a. NaN / inf
 # ddk.reliability.NonFiniteGuard: raise (default) naming step + domains, or skip and count.
 
 
 def test_nonfinite_guard_raises_with_step_and_domain_of_offending_tokens() -> None:
-    zs, zt, labels, dom = _batch()
+    zs, zt, labels, dom = small_batch()
     zt = zt.clone()
     zt[1, 3] = float("nan")  # a token of domain 1 ('code')
     out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
@@ -68,7 +60,7 @@ def test_nonfinite_guard_skip_counts_logs_and_resumes(caplog: pytest.LogCaptureF
 
 def test_nonfinite_guard_nan_logit_of_ignored_token_is_caught_by_grad_norm() -> None:
     # The loss stays finite (the token is ignored) but the reference backward makes its gradient NaN.
-    zs, zt, labels, dom = _batch()
+    zs, zt, labels, dom = small_batch()
     with torch.no_grad():
         zs[4, 0] = float("nan")
     labels = labels.clone()
@@ -87,7 +79,7 @@ def test_nonfinite_guard_neginf_teacher_logits_on_fast_backends(backend: str) ->
     # Policy: -inf logits are judged by their result. The reference and chunked backends handle a
     # -inf teacher logit (p_T = 0 there: the reference's value); the compiled backend returns
     # -inf/NaN, which the guard raises (or skips) with the advice to mask with a finite value.
-    zs, zt, labels, dom = _batch()
+    zs, zt, labels, dom = small_batch()
     zt = zt.clone()
     zt[0, 2] = float("-inf")
     ref = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3, backend="reference")
@@ -103,7 +95,7 @@ def test_nonfinite_guard_neginf_teacher_logits_on_fast_backends(backend: str) ->
 
 
 def test_nonfinite_guard_locates_domains_by_per_domain_sums_without_tensors() -> None:
-    zs, zt, labels, dom = _batch()
+    zs, zt, labels, dom = small_batch()
     with torch.no_grad():
         zs[2, 1] = float("inf")  # domain 2 ('math')
     out = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)

@@ -37,11 +37,10 @@ yaml = pytest.importorskip("yaml")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from gloo_workers import gloo_aborted  # noqa: E402
-from recipe_cases import own_cfg, own_models  # noqa: E402
+from recipe_cases import demo_cfg, own_cfg, own_models  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import ddk.recipes.distill as real  # noqa: E402
-from ddk.recipes.config import make_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 PARAM_ATOL = 1e-5
@@ -183,29 +182,8 @@ def test_teacher_under_torchrun_from_a_cold_cache(tmp_path):  # type: ignore[no-
     """Two ranks and nothing cached: rank 0 builds the demo corpus, tokenizer, teacher and student
     while rank 1 waits, then rank 1 finds them: one teacher folder and one printout result."""
     _, _, corpus = own_models(tmp_path)
-    cfg = make_config(
-        data_dir=str(tmp_path / "data"),
-        domains=(),
-        user_jsonl=(str(corpus),),
-        max_chars=20000,
-        validation_fraction=0.25,
-        offline=True,
-        vocab_size=320,
-        seq_len=16,
-        val_samples=4,
-        teacher_hidden=32,
-        teacher_layers=1,
-        teacher_heads=2,
-        teacher_intermediate=64,
-        teacher_steps=4,
-        teacher_batch_size=4,
-        student_hidden=16,
-        student_layers=1,
-        student_heads=2,
-        student_intermediate=32,
-        progress=False,
-        device="cpu",
-        out=str(tmp_path / "runs" / "teacher"),
+    cfg = demo_cfg(
+        tmp_path, corpus, data_dir=str(tmp_path / "data"), teacher_steps=4, out=str(tmp_path / "runs" / "teacher")
     )
     res = _torchrun(tmp_path, cfg, command="teacher")
     assert res.stdout.count("teacher: ") == 1

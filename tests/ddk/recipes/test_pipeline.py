@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch
-from recipe_cases import own_cfg, own_models
+from recipe_cases import demo_cfg, own_cfg, own_models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ddk.recipes.distill as distill_mod
@@ -144,42 +144,6 @@ def test_distill_token_budget_sets_the_steps(tmp_path: Path) -> None:
     assert cfg.total_steps == 3
 
 
-def _demo_cfg(tmp_path: Path, corpus: Path, **kw):  # type: ignore[no-untyped-def]
-    base = dict(
-        data_dir=str(tmp_path / "demo"),
-        domains=(),
-        user_jsonl=(str(corpus),),
-        max_chars=20000,
-        validation_fraction=0.25,
-        offline=True,
-        vocab_size=320,
-        seq_len=16,
-        val_samples=4,
-        eval_batch_size=4,
-        teacher_hidden=32,
-        teacher_layers=1,
-        teacher_heads=2,
-        teacher_intermediate=64,
-        teacher_steps=8,
-        teacher_batch_size=4,
-        student_hidden=16,
-        student_layers=1,
-        student_heads=2,
-        student_intermediate=32,
-        steps=4,
-        batch_size=4,
-        warmup_steps=2,
-        interval=2,
-        log_every=2,
-        checkpoint_every=3,
-        out=str(tmp_path / "runs" / "demo"),
-        progress=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return make_config(**base)
-
-
 def test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import os
     import signal
@@ -190,8 +154,8 @@ def test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical(tmp_pa
     from ddk.recipes.preempt import Preempted
 
     _, _, corpus = own_models(tmp_path)
-    ref = demo.demo_config(_demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "ref")))
-    cfg = _demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "cut"))
+    ref = demo.demo_config(demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "ref")))
+    cfg = demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "cut"))
     calls = {"n": 0}
     orig = demo.causal_lm_kd_loss
 
@@ -227,37 +191,7 @@ def test_demo_path_builds_teacher_and_student_then_distills_through_the_same_pat
     from ddk.recipes.demo import demo_config, run_demo
 
     _, _, corpus = own_models(tmp_path)
-    cfg = make_config(
-        data_dir=str(tmp_path / "demo"),
-        domains=(),
-        user_jsonl=(str(corpus),),
-        max_chars=20000,
-        validation_fraction=0.25,
-        offline=True,
-        vocab_size=320,
-        seq_len=16,
-        val_samples=4,
-        eval_batch_size=4,
-        teacher_hidden=32,
-        teacher_layers=1,
-        teacher_heads=2,
-        teacher_intermediate=64,
-        teacher_steps=8,
-        teacher_batch_size=4,
-        student_hidden=16,
-        student_layers=1,
-        student_heads=2,
-        student_intermediate=32,
-        steps=4,
-        batch_size=4,
-        warmup_steps=2,
-        interval=2,
-        log_every=2,
-        checkpoint_every=2,
-        out=str(tmp_path / "runs" / "demo"),
-        progress=False,
-        device="cpu",
-    )
+    cfg = demo_cfg(tmp_path, corpus, checkpoint_every=2)
     assert cfg.uses_demo
     filled = demo_config(cfg)
     assert not filled.uses_demo and Path(filled.teacher, "config.json").is_file()
