@@ -83,3 +83,27 @@ def demo_cfg(root: Path, corpus: Path, **kw: Any) -> Any:
     )
     base.update(kw)
     return make_config(**base)
+
+
+def crash_in_step(monkeypatch: Any, cfg: Any, step: int) -> None:
+    """Run ``ddk.recipes.distill.distill(cfg)`` and interrupt it (``KeyboardInterrupt``) inside
+    training step ``step`` (the validation passes run without grad and are not counted)."""
+    import pytest
+    import torch
+
+    import ddk.recipes.distill as distill_mod
+
+    calls = {"n": 0}
+    orig = distill_mod.causal_lm_kd_loss
+
+    def flaky(*a: Any, **k: Any) -> Any:
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == step:
+                raise KeyboardInterrupt("simulated crash")
+        return orig(*a, **k)
+
+    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        distill_mod.distill(cfg)
+    monkeypatch.undo()

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import torch
-from recipe_cases import own_cfg
+from recipe_cases import crash_in_step, own_cfg
 from safetensors.torch import load_file
 
 import ddk.recipes.distill as real
@@ -30,24 +30,6 @@ def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
 
 def _ckpts(run: Path) -> list[str]:
     return sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint"))
-
-
-def _crash_at_step(monkeypatch, cfg, step: int) -> None:  # type: ignore[no-untyped-def]
-    """Run ``distill`` and interrupt it inside ``step`` (after the checkpoints of the steps before)."""
-    calls = {"n": 0}
-    orig = real.causal_lm_kd_loss
-
-    def flaky(*a, **k):  # type: ignore[no-untyped-def]
-        if torch.is_grad_enabled():  # training steps, not the validation passes
-            calls["n"] += 1
-            if calls["n"] == step:
-                raise KeyboardInterrupt("simulated crash")
-        return orig(*a, **k)
-
-    monkeypatch.setattr(real, "causal_lm_kd_loss", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        real.distill(cfg)
-    monkeypatch.undo()
 
 
 def _resume_loading(monkeypatch, cfg) -> list[str]:  # type: ignore[no-untyped-def]
@@ -87,7 +69,7 @@ def test_distill_keeps_last_k_checkpoints_and_resumes_from_the_newest(tmp_path, 
 
     cfg = _config(tmp_path, "crash", keep_checkpoints=3)  # keep_checkpoints does not change the run
     run = Path(cfg.out)
-    _crash_at_step(monkeypatch, cfg, 5)
+    crash_in_step(monkeypatch, cfg, 5)
     assert _ckpts(run) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert _resume_loading(monkeypatch, cfg) == ["checkpoint-4"]
     assert _ckpts(run) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]

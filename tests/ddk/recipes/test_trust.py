@@ -27,7 +27,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import torch
-from recipe_cases import own_cfg
+from recipe_cases import crash_in_step, own_cfg
 from safetensors.torch import load_file
 
 import ddk.recipes.distill as real
@@ -50,24 +50,6 @@ def _student(run: Path) -> dict[str, torch.Tensor]:
 def _same_student(a: Path, b: Path) -> None:
     sa, sb = _student(a), _student(b)
     assert sa.keys() == sb.keys() and [k for k in sa if not torch.equal(sa[k], sb[k])] == []
-
-
-def _crash_in_step(monkeypatch, cfg, step: int) -> None:  # type: ignore[no-untyped-def]
-    """Run ``distill`` and interrupt it inside training step ``step``."""
-    calls = {"n": 0}
-    orig = real.causal_lm_kd_loss
-
-    def flaky(*a, **k):  # type: ignore[no-untyped-def]
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == step:
-                raise KeyboardInterrupt("simulated crash")
-        return orig(*a, **k)
-
-    monkeypatch.setattr(real, "causal_lm_kd_loss", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        real.distill(cfg)
-    monkeypatch.undo()
 
 
 def _flip_bit(path: Path, offset: int = -3) -> None:
@@ -290,7 +272,7 @@ def test_torn_log_line_is_dropped_on_resume_and_no_resume_moves_the_run_aside(tm
     ref = _cfg(tmp_path, "ref", checkpoint_every=1, log_every=1)
     real.distill(ref)
     cfg = _cfg(tmp_path, "run", checkpoint_every=1, log_every=1)
-    _crash_in_step(monkeypatch, cfg, 5)
+    crash_in_step(monkeypatch, cfg, 5)
     run = Path(cfg.out)
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 1.2')  # ENOSPC mid-record
@@ -324,7 +306,7 @@ def test_stale_student_is_moved_aside_and_evaluate_refuses_a_foreign_one(tmp_pat
     kd = _cfg(tmp_path, "run", method="kd", steps=2)
     real.distill(kd)
     run = Path(kd.out)
-    _crash_in_step(monkeypatch, _cfg(tmp_path, "run", method="cpt", steps=2, resume=False), 1)
+    crash_in_step(monkeypatch, _cfg(tmp_path, "run", method="cpt", steps=2, resume=False), 1)
     assert not (run / "student").exists()  # the kd student went aside with the rest of that run
     with pytest.raises(ValueError, match=r"evaluate: run_dir must be a finished distill run"):
         real.evaluate(run)
