@@ -47,33 +47,17 @@ def make_tokenizer(path: str | Path, vocab_size: int = 300) -> Any:
 
 
 def _config(family: str, vocab: int, hidden: int, layers: int, tie: bool, dropout: float) -> Any:
-    if family == "llama":
-        from transformers import LlamaConfig
+    if family in ("llama", "qwen2"):  # the same decoder shape; Qwen2 with grouped-query attention
+        from transformers import LlamaConfig, Qwen2Config
 
-        return LlamaConfig(
+        cls, kv_heads = (LlamaConfig, 2) if family == "llama" else (Qwen2Config, 1)
+        return cls(
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,
             num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=tie,
-            attention_dropout=dropout,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=1,
-        )
-    if family == "qwen2":
-        from transformers import Qwen2Config
-
-        return Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
+            num_key_value_heads=kv_heads,
             max_position_embeddings=256,
             tie_word_embeddings=tie,
             attention_dropout=dropout,

@@ -16,8 +16,6 @@ from ddk_kernels.dispatch import resolve
 from ddk_kernels.reduce import reduce_kd_rows
 from ddk_kernels.types import DIVERGENCES, FLOAT_DTYPES, Divergence, KDConfig, KDLossOutput, KDLossParams
 
-_FLOAT_DTYPES = FLOAT_DTYPES
-
 _Choice = TypeVar("_Choice", bound=str)
 
 
@@ -391,12 +389,12 @@ def kd_loss(
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(t).__name__}.")
-    if student_logits.dim() not in (2, 3) or student_logits.dtype not in _FLOAT_DTYPES:
+    if student_logits.dim() not in (2, 3) or student_logits.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{fn}: student_logits must be a 2-D (N, V) or 3-D (B, L, V) float tensor; "
             f"got shape {_shape(student_logits)} and dtype {student_logits.dtype}."
         )
-    if teacher_logits.dim() != student_logits.dim() or teacher_logits.dtype not in _FLOAT_DTYPES:
+    if teacher_logits.dim() != student_logits.dim() or teacher_logits.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{fn}: teacher_logits must be a {student_logits.dim()}-D float tensor like student_logits; "
             f"got shape {_shape(teacher_logits)} and dtype {teacher_logits.dtype}."
