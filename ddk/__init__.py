@@ -5,6 +5,8 @@ Composable pieces for any training loop:
 * :class:`DomainPartitioner` — examples -> domain ids, stable per-domain train/validation splits.
 * :class:`DiscrepancyEstimator` — per-domain student/teacher CE -> perplexity ratios.
 * :class:`FactorSmoother` — ratios -> domain weights (Eq. 1 and the smoothed update of Eq. 2).
+* :class:`DoReMiScheduler` — the DoReMi baseline inside KD: exponentiated-gradient steps on the
+  student's excess CE over the teacher (same interface, behind the same controller).
 * :class:`MixtureSampler` — weights -> exact-count, resumable, rank-sliced batches of indices.
 * :class:`DDKController` — ties the three to the distillation interval K.
 * :func:`kd_loss` — ``CE + gamma * KL(p_T || p_S)`` with per-domain sums, on fast backends.
@@ -28,13 +30,14 @@ from ddk.losses import FusedLinearKDLoss, KDLoss, KDLossOutput, causal_lm_kd_los
 from ddk.partition import DomainPartitioner, DomainSplits
 from ddk.reliability import NonFiniteError, NonFiniteGuard
 from ddk.sampling import MixtureSampler
-from ddk.schedule import FactorSmoother
+from ddk.schedule import DoReMiScheduler, FactorSmoother, WeightScheduler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DDKController",
     "DiscrepancyEstimator",
+    "DoReMiScheduler",
     "DomainDiscrepancy",
     "DomainPartitioner",
     "DomainSplits",
@@ -45,6 +48,7 @@ __all__ = [
     "MixtureSampler",
     "NonFiniteError",
     "NonFiniteGuard",
+    "WeightScheduler",
     "causal_lm_kd_loss",
     "data",
     "fused_linear_kd_loss",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -13,7 +14,9 @@ from torch import nn
 
 from ddk.discrepancy.estimator import DiscrepancyEstimator, DomainDiscrepancy
 from ddk.distributed import rank_world
-from ddk.schedule.smoother import FactorSmoother
+from ddk.schedule.base import WeightScheduler
+
+COLLAPSE_SHARE = 0.9  # start() warns when r_0 puts more than this on one domain
 
 
 def _is_int(x: object) -> TypeGuard[int]:
@@ -34,7 +37,8 @@ class DDKController:
 
     Args:
         estimator: a ``DiscrepancyEstimator`` (its teacher CE must be computed before ``start``).
-        smoother: a ``FactorSmoother`` with the same number of domains.
+        smoother: the weight schedule, a ``WeightScheduler`` with the same number of domains:
+            ``FactorSmoother`` (DDK's Eq. 1/2) or ``DoReMiScheduler`` (DoReMi's step, inside KD).
         sampler: a ``MixtureSampler`` (anything with ``set_weights``, ``batches_yielded``,
             ``num_domains``, ``state_dict`` and ``load_state_dict``) over the same domains, in
             the same order; its ``domain_names`` must equal the estimator's unless they are the
@@ -54,7 +58,7 @@ class DDKController:
     def __init__(
         self,
         estimator: DiscrepancyEstimator,
-        smoother: FactorSmoother,
+        smoother: WeightScheduler,
         sampler: Any,
         *,
         interval: int = 1000,
@@ -64,8 +68,11 @@ class DDKController:
         fn = "DDKController"
         if not isinstance(estimator, DiscrepancyEstimator):
             raise TypeError(f"{fn}: estimator must be a DiscrepancyEstimator; got {type(estimator).__name__}.")
-        if not isinstance(smoother, FactorSmoother):
-            raise TypeError(f"{fn}: smoother must be a FactorSmoother; got {type(smoother).__name__}.")
+        if not isinstance(smoother, WeightScheduler):
+            raise TypeError(
+                f"{fn}: smoother must be a WeightScheduler (FactorSmoother or DoReMiScheduler); "
+                f"got {type(smoother).__name__}."
+            )
         missing = [m for m in ("set_weights", "state_dict", "load_state_dict") if not hasattr(sampler, m)]
         if missing:
             raise TypeError(f"{fn}: sampler must be a MixtureSampler (with {missing}); got {type(sampler).__name__}.")
@@ -122,6 +129,12 @@ class DDKController:
     def start(self, student: nn.Module) -> torch.Tensor:
         """Eq. 1: estimate the discrepancy, set ``r_0`` on the sampler and log it.
 
+        When Eq. 1 puts more than ``COLLAPSE_SHARE`` (90%) of the mixture on one domain (a weak or
+        randomly initialised student: every ratio is large and the softmax saturates), a
+        ``UserWarning`` names the domain and the ratios and points at ``init="uniform"``
+        (``--ddk-init uniform``). Eq. 2's floor brings the other domains back at the first
+        update, but the first interval trains almost on that domain alone.
+
         Args:
             student: the student model (evaluated on the validation sets).
 
@@ -135,6 +148,7 @@ class DDKController:
             )
         disc = self.estimator.estimate(student)
         weights = self.smoother.initialize(disc)
+        self._warn_collapse(disc, weights)
         self.sampler.set_weights(weights.tolist())
         self._started = True
         self._last_update_step = 0
@@ -177,6 +191,26 @@ class DDKController:
     def observe(self, output: Any, teacher_ce_sum: torch.Tensor | None = None) -> None:
         """Forward a training step's ``KDLossOutput`` to ``estimator.observe`` (online mode)."""
         self.estimator.observe(output, teacher_ce_sum)
+
+    def _warn_collapse(self, disc: DomainDiscrepancy, weights: torch.Tensor) -> None:
+        top = int(torch.argmax(weights))
+        share = float(weights[top])
+        if share <= COLLAPSE_SHARE or self.num_domains < 2 or rank_world()[0] != 0:
+            return
+        ratios = ", ".join(f"{n}={r:.3g}" for n, r in zip(disc.domain_names, disc.ratio.tolist()))
+        warnings.warn(
+            f"DDKController.start: Eq. 1 puts {share:.1%} of the mixture on domain {disc.domain_names[top]!r} "
+            f"(ratios ppl_S/ppl_T: {ratios}); the first interval trains almost on it alone. A weak or "
+            "randomly initialised student saturates the softmax; start from the uniform mixture with "
+            "FactorSmoother(init='uniform') (ddk distill --ddk-init uniform).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    @property
+    def num_domains(self) -> int:
+        """D, the number of domains."""
+        return self.smoother.num_domains
 
     # ------------------------------------------------------------------ logging
     def _log(self, event: str, step: int, disc: DomainDiscrepancy, weights: torch.Tensor) -> None:

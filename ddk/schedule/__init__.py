@@ -1,5 +1,15 @@
-"""Domain weights from discrepancy ratios: Eq. 1 (initial factor) and Eq. 2 (smoothed update)."""
+"""Domain weights from discrepancy ratios: DDK's Eq. 1/2 (``FactorSmoother``), DoReMi's
+exponentiated-gradient step (``DoReMiScheduler``), and their common base ``WeightScheduler``."""
 
-from ddk.schedule.smoother import SMOOTHER_INITS, SMOOTHER_MODES, FactorSmoother, ratio_to_tensor
+from ddk.schedule.base import WeightScheduler, ratio_to_tensor
+from ddk.schedule.doremi import DoReMiScheduler
+from ddk.schedule.smoother import SMOOTHER_INITS, SMOOTHER_MODES, FactorSmoother
 
-__all__ = ["SMOOTHER_INITS", "SMOOTHER_MODES", "FactorSmoother", "ratio_to_tensor"]
+__all__ = [
+    "SMOOTHER_INITS",
+    "SMOOTHER_MODES",
+    "DoReMiScheduler",
+    "FactorSmoother",
+    "WeightScheduler",
+    "ratio_to_tensor",
+]

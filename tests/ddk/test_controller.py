@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -261,3 +262,47 @@ def test_controller_log_written_on_rank_zero_only(tmp_path: Path, monkeypatch: p
     ctl.start(TinyLM(1))
     assert len(ctl.records) == 1
     assert not (tmp_path / "logs" / "ddk.jsonl").exists()
+
+
+def test_controller_runs_the_doremi_schedule_through_the_same_interface(tmp_path: Path) -> None:
+    from ddk.schedule import DoReMiScheduler
+
+    est = DiscrepancyEstimator(_val(), progress=False)
+    est.compute_teacher(TinyLM(100))
+    sampler = MixtureSampler([30, 40, 50], 8, seed=0, domain_names=NAMES)
+    ctl = DDKController(est, DoReMiScheduler(3), sampler, interval=2, log_path=tmp_path / "c.jsonl")
+    student = TinyLM(1)
+    assert ctl.start(student).tolist() == [1 / 3] * 3  # DoReMi starts uniform
+    gap = est.estimate(student).gap.numpy()
+    for _ in range(2):
+        sampler.next_global_batch()
+    new = ctl.step_end(2, student)
+    a = np.exp(np.maximum(gap, 0.0)) / np.exp(np.maximum(gap, 0.0)).sum()
+    np.testing.assert_allclose(new.numpy(), 0.999 * a + 1e-3 / 3, rtol=1e-12)
+    assert sampler.weights == pytest.approx(new.tolist(), rel=1e-12)
+    # resume through the controller's state
+    ctl2 = DDKController(
+        est, DoReMiScheduler(3), MixtureSampler([30, 40, 50], 8, seed=0, domain_names=NAMES), interval=2
+    )
+    ctl2.load_state_dict(ctl.state_dict())
+    assert torch.equal(ctl2.weights, ctl.weights)
+
+
+def test_controller_warns_when_eq1_collapses_onto_one_domain() -> None:
+    est = DiscrepancyEstimator(_val(), progress=False, teacher_ce=[0.5, 3.0, 3.0])
+    sampler = MixtureSampler([30, 40, 50], 8, seed=0, domain_names=NAMES)
+    ctl = DDKController(est, FactorSmoother(3), sampler, interval=2)
+    student = TinyLM(1)  # CE ~ log(11) ~ 2.4 on every domain: ratio e^1.9 on code, below 1 elsewhere
+    with pytest.warns(
+        UserWarning, match=r"Eq. 1 puts 9\d\.\d% of the mixture on domain 'code' \(ratios ppl_S/ppl_T: code="
+    ) as rec:
+        ctl.start(student)
+    assert "--ddk-init uniform" in str(rec[0].message)
+    # a uniform start, or a spread-out r_0, does not warn
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DDKController(est, FactorSmoother(3, init="uniform"), sampler, interval=2).start(student)
+        est2 = DiscrepancyEstimator(_val(), progress=False, teacher_ce=[2.0, 2.0, 2.0])
+        DDKController(est2, FactorSmoother(3), sampler, interval=2).start(student)

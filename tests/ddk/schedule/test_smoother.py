@@ -186,10 +186,10 @@ def test_smoother_load_state_dict_wrong_domains_raises() -> None:
 def test_smoother_update_before_initialize_raises() -> None:
     with pytest.raises(
         RuntimeError,
-        match=r"FactorSmoother.update: the smoother must be initialised first; call smoother.initialize\(ratio\)",
+        match=r"FactorSmoother.update: the scheduler must be initialised first; call initialize\(ratio\)",
     ):
         FactorSmoother(2).update([1.0, 1.0])
-    with pytest.raises(RuntimeError, match=r"FactorSmoother.weights: .*call smoother.initialize\(ratio\)"):
+    with pytest.raises(RuntimeError, match=r"FactorSmoother.weights: .*call FactorSmoother.initialize\(ratio\)"):
         FactorSmoother(2).weights  # noqa: B018
 
 
