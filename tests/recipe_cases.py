@@ -71,6 +71,7 @@ def demo_cfg(root: Path, corpus: Path, **kw: Any) -> Any:
         student_layers=1,
         student_heads=2,
         student_intermediate=32,
+        student_pretrain_steps=6,
         steps=4,
         batch_size=4,
         warmup_steps=2,

@@ -1,14 +1,20 @@
-"""End-to-end experiment on the real corpus: five methods x seeds at an equal token budget.
+"""End-to-end experiment in the paper's regime: a pretrained student distilled from a stronger teacher.
 
-    .venv/bin/python bench/e2e/run.py                      # preset "experiment": ~1 h on 2 CPU cores
-    .venv/bin/python bench/e2e/run.py --steps 4 --seeds 0   # smoke test
+    .venv/bin/python bench/e2e/run.py                                    # the whole matrix -> docs/results.md
+    .venv/bin/python bench/e2e/run.py --starts uniform --seeds 0 --steps 4   # smoke test
 
-Every run is a ``ddk distill`` run folder under ``--runs`` (default ``runs/e2e``); a finished run
-(``summary.json`` of the same config) is reused and an interrupted one resumes from its
-checkpoint, so the script can simply be started again. The teacher is trained once (cached).
-Writes ``--report`` (default ``docs/results.md``) with, per method, the mean over seeds of the
-mean and worst per-domain CE gap to the teacher (nats/token) and of the mean perplexity ratio
-``ppl_S / ppl_T``, a per-domain table, and plots next to it.
+Two student starts, both CE-pretrained and saved with ``save_pretrained`` (cached): ``uniform``
+(the uniform mixture) and ``skewed`` (``scarce_domains`` seen at ``scarce_share`` the rate of
+the others). From each start every method runs at the same token budget with each seed (the
+seed sets the data order); every run is ``ddk distill --teacher --student --data`` into
+``--runs/<start>/<method>-s<seed>``. A finished run (``summary.json`` of the same config) is
+reused and an interrupted one resumes, so the script can simply be started again.
+
+The report (``--report``, default ``docs/results.md``) has, per start: the mean and worst
+per-domain gap to the teacher with bootstrap 95% confidence intervals over seeds, the paired
+differences DDK - KD and DDK - kd-doremi (bootstrap 95% CI over the seed pairs, win counts), the
+per-domain table, diagnostics of DDK's weights, and plots; then ``bench/e2e/findings.md`` (the
+reading of these numbers) when it exists.
 """
 
 from __future__ import annotations
@@ -22,199 +28,327 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ddk.recipes.config import METHODS, add_config_arguments, config_from_args
+from ddk.recipes.config import METHODS, STUDENT_STARTS, RecipeConfig, add_config_arguments, config_from_args
 from ddk.recipes.demo import demo_config
 from ddk.recipes.distill import distill
+
+HERE = Path(__file__).resolve().parent
+PAIRS = (("ddk", "kd"), ("ddk", "kd-doremi"), ("ddk", "cpt"), ("kd", "cpt"))
+Results = dict[str, dict[str, list[dict[str, Any]]]]  # start -> method -> one summary per seed
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--starts", nargs="+", default=["uniform", "skewed"], choices=[s for s in STUDENT_STARTS])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--runs", default="runs/e2e", help="folder of the run folders")
-    p.add_argument("--report", default="docs/results.md", help="markdown report (plots go next to it)")
+    p.add_argument("--report", default="docs/results.md", help="markdown report (plots go into figures/ next to it)")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples of the confidence intervals")
     add_config_arguments(p)
     return p
 
 
-def _mean_std(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.4f}"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+def bootstrap_ci(xs: list[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% confidence interval of the mean of ``xs`` (resampling with replacement)."""
+    a = np.asarray(xs, dtype=np.float64)
+    if a.size < 2:
+        return float(a.mean()), float(a.mean())
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    means = a[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _plots(results: dict[str, list[dict[str, Any]]], runs: Path, fig_dir: Path) -> list[Path]:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover
-        return []
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    names = next(iter(results.values()))[0]["domains"]
-    # per-domain gap, bars per method (mean over seeds)
-    fig = Figure(figsize=(10, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / len(results)
-    for k, (m, rs) in enumerate(results.items()):
-        gaps = [statistics.mean(r["gap"][i] for r in rs) for i in range(len(names))]
-        ax.bar([i + k * width for i in range(len(names))], gaps, width, label=m)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20)
-    ax.set_ylabel("CE_S - CE_T (nats/token), mean over seeds")
-    ax.set_title("Per-domain gap to the teacher at the end of distillation")
-    ax.legend(fontsize="small")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = fig_dir / "e2e_domain_gaps.png"
-    fig.savefig(p, dpi=120)
-    out.append(p)
-    # mean gap over training, per method (mean over seeds)
+def _ci(xs: list[float], resamples: int) -> str:
+    lo, hi = bootstrap_ci(xs, resamples)
+    return f"{statistics.mean(xs):.4f} [{lo:.4f}, {hi:.4f}]" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def _records(run_dir: str, name: str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _run_all(args: argparse.Namespace, argv: list[str]) -> tuple[Results, dict[str, Any]]:
+    """Every start x method x seed (cached runs reused); ``(results, models)`` with the model metadata."""
+    runs = Path(args.runs)
+    results: Results = {}
+    models: dict[str, Any] = {}
+    for start in args.starts:
+        for method in args.methods:
+            for seed in args.seeds:
+                ns = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "student_start": start})
+                ns.out = str(runs / start / f"{method}-s{seed}")
+                cfg = demo_config(config_from_args(ns, base=("experiment",)))  # teacher and students cached
+                models.setdefault("teacher", _meta(cfg.teacher))
+                models.setdefault("cfg", cfg)
+                models.setdefault(f"student:{start}", _meta(cfg.student))
+                results.setdefault(start, {}).setdefault(method, []).append(_one_run(cfg))
+    return results, models
+
+
+def _meta(folder: str) -> dict[str, Any]:
+    return json.loads((Path(folder) / "demo_meta.json").read_text())
+
+
+def _one_run(cfg: RecipeConfig) -> dict[str, Any]:
+    summary_path, cfg_path = cfg.run_dir / "summary.json", cfg.run_dir / "config.json"
+    done = summary_path.is_file() and cfg_path.is_file() and json.loads(cfg_path.read_text()) == cfg.to_dict()
+    summary = json.loads(summary_path.read_text()) if done else distill(cfg)
+    summary["run_dir"] = str(cfg.run_dir)
+    return summary
+
+
+def _plots(results: Results, fig_dir: Path, resamples: int) -> list[Path]:
+    from ddk.recipes.plotting import plot_domain_bars, plot_weights
+
+    out: list[Path] = []
+    for start, by_method in results.items():
+        names = next(iter(by_method.values()))[0]["domains"]
+        gaps = {m: [statistics.mean(r["gap"][i] for r in rs) for i in range(len(names))] for m, rs in by_method.items()}
+        errs = {}
+        for m, rs in by_method.items():
+            cis = [bootstrap_ci([r["gap"][i] for r in rs], resamples) for i in range(len(names))]
+            errs[m] = [(hi - lo) / 2 for lo, hi in cis]
+        out.append(
+            plot_domain_bars(
+                gaps,
+                names,
+                fig_dir / f"e2e_{start}_domain_gaps.png",
+                title=f"{start} start: per-domain gap to the teacher (mean over seeds, 95% CI)",
+                errors=errs,
+            )
+        )
+        out.append(_gap_curves(by_method, fig_dir / f"e2e_{start}_gap_curves.png", start))
+        for m in ("ddk", "kd-doremi"):
+            if m in by_method:
+                r0 = by_method[m][0]
+                out.append(
+                    plot_weights(
+                        Path(r0["run_dir"]) / "controller.jsonl",
+                        fig_dir / f"e2e_{start}_{m}_weights.png",
+                        title=f"{start} start: {m} domain weights (seed {r0['seed']})",
+                    )
+                )
+    return out
+
+
+def _gap_curves(by_method: dict[str, list[dict[str, Any]]], path: Path, start: str) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for m, rs in results.items():
+    for m, rs in by_method.items():
         curves: dict[int, list[float]] = {}
         for r in rs:
-            for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if "student_ce" in rec:
-                    gap = statistics.mean(s - t for s, t in zip(rec["student_ce"], rec["teacher_ce"]))
-                    curves.setdefault(rec["step"], []).append(gap)
+            for rec in _records(r["run_dir"], "controller.jsonl"):
+                curves.setdefault(rec["step"], []).append(
+                    statistics.mean(s - t for s, t in zip(rec["student_ce"], rec["teacher_ce"]))
+                )
         steps = sorted(curves)
         ax.plot(steps, [statistics.mean(curves[s]) for s in steps], marker="o", markersize=3, label=m)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean per-domain CE gap (nats/token)")
-    ax.set_title("Validation gap to the teacher during distillation")
+    ax.set_title(f"{start} start: validation gap to the teacher during distillation (mean over seeds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    p = fig_dir / "e2e_gap_curves.png"
-    fig.savefig(p, dpi=120)
-    out.append(p)
-    # DDK's weights (first seed)
-    if "ddk" in results:
-        from ddk.recipes.plotting import plot_weights
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
-        out.append(
-            plot_weights(
-                Path(results["ddk"][0]["run_dir"]) / "controller.jsonl",
-                fig_dir / "e2e_ddk_weights.png",
-                title=f"DDK domain weights (seed {results['ddk'][0]['seed']})",
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _paired(by_method: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, resamples: int) -> list[str] | None:
+    if a not in by_method or b not in by_method:
+        return None
+    ra = {r["seed"]: r[key] for r in by_method[a]}
+    rb = {r["seed"]: r[key] for r in by_method[b]}
+    seeds = sorted(set(ra) & set(rb))
+    diffs = [ra[s] - rb[s] for s in seeds]
+    lo, hi = bootstrap_ci(diffs, resamples)
+    wins = sum(d < 0 for d in diffs)
+    return [
+        f"{a} - {b}",
+        key.replace("_", " "),
+        f"{statistics.mean(diffs):+.4f}",
+        f"[{lo:+.4f}, {hi:+.4f}]",
+        f"{wins} of {len(seeds)}",
+        " ".join(f"{d:+.3f}" for d in diffs),
+    ]
+
+
+def _diagnostics(by_method: dict[str, list[dict[str, Any]]], alpha: float) -> list[str]:
+    """DDK's mixture: how spread the ratios were, how far the weights moved, and whether they sat at the floor."""
+    lines: list[str] = []
+    for m in ("ddk", "kd-doremi"):
+        if m not in by_method:
+            continue
+        rows = []
+        for r in by_method[m]:
+            recs = _records(r["run_dir"], "controller.jsonl")
+            if not recs:
+                continue
+            d = len(recs[0]["weights"])
+            floor = (1 - alpha) / d
+            ratios = [x for rec in recs for x in rec["ratio"]]
+            top = [max(rec["weights"]) for rec in recs]
+            at_floor = [sum(w < floor * 1.02 for w in rec["weights"]) for rec in recs[1:]] if m == "ddk" else []
+            samples = r["samples_per_domain"]
+            share = [c / sum(samples) for c in samples]
+            rows.append(
+                [
+                    str(r["seed"]),
+                    f"{min(ratios):.3f} - {max(ratios):.3f}",
+                    f"{max(recs[0]['ratio']) / min(recs[0]['ratio']):.3f}",
+                    f"{max(recs[0]['weights']):.3f}",
+                    f"{statistics.mean(top[1:]) if len(top) > 1 else top[0]:.3f}",
+                    f"{statistics.mean(at_floor):.1f} of {d}" if at_floor else "-",
+                    f"{min(share):.3f} - {max(share):.3f}",
+                ]
             )
+        lines += [f"`{m}`: ratios ppl_S/ppl_T seen, the first interval's spread (max/min), weights, samples:", ""]
+        lines += _table(
+            [
+                "seed",
+                "ratios seen",
+                "r_0 spread max/min",
+                "max weight at init",
+                "mean max weight after",
+                "domains at the floor (mean)" if m == "ddk" else "domains at the floor",
+                "sample share min - max",
+            ],
+            rows,
         )
-    return out
+        lines.append("")
+    return lines
+
+
+def _start_section(
+    start: str, by_method: dict[str, list[dict[str, Any]]], models: dict[str, Any], args: argparse.Namespace
+) -> list[str]:
+    resamples = args.bootstrap
+    first = next(iter(by_method.values()))[0]
+    names = first["domains"]
+    meta = models.get(f"student:{start}", {})
+    cfg: RecipeConfig = models["cfg"]
+    mixture = meta.get("mixture") or {}
+    lines = [f"## Start `{start}`", ""]
+    if mixture:
+        mix = ", ".join(f"{n} {w:.3f}" for n, w in mixture.items())
+        lines += [
+            f"The student was CE-pretrained for {cfg.student_pretrain_steps} steps on the mixture {mix} "
+            f"({meta.get('train_seconds', 0):.0f} s), then every method continued from that one checkpoint.",
+            "",
+        ]
+    lines += [
+        "Gap = student CE - teacher CE on each domain's validation set (nats/token; lower is better); "
+        f"mean over {len(args.seeds)} seeds with a bootstrap 95% confidence interval.",
+        "",
+    ]
+    rows = [
+        [
+            m,
+            _ci([r["mean_gap"] for r in rs], resamples),
+            _ci([r["worst_gap"] for r in rs], resamples),
+            _ci([r["mean_ratio"] for r in rs], resamples),
+        ]
+        for m, rs in by_method.items()
+    ]
+    init = _records(first["run_dir"], "controller.jsonl")
+    if init:
+        g0 = [s - t for s, t in zip(init[0]["student_ce"], init[0]["teacher_ce"])]
+        rows.insert(0, ["(start, before distillation)", f"{statistics.mean(g0):.4f}", f"{max(g0):.4f}", "-"])
+    lines += _table(["method", "mean gap", "worst-domain gap", "mean ppl ratio"], rows)
+    lines += [
+        "",
+        "Paired differences over seeds (same start, same seed: same data order); negative favours the first:",
+        "",
+    ]
+    prow = [
+        row for a, b in PAIRS for key in ("mean_gap", "worst_gap") if (row := _paired(by_method, a, b, key, resamples))
+    ]
+    lines += _table(["pair", "metric", "mean difference", "95% CI", "first lower on", "per seed"], prow)
+    lines += ["", "Per-domain gap (mean over seeds):", ""]
+    drows = [
+        [m] + [f"{statistics.mean(r['gap'][i] for r in rs):.4f}" for i in range(len(names))]
+        for m, rs in by_method.items()
+    ]
+    if init:
+        drows.insert(0, ["(start)"] + [f"{s - t:.4f}" for s, t in zip(init[0]["student_ce"], init[0]["teacher_ce"])])
+    drows.append(["teacher CE"] + [f"{c:.4f}" for c in first["teacher_ce"]])
+    lines += _table(["method"] + names, drows)
+    lines += ["", "Samples drawn per domain (seed " + str(first["seed"]) + "):", ""]
+    lines += _table(
+        ["method"] + names, [[m] + [str(c) for c in rs[0]["samples_per_domain"]] for m, rs in by_method.items()]
+    )
+    lines += ["", "Diagnostics of the adaptive mixtures:", ""] + _diagnostics(by_method, cfg.alpha)
+    return lines
 
 
 def _report(
-    results: dict[str, list[dict[str, Any]]],
-    cfg_dict: dict[str, Any],
+    results: Results,
+    models: dict[str, Any],
+    args: argparse.Namespace,
     argv: list[str],
     wall: float,
     plots: list[Path],
     report: Path,
 ) -> str:
-    names = next(iter(results.values()))[0]["domains"]
-    r0 = next(iter(results.values()))[0]
+    cfg: RecipeConfig = models["cfg"]
+    teacher = models["teacher"]
+    any_run = next(iter(next(iter(results.values())).values()))[0]
+    n_runs = sum(len(rs) for by in results.values() for rs in by.values())
+    distill_min = sum(r["wall_seconds"] for by in results.values() for rs in by.values() for r in rs) / 60
     lines = [
-        "# End-to-end results: DDK vs baselines on the real 8-domain corpus",
+        "# Results: DDK against KD, DoReMi-in-KD and continued pretraining, from pretrained students",
         "",
-        f"Generated by `bench/e2e/run.py {' '.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, 2 shared CPU cores); "
-        f"distillation wall time {sum(r['wall_seconds'] for rs in results.values() for r in rs) / 60:.1f} min over "
-        f"{sum(len(rs) for rs in results.values())} runs (the teacher is trained once and cached: "
-        f"{cfg_dict.get('_teacher_seconds', 0) / 60:.1f} min).",
+        f"Generated by `python bench/e2e/run.py {' '.join(argv)}`".rstrip()
+        + f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"({platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, 2 shared CPU cores). "
+        f"{n_runs} distillation runs, {distill_min:.1f} min of distillation; this invocation took {wall / 60:.1f} min "
+        f"(runs already finished are reused). The teacher trained once in {float(teacher.get('train_seconds', 0)) / 60:.1f} min "
+        "and is cached, like the pretrained students.",
         "",
-        f"Teacher: {r0['teacher_params']:,} parameters (Llama-style, {cfg_dict['teacher_layers']} layers, hidden "
-        f"{cfg_dict['teacher_hidden']}, {cfg_dict['teacher_steps']} steps); student: {r0['student_params']:,} parameters "
-        f"({cfg_dict['student_layers']} layers, hidden {cfg_dict['student_hidden']}). Every run sees the same "
-        f"{r0['tokens']:,} training tokens ({cfg_dict['steps']} steps x {cfg_dict['batch_size']} x {cfg_dict['seq_len']}), "
-        f"AdamW lr {cfg_dict['lr']} with {cfg_dict['warmup_steps']} warm-up steps and cosine decay; gamma "
-        f"{cfg_dict['gamma']}, T {cfg_dict['temperature']}, alpha {cfg_dict['alpha']}, K = {cfg_dict['interval']} steps; "
-        f"validation: {cfg_dict['val_seqs']} sequences of {cfg_dict['seq_len'] + 1} tokens per domain. "
-        f"Seeds: {sorted({r['seed'] for rs in results.values() for r in rs})} (student init and data order).",
+        "## Setup",
         "",
-        "Setup notes: the student starts from random weights (the paper's starts pretrained), so at step 0 every "
-        "ratio ppl_S/ppl_T is large and Eq. 1 (`softmax` of the ratios) puts almost all weight on the domain with "
-        "the lowest teacher CE (math) for the first interval; Eq. 2's floor `(1-alpha)/N` brings the mixture back "
-        "(see the weights plot), while `ddk-no-smoothing` keeps jumping to the current worst domain. `ddk-online` "
-        "estimates the gap from the training batches just seen (teacher CE on the same tokens), which is noisier "
-        "than the validation passes. The validation sets are small (a few thousand tokens per domain), so "
-        "per-domain differences below ~0.03 nats are within seed noise. `--ddk-init uniform` starts from a "
-        "uniform mixture instead (the paper's pseudo-code).",
+        f"- Corpus: the bundled 8-domain corpus (Debian and PyPI packages), a {cfg.vocab_size}-token BPE tokenizer, "
+        f"sequences of {cfg.seq_len} tokens; validation: up to {cfg.val_samples} sequences per domain (capped by the "
+        "held-out split).",
+        f"- Teacher: {any_run['teacher_params']:,} parameters (Llama-style, {cfg.teacher_layers} layers, hidden "
+        f"{cfg.teacher_hidden}), CE-pretrained {cfg.teacher_steps} steps x {cfg.teacher_batch_size} sequences on the "
+        f"uniform mixture (final training loss {teacher.get('final_loss', float('nan')):.3f}); its per-domain "
+        "validation CE is the `teacher CE` row of each table.",
+        f"- Student: {any_run['student_params']:,} parameters ({cfg.student_layers} layers, hidden {cfg.student_hidden}), "
+        f"CE-pretrained {cfg.student_pretrain_steps} steps before distillation (seed {cfg.student_seed}); the skewed "
+        f"start sees {', '.join(cfg.scarce_domains)} at {cfg.scarce_share:g}x the rate of the other domains.",
+        f"- Distillation: every run sees {any_run['tokens']:,} tokens ({cfg.total_steps} steps x {cfg.batch_size} x "
+        f"{cfg.seq_len}); AdamW lr {cfg.lr}, {cfg.warmup_steps} warm-up steps, cosine decay; gamma {cfg.gamma}, "
+        f"T {cfg.temperature}, alpha {cfg.alpha}, Eq. 1 start (`ddk_init` {cfg.ddk_init}), K = {cfg.interval} steps; "
+        f"kd-doremi: eta {cfg.doremi_step_size}, c {cfg.doremi_smoothing}, uniform start. Seeds {list(args.seeds)} set "
+        "the data order.",
+        "- Methods: `cpt` (CE only), `kd` (uniform mixture), `ddk`, `ddk-no-smoothing`, `ddk-online`, `kd-doremi` "
+        "(DoReMi's exponentiated-gradient step on the student's excess CE over the teacher, `ddk.DoReMiScheduler`).",
         "",
-        "Gap = student CE - teacher CE on each domain's validation set (nats/token; lower is better).",
-        "ppl ratio = ppl_S / ppl_T = exp(gap), averaged over domains. Mean ± standard deviation over seeds.",
-        "",
-        "| method | mean gap | worst-domain gap | mean ppl ratio |",
-        "|---|---|---|---|",
     ]
-    for m, rs in results.items():
-        lines.append(
-            f"| {m} | {_mean_std([r['mean_gap'] for r in rs])} | {_mean_std([r['worst_gap'] for r in rs])} | "
-            f"{_mean_std([r['mean_ratio'] for r in rs])} |"
-        )
-    seeds = sorted({r["seed"] for rs in results.values() for r in rs})
-    lines += [
-        "",
-        "Per seed (mean gap / worst-domain gap):",
-        "",
-        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-        "|---|" + "---|" * len(seeds),
-    ]
-    by_seed = {m: {r["seed"]: r for r in rs} for m, rs in results.items()}
-    for m in results:
-        lines.append(
-            f"| {m} | "
-            + " | ".join(
-                f"{by_seed[m][s]['mean_gap']:.4f} / {by_seed[m][s]['worst_gap']:.4f}" if s in by_seed[m] else "-"
-                for s in seeds
-            )
-            + " |"
-        )
-    if "ddk" in by_seed:
-        for other in ("kd", "cpt"):
-            if other not in by_seed:
-                continue
-            common = [s for s in seeds if s in by_seed["ddk"] and s in by_seed[other]]
-            wins_mean = sum(by_seed["ddk"][s]["mean_gap"] < by_seed[other][s]["mean_gap"] for s in common)
-            wins_worst = sum(by_seed["ddk"][s]["worst_gap"] < by_seed[other][s]["worst_gap"] for s in common)
-            lines.append("")
-            lines.append(
-                f"DDK vs {other}: lower mean gap on {wins_mean} of {len(common)} seeds, "
-                f"lower worst-domain gap on {wins_worst} of {len(common)} seeds."
-            )
-    lines += [
-        "",
-        "Per-domain gap (mean over seeds):",
-        "",
-        "| method | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for m, rs in results.items():
-        lines.append(
-            f"| {m} | "
-            + " | ".join(f"{statistics.mean(r['gap'][i] for r in rs):.4f}" for i in range(len(names)))
-            + " |"
-        )
-    lines.append("| teacher CE | " + " | ".join(f"{c:.4f}" for c in r0["teacher_ce"]) + " |")
-    lines += [
-        "",
-        "Samples drawn per domain (first seed):",
-        "",
-        "| method | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for m, rs in results.items():
-        lines.append(f"| {m} | " + " | ".join(str(c) for c in rs[0]["samples_per_domain"]) + " |")
+    for start, by_method in results.items():
+        lines += _start_section(start, by_method, models, args)
     if plots:
-        lines += ["", "Plots:", ""] + [f"![{p.stem}]({p.relative_to(report.parent).as_posix()})" for p in plots]
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(report.parent).as_posix()})" for p in plots] + [""]
+    findings = HERE / "findings.md"
+    if findings.is_file():
+        lines += [findings.read_text().rstrip(), ""]
     lines += [
-        "",
-        "Run folders (config, metrics.jsonl, controller.jsonl, checkpoint, student, plots): "
-        + ", ".join(sorted({str(Path(r["run_dir"]).parent) for rs in results.values() for r in rs}))
+        "Run folders (config, metrics.jsonl, controller.jsonl, checkpoints, student, plots): "
+        + ", ".join(f"`{Path(args.runs) / s}`" for s in results)
         + ".",
     ]
     return "\n".join(lines) + "\n"
@@ -223,33 +357,12 @@ def _report(
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    base = config_from_args(args, base=("experiment",))
     t0 = time.perf_counter()
-    filled = demo_config(base)  # corpus, tokenizer and teacher: built once, cached
-    teacher_seconds = json.loads((Path(filled.teacher) / "demo_meta.json").read_text())["train_seconds"]
-    runs = Path(args.runs)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for method in args.methods:
-        for seed in args.seeds:
-            cfg = config_from_args(
-                argparse.Namespace(
-                    **{**vars(args), "method": method, "seed": seed, "out": str(runs / f"{method}-s{seed}")}
-                ),
-                base=("experiment",),
-            )
-            cfg = demo_config(cfg)  # this seed's demo student; teacher and corpus from the cache
-            summary_path = cfg.run_dir / "summary.json"
-            cfg_path = cfg.run_dir / "config.json"
-            done = summary_path.is_file() and cfg_path.is_file() and json.loads(cfg_path.read_text()) == cfg.to_dict()
-            summary = json.loads(summary_path.read_text()) if done else distill(cfg)
-            summary["run_dir"] = str(cfg.run_dir)
-            results.setdefault(method, []).append(summary)
+    results, models = _run_all(args, argv)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
-    plots = _plots(results, runs, report.parent / "figures")
-    text = _report(
-        results, {**base.to_dict(), "_teacher_seconds": teacher_seconds}, argv, time.perf_counter() - t0, plots, report
-    )
+    plots = _plots(results, report.parent / "figures", args.bootstrap)
+    text = _report(results, models, args, argv, time.perf_counter() - t0, plots, report)
     report.write_text(text)
     print(text)
     print(f"report: {report}")

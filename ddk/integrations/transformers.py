@@ -17,7 +17,7 @@ column, or a pre-tokenized ``input_ids`` column):
   ``batch_sampler`` in the main process (it already slices ranks, so accelerate does not shard the
   loader again).
 * ``DiscrepancyEstimator`` on the per-domain validation split (or on ``eval_dataset``),
-  ``FactorSmoother`` (mode from ``method``) and ``DDKController`` (interval K).
+  the method's weight schedule (``ddk.schedule.make_scheduler``) and ``DDKController`` (interval K).
 
 ``compute_loss`` returns ``causal_lm_kd_loss`` (``CE + gamma * D(p_T, p_S)``, fused with the
 ``lm_head`` by default, so no ``(B * L, V)`` logits exist) with one domain id per sequence, divided
@@ -69,7 +69,8 @@ from ddk.discrepancy.estimator import DiscrepancyEstimator
 from ddk.distributed import is_fsdp
 from ddk.losses.fused import causal_lm_kd_loss
 from ddk.sampling.mixture import MixtureSampler
-from ddk.schedule.smoother import SMOOTHER_INITS, FactorSmoother
+from ddk.schedule import ADAPTIVE_METHODS, METHODS, make_scheduler
+from ddk.schedule.smoother import SMOOTHER_INITS
 from ddk_kernels.types import DIVERGENCES
 
 __all__ = [
@@ -89,16 +90,7 @@ logger = logging.getLogger(__name__)
 DDK_STATE_NAME = "ddk_state.json"
 DDK_RNG_STATE_NAME = "ddk_rng_state.safetensors"  # one process; rank r of several: ddk_rng_state_<r>.safetensors
 DDK_LOG_NAME = "ddk_log.jsonl"
-METHODS: tuple[str, ...] = ("kd", "ddk", "ddk-no-smoothing", "ddk-online", "cpt")
 LOSSES: tuple[str, ...] = ("fused", "logits")
-_ADAPTIVE = ("ddk", "ddk-no-smoothing", "ddk-online")
-_SMOOTHER_MODE = {
-    "kd": "uniform",
-    "cpt": "uniform",
-    "ddk": "ddk",
-    "ddk-no-smoothing": "no_smoothing",
-    "ddk-online": "ddk",
-}
 _INDEX_KEY = "ddk_index"
 # Wrappers whose forward sets up gradient synchronisation or parameter gathering.
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -177,8 +169,9 @@ class DDKConfig(TrainingArguments):
         default="ddk",
         metadata={
             "help": "kd: uniform domain mixture; ddk: Eq. 1 + smoothed Eq. 2 updates; ddk-no-smoothing: softmax of the "
-            "ratios at every update; ddk-online: ddk estimated from the training batches; cpt: continued "
-            "pretraining (CE only, no teacher, uniform mixture).",
+            "ratios at every update; ddk-online: ddk estimated from the training batches; kd-doremi: KD with "
+            "DoReMi's exponentiated-gradient reweighting; cpt: continued pretraining (CE only, no teacher, uniform "
+            "mixture).",
             "choices": list(METHODS),
         },
     )
@@ -188,6 +181,12 @@ class DDKConfig(TrainingArguments):
             "help": "First interval's weights: discrepancy (Eq. 1, r_0 = softmax(ppl_S / ppl_T)) or uniform.",
             "choices": list(SMOOTHER_INITS),
         },
+    )
+    doremi_step_size: float = field(
+        default=1.0, metadata={"help": "kd-doremi: step size eta of the exponentiated-gradient update (DoReMi: 1.0)."}
+    )
+    doremi_smoothing: float = field(
+        default=1e-3, metadata={"help": "kd-doremi: weight c in [0, 1] of the uniform mixture mixed in (DoReMi: 1e-3)."}
     )
     loss: str = field(
         default="fused",
@@ -236,6 +235,14 @@ class DDKConfig(TrainingArguments):
             raise ValueError(f"{fn}: seq_len must be None or an int >= 2 (tokens per sequence); got {self.seq_len!r}.")
         if self.method not in METHODS:
             raise ValueError(f"{fn}: method must be one of {METHODS}; got {self.method!r}.")
+        if not (_is_number(self.doremi_step_size) and self.doremi_step_size > 0):
+            raise ValueError(
+                f"{fn}: doremi_step_size must be a number > 0 (DoReMi: 1.0); got {self.doremi_step_size!r}."
+            )
+        if not (_is_number(self.doremi_smoothing) and 0.0 <= self.doremi_smoothing <= 1.0):
+            raise ValueError(
+                f"{fn}: doremi_smoothing must be a number in [0, 1] (DoReMi: 1e-3); got {self.doremi_smoothing!r}."
+            )
         if self.ddk_init not in SMOOTHER_INITS:
             raise ValueError(f"{fn}: ddk_init must be one of {SMOOTHER_INITS}; got {self.ddk_init!r}.")
         if self.loss not in LOSSES:
@@ -450,7 +457,7 @@ class DDKTrainer(Trainer):
     text column kept beside it is the split key). The domain column may hold strings or any hashable values; domains are
     numbered in sorted name order. The trainer builds the packed domains, the ``MixtureSampler``,
     the ``DiscrepancyEstimator`` (per-domain validation split of ``args.val_samples`` sequences,
-    or ``eval_dataset`` ``{domain: Dataset}`` of the same columns), the ``FactorSmoother`` and the
+    or ``eval_dataset`` ``{domain: Dataset}`` of the same columns), the method's weight schedule and the
     ``DDKController``, and passes the per-domain validation sets to ``Trainer`` as its
     ``eval_dataset`` (``evaluate()`` reports ``eval_<domain>_loss``).
 
@@ -544,7 +551,7 @@ class DDKTrainer(Trainer):
         if teacher is not None and not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"{fn}: teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
         self._check_vocabularies(model, teacher, processing_class)
-        self.adaptive = self.method in _ADAPTIVE
+        self.adaptive = self.method in ADAPTIVE_METHODS
         defaults = DDKConfig.__dataclass_fields__
 
         def opt(name: str) -> Any:
@@ -754,8 +761,13 @@ class DDKTrainer(Trainer):
             domain_names=list(names),
         )
         estimator = DiscrepancyEstimator({n: validation[n] for n in names}, progress=not cfg.disable_tqdm)
-        smoother = FactorSmoother(
-            len(names), alpha=float(cfg.alpha), mode=_SMOOTHER_MODE[cfg.method], init=cfg.ddk_init
+        smoother = make_scheduler(
+            cfg.method,
+            len(names),
+            alpha=float(cfg.alpha),
+            init=cfg.ddk_init,
+            step_size=float(cfg.doremi_step_size),
+            smoothing=float(cfg.doremi_smoothing),
         )
         log_path = Path(cfg.output_dir) / DDK_LOG_NAME if cfg.output_dir is not None else None
         return DDKController(

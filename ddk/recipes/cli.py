@@ -108,9 +108,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_real(args: argparse.Namespace) -> int:
-    from ddk.recipes.demo import run_demo
+    from ddk.recipes.demo import compare_demo
 
-    run_demo(_recipe_config(args, base=("demo",)))
+    compare_demo(_recipe_config(args, base=("demo",)), preset="+".join(["demo", *args.config]))
     return 0
 
 
@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
             _cmd_distill,
             "distill --teacher into --student on --data: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online",
         ),
-        ("demo-real", _cmd_demo_real, "corpus + tokenizer + teacher + one DDK distillation (config preset 'demo')"),
+        (
+            "demo-real",
+            _cmd_demo_real,
+            "corpus + tokenizer + teacher + pretrained student, then KD and DDK side by side (preset 'demo')",
+        ),
     ):
         p = sub.add_parser(
             name,

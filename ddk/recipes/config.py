@@ -18,13 +18,14 @@ from typing import Any
 from ddk._io import json_fingerprint
 from ddk.distributed import DIST_BACKENDS
 from ddk.reliability import NONFINITE_POLICIES
+from ddk.schedule import METHODS
 from ddk.schedule.smoother import SMOOTHER_INITS
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "bf16", "fp32")
 LOSSES: tuple[str, ...] = ("fused", "logits")
 
-METHODS: tuple[str, ...] = ("cpt", "kd", "ddk", "ddk-no-smoothing", "ddk-online")
+STUDENT_STARTS: tuple[str, ...] = ("random", "uniform", "skewed")
 ALL_DOMAINS: tuple[str, ...] = ("dialogue", "docs", "encyclopedia", "german", "go", "math", "novels", "python")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -78,6 +79,11 @@ class RecipeConfig:
     student_layers: int = 2
     student_heads: int = 2
     student_intermediate: int = 172
+    student_seed: int = 0  # the demo student's initialisation (shared by every method and seed)
+    student_start: str = "uniform"  # demo student: "random" weights, or CE-pretrained on a "uniform"/"skewed" mixture
+    student_pretrain_steps: int = 300  # CE pretraining steps of the demo student (cached)
+    scarce_domains: tuple[str, ...] = ("german", "go", "math")  # "skewed" start: domains the student rarely saw
+    scarce_share: float = 0.1  # "skewed" start: a scarce domain's weight relative to the others'
     # --- distillation
     method: str = "ddk"
     steps: int = 400
@@ -94,6 +100,8 @@ class RecipeConfig:
         "discrepancy"  # first interval's weights: Eq. 1 r_0 ("discrepancy") or "uniform" (paper's pseudo-code)
     )
     interval: int = 50  # K, optimizer steps between DDK updates (and validation evaluations)
+    doremi_step_size: float = 1.0  # kd-doremi: eta of the exponentiated-gradient step (DoReMi: 1.0)
+    doremi_smoothing: float = 1e-3  # kd-doremi: c, the uniform mixture mixed in (DoReMi: 1e-3)
     backend: str = "auto"  # KD loss backend
     loss: str = "fused"  # "fused": lm_head + KD without (tokens, V) logits; "logits": both models' full logits
     dtype: str = "auto"  # "bf16" (autocast, fp32 master weights; the CUDA default) or "fp32" (the CPU default)
@@ -148,11 +156,7 @@ class RecipeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["domains"] = list(self.domains)
-        d["user_jsonl"] = list(self.user_jsonl)
-        d["data"] = list(self.data)
-        d["validation_data"] = list(self.validation_data)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # as JSON reads it back
 
     def hash_of(self, keys: typing.Iterable[str], extra: Any = None) -> str:
         """Short hash of the named fields (plus ``extra``): keys caches of derived artefacts."""
@@ -238,6 +242,20 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     for k in positive:
         if getattr(cfg, k) < 1:
             raise ValueError(f"{fn}: {k} must be >= 1; got {getattr(cfg, k)!r}.")
+    if cfg.student_start not in STUDENT_STARTS:
+        raise ValueError(f"{fn}: student_start must be one of {STUDENT_STARTS}; got {cfg.student_start!r}.")
+    if cfg.student_pretrain_steps < 0:
+        raise ValueError(f"{fn}: student_pretrain_steps must be >= 0; got {cfg.student_pretrain_steps!r}.")
+    if not 0.0 < cfg.scarce_share <= 1.0:
+        raise ValueError(
+            f"{fn}: scarce_share must be in (0, 1] (a scarce domain's weight relative to the others'); "
+            f"got {cfg.scarce_share!r}."
+        )
+    if not cfg.doremi_step_size > 0 or not 0.0 <= cfg.doremi_smoothing <= 1.0:
+        raise ValueError(
+            f"{fn}: doremi_step_size must be > 0 and doremi_smoothing in [0, 1]; got "
+            f"{cfg.doremi_step_size!r} and {cfg.doremi_smoothing!r}."
+        )
     for who in ("teacher", "student"):
         h, n = getattr(cfg, f"{who}_hidden"), getattr(cfg, f"{who}_heads")
         if h % n or (h // n) % 2:
@@ -369,6 +387,14 @@ _HELP: dict[str, str] = {
     "student_layers": "demo student: decoder layers",
     "student_heads": "demo student: attention heads",
     "student_intermediate": "demo student: MLP size",
+    "student_seed": "demo student: seed of its initialisation and pretraining (shared by every method and seed)",
+    "student_start": "demo student: random weights, or CE-pretrained on the uniform mixture or on a skewed one "
+    "(--scarce-domains seen at --scarce-share the rate of the others)",
+    "student_pretrain_steps": "demo student: CE pretraining steps before distillation (cached by config hash)",
+    "scarce_domains": "demo student, skewed start: the domains it rarely saw in pretraining",
+    "scarce_share": "demo student, skewed start: a scarce domain's sampling weight relative to the others'",
+    "doremi_step_size": "kd-doremi: step size eta of the exponentiated-gradient update (DoReMi: 1.0)",
+    "doremi_smoothing": "kd-doremi: weight c of the uniform mixture mixed into the weights (DoReMi: 1e-3)",
     "steps": "optimizer steps of the distillation (the token budget is steps * batch_size * seq_len)",
     "lr": "peak learning rate of AdamW",
     "warmup_steps": "linear warm-up steps before the cosine decay",
@@ -379,7 +405,7 @@ _HELP: dict[str, str] = {
     "alpha": "DDK smoothing: weights = alpha * psi / sum(psi) + (1 - alpha) / N (Eq. 2)",
     "ddk_init": "first interval's weights: discrepancy (Eq. 1) or uniform",
     "backend": "KD loss backend: auto, chunked, cpp, triton or reference (ddk backends lists them)",
-    "seed": "seed of the sampler (and of the demo student's initialisation)",
+    "seed": "seed of the run: the sampler's data order",
     "log_every": "write a metrics.jsonl record every this many steps",
     "threads": "torch threads (0: torch's default)",
     "progress": "progress bars",
@@ -416,7 +442,7 @@ _HELP: dict[str, str] = {
     "gradient_checkpointing": "recompute the student's activations in the backward pass (less memory)",
     "tokens": "token budget of the run; > 0 overrides steps (steps = ceil(tokens / (batch_size * seq_len)))",
     "method": "cpt (no teacher), kd (uniform mixture), ddk, ddk-no-smoothing (weights = Eq. 1 at each update), "
-    "ddk-online (discrepancy from training batches)",
+    "ddk-online (discrepancy from training batches), kd-doremi (KD with DoReMi's domain reweighting)",
     "interval": "K: optimizer steps between DDK mixture updates (and validation evaluations)",
     "gamma": "weight of the divergence in CE + gamma * KL(p_T || p_S)",
     "out": "run folder (default: runs/real/<method>-s<seed>)",
@@ -461,6 +487,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             )
         elif name == "method":
             parser.add_argument(flag, dest=name, choices=METHODS, default=argparse.SUPPRESS, help=help_)
+        elif name == "student_start":
+            parser.add_argument(flag, dest=name, choices=STUDENT_STARTS, default=argparse.SUPPRESS, help=help_)
         elif name == "device":
             parser.add_argument(flag, dest=name, choices=DEVICES, default=argparse.SUPPRESS, help=help_)
         elif name in ("loss", "dtype"):

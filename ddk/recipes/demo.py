@@ -9,9 +9,12 @@ Stages (each cached, keyed by the hash of what determines it):
 2. ``demo_teacher``: a ``LlamaForCausalLM`` initialised locally and pretrained (CE only, through
    ``ddk.causal_lm_kd_loss`` with no teacher) on a uniform mixture of the packed domains, saved
    with ``save_pretrained`` and the tokenizer.
-3. ``demo_student``: a smaller ``LlamaForCausalLM`` with random weights, saved likewise.
+3. ``demo_student``: a smaller ``LlamaForCausalLM``, CE-pretrained on a uniform or a skewed
+   mixture (``student_start``; or random weights), saved likewise: the paper's regime, a
+   pretrained student distilled from a stronger teacher.
 4. ``demo_config``: the config with ``teacher``, ``student``, ``tokenizer``, ``data`` and
-   ``validation_data`` filled in; ``run_demo`` distills with it.
+   ``validation_data`` filled in; ``run_demo`` distills with it, ``compare_demo`` (``make demo``)
+   distills the same student with KD and with DDK and prints both side by side.
 """
 
 from __future__ import annotations
@@ -35,7 +38,17 @@ from ddk.recipes.config import RecipeConfig
 from ddk.recipes.distill import distill, log, make_optimizer, run_folder_lock
 from ddk.sampling import MixtureSampler
 
-__all__ = ["demo_config", "demo_corpus", "demo_student", "demo_teacher", "llama_config", "run_demo"]
+__all__ = [
+    "DEMO_METHODS",
+    "compare_demo",
+    "demo_config",
+    "demo_corpus",
+    "demo_student",
+    "demo_teacher",
+    "llama_config",
+    "run_demo",
+    "student_mixture",
+]
 
 META = "demo_meta.json"
 _TEACHER_KEYS = (
@@ -173,48 +186,66 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
 
 
 def _pretrain_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any, work: Path) -> tuple[Any, list[float], float]:
-    """CE pretraining of the demo teacher: ``(teacher, loss per step, seconds)``.
-
-    Checkpoints (the format of ``ddk distill``'s) go to ``work`` every ``checkpoint_every`` steps
-    and when SIGTERM/SIGINT arrives (then ``Preempted`` is raised); a later call resumes from
-    the newest valid one, bit-identically.
-    """
+    """CE pretraining of the demo teacher on the uniform mixture: ``(teacher, loss per step, seconds)``."""
     from transformers import LlamaForCausalLM
 
+    torch.manual_seed(cfg.teacher_seed)
+    teacher = LlamaForCausalLM(llama_config(cfg, "teacher", len(tokenizer)))
+    config = {k: getattr(cfg, k) for k in _TEACHER_KEYS}
+    losses, seconds = _pretrain(
+        cfg, teacher, packed, work, what="teacher", steps=cfg.teacher_steps, seed=cfg.teacher_seed, config=config
+    )
+    return teacher, losses, seconds
+
+
+def _pretrain(
+    cfg: RecipeConfig,
+    model: Any,
+    packed: Any,
+    work: Path,
+    *,
+    what: str,
+    steps: int,
+    seed: int,
+    config: dict[str, Any],
+    weights: list[float] | None = None,
+) -> tuple[list[float], float]:
+    """CE pretraining of ``model`` on the packed demo corpus: ``(loss per step, seconds)``.
+
+    ``teacher_lr`` (warm-up + cosine), ``teacher_batch_size`` sequences a step, drawn with the
+    domain ``weights`` (None: uniform). Checkpoints (the format of ``ddk distill``'s) go to
+    ``work`` every ``checkpoint_every`` steps and when SIGTERM/SIGINT arrives (then
+    ``Preempted`` is raised); a later call resumes from the newest valid one, bit-identically.
+    """
     from ddk.data import DomainCollator
     from ddk.recipes import checkpoint as ckpt
     from ddk.recipes.preempt import Preempted, StopSignals
 
-    torch.manual_seed(cfg.teacher_seed)
-    teacher = LlamaForCausalLM(llama_config(cfg, "teacher", len(tokenizer)))
     data, collate = packed.train_dataset(), DomainCollator()
-    sampler = MixtureSampler(
-        packed.sizes, cfg.teacher_batch_size, seed=cfg.teacher_seed + 1000, domain_names=list(packed.names)
-    )
-    opt, sched = make_optimizer(
-        teacher, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps, cfg.teacher_steps, cfg.min_lr_ratio
-    )
-    config = {k: getattr(cfg, k) for k in _TEACHER_KEYS}
+    sampler = MixtureSampler(packed.sizes, cfg.teacher_batch_size, seed=seed + 1000, domain_names=list(packed.names))
+    if weights is not None:
+        sampler.set_weights(weights)
+    opt, sched = make_optimizer(model, cfg.teacher_lr, cfg.weight_decay, cfg.warmup_steps, steps, cfg.min_lr_ratio)
     losses: list[float] = []
     start, seconds = 0, 0.0
     work.mkdir(parents=True, exist_ok=True)
-    path, passed = ckpt.newest_valid_checkpoint(work, fn="teacher")
+    path, passed = ckpt.newest_valid_checkpoint(work, fn=what)
     for why in passed:
-        log(f"teacher: skipping a damaged checkpoint: {why}")
+        log(f"{what}: skipping a damaged checkpoint: {why}")
     if path is not None:
-        ck = ckpt.load_checkpoint(path, fn="teacher")
-        teacher.load_state_dict(ck["model"])
+        ck = ckpt.load_checkpoint(path, fn=what)
+        model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sampler.load_state_dict(ck["sampler"])
-        ckpt.set_rng_state(ck["rng"], fn="teacher")
+        ckpt.set_rng_state(ck["rng"], fn=what)
         start, losses, seconds = int(ck["step"]), list(ck["losses"]), float(ck["seconds"])
-        log(f"teacher: resumed from {path} at step {start}")
+        log(f"{what}: resumed from {path} at step {start}")
 
     def save(step: int, elapsed: float) -> Path:
         state = {
             "config": config,
-            "model": teacher.state_dict(),
+            "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "sampler": sampler.state_dict(),
@@ -225,22 +256,16 @@ def _pretrain_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any, work: Path
         return ckpt.save_checkpoint(work, step, state, keep=1)
 
     t0 = time.perf_counter() - seconds
-    teacher.train()
-    bar = tqdm(
-        range(start + 1, cfg.teacher_steps + 1),
-        desc="teacher",
-        initial=start,
-        total=cfg.teacher_steps,
-        disable=not cfg.progress,
-    )
-    with StopSignals("teacher") as stop:
+    model.train()
+    bar = tqdm(range(start + 1, steps + 1), desc=what, initial=start, total=steps, disable=not cfg.progress)
+    with StopSignals(what) as stop:
         for step in bar:
             batch = collate([data[int(i)] for i in sampler.next_global_batch()])
-            loss = causal_lm_kd_loss(teacher, None, {"input_ids": batch["input_ids"]}, gamma=0.0).loss
+            loss = causal_lm_kd_loss(model, None, {"input_ids": batch["input_ids"]}, gamma=0.0).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
@@ -252,26 +277,104 @@ def _pretrain_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any, work: Path
                     bar.close()
                     raise Preempted(stop.signame, step, str(written))
     bar.close()
-    return teacher, losses, time.perf_counter() - t0
+    return losses, time.perf_counter() - t0
 
 
-def demo_student(cfg: RecipeConfig, tokenizer: Any) -> Path:
-    """A randomly initialised demo student (seed ``cfg.seed``) saved with ``save_pretrained``; return its folder."""
+def student_mixture(cfg: RecipeConfig, names: list[str]) -> list[float] | None:
+    """The demo student's pretraining mixture: None (uniform) for ``student_start="uniform"``; for
+    ``"skewed"``, weight ``scarce_share`` for each of ``scarce_domains`` and 1 for the others
+    (normalised). An unknown scarce domain is an error naming the corpus's domains."""
+    if cfg.student_start != "skewed":
+        return None
+    unknown = sorted(set(cfg.scarce_domains) - set(names))
+    if unknown or not cfg.scarce_domains or set(cfg.scarce_domains) >= set(names):
+        raise ValueError(
+            f"demo_student: scarce_domains must be some, not all, of the corpus's domains {names}; got "
+            f"{list(cfg.scarce_domains)}" + (f" (unknown: {unknown})." if unknown else ".")
+        )
+    raw = [cfg.scarce_share if n in cfg.scarce_domains else 1.0 for n in names]
+    return [w / sum(raw) for w in raw]
+
+
+_STUDENT_KEYS = ("student_hidden", "student_layers", "student_heads", "student_intermediate", "seq_len", "student_seed")
+_STUDENT_PRETRAIN_KEYS = (
+    "student_start",
+    "student_pretrain_steps",
+    "teacher_lr",
+    "teacher_batch_size",
+    "weight_decay",
+    "grad_clip",
+    "warmup_steps",
+    "min_lr_ratio",
+)
+
+
+def demo_student(cfg: RecipeConfig, tokenizer: Any, packed: Any = None) -> Path:
+    """The demo student (seed ``student_seed``), saved with ``save_pretrained``; return its folder.
+
+    ``student_start="random"``: random weights. ``"uniform"`` / ``"skewed"``: CE-pretrained for
+    ``student_pretrain_steps`` on ``packed`` with the uniform mixture, or with ``scarce_domains``
+    drawn at ``scarce_share`` the rate of the others (``student_mixture``); the per-domain
+    validation CE after pretraining goes into ``demo_meta.json``. Cached by config hash.
+    """
     from transformers import LlamaForCausalLM
 
     from ddk.data import tokenizer_hash
 
-    keys = ("student_hidden", "student_layers", "student_heads", "student_intermediate", "seq_len", "seed")
-    folder = cfg.data_path / "students" / cfg.hash_of(keys, extra=tokenizer_hash(tokenizer))
-    if _cached_model(folder, "student") is None:
-        torch.manual_seed(cfg.seed)
-        _save_model(
-            LlamaForCausalLM(llama_config(cfg, "student", len(tokenizer))),
-            tokenizer,
-            folder,
-            {"config": {k: getattr(cfg, k) for k in keys}},
+    pretrained = cfg.student_start != "random" and cfg.student_pretrain_steps > 0
+    keys = _STUDENT_KEYS + (_STUDENT_PRETRAIN_KEYS if pretrained else ())
+    keys += ("scarce_domains", "scarce_share") if pretrained and cfg.student_start == "skewed" else ()
+    if pretrained and packed is None:
+        raise ValueError("demo_student: a pretrained student start needs the packed corpus; got packed=None.")
+    extra = [tokenizer_hash(tokenizer), packed.key if pretrained else None]
+    folder = cfg.data_path / "students" / cfg.hash_of(keys, extra=extra)
+    meta = _cached_model(folder, "student")
+    if meta is not None:
+        return folder
+    torch.manual_seed(cfg.student_seed)
+    student = LlamaForCausalLM(llama_config(cfg, "student", len(tokenizer)))
+    meta = {"config": {k: getattr(cfg, k) for k in keys}, "start": cfg.student_start if pretrained else "random"}
+    if pretrained:
+        weights = student_mixture(cfg, list(packed.names))
+        work = folder.with_name(folder.name + ".training")
+        losses, seconds = _pretrain(
+            cfg,
+            student,
+            packed,
+            work,
+            what=f"student ({cfg.student_start} start)",
+            steps=cfg.student_pretrain_steps,
+            seed=cfg.student_seed,
+            config=meta["config"],
+            weights=weights,
         )
+        meta.update(
+            mixture=dict(zip(packed.names, weights or [1.0 / len(packed.names)] * len(packed.names))),
+            loss_curve=losses[::10],
+            train_seconds=seconds,
+            validation_ce=_validation_ce(student, packed, cfg.eval_batch_size),
+        )
+        if cfg.progress:
+            ce = ", ".join(f"{n} {c:.2f}" for n, c in meta["validation_ce"].items())
+            log(f"student: pretrained ({cfg.student_start} mixture) in {seconds:.0f} s; validation CE: {ce}")
+    _save_model(student.eval(), tokenizer, folder, meta)
+    if pretrained:
+        shutil.rmtree(folder.with_name(folder.name + ".training"), ignore_errors=True)
     return folder
+
+
+def _validation_ce(model: Any, packed: Any, batch_size: int) -> dict[str, float]:
+    """Per-domain validation CE (nats/token) of ``model`` on ``packed``'s validation split, in this
+    process alone (no collective: under torchrun only rank 0 builds the demo caches)."""
+    from ddk.recipes.distill import validation_ce
+
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        for name, batches in packed.validation_batches(batch_size).items():
+            sums = [validation_ce(model, b) for b in batches]
+            out[name] = float(sum(c for c, _ in sums) / sum(float(n) for _, n in sums))
+    return out
 
 
 def demo_config(cfg: RecipeConfig) -> RecipeConfig:
@@ -300,7 +403,7 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
         with folder_lock(cfg.data_path / "teachers", "demo_config", "data_dir", wait=True):  # one trainer per cache
             teacher = demo_teacher(cfg, packed, tokenizer)
         with folder_lock(cfg.data_path / "students", "demo_config", "data_dir", wait=True):
-            student = demo_student(cfg, tokenizer)
+            student = demo_student(cfg, tokenizer, packed)
     return dataclasses.replace(
         cfg, teacher=str(teacher), student=str(student), tokenizer=str(tdir), data=train, validation_data=validation
     )
@@ -332,3 +435,100 @@ def run_demo(cfg: RecipeConfig) -> dict[str, Any]:
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+DEMO_METHODS: tuple[str, ...] = ("kd", "ddk")
+
+
+def compare_demo(cfg: RecipeConfig, methods: tuple[str, ...] = DEMO_METHODS, preset: str = "demo") -> dict[str, Any]:
+    """``make demo``: the same pretrained demo student distilled with each of ``methods`` (KD and DDK).
+
+    Each method runs into ``<out>/<method>/`` at the same token budget and data seed; then the
+    per-domain tables, the difference ``DDK - KD`` per domain (negative: DDK ends closer to the
+    teacher), and ``compare.png`` (final gaps side by side) and DDK's weight plot are written
+    to ``<out>/`` and printed. ``preset`` is only named in the output. Under ``torchrun`` every
+    rank runs it, like ``distill``.
+
+    Returns:
+        ``{"preset", "methods": {method: summary}, "difference": {...} | None, "seconds": {...}}``.
+    """
+    from ddk.recipes.plotting import plot_domain_bars
+    from ddk.recipes.report import format_table
+
+    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
+    try:
+        root = cfg.run_dir
+        t0 = time.perf_counter()
+        filled = demo_config(cfg)
+        t_prep = time.perf_counter() - t0
+        summaries: dict[str, dict[str, Any]] = {}
+        for method in methods:
+            run_cfg = dataclasses.replace(filled, method=method, out=str(root / method))
+            with run_folder_lock(run_cfg):
+                if broadcast_object((run_cfg.run_dir / "summary.json").is_file()):
+                    run_cfg = dataclasses.replace(run_cfg, resume=False)  # a finished run is redone
+                summaries[method] = distill(run_cfg)
+        result: dict[str, Any] = {"preset": preset, "methods": summaries, "difference": None}
+        result["seconds"] = {"prepare": t_prep, "total": time.perf_counter() - t0}
+        if rank_world()[0] != 0:
+            return result
+        names = summaries[methods[0]]["domains"]
+        lines = [
+            "",
+            f"== demo (preset {preset!r}): {' vs '.join(m.upper() for m in methods)} from the same student ==",
+            _models_line(filled, summaries[methods[0]]),
+            format_table(list(summaries.values())),
+        ]
+        if {"kd", "ddk"} <= set(summaries):
+            kd, ddk = summaries["kd"], summaries["ddk"]
+            diff = [a - b for a, b in zip(ddk["gap"], kd["gap"])]
+            result["difference"] = {
+                "gap": diff,
+                "mean_gap": ddk["mean_gap"] - kd["mean_gap"],
+                "worst_gap": ddk["worst_gap"] - kd["worst_gap"],
+            }
+            w = max(10, max(len(n) for n in names) + 2)
+            lines.append(
+                f"{'DDK - KD':<18}"
+                + "".join(f"{d:>{w}.4f}" for d in diff)
+                + f"{result['difference']['mean_gap']:>9.4f}{result['difference']['worst_gap']:>9.4f}"
+            )
+            lines.append(
+                "(gap = student CE - teacher CE on each domain's validation set, nats/token; "
+                "DDK - KD < 0: DDK ends closer to the teacher. One seed: differences below ~0.02 are within noise.)"
+            )
+        plot = plot_domain_bars(
+            {m: s["gap"] for m, s in summaries.items()},
+            names,
+            root / "compare.png",
+            title=f"Per-domain gap to the teacher after distillation (preset {preset!r})",
+        )
+        lines += [f"plot: {plot}"] + [f"plot: {p}" for s in summaries.values() for p in s.get("plots", [])]
+        lines.append(
+            f"times: corpus + tokenizer + teacher + student {t_prep:.0f} s, "
+            + ", ".join(f"{m} {s['wall_seconds']:.0f} s" for m, s in summaries.items())
+            + f", total {time.perf_counter() - t0:.0f} s"
+        )
+        lines.append(f"run folders: {', '.join(str(root / m) for m in methods)}")
+        text = "\n".join(lines)
+        print(text)
+        atomic_write_text(root / "comparison.txt", text + "\n")
+        atomic_write_text(root / "comparison.json", json.dumps(result, indent=2))
+        return result
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _models_line(cfg: RecipeConfig, summary: dict[str, Any]) -> str:
+    start = (
+        "random weights"
+        if cfg.student_start == "random" or cfg.student_pretrain_steps == 0
+        else f"CE-pretrained {cfg.student_pretrain_steps} steps on the {cfg.student_start} mixture"
+        + (f" ({', '.join(cfg.scarce_domains)} at {cfg.scarce_share:g}x)" if cfg.student_start == "skewed" else "")
+    )
+    return (
+        f"teacher {summary['teacher_params']:,} parameters ({cfg.teacher_layers} layers, hidden {cfg.teacher_hidden}, "
+        f"{cfg.teacher_steps} steps); student {summary['student_params']:,} parameters ({cfg.student_layers} layers, "
+        f"hidden {cfg.student_hidden}; {start}); {summary['tokens']:,} tokens per method, seed {cfg.seed}"
+    )

@@ -1,7 +1,7 @@
 """``ddk distill``: distill the user's teacher into the user's student on a domain-labelled corpus.
 
 One run: load the models and the tokenizer (``models``), pack the records per domain (``data``),
-build the DDK components (``MixtureSampler``, ``DiscrepancyEstimator``, ``FactorSmoother``,
+build the DDK components (``MixtureSampler``, ``DiscrepancyEstimator``, the method's weight schedule,
 ``DDKController``), then train with AdamW and warm-up + cosine; every step's loss is
 ``ddk.causal_lm_kd_loss`` (the fused ``lm_head`` loss unless ``loss=logits``), the same
 batch-to-loss code ``DDKTrainer`` uses. Methods, at an equal token budget:
@@ -11,7 +11,9 @@ batch-to-loss code ``DDKTrainer`` uses. Methods, at an equal token budget:
 * ``ddk``: KD with DDK's mixture (Eq. 1, Eq. 2 every ``interval`` steps);
 * ``ddk-no-smoothing``: the weights are ``softmax(ratio)`` at each update;
 * ``ddk-online``: the discrepancy from the training batches' per-domain CE (the teacher's side
-  is its validation CE), instead of validation passes.
+  is its validation CE), instead of validation passes;
+* ``kd-doremi``: KD with DoReMi's reweighting (``ddk.DoReMiScheduler``: an exponentiated-gradient
+  step on the student's excess CE over the teacher every ``interval`` steps, uniform start).
 
 The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>/``
 (student, optimizer, LR schedule, RNG states, controller: safetensors + JSON + a SHA-256
@@ -71,17 +73,10 @@ from ddk.recipes.parallel import device_for, full_student_state, global_sums, lo
 from ddk.recipes.preempt import Preempted, StopSignals
 from ddk.reliability import NonFiniteGuard, grad_norm
 from ddk.sampling import MixtureSampler
-from ddk.schedule import FactorSmoother
+from ddk.schedule import make_scheduler
 
 __all__ = ["DistillStep", "Preempted", "config_digest", "distill", "evaluate", "make_optimizer"]
 
-SMOOTHER_MODE = {
-    "cpt": "uniform",
-    "kd": "uniform",
-    "ddk": "ddk",
-    "ddk-no-smoothing": "no_smoothing",
-    "ddk-online": "ddk",
-}
 # options that may change between a checkpoint and its resume
 RESUME_IGNORED = (
     "resume",
@@ -401,7 +396,14 @@ class _Run:
             self.estimator.compute_teacher(self.teacher)
         else:  # cpt without a teacher: the logged "teacher" CE is the student's own at the start
             self.estimator.teacher_ce = self.estimator.estimate(self.step_mod).student_ce
-        smoother = FactorSmoother(d, alpha=cfg.alpha, mode=SMOOTHER_MODE[cfg.method], init=cfg.ddk_init)
+        smoother = make_scheduler(
+            cfg.method,
+            d,
+            alpha=cfg.alpha,
+            init=cfg.ddk_init,
+            step_size=cfg.doremi_step_size,
+            smoothing=cfg.doremi_smoothing,
+        )
         self.guard = NonFiniteGuard(
             cfg.on_nonfinite,
             domain_names=self.names,

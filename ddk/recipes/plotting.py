@@ -138,3 +138,43 @@ def plot_gaps(
             ys = s
         ax.plot(steps, ys, label=name, marker="o", markersize=3)
     return _save(fig, ax, out_png)
+
+
+def plot_domain_bars(
+    values: Mapping[str, Iterable[float]],
+    domain_names: Iterable[str],
+    out_png: str | os.PathLike[str],
+    *,
+    ylabel: str = "CE_S - CE_T (nats/token)",
+    title: str = "Per-domain gap to the teacher at the end of distillation",
+    errors: Mapping[str, Iterable[float]] | None = None,
+) -> Path:
+    """Grouped bars: one group per domain, one bar per method (e.g. the final per-domain gap).
+
+    Args:
+        values: ``{method: one value per domain}``.
+        domain_names: the domains, in the order of the values.
+        out_png: output image path (parent folders are created).
+        ylabel, title: axis label and figure title.
+        errors: optional ``{method: half-width per domain}`` drawn as error bars.
+
+    Returns:
+        The path written.
+    """
+    names = list(domain_names)
+    rows = {m: list(v) for m, v in values.items()}
+    bad = [m for m, v in rows.items() if len(v) != len(names)]
+    if not rows or bad:
+        raise ValueError(
+            f"plot_domain_bars: values must hold one value per domain ({len(names)}) for each method; got {bad or 'none'}."
+        )
+    fig, ax = _figure(title, "", ylabel)
+    fig.set_size_inches(max(8.0, 1.1 * len(names) + 2), 4.5)
+    width = 0.8 / len(rows)
+    for k, (m, v) in enumerate(rows.items()):
+        err = list(errors[m]) if errors is not None and m in errors else None
+        ax.bar([i + k * width for i in range(len(names))], v, width, yerr=err, capsize=2 if err else 0, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    return _save(fig, ax, out_png)

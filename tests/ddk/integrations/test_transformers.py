@@ -349,7 +349,7 @@ def test_ddktrainer_one_call_evaluates_per_domain_and_accepts_eval_dataset(tmp_p
     assert {"eval_code_loss", "eval_math_loss", "eval_prose_loss"} <= set(metrics)
 
 
-@pytest.mark.parametrize("method", ["kd", "ddk-no-smoothing", "ddk-online"])
+@pytest.mark.parametrize("method", ["kd", "ddk-no-smoothing", "ddk-online", "kd-doremi"])
 def test_ddktrainer_one_call_methods_train(tmp_path, tok, method):
     tr = DDKTrainer(
         model=make_model("llama", len(tok), seed=2),
@@ -361,10 +361,17 @@ def test_ddktrainer_one_call_methods_train(tmp_path, tok, method):
     tr.train()
     assert not tr.teacher.training and all(not p.requires_grad and p.grad is None for p in tr.teacher.parameters())
     assert tr.controller.num_updates == (0 if method == "kd" else 2)
-    assert (
-        tr.controller.smoother.mode
-        == {"kd": "uniform", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}[method]
-    )
+    if method == "kd-doremi":
+        from ddk.schedule import DoReMiScheduler
+
+        assert isinstance(tr.controller.smoother, DoReMiScheduler)
+        assert tr.controller.records[0]["weights"] == pytest.approx([1 / 3] * 3)
+        assert tr.controller.records[-1]["weights"] != pytest.approx([1 / 3] * 3)
+    else:
+        assert (
+            tr.controller.smoother.mode
+            == {"kd": "uniform", "ddk-no-smoothing": "no_smoothing", "ddk-online": "ddk"}[method]
+        )
     assert tr.controller.online == (method == "ddk-online")
 
 

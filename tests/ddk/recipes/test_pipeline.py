@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -101,6 +102,16 @@ def test_distill_all_methods_equal_budget_and_crash_resume(
     assert summaries["kd"]["final_weights"] == pytest.approx([1 / 3] * 3)
     assert summaries["ddk"]["final_weights"] != pytest.approx([1 / 3] * 3)
     assert summaries["cpt"]["teacher_ce"] == summaries["kd"]["teacher_ce"]  # cpt measures the gap to the same teacher
+    # kd-doremi: uniform start, then DoReMi's step on each logged ratio (float64 oracle)
+    recs = [
+        json.loads(line) for line in (tmp_path / "runs" / "kd-doremi" / "controller.jsonl").read_text().splitlines()
+    ]
+    assert [r["event"] for r in recs] == ["init", "update", "update"]
+    assert recs[0]["weights"] == pytest.approx([1 / 3] * 3, rel=1e-15)
+    for prev, rec in zip(recs, recs[1:]):
+        a = np.array(prev["weights"]) * np.exp(np.maximum(np.log(rec["ratio"]), 0.0))
+        np.testing.assert_allclose(rec["weights"], 0.999 * a / a.sum() + 1e-3 / 3, rtol=1e-12)
+    assert summaries["kd-doremi"]["final_weights"] == pytest.approx(recs[-1]["weights"])
     assert "mean" in capsys.readouterr().out
 
     # crash after the step-3 checkpoint, then resume: the same result as the uninterrupted run
@@ -154,8 +165,8 @@ def test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical(tmp_pa
     from ddk.recipes.preempt import Preempted
 
     _, _, corpus = own_models(tmp_path)
-    ref = demo.demo_config(demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "ref")))
-    cfg = demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "cut"))
+    ref = demo.demo_config(demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "ref"), student_start="random"))
+    cfg = demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "cut"), student_start="random")  # count teacher steps only
     calls = {"n": 0}
     orig = demo.causal_lm_kd_loss
 
