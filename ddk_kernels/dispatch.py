@@ -7,7 +7,10 @@
   ``forward`` / ``backward`` launchers);
 * ``"fused_linear_kd"`` (``lm_head`` + KD loss without ``(N, V)`` logits, used by
   ``ddk.fused_linear_kd_loss``): ``fused_linear_kd(student_hidden, student_weight, labels,
-  teacher, params, *, student_bias, options) -> (loss, ce, kd)``.
+  teacher, params, *, student_bias, options) -> (loss, ce, kd)``;
+* ``"sparse_kd"`` / ``"fused_linear_sparse_kd"`` (the sparse loss against a cached top-k
+  teacher, on logits or fused with the ``lm_head``, used by ``ddk.sparse_kd_loss`` and
+  ``ddk.fused_linear_sparse_kd_loss``; see ``ddk_kernels.sparse``).
 
 :func:`resolve` picks one: ``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for
 the device type that the op has and that runs there. The ``DDK_BACKEND`` environment variable,
@@ -52,7 +55,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-Op = Literal["kd_rows", "fused_linear_kd"]
+Op = Literal["kd_rows", "fused_linear_kd", "sparse_kd", "fused_linear_sparse_kd"]
 FusedKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
@@ -86,9 +89,22 @@ TABLE: dict[Op, dict[str, BackendEntry]] = {
         "reference": BackendEntry("ddk_kernels.reference", "ddk_kernels.reference:fused_linear_kd_reference"),
         "chunked": BackendEntry("ddk_kernels.fused_chunked", "ddk_kernels.fused_chunked:fused_linear_kd"),
     },
+    "sparse_kd": {
+        "reference": BackendEntry("ddk_kernels.reference", "ddk_kernels.reference:sparse_kd_reference"),
+        "chunked": BackendEntry("ddk_kernels.sparse", "ddk_kernels.sparse:sparse_kd"),
+    },
+    "fused_linear_sparse_kd": {
+        "reference": BackendEntry("ddk_kernels.reference", "ddk_kernels.reference:fused_linear_sparse_kd_reference"),
+        "chunked": BackendEntry("ddk_kernels.sparse", "ddk_kernels.sparse:fused_linear_sparse_kd"),
+    },
 }
 #: the public function of each op, named in error messages.
-OPS: dict[Op, str] = {"kd_rows": "kd_loss", "fused_linear_kd": "fused_linear_kd_loss"}
+OPS: dict[Op, str] = {
+    "kd_rows": "kd_loss",
+    "fused_linear_kd": "fused_linear_kd_loss",
+    "sparse_kd": "sparse_kd_loss",
+    "fused_linear_sparse_kd": "fused_linear_sparse_kd_loss",
+}
 #: every backend name of any op.
 BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(name for entries in TABLE.values() for name in entries))
 #: fastest first, per device type; an op skips the backends it does not have. On CUDA Triton and
@@ -154,7 +170,9 @@ def resolve_backend(backend: str, device: torch.device | str, op: Op = "kd_rows"
 @overload
 def resolve(op: Literal["kd_rows"], backend: str, device: torch.device | str) -> RowKernels: ...
 @overload
-def resolve(op: Literal["fused_linear_kd"], backend: str, device: torch.device | str) -> FusedKernel: ...
+def resolve(
+    op: Literal["fused_linear_kd", "sparse_kd", "fused_linear_sparse_kd"], backend: str, device: torch.device | str
+) -> FusedKernel: ...
 def resolve(op: Op, backend: str, device: torch.device | str) -> Any:
     """The implementation of ``op`` by ``backend`` (``"auto"`` allowed) for ``device``; raises as
     the module docstring says when it cannot run."""

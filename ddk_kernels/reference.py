@@ -27,6 +27,7 @@ from ddk_kernels.types import (
     KDLossOutput,
     KDLossParams,
     RowKernels,
+    SparseTeacher,
     TeacherInputs,
     acc_dtype,
 )
@@ -41,6 +42,8 @@ __all__ = [
     "kd_logits_grad_reference",
     "kd_loss_reference",
     "kd_row_losses_reference",
+    "fused_linear_sparse_kd_reference",
+    "sparse_kd_reference",
 ]
 
 
@@ -275,3 +278,55 @@ def fused_linear_kd_reference(
     ce, kd = kd_row_losses_reference(zs, zt, labels, params.config, acc_dtype(student_hidden.dtype))
     norm = denominator(params, (labels != params.config.ignore_index).sum(), ce.dtype)
     return combine(ce.sum(), kd.sum(), norm, params), ce.detach(), kd.detach()
+
+
+def sparse_kd_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: SparseTeacher,
+    params: KDLossParams,
+    *,
+    workspace_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Oracle of the sparse op (see ``ddk_kernels.sparse``): the full ``log_softmax(z / T)``, the
+    student's buckets gathered from it (its tail by a log-sum-exp over the complement of the
+    ids), ``divergence_reference`` of the buckets, autograd for the gradient.
+
+    Returns:
+        ``(loss, ce (N,), kd (N,))`` in float32 (float64 for float64 logits).
+    """
+    from ddk_kernels.sparse import teacher_buckets
+
+    cfg = params.config
+    dtype = acc_dtype(logits.dtype)
+    z = logits.to(dtype)
+    valid = labels != cfg.ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    ce = torch.where(valid, F.cross_entropy(z, safe, reduction="none"), torch.zeros(z.shape[0], dtype=dtype))
+    log_q_full = F.log_softmax(z / cfg.temperature, dim=-1)
+    ids = teacher.ids.long()
+    in_top = torch.zeros_like(log_q_full, dtype=torch.bool).scatter(1, ids, True)
+    log_tail = torch.logsumexp(log_q_full.masked_fill(in_top, float("-inf")), dim=-1)
+    log_q = torch.cat([log_q_full.gather(1, ids), log_tail.unsqueeze(1)], dim=1).double()
+    kd = divergence_reference(log_q, teacher_buckets(teacher, cfg), cfg.divergence, cfg.beta).to(dtype)
+    kd = torch.where(valid, kd, torch.zeros_like(kd))
+    norm = denominator(params, valid.sum(), dtype)
+    return combine(ce.sum(), kd.sum(), norm, params), ce, kd
+
+
+def fused_linear_sparse_kd_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: SparseTeacher,
+    params: KDLossParams,
+    *,
+    bias: torch.Tensor | None = None,
+    workspace_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Oracle of the fused sparse op: materialise ``hidden @ weight.T (+ bias)``, then :func:`sparse_kd_reference`."""
+    dtype = acc_dtype(hidden.dtype)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return sparse_kd_reference(logits, labels, teacher, params)

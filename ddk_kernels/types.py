@@ -7,6 +7,7 @@ to the launchers and autograd Functions (parameters travel as objects):
 * :class:`KDLossParams`: the whole loss (a ``KDConfig`` plus gamma, ``T**2`` scaling and the
   normaliser), turned into a scalar by ``ddk_kernels.reduce``;
 * :class:`TeacherInputs`: the teacher side of the fused ``lm_head`` op;
+* :class:`SparseTeacher`: a cached top-k teacher (ids, log-probabilities, tail mass);
 * :class:`RowKernels`: what a backend of the per-row op provides.
 
 Examples:
@@ -110,6 +111,23 @@ class TeacherInputs:
             return None if t is None else t.detach()
 
         return TeacherInputs(d(self.hidden), d(self.weight), d(self.logits))
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A cached top-k teacher for the sparse KD loss (``ddk_kernels.sparse``).
+
+    Attributes:
+        ids: ``(N, k)`` int32/int64 token ids of the teacher's k most likely tokens per row, distinct
+            within a row, in ``[0, V)``.
+        logprobs: ``(N, k)`` float16/float32/float64 teacher log-probabilities of those ids at the
+            temperature T of the divergence.
+        tail: ``(N,)`` teacher probability mass outside ``ids``, or None for ``1 - sum(exp(logprobs))``.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
