@@ -12,6 +12,8 @@ Composable pieces for any training loop:
 * :func:`kd_loss` — ``CE + gamma * KL(p_T || p_S)`` with per-domain sums, on fast backends.
 * :func:`fused_linear_kd_loss` — the same loss from hidden states and ``lm_head`` weights, tiled
   over the vocabulary so no ``(N, V)`` logits are ever allocated.
+* :func:`sparse_kd_loss`, :func:`fused_linear_sparse_kd_loss` — the loss against a cached
+  top-k teacher (``ddk teacher-cache``): k ids plus one tail bucket, no teacher model needed.
 * :func:`causal_lm_kd_loss` — the fused loss of a transformers causal-LM pair on a batch
   (shifted inside; domain ids per sequence or per token).
 * :class:`NonFiniteGuard` — NaN/inf loss or gradients: raise naming the step and the domains, or
@@ -26,7 +28,16 @@ The demo corpus builder, the demo teacher, the recipes and the ``ddk`` command l
 from ddk import data
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
-from ddk.losses import FusedLinearKDLoss, KDLoss, KDLossOutput, causal_lm_kd_loss, fused_linear_kd_loss, kd_loss
+from ddk.losses import (
+    FusedLinearKDLoss,
+    KDLoss,
+    KDLossOutput,
+    causal_lm_kd_loss,
+    fused_linear_kd_loss,
+    fused_linear_sparse_kd_loss,
+    kd_loss,
+    sparse_kd_loss,
+)
 from ddk.partition import DomainPartitioner, DomainSplits
 from ddk.reliability import NonFiniteError, NonFiniteGuard
 from ddk.sampling import MixtureSampler
@@ -52,6 +63,8 @@ __all__ = [
     "causal_lm_kd_loss",
     "data",
     "fused_linear_kd_loss",
+    "fused_linear_sparse_kd_loss",
     "kd_loss",
+    "sparse_kd_loss",
     "__version__",
 ]

@@ -308,7 +308,7 @@ def sparse_kd_reference(
     in_top = torch.zeros_like(log_q_full, dtype=torch.bool).scatter(1, ids, True)
     log_tail = torch.logsumexp(log_q_full.masked_fill(in_top, float("-inf")), dim=-1)
     log_q = torch.cat([log_q_full.gather(1, ids), log_tail.unsqueeze(1)], dim=1).double()
-    kd = divergence_reference(log_q, teacher_buckets(teacher, cfg), cfg.divergence, cfg.beta).to(dtype)
+    kd = divergence_reference(log_q, teacher_buckets(teacher, cfg, z.shape[1]), cfg.divergence, cfg.beta).to(dtype)
     kd = torch.where(valid, kd, torch.zeros_like(kd))
     norm = denominator(params, valid.sum(), dtype)
     return combine(ce.sum(), kd.sum(), norm, params), ce, kd

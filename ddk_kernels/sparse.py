@@ -53,15 +53,18 @@ def is_available(device: torch.device | str) -> tuple[bool, str]:
     return True, ""
 
 
-def teacher_buckets(teacher: SparseTeacher, config: KDConfig) -> torch.Tensor:
+def teacher_buckets(teacher: SparseTeacher, config: KDConfig, vocab: int) -> torch.Tensor:
     """``(N, k + 1)`` float64 teacher bucket log-probabilities ``[log p_I, log t]``.
 
-    The tail is ``teacher.tail`` (or ``1 - sum exp(log p_I)``), clamped to ``[0, 1]``; floored at
-    ``REVERSE_TAIL_FLOOR`` when the divergence is reverse KL.
+    The tail is ``teacher.tail`` (or ``1 - sum exp(log p_I)``), clamped to ``[0, 1]``, and exactly
+    0 when ``k = vocab`` (no token lies outside the ids, whatever the stored rounding says);
+    floored at ``REVERSE_TAIL_FLOOR`` when the divergence is reverse KL.
     """
     logp = teacher.logprobs.double()
     tail = teacher.tail.double() if teacher.tail is not None else 1.0 - logp.exp().sum(-1)
     tail = tail.clamp(0.0, 1.0)
+    if logp.shape[-1] >= vocab:
+        tail = torch.zeros_like(tail)
     if config.effective_divergence == "reverse_kl":
         tail = tail.clamp_min(REVERSE_TAIL_FLOOR)
     return torch.cat([logp, tail.log().unsqueeze(-1)], dim=-1)
@@ -168,7 +171,7 @@ class SparseKDFunction(torch.autograd.Function):
         valid = labels != cfg.ignore_index
         norm = denominator(params, valid.sum(), acc)
         w_ce, w_kd = gradient_weights(norm, params)
-        log_p = teacher_buckets(teacher, cfg)
+        log_p = teacher_buckets(teacher, cfg, vocab)
         ids = teacher.ids.long()
         need = logits.requires_grad
         ce, kd = torch.zeros(n, dtype=acc, device=logits.device), torch.zeros(n, dtype=acc, device=logits.device)
@@ -210,7 +213,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
         valid = labels != cfg.ignore_index
         norm = denominator(params, valid.sum(), acc)
         w_ce, w_kd = gradient_weights(norm, params)
-        log_p = teacher_buckets(teacher, cfg)
+        log_p = teacher_buckets(teacher, cfg, vocab)
         ids = teacher.ids.long()
         need = hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         ce, kd = torch.zeros(n, dtype=acc, device=hidden.device), torch.zeros(n, dtype=acc, device=hidden.device)

@@ -1,9 +1,11 @@
 """Public KD losses of DDK: on logits (``kd_loss``), fused with the ``lm_head``
 (``fused_linear_kd_loss``, never materialising ``(N, V)`` logits) and on a transformers
-causal-LM pair (``causal_lm_kd_loss``); all share one batch convention (``flatten_for_loss``)."""
+causal-LM pair (``causal_lm_kd_loss``); against a cached top-k teacher (``sparse_kd_loss``,
+``fused_linear_sparse_kd_loss``); all share one batch convention (``flatten_for_loss``)."""
 
 from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss
 from ddk.losses.kd import KDLoss, flatten_for_loss, kd_loss
+from ddk.losses.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
 from ddk_kernels.types import KDLossOutput
 
 __all__ = [
@@ -13,5 +15,7 @@ __all__ = [
     "causal_lm_kd_loss",
     "flatten_for_loss",
     "fused_linear_kd_loss",
+    "fused_linear_sparse_kd_loss",
     "kd_loss",
+    "sparse_kd_loss",
 ]
