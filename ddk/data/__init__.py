@@ -6,6 +6,8 @@
   fixed-length sequences *within* each domain, cache them memory-mapped under a content hash.
 * :class:`DomainSequenceDataset` / :class:`DomainCollator` — the packed sequences with their
   ``domain_id`` for a ``DataLoader`` driven by :class:`ddk.MixtureSampler`.
+* :func:`build_teacher_cache` / :class:`TeacherCache` — an offline teacher: its top-k
+  log-probabilities over the packed data, per domain, memory-mapped and resumable.
 
 ``datasets`` and ``transformers`` are imported only when used. (The demo corpus builder, which
 downloads Debian and PyPI packages, is part of the application: ``ddk.recipes.corpus``.)
@@ -22,6 +24,10 @@ _EXPORTS = {
     "PackedDomains": "ddk.data.packing",
     "pack_domains": "ddk.data.packing",
     "tokenizer_hash": "ddk.data.packing",
+    "TeacherCache": "ddk.data.teacher_cache",
+    "TeacherCacheCollator": "ddk.data.teacher_cache",
+    "TeacherCacheDataset": "ddk.data.teacher_cache",
+    "build_teacher_cache": "ddk.data.teacher_cache",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,439 @@
+"""An offline teacher: top-k teacher log-probabilities of packed per-domain data, memory-mapped.
+
+``build_teacher_cache(teacher, packed, out, top_k=K)`` runs the teacher once over the packed
+training and validation sequences and writes, per split and domain, one shard folder::
+
+    <out>/manifest.json                      written last: the cache is complete
+    <out>/plan.json                          what is being built (checked when a build resumes)
+    <out>/shards/<split>-<i>/input_ids.npy   (n, L) int32: the token ids (the cache is self-contained)
+    <out>/shards/<split>-<i>/topk_ids.npy    (n, L, k) int32: the teacher's k most likely next tokens
+    <out>/shards/<split>-<i>/topk_logprobs.npy  (n, L, k) float16: their log-probabilities at T
+    <out>/shards/<split>-<i>/tail.npy        (n, L) float32: the teacher's mass outside them, at T
+    <out>/shards/<split>-<i>/label_logprob.npy  (n, L) float32: log p_T(next token) at T = 1
+    <out>/shards/<split>-<i>/shard.json      shapes and SHA-256 of the files above (written last)
+
+Position ``j`` holds the teacher's distribution of token ``j + 1`` (the last position's
+``label_logprob`` is NaN: it has no next token), aligned with the student's hidden states as
+``ddk.fused_linear_sparse_kd_loss(..., shift=True)`` expects. The teacher's vocabulary is cut to
+``vocab_size`` (the student's) before the softmax, as the online loss slices a padded teacher.
+
+A shard is written into a temporary folder and renamed, so a killed build loses at most the shard
+it was writing; running the build again skips the finished shards (their digests checked). Under
+``torch.distributed`` the shards are dealt round-robin to the ranks; rank 0 writes the manifest.
+
+``TeacherCache(out)`` opens a complete cache (``check`` compares it with a run's tokenizer,
+vocabulary, k and temperature and names any mismatch); it offers the interface of
+``ddk.data.PackedDomains`` (``names``, ``sizes``, ``train_dataset``, ``validation_batches``)
+plus the teacher's exact per-domain validation CE (``teacher_ce``), so a run needs no teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddk._io import atomic_write_text, file_sha256, json_fingerprint
+
+__all__ = ["TeacherCache", "TeacherCacheCollator", "TeacherCacheDataset", "build_teacher_cache"]
+
+FORMAT = "ddk.teacher_cache"
+VERSION = 1
+SPLITS = ("train", "validation")
+_FILES = {
+    "input_ids": ("<i4", 2),
+    "topk_ids": ("<i4", 3),
+    "topk_logprobs": ("<f2", 3),
+    "tail": ("<f4", 2),
+    "label_logprob": ("<f4", 2),
+}
+
+
+def _model_fingerprint(teacher: Any) -> tuple[str, str]:
+    """``(name, config hash)`` of a transformers model (name: its ``name_or_path``)."""
+    config = getattr(teacher, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or type(teacher).__name__)
+    to_dict = getattr(config, "to_dict", None)
+    blob = to_dict() if callable(to_dict) else {"class": type(teacher).__name__}
+    return name, json_fingerprint({k: v for k, v in blob.items() if not k.startswith("_")})
+
+
+def _teacher_topk(
+    teacher: Any, input_ids: torch.Tensor, vocab: int, k: int, temperature: float
+) -> dict[str, torch.Tensor]:
+    """The cached quantities of one batch ``(b, L)`` (on the teacher's device)."""
+    logits = teacher(input_ids=input_ids).logits[..., :vocab].float()
+    logp_t = torch.log_softmax(logits / temperature, dim=-1) if temperature != 1.0 else None
+    logp_1 = torch.log_softmax(logits, dim=-1)
+    top = (logp_t if logp_t is not None else logp_1).topk(k, dim=-1)
+    tail = (1.0 - top.values.double().exp().sum(-1)).clamp(0.0, 1.0).float()
+    label = torch.full(input_ids.shape, float("nan"), device=logits.device)
+    label[:, :-1] = logp_1[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return {
+        "input_ids": input_ids.int(),
+        "topk_ids": top.indices.int(),
+        "topk_logprobs": top.values.half(),
+        "tail": tail,
+        "label_logprob": label,
+    }
+
+
+def _write_shard(
+    folder: Path, arrays: Sequence[np.ndarray], teacher: Any, vocab: int, k: int, temperature: float,
+    batch_size: int, device: torch.device, autocast: torch.dtype | None, bar: Any,
+) -> None:  # fmt: skip
+    """One shard: the teacher over ``arrays`` (one domain's split), written atomically into ``folder``."""
+    n = int(arrays[0].shape[0]) if len(arrays) else 0
+    seq = int(arrays[0].shape[1]) if n else 0
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shapes = {"input_ids": (n, seq), "topk_ids": (n, seq, k), "topk_logprobs": (n, seq, k), "tail": (n, seq),
+              "label_logprob": (n, seq)}  # fmt: skip
+    maps = {
+        name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=shapes[name])
+        for name, (dt, _) in _FILES.items()
+    }
+    data = arrays[0]
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        for s in range(0, n, batch_size):
+            ids = torch.from_numpy(np.asarray(data[s : s + batch_size], dtype=np.int64)).to(device)
+            out = _teacher_topk(teacher, ids, vocab, k, temperature)
+            for name, t in out.items():
+                maps[name][s : s + ids.shape[0]] = t.cpu().numpy()
+            bar.update(int(ids.shape[0]))
+    entry: dict[str, Any] = {"sequences": n, "seq_len": seq, "files": {}}
+    for name, m in maps.items():
+        m.flush()
+        del m
+        entry["files"][name] = {"shape": list(shapes[name]), "sha256": file_sha256(tmp / f"{name}.npy")}
+    maps.clear()
+    atomic_write_text(tmp / "shard.json", json.dumps(entry, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _shard_ok(folder: Path, seq_len: int, k: int, n: int) -> bool:
+    try:
+        entry = json.loads((folder / "shard.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = entry.get("files", {})
+    return (
+        entry.get("sequences") == n
+        and (n == 0 or entry.get("seq_len") == seq_len)
+        and set(files) == set(_FILES)
+        and files["topk_ids"]["shape"][2:] == [k]
+        and all(file_sha256(folder / f"{name}.npy") == f["sha256"] for name, f in files.items())
+    )
+
+
+def build_teacher_cache(
+    teacher: Any,
+    packed: Any,
+    out: str | os.PathLike[str],
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    tokenizer_hash: str = "",
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    autocast: torch.dtype | None = None,
+    progress: bool = True,
+) -> TeacherCache:
+    """Run ``teacher`` once over ``packed`` (a ``PackedDomains``) and write the cache into ``out``.
+
+    Args:
+        teacher: a causal LM (``teacher(input_ids=...).logits``), in eval mode, on ``device``.
+        packed: the packed per-domain training and validation sequences.
+        out: the cache folder; a finished build there with the same plan is reused, a partial
+            one resumed, one with another plan is an error.
+        top_k: k >= 1 ids stored per position (at most ``vocab_size``).
+        temperature: T of the stored log-probabilities (the divergence's; the CE uses T = 1).
+        vocab_size: the student's vocabulary V (the teacher's logits are cut to it); default the
+            teacher's ``config.vocab_size``.
+        tokenizer_hash: ``ddk.data.tokenizer_hash`` of the shared tokenizer, stored and checked.
+        batch_size: sequences per teacher forward.
+        device: where the inputs go (default: the teacher's parameters' device).
+        autocast: autocast dtype of the teacher's forward (e.g. ``torch.bfloat16`` on CUDA) or None.
+        progress: a tqdm bar over sequences (rank 0).
+
+    Returns:
+        The opened ``TeacherCache``.
+    """
+    from tqdm.auto import tqdm
+
+    from ddk.distributed import barrier, rank_world
+
+    fn = "build_teacher_cache"
+    vocab = int(vocab_size if vocab_size is not None else teacher.config.vocab_size)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= vocab:
+        raise ValueError(f"{fn}: top_k must be an int in [1, {vocab}] (the vocabulary); got {top_k!r}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0; got {temperature!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{fn}: batch_size must be an int >= 1; got {batch_size!r}.")
+    root = Path(out)
+    rank, world = rank_world()
+    name, config_hash = _model_fingerprint(teacher)
+    plan = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": name,
+        "teacher_config_hash": config_hash,
+        "tokenizer_hash": tokenizer_hash,
+        "vocab_size": vocab,
+        "top_k": int(top_k),
+        "temperature": float(temperature),
+        "corpus_key": str(getattr(packed, "key", "")),
+        "names": list(packed.names),
+        "seq_len": int(packed.seq_len),
+    }
+    if (root / "manifest.json").is_file():
+        cache = TeacherCache(root)
+        if {k: cache.manifest.get(k) for k in plan} == plan:
+            return cache
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        old = root / "plan.json"
+        if old.is_file():
+            prev = json.loads(old.read_text())
+            diff = sorted(k for k in plan if prev.get(k) != plan[k])
+            if diff:
+                raise ValueError(
+                    f"{fn}: out={str(root)!r} holds a cache of another plan (differs in {diff}); pass another "
+                    "out or delete it."
+                )
+        else:
+            atomic_write_text(old, json.dumps(plan, indent=2))
+    barrier()
+    dev = torch.device(device) if device is not None else next(teacher.parameters()).device
+    jobs = [(split, i) for split in SPLITS for i in range(len(packed.names))]
+    arrays = {"train": packed.train, "validation": packed.validation}
+    total = sum(int(arrays[s][i].shape[0]) for s, i in jobs)
+    bar = tqdm(total=total, desc="teacher cache", unit="seq", disable=not progress or rank != 0)
+    for j, (split, i) in enumerate(jobs):
+        arr = arrays[split][i]
+        folder = root / "shards" / f"{split}-{i}"
+        if j % world != rank or _shard_ok(folder, int(packed.seq_len), top_k, int(arr.shape[0])):
+            bar.update(int(arr.shape[0]))
+            continue
+        _write_shard(folder, [arr], teacher, vocab, top_k, float(temperature), batch_size, dev, autocast, bar)
+    bar.close()
+    barrier()
+    if rank == 0:
+        _write_manifest(root, plan, packed, jobs)
+    barrier()
+    return TeacherCache(root)
+
+
+def _write_manifest(root: Path, plan: dict[str, Any], packed: Any, jobs: list[tuple[str, int]]) -> None:
+    """Per-domain token counts and teacher CE from the shards; the manifest, written last."""
+    counts: dict[str, list[int]] = {s: [0] * len(packed.names) for s in SPLITS}
+    ce: dict[str, list[float]] = {s: [0.0] * len(packed.names) for s in SPLITS}
+    shards = {}
+    for split, i in jobs:
+        folder = root / "shards" / f"{split}-{i}"
+        if not _shard_ok(folder, plan["seq_len"], plan["top_k"], int(getattr(packed, split)[i].shape[0])):
+            raise RuntimeError(f"build_teacher_cache: shard {folder} is missing or damaged after the build.")
+        label = np.load(folder / "label_logprob.npy", mmap_mode="r")[:, :-1]
+        counts[split][i] = int(label.size)
+        ce[split][i] = float(-np.asarray(label, dtype=np.float64).sum() / max(label.size, 1))
+        shards[f"{split}-{i}"] = json.loads((folder / "shard.json").read_text())
+    manifest = {
+        **plan,
+        "tokens": counts,  # predicted positions per split and domain (L - 1 per sequence)
+        "teacher_ce": ce,  # per split and domain, nats/token, T = 1
+        "bytes_per_token": _bytes_per_token(plan["top_k"]),
+        "shards": shards,
+    }
+    atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1))
+
+
+def _bytes_per_token(k: int) -> int:
+    """Bytes stored per position: input id, k ids, k fp16 log-probabilities, tail, label log-probability."""
+    return 4 + 4 * k + 2 * k + 4 + 4
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """The cached training sequences of every domain, in domain order (global index = offset + row).
+
+    Each item: ``{"input_ids": (L,) int64, "domain_id": int, "teacher_topk_ids": (L, k) int64,
+    "teacher_topk_logprobs": (L, k) float32, "teacher_tail": (L,) float32}``.
+    """
+
+    def __init__(self, shards: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self._shards = list(shards)
+        self._sizes = [int(s["input_ids"].shape[0]) for s in self._shards]
+        self._offsets = np.cumsum([0] + self._sizes)
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"TeacherCacheDataset: index must be in [0, {len(self)}); got {index}.")
+        d = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        r = index - int(self._offsets[d])
+        s = self._shards[d]
+        return {
+            "input_ids": torch.from_numpy(np.array(s["input_ids"][r], dtype=np.int64)),
+            "domain_id": d,
+            "teacher_topk_ids": torch.from_numpy(np.array(s["topk_ids"][r], dtype=np.int64)),
+            "teacher_topk_logprobs": torch.from_numpy(np.array(s["topk_logprobs"][r], dtype=np.float32)),
+            "teacher_tail": torch.from_numpy(np.array(s["tail"][r], dtype=np.float32)),
+        }
+
+
+class TeacherCacheCollator:
+    """Stacks ``TeacherCacheDataset`` items: ``input_ids``, ``labels`` (= input ids, unshifted),
+    ``domain_ids (B,)`` and the teacher's ``teacher_topk_ids``, ``teacher_topk_logprobs``,
+    ``teacher_tail`` (``(B, L, k)`` / ``(B, L)``), the batch ``ddk.causal_lm_kd_loss`` reads."""
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("TeacherCacheCollator: features must hold at least one item; got none.")
+        ids = torch.stack([f["input_ids"] for f in features])
+        return {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "domain_ids": torch.tensor([int(f["domain_id"]) for f in features], dtype=torch.long),
+            "teacher_topk_ids": torch.stack([f["teacher_topk_ids"] for f in features]),
+            "teacher_topk_logprobs": torch.stack([f["teacher_topk_logprobs"] for f in features]),
+            "teacher_tail": torch.stack([f["teacher_tail"] for f in features]),
+        }
+
+
+class TeacherCache:
+    """A complete teacher cache (see the module docstring), opened memory-mapped.
+
+    Args:
+        path: the cache folder (with ``manifest.json``).
+        verify: check every shard's SHA-256 against the manifest (reads every file once).
+
+    Attributes:
+        manifest: the manifest dict (teacher, hashes, vocab_size, top_k, temperature, tokens, teacher_ce).
+        names: domain names, in order. ``sizes``: training sequences per domain.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = False) -> None:
+        fn = "TeacherCache"
+        self.root = Path(path)
+        try:
+            man = json.loads((self.root / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(
+                f"{fn}: path must be a finished teacher cache (with manifest.json); got {str(self.root)!r}. "
+                "Build one with `ddk teacher-cache` (a killed build resumes when run again)."
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{fn}: {self.root / 'manifest.json'} is unreadable ({exc}).") from None
+        if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
+            raise ValueError(f"{fn}: {self.root} must hold a {FORMAT} v{VERSION} manifest; got another file.")
+        self.manifest = man
+        self.names: list[str] = list(man["names"])
+        self.seq_len = int(man["seq_len"])
+        self.key = f"teacher-cache:{json_fingerprint({k: man[k] for k in ('corpus_key', 'teacher_config_hash', 'top_k', 'temperature')})}"
+        self._arrays: dict[str, list[dict[str, np.ndarray]]] = {}
+        for split in SPLITS:
+            shards = []
+            for i in range(len(self.names)):
+                folder = self.root / "shards" / f"{split}-{i}"
+                entry = man["shards"][f"{split}-{i}"]
+                arrays = {}
+                for name, f in entry["files"].items():
+                    p = folder / f"{name}.npy"
+                    if verify and file_sha256(p) != f["sha256"]:
+                        raise ValueError(f"{fn}: {p} does not match its SHA-256 in the manifest; rebuild the cache.")
+                    arrays[name] = np.load(p, mmap_mode="r")
+                    if list(arrays[name].shape) != f["shape"]:
+                        raise ValueError(f"{fn}: {p} has shape {arrays[name].shape}, the manifest says {f['shape']}.")
+                shards.append(arrays)
+            self._arrays[split] = shards
+
+    # --- the PackedDomains interface
+    @property
+    def sizes(self) -> list[int]:
+        """Training sequences per domain."""
+        return [int(s["input_ids"].shape[0]) for s in self._arrays["train"]]
+
+    @property
+    def train(self) -> list[np.ndarray]:
+        return [s["input_ids"] for s in self._arrays["train"]]
+
+    @property
+    def validation(self) -> list[np.ndarray]:
+        return [s["input_ids"] for s in self._arrays["validation"]]
+
+    def train_dataset(self) -> TeacherCacheDataset:
+        """The training sequences with their cached teacher (global index = domain offset + row)."""
+        return TeacherCacheDataset(self._arrays["train"])
+
+    def validation_batches(self, batch_size: int) -> dict[str, list[dict[str, torch.Tensor]]]:
+        """``name -> [{"input_ids": (b, L) int64}, ...]``, the input of ``ddk.DiscrepancyEstimator``."""
+        return {
+            name: [
+                {"input_ids": torch.from_numpy(np.asarray(arr[s : s + batch_size], dtype=np.int64))}
+                for s in range(0, arr.shape[0], batch_size)
+            ]
+            for name, arr in zip(self.names, self.validation)
+        }
+
+    # --- the teacher
+    @property
+    def teacher_ce(self) -> torch.Tensor:
+        """``(D,)`` float64 teacher CE per domain on the validation split (nats/token), exact."""
+        return torch.tensor(self.manifest["teacher_ce"]["validation"], dtype=torch.float64)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["top_k"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    def disk_bytes(self) -> int:
+        """Bytes of the shard files on disk."""
+        return sum(f.stat().st_size for f in (self.root / "shards").rglob("*.npy"))
+
+    def check(
+        self,
+        *,
+        tokenizer_hash: str | None = None,
+        vocab_size: int | None = None,
+        temperature: float | None = None,
+        seq_len: int | None = None,
+        fn: str = "TeacherCache.check",
+    ) -> None:
+        """Raise ``ValueError`` naming every given property of the run that the cache does not match."""
+        man = self.manifest
+        want = {
+            "tokenizer_hash": tokenizer_hash,
+            "vocab_size": vocab_size,
+            "temperature": temperature,
+            "seq_len": seq_len,
+        }
+        bad = [
+            f"{k}: the cache has {man[k]!r}, the run {v!r}" for k, v in want.items() if v is not None and man[k] != v
+        ]
+        if bad:
+            raise ValueError(
+                f"{fn}: the teacher cache {str(self.root)!r} must match the run; got " + "; ".join(bad) + ". "
+                "Rebuild it with `ddk teacher-cache` for this tokenizer, vocabulary, temperature and sequence length."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"TeacherCache(teacher={self.manifest['teacher']!r}, k={self.top_k}, T={self.temperature}, "
+            f"names={self.names}, train={self.sizes}, root={str(self.root)!r})"
+        )
