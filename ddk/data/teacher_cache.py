@@ -9,7 +9,8 @@ training and validation sequences and writes, per split and domain, one shard fo
     <out>/shards/<split>-<i>/topk_ids.npy    (n, L, k) int32: the teacher's k most likely next tokens
     <out>/shards/<split>-<i>/topk_logprobs.npy  (n, L, k) float16: their log-probabilities at T
     <out>/shards/<split>-<i>/tail.npy        (n, L) float32: the teacher's mass outside them, at T
-    <out>/shards/<split>-<i>/label_logprob.npy  (n, L) float32: log p_T(next token) at T = 1
+    <out>/shards/<split>-<i>/label_logprob.npy  (n, L) float32: log p_T(next token) at T = 1, over
+                                             all the teacher's rows (its CE, as measured online)
     <out>/shards/<split>-<i>/shard.json      shapes and SHA-256 of the files above (written last)
 
 Position ``j`` holds the teacher's distribution of token ``j + 1`` (the last position's
@@ -69,13 +70,14 @@ def _teacher_topk(
     teacher: Any, input_ids: torch.Tensor, vocab: int, k: int, temperature: float
 ) -> dict[str, torch.Tensor]:
     """The cached quantities of one batch ``(b, L)`` (on the teacher's device)."""
-    logits = teacher(input_ids=input_ids).logits[..., :vocab].float()
-    logp_t = torch.log_softmax(logits / temperature, dim=-1) if temperature != 1.0 else None
-    logp_1 = torch.log_softmax(logits, dim=-1)
-    top = (logp_t if logp_t is not None else logp_1).topk(k, dim=-1)
+    full = teacher(input_ids=input_ids).logits.float()
+    logits = full[..., :vocab]  # the divergence's distribution: over the student's vocabulary, as online
+    top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
     tail = (1.0 - top.values.double().exp().sum(-1)).clamp(0.0, 1.0).float()
     label = torch.full(input_ids.shape, float("nan"), device=logits.device)
-    label[:, :-1] = logp_1[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # the teacher's own CE (all its rows, padding included), as DiscrepancyEstimator measures it online
+    nxt = input_ids[:, 1:].unsqueeze(-1)
+    label[:, :-1] = full[:, :-1].gather(-1, nxt).squeeze(-1) - torch.logsumexp(full[:, :-1], dim=-1)
     return {
         "input_ids": input_ids.int(),
         "topk_ids": top.indices.int(),

@@ -573,12 +573,16 @@ def causal_lm_kd_loss(
     Args:
         student_model: e.g. ``LlamaForCausalLM``; its vocabulary ``V``.
         teacher_model: same tokenizer, vocabulary ``Vt >= V`` (extra rows are sliced off); or None
-            for continued pretraining: CE only (``gamma`` must be 0 or not given), ``kd_sum`` and
-            ``domain_kd_sum`` are 0.
+            with a cached teacher in ``batch`` (below: the sparse loss of
+            :func:`ddk.fused_linear_sparse_kd_loss` / :func:`ddk.sparse_kd_loss`, no teacher
+            forward); or None without one for continued pretraining: CE only (``gamma`` must be
+            0 or not given), ``kd_sum`` and ``domain_kd_sum`` are 0.
         batch: ``input_ids (B, L)`` integer; optional ``attention_mask (B, L)``; optional
             ``labels (B, L)`` int64 (default: ``input_ids`` with padding set to ``ignore_index``;
             the transformers convention, unshifted); optional ``domain_ids`` (read when the
-            keyword is not given; kept for older callers).
+            keyword is not given; kept for older callers); a cached teacher
+            (``ddk.data.TeacherCacheCollator``): ``teacher_topk_ids (B, L, k)``,
+            ``teacher_topk_logprobs (B, L, k)`` and optionally ``teacher_tail (B, L)``.
         domain_ids: ``(B,)`` (one domain per sequence, expanded to its tokens) or ``(B, L)`` (per
             token: the domain of the label token counts) int64 in ``[0, num_domains)``; given here
             or in ``batch``, not both. None puts every token in domain 0.
@@ -615,6 +619,14 @@ def causal_lm_kd_loss(
     for key in opts:
         if key not in _PATH_OPTIONS[loss]:
             raise TypeError(f"{fn}: options must be among {_PATH_OPTIONS[loss]} with loss={loss!r}; got {key!r}.")
+    cached = _cached_teacher(batch)
+    if cached is not None:
+        if teacher_model is not None:
+            raise ValueError(
+                f"{fn}: the teacher must be given once, as teacher_model or as a cached teacher in batch "
+                "('teacher_topk_ids', 'teacher_topk_logprobs'); got both."
+            )
+        return _cached_kd_loss(student_model, batch, cached, domain_ids, num_domains, loss, normalizer, opts)
     if teacher_model is None:
         gamma = opts.get("gamma", 0.0)
         if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma == 0):
@@ -696,3 +708,50 @@ def causal_lm_kd_loss(
             out, kd_sum=torch.zeros_like(out.kd_sum), domain_kd_sum=torch.zeros_like(out.domain_kd_sum)
         )
     return out
+
+
+_CACHED_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail")
+
+
+def _cached_teacher(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``(ids, logprobs, tail)`` of a cached teacher in ``batch``, or None when it holds none."""
+    if not isinstance(batch, Mapping) or "teacher_topk_ids" not in batch:
+        return None
+    if "teacher_topk_logprobs" not in batch:
+        raise ValueError(
+            f"{_CAUSAL}: batch['teacher_topk_ids'] needs batch['teacher_topk_logprobs'] (a cached teacher); got "
+            f"keys {sorted(batch)}."
+        )
+    return batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch.get("teacher_tail")
+
+
+def _cached_kd_loss(
+    student_model: nn.Module,
+    batch: Mapping[str, Any],
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    domain_ids: Any,
+    num_domains: int | None,
+    loss: str,
+    normalizer: float | torch.Tensor | None,
+    opts: dict[str, Any],
+) -> KDLossOutput:
+    """``causal_lm_kd_loss`` against a cached top-k teacher: the sparse loss, fused or on logits."""
+    from ddk.losses.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
+
+    ignore_index = opts.get("ignore_index", -100)
+    opts = {k: v for k, v in opts.items() if k != "strategy"}  # the sparse fused loss has one strategy
+    input_ids, attention_mask, labels, domain_ids = _read_batch(batch, domain_ids, ignore_index)
+    ids, logprobs, tail = (None if t is None else t.to(input_ids.device) for t in cached)
+    assert ids is not None and logprobs is not None
+    common: dict[str, Any] = dict(
+        teacher_tail=tail, domain_ids=domain_ids, num_domains=num_domains, normalizer=normalizer, shift=True, **opts
+    )
+    if loss == "fused":
+        weight, bias = _output_layer(student_model, "student")
+        hs = _decoder_hidden(student_model, input_ids, attention_mask)
+        if autocast_dtype(hs.device) is None and weight.dtype != hs.dtype:
+            hs = hs.to(weight.dtype)
+        return fused_linear_sparse_kd_loss(hs, weight, ids, logprobs, labels, student_bias=bias, **common)
+    zs = _model_logits(student_model, "student", input_ids, attention_mask)
+    common.pop("workspace_bytes", None)
+    return sparse_kd_loss(zs, ids, logprobs, labels, **common)

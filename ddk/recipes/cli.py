@@ -100,6 +100,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher_cache(args: argparse.Namespace) -> int:
+    from ddk.recipes.teacher_cache import teacher_cache
+
+    teacher_cache(_recipe_config(args))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ddk.recipes.distill import evaluate
 
@@ -187,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "distill",
             _cmd_distill,
-            "distill --teacher into --student on --data: --method cpt|kd|ddk|ddk-no-smoothing|ddk-online",
+            "distill --teacher into --student on --data (or from --teacher-cache): --method "
+            "cpt|kd|ddk|ddk-no-smoothing|ddk-online|kd-doremi",
+        ),
+        (
+            "teacher-cache",
+            _cmd_teacher_cache,
+            "run --teacher once over --data and store its top-k log-probabilities per position in --out "
+            "(--top-k; resumable); then `ddk distill --student S --teacher-cache DIR` needs no teacher",
         ),
         (
             "demo-real",

@@ -45,6 +45,8 @@ class RecipeConfig:
 
     # --- your models and data (empty: the bundled demo)
     teacher: str = ""  # teacher folder (save_pretrained) or hub name
+    teacher_cache: str = ""  # a `ddk teacher-cache` folder: distill from it, no teacher model (and no --data)
+    top_k: int = 32  # `ddk teacher-cache`: teacher ids (and log-probabilities) stored per position
     student: str = ""  # student folder or hub name (its starting weights)
     tokenizer: str = ""  # tokenizer folder; "" = the student's folder
     data: tuple[str, ...] = ()  # training records: JSONL/JSON/Parquet/CSV files or save_to_disk folders
@@ -220,6 +222,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         "vocab_size",
         "seq_len",
         "val_samples",
+        "top_k",
         "grad_accum",
         "eval_batch_size",
         "teacher_hidden",
@@ -271,12 +274,23 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
             f"{fn}: batch_size must be a multiple of grad_accum={cfg.grad_accum} (the global batch is "
             f"split into micro-batches); got {cfg.batch_size}."
         )
-    if bool(cfg.student) != bool(cfg.data) or (cfg.teacher and not cfg.student):
+    if cfg.teacher_cache:
+        if cfg.teacher or cfg.data or not cfg.student:
+            raise ValueError(
+                f"{fn}: teacher_cache needs student and replaces teacher and data (the cache holds the "
+                f"sequences and the teacher's top-k); got teacher={cfg.teacher!r}, student={cfg.student!r}, "
+                f"data={list(cfg.data)}."
+            )
+    elif (
+        (cfg.student and not cfg.data)
+        or (cfg.data and not (cfg.student or cfg.teacher))
+        or (cfg.teacher and not cfg.data)
+    ):  # teacher + data alone: `ddk teacher-cache`
         raise ValueError(
             f"{fn}: teacher, student and data must be given together (or none of them, for the "
             f"bundled demo); got teacher={cfg.teacher!r}, student={cfg.student!r}, data={list(cfg.data)}."
         )
-    if cfg.student and not cfg.teacher and cfg.method != "cpt":
+    if cfg.student and not (cfg.teacher or cfg.teacher_cache) and cfg.method != "cpt":
         raise ValueError(
             f"{fn}: teacher must be given for method {cfg.method!r} (only cpt trains without one); "
             f"got none. Pass --teacher PATH."
@@ -425,6 +439,10 @@ _HELP: dict[str, str] = {
     "on_nonfinite": "NaN/inf loss or gradient: raise (naming the step and domains) or skip the batch (counted in "
     "metrics.jsonl and summary.json)",
     "teacher": "the teacher: a folder written by save_pretrained (or a hub name); with --student and --data",
+    "top_k": "ddk teacher-cache: the teacher's k most likely next tokens stored per position (with their "
+    "log-probabilities and the tail mass outside them)",
+    "teacher_cache": "distill from a `ddk teacher-cache` folder instead of --teacher and --data: the sequences, the "
+    "teacher's top-k log-probabilities and its per-domain CE come from the cache (no teacher in memory)",
     "student": "the student to distill into: a save_pretrained folder (its starting weights) or a hub name",
     "tokenizer": "tokenizer folder (default: the student's folder); teacher and student must share it",
     "data": "training records with a domain and a text field: .jsonl/.json/.parquet/.csv files or "

@@ -129,8 +129,9 @@ class DistillStep(nn.Module):
     """The training step as a module: the student is its submodule, the teacher is held outside
     its parameters (never trained, never sharded with the student).
 
-    ``forward(input_ids (B, L), labels (B, L), domain_ids (B,), normalizer, distill=True)`` returns
-    ``(loss, KDLossOutput)`` from ``ddk.causal_lm_kd_loss``; one forward touches every student
+    ``forward(input_ids (B, L), labels (B, L), domain_ids (B,), normalizer, distill=True, cached=None)``
+    returns ``(loss, KDLossOutput)`` from ``ddk.causal_lm_kd_loss`` (``cached``: the batch's
+    ``(teacher_topk_ids, teacher_topk_logprobs, teacher_tail)`` from a teacher cache); one forward touches every student
     parameter (``lm_head`` included), so DDP and FSDP2 reduce its gradients. ``distill=False``
     gives the student's CE alone (the validation passes; under FSDP2 they too must enter through
     the root module).
@@ -147,12 +148,15 @@ class DistillStep(nn.Module):
         loss: str,
         backend: str,
         autocast: torch.dtype | None,
+        cached: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
         self._teacher = [teacher]  # a list: not a submodule
         self.num_domains = num_domains
-        self.options = dict(gamma=gamma if teacher is not None else 0.0, temperature=temperature, backend=backend)
+        self.cached = cached  # the teacher comes with each batch (a teacher cache)
+        kd_on = teacher is not None or cached
+        self.options = dict(gamma=gamma if kd_on else 0.0, temperature=temperature, backend=backend)
         self.loss = loss
         self.autocast = autocast
 
@@ -163,8 +167,11 @@ class DistillStep(nn.Module):
         domain_ids: torch.Tensor | None = None,
         normalizer: torch.Tensor | None = None,
         distill: bool = True,
+        cached: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, KDLossOutput]:
         batch = {"input_ids": input_ids, "labels": labels}
+        if distill and self.cached and cached is not None:  # (top-k ids, log-probabilities, tail) of the teacher
+            batch.update(zip(("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail"), cached))
         with torch.autocast(
             input_ids.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
         ):
@@ -285,8 +292,9 @@ def _check_run(cfg: RecipeConfig, world: int) -> None:
         raise ValueError(f"distill: method must be one of {METHODS}; got {cfg.method!r}.")
     if cfg.uses_demo:
         raise ValueError(
-            "distill: teacher, student and data must be given (--teacher, --student, --data); got none. "
-            "`ddk distill` without them runs the bundled demo through ddk.recipes.demo."
+            "distill: teacher, student and data must be given (--teacher, --student, --data; or --student with "
+            f"--teacher-cache); got no student (teacher={cfg.teacher!r}). `ddk distill` without them runs the "
+            "bundled demo through ddk.recipes.demo."
         )
     if cfg.fsdp and not is_distributed():
         raise ValueError(
@@ -357,6 +365,7 @@ class _Run:
             student = student.to(device)
             teacher = teacher.to(device) if teacher is not None else None
         self.teacher, self.student, self.tokenizer, self.packed = teacher, student, tokenizer, packed
+        self.cached = bool(cfg.teacher_cache)  # packed is a ddk.data.TeacherCache
         self.names = list(packed.names)
 
     def _build(self) -> None:
@@ -371,6 +380,7 @@ class _Run:
             loss=cfg.loss,
             backend=cfg.backend,
             autocast=autocast_dtype(cfg, self.device),
+            cached=self.cached and cfg.method != "cpt",
         )
         self.model = parallelize(self.step_mod, self.student, cfg, self.device)  # step_mod stays the bare module
         self.opt, self.sched = make_optimizer(
@@ -394,6 +404,8 @@ class _Run:
         )
         if self.teacher is not None:
             self.estimator.compute_teacher(self.teacher)
+        elif self.cached:  # the teacher's exact per-domain validation CE, from the cache's manifest
+            self.estimator.teacher_ce = self.packed.teacher_ce
         else:  # cpt without a teacher: the logged "teacher" CE is the student's own at the start
             self.estimator.teacher_ce = self.estimator.estimate(self.step_mod).student_ce
         smoother = make_scheduler(
@@ -541,9 +553,10 @@ class _Run:
 
     def train(self, start_step: int) -> None:
         """Steps ``start_step + 1 .. steps``: DDK updates, metrics, debug checks, checkpoints."""
-        from ddk.data import DomainCollator
+        from ddk.data import DomainCollator, TeacherCacheCollator
 
-        cfg, steps, collate = self.cfg, self.steps, DomainCollator()
+        cfg, steps = self.cfg, self.steps
+        collate = TeacherCacheCollator() if self.cached else DomainCollator()
         debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
         self.student.train()
         bar = tqdm(
@@ -722,8 +735,13 @@ def _forward_backward(
         last = i == accum - 1
         no_sync = getattr(model, "no_sync", None)  # DDP's: skip the all-reduce of all but the last micro-batch
         sync = no_sync() if callable(no_sync) and not last else _nullcontext()
+        cached = None
+        if "teacher_topk_ids" in batch:
+            cached = tuple(batch[k][rows] for k in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail"))
         with sync:
-            loss, out = model(batch["input_ids"][rows], batch["labels"][rows], batch["domain_ids"][rows], norm)
+            loss, out = model(
+                batch["input_ids"][rows], batch["labels"][rows], batch["domain_ids"][rows], norm, cached=cached
+            )
             loss.backward()
         outs.append(out)
     return sum_outputs(outs)
@@ -814,7 +832,7 @@ def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     of that config (``student/ddk_run.json``): a ``student/`` left from another run is refused.
     """
     from ddk.recipes.data import distill_data
-    from ddk.recipes.models import _from_pretrained
+    from ddk.recipes.models import load_pretrained
     from ddk.recipes.report import format_table
 
     run = Path(run_dir)
@@ -826,7 +844,7 @@ def evaluate(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     _check_student_of(run, cfg)
     device = device_for(cfg)
     teacher, _, tokenizer = load_models(cfg, device)
-    student = _from_pretrained("student", str(run / "student"), fn="evaluate").to(device).eval()
+    student = load_pretrained("student", str(run / "student"), fn="evaluate").to(device).eval()
     packed = distill_data(cfg, tokenizer)
     est = DiscrepancyEstimator(
         packed.validation_batches(cfg.eval_batch_size), loss_fn=validation_ce, device=device, progress=cfg.progress

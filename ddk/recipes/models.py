@@ -16,7 +16,7 @@ from ddk._io import fsync_dir, fsync_file
 from ddk.distributed import rank_world
 from ddk.recipes.config import RecipeConfig
 
-__all__ = ["autocast_dtype", "check_vocabularies", "load_models", "output_rows", "save_student"]
+__all__ = ["autocast_dtype", "check_vocabularies", "load_models", "load_pretrained", "output_rows", "save_student"]
 
 
 def autocast_dtype(cfg: RecipeConfig, device: torch.device) -> torch.dtype | None:
@@ -31,7 +31,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
 
 
-def _from_pretrained(kind: str, name: str, fn: str = "distill", **kwargs: Any) -> Any:
+def load_pretrained(kind: str, name: str, fn: str = "distill", **kwargs: Any) -> Any:
     """``Auto*.from_pretrained(name)``; a missing local folder, or one that fails to load (a torn
     safetensors file, a garbage config), is an error naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,23 +93,23 @@ def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]
     measure the gap.
     A teacher folder that holds a tokenizer must hold the same vocabulary as the student's.
     """
-    tokenizer = _from_pretrained("tokenizer", cfg.tokenizer or cfg.student)
+    tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.student)
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"distill: the tokenizer must have an EOS token (it separates documents in packed "
             f"sequences); got none in {cfg.tokenizer or cfg.student!r}. Set tokenizer.eos_token and save it."
         )
-    student = _from_pretrained("student", cfg.student, dtype=torch.float32).to(device)
+    student = load_pretrained("student", cfg.student, dtype=torch.float32).to(device)
     teacher = None
     if cfg.teacher:
         t_dtype = autocast_dtype(cfg, device) or torch.float32
-        teacher = _from_pretrained("teacher", cfg.teacher, dtype=t_dtype).to(device).eval()
+        teacher = load_pretrained("teacher", cfg.teacher, dtype=t_dtype).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         check_vocabularies(teacher, student, tokenizer)
         t_path = Path(os.path.expanduser(cfg.teacher))
         if (t_path / "tokenizer_config.json").is_file():
-            t_tok = _from_pretrained("tokenizer", str(t_path))
+            t_tok = load_pretrained("tokenizer", str(t_path))
             if not _tokenizers_agree(t_tok, tokenizer):
                 raise ValueError(
                     f"distill: teacher and student must share a tokenizer; got different vocabularies in "

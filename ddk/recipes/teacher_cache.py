@@ -1,0 +1,73 @@
+"""``ddk teacher-cache --teacher T --data FILE... --top-k K --out DIR``: run the teacher once and
+store its top-k log-probabilities per position (``ddk.data.build_teacher_cache``), so that
+``ddk distill --student S --teacher-cache DIR`` needs no teacher in memory.
+
+The data are packed as ``ddk distill`` packs them (``seq_len``, ``val_samples``, the same cache
+of token ids), with the teacher's tokenizer (or ``--tokenizer``). The teacher runs in bf16
+autocast on CUDA (``--dtype``), in batches of ``eval_batch_size`` sequences, and under torchrun
+every rank computes its share of the shards. A killed build resumes when the command is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ddk.recipes.config import RecipeConfig
+
+__all__ = ["teacher_cache"]
+
+
+def teacher_cache(cfg: RecipeConfig) -> Any:
+    """Build (or resume, or find) the teacher cache of ``cfg`` in ``cfg.out``; return the ``TeacherCache``."""
+    from ddk.data import build_teacher_cache, tokenizer_hash
+    from ddk.distributed import init_from_env, rank_world, rank_zero_first
+    from ddk.recipes.data import distill_data
+    from ddk.recipes.distill import log
+    from ddk.recipes.models import autocast_dtype, load_pretrained
+    from ddk.recipes.parallel import device_for
+
+    fn = "teacher-cache"
+    if not cfg.teacher or not cfg.data or not cfg.out:
+        raise ValueError(
+            f"{fn}: teacher, data and out must be given (--teacher PATH --data FILE... --out DIR); got "
+            f"teacher={cfg.teacher!r}, data={list(cfg.data)}, out={cfg.out!r}."
+        )
+    created = init_from_env(cfg.process_group_backend)
+    try:
+        device = device_for(cfg)
+        tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.teacher, fn=fn)
+        amp = autocast_dtype(cfg, device)
+        teacher = load_pretrained("teacher", cfg.teacher, fn=fn, dtype=amp or torch.float32).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        with rank_zero_first():
+            packed = distill_data(dataclasses.replace(cfg, teacher_cache=""), tokenizer)
+        cache = build_teacher_cache(
+            teacher,
+            packed,
+            cfg.out,
+            top_k=cfg.top_k,
+            temperature=float(cfg.temperature),
+            vocab_size=len(tokenizer),
+            tokenizer_hash=tokenizer_hash(tokenizer),
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            autocast=amp,
+            progress=cfg.progress,
+        )
+        if rank_world()[0] == 0:
+            tokens = sum(cache.manifest["tokens"]["train"]) + sum(cache.manifest["tokens"]["validation"])
+            ce = ", ".join(f"{n} {c:.3f}" for n, c in zip(cache.names, cache.teacher_ce.tolist()))
+            log(
+                f"teacher cache: {cache.root} (k={cache.top_k}, T={cache.temperature:g}): {tokens:,} positions, "
+                f"{cache.disk_bytes() / 2**20:.1f} MiB ({cache.disk_bytes() / max(tokens, 1):.1f} bytes per position); "
+                f"teacher validation CE: {ce}"
+            )
+        return cache
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""``ddk teacher-cache`` then ``ddk distill --teacher-cache``: a run without the teacher in memory,
+against the online teacher (ddk/recipes/teacher_cache.py and the cached path of distill.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from recipe_cases import own_cfg, own_models
+from transformers import AutoTokenizer
+
+import ddk.recipes.models as models_mod
+from ddk.data import TeacherCache
+from ddk.recipes.cli import main
+from ddk.recipes.distill import distill
+
+SMALL = ["--seq-len", "16", "--val-samples", "4", "--eval-batch-size", "4", "--no-progress", "--device", "cpu"]
+
+
+def _build(tmp_path: Path, family: str, k: int, out: str = "tcache") -> Path:
+    teacher, _, corpus = own_models(tmp_path, family)
+    argv = ["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / out)]
+    assert main([*argv, "--top-k", str(k), "--data-dir", str(tmp_path / "cache"), *SMALL]) == 0
+    return tmp_path / out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_distill_from_a_full_cache_matches_the_online_teacher(tmp_path: Path, family: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _, student, _ = own_models(tmp_path, family)
+    vocab = len(AutoTokenizer.from_pretrained(str(student)))
+    cache_dir = _build(tmp_path, family, k=vocab)  # every token cached: the sparse loss is the full one
+    online = distill(own_cfg(tmp_path, family, method="kd", out=str(tmp_path / "online")))
+    orig = models_mod.load_pretrained
+
+    def no_teacher(kind, name, *a, **kw):  # type: ignore[no-untyped-def]
+        assert kind != "teacher", "the cached run loaded the teacher"
+        return orig(kind, name, *a, **kw)
+
+    monkeypatch.setattr(models_mod, "load_pretrained", no_teacher)
+    cached = distill(
+        own_cfg(
+            tmp_path, family, method="kd", teacher="", data=(), teacher_cache=str(cache_dir), out=str(tmp_path / "c")
+        )
+    )
+    assert cached["teacher_params"] == 0 and cached["tokens"] == online["tokens"]
+    assert cached["teacher_ce"] == pytest.approx(online["teacher_ce"], rel=1e-5)  # exact CE from the manifest
+    assert cached["student_ce"] == pytest.approx(online["student_ce"], rel=2e-3)  # fp16 cached log-probabilities
+    m_on = [json.loads(x) for x in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
+    m_ca = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert m_ca[0]["kd"] == pytest.approx(m_on[0]["kd"], rel=2e-3, abs=1e-4)
+
+
+def test_ddk_from_a_top_k_cache_runs_and_a_mismatched_cache_is_named(tmp_path: Path) -> None:
+    cache_dir = _build(tmp_path, "llama", k=8)
+    cache = TeacherCache(cache_dir, verify=True)
+    assert cache.top_k == 8 and cache.manifest["bytes_per_token"] == 4 + 8 * 6 + 8
+    summary = distill(own_cfg(tmp_path, method="ddk", teacher="", data=(), teacher_cache=str(cache_dir)))
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "ddk" / "controller.jsonl").read_text().splitlines()]
+    assert recs[0]["teacher_ce"] == cache.teacher_ce.tolist() and len(recs) == 3  # init + 2 updates
+    assert summary["final_weights"] != pytest.approx([1 / 3] * 3)
+    with pytest.raises(
+        ValueError, match=r"teacher cache .* must match the run; got temperature: the cache has 1.0, the run 2.0"
+    ):
+        distill(own_cfg(tmp_path, method="kd", teacher="", data=(), teacher_cache=str(cache_dir), temperature=2.0))
+    with pytest.raises(ValueError, match="teacher_cache needs student and replaces teacher and data"):
+        own_cfg(tmp_path, method="kd", teacher_cache=str(cache_dir))
+    teacher, student, corpus = own_models(tmp_path)
+    assert main(["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), *SMALL]) == 2  # no --out
