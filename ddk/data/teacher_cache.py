@@ -304,15 +304,16 @@ class TeacherCacheCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("TeacherCacheCollator: features must hold at least one item; got none.")
-        ids = torch.stack([f["input_ids"] for f in features])
-        return {
+        ids = torch.stack([torch.as_tensor(f["input_ids"]) for f in features])
+        batch = {
             "input_ids": ids,
             "labels": ids.clone(),
             "domain_ids": torch.tensor([int(f["domain_id"]) for f in features], dtype=torch.long),
-            "teacher_topk_ids": torch.stack([f["teacher_topk_ids"] for f in features]),
-            "teacher_topk_logprobs": torch.stack([f["teacher_topk_logprobs"] for f in features]),
-            "teacher_tail": torch.stack([f["teacher_tail"] for f in features]),
         }
+        for key in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail"):
+            if all(key in f for f in features):  # (validation items carry no teacher)
+                batch[key] = torch.stack([f[key] for f in features])
+        return batch
 
 
 class TeacherCache:

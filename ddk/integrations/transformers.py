@@ -94,6 +94,7 @@ LOSSES: tuple[str, ...] = ("fused", "logits")
 _INDEX_KEY = "ddk_index"
 # Wrappers whose forward sets up gradient synchronisation or parameter gathering.
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+_CACHED_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail")  # a teacher cache's batch
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -490,6 +491,10 @@ class DDKTrainer(Trainer):
         train_dataset: see above.
         eval_dataset: one-call form: None (the per-domain split) or ``{domain: Dataset}``.
         processing_class: the tokenizer shared by student and teacher.
+        teacher_cache: a ``ddk teacher-cache`` folder (or an opened ``ddk.data.TeacherCache``) instead
+            of ``teacher`` and ``train_dataset``: its sequences, its top-k teacher (the sparse loss of
+            ``ddk.fused_linear_sparse_kd_loss``) and its exact per-domain teacher CE; checked against
+            ``processing_class``, ``args.temperature`` and ``args.seq_len``.
         teacher: the frozen teacher (same tokenizer; a larger padded vocabulary is sliced); None
             only with ``method="cpt"``.
         controller: low-level form only.
@@ -528,9 +533,11 @@ class DDKTrainer(Trainer):
         *,
         teacher: torch.nn.Module | None = None,
         controller: DDKController | None = None,
+        teacher_cache: Any = None,
         **kwargs: Any,
     ) -> None:
         fn = "DDKTrainer"
+        cache = self._open_cache(teacher_cache, teacher, train_dataset, controller, processing_class, args)
         if args is None:
             raise TypeError(f"{fn}: args must be a DDKConfig (output_dir, max_steps, seq_len, ...); got None.")
         if not isinstance(args, TrainingArguments):
@@ -539,10 +546,10 @@ class DDKTrainer(Trainer):
             raise TypeError(f"{fn}: model must be the student, a torch.nn.Module; got {type(model).__name__}.")
         cfg = args if isinstance(args, DDKConfig) else None
         self.method = cfg.method if cfg is not None else "ddk"
-        if teacher is None and self.method != "cpt":
+        if teacher is None and cache is None and self.method != "cpt":
             raise ValueError(
-                f"{fn}: teacher must be given for method={self.method!r} (only method='cpt', continued pretraining, "
-                "trains without one); got None."
+                f"{fn}: teacher (or teacher_cache) must be given for method={self.method!r} (only method='cpt', "
+                "continued pretraining, trains without one); got None."
             )
         if teacher is not None and self.method == "cpt":
             raise ValueError(
@@ -576,8 +583,14 @@ class DDKTrainer(Trainer):
                 raise ValueError(
                     f"{fn}: args.max_steps must be set > 0 (the domain-mixture stream is infinite); got {args.max_steps!r}."
                 )
-            packed, train_ds, validation, names = self._pack(cfg, train_dataset, eval_dataset, processing_class)
+            if cache is not None:  # the sequences, the teacher's top-k and its CE come from the cache
+                packed, train_ds = cache, cache.train_dataset()
+                validation, names = cache.validation_batches(cfg.per_device_eval_batch_size), tuple(cache.names)
+            else:
+                packed, train_ds, validation, names = self._pack(cfg, train_dataset, eval_dataset, processing_class)
             controller = self._build_controller(cfg, packed, validation, names)
+            if cache is not None:
+                controller.estimator.teacher_ce = cache.teacher_ce
             eval_sets = {n: _ValidationDataset(validation[n], d) for d, n in enumerate(names)}
             self.packed = packed
         else:
@@ -607,11 +620,17 @@ class DDKTrainer(Trainer):
         names = tuple(sampler.domain_names)
         bounds = np.cumsum(np.asarray(sampler.domain_sizes, dtype=np.int64)).tolist()
         from ddk.data.packing import DomainCollator
+        from ddk.data.teacher_cache import TeacherCacheCollator
 
+        if data_collator is None and cache is not None:
+            data_collator = TeacherCacheCollator()
         if data_collator is None:
             data_collator = DomainCollator(pad_token_id=getattr(processing_class, "pad_token_id", None))
         batcher = _DomainBatcher(
-            data_collator, bounds, names, keeps_domain_id=isinstance(data_collator, DomainCollator)
+            data_collator,
+            bounds,
+            names,
+            keeps_domain_id=isinstance(data_collator, (DomainCollator, TeacherCacheCollator)),
         )
 
         super().__init__(
@@ -650,6 +669,33 @@ class DDKTrainer(Trainer):
                         f"{fn}: processing_class must be the tokenizer of the student and the teacher (at most the "
                         f"{who}'s {v} vocabulary rows); got a tokenizer of {n} tokens."
                     )
+
+    @staticmethod
+    def _open_cache(
+        teacher_cache: Any, teacher: Any, train_dataset: Any, controller: Any, tokenizer: Any, args: Any
+    ) -> Any:
+        """The ``TeacherCache`` of ``teacher_cache`` (a folder or an opened cache), checked, or None."""
+        if teacher_cache is None:
+            return None
+        from ddk.data.packing import tokenizer_hash
+        from ddk.data.teacher_cache import TeacherCache
+
+        fn = "DDKTrainer"
+        if teacher is not None or train_dataset is not None or controller is not None:
+            raise ValueError(
+                f"{fn}: teacher_cache replaces teacher, train_dataset and controller (the cache holds the "
+                "sequences, the teacher's top-k and its per-domain CE); got one of them as well."
+            )
+        cache = teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache(teacher_cache)
+        seq_len = getattr(args, "seq_len", None)
+        cache.check(
+            tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else None,
+            vocab_size=len(tokenizer) if tokenizer is not None else None,
+            temperature=float(getattr(args, "temperature", cache.temperature)),
+            seq_len=int(seq_len) if seq_len is not None else None,
+            fn=fn,
+        )
+        return cache
 
     def _pack(
         self, cfg: DDKConfig, train_dataset: Any, eval_dataset: Any, tokenizer: Any
@@ -841,7 +887,7 @@ class DDKTrainer(Trainer):
         under the accelerator's autocast (mixed precision), which the student's own
         ``forward`` would have applied.
         """
-        batch = {k: inputs[k] for k in _BATCH_KEYS if inputs.get(k) is not None}
+        batch = {k: inputs[k] for k in _BATCH_KEYS + _CACHED_KEYS if inputs.get(k) is not None}
         domain_ids = inputs.get("domain_ids")
         training = model.training
         normalizer = None

@@ -702,3 +702,55 @@ def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path, 
     for k in one:
         assert torch.equal(ranks[0][k], ranks[1][k]), k  # the ranks stayed in sync
         torch.testing.assert_close(ranks[0][k], one[k], atol=1e-12, rtol=1e-10, msg=k)
+
+
+# ---------------------------------------------------------------------------- from a teacher cache
+def test_ddktrainer_distills_from_a_teacher_cache_without_a_teacher(tmp_path, tok):
+    from torch.utils.data import DataLoader
+
+    from ddk import causal_lm_kd_loss
+    from ddk.data import TeacherCacheCollator, build_teacher_cache, pack_domains, tokenizer_hash
+
+    teacher = make_model("llama", len(tok), seed=1).eval()
+    packed = pack_domains(_records(), tok, seq_len=16, val_samples=4, seed=0, progress=False)
+    cache = build_teacher_cache(
+        teacher, packed, tmp_path / "cache", top_k=len(tok), vocab_size=len(tok), tokenizer_hash=tokenizer_hash(tok),
+        progress=False,
+    )  # fmt: skip
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        tr = DDKTrainer(
+            model=make_model("llama", len(tok), seed=2),
+            args=_config(tmp_path / "o", max_steps=2),
+            processing_class=tok,
+            **kw,
+        )
+        tr.train()
+        return tr
+
+    online = run(teacher=teacher, train_dataset=_records())
+    cached = run(teacher_cache=tmp_path / "cache")
+    assert cached.teacher is None and cached.controller.num_updates == 2
+    assert cached.controller.records[0]["teacher_ce"] == pytest.approx(
+        online.controller.records[0]["teacher_ce"], rel=1e-5
+    )
+    # every token cached: the full loss, up to the fp16 log-probabilities (Adam's first steps amplify
+    # sign flips of tiny gradient entries, so the weights themselves are not compared)
+    loss = [h["train_loss"] for h in (online.state.log_history[-1], cached.state.log_history[-1])]
+    assert loss[1] == pytest.approx(loss[0], rel=1e-3)
+    for a, b in zip(online.controller.records, cached.controller.records):
+        assert b["student_ce"] == pytest.approx(a["student_ce"], rel=1e-3)
+    batch = next(iter(DataLoader(cached.train_dataset, batch_size=4, collate_fn=TeacherCacheCollator())))
+    student = make_model("llama", len(tok), seed=3)
+    with torch.no_grad():
+        via_cache = causal_lm_kd_loss(student, None, batch, num_domains=3)
+        direct = causal_lm_kd_loss(
+            student, teacher, {k: batch[k] for k in ("input_ids", "labels", "domain_ids")}, num_domains=3
+        )
+    assert float(direct.kd_sum) > 0 and float(via_cache.kd_sum) == pytest.approx(float(direct.kd_sum), rel=2e-3)
+    with pytest.raises(ValueError, match="teacher_cache replaces teacher, train_dataset and controller"):
+        DDKTrainer(model=make_model("llama", len(tok), seed=2), args=_config(tmp_path / "x"), teacher=teacher,
+                   teacher_cache=cache, processing_class=tok)  # fmt: skip
+    with pytest.raises(ValueError, match=r"must match the run; got seq_len: the cache has 16, the run 8"):
+        DDKTrainer(model=make_model("llama", len(tok), seed=2), args=_config(tmp_path / "x", seq_len=8),
+                   teacher_cache=cache, processing_class=tok)  # fmt: skip
