@@ -20,6 +20,7 @@ reading of these numbers) when it exists.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs/e2e", help="folder of the run folders")
     p.add_argument("--report", default="docs/results.md", help="markdown report (plots go into figures/ next to it)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples of the confidence intervals")
+    p.add_argument(
+        "--cache-ks", nargs="*", type=int, default=[8, 32, 128], help="teacher-cache k values (none: no cache runs)"
+    )
+    p.add_argument("--cache-seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of the cache runs")
     add_config_arguments(p)
     return p
 
@@ -85,6 +90,7 @@ def _run_all(args: argparse.Namespace, argv: list[str]) -> tuple[Results, dict[s
                 cfg = demo_config(config_from_args(ns, base=("experiment",)))  # teacher and students cached
                 models.setdefault("teacher", _meta(cfg.teacher))
                 models.setdefault("cfg", cfg)
+                models.setdefault(f"cfg:{start}", cfg)
                 models.setdefault(f"student:{start}", _meta(cfg.student))
                 results.setdefault(start, {}).setdefault(method, []).append(_one_run(cfg))
     return results, models
@@ -100,6 +106,88 @@ def _one_run(cfg: RecipeConfig) -> dict[str, Any]:
     summary = json.loads(summary_path.read_text()) if done else distill(cfg)
     summary["run_dir"] = str(cfg.run_dir)
     return summary
+
+
+def _cache_runs(args: argparse.Namespace, results: Results, models: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each k: ``ddk teacher-cache`` of the teacher (cached), then ``kd`` from the cache per seed
+    from the first start's student; ``[{"k", "build_seconds", "bytes_per_position", "runs": [...]}]``."""
+    from ddk.recipes.teacher_cache import teacher_cache
+
+    start = args.starts[0]
+    if not args.cache_ks or "kd" not in results.get(start, {}):
+        return []
+    base: RecipeConfig = models[f"cfg:{start}"]
+    out = []
+    for k in args.cache_ks:
+        folder = Path(args.runs) / "cache" / f"k{k}"
+        t0 = time.perf_counter()
+        cache = teacher_cache(dataclasses.replace(base, student="", out=str(folder), top_k=k, method="kd"))
+        seconds_file = folder / "build_seconds.json"
+        if not seconds_file.is_file():  # the first build's time; a reused cache keeps it
+            seconds_file.write_text(json.dumps(time.perf_counter() - t0))
+        positions = sum(cache.manifest["tokens"]["train"]) + sum(cache.manifest["tokens"]["validation"])
+        runs = []
+        for seed in args.cache_seeds:
+            cfg = dataclasses.replace(
+                base, method="kd", seed=seed, teacher="", data=(), validation_data=(), teacher_cache=str(folder),
+                out=str(Path(args.runs) / start / f"kd-cache-k{k}-s{seed}"),
+            )  # fmt: skip
+            runs.append(_one_run(cfg))
+        out.append(
+            {
+                "k": k,
+                "build_seconds": json.loads(seconds_file.read_text()),
+                "bytes_per_position": cache.disk_bytes() / positions,
+                "runs": runs,
+            }
+        )
+    return out
+
+
+def _cache_section(cache: list[dict[str, Any]], results: Results, args: argparse.Namespace) -> list[str]:
+    if not cache:
+        return []
+    start = args.starts[0]
+    online = {r["seed"]: r for r in results[start]["kd"]}
+    lines = [
+        "## Distilling from a teacher cache",
+        "",
+        f"`ddk teacher-cache` stored the teacher's top-k log-probabilities per position; `kd` then ran from the "
+        f"cache (no teacher in memory) from the `{start}` start with seeds {list(args.cache_seeds)}, at the token "
+        "budget of the online runs. Quality: the same seed's online full-vocabulary `kd` run is the pair "
+        "(negative: the cache run ends closer to the teacher). Wall time: the whole run (steps and validation "
+        "passes); the per-step ratio is in `bench/README.md` (`bench/test_bench_cache.py`).",
+        "",
+    ]
+    rows = []
+    for c in cache:
+        pairs = [(r, online[r["seed"]]) for r in c["runs"] if r["seed"] in online]
+        d_mean = [a["mean_gap"] - b["mean_gap"] for a, b in pairs]
+        d_worst = [a["worst_gap"] - b["worst_gap"] for a, b in pairs]
+        lo, hi = bootstrap_ci(d_mean, args.bootstrap)
+        wall = statistics.mean(b["wall_seconds"] for _, b in pairs) / statistics.mean(
+            a["wall_seconds"] for a, _ in pairs
+        )
+        rows.append(
+            [
+                str(c["k"]),
+                f"{c['bytes_per_position']:.1f}",
+                f"{c['build_seconds']:.0f}",
+                f"{statistics.mean(a['mean_gap'] for a, _ in pairs):.4f}",
+                f"{statistics.mean(d_mean):+.4f} [{lo:+.4f}, {hi:+.4f}]",
+                f"{statistics.mean(d_worst):+.4f}",
+                f"{statistics.mean(a['wall_seconds'] for a, _ in pairs):.0f} s ({wall:.2f}x faster)",
+            ]
+        )
+    on_gap = statistics.mean(online[s]["mean_gap"] for s in args.cache_seeds if s in online)
+    on_wall = statistics.mean(online[s]["wall_seconds"] for s in args.cache_seeds if s in online)
+    lines += _table(
+        ["k", "bytes per position on disk", "cache build (s)", "mean gap", "mean gap - online kd (95% CI)",
+         "worst gap - online kd", "run wall time"],
+        rows,
+    )  # fmt: skip
+    lines += ["", f"Online full-vocabulary `kd`, same seeds: mean gap {on_gap:.4f}, run wall time {on_wall:.0f} s.", ""]
+    return lines
 
 
 def _plots(results: Results, fig_dir: Path, resamples: int) -> list[Path]:
@@ -341,6 +429,7 @@ def _report(
     ]
     for start, by_method in results.items():
         lines += _start_section(start, by_method, models, args)
+    lines += _cache_section(models.get("cache", []), results, args)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(report.parent).as_posix()})" for p in plots] + [""]
     findings = HERE / "findings.md"
@@ -359,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     results, models = _run_all(args, argv)
+    models["cache"] = _cache_runs(args, results, models)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     plots = _plots(results, report.parent / "figures", args.bootstrap)

@@ -43,7 +43,7 @@ import torch
 
 from ddk._io import atomic_write_text, file_sha256, json_fingerprint
 
-__all__ = ["TeacherCache", "TeacherCacheCollator", "TeacherCacheDataset", "build_teacher_cache"]
+__all__ = ["TeacherCache", "TeacherCacheCollator", "TeacherCacheDataset", "build_teacher_cache", "bytes_per_token"]
 
 FORMAT = "ddk.teacher_cache"
 VERSION = 1
@@ -255,13 +255,13 @@ def _write_manifest(root: Path, plan: dict[str, Any], packed: Any, jobs: list[tu
         **plan,
         "tokens": counts,  # predicted positions per split and domain (L - 1 per sequence)
         "teacher_ce": ce,  # per split and domain, nats/token, T = 1
-        "bytes_per_token": _bytes_per_token(plan["top_k"]),
+        "bytes_per_token": bytes_per_token(plan["top_k"]),
         "shards": shards,
     }
     atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1))
 
 
-def _bytes_per_token(k: int) -> int:
+def bytes_per_token(k: int) -> int:
     """Bytes stored per position: input id, k ids, k fp16 log-probabilities, tail, label log-probability."""
     return 4 + 4 * k + 2 * k + 4 + 4
 

@@ -45,6 +45,7 @@ def test_e2e_matrix_writes_the_report_and_reuses_finished_runs(tmp_path: Path, m
     )  # fmt: skip
     (tmp_path / "tiny.yaml").write_text(json.dumps(tiny))  # JSON is YAML
     argv = ["--starts", "uniform", "skewed", "--methods", "kd", "ddk", "kd-doremi", "--seeds", "0", "1"]
+    argv += ["--cache-ks", "4", "--cache-seeds", "0", "1"]
     argv += ["--bootstrap", "500", "--config", str(tmp_path / "tiny.yaml"), "--runs", str(tmp_path / "runs")]
     argv += ["--report", str(tmp_path / "r" / "results.md")]
     assert e2e.main(argv) == 0
