@@ -5,13 +5,23 @@ the examples name (``my-teacher``: a Qwen2 teacher with 8 padding rows, ``my-stu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
-from doc_examples import ROOT, distill_commands, make_user_folder, python_blocks, run_command, run_python
+from doc_examples import (
+    ROOT,
+    code_blocks,
+    command_lines,
+    distill_commands,
+    make_user_folder,
+    python_blocks,
+    run_command,
+    run_python,
+)
 
 README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = [b.text for b in python_blocks(README)]
@@ -41,3 +51,20 @@ def test_readme_distill_command_runs_as_printed_and_the_student_loads(workdir: P
 
     assert AutoModelForCausalLM.from_pretrained(str(out / "student")).config.model_type == "qwen2"
     assert len(AutoTokenizer.from_pretrained(str(out / "student"))) > 0
+
+
+CACHE_COMMANDS = [
+    line
+    for b in code_blocks(README)
+    if b.lang == "bash" and b.not_executed is None
+    for line in command_lines(b)
+    if line.startswith(("ddk teacher-cache", "ddk distill --student"))
+]
+
+
+def test_readme_teacher_cache_commands_run_in_order_without_the_teacher(workdir: Path) -> None:
+    assert [c.split()[1] for c in CACHE_COMMANDS] == ["teacher-cache", "distill"]
+    for command in CACHE_COMMANDS:
+        run_command(command, workdir)
+    summary = json.loads((workdir / "cached-run" / "summary.json").read_text())
+    assert summary["teacher_params"] == 0 and summary["method"] == "ddk"
