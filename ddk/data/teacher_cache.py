@@ -363,6 +363,13 @@ class TeacherCache:
                 shards.append(arrays)
             self._arrays[split] = shards
 
+    def arrays(self, split: str) -> list[dict[str, np.ndarray]]:
+        """Per domain, the memory-mapped arrays of ``split`` (``"train"`` or ``"validation"``):
+        ``input_ids``, ``topk_ids``, ``topk_logprobs``, ``tail``, ``label_logprob``."""
+        if split not in SPLITS:
+            raise ValueError(f"TeacherCache.arrays: split must be one of {SPLITS}; got {split!r}.")
+        return list(self._arrays[split])
+
     # --- the PackedDomains interface
     @property
     def sizes(self) -> list[int]:

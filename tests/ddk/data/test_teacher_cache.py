@@ -81,7 +81,7 @@ def test_a_killed_build_resumes_and_equals_a_clean_one(tmp_path: Path, monkeypat
     resumed = build_teacher_cache(teacher, packed, tmp_path / "cut", top_k=3, progress=False)
     assert calls["n"] == 10 + 2 * len(packed.names) - 2  # only the missing shards were computed
     for a, b in zip(
-        clean._arrays["train"] + clean._arrays["validation"], resumed._arrays["train"] + resumed._arrays["validation"]
+        clean.arrays("train") + clean.arrays("validation"), resumed.arrays("train") + resumed.arrays("validation")
     ):
         for name in a:
             assert np.array_equal(a[name], b[name], equal_nan=True), name

@@ -190,3 +190,22 @@ def test_teacher_under_torchrun_from_a_cold_cache(tmp_path):  # type: ignore[no-
     teachers = [p.parent for p in (tmp_path / "data" / "teachers").rglob("demo_meta.json")]
     assert len(teachers) == 1 and (teachers[0] / "model.safetensors").is_file()
     assert f"teacher: {teachers[0]}" in res.stdout
+
+
+def test_teacher_cache_under_torchrun_equals_one_process_and_ddp_distills_from_it(tmp):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from ddk.data import TeacherCache
+    from ddk.recipes.teacher_cache import teacher_cache
+
+    one = teacher_cache(_config(tmp, "tcache-1", top_k=6))
+    _torchrun(tmp, _config(tmp, "tcache-2", top_k=6), command="teacher-cache")  # shards dealt to 2 ranks
+    two = TeacherCache(tmp / "runs" / "tcache-2", verify=True)
+    assert two.manifest["teacher_ce"] == one.manifest["teacher_ce"]
+    for split in ("train", "validation"):
+        for a, b in zip(one.arrays(split), two.arrays(split)):
+            assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    kw = dict(teacher="", data=(), teacher_cache=str(one.root))
+    real.distill(_config(tmp, "cached-1", **kw))
+    _torchrun(tmp, _config(tmp, "cached-2", **kw))
+    _assert_same_run(tmp / "runs" / "cached-1", tmp / "runs" / "cached-2")
