@@ -30,6 +30,7 @@ plus the teacher's exact per-domain validation CE (``teacher_ce``), so a run nee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk._io import atomic_write_text, file_sha256, json_fingerprint
+from ddk._io import atomic_write_text, file_sha256, folder_lock, json_fingerprint
 
 __all__ = ["TeacherCache", "TeacherCacheCollator", "TeacherCacheDataset", "build_teacher_cache", "bytes_per_token"]
 
@@ -172,9 +173,7 @@ def build_teacher_cache(
     Returns:
         The opened ``TeacherCache``.
     """
-    from tqdm.auto import tqdm
-
-    from ddk.distributed import barrier, rank_world
+    from ddk.distributed import rank_world
 
     fn = "build_teacher_cache"
     vocab = int(vocab_size if vocab_size is not None else teacher.config.vocab_size)
@@ -204,8 +203,27 @@ def build_teacher_cache(
         cache = TeacherCache(root)
         if {k: cache.manifest.get(k) for k in plan} == plan:
             return cache
+    hint = "Wait for that build to finish (or stop it), or pass another out."
+    with folder_lock(root, fn, "out", hint=hint) if rank == 0 else contextlib.nullcontext():
+        _build(teacher, packed, root, plan, batch_size, device, autocast, progress)
+    return TeacherCache(root)
+
+
+def _build(
+    teacher: Any, packed: Any, root: Path, plan: dict[str, Any], batch_size: int, device: Any,
+    autocast: torch.dtype | None, progress: bool,
+) -> None:  # fmt: skip
+    """The shards this rank owns (skipping finished ones), then the manifest (rank 0)."""
+    from tqdm.auto import tqdm
+
+    from ddk.distributed import barrier, rank_world
+
+    fn = "build_teacher_cache"
+    rank, world = rank_world()
+    top_k, vocab = int(plan["top_k"]), int(plan["vocab_size"])
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        for stale in (root / "shards").glob(".*.tmp-*"):  # left by a killed build (this build holds the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         old = root / "plan.json"
         if old.is_file():
             prev = json.loads(old.read_text())
@@ -229,13 +247,12 @@ def build_teacher_cache(
         if j % world != rank or _shard_ok(folder, int(packed.seq_len), top_k, int(arr.shape[0])):
             bar.update(int(arr.shape[0]))
             continue
-        _write_shard(folder, [arr], teacher, vocab, top_k, float(temperature), batch_size, dev, autocast, bar)
+        _write_shard(folder, [arr], teacher, vocab, top_k, float(plan["temperature"]), batch_size, dev, autocast, bar)
     bar.close()
     barrier()
     if rank == 0:
         _write_manifest(root, plan, packed, jobs)
     barrier()
-    return TeacherCache(root)
 
 
 def _write_manifest(root: Path, plan: dict[str, Any], packed: Any, jobs: list[tuple[str, int]]) -> None:

@@ -70,3 +70,36 @@ def test_ddk_from_a_top_k_cache_runs_and_a_mismatched_cache_is_named(tmp_path: P
         own_cfg(tmp_path, method="kd", teacher_cache=str(cache_dir))
     teacher, student, corpus = own_models(tmp_path)
     assert main(["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), *SMALL]) == 2  # no --out
+
+
+def test_a_sigkilled_teacher_cache_build_resumes_to_the_same_cache(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from hf_models import write_jsonl
+
+    teacher, _, _ = own_models(tmp_path)
+    corpus = write_jsonl(tmp_path / "big.jsonl", docs_per_domain=200)
+    base = ["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), "--top-k", "8", "--eval-batch-size", "1"]
+    base += ["--data-dir", str(tmp_path / "cache"), *SMALL]
+    assert main([*base, "--out", str(tmp_path / "clean")]) == 0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ddk.recipes.cli", *base, "--out", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cut" / "shards").glob("*/shard.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((tmp_path / "cut" / "shards").glob("*/shard.json")))
+    assert 1 <= done < 6 and not (tmp_path / "cut" / "manifest.json").exists(), done  # killed mid-build
+    assert main([*base, "--out", str(tmp_path / "cut")]) == 0  # the same command resumes
+    clean, cut = TeacherCache(tmp_path / "clean"), TeacherCache(tmp_path / "cut", verify=True)
+    for split in ("train", "validation"):
+        for a, b in zip(clean.arrays(split), cut.arrays(split)):
+            assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    assert not list((tmp_path / "cut" / "shards").glob(".*.tmp-*"))  # the killed shard's folder is gone
