@@ -552,9 +552,11 @@ def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
     )
 
 
-@pytest.mark.parametrize("method", ["kd", "ddk", "ddk-no-smoothing", "ddk-online"])
+@pytest.mark.parametrize("method", ["kd", "ddk", "ddk-no-smoothing", "ddk-online", "kd-doremi"])
 def test_ddktrainer_methods_other_than_cpt_need_a_teacher(tmp_path, tok, method):
-    with pytest.raises(ValueError, match=rf"teacher must be given for method='{method}'.*got None"):
+    with pytest.raises(
+        ValueError, match=rf"teacher \(or teacher_cache\) must be given for method='{method}'.*got None"
+    ):
         DDKTrainer(
             model=make_model("llama", len(tok)),
             teacher=None,
