@@ -32,6 +32,7 @@ from ddk.losses.kd import (
     flatten_for_loss,
     flatten_labels_domains,
     kd_loss,
+    loss_params,
     one_of,
     validate_kd_options,
     validate_labels_domains,
@@ -39,7 +40,7 @@ from ddk.losses.kd import (
 from ddk_kernels.dispatch import resolve
 from ddk_kernels.fused_plan import STRATEGIES, FusedOptions
 from ddk_kernels.reduce import kd_output
-from ddk_kernels.types import FLOAT_DTYPES, KDConfig, KDLossOutput, KDLossParams, TeacherInputs
+from ddk_kernels.types import FLOAT_DTYPES, KDLossOutput, TeacherInputs
 
 __all__ = [
     "fused_linear_kd_loss",
@@ -297,7 +298,7 @@ def fused_linear_kd_loss(
             _to_autocast(t, amp) for t in (student_bias, teacher_hidden, teacher_weight)
         )
     n, vocab = _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias)
-    kind = validate_kd_options(
+    params = loss_params(
         _FN,
         gamma=gamma,
         temperature=temperature,
@@ -305,6 +306,8 @@ def fused_linear_kd_loss(
         beta=beta,
         num_domains=num_domains,
         normalizer=normalizer,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
     )
     plan_strategy = one_of(_FN, "strategy", strategy, STRATEGIES)
     if workspace_bytes is not None and (
@@ -316,8 +319,6 @@ def fused_linear_kd_loss(
         check_inputs = dev.type == "cpu"
     d = validate_labels_domains(_FN, n, vocab, labels, domain_ids, num_domains, ignore_index, dev, check_inputs)
     labels = labels.long()
-    config = KDConfig(temperature=float(temperature), divergence=kind, beta=float(beta), ignore_index=ignore_index)
-    params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
     fused = resolve("fused_linear_kd", backend, dev)
     if teacher_weight is not None:
         teacher_weight = teacher_weight[:vocab]

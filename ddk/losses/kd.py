@@ -211,6 +211,32 @@ def validate_kd_options(
     return checked
 
 
+def loss_params(
+    fn: str,
+    *,
+    gamma: float,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    num_domains: int | None,
+    normalizer: float | torch.Tensor | None,
+    ignore_index: int,
+    t2_scale: bool,
+) -> KDLossParams:
+    """The scalar options of every public loss, checked (``validate_kd_options``), as ``KDLossParams``."""
+    kind = validate_kd_options(
+        fn,
+        gamma=gamma,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        num_domains=num_domains,
+        normalizer=normalizer,
+    )
+    config = KDConfig(temperature=float(temperature), divergence=kind, beta=float(beta), ignore_index=ignore_index)
+    return KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
+
+
 def validate_normalizer(fn: str, normalizer: float | torch.Tensor) -> None:
     """``normalizer`` must be one finite number > 0: a Python number, or a one-element tensor.
 
@@ -424,7 +450,7 @@ def kd_loss(
         raise ValueError(
             f"{fn}: teacher_logits must be on the student's device {student_logits.device}; got {teacher_logits.device}."
         )
-    kind = validate_kd_options(
+    params = loss_params(
         fn,
         gamma=gamma,
         temperature=temperature,
@@ -432,15 +458,16 @@ def kd_loss(
         beta=beta,
         num_domains=num_domains,
         normalizer=normalizer,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
     )
+    config = params.config
     if check_inputs is None:
         check_inputs = student_logits.device.type == "cpu"
     d = validate_labels_domains(
         fn, n, vocab, labels, domain_ids, num_domains, ignore_index, student_logits.device, check_inputs
     )
     labels = labels.long()
-    config = KDConfig(temperature=float(temperature), divergence=kind, beta=float(beta), ignore_index=ignore_index)
-    params = KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
     rows = resolve("kd_rows", backend, student_logits.device)
     teacher = teacher_logits[:, :vocab].detach()
     if teacher.stride(-1) != 1:

@@ -17,12 +17,12 @@ from ddk.losses.kd import (
     autocast_dtype,
     autocast_off,
     flatten_for_loss,
-    validate_kd_options,
+    loss_params,
     validate_labels_domains,
 )
 from ddk_kernels.dispatch import resolve
 from ddk_kernels.reduce import kd_output
-from ddk_kernels.types import FLOAT_DTYPES, KDConfig, KDLossOutput, KDLossParams, SparseTeacher
+from ddk_kernels.types import FLOAT_DTYPES, KDLossOutput, SparseTeacher
 
 __all__ = ["fused_linear_sparse_kd_loss", "sparse_kd_loss"]
 
@@ -88,30 +88,6 @@ def _check_ids(fn: str, ids: torch.Tensor, vocab: int, check_values: bool) -> No
         raise ValueError(f"{fn}: teacher_topk_ids must be distinct within each row; got a repeated id.")
 
 
-def _params(
-    fn: str,
-    gamma: float,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    num_domains: int | None,
-    normalizer: float | torch.Tensor | None,
-    ignore_index: int,
-    t2_scale: bool,
-) -> KDLossParams:
-    kind = validate_kd_options(
-        fn,
-        gamma=gamma,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        num_domains=num_domains,
-        normalizer=normalizer,
-    )
-    config = KDConfig(temperature=float(temperature), divergence=kind, beta=float(beta), ignore_index=ignore_index)
-    return KDLossParams(config, gamma=float(gamma), t2_scale=bool(t2_scale), normalizer=normalizer)
-
-
 def sparse_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -174,7 +150,17 @@ def sparse_kd_loss(
         shift,
         ignore_index,
     )
-    params = _params(fn, gamma, temperature, divergence, beta, num_domains, normalizer, ignore_index, t2_scale)
+    params = loss_params(
+        fn,
+        gamma=gamma,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        num_domains=num_domains,
+        normalizer=normalizer,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
     dev = logits.device
     check = dev.type == "cpu" if check_inputs is None else check_inputs
     n, vocab = logits.shape
@@ -263,7 +249,17 @@ def fused_linear_sparse_kd_loss(
         shift,
         ignore_index,
     )
-    params = _params(fn, gamma, temperature, divergence, beta, num_domains, normalizer, ignore_index, t2_scale)
+    params = loss_params(
+        fn,
+        gamma=gamma,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        num_domains=num_domains,
+        normalizer=normalizer,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+    )
     dev = hidden.device
     amp = autocast_dtype(dev)
     weight, bias = student_weight, student_bias
