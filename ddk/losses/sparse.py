@@ -31,15 +31,21 @@ def _teacher_rows(
     fn: str,
     first: torch.Tensor,
     first_name: str,
+    vocab: int,
     labels: torch.Tensor,
     domain_ids: torch.Tensor | None,
     ids: torch.Tensor,
     logprobs: torch.Tensor,
     tail: torch.Tensor | None,
+    *,
     shift: bool,
     ignore_index: int,
-) -> tuple[torch.Tensor, SparseTeacher, torch.Tensor, torch.Tensor | None]:
-    """Flatten the student input and the cached teacher to rows; check the teacher's shapes and dtypes."""
+    num_domains: int | None,
+    check_inputs: bool | None,
+) -> tuple[torch.Tensor, SparseTeacher, torch.Tensor, torch.Tensor | None, int]:
+    """Flatten the student input and the cached teacher to rows and check them (the teacher's shapes
+    and dtypes; labels, domain ids and teacher ids against V, with value checks by default on the
+    CPU); return ``(rows, teacher, labels, domain_ids, D)``."""
     for name, t in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", logprobs)):
         if not isinstance(t, torch.Tensor) or t.dim() != first.dim() or t.shape[:-1] != first.shape[:-1]:
             raise ValueError(
@@ -69,7 +75,11 @@ def _teacher_rows(
         fn=fn,
     )
     tail = None if tail3 is None else tail3.reshape(-1)
-    return first, SparseTeacher(ids, logprobs, tail), labels, domain_ids
+    dev = first.device
+    check = dev.type == "cpu" if check_inputs is None else check_inputs
+    d = validate_labels_domains(fn, first.shape[0], vocab, labels, domain_ids, num_domains, ignore_index, dev, check)
+    _check_ids(fn, ids, vocab, check)
+    return first, SparseTeacher(ids, logprobs, tail), labels, domain_ids, d
 
 
 def _check_ids(fn: str, ids: torch.Tensor, vocab: int, check_values: bool) -> None:
@@ -138,17 +148,20 @@ def sparse_kd_loss(
         raise ValueError(f"{fn}: student_logits must be a 2-D (N, V) or 3-D (B, L, V) float tensor.")
     if student_logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{fn}: student_logits must be a float tensor; got {student_logits.dtype}.")
-    logits, teacher, labels, domain_ids = _teacher_rows(
+    logits, teacher, labels, domain_ids, d = _teacher_rows(
         fn,
         student_logits,
         "student_logits",
+        student_logits.shape[-1],
         labels,
         domain_ids,
         teacher_topk_ids,
         teacher_topk_logprobs,
         teacher_tail,
-        shift,
-        ignore_index,
+        shift=shift,
+        ignore_index=ignore_index,
+        num_domains=num_domains,
+        check_inputs=check_inputs,
     )
     params = loss_params(
         fn,
@@ -162,10 +175,6 @@ def sparse_kd_loss(
         t2_scale=t2_scale,
     )
     dev = logits.device
-    check = dev.type == "cpu" if check_inputs is None else check_inputs
-    n, vocab = logits.shape
-    d = validate_labels_domains(fn, n, vocab, labels, domain_ids, num_domains, ignore_index, dev, check)
-    _check_ids(fn, teacher.ids, vocab, check)
     op = resolve("sparse_kd", backend, dev)
     with autocast_off(dev):
         loss, ce, kd = op(logits, labels.long(), teacher, params)
@@ -237,17 +246,20 @@ def fused_linear_sparse_kd_loss(
     vocab = student_weight.shape[0]
     if student_bias is not None and (not isinstance(student_bias, torch.Tensor) or student_bias.shape != (vocab,)):
         raise ValueError(f"{fn}: student_bias must have shape ({vocab},) or be None.")
-    hidden, teacher, labels, domain_ids = _teacher_rows(
+    hidden, teacher, labels, domain_ids, d = _teacher_rows(
         fn,
         student_hidden,
         "student_hidden",
+        vocab,
         labels,
         domain_ids,
         teacher_topk_ids,
         teacher_topk_logprobs,
         teacher_tail,
-        shift,
-        ignore_index,
+        shift=shift,
+        ignore_index=ignore_index,
+        num_domains=num_domains,
+        check_inputs=check_inputs,
     )
     params = loss_params(
         fn,
@@ -266,9 +278,6 @@ def fused_linear_sparse_kd_loss(
     if amp is not None:
         hidden, weight = hidden.to(amp), weight.to(amp)
         bias = None if bias is None else bias.to(amp)
-    check = dev.type == "cpu" if check_inputs is None else check_inputs
-    d = validate_labels_domains(fn, hidden.shape[0], vocab, labels, domain_ids, num_domains, ignore_index, dev, check)
-    _check_ids(fn, teacher.ids, vocab, check)
     if not torch.is_grad_enabled():
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
