@@ -19,9 +19,9 @@ from typing import Any
 
 _EXPORTS = {
     "load_records": "ddk.data.records",
-    "DomainCollator": "ddk.data.packing",
-    "DomainSequenceDataset": "ddk.data.packing",
-    "PackedDomains": "ddk.data.packing",
+    "DomainCollator": "ddk.data.packed",
+    "DomainSequenceDataset": "ddk.data.packed",
+    "PackedDomains": "ddk.data.packed",
     "pack_domains": "ddk.data.packing",
     "tokenizer_hash": "ddk.data.packing",
     "TeacherCache": "ddk.data.teacher_cache",

@@ -1,10 +1,9 @@
-"""Tests of ``ddk.data.packing``: packing per domain, the stable split, the cache, the dataset and
-the collator, on a tiny local tokenizer (no hub access)."""
+"""Tests of ``ddk.data.packing``: packing per domain, the stable split, the cache key and the
+tokenizer hash, on a tiny local tokenizer (no hub access). The records checks of
+``ddk.data.tokens`` are tested here, through ``pack_domains``."""
 
 from __future__ import annotations
 
-import json
-import pickle
 import random
 import re
 import warnings
@@ -13,13 +12,12 @@ from typing import Any
 import datasets
 import numpy as np
 import pytest
-import torch
 from hf_models import domain_text, make_tokenizer, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddk import MixtureSampler
-from ddk.data.packing import DomainCollator, PackedDomains, pack_domains, tokenizer_hash
+from ddk.data.packed import PackedDomains
+from ddk.data.packing import pack_domains, tokenizer_hash
 from ddk.data.records import load_records
 from ddk.partition.partitioner import stable_unit_hash
 
@@ -274,46 +272,7 @@ def test_pack_domains_tokenizer_without_eos_is_an_error(tok, records):
         pack_domains(records, NoEos(), **_quiet())
 
 
-# ----------------------------------------------------------------------------- cache
-def test_pack_domains_cache_hit_memory_maps_without_tokenizing(tok, records, tmp_path, monkeypatch):
-    first = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    assert first.root == tmp_path / first.key
-    files = sorted(p.name for p in first.root.iterdir())
-    assert files == [
-        "meta.json",
-        "train_0.bin",
-        "train_1.bin",
-        "train_2.bin",
-        "validation_0.bin",
-        "validation_1.bin",
-        "validation_2.bin",
-    ]  # by index, never by name
-    assert [p.name for p in tmp_path.iterdir()] == [first.key]  # the temp folder was renamed
-    meta = json.loads((first.root / "meta.json").read_text())
-    assert (
-        meta["names"] == ["code", "math", "prose"] and meta["seq_len"] == L and meta["eos_token_id"] == tok.eos_token_id
-    )
-    assert meta["tokenizer_hash"] == tokenizer_hash(tok)
-    assert [e["shape"] for e in meta["train"]] == [[n, L] for n in first.sizes]
-    assert all(len(e["sha256"]) == 64 for e in meta["train"] + meta["validation"])
-
-    def no_tokenizing(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise AssertionError("the tokenizer must not be called on a cache hit")
-
-    monkeypatch.setattr(type(tok), "__call__", no_tokenizing)
-    again = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    assert again.key == first.key and again.names == first.names
-    monkeypatch.undo()
-    uncached = pack_domains(records, tok, **_quiet(val_samples=3))
-    for a, b, c in zip(
-        again.train + again.validation, first.train + first.validation, uncached.train + uncached.validation
-    ):
-        assert isinstance(a, np.memmap) and a.dtype == np.int32
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, c)
-    assert uncached.key == first.key
-
-
+# ----------------------------------------------------------------------------- cache key
 def test_pack_domains_cache_key_changes_with_contents_and_options(tok, records):
     recs = list(records)
     key = pack_domains(recs, tok, **_quiet(val_samples=3)).key
@@ -334,150 +293,7 @@ def test_pack_domains_cache_key_changes_with_contents_and_options(tok, records):
     assert key not in keys and len(keys) == 8
 
 
-def test_pack_domains_damaged_cache_is_an_error(tok, records, tmp_path):
-    packed = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    f = packed.root / "validation_1.bin"
-    data = bytearray(f.read_bytes())
-    data[0] ^= 1
-    f.write_bytes(bytes(data))  # same size: passes the cheap check, fails verify=True
-    pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    with pytest.raises(ValueError, match=re.escape(f"pack_domains: cache file {f} must have sha256 ")):
-        pack_domains(records, tok, cache_dir=tmp_path, verify=True, **_quiet(val_samples=3))
-    f.write_bytes(bytes(data[:-4]))
-    with pytest.raises(
-        ValueError,
-        match=re.escape(f"pack_domains: cache file {f} must hold {len(data)} bytes") + r".*delete .* to rebuild it",
-    ):
-        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-
-
-def test_pack_domains_failed_build_leaves_no_cache(tok, records, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = type(tok).__call__
-
-    def dies_later(self, *a, **k):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise KeyboardInterrupt  # as a killed build
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(type(tok), "__call__", dies_later)
-    with pytest.raises(KeyboardInterrupt):
-        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    assert list(tmp_path.iterdir()) == []
-    monkeypatch.undo()
-    packed = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    assert (packed.root / "meta.json").is_file()
-
-
-# ----------------------------------------------------------------------------- dataset / collator
-def test_domain_sequence_dataset_indices_agree_with_mixture_sampler(tok, records, tmp_path):
-    packed = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
-    ds = packed.train_dataset()
-    assert ds.domain_names == packed.names and ds.domain_sizes == tuple(packed.sizes) and len(ds) == sum(packed.sizes)
-    assert ds.offsets == (0, packed.sizes[0], packed.sizes[0] + packed.sizes[1])
-    sampler = MixtureSampler(ds.domain_sizes, global_batch_size=6, weights=[0.5, 0.3, 0.2], seed=0, num_batches=5)
-    assert ds.offsets == sampler.offsets
-    for i in range(len(ds)):
-        item = ds[i]
-        d = item["domain_id"]
-        assert d == sampler.domain_of(i)
-        assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape == (L,)
-        np.testing.assert_array_equal(item["input_ids"].numpy(), packed.train[d][i - ds.offsets[d]])
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=DomainCollator())
-    for batch in loader:
-        assert batch["input_ids"].shape == (6, L) and "attention_mask" not in batch
-    with pytest.raises(
-        IndexError, match=re.escape(f"DomainSequenceDataset: index must be in [0, {len(ds)}); got {len(ds)}.")
-    ):
-        ds[len(ds)]
-    assert ds[-1]["domain_id"] == 2 and ds[np.int64(0)]["domain_id"] == 0
-    clone = pickle.loads(pickle.dumps(ds))  # a DataLoader worker gets the files, not their contents
-    assert isinstance(clone._arrays[0], np.memmap) and torch.equal(clone[5]["input_ids"], ds[5]["input_ids"])
-
-
-def test_packed_domains_validation_sets(tok, records):
-    packed = pack_domains(records, tok, **_quiet(val_samples=5))
-    batches = packed.validation_batches(2)
-    assert list(batches) == list(packed.names)
-    for d, name in enumerate(packed.names):
-        assert [b["input_ids"].shape for b in batches[name]] == [(2, L), (2, L), (1, L)]
-        assert all(b["input_ids"].dtype == torch.int64 for b in batches[name])
-        np.testing.assert_array_equal(torch.cat([b["input_ids"] for b in batches[name]]).numpy(), packed.validation[d])
-    one = packed.validation_dataset("math")
-    assert one.domain_names == ("math",) and len(one) == 5 and one[0]["domain_id"] == 0
-    assert packed.validation_dataset(1).domain_names == ("math",)
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "PackedDomains.validation_dataset: domain must be one of ['code', 'math', 'prose']; got 'web'."
-        ),
-    ):
-        packed.validation_dataset("web")
-    with pytest.raises(
-        ValueError, match=re.escape("PackedDomains.validation_batches: batch_size must be an int >= 1; got 0.")
-    ):
-        packed.validation_batches(0)
-    assert "train=[" in repr(packed)
-
-
-def test_domain_collator_stacks_equal_lengths():
-    feats = [{"input_ids": torch.arange(4), "domain_id": 2}, {"input_ids": np.arange(4, 8), "domain_id": np.int64(0)}]
-    out = DomainCollator()(feats)
-    assert sorted(out) == ["domain_ids", "input_ids", "labels"]
-    assert out["input_ids"].dtype == out["labels"].dtype == out["domain_ids"].dtype == torch.int64
-    assert out["input_ids"].shape == out["labels"].shape == (2, 4) and out["domain_ids"].tolist() == [2, 0]
-    assert torch.equal(out["labels"], out["input_ids"])  # unshifted
-    out["labels"][0, 0] = 99
-    assert out["input_ids"][0, 0] == 0  # labels are a copy
-
-
-def test_domain_collator_pads_unequal_lengths():
-    feats = [
-        {"input_ids": [1, 2], "domain_id": 0},
-        {"input_ids": [3, 4, 5, 6], "domain_id": 1, "labels": [-100, 4, 5, 6]},
-    ]
-    out = DomainCollator(pad_token_id=7, ignore_index=-1)(feats)
-    assert out["input_ids"].tolist() == [[1, 2, 7, 7], [3, 4, 5, 6]]
-    assert out["labels"].tolist() == [[1, 2, -1, -1], [-100, 4, 5, 6]]
-    assert out["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and out["attention_mask"].dtype == torch.int64
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "DomainCollator: features must all have the same length when pad_token_id is None; got lengths [2, 4] (pass DomainCollator(pad_token_id=tokenizer.pad_token_id))."
-        ),
-    ):
-        DomainCollator()(feats)
-
-
-def test_domain_collator_bad_features():
-    c = DomainCollator()
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "DomainCollator: features[0] must be a mapping with 'input_ids' and 'domain_id' (items of DomainSequenceDataset); got ['input_ids']."
-        ),
-    ):
-        c([{"input_ids": [1]}])
-    with pytest.raises(ValueError, match=re.escape("DomainCollator: features must be a non-empty list of mappings")):
-        c([])
-    with pytest.raises(
-        ValueError, match=re.escape("DomainCollator: features[0]['domain_id'] must be a non-negative int; got -1.")
-    ):
-        c([{"input_ids": [1], "domain_id": -1}])
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "DomainCollator: features[0]['input_ids'] must be a 1-D sequence of ints; got shape (1, 2), dtype torch.int64."
-        ),
-    ):
-        c([{"input_ids": [[1, 2]], "domain_id": 0}])
-    with pytest.raises(
-        ValueError, match=re.escape("DomainCollator: pad_token_id must be a non-negative int or None; got -1.")
-    ):
-        DomainCollator(pad_token_id=-1)
-
-
+# ----------------------------------------------------------------------------- tokenizer hash
 def test_tokenizer_hash_is_stable_and_sees_the_vocabulary(tok, tmp_path):
     from transformers import AutoTokenizer
 

@@ -1,0 +1,244 @@
+"""From records to token windows, the steps of ``ddk.data.pack_domains`` (no public names).
+
+* ``_Records`` — uniform access to a ``datasets.Dataset`` or a list of dicts, with ``domain`` and
+  ``text`` (or pre-tokenized ``input_ids``) columns.
+* ``_scan`` — one checking pass over the records: domain codes, the content digest of the cache
+  key and the stable split hash of every document.
+* ``_token_lists`` — the int32 ids of some documents (tokenized, or read when pre-tokenized).
+* ``_Windows`` — cuts a token stream into ``(n, L)`` windows, in memory or written to a cache file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddk.data.records import _check_domain_name
+from ddk.partition.partitioner import stable_unit_hash
+
+__all__: list[str] = []
+
+_FORMAT = "ddk.pack_domains"  # the format's name: seeds the content digest, tags the cache
+_DTYPE = np.dtype("<i4")  # token ids, in memory and in the cache files
+_SCAN_BATCH = 1000  # records per batch of the hashing pass
+
+
+# ---------------------------------------------------------------------------- records access
+def _is_hf_dataset(obj: Any) -> bool:
+    mod = sys.modules.get("datasets")
+    return mod is not None and isinstance(obj, getattr(mod, "Dataset", ()))
+
+
+class _Records:
+    """Uniform access to a ``datasets.Dataset`` or a list of dicts with ``domain`` and ``text``
+    (or ``input_ids``) columns."""
+
+    def __init__(self, fn: str, arg: str, data: Any) -> None:
+        self.fn, self.arg = fn, arg
+        mod = sys.modules.get("datasets")
+        if mod is not None and isinstance(data, (getattr(mod, "DatasetDict", ()), getattr(mod, "IterableDataset", ()))):
+            raise TypeError(
+                f"{fn}: {arg} must be a map-style datasets.Dataset (pick a split, e.g. ds['train'], and do not stream); got {type(data).__name__}."
+            )
+        if _is_hf_dataset(data):
+            cols = list(data.column_names)
+            self.is_ds = True
+        elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+            bad = next((i for i, r in enumerate(data) if not isinstance(r, Mapping)), None)
+            if bad is not None:
+                raise TypeError(
+                    f"{fn}: {arg} must be a datasets.Dataset or a list of dicts; got {type(data[bad]).__name__} at index {bad}."
+                )
+            cols = sorted({k for r in data for k in r}) if data else []
+            self.is_ds = False
+        else:
+            raise TypeError(
+                f"{fn}: {arg} must be a datasets.Dataset (as load_records returns) or a list of dicts; got {type(data).__name__}."
+            )
+        if len(data) == 0:
+            raise ValueError(f"{fn}: {arg} must hold at least one record; got 0.")
+        tokens = "input_ids" if "input_ids" in cols else "text" if "text" in cols else None
+        if "domain" not in cols or tokens is None:
+            raise ValueError(
+                f"{fn}: {arg} must have a 'domain' column and a 'text' (or pre-tokenized 'input_ids') column; got columns {cols}."
+            )
+        self.data = data
+        self.tokens = tokens  # the column the token ids come from
+        self.has_text = "text" in cols  # the split key is the text when there is one
+        self.n = len(data)
+        self._cols = ["domain", "text", "input_ids"] if tokens == "input_ids" and self.has_text else ["domain", tokens]
+        self._view = data.select_columns(self._cols) if self.is_ds else None
+
+    def batches(self) -> Any:
+        """``(start, columns dict of lists)`` over all records, in order."""
+        if self._view is not None:  # a datasets.Dataset
+            start = 0
+            for b in self._view.iter(batch_size=_SCAN_BATCH):
+                yield start, b
+                start += len(b["domain"])
+        else:
+            for start in range(0, self.n, _SCAN_BATCH):
+                chunk = self.data[start : start + _SCAN_BATCH]
+                yield start, {c: [r.get(c) for r in chunk] for c in self._cols}
+
+    def column(self, name: str, indices: np.ndarray) -> list[Any]:
+        """Values of column ``name`` at ``indices`` (in that order)."""
+        idx = [int(i) for i in indices]
+        if self._view is not None:  # a datasets.Dataset
+            return self._view[idx][name]
+        return [self.data[i][name] for i in idx]
+
+    def ids_array(self, i: int, value: Any) -> np.ndarray:
+        """Pre-tokenized ids of record ``i`` as int32, checked."""
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            arr = np.asarray([], dtype=object)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{self.fn}: {self.arg}[{i}]['input_ids'] must be a list of ints; got {value!r:.60}.")
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+            raise ValueError(
+                f"{self.fn}: {self.arg}[{i}]['input_ids'] must be ids in [0, 2**31); got {int(arr.min())}..{int(arr.max())}."
+            )
+        return arr.astype(_DTYPE, copy=False)
+
+
+@dataclass
+class _Scan:
+    codes: np.ndarray  # (N,) int32 domain code of each record
+    names: list[str]  # code -> domain name
+    digest: str  # sha256 of every domain and text/ids, in order
+    split_hash: np.ndarray | None  # (N,) float64 stable_unit_hash of each document, if asked
+
+
+def _scan(rec: _Records, *, seed: int, want_hash: bool, progress: bool) -> _Scan:
+    """One pass over the records: check them, code the domains, hash the contents."""
+    from tqdm.auto import tqdm
+
+    fn, arg = rec.fn, rec.arg
+    codes = np.empty(rec.n, dtype=np.int32)
+    split_hash = np.empty(rec.n, dtype=np.float64) if want_hash else None
+    code_of: dict[str, int] = {}
+    sha = hashlib.sha256()
+    sha.update(f"{_FORMAT}/{rec.tokens}/{rec.has_text}".encode())
+    pack = struct.Struct("<Q").pack
+    bar = tqdm(total=rec.n, desc=f"hash {arg}", unit=" rec", disable=not progress)
+    for start, cols in rec.batches():
+        for j, dom in enumerate(cols["domain"]):
+            i = start + j
+            if not isinstance(dom, str) or not dom:
+                raise ValueError(f"{fn}: {arg}[{i}]['domain'] must be a non-empty str; got {dom!r:.60}.")
+            c = code_of.get(dom)
+            if c is None:
+                _check_domain_name(fn, dom, f"{arg}[{i}]")
+                c = code_of[dom] = len(code_of)
+            codes[i] = c
+            d = dom.encode("utf-8")
+            sha.update(pack(len(d)))
+            sha.update(d)
+            key = None
+            if rec.has_text:
+                text = cols["text"][j]
+                if not isinstance(text, str):
+                    raise ValueError(f"{fn}: {arg}[{i}]['text'] must be a str; got {text!r:.60}.")
+                t = text.encode("utf-8", "surrogatepass")
+                sha.update(pack(len(t)))
+                sha.update(t)
+                key = text
+            if rec.tokens == "input_ids":
+                b = rec.ids_array(i, cols["input_ids"][j]).tobytes()
+                sha.update(pack(len(b)))
+                sha.update(b)
+                if key is None:
+                    key = hashlib.sha256(b).hexdigest()
+            if split_hash is not None:
+                assert key is not None  # every record has a text or an input_ids column
+                split_hash[i] = stable_unit_hash(key, seed)
+        bar.update(len(cols["domain"]))
+    bar.close()
+    return _Scan(codes, list(code_of), sha.hexdigest(), split_hash)
+
+
+# ---------------------------------------------------------------------------- window writer
+class _Windows:
+    """Cuts a token stream into ``(n, L)`` int32 windows, written to ``path`` (incrementally,
+    with a running sha256) or kept in memory; at most ``limit`` windows are kept."""
+
+    def __init__(self, seq_len: int, path: Path | None, limit: int | None = None) -> None:
+        self.L = seq_len
+        self.limit = limit
+        self.windows = 0
+        self.tokens = 0  # tokens offered, kept or not (for messages)
+        self._buf: list[np.ndarray] = []
+        self._buf_len = 0
+        self._flush_at = max(16 * seq_len, 1 << 20)
+        self._sha = hashlib.sha256()
+        self._fh = path.open("wb") if path is not None else None
+        self._chunks: list[np.ndarray] = []
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.windows >= self.limit
+
+    def add(self, ids: np.ndarray, eos: np.ndarray) -> None:
+        """Append one document's ids and the EOS."""
+        self.tokens += len(ids) + 1
+        if self.full:
+            return
+        self._buf += (ids, eos)
+        self._buf_len += len(ids) + 1
+        if self._buf_len >= self._flush_at or (
+            self.limit is not None and self._buf_len >= (self.limit - self.windows) * self.L
+        ):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf or self.full:
+            self._buf, self._buf_len = [], 0
+            return
+        data = np.concatenate(self._buf)
+        n = len(data) // self.L
+        if self.limit is not None:
+            n = min(n, self.limit - self.windows)
+        out = data[: n * self.L]
+        if n:
+            if self._fh is not None:
+                b = out.astype(_DTYPE, copy=False).tobytes()
+                self._fh.write(b)
+                self._sha.update(b)
+            else:
+                self._chunks.append(out.astype(_DTYPE, copy=True))
+            self.windows += n
+        rest = data[n * self.L :]
+        self._buf = [rest] if rest.size and not self.full else []
+        self._buf_len = int(rest.size) if self._buf else 0
+
+    def close(self) -> np.ndarray | None:
+        """Write what is left (the last partial window is dropped); the array when in memory."""
+        self._flush()
+        self._buf = []
+        if self._fh is not None:
+            self._fh.close()
+            return None
+        if not self._chunks:
+            return np.empty((0, self.L), dtype=_DTYPE)
+        return np.concatenate(self._chunks).reshape(self.windows, self.L)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _token_lists(rec: _Records, tokenizer: Any, indices: np.ndarray) -> list[np.ndarray]:
+    """int32 ids of the documents at ``indices`` (tokenized, or read when pre-tokenized)."""
+    if rec.tokens == "input_ids":
+        return [rec.ids_array(int(i), v) for i, v in zip(indices, rec.column("input_ids", indices))]
+    enc = tokenizer(rec.column("text", indices), add_special_tokens=False)
+    return [np.asarray(x, dtype=_DTYPE) for x in enc["input_ids"]]
