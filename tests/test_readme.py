@@ -37,11 +37,13 @@ def test_readme_has_examples() -> None:
     assert len(PYTHON_BLOCKS) >= 2 and len(COMMANDS) >= 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_readme_python_example_runs_as_printed(workdir: Path, index: int) -> None:
     run_python(PYTHON_BLOCKS[index], workdir, f"example_{index}.py")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("index", range(len(COMMANDS)))
 def test_readme_distill_command_runs_as_printed_and_the_student_loads(workdir: Path, index: int) -> None:
     run_command(COMMANDS[index], workdir)
@@ -62,6 +64,7 @@ CACHE_COMMANDS = [
 ]
 
 
+@pytest.mark.e2e
 def test_readme_teacher_cache_commands_run_in_order_without_the_teacher(workdir: Path) -> None:
     assert [c.split()[1] for c in CACHE_COMMANDS] == ["teacher-cache", "distill"]
     for command in CACHE_COMMANDS:

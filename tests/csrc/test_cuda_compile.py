@@ -31,6 +31,7 @@ def test_cuda_sources_exist():
     assert CUDA_SOURCES, "csrc/cuda/*.cu: no CUDA sources found"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
 def test_cuda_source_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
     nvcc = _nvcc()
@@ -43,6 +44,7 @@ def test_cuda_source_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
     assert out.is_file() and out.stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_cuda_binding_compiles_against_the_shared_checks_header(tmp_path: Path) -> None:
     """csrc/cuda/binding_cuda.cpp (host code: torch and the CUDA runtime headers) with
     csrc/kd_checks.h, syntax-checked by the host compiler with DDK_WITH_CUDA set. A CPU build of

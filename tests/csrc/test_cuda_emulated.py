@@ -24,6 +24,9 @@ from kd_cases import assert_close_error_relative, oracle_grad, oracle_rows, real
 from ddk_kernels.reference import kd_row_losses_reference
 from ddk_kernels.types import KDConfig
 
+# every test compiles the harness with g++ and runs it, each case in a child process
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[2]
 EMU = Path(__file__).resolve().parent / "cuda_emu"
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16}

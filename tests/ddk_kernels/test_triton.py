@@ -158,6 +158,7 @@ print("compiled")
 """
 
 
+@pytest.mark.e2e
 def test_kernels_compile_for_sm90_without_gpu():
     # Lowers both kernels all the way to sm_90 machine code (Triton's own ptxas) on any machine, so
     # GPU-only lowering errors (e.g. float64 math, layouts at the real 4096-wide tile) show in CI.

@@ -374,6 +374,7 @@ _WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_estimator_distributed_gloo_matches_single_process(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)

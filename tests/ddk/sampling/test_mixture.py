@@ -146,6 +146,7 @@ def test_mixture_sampler_deterministic_fresh_samplers_equal(config: dict, mode: 
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.e2e
 def test_mixture_sampler_deterministic_across_processes() -> None:
     code = (
         "import json\n"
