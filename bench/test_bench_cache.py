@@ -41,7 +41,7 @@ def _llama(hidden: int, layers: int, inter: int, seed: int) -> Any:
 
 
 def _step(preset: str, k: int | None) -> Any:
-    from ddk.recipes.distill import DistillStep, make_optimizer
+    from ddk.engine.step import DistillStep, StepLoss, make_optimizer
 
     torch.set_num_threads(THREADS)
     (th, tl, ti), (sh, sl, si) = PRESETS[preset]
@@ -53,8 +53,8 @@ def _step(preset: str, k: int | None) -> Any:
         with torch.no_grad():
             top = torch.log_softmax(teacher(input_ids=ids).logits, -1).topk(k, -1)
         cached = (top.indices, top.values.half().float(), 1 - top.values.exp().sum(-1))
-    mod = DistillStep(student, None if k is not None else teacher, num_domains=8, gamma=0.2, temperature=1.0,
-                      loss="fused", backend="auto", autocast=None, cached=k is not None)  # fmt: skip
+    loss = StepLoss("fused", 0.2, 1.0, "forward_kl", 0.5, "auto", 8)
+    mod = DistillStep(student, None if k is not None else teacher, loss)
     opt, _ = make_optimizer(mod, 1e-3, 0.01, 0, 100, 0.1)
 
     def step() -> None:

@@ -31,7 +31,6 @@ from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
 from ddk.losses import (
     FusedLinearKDLoss,
     KDLoss,
-    KDLossOutput,
     causal_lm_kd_loss,
     fused_linear_kd_loss,
     fused_linear_sparse_kd_loss,
@@ -42,6 +41,7 @@ from ddk.partition import DomainPartitioner, DomainSplits
 from ddk.reliability import NonFiniteError, NonFiniteGuard
 from ddk.sampling import MixtureSampler
 from ddk.schedule import DoReMiScheduler, FactorSmoother, WeightScheduler
+from ddk_kernels.types import KDLossOutput
 
 __version__ = "0.1.0"
 

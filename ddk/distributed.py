@@ -18,6 +18,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+__all__ = [
+    "all_reduce_sum_",
+    "barrier",
+    "broadcast_object",
+    "check_same_across_ranks",
+    "collective_device",
+    "global_token_normalizer",
+    "init_from_env",
+    "is_distributed",
+    "is_fsdp",
+    "rank_world",
+    "rank_zero_first",
+    "tensor_checksum",
+    "unsharded",
+]
+
 
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is available and a default process group is initialised."""

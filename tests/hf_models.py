@@ -6,7 +6,9 @@
   - ``"llama"``: ``LlamaForCausalLM`` pair, untied, same vocabulary;
   - ``"qwen2"``: ``Qwen2ForCausalLM`` pair whose *teacher* vocabulary is padded larger than the
     tokenizer (as Qwen's 152064 vs 151936 rows), student tied like small Qwen2 models;
-  - ``"gpt2"``: ``GPT2LMHeadModel`` pair with tied input/output embeddings.
+  - ``"gpt2"``: ``GPT2LMHeadModel`` pair with tied input/output embeddings;
+  - ``"gemma2"``: ``Gemma2ForCausalLM`` pair with final logit soft-capping (tied);
+  - ``"phi"``: ``PhiForCausalLM`` pair, whose ``lm_head`` has a bias.
 
   The student folder also holds the tokenizer (so ``AutoTokenizer.from_pretrained(student)``
   works, as it does for a user's saved model).
@@ -22,7 +24,9 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "gpt2")
+FAMILIES = ("llama", "qwen2", "gpt2", "gemma2", "phi")
+FUSED_FAMILIES = ("llama", "qwen2", "gpt2")  # logits = lm_head(hidden) alone: the fused loss applies
+CASES = [(f, loss) for f in FAMILIES for loss in ("fused", "logits") if loss == "logits" or f in FUSED_FAMILIES]
 
 _WORDS = {
     "code": "def return import class self for while if else print lambda yield value index list dict".split(),
@@ -82,6 +86,45 @@ def _config(family: str, vocab: int, hidden: int, layers: int, tie: bool, dropou
             eos_token_id=0,
             pad_token_id=1,
         )
+    if family == "gemma2":
+        from transformers import Gemma2Config
+
+        return Gemma2Config(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=hidden // 2,
+            max_position_embeddings=256,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            sliding_window=64,
+            tie_word_embeddings=True,
+            attention_dropout=dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+    if family == "phi":
+        from transformers import PhiConfig
+
+        return PhiConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attention_dropout=dropout,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
     raise ValueError(f"unknown family {family!r}; pick one of {FAMILIES}")
 
 
@@ -98,7 +141,7 @@ def make_model(
     """A randomly initialised causal LM of ``family`` (float32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    tie = {"llama": False, "qwen2": True, "gpt2": True}[family] if tie is None else tie
+    tie = {"llama": False, "qwen2": True, "gpt2": True, "gemma2": True, "phi": False}[family] if tie is None else tie
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(family, vocab, hidden, layers, tie, dropout))
     return model.eval()

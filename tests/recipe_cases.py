@@ -92,10 +92,11 @@ def crash_in_step(monkeypatch: Any, cfg: Any, step: int) -> None:
     import pytest
     import torch
 
+    import ddk.engine.step as engine_step
     import ddk.recipes.distill as distill_mod
 
     calls = {"n": 0}
-    orig = distill_mod.causal_lm_kd_loss
+    orig = engine_step.causal_lm_kd_loss
 
     def flaky(*a: Any, **k: Any) -> Any:
         if torch.is_grad_enabled():
@@ -104,7 +105,7 @@ def crash_in_step(monkeypatch: Any, cfg: Any, step: int) -> None:
                 raise KeyboardInterrupt("simulated crash")
         return orig(*a, **k)
 
-    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", flaky)
+    monkeypatch.setattr(engine_step, "causal_lm_kd_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         distill_mod.distill(cfg)
     monkeypatch.undo()

@@ -295,7 +295,7 @@ def test_recipe_teacher_with_another_tokenizer_is_an_error_naming_both(recipe, t
 
     from hf_models import make_model, make_tokenizer
 
-    from ddk.recipes.models import load_models
+    from ddk.engine.models import load_models
 
     root, cfg = recipe
     other = tmp_path / "teacher"
@@ -313,7 +313,7 @@ def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) 
     from hf_models import make_model
     from transformers import AutoTokenizer
 
-    from ddk.recipes.models import check_vocabularies
+    from ddk.engine.models import check_vocabularies
 
     root, cfg = recipe
     tok = AutoTokenizer.from_pretrained(cfg.student)
@@ -335,7 +335,7 @@ def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) 
 def test_recipe_unknown_model_path_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
-    from ddk.recipes.models import load_models
+    from ddk.engine.models import load_models
 
     root, cfg = recipe
     missing = str(tmp_path / "no-such-teacher")
@@ -383,9 +383,9 @@ def _nan_loss_at(step: int, hit: dict):  # type: ignore[no-untyped-def]
     """A ``causal_lm_kd_loss`` whose ``step``-th training call gives a NaN loss and NaN sums in its first domain."""
     import dataclasses as dc
 
-    import ddk.recipes.distill as distill_mod
+    import ddk.engine.step as engine_step
 
-    orig = distill_mod.causal_lm_kd_loss
+    orig = engine_step.causal_lm_kd_loss
 
     def poisoned(*a, **kw):  # type: ignore[no-untyped-def]
         out = orig(*a, **kw)
@@ -406,11 +406,12 @@ def _nan_loss_at(step: int, hit: dict):  # type: ignore[no-untyped-def]
 def test_recipe_distill_nonfinite_raises_with_step_and_domain(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
+    import ddk.engine.step as engine_step
     import ddk.recipes.distill as distill_mod
 
     root, cfg = recipe
     hit: dict = {}
-    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", _nan_loss_at(2, hit))
+    monkeypatch.setattr(engine_step, "causal_lm_kd_loss", _nan_loss_at(2, hit))
     with pytest.raises(NonFiniteError) as info:
         distill_mod.distill(dataclasses.replace(cfg, out=str(root / "runs" / "raise")))
     name = ["code", "math", "prose"][hit["domain"]]
@@ -426,10 +427,11 @@ def test_recipe_distill_nonfinite_raises_with_step_and_domain(recipe, monkeypatc
 def test_recipe_distill_nonfinite_skip_counts_in_metrics_and_summary(recipe, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
+    import ddk.engine.step as engine_step
     import ddk.recipes.distill as distill_mod
 
     root, cfg = recipe
-    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", _nan_loss_at(2, {}))
+    monkeypatch.setattr(engine_step, "causal_lm_kd_loss", _nan_loss_at(2, {}))
     c = dataclasses.replace(cfg, out=str(root / "runs" / "skip"), on_nonfinite="skip")
     summary = distill_mod.distill(c)
     assert summary["skipped_batches"] == 1 and summary["skipped_steps"] == [2]

@@ -3,7 +3,7 @@
 * ``mkdocs build --strict`` succeeds (a broken link or cross-reference, a page missing from the
   nav, a docstring Griffe cannot read fails it), into a temporary folder.
 * Every public name of ``ddk``, ``ddk.data``, ``ddk.integrations.transformers``, ``ddk_kernels``
-  (and of the public subpackages with an ``__all__``) is an entry of a reference page: an anchor
+  (and of the public subpackages and modules with an ``__all__``) is an entry of a reference page: an anchor
   of the built site that resolves to the very object.
 * Every page's examples run as printed (``doc_examples.run_page``): its ``python`` blocks in one
   session, its ``ddk distill --teacher`` / ``ddk backends`` / ``torchrun`` lines as commands, in
@@ -56,7 +56,8 @@ PUBLIC_MODULES = (
     "ddk.schedule",
     "ddk.sampling",
     "ddk.losses",
-    "ddk.integrations",
+    "ddk.distributed",
+    "ddk.engine",
 )
 ANCHOR = re.compile(r'id="((?:ddk|ddk_kernels)(?:\.\w+)*)"')
 
@@ -81,6 +82,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_docs_build_strict_without_warnings(site: Path) -> None:
     assert (site / "index.html").is_file() and (site / "reference" / "kernels" / "index.html").is_file()
     assert (site / "results" / "index.html").is_file() and (site / "figures" / "e2e_uniform_ddk_weights.png").is_file()
@@ -103,6 +105,7 @@ def _resolve(path: str) -> Any:
     return None
 
 
+@pytest.mark.e2e
 def test_reference_documents_every_public_name(site: Path) -> None:
     anchors = {a for page in (site / "reference").rglob("index.html") for a in ANCHOR.findall(page.read_text())}
     documented = [_resolve(a) for a in anchors]
@@ -163,6 +166,7 @@ def user_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_user_folder(tmp_path_factory.mktemp("docs-user"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(DOCS)) for p in RUNNABLE])
 def test_docs_examples_run_as_printed(user_folder: Path, tmp_path: Path, page: Path) -> None:
     cwd = tmp_path / "work"

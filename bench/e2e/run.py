@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk.recipes.config import METHODS, STUDENT_STARTS, RecipeConfig, add_config_arguments, config_from_args
+from ddk.engine import METHODS
+from ddk.recipes.config import STUDENT_STARTS, RecipeConfig, add_config_arguments, config_from_args
 from ddk.recipes.demo import demo_config
 from ddk.recipes.distill import distill
 

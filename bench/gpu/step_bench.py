@@ -158,7 +158,7 @@ class Bench:
 def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], float], dict[str, float]]:
     """``(step(i) -> loss, timers)`` for ``name``; ``timers["estimator_s"]`` accumulates the estimator's time."""
     from ddk import DDKController, DiscrepancyEstimator, FactorSmoother, MixtureSampler
-    from ddk.recipes.distill import DistillStep, make_optimizer, validation_ce
+    from ddk.engine.step import DistillStep, StepLoss, make_optimizer
 
     args, device = bench.args, bench.device
     student, teacher = bench.fresh_student(), bench.teacher
@@ -171,20 +171,12 @@ def make_variant(bench: Bench, name: str, batch: int) -> tuple[Callable[[int], f
         return bench.train[torch.as_tensor(uniform.next_global_batch())].to(device)
 
     if name in ("ddk", "kd"):
-        step_mod = DistillStep(
-            student,
-            teacher,
-            num_domains=bench.domains,
-            gamma=gamma,
-            temperature=1.0,
-            loss="fused",
-            backend="auto",
-            autocast=bench.autocast,
-        )
+        step_loss = StepLoss("fused", gamma, 1.0, "forward_kl", 0.5, "auto", bench.domains, bench.autocast)
+        step_mod = DistillStep(student, teacher, step_loss)
         sampler = MixtureSampler(bench.sizes, batch, seed=0)
         controller = None
         if name == "ddk":
-            est = DiscrepancyEstimator(bench.validation, loss_fn=validation_ce, device=device, progress=False)
+            est = DiscrepancyEstimator(bench.validation, loss_fn=step_loss.validation_ce, device=device, progress=False)
             est.compute_teacher(teacher)
             controller = DDKController(est, FactorSmoother(bench.domains), sampler, interval=args.interval)
             controller.start(step_mod)

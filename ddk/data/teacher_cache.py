@@ -316,7 +316,8 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
 class TeacherCacheCollator:
     """Stacks ``TeacherCacheDataset`` items: ``input_ids``, ``labels`` (= input ids, unshifted),
     ``domain_ids (B,)`` and the teacher's ``teacher_topk_ids``, ``teacher_topk_logprobs``,
-    ``teacher_tail`` (``(B, L, k)`` / ``(B, L)``), the batch ``ddk.causal_lm_kd_loss`` reads."""
+    ``teacher_tail`` (``(B, L, k)`` / ``(B, L)``), the batch ``ddk.causal_lm_kd_loss`` reads once
+    ``domain_ids`` is popped into its ``domain_ids=`` keyword."""
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:

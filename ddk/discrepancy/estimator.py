@@ -482,11 +482,6 @@ class DiscrepancyEstimator:
             self._acc.zero_()
         return DomainDiscrepancy(student, teacher, tok.round().to(torch.int64), self._names)
 
-    def reset_online(self) -> None:
-        """Zero the online accumulators."""
-        if self._acc is not None:
-            self._acc.zero_()
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: names, cached teacher CE, last student CE, online sums.

@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,18 +58,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from ddk._io import atomic_write_text, fsync_file
+from ddk._io import atomic_write_text
 from ddk.controller import DDKController
-from ddk.discrepancy.estimator import DiscrepancyEstimator
 from ddk.distributed import is_fsdp
-from ddk.losses.fused import causal_lm_kd_loss
-from ddk.sampling.mixture import MixtureSampler
-from ddk.schedule import ADAPTIVE_METHODS, METHODS, make_scheduler
-from ddk.schedule.smoother import SMOOTHER_INITS
-from ddk_kernels.types import DIVERGENCES
+from ddk.engine import checkpoint as ckpt
+from ddk.engine.components import VALIDATION_SPLIT_SEED, Components, build_components, open_teacher_cache
+from ddk.engine.config import DistillOptions
+from ddk.engine.methods import METHODS, method_spec
+from ddk.engine.models import check_vocabularies
+from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss
 
 __all__ = [
     "DDK_LOG_NAME",
@@ -81,8 +79,6 @@ __all__ = [
     "DDKCallback",
     "DDKConfig",
     "DDKTrainer",
-    "load_rng_state",
-    "save_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,29 +86,22 @@ logger = logging.getLogger(__name__)
 DDK_STATE_NAME = "ddk_state.json"
 DDK_RNG_STATE_NAME = "ddk_rng_state.safetensors"  # one process; rank r of several: ddk_rng_state_<r>.safetensors
 DDK_LOG_NAME = "ddk_log.jsonl"
-LOSSES: tuple[str, ...] = ("fused", "logits")
 _INDEX_KEY = "ddk_index"
 # Wrappers whose forward sets up gradient synchronisation or parameter gathering.
-_BATCH_KEYS = ("input_ids", "attention_mask", "labels")
-_CACHED_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail")  # a teacher cache's batch
 
 
 # ---------------------------------------------------------------------------- configuration
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 @dataclass
-class DDKConfig(TrainingArguments):
-    """``TrainingArguments`` plus the options of DDK (paper defaults), for ``DDKTrainer``.
+class DDKConfig(TrainingArguments, DistillOptions):
+    """``TrainingArguments`` plus the options of DDK (``ddk.engine.DistillOptions``, paper defaults), for ``DDKTrainer``.
 
     Every ``TrainingArguments`` field keeps its meaning; ``max_steps`` must be set (the mixture
-    sampler's stream is infinite). The fields below are validated in ``__post_init__`` and parse
-    from the command line with ``HfArgumentParser`` like the others.
+    sampler's stream is infinite). The DDK fields are the ones ``ddk distill`` takes, by the same
+    names (``method``, ``gamma``, ``temperature``, ``divergence``, ``beta``, ``alpha``,
+    ``interval``, ``ddk_init``, ``doremi_step_size``, ``doremi_smoothing``, ``loss``, ``backend``,
+    ``val_samples``, ``seq_len``, ``text_field``, ``domain_field``), validated by the one
+    validator ``DistillOptions.check_options``; they parse from the command line with
+    ``HfArgumentParser`` like the others. ``seq_len`` is required with a ``train_dataset`` to pack.
 
     Examples:
         >>> cfg = DDKConfig(output_dir="out", max_steps=10, seq_len=128, method="ddk", report_to="none")
@@ -120,139 +109,15 @@ class DDKConfig(TrainingArguments):
         (0.2, 1000, 'forward_kl')
     """
 
-    gamma: float = field(
-        default=0.2, metadata={"help": "Weight of the divergence term: loss = CE + gamma * D (paper: 0.2)."}
-    )
-    temperature: float = field(
-        default=1.0, metadata={"help": "Temperature T of the divergence; CE stays at T = 1 (paper: 1.0)."}
-    )
-    divergence: str = field(
-        default="forward_kl",
-        metadata={
-            "help": "forward_kl = KL(p_T || p_S) (the paper's), reverse_kl = KL(p_S || p_T), or jsd (JSD(beta)).",
-            "choices": list(DIVERGENCES),
-        },
-    )
-    beta: float = field(
-        default=0.5, metadata={"help": "beta of JSD(beta) in [0, 1] (0 = forward KL, 1 = reverse KL); jsd only."}
-    )
-    alpha: float = field(
-        default=0.5,
-        metadata={"help": "Smoothing weight of Eq. 2 in (0, 1]; (1 - alpha) / N is every domain's floor (paper: 0.5)."},
-    )
-    interval: int = field(
-        default=1000, metadata={"help": "K: optimizer steps between domain-weight updates (paper: 1000)."}
-    )
-    val_samples: int = field(
-        default=500, metadata={"help": "Held-out validation sequences per domain for the discrepancy (paper: 500)."}
-    )
-    domain_column: str = field(
-        default="domain",
-        metadata={
-            "help": "Column of train_dataset holding each record's domain (strings or other values, named by str())."
-        },
-    )
-    text_column: str = field(
-        default="text",
-        metadata={
-            "help": "Column of train_dataset holding the text (a pre-tokenized input_ids column is used instead when "
-            "present)."
-        },
-    )
-    seq_len: int | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens per packed training sequence (required: text and input_ids rows are both packed, an EOS "
-            "after each document)."
-        },
-    )
-    method: str = field(
-        default="ddk",
-        metadata={
-            "help": "kd: uniform domain mixture; ddk: Eq. 1 + smoothed Eq. 2 updates; ddk-no-smoothing: softmax of the "
-            "ratios at every update; ddk-online: ddk estimated from the training batches; kd-doremi: KD with "
-            "DoReMi's exponentiated-gradient reweighting; cpt: continued pretraining (CE only, no teacher, uniform "
-            "mixture).",
-            "choices": list(METHODS),
-        },
-    )
-    ddk_init: str = field(
-        default="discrepancy",
-        metadata={
-            "help": "First interval's weights: discrepancy (Eq. 1, r_0 = softmax(ppl_S / ppl_T)) or uniform.",
-            "choices": list(SMOOTHER_INITS),
-        },
-    )
-    doremi_step_size: float = field(
-        default=1.0, metadata={"help": "kd-doremi: step size eta of the exponentiated-gradient update (DoReMi: 1.0)."}
-    )
-    doremi_smoothing: float = field(
-        default=1e-3, metadata={"help": "kd-doremi: weight c in [0, 1] of the uniform mixture mixed in (DoReMi: 1e-3)."}
-    )
-    loss: str = field(
-        default="fused",
-        metadata={
-            "help": "fused: loss fused with the lm_head, never forming the (tokens, vocab) logits; logits: from the "
-            "models' full logits (needed under DDP/FSDP/DeepSpeed wrappers).",
-            "choices": list(LOSSES),
-        },
-    )
-    kd_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "Loss backend (auto, chunked, cpp, triton, reference); auto picks the fastest available (`ddk backends` lists them)."
-        },
-    )
     pack_cache_dir: str | None = field(
         default=None, metadata={"help": "Folder caching the packed token sequences (keyed by content); None: no cache."}
     )
 
     def __post_init__(self) -> None:
-        fn = "DDKConfig"
-        if not (_is_number(self.gamma) and self.gamma >= 0):
-            raise ValueError(f"{fn}: gamma must be a finite number >= 0 (paper: 0.2); got {self.gamma!r}.")
-        if not (_is_number(self.temperature) and self.temperature > 0):
-            raise ValueError(f"{fn}: temperature must be a finite number > 0 (paper: 1.0); got {self.temperature!r}.")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"{fn}: divergence must be one of {DIVERGENCES}; got {self.divergence!r}.")
-        if not (_is_number(self.beta) and 0.0 <= self.beta <= 1.0):
-            raise ValueError(f"{fn}: beta must be a number in [0, 1]; got {self.beta!r}.")
-        if not (_is_number(self.alpha) and 0.0 < self.alpha <= 1.0):
-            raise ValueError(f"{fn}: alpha must be a number in (0, 1] (paper: 0.5); got {self.alpha!r}.")
-        if not (_is_int(self.interval) and self.interval >= 1):
-            raise ValueError(
-                f"{fn}: interval must be an int >= 1 (optimizer steps between updates; paper: 1000); got {self.interval!r}."
-            )
-        if not (_is_int(self.val_samples) and self.val_samples >= 1):
-            raise ValueError(
-                f"{fn}: val_samples must be an int >= 1 (validation sequences per domain; paper: 500); "
-                f"got {self.val_samples!r}."
-            )
-        for name in ("domain_column", "text_column"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{fn}: {name} must be a non-empty column name; got {value!r}.")
-        if self.seq_len is not None and not (_is_int(self.seq_len) and self.seq_len >= 2):
-            raise ValueError(f"{fn}: seq_len must be None or an int >= 2 (tokens per sequence); got {self.seq_len!r}.")
-        if self.method not in METHODS:
-            raise ValueError(f"{fn}: method must be one of {METHODS}; got {self.method!r}.")
-        if not (_is_number(self.doremi_step_size) and self.doremi_step_size > 0):
-            raise ValueError(
-                f"{fn}: doremi_step_size must be a number > 0 (DoReMi: 1.0); got {self.doremi_step_size!r}."
-            )
-        if not (_is_number(self.doremi_smoothing) and 0.0 <= self.doremi_smoothing <= 1.0):
-            raise ValueError(
-                f"{fn}: doremi_smoothing must be a number in [0, 1] (DoReMi: 1e-3); got {self.doremi_smoothing!r}."
-            )
-        if self.ddk_init not in SMOOTHER_INITS:
-            raise ValueError(f"{fn}: ddk_init must be one of {SMOOTHER_INITS}; got {self.ddk_init!r}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"{fn}: loss must be one of {LOSSES}; got {self.loss!r}.")
-        if not isinstance(self.kd_backend, str) or not self.kd_backend:
-            raise ValueError(f"{fn}: kd_backend must be a backend name such as 'auto'; got {self.kd_backend!r}.")
+        self.check_options("DDKConfig")
         if self.pack_cache_dir is not None and not isinstance(self.pack_cache_dir, (str, os.PathLike)):
-            raise ValueError(f"{fn}: pack_cache_dir must be None or a folder path; got {self.pack_cache_dir!r}.")
-        super().__post_init__()
+            raise ValueError(f"DDKConfig: pack_cache_dir must be None or a folder path; got {self.pack_cache_dir!r}.")
+        TrainingArguments.__post_init__(self)
 
 
 # ---------------------------------------------------------------------------- data
@@ -355,56 +220,6 @@ def _rng_file(folder: str | os.PathLike[str], process_index: int, world_size: in
     return Path(folder) / name
 
 
-def save_rng_state(path: str | os.PathLike[str]) -> Path:
-    """Write the python, numpy, torch CPU and CUDA generator states to ``path`` (safetensors).
-
-    Tensors only (uint8 torch states, int64 Mersenne-twister keys); the scalars ride in the
-    safetensors metadata as JSON. Nothing is pickled. Written through a temporary file, ``fsync``-ed.
-    """
-    from safetensors.torch import save_file
-
-    py_version, py_key, py_gauss = random.getstate()
-    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {
-        "python.key": torch.tensor(py_key, dtype=torch.int64),
-        "numpy.key": torch.from_numpy(np.asarray(np_key, dtype=np.int64)),
-        "torch.cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch.cuda.{i}"] = s
-    meta = {
-        "ddk": json.dumps(
-            {"python": [py_version, py_gauss], "numpy": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)]}
-        )
-    }
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    fsync_file(tmp)
-    os.replace(tmp, p)
-    return p
-
-
-def load_rng_state(path: str | os.PathLike[str]) -> None:
-    """Restore the generator states written by ``save_rng_state`` (CUDA ones when CUDA is present)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["ddk"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
-    py_version, py_gauss = meta["python"]
-    random.setstate((py_version, tuple(int(x) for x in t["python.key"].tolist()), py_gauss))
-    np_name, np_pos, np_has_gauss, np_gauss = meta["numpy"]
-    np.random.set_state((np_name, t["numpy.key"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(t["torch.cpu"])
-    cuda = sorted((k for k in t if k.startswith("torch.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        for k in cuda[: torch.cuda.device_count()]:
-            torch.cuda.set_rng_state(t[k], device=int(k.rsplit(".", 1)[1]))
-
-
 # ---------------------------------------------------------------------------- callback
 class DDKCallback(TrainerCallback):
     """Starts, steps and checkpoints a ``DDKController`` alongside a ``DDKTrainer``."""
@@ -414,17 +229,24 @@ class DDKCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         tr = self.trainer
-        if not tr.adaptive:
+        if not tr.tracks_domains:
             return
-        if not tr.controller.estimator.has_teacher_ce:
-            assert tr.teacher is not None  # only method='cpt' has no teacher, and it is not adaptive
+        student = tr.accelerator.unwrap_model(tr.model)
+        if tr.parts is not None:  # the teacher CE from its one source: teacher, cache manifest, or none
+            tr.parts.ensure_teacher_ce(tr.teacher, student)
+        elif not tr.controller.estimator.has_teacher_ce:
+            if tr.teacher is None:
+                raise ValueError(
+                    "DDKTrainer: the controller's estimator must hold the teacher CE when no teacher is given "
+                    "(estimator.teacher_ce = ...); got none."
+                )
             tr.controller.estimator.compute_teacher(tr.teacher)
         if not tr.controller.started:
-            tr.controller.start(tr.accelerator.unwrap_model(tr.model))
+            tr.controller.start(student)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         tr = self.trainer
-        if tr.adaptive:
+        if tr.tracks_domains:
             tr.controller.step_end(int(state.global_step), tr.accelerator.unwrap_model(tr.model))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -432,9 +254,10 @@ class DDKCallback(TrainerCallback):
         # checkpoints (``DDKTrainer._save_rng_state``); here only when that hook did not run
         # (``save_only_model``).
         tr = self.trainer
-        folder = Path(tr._get_output_dir(None)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not (folder / DDK_STATE_NAME).is_file():
-            tr._save_ddk_state(folder)
+        # decided by this process's own flag, never by a file another rank may not have written yet:
+        # the state is a collective (every rank's online sums), so every rank takes the same branch
+        if tr._ddk_saved_step != int(state.global_step):
+            tr._save_ddk_state(Path(tr._get_output_dir(None)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -452,7 +275,7 @@ class DDKTrainer(Trainer):
     """A ``transformers.Trainer`` that distills a student from a frozen teacher with DDK.
 
     One call (``controller=None``): give ``train_dataset`` as a ``datasets.Dataset`` (or a list of
-    dicts) with ``args.domain_column`` and either ``args.text_column`` (tokenized with
+    dicts) with ``args.domain_field`` and either ``args.text_field`` (tokenized with
     ``processing_class``, packed to ``args.seq_len`` tokens) or a pre-tokenized ``input_ids``
     column (each row a document, packed the same way by ``pack_domains``, an EOS after each; a
     text column kept beside it is the split key). The domain column may hold strings or any hashable values; domains are
@@ -557,21 +380,12 @@ class DDKTrainer(Trainer):
             )
         if teacher is not None and not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"{fn}: teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
-        self._check_vocabularies(model, teacher, processing_class)
-        self.adaptive = self.method in ADAPTIVE_METHODS
-        defaults = DDKConfig.__dataclass_fields__
-
-        def opt(name: str) -> Any:
-            return getattr(cfg, name) if cfg is not None else defaults[name].default
-
-        self.loss_mode: str = opt("loss")
-        self._loss_options: dict[str, Any] = dict(
-            gamma=0.0 if self.method == "cpt" else float(opt("gamma")),
-            temperature=float(opt("temperature")),
-            divergence=opt("divergence"),
-            beta=float(opt("beta")),
-            backend=opt("kd_backend"),
-        )
+        check_vocabularies(teacher, model, processing_class, fn=fn)
+        self.spec = method_spec(self.method, fn)
+        self.adaptive = self.spec.adaptive
+        options = cfg.distill_options() if cfg is not None else DistillOptions()
+        autocast = torch.bfloat16 if getattr(args, "bf16", False) else None
+        self.parts: Components | None = None
 
         if controller is None:
             if cfg is None:
@@ -583,15 +397,24 @@ class DDKTrainer(Trainer):
                 raise ValueError(
                     f"{fn}: args.max_steps must be set > 0 (the domain-mixture stream is infinite); got {args.max_steps!r}."
                 )
-            if cache is not None:  # the sequences, the teacher's top-k and its CE come from the cache
-                packed, train_ds = cache, cache.train_dataset()
-                validation, names = cache.validation_batches(cfg.per_device_eval_batch_size), tuple(cache.names)
-            else:
-                packed, train_ds, validation, names = self._pack(cfg, train_dataset, eval_dataset, processing_class)
-            controller = self._build_controller(cfg, packed, validation, names)
-            if cache is not None:
-                controller.estimator.teacher_ce = cache.teacher_ce
-            eval_sets = {n: _ValidationDataset(validation[n], d) for d, n in enumerate(names)}
+            # the sequences, the teacher's top-k and its CE come from the cache, or the records are packed
+            packed = cache if cache is not None else self._pack(cfg, train_dataset, eval_dataset, processing_class)
+            world = max(int(cfg.world_size), 1)
+            self.parts = build_components(
+                options,
+                packed,
+                global_batch_size=cfg.per_device_train_batch_size * world,
+                seed=int(cfg.data_seed if cfg.data_seed is not None else cfg.seed),
+                eval_batch_size=cfg.per_device_eval_batch_size,
+                rank=int(cfg.process_index),
+                world_size=world,
+                autocast=autocast,
+                log_path=Path(cfg.output_dir) / DDK_LOG_NAME if cfg.output_dir is not None else None,
+                progress=not cfg.disable_tqdm,
+            )
+            controller, train_ds = self.parts.controller, self.parts.train_dataset
+            validation = packed.validation_batches(cfg.per_device_eval_batch_size)
+            eval_sets = {n: _ValidationDataset(validation[n], d) for d, n in enumerate(self.parts.names)}
             self.packed = packed
         else:
             if not isinstance(controller, DDKController):
@@ -619,7 +442,7 @@ class DDKTrainer(Trainer):
         sampler = controller.sampler
         names = tuple(sampler.domain_names)
         bounds = np.cumsum(np.asarray(sampler.domain_sizes, dtype=np.int64)).tolist()
-        from ddk.data.packing import DomainCollator
+        from ddk.data.packed import DomainCollator
         from ddk.data.teacher_cache import TeacherCacheCollator
 
         if data_collator is None and cache is not None:
@@ -644,32 +467,18 @@ class DDKTrainer(Trainer):
         )
         self.controller = controller
         self.num_domains = len(names)
+        # the one-call form runs the controller for every method, as `ddk distill` does (a uniform
+        # mixture's per-domain CE logged at each interval); a hand-built controller only when adaptive
+        self.tracks_domains = self.parts is not None or self.adaptive
+        self.step_loss = self.parts.loss if self.parts is not None else StepLoss.of(options, len(names), autocast)
         self.teacher = self._prepare_teacher(teacher)
         self.args.ignore_data_skip = True  # the sampler state says where the stream is
         self.model_accepts_loss_kwargs = False  # the Trainer neither counts tokens nor rescales: we do
         self._pending_rng: Path | None = None
+        self._ddk_saved_step = -1  # the step whose DDK state this process saved last
         self.add_callback(DDKCallback(self))
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _check_vocabularies(student: torch.nn.Module, teacher: torch.nn.Module | None, tokenizer: Any) -> None:
-        fn = "DDKTrainer"
-        vs = _vocab_rows(student)
-        vt = _vocab_rows(teacher) if teacher is not None else None
-        if vs is not None and vt is not None and vt < vs:
-            raise ValueError(
-                f"{fn}: teacher must have at least the student's vocabulary of V={vs} rows (the same tokenizer; a "
-                f"larger padded teacher vocabulary is sliced); got {vt}."
-            )
-        if tokenizer is not None and hasattr(tokenizer, "__len__"):
-            n = len(tokenizer)
-            for who, v in (("student", vs), ("teacher", vt)):
-                if v is not None and n > v:
-                    raise ValueError(
-                        f"{fn}: processing_class must be the tokenizer of the student and the teacher (at most the "
-                        f"{who}'s {v} vocabulary rows); got a tokenizer of {n} tokens."
-                    )
-
     @staticmethod
     def _open_cache(
         teacher_cache: Any, teacher: Any, train_dataset: Any, controller: Any, tokenizer: Any, args: Any
@@ -677,35 +486,24 @@ class DDKTrainer(Trainer):
         """The ``TeacherCache`` of ``teacher_cache`` (a folder or an opened cache), checked, or None."""
         if teacher_cache is None:
             return None
-        from ddk.data.packing import tokenizer_hash
-        from ddk.data.teacher_cache import TeacherCache
-
         fn = "DDKTrainer"
         if teacher is not None or train_dataset is not None or controller is not None:
             raise ValueError(
                 f"{fn}: teacher_cache replaces teacher, train_dataset and controller (the cache holds the "
                 "sequences, the teacher's top-k and its per-domain CE); got one of them as well."
             )
-        cache = teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache(teacher_cache)
         seq_len = getattr(args, "seq_len", None)
-        cache.check(
-            tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else None,
-            vocab_size=len(tokenizer) if tokenizer is not None else None,
-            temperature=float(getattr(args, "temperature", cache.temperature)),
-            seq_len=int(seq_len) if seq_len is not None else None,
-            fn=fn,
+        return open_teacher_cache(
+            teacher_cache, tokenizer, temperature=float(getattr(args, "temperature", 1.0)), seq_len=seq_len, fn=fn
         )
-        return cache
 
-    def _pack(
-        self, cfg: DDKConfig, train_dataset: Any, eval_dataset: Any, tokenizer: Any
-    ) -> tuple[Any, Any, dict[str, list[dict[str, torch.Tensor]]], tuple[str, ...]]:
+    def _pack(self, cfg: DDKConfig, train_dataset: Any, eval_dataset: Any, tokenizer: Any) -> Any:
         from ddk.data.packing import pack_domains
 
         fn = "DDKTrainer"
         if train_dataset is None:
             raise ValueError(
-                f"{fn}: train_dataset must be a datasets.Dataset with a {cfg.domain_column!r} column; got None."
+                f"{fn}: train_dataset must be a datasets.Dataset with a {cfg.domain_field!r} column; got None."
             )
         records = self._records(fn, "train_dataset", train_dataset, cfg, tokenizer)
         seq_len = cfg.seq_len
@@ -730,13 +528,11 @@ class DDKTrainer(Trainer):
                 seq_len=int(seq_len),
                 val_samples=cfg.val_samples,
                 validation=validation,
-                seed=cfg.seed,
+                seed=VALIDATION_SPLIT_SEED,  # the split of every client, whatever the training seed
                 cache_dir=cfg.pack_cache_dir,
                 progress=not cfg.disable_tqdm,
             )
-        names = tuple(packed.names)
-        val = packed.validation_batches(cfg.per_device_eval_batch_size)
-        return packed, packed.train_dataset(), val, names
+        return packed
 
     @staticmethod
     def _records(fn: str, name: str, data: Any, cfg: DDKConfig, tokenizer: Any, domain: str | None = None) -> Any:
@@ -748,19 +544,19 @@ class DDKTrainer(Trainer):
             data = datasets.Dataset.from_list([dict(r) for r in data])
         if not isinstance(data, datasets.Dataset):
             raise TypeError(
-                f"{fn}: {name} must be a datasets.Dataset (or a list of dicts) with a {cfg.domain_column!r} column; "
+                f"{fn}: {name} must be a datasets.Dataset (or a list of dicts) with a {cfg.domain_field!r} column; "
                 f"got {type(data).__name__}."
             )
         cols = list(data.column_names)
-        if domain is None and cfg.domain_column not in cols:
+        if domain is None and cfg.domain_field not in cols:
             raise ValueError(
-                f"{fn}: {name} must have the domain column {cfg.domain_column!r} (DDKConfig.domain_column); "
+                f"{fn}: {name} must have the domain column {cfg.domain_field!r} (DDKConfig.domain_field); "
                 f"got columns {cols}."
             )
-        tokens = "input_ids" if "input_ids" in cols else cfg.text_column
+        tokens = "input_ids" if "input_ids" in cols else cfg.text_field
         if tokens not in cols:
             raise ValueError(
-                f"{fn}: {name} must have the text column {cfg.text_column!r} (DDKConfig.text_column) or a "
+                f"{fn}: {name} must have the text column {cfg.text_field!r} (DDKConfig.text_field) or a "
                 f"pre-tokenized 'input_ids' column; got columns {cols}."
             )
         if tokenizer is None:
@@ -773,14 +569,14 @@ class DDKTrainer(Trainer):
                 f"{fn}: args.seq_len must be set (tokens per packed sequence, e.g. 1024; text and input_ids rows are "
                 "both packed); got None."
             )
-        keep = [tokens] + ([cfg.text_column] if tokens == "input_ids" and cfg.text_column in cols else [])
-        data = data.select_columns(keep + ([cfg.domain_column] if domain is None else []))
-        if cfg.text_column in data.column_names and cfg.text_column != "text":
-            data = data.rename_column(cfg.text_column, "text")  # with input_ids: the split key only
+        keep = [tokens] + ([cfg.text_field] if tokens == "input_ids" and cfg.text_field in cols else [])
+        data = data.select_columns(keep + ([cfg.domain_field] if domain is None else []))
+        if cfg.text_field in data.column_names and cfg.text_field != "text":
+            data = data.rename_column(cfg.text_field, "text")  # with input_ids: the split key only
         if domain is not None:
             return data.add_column("domain", [domain] * len(data))
-        if cfg.domain_column != "domain":
-            data = data.rename_column(cfg.domain_column, "domain")
+        if cfg.domain_field != "domain":
+            data = data.rename_column(cfg.domain_field, "domain")
         feature = data.features["domain"]
         if isinstance(feature, datasets.ClassLabel):
             data = data.cast_column("domain", datasets.Value("string"))  # the label names
@@ -791,39 +587,6 @@ class DDKTrainer(Trainer):
                 features=datasets.Features({**data.features, "domain": datasets.Value("string")}),
             )
         return data
-
-    @staticmethod
-    def _build_controller(
-        cfg: DDKConfig, packed: Any, validation: Mapping[str, Any], names: Sequence[str]
-    ) -> DDKController:
-        world, rank = max(int(cfg.world_size), 1), int(cfg.process_index)
-        seed = cfg.data_seed if cfg.data_seed is not None else cfg.seed
-        sampler = MixtureSampler(
-            list(packed.sizes),
-            cfg.per_device_train_batch_size * world,
-            seed=int(seed),
-            rank=rank,
-            world_size=world,
-            domain_names=list(names),
-        )
-        estimator = DiscrepancyEstimator({n: validation[n] for n in names}, progress=not cfg.disable_tqdm)
-        smoother = make_scheduler(
-            cfg.method,
-            len(names),
-            alpha=float(cfg.alpha),
-            init=cfg.ddk_init,
-            step_size=float(cfg.doremi_step_size),
-            smoothing=float(cfg.doremi_smoothing),
-        )
-        log_path = Path(cfg.output_dir) / DDK_LOG_NAME if cfg.output_dir is not None else None
-        return DDKController(
-            estimator,
-            smoother,
-            sampler,
-            interval=int(cfg.interval),
-            log_path=log_path,
-            online=cfg.method == "ddk-online",
-        )
 
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
         if teacher is None:
@@ -854,7 +617,7 @@ class DDKTrainer(Trainer):
         resuming), at the point where the uninterrupted run was when it saved them.
         """
         if self._pending_rng is not None:
-            load_rng_state(self._pending_rng)
+            ckpt.load_rng_file(self._pending_rng, "DDKTrainer.train")
             self._pending_rng = None
         batches = []
         for _ in range(num_batches):
@@ -887,18 +650,17 @@ class DDKTrainer(Trainer):
         under the accelerator's autocast (mixed precision), which the student's own
         ``forward`` would have applied.
         """
-        batch = {k: inputs[k] for k in _BATCH_KEYS + _CACHED_KEYS if inputs.get(k) is not None}
+        batch = {k: inputs[k] for k in MODEL_KEYS + CACHED_KEYS if inputs.get(k) is not None}
         domain_ids = inputs.get("domain_ids")
         training = model.training
         normalizer = None
         if training and num_items_in_batch is not None:
             n = torch.as_tensor(num_items_in_batch, device=batch["input_ids"].device).to(torch.float64).reshape(())
             normalizer = n.clamp(min=1.0) / self.accelerator.num_processes
-        opts: dict[str, Any] = dict(self._loss_options, normalizer=normalizer, loss=self.loss_mode)
-        if domain_ids is not None:
-            opts.update(domain_ids=domain_ids, num_domains=self.num_domains)
         with self.accelerator.autocast():
-            out = causal_lm_kd_loss(self._loss_student(model), self.teacher, batch, **opts)
+            out = self.step_loss(
+                self._loss_student(model), self.teacher, batch, domain_ids=domain_ids, normalizer=normalizer
+            )
         loss = out.loss
         if training and num_items_in_batch is None:
             loss = loss / max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
@@ -913,7 +675,7 @@ class DDKTrainer(Trainer):
         data-parallel wrapper the fused loss calls the wrapper's ``forward`` (hidden states only,
         no logits), so the wrapper synchronises the gradients. A student sharded in place with
         FSDP2 is refused with ``loss="fused"``: its ``lm_head`` weight is read outside the forward."""
-        if self.loss_mode == "fused" and self.accelerator.unwrap_model(model) is model and is_fsdp(model):
+        if self.step_loss.loss == "fused" and self.accelerator.unwrap_model(model) is model and is_fsdp(model):
             raise ValueError(
                 "DDKTrainer.compute_loss: args.loss must be 'logits' when the student is sharded with FSDP "
                 "(loss='fused' reads the lm_head weight outside the forward); got loss='fused'."
@@ -931,10 +693,13 @@ class DDKTrainer(Trainer):
     def _save_ddk_state(self, folder: Path) -> None:
         """``ddk_rng_state*.safetensors`` (every process) and ``ddk_state.json`` (process 0) into ``folder``."""
         args = self.args
-        save_rng_state(_rng_file(folder, args.process_index, args.world_size))
+        ckpt.save_rng_file(_rng_file(folder, args.process_index, args.world_size))
+        self._ddk_saved_step = int(self.state.global_step)
+        consumed = int(self.state.global_step) * int(args.gradient_accumulation_steps)
+        # a collective under torch.distributed (every rank's online sums): every process calls it
+        state = ckpt.controller_state(self.controller, self.args.device, at_batch=consumed)
         if self.is_world_process_zero() and folder.is_dir():
-            consumed = int(self.state.global_step) * int(args.gradient_accumulation_steps)
-            atomic_write_text(folder / DDK_STATE_NAME, json.dumps(self.controller.state_dict(at_batch=consumed)))
+            atomic_write_text(folder / DDK_STATE_NAME, json.dumps(state))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; when resuming, first restores the DDK state saved with the checkpoint.
@@ -972,4 +737,17 @@ class DDKTrainer(Trainer):
                     path,
                 )
             resume_from_checkpoint = path
+            done = self._finished_at(path)
+            if done is not None:  # like a plain Trainer: a finished run trains nothing more
+                logger.info("DDKTrainer.train: %s is at step %d = max_steps; nothing to train.", path, done.global_step)
+                self.state = done
+                return TrainOutput(done.global_step, 0.0, {})
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _finished_at(self, path: str) -> Any:
+        """The ``TrainerState`` of checkpoint ``path`` when it is at ``max_steps`` or past it, else None."""
+        state_file = Path(path) / "trainer_state.json"
+        if not state_file.is_file() or not self.args.max_steps or self.args.max_steps <= 0:
+            return None
+        state = TrainerState.load_from_json(str(state_file))
+        return state if int(state.global_step) >= int(self.args.max_steps) else None

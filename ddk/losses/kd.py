@@ -27,13 +27,14 @@ def one_of(fn: str, arg: str, value: object, choices: tuple[_Choice, ...]) -> _C
     raise ValueError(f"{fn}: {arg} must be one of {choices}; got {value!r}.")
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_str(t: torch.Tensor) -> str:
+    """The shape of a tensor as error messages print it: ``(2, 3)``."""
     return str(tuple(t.shape))
 
 
-def _got(t: Any) -> str:
-    """The shape of a tensor, else the type name of what was passed instead."""
-    return _shape(t) if isinstance(t, torch.Tensor) else type(t).__name__
+def got_str(t: Any) -> str:
+    """The shape of a tensor, else the type name of what was passed instead (for error messages)."""
+    return shape_str(t) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 _LABELS_SHAPES = "labels must be (N,), or (B, L) with 3-D inputs"
@@ -78,10 +79,10 @@ def flatten_labels_domains(
     b, seq = batch_shape
     where = f" with (B, L)=({b}, {seq})."
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (b, seq):
-        raise ValueError(f"{fn}: {_LABELS_SHAPES}; got {_got(labels)}{where}")
+        raise ValueError(f"{fn}: {_LABELS_SHAPES}; got {got_str(labels)}{where}")
     if domain_ids is not None:
         if not isinstance(domain_ids, torch.Tensor) or tuple(domain_ids.shape) not in ((b,), (b, seq)):
-            raise ValueError(f"{fn}: {_DOMAIN_SHAPES}; got {_got(domain_ids)}{where}")
+            raise ValueError(f"{fn}: {_DOMAIN_SHAPES}; got {got_str(domain_ids)}{where}")
         if domain_ids.dim() == 1:
             domain_ids = domain_ids[:, None].expand(b, seq)
         elif shift:
@@ -146,7 +147,7 @@ def flatten_for_loss(
         if shift and isinstance(first, torch.Tensor):
             raise ValueError(
                 f"{fn}: shift=True needs 3-D inputs ({names[0]} (B, L, ...) and labels (B, L)) to shift within "
-                f"each sequence; got {names[0]} of shape {_shape(first)}. Pass (B, L, ...) inputs, or shift the "
+                f"each sequence; got {names[0]} of shape {shape_str(first)}. Pass (B, L, ...) inputs, or shift the "
                 "labels yourself and keep shift=False."
             )
         return tuple(inputs), labels, domain_ids
@@ -154,7 +155,7 @@ def flatten_for_loss(
     for name, t in zip(names[1:], inputs[1:]):
         if isinstance(t, torch.Tensor) and (t.dim() != 3 or tuple(t.shape[:2]) != (b, seq)):
             raise ValueError(
-                f"{fn}: {name} must be 3-D (B, L, ...) like {names[0]}; got {_shape(t)} with (B, L)=({b}, {seq})."
+                f"{fn}: {name} must be 3-D (B, L, ...) like {names[0]}; got {shape_str(t)} with (B, L)=({b}, {seq})."
             )
     labels, domain_ids = flatten_labels_domains(
         labels, domain_ids, (b, seq), shift=shift, ignore_index=ignore_index, fn=fn
@@ -285,7 +286,7 @@ def validate_labels_domains(
     only when ``check_values`` (one min/max reduction per tensor and one host sync in all).
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"{fn}: {_LABELS_SHAPES}; got {_got(labels)} with N={n}.")
+        raise ValueError(f"{fn}: {_LABELS_SHAPES}; got {got_str(labels)} with N={n}.")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{fn}: labels must be int64 or int32; got {labels.dtype}.")
     if labels.device != device:
@@ -297,7 +298,7 @@ def validate_labels_domains(
             _check_ranges(fn, vocab, labels, None, 1, ignore_index)
         return 1
     if not isinstance(domain_ids, torch.Tensor) or domain_ids.dim() != 1 or domain_ids.shape[0] != n:
-        raise ValueError(f"{fn}: {_DOMAIN_SHAPES}; got {_got(domain_ids)} with N={n}.")
+        raise ValueError(f"{fn}: {_DOMAIN_SHAPES}; got {got_str(domain_ids)} with N={n}.")
     if domain_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{fn}: domain_ids must be int64 or int32; got {domain_ids.dtype}.")
     if domain_ids.device != device:
@@ -418,12 +419,12 @@ def kd_loss(
     if student_logits.dim() not in (2, 3) or student_logits.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{fn}: student_logits must be a 2-D (N, V) or 3-D (B, L, V) float tensor; "
-            f"got shape {_shape(student_logits)} and dtype {student_logits.dtype}."
+            f"got shape {shape_str(student_logits)} and dtype {student_logits.dtype}."
         )
     if teacher_logits.dim() != student_logits.dim() or teacher_logits.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{fn}: teacher_logits must be a {student_logits.dim()}-D float tensor like student_logits; "
-            f"got shape {_shape(teacher_logits)} and dtype {teacher_logits.dtype}."
+            f"got shape {shape_str(teacher_logits)} and dtype {teacher_logits.dtype}."
         )
     (student_logits, teacher_logits), labels, domain_ids = flatten_for_loss(
         (student_logits, teacher_logits),
@@ -437,7 +438,7 @@ def kd_loss(
     n, vocab = student_logits.shape
     if teacher_logits.shape[0] != n:
         raise ValueError(
-            f"{fn}: teacher_logits must have N={n} rows like student_logits; got shape {_shape(teacher_logits)}."
+            f"{fn}: teacher_logits must have N={n} rows like student_logits; got shape {shape_str(teacher_logits)}."
         )
     if teacher_logits.shape[1] < vocab:
         raise ValueError(
@@ -445,7 +446,7 @@ def kd_loss(
             f"vocabulary is sliced); got {teacher_logits.shape[1]}. Teacher and student must share a tokenizer."
         )
     if vocab == 0:
-        raise ValueError(f"{fn}: student_logits must have V >= 1 columns; got shape {_shape(student_logits)}.")
+        raise ValueError(f"{fn}: student_logits must have V >= 1 columns; got shape {shape_str(student_logits)}.")
     if teacher_logits.device != student_logits.device:
         raise ValueError(
             f"{fn}: teacher_logits must be on the student's device {student_logits.device}; got {teacher_logits.device}."

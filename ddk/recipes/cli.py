@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ddk.recipes.preempt import EXIT_PREEMPTED, Preempted
+    from ddk.engine.preempt import EXIT_PREEMPTED, Preempted
 
     args = build_parser().parse_args(argv)
     try:

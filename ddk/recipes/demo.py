@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 
 from ddk._io import atomic_write_text, file_sha256, folder_lock
 from ddk.distributed import broadcast_object, init_from_env, rank_world, rank_zero_first
+from ddk.engine.runfolder import log, run_folder_lock
+from ddk.engine.step import make_optimizer
 from ddk.losses import causal_lm_kd_loss
 from ddk.recipes.config import RecipeConfig
-from ddk.recipes.distill import distill, log, make_optimizer, run_folder_lock
+from ddk.recipes.distill import distill
 from ddk.sampling import MixtureSampler
 
 __all__ = [
@@ -108,7 +110,7 @@ def llama_config(cfg: RecipeConfig, who: str, vocab_size: int) -> Any:
         num_hidden_layers=getattr(cfg, f"{who}_layers"),
         num_attention_heads=getattr(cfg, f"{who}_heads"),
         num_key_value_heads=getattr(cfg, f"{who}_heads"),
-        max_position_embeddings=max(cfg.seq_len, 64),
+        max_position_embeddings=max(cfg.sequence_length, 64),
         tie_word_embeddings=True,
         bos_token_id=0,
         eos_token_id=0,
@@ -218,8 +220,8 @@ def _pretrain(
     ``Preempted`` is raised); a later call resumes from the newest valid one, bit-identically.
     """
     from ddk.data import DomainCollator
-    from ddk.recipes import checkpoint as ckpt
-    from ddk.recipes.preempt import Preempted, StopSignals
+    from ddk.engine import checkpoint as ckpt
+    from ddk.engine.preempt import Preempted, StopSignals
 
     data, collate = packed.train_dataset(), DomainCollator()
     sampler = MixtureSampler(packed.sizes, cfg.teacher_batch_size, seed=seed + 1000, domain_names=list(packed.names))
@@ -366,8 +368,9 @@ def demo_student(cfg: RecipeConfig, tokenizer: Any, packed: Any = None) -> Path:
 def _validation_ce(model: Any, packed: Any, batch_size: int) -> dict[str, float]:
     """Per-domain validation CE (nats/token) of ``model`` on ``packed``'s validation split, in this
     process alone (no collective: under torchrun only rank 0 builds the demo caches)."""
-    from ddk.recipes.distill import validation_ce
+    from ddk.engine.step import StepLoss
 
+    validation_ce = StepLoss.cross_entropy().validation_ce
     out = {}
     model.eval()
     with torch.no_grad():
@@ -394,7 +397,7 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
         packed = pack_domains(
             records,
             tokenizer,
-            seq_len=cfg.seq_len,
+            seq_len=cfg.sequence_length,
             val_samples=cfg.val_samples,
             validation=load_records(list(validation), progress=cfg.progress),
             cache_dir=cfg.data_path / "packed",

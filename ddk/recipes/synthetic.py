@@ -23,11 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ddk import KDLossOutput
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
-from ddk.losses import KDLossOutput, kd_loss
+from ddk.engine.methods import make_scheduler
+from ddk.losses import kd_loss
 from ddk.sampling import MixtureSampler
-from ddk.schedule import FactorSmoother
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,7 @@ def distill(
     student = copy.deepcopy(base_student)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     sampler = MixtureSampler([cfg.train_seqs_per_domain] * d, cfg.batch_size, seed=cfg.seed + 2, domain_names=names)
-    mode = {"kd": "uniform", "ddk": "ddk", "ddk-no-smoothing": "no_smoothing"}[method]
-    smoother = FactorSmoother(d, alpha=cfg.alpha, mode=mode)
+    smoother = make_scheduler(method, d, alpha=cfg.alpha)  # the engine's method table
     controller = DDKController(
         estimator, smoother, sampler, interval=cfg.interval, log_path=out_dir / f"{method}.metrics.jsonl"
     )

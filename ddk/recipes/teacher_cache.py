@@ -25,10 +25,10 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
     """Build (or resume, or find) the teacher cache of ``cfg`` in ``cfg.out``; return the ``TeacherCache``."""
     from ddk.data import build_teacher_cache, tokenizer_hash
     from ddk.distributed import init_from_env, rank_world, rank_zero_first
-    from ddk.recipes.data import distill_data
-    from ddk.recipes.distill import log
-    from ddk.recipes.models import autocast_dtype, load_pretrained
-    from ddk.recipes.parallel import device_for
+    from ddk.engine.components import load_run_data
+    from ddk.engine.models import autocast_dtype, load_pretrained
+    from ddk.engine.parallel import device_for
+    from ddk.engine.runfolder import log
 
     fn = "teacher-cache"
     if not cfg.teacher or not cfg.data or not cfg.out:
@@ -45,7 +45,7 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
         for p in teacher.parameters():
             p.requires_grad_(False)
         with rank_zero_first():
-            packed = distill_data(dataclasses.replace(cfg, teacher_cache=""), tokenizer)
+            packed = load_run_data(dataclasses.replace(cfg, teacher_cache=""), tokenizer)
         cache = build_teacher_cache(
             teacher,
             packed,

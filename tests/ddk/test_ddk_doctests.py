@@ -25,6 +25,14 @@ def test_ddk_docstring_examples_run(name: str) -> None:
 
 def test_ddk_core_modules_have_docstring_examples() -> None:
     """The components each show their use (so the examples cannot silently disappear)."""
-    for name in ("ddk.losses.kd", "ddk.losses.fused", "ddk.sampling.mixture", "ddk.data.packing"):
+    core = (
+        "ddk.losses.kd",
+        "ddk.losses.fused",
+        "ddk.losses.causal_lm",
+        "ddk.sampling.mixture",
+        "ddk.data.packing",
+        "ddk.data.packed",
+    )
+    for name in core:
         found = doctest.DocTestFinder().find(importlib.import_module(name))
         assert any(t.examples for t in found), name

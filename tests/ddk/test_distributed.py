@@ -1,4 +1,4 @@
-"""Tests of ddk/integrations/distributed.py.
+"""Tests of ddk/distributed.py.
 
 Multi-rank use: two gloo processes here (token normaliser, checksums), the estimator's gloo test,
 and ``ddk distill`` under torchrun in tests/ddk/recipes/test_distributed_distill.py.
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from gloo_workers import free_port, run_workers
 
 import ddk
-from ddk.integrations import (
+from ddk.distributed import (
     all_reduce_sum_,
     barrier,
     broadcast_object,
@@ -166,6 +166,7 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Linear(6, 11, dtype=torch.float64)
 
 
+@pytest.mark.e2e
 def test_two_ranks_global_token_normalizer_and_checksum_gloo(tmp_path) -> None:  # type: ignore[no-untyped-def]
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.e2e
 def test_import_ddk_loads_no_application_module_and_no_optional_dependency() -> None:
     code = (
         "import sys, ddk; print(sorted(m for m in sys.modules if m.startswith('ddk.recipes') or "

@@ -310,7 +310,7 @@ def test_ddktrainer_one_call_takes_each_sequence_domain_from_the_column(tmp_path
     from hf_models import _WORDS
 
     records = _records(domain_field="source", text_field="body")  # shuffled, string domains, other names
-    args = _config(tmp_path, domain_column="source", text_column="body", max_steps=6)
+    args = _config(tmp_path, domain_field="source", text_field="body", max_steps=6)
     tr = _SeenTrainer(
         model=make_model("llama", len(tok), seed=2),
         teacher=make_model("llama", len(tok), hidden=48, seed=1),
@@ -360,7 +360,10 @@ def test_ddktrainer_one_call_methods_train(tmp_path, tok, method):
     )
     tr.train()
     assert not tr.teacher.training and all(not p.requires_grad and p.grad is None for p in tr.teacher.parameters())
-    assert tr.controller.num_updates == (0 if method == "kd" else 2)
+    assert tr.controller.num_updates == 2  # every method logs its interval, as ddk distill does
+    if method == "kd":
+        w = tr.controller.sampler.weights
+        assert w == pytest.approx([1 / len(w)] * len(w))  # the uniform mixture throughout
     if method == "kd-doremi":
         from ddk.schedule import DoReMiScheduler
 
@@ -495,7 +498,7 @@ def test_ddktrainer_missing_text_column_and_missing_pieces(tmp_path, tok):
         DDKTrainer(
             model=s,
             teacher=t,
-            args=_config(tmp_path, text_column="body"),
+            args=_config(tmp_path, text_field="body"),
             train_dataset=_records(shuffle=False),
             processing_class=tok,
         )
@@ -522,7 +525,8 @@ def test_ddktrainer_missing_text_column_and_missing_pieces(tmp_path, tok):
 def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
     n = len(tok)
     with pytest.raises(
-        ValueError, match=rf"teacher must have at least the student's vocabulary of V={n} rows.*got {n - 50}"
+        ValueError,
+        match=rf"the teacher's vocabulary must cover the student's.*with {n - 50} rows and student .* with {n}",
     ):
         DDKTrainer(
             model=make_model("llama", n),
@@ -533,7 +537,7 @@ def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
         )
     with pytest.raises(
         ValueError,
-        match=rf"processing_class must be the tokenizer of the student and the teacher .*got a tokenizer of {n} tokens",
+        match=rf"DDKTrainer: the student's vocabulary must cover the tokenizer's {n} tokens; got an lm_head of {n - 50} rows",
     ):
         DDKTrainer(
             model=make_model("llama", n - 50),
@@ -601,13 +605,13 @@ def test_ddktrainer_fused_loss_goes_through_a_data_parallel_wrapper(tmp_path, to
         ("interval", 0, "interval must be an int >= 1"),
         ("interval", 2.0, "interval must be an int >= 1"),
         ("val_samples", 0, "val_samples must be an int >= 1"),
-        ("domain_column", "", "domain_column must be a non-empty column name"),
-        ("text_column", None, "text_column must be a non-empty column name"),
-        ("seq_len", 1, "seq_len must be None or an int >= 2"),
+        ("domain_field", "", "domain_field must be a non-empty field"),
+        ("text_field", None, "text_field must be a non-empty field"),
+        ("seq_len", 1, "seq_len must be an int >= 2"),
         ("method", "doremi", "method must be one of"),
         ("ddk_init", "random", "ddk_init must be one of"),
         ("loss", "naive", "loss must be one of"),
-        ("kd_backend", "", "kd_backend must be a backend name"),
+        ("backend", "", "backend must be a backend name"),
     ],
 )
 def test_ddkconfig_rejects_bad_values(tmp_path, field, value, message):
@@ -745,9 +749,14 @@ def test_ddktrainer_distills_from_a_teacher_cache_without_a_teacher(tmp_path, to
     batch = next(iter(DataLoader(cached.train_dataset, batch_size=4, collate_fn=TeacherCacheCollator())))
     student = make_model("llama", len(tok), seed=3)
     with torch.no_grad():
-        via_cache = causal_lm_kd_loss(student, None, batch, num_domains=3)
+        domain_ids = batch.pop("domain_ids")
+        via_cache = causal_lm_kd_loss(student, None, batch, domain_ids=domain_ids, num_domains=3)
         direct = causal_lm_kd_loss(
-            student, teacher, {k: batch[k] for k in ("input_ids", "labels", "domain_ids")}, num_domains=3
+            student,
+            teacher,
+            {k: batch[k] for k in ("input_ids", "labels")},
+            domain_ids=domain_ids,
+            num_domains=3,
         )
     assert float(direct.kd_sum) > 0 and float(via_cache.kd_sum) == pytest.approx(float(direct.kd_sum), rel=2e-3)
     with pytest.raises(ValueError, match="teacher_cache replaces teacher, train_dataset and controller"):

@@ -1,7 +1,8 @@
 """``causal_lm_kd_loss`` on tiny Llama / Qwen2 / GPT-2 models: both loss paths against a plain
 float64 reference built from ``model(...).logits`` (padded teacher vocabulary, tied embeddings),
-domain ids per sequence / per token, continued pretraining without a teacher, autocast, memory
-(no ``(B * (L - 1), V)`` buffer on the fused path) and bad input."""
+domain ids per sequence / per token, the fused path against ``kd_loss`` on full logits, continued
+pretraining without a teacher, autocast, memory (no ``(B * (L - 1), V)`` buffer on the fused path)
+and bad input."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch.nn.functional as F
 from kd_cases import max_err
 from torch.profiler import ProfilerActivity, profile
 
-from ddk.losses.fused import causal_lm_kd_loss
+from ddk.losses.causal_lm import causal_lm_kd_loss
+from ddk.losses.kd import kd_loss
 
 transformers = pytest.importorskip("transformers")
-from hf_models import FAMILIES, make_model  # noqa: E402
+from hf_models import CASES, FAMILIES, FUSED_FAMILIES, make_model  # noqa: E402
 
 V = 97
 SMALL_WS = 8 * 4 * 16 * 32  # several token chunks (and vocabulary tiles with recompute)
@@ -96,8 +98,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return max_err(a, b) <= tol * (1 + float(b.detach().double().abs().max()))
 
 
-@pytest.mark.parametrize("loss", ["fused", "logits"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "loss"), CASES)
 def test_causal_lm_kd_loss_matches_float64_reference(family: str, loss: str) -> None:
     student, teacher = _pair(family)
     batch = _batch()
@@ -125,17 +126,49 @@ def test_causal_lm_kd_loss_matches_float64_reference(family: str, loss: str) -> 
 
 
 @pytest.mark.parametrize("loss", ["fused", "logits"])
-def test_causal_lm_kd_loss_domain_ids_per_sequence_keyword_batch_and_per_token_agree(loss: str) -> None:
+def test_causal_lm_kd_loss_domain_ids_per_sequence_and_per_token_agree(loss: str) -> None:
     student, teacher = _pair("llama")
     batch = _batch(seed=1)
     per_seq = torch.tensor([1, 0, 1])
     a = causal_lm_kd_loss(student, teacher, batch, domain_ids=per_seq, num_domains=2, loss=loss)
-    b = causal_lm_kd_loss(student, teacher, {**batch, "domain_ids": per_seq}, num_domains=2, loss=loss)
     c = causal_lm_kd_loss(student, teacher, batch, domain_ids=per_seq[:, None].expand(3, 10), num_domains=2, loss=loss)
-    for out in (b, c):
-        for field in ("loss", "domain_ce_sum", "domain_kd_sum", "domain_tokens"):
-            torch.testing.assert_close(getattr(out, field), getattr(a, field), rtol=0, atol=0)
+    for field in ("loss", "domain_ce_sum", "domain_kd_sum", "domain_tokens"):
+        torch.testing.assert_close(getattr(c, field), getattr(a, field), rtol=0, atol=0)
     assert a.domain_tokens.tolist() == [9, 14]
+
+
+def test_causal_lm_kd_loss_fused_matches_kd_loss_on_full_logits() -> None:
+    """The fused path (several vocabulary tiles, a larger teacher vocabulary, right padding) equals
+    ``kd_loss`` on the models' full shifted logits, gradients inside the decoder included."""
+    student, teacher = _pair("llama", vocab=101, teacher_vocab=105)
+    g = torch.Generator().manual_seed(27)
+    input_ids = torch.randint(0, 101, (3, 9), generator=g)
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[2, 6:] = 0  # right padding
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    per_seq = torch.tensor([0, 2, 0])
+    opts = dict(num_domains=3, gamma=0.5, temperature=2.0, divergence="forward_kl")
+    out = causal_lm_kd_loss(
+        student, teacher, batch, domain_ids=per_seq, strategy="recompute", workspace_bytes=SMALL_WS, **opts
+    )
+    out.loss.backward()
+    params = (student.lm_head.weight, student.model.layers[0].mlp.up_proj.weight)
+    fused_grads = [p.grad.clone() for p in params]
+    student.zero_grad()
+
+    zs = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].reshape(-1, 101)
+    with torch.no_grad():
+        zt = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].reshape(-1, 105)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:].reshape(-1)
+    domain_ids = per_seq.repeat_interleave(8)
+    ref = kd_loss(zs, zt, labels, domain_ids=domain_ids, backend="reference", **opts)
+    ref.loss.backward()
+    assert int(out.num_tokens) == 3 * 8 - 3
+    assert _close(out.loss, ref.loss, 1e-9)
+    assert _close(out.domain_kd_sum, ref.domain_kd_sum, 1e-9)
+    assert out.domain_tokens.tolist() == ref.domain_tokens.tolist() == [13, 0, 8]
+    for gf, p in zip(fused_grads, params):
+        assert _close(gf, p.grad, 1e-9)
 
 
 @pytest.mark.parametrize("loss", ["fused", "logits"])
@@ -198,9 +231,17 @@ def test_causal_lm_kd_loss_under_cpu_autocast_close_to_float32(family: str, loss
     _assert_autocast_close(*_autocast_case(family, loss, "cpu"))
 
 
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(FUSED_FAMILIES)))
+def test_causal_lm_kd_loss_fused_refuses_softcapping_and_a_teacher_head_bias_naming_the_flag(family: str) -> None:
+    """Gemma2 (final logit soft-capping) and Phi (a teacher ``lm_head`` with a bias) are not
+    ``lm_head(hidden)`` alone: the fused loss refuses them and names the option and the CLI flag."""
+    student, teacher = _pair(family)
+    with pytest.raises(ValueError, match=r"loss='logits'.*ddk distill --loss logits; DDKConfig\(loss='logits'\)"):
+        causal_lm_kd_loss(student, teacher, _batch(), loss="fused")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("loss", ["fused", "logits"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "loss"), CASES)
 def test_causal_lm_kd_loss_under_cuda_autocast_close_to_float32(family: str, loss: str) -> None:
     _assert_autocast_close(*_autocast_case(family, loss, "cuda"))
 
@@ -277,9 +318,10 @@ def _bad_cases():  # type: ignore[no-untyped-def]
             "least the student's V=97 (a larger teacher vocabulary is sliced); got 94. Teacher and student must share a tokenizer.",
         ),
         (
-            dict(batch={**batch, "domain_ids": dom}, domain_ids=dom, num_domains=2),
+            dict(batch={**batch, "domain_ids": dom}, num_domains=2),
             ValueError,
-            C + "domain_ids must be given once, as the keyword or as batch['domain_ids']; got both.",
+            C + "batch must not carry 'domain_ids'; pass domain_ids= (with num_domains=) as keywords, e.g. "
+            "domain_ids=batch.pop('domain_ids'); got batch keys ['attention_mask', 'domain_ids', 'input_ids', 'labels'].",
         ),
         (
             dict(domain_ids=torch.tensor([0, 1, 1]), num_domains=2),

@@ -1,7 +1,7 @@
 """Public ``fused_linear_kd_loss``: oracle agreement through the public API, per-domain sums,
 normalizer, memory (no ``(N, V)`` buffer), backend resolution, bad input, the batch convention
-(3-D inputs, shift), autocast, and the transformers helper ``causal_lm_kd_loss`` against full
-logits (more of it in ``test_causal_lm.py``)."""
+(3-D inputs, shift) and autocast. The transformers helper built on it, ``causal_lm_kd_loss``, is
+tested in ``test_causal_lm.py``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from fused_cases import make_case
 from kd_cases import max_err
 from torch.profiler import ProfilerActivity, profile
 
-from ddk.losses.fused import FusedLinearKDLoss, causal_lm_kd_loss, fused_linear_kd_loss
-from ddk.losses.kd import kd_loss
+from ddk.losses.fused import FusedLinearKDLoss, fused_linear_kd_loss
 from ddk_kernels import fused_chunked, fused_plan
 from ddk_kernels.reference import kd_loss_reference
 
@@ -327,57 +326,6 @@ def test_fused_linear_kd_loss_bad_input_message(change, exc, message) -> None:  
     assert str(info.value) == message
 
 
-# -- transformers helper ----------------------------------------------------------------------
-
-
-def _tiny_llama(vocab: int, seed: int):  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).double()
-    with torch.no_grad():  # realistic logit spread for a sharper test
-        model.lm_head.weight.mul_(30.0)
-    return model
-
-
-def test_causal_lm_kd_loss_matches_full_logits_kd_loss() -> None:
-    student, teacher = _tiny_llama(101, seed=0), _tiny_llama(105, seed=1)
-    g = torch.Generator().manual_seed(27)
-    input_ids = torch.randint(0, 101, (3, 9), generator=g)
-    attention_mask = torch.ones(3, 9, dtype=torch.long)
-    attention_mask[2, 6:] = 0  # right padding
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "domain_ids": torch.tensor([0, 2, 0])}
-    opts = dict(num_domains=3, gamma=0.5, temperature=2.0, divergence="forward_kl")
-    out = causal_lm_kd_loss(student, teacher, batch, strategy="recompute", workspace_bytes=SMALL_WS, **opts)
-    out.loss.backward()
-    fused_grads = [p.grad.clone() for p in (student.lm_head.weight, student.model.layers[0].mlp.up_proj.weight)]
-    student.zero_grad()
-
-    zs = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].reshape(-1, 101)
-    with torch.no_grad():
-        zt = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].reshape(-1, 105)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:].reshape(-1)
-    domain_ids = torch.tensor([0, 2, 0]).repeat_interleave(8)
-    ref = kd_loss(zs, zt, labels, domain_ids=domain_ids, backend="reference", **opts)
-    ref.loss.backward()
-    ref_grads = [student.lm_head.weight.grad, student.model.layers[0].mlp.up_proj.weight.grad]
-    assert int(out.num_tokens) == 3 * 8 - 3
-    assert _close(out.loss, ref.loss, 1e-9)
-    assert _close(out.domain_kd_sum, ref.domain_kd_sum, 1e-9)
-    assert out.domain_tokens.tolist() == ref.domain_tokens.tolist() == [13, 0, 8]
-    for gf, gr in zip(fused_grads, ref_grads):
-        assert _close(gf, gr, 1e-9)
-
-
 @pytest.mark.parametrize("backend", ["chunked", "reference"])
 def test_fused_linear_kd_loss_never_differentiates_teacher(backend: str) -> None:
     case = make_case(8, 6, 7, 19, 21, seed=28)
@@ -508,15 +456,3 @@ def test_fused_linear_kd_loss_under_cpu_autocast_runs_in_bf16(strategy: str) -> 
     want.loss.backward()
     assert _close(out.loss, want.loss, 1e-5)
     assert _close(h.grad, h64.grad, 1e-2) and _close(w.grad, w64.grad, 1e-2)  # gradients rounded to bf16
-
-
-def test_deprecated_fused_backend_names_still_work_and_warn() -> None:
-    import ddk.losses.fused as fused
-
-    with pytest.warns(DeprecationWarning, match="resolve_fused_backend is deprecated"):
-        resolve = fused.resolve_fused_backend
-    assert resolve("auto", "cpu") == "chunked"
-    with pytest.warns(DeprecationWarning, match="FUSED_BACKENDS is deprecated"):
-        assert "chunked" in fused.FUSED_BACKENDS
-    with pytest.raises(AttributeError):
-        fused.no_such_name  # noqa: B018

@@ -70,11 +70,11 @@ def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
 def tmp(tmp_path_factory):  # type: ignore[no-untyped-def]
     """A folder with the saved models, the corpus and its packed cache."""
     tmp = tmp_path_factory.mktemp("dist")
-    from ddk.recipes.data import distill_data
-    from ddk.recipes.models import load_models
+    from ddk.engine.components import load_run_data
+    from ddk.engine.models import load_models
 
     cfg = _config(tmp, "prep")
-    distill_data(cfg, load_models(cfg, torch.device("cpu"))[2])
+    load_run_data(cfg, load_models(cfg, torch.device("cpu"))[2])
     return tmp
 
 

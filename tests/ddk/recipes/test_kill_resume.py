@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from recipe_cases import own_cfg  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from ddk.recipes.checkpoint import load_checkpoint  # noqa: E402
+from ddk.engine.checkpoint import load_checkpoint  # noqa: E402
 
 STEPS = 40
 KILL_SEED = 6

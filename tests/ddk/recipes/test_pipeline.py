@@ -14,10 +14,12 @@ import torch
 from recipe_cases import demo_cfg, own_cfg, own_models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import ddk.engine.step as engine_step
 import ddk.recipes.distill as distill_mod
-from ddk.recipes.checkpoint import load_checkpoint
+from ddk.engine import METHODS
+from ddk.engine.checkpoint import load_checkpoint
 from ddk.recipes.cli import main
-from ddk.recipes.config import METHODS, make_config
+from ddk.recipes.config import make_config
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -116,7 +118,7 @@ def test_distill_all_methods_equal_budget_and_crash_resume(
 
     # crash after the step-3 checkpoint, then resume: the same result as the uninterrupted run
     calls = {"n": 0}
-    orig = distill_mod.causal_lm_kd_loss
+    orig = engine_step.causal_lm_kd_loss
 
     def flaky(*a, **k):  # type: ignore[no-untyped-def]
         if torch.is_grad_enabled():
@@ -126,7 +128,7 @@ def test_distill_all_methods_equal_budget_and_crash_resume(
         return orig(*a, **k)
 
     crash = own_cfg(tmp_path, out=str(tmp_path / "runs" / "crash"))
-    monkeypatch.setattr(distill_mod, "causal_lm_kd_loss", flaky)
+    monkeypatch.setattr(engine_step, "causal_lm_kd_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
         distill_mod.distill(crash)
     monkeypatch.undo()
@@ -162,7 +164,7 @@ def test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical(tmp_pa
     from safetensors.torch import load_file
 
     import ddk.recipes.demo as demo
-    from ddk.recipes.preempt import Preempted
+    from ddk.engine.preempt import Preempted
 
     _, _, corpus = own_models(tmp_path)
     ref = demo.demo_config(demo_cfg(tmp_path, corpus, data_dir=str(tmp_path / "ref"), student_start="random"))

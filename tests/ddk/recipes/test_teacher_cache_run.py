@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from recipe_cases import own_cfg, own_models
 from transformers import AutoTokenizer
 
-import ddk.recipes.models as models_mod
+import ddk.engine.models as models_mod
 from ddk.data import TeacherCache
 from ddk.recipes.cli import main
 from ddk.recipes.distill import distill

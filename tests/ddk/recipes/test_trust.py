@@ -30,11 +30,13 @@ import torch
 from recipe_cases import crash_in_step, own_cfg
 from safetensors.torch import load_file
 
+import ddk.engine.loop as engine_loop
+import ddk.engine.step as engine_step
 import ddk.recipes.distill as real
 from ddk._io import file_sha256
-from ddk.recipes import checkpoint as ckpt
+from ddk.engine import checkpoint as ckpt
+from ddk.engine.preempt import EXIT_PREEMPTED, Preempted
 from ddk.recipes.cli import main
-from ddk.recipes.preempt import EXIT_PREEMPTED, Preempted
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -238,7 +240,7 @@ def test_evaluate_validates_the_run_config_like_user_input(tmp_path, capsys):
     with pytest.raises(
         ValueError,
         match=r"evaluate: .*config\.json must be a valid config written by ddk distill; "
-        r"got: RecipeConfig: steps must be of type int; got '6; rm -rf /'\.",
+        r"got: RunConfig: steps must be of type int; got '6; rm -rf /'\.",
     ):
         real.evaluate(run)
 
@@ -456,7 +458,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_bit_identical
     real.distill(ref)
     cfg = _cfg(tmp_path, "run", checkpoint_every=100)
     calls = {"n": 0}
-    orig = real.causal_lm_kd_loss
+    orig = engine_step.causal_lm_kd_loss
 
     def preempted(*a, **k):  # type: ignore[no-untyped-def]
         if torch.is_grad_enabled():
@@ -465,7 +467,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_bit_identical
                 os.kill(os.getpid(), signal.SIGTERM)
         return orig(*a, **k)
 
-    monkeypatch.setattr(real, "causal_lm_kd_loss", preempted)
+    monkeypatch.setattr(engine_step, "causal_lm_kd_loss", preempted)
     with pytest.raises(
         Preempted,
         match=r"stopped by SIGTERM after step 3; wrote .*checkpoint-3\. Rerun the same "
@@ -550,7 +552,9 @@ def test_unwritable_out_and_torn_model_files_are_errors_not_tracebacks(tmp_path,
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     cfg = own_cfg(tmp_path, out=str(blocker / "run"))
-    monkeypatch.setattr(real, "load_models", lambda *a: pytest.fail("models loaded before the run folder was checked"))
+    monkeypatch.setattr(
+        engine_loop, "load_models", lambda *a: pytest.fail("models loaded before the run folder was checked")
+    )
     with pytest.raises(
         ValueError,
         match=r"distill: out must be a folder this process can write; got .*a-file/run' "

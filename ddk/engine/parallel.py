@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 from ddk.distributed import all_reduce_sum_, is_distributed, rank_world
-from ddk.recipes.config import RecipeConfig
+from ddk.engine.config import RunConfig
 
 __all__ = ["device_for", "full_student_state", "global_sums", "load_train_state", "parallelize", "train_state"]
 
 
-def device_for(cfg: RecipeConfig) -> torch.device:
+def device_for(cfg: RunConfig) -> torch.device:
     """Where this process distills: ``cuda:<LOCAL_RANK>`` under an NCCL process group, the CPU
     under a gloo one; one process follows ``cfg.device`` (``auto``: ``cuda:0`` when CUDA is
     available, else the CPU)."""
@@ -48,7 +48,7 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def parallelize(
-    step: torch.nn.Module, student: torch.nn.Module, cfg: RecipeConfig, device: torch.device
+    step: torch.nn.Module, student: torch.nn.Module, cfg: RunConfig, device: torch.device
 ) -> torch.nn.Module:
     """Prepare the training step module for torch.distributed; return the module the loop calls.
 

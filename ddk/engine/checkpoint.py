@@ -1,4 +1,4 @@
-"""Run-folder checkpoints of ``ddk distill``: tensors in safetensors, state in JSON, digests last.
+"""Checkpoints and saved state of the engine (``ddk distill``'s run folders; ``DDKTrainer``'s RNG and controller state): tensors in safetensors, state in JSON, digests last.
 
 A checkpoint is a folder ``checkpoint-<step>/``::
 
@@ -41,8 +41,11 @@ __all__ = [
     "newest_valid_checkpoint",
     "prune_checkpoints",
     "remove_stale_temporaries",
+    "controller_state",
+    "load_rng_file",
     "rng_state",
     "save_checkpoint",
+    "save_rng_file",
     "set_rng_state",
     "truncate_jsonl",
 ]
@@ -97,6 +100,52 @@ def set_rng_state(state: dict[str, Any], fn: str = "distill") -> None:
             f"{fn}: the checkpoint's rng state must be one written by rng_state(); got an "
             f"unusable one ({type(exc).__name__}: {exc})."
         ) from None
+
+
+def save_rng_file(path: str | os.PathLike[str]) -> Path:
+    """Write :func:`rng_state` to ``path`` (safetensors; the plain values as JSON metadata), through
+    a temporary file, ``fsync``-ed. The same state format as a checkpoint's ``rng`` entry."""
+    from safetensors.torch import save_file
+
+    tree, tensors = encode_state(rng_state())
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"ddk": json.dumps(tree)})
+    fsync_file(tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def load_rng_file(path: str | os.PathLike[str], fn: str = "load_rng_file") -> None:
+    """Restore the generator states written by :func:`save_rng_file`; a bad file is a ``CheckpointError``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tree = json.loads((f.metadata() or {})["ddk"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = decode_state(tree, tensors)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{fn}: {path} must be a random-number-generator state written by save_rng_file; got an unreadable "
+            f"file ({type(exc).__name__}: {exc})."
+        ) from None
+    set_rng_state(state, fn)
+
+
+def controller_state(controller: Any, device: torch.device, at_batch: int | None = None) -> dict[str, Any]:
+    """``controller.state_dict(at_batch)`` with the online estimator's per-domain sums summed over
+    every rank (a collective under torch.distributed: every rank calls it), so a resumed
+    ``ddk-online`` run continues its interval with every rank's batches."""
+    from ddk.distributed import all_reduce_sum_, collective_device, rank_world
+
+    state = controller.state_dict() if at_batch is None else controller.state_dict(at_batch=at_batch)
+    if rank_world()[1] > 1 and controller.online:
+        acc = state["estimator"]["online"] or [[0.0] * 4 for _ in controller.sampler.domain_names]
+        acc = all_reduce_sum_(torch.tensor(acc, dtype=torch.float64, device=collective_device(device)))
+        state["estimator"]["online"] = acc.cpu().tolist()
+    return state
 
 
 # ---------------------------------------------------------------------------- JSON + tensors

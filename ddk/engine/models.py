@@ -14,12 +14,20 @@ import torch
 
 from ddk._io import fsync_dir, fsync_file
 from ddk.distributed import rank_world
-from ddk.recipes.config import RecipeConfig
+from ddk.engine.config import RunConfig
 
-__all__ = ["autocast_dtype", "check_vocabularies", "load_models", "load_pretrained", "output_rows", "save_student"]
+__all__ = [
+    "autocast_dtype",
+    "check_vocabularies",
+    "load_models",
+    "load_pretrained",
+    "output_rows",
+    "save_student",
+    "teacher_identity",
+]
 
 
-def autocast_dtype(cfg: RecipeConfig, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     """``torch.bfloat16`` when the run computes in bf16 (``dtype=bf16``, or ``auto`` on CUDA), else None (fp32)."""
     if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -54,24 +62,32 @@ def load_pretrained(kind: str, name: str, fn: str = "distill", **kwargs: Any) ->
 
 def output_rows(model: Any) -> int:
     """Rows of the model's output embedding (its logits' width)."""
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    return int(model.config.vocab_size)
 
 
 def check_vocabularies(teacher: Any, student: Any, tokenizer: Any, fn: str = "distill") -> None:
     """Raise unless teacher and student share ``tokenizer``'s vocabulary (the teacher may have padding rows).
 
-    The student's output embedding must have at least ``len(tokenizer)`` rows and the teacher's at
-    least the student's (rows past the student's, e.g. Qwen's padding to 152064, are sliced off).
+    The student's output embedding must have at least ``len(tokenizer)`` rows and the teacher's
+    (if any) at least the student's (rows past the student's, e.g. Qwen's padding to 152064, are
+    sliced off). ``tokenizer`` may be None (no tokenizer check).
     """
-    vs, vt, n = output_rows(student), output_rows(teacher), len(tokenizer)
+    vs = output_rows(student)
     s_name = getattr(student, "name_or_path", "") or "the student"
-    t_name = getattr(teacher, "name_or_path", "") or "the teacher"
-    if vs < n:
+    if tokenizer is not None and hasattr(tokenizer, "__len__") and vs < len(tokenizer):
         raise ValueError(
-            f"{fn}: the student's vocabulary must cover the tokenizer's {n} tokens; got an lm_head of "
-            f"{vs} rows in {s_name}. Pass the tokenizer the student was trained with (--tokenizer)."
+            f"{fn}: the student's vocabulary must cover the tokenizer's {len(tokenizer)} tokens; got an lm_head of "
+            f"{vs} rows in {s_name}. Pass the tokenizer the student was trained with (--tokenizer, processing_class)."
         )
+    if teacher is None:
+        return
+    vt = output_rows(teacher)
+    t_name = getattr(teacher, "name_or_path", "") or "the teacher"
     if vt < vs:
         raise ValueError(
             f"{fn}: the teacher's vocabulary must cover the student's (a teacher wider by padding rows "
@@ -84,7 +100,7 @@ def _tokenizers_agree(a: Any, b: Any) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def load_models(cfg: RecipeConfig, device: torch.device) -> tuple[Any, Any, Any]:
+def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
     """``(teacher or None, student, tokenizer)``: loaded, checked and on ``device``.
 
     The student keeps float32 master weights (bf16 runs use autocast); the teacher is loaded in
@@ -159,3 +175,21 @@ def save_student(
     fsync_dir(out)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def teacher_identity(teacher: Any, data: Any = None) -> dict[str, Any] | None:
+    """What identifies the run's teacher, for ``evaluate`` to check: a teacher model's name and a
+    checksum of its parameters (bit-exact; one pass over them), or a teacher cache's key and its
+    manifest's per-domain teacher CE; None without a teacher."""
+    from ddk.distributed import tensor_checksum
+
+    if teacher is not None:
+        return {
+            "kind": "model",
+            "name": str(getattr(teacher, "name_or_path", "") or ""),
+            "checksum": tensor_checksum(p for p in teacher.state_dict().values()),
+        }
+    key = getattr(data, "key", None)
+    if isinstance(key, str) and key.startswith("teacher-cache:"):
+        return {"kind": "cache", "key": key, "teacher_ce": [float(x) for x in data.teacher_ce.tolist()]}
+    return None

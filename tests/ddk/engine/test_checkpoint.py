@@ -18,8 +18,8 @@ from recipe_cases import crash_in_step, own_cfg
 from safetensors.torch import load_file
 
 import ddk.recipes.distill as real
+from ddk.engine.parallel import device_for
 from ddk.recipes.config import make_config
-from ddk.recipes.parallel import device_for
 
 
 def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]
@@ -34,7 +34,7 @@ def _ckpts(run: Path) -> list[str]:
 
 def _resume_loading(monkeypatch, cfg) -> list[str]:  # type: ignore[no-untyped-def]
     """Run ``distill`` again (resume) and return the names of the checkpoints it loaded."""
-    from ddk.recipes import checkpoint as ckpt
+    from ddk.engine import checkpoint as ckpt
 
     loaded: list[str] = []
     orig = ckpt.load_checkpoint

@@ -1,0 +1,178 @@
+"""The DDK components of a run, assembled once for every client.
+
+``build_components`` turns packed domains (``ddk.data.PackedDomains``) or a teacher cache
+(``ddk.data.TeacherCache``) into the ``MixtureSampler``, the ``DiscrepancyEstimator`` (validation
+CE by the run's ``StepLoss``), the method's weight schedule and the ``DDKController``;
+``Components.ensure_teacher_ce`` sets the teacher's per-domain CE from its one source: the teacher
+model, the cache's manifest, or (no teacher: ``cpt``) the student's own CE at the start.
+
+The validation split is the same for every client: ``VALIDATION_SPLIT_SEED`` keys the stable
+per-domain hash split of ``ddk.data.pack_domains``, whatever the training seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddk.controller import DDKController
+from ddk.discrepancy import DiscrepancyEstimator
+from ddk.engine.config import DistillOptions, RunConfig
+from ddk.engine.methods import MethodSpec, make_scheduler, method_spec
+from ddk.engine.step import StepLoss
+from ddk.sampling import MixtureSampler
+
+__all__ = ["VALIDATION_SPLIT_SEED", "Components", "build_components", "load_run_data", "open_teacher_cache"]
+
+VALIDATION_SPLIT_SEED = 0  # the split of every client: never the training seed
+
+
+@dataclass
+class Components:
+    """The stateful DDK parts of a run and the data they index.
+
+    Attributes:
+        spec: the method's ``MethodSpec``.
+        names: the domain names, in the sampler's order.
+        data: the ``PackedDomains`` or ``TeacherCache``.
+        train_dataset: items indexed by the sampler's global index.
+        sampler, estimator, controller: as their classes.
+        loss: the ``StepLoss`` of training and validation.
+    """
+
+    spec: MethodSpec
+    names: tuple[str, ...]
+    data: Any
+    train_dataset: Any
+    sampler: MixtureSampler
+    estimator: DiscrepancyEstimator
+    controller: DDKController
+    loss: StepLoss
+
+    def ensure_teacher_ce(self, teacher: nn.Module | None, student: nn.Module) -> torch.Tensor:
+        """The teacher's per-domain validation CE ``(D,)`` float64, set once from the teacher model,
+        else the teacher cache's manifest, else (no teacher) the student's own CE now."""
+        est = self.estimator
+        if not est.has_teacher_ce:
+            manifest_ce = getattr(self.data, "teacher_ce", None)
+            if teacher is not None:
+                est.compute_teacher(teacher)
+            elif manifest_ce is not None:
+                est.teacher_ce = manifest_ce
+            else:
+                est.compute_teacher(student)
+        return est.teacher_ce
+
+
+def build_components(
+    options: DistillOptions,
+    data: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    eval_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    num_batches: int | None = None,
+    autocast: torch.dtype | None = None,
+    log_path: str | Path | None = None,
+    progress: bool = False,
+) -> Components:
+    """Sampler, estimator, schedule and controller of ``options.method`` over ``data``.
+
+    Args:
+        options: the run's ``DistillOptions`` (a ``RunConfig`` or ``DDKConfig`` is one).
+        data: ``PackedDomains`` or ``TeacherCache`` (``names``, ``sizes``, ``train_dataset()``,
+            ``validation_batches(n)``).
+        global_batch_size: sequences per optimizer step over all ranks.
+        seed: the sampler's seed (the data order).
+        eval_batch_size: sequences per validation batch.
+        rank: this process's rank (its slice of each global batch).
+        world_size: the number of processes.
+        device: where validation runs (default: the model's).
+        num_batches: the sampler's length (None: unbounded).
+        autocast: the dtype of the forward passes, or None.
+        log_path: the controller's JSON-lines log.
+        progress: progress bars of the validation passes.
+    """
+    spec = method_spec(options.method, "build_components")
+    names = tuple(data.names)
+    loss = StepLoss.of(options, len(names), autocast)
+    sampler = MixtureSampler(
+        list(data.sizes),
+        global_batch_size,
+        seed=int(seed),
+        domain_names=list(names),
+        num_batches=num_batches,
+        rank=rank,
+        world_size=world_size,
+    )
+    estimator = DiscrepancyEstimator(
+        data.validation_batches(eval_batch_size), loss_fn=loss.validation_ce, device=device, progress=progress
+    )
+    scheduler = make_scheduler(
+        options.method,
+        len(names),
+        alpha=float(options.alpha),
+        init=options.ddk_init,
+        step_size=float(options.doremi_step_size),
+        smoothing=float(options.doremi_smoothing),
+    )
+    controller = DDKController(
+        estimator, scheduler, sampler, interval=int(options.interval), log_path=log_path, online=spec.online
+    )
+    return Components(spec, names, data, data.train_dataset(), sampler, estimator, controller, loss)
+
+
+def open_teacher_cache(
+    cache: Any, tokenizer: Any, *, temperature: float, seq_len: int | None, fn: str = "distill"
+) -> Any:
+    """The ``ddk.data.TeacherCache`` of ``cache`` (a folder or an opened cache), checked against the
+    tokenizer (its hash and size), the temperature and the sequence length; a mismatch is a
+    ``ValueError`` naming it."""
+    from ddk.data import TeacherCache, tokenizer_hash
+
+    opened = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+    opened.check(
+        tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        vocab_size=len(tokenizer) if tokenizer is not None else None,
+        temperature=float(temperature),
+        seq_len=int(seq_len) if seq_len is not None else None,
+        fn=fn,
+    )
+    return opened
+
+
+def load_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
+    """``PackedDomains`` of ``cfg.data`` (and ``cfg.validation_data``) tokenized with ``tokenizer``,
+    or with ``cfg.teacher_cache`` the checked ``TeacherCache``.
+
+    Sequences of ``cfg.seq_len`` tokens, packed within each domain; validation is ``cfg.val_samples``
+    sequences per domain, from ``validation_data`` or the stable per-domain split of ``data``
+    (``VALIDATION_SPLIT_SEED``); cached under ``data_dir/packed``.
+    """
+    from ddk.data import load_records, pack_domains
+
+    if cfg.teacher_cache:
+        return open_teacher_cache(
+            cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn="distill"
+        )
+    on_missing = "skip" if cfg.skip_bad_records else "raise"
+    opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
+    records = load_records(list(cfg.data), **opts)
+    validation = load_records(list(cfg.validation_data), **opts) if cfg.validation_data else None
+    return pack_domains(
+        records,
+        tokenizer,
+        seq_len=cfg.sequence_length,
+        val_samples=cfg.val_samples,
+        validation=validation,
+        seed=VALIDATION_SPLIT_SEED,
+        cache_dir=cfg.data_path / "packed",
+        progress=cfg.progress,
+    )

@@ -1,0 +1,508 @@
+"""The engine's own loop, the one ``ddk distill`` runs.
+
+One run: load the models and the tokenizer (``ddk.engine.models``), pack the records per domain
+or open the teacher cache (``load_run_data``), build the DDK components once
+(``build_components``: sampler, estimator, the method's schedule, controller, the ``StepLoss`` of
+training and validation), then train with AdamW and warm-up + cosine (``make_optimizer``). Every
+stateful part is saved under a fixed key of ``checkpoint-<step>/`` (``ddk.engine.checkpoint``:
+safetensors + JSON + a SHA-256 manifest written last): ``student``, ``optimizer``, ``scheduler``,
+``rng``, ``controller`` (the online sums all-reduced), ``nonfinite``; the newest
+``keep_checkpoints`` kept; resumed from the newest valid one.
+
+The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>/``,
+``student/`` (``save_pretrained`` plus the tokenizer and ``ddk_run.json``: the digest of the config
+that trained it and its teacher's identity), ``summary.json`` and plots. One writer: rank 0 holds
+the folder's advisory lock (``.lock``) for the whole run. A fresh start (``resume=False``, or no
+checkpoint) moves the previous run's files into ``replaced-<time>/``. SIGTERM/SIGINT finish the
+current step, write a checkpoint and raise ``Preempted`` (the CLI exits with 75); the same
+command then resumes.
+
+The loop checkpoints the sampler, the RNG states and the optimizer in one folder per step, which
+keeps SIGKILL-and-resume bit-exact, and slices each global batch over the ranks itself, so DDP,
+FSDP2 and one process follow the same trajectory. ``DDKTrainer`` runs transformers' loop over the
+same components, step loss, state and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ddk.distributed import (
+    broadcast_object,
+    check_same_across_ranks,
+    collective_device,
+    global_token_normalizer,
+    init_from_env,
+    is_distributed,
+    rank_world,
+    rank_zero_first,
+    tensor_checksum,
+)
+from ddk.engine import checkpoint as ckpt
+from ddk.engine.components import build_components, load_run_data
+from ddk.engine.config import RunConfig
+from ddk.engine.evaluate import discrepancy_report
+from ddk.engine.methods import method_spec
+from ddk.engine.models import autocast_dtype, load_models, save_student, teacher_identity
+from ddk.engine.parallel import device_for, full_student_state, global_sums, load_train_state, parallelize, train_state
+from ddk.engine.preempt import Preempted, StopSignals
+from ddk.engine.runfolder import (
+    RESUME_IGNORED,
+    RUN_KEYS,
+    atomic_json,
+    config_digest,
+    log,
+    move_aside,
+    run_folder_lock,
+)
+from ddk.engine.step import DistillStep, forward_backward, make_optimizer, seed_everything
+from ddk.reliability import NonFiniteGuard, grad_norm
+from ddk_kernels.types import KDLossOutput
+
+__all__ = ["Preempted", "distill"]
+
+
+def distill(cfg: RunConfig, *, prepared: Any = None) -> dict[str, Any]:
+    """Distill one student with ``cfg.method``; write the run folder; return the summary.
+
+    Many processes (``torchrun --nproc_per_node=R -m ddk.recipes.cli distill ...``): when
+    ``WORLD_SIZE > 1`` (or with ``fsdp``) it initialises the process group (``dist_backend``) and
+    destroys it at the end. The step is wrapped in DDP, or the student sharded with FSDP2; the
+    teacher is replicated. ``batch_size`` is the global batch (a multiple of ``R * grad_accum``):
+    every rank draws the same global batch and trains on ``batch[rank::R]``, in ``grad_accum``
+    micro-batches. Each rank's loss is ``(its CE sum + gamma * its KL sum) / (N / R)``, ``N`` the
+    all-reduced number of valid tokens of the whole global batch, so DDP/FSDP's mean of the R
+    gradients is the one-process gradient. Only rank 0 writes files and prints.
+
+    Args:
+        cfg: the recipe config (``teacher``, ``student``, ``data``, ``method``, ``steps``, ...).
+        prepared: ``(teacher, student, tokenizer, packed)`` already loaded (the demo), else loaded here.
+
+    Returns:
+        ``summary.json``'s content (on every rank; rank 0 writes it).
+
+    Raises:
+        ValueError: bad options or inputs (the message says what to fix); with
+            ``on_nonfinite="raise"``, a NaN/inf loss or gradient (``NonFiniteError``).
+    """
+    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
+    try:
+        _check_run(cfg, rank_world()[1])
+        with run_folder_lock(cfg):
+            return _distill(cfg, prepared)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _check_run(cfg: RunConfig, world: int) -> None:
+    method_spec(cfg.method, "distill")
+    if cfg.uses_demo:
+        raise ValueError(
+            "distill: teacher, student and data must be given (--teacher, --student, --data; or --student with "
+            f"--teacher-cache); got no student (teacher={cfg.teacher!r}). `ddk distill` without them runs the "
+            "bundled demo through ddk.recipes.demo."
+        )
+    if cfg.fsdp and not is_distributed():
+        raise ValueError(
+            "distill: fsdp must run under torchrun (it needs a process group); got a plain process. "
+            "Launch with `torchrun --nproc_per_node=R -m ddk.recipes.cli distill --fsdp ...` or drop --fsdp."
+        )
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(
+            f"distill: batch_size (the global batch) must be a multiple of ranks x grad_accum = "
+            f"{world} x {cfg.grad_accum}; got {cfg.batch_size}."
+        )
+
+
+def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
+    defaults = RunConfig().run_dict()  # options added since the checkpoint was written: their defaults
+    unknown = sorted(set(ck["config"]) - set(defaults) - set(cfg_dict))
+    if unknown:
+        raise ckpt.CheckpointError(
+            f"distill: the checkpoint {path} must hold a config of this recipe; got unknown options {unknown[:10]}."
+        )
+    old = {k: v for k, v in {**defaults, **ck["config"]}.items() if k not in RESUME_IGNORED and k in RUN_KEYS}
+    new = {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED and k in RUN_KEYS}
+    if old != new:
+        diff = sorted(k for k in new if old.get(k) != new[k])
+        raise ValueError(
+            f"distill: the checkpoint {path} must be of the same config to resume; "
+            f"got different {diff} (use another --out or --no-resume)."
+        )
+
+
+def _distill(cfg: RunConfig, prepared: Any) -> dict[str, Any]:
+    run = _Run(cfg, prepared)
+    start_step = run.start_or_resume()
+    run.train(start_step)
+    return run.finish()
+
+
+class _Run:
+    """One distillation run inside the (optional) process group: models, data, DDK components,
+    optimizer, and the run folder's files. ``_distill`` calls its stages in order."""
+
+    def __init__(self, cfg: RunConfig, prepared: Any) -> None:
+        self.cfg = cfg
+        self.rank, self.world = rank_world()
+        self.device = device_for(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.t_start = time.perf_counter()
+        self._load(prepared)
+        self.out = cfg.run_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path, self.ctrl_path = self.out / "metrics.jsonl", self.out / "controller.jsonl"
+        self.cfg_dict = cfg.to_dict()
+        self.steps = cfg.total_steps
+        self._build()
+
+    def _load(self, prepared: Any) -> None:
+        """Teacher, student, tokenizer and the packed domains (loaded here unless ``prepared``)."""
+        cfg, device = self.cfg, self.device
+        if prepared is None:
+            teacher, student, tokenizer = load_models(cfg, device)
+            with rank_zero_first():  # rank 0 tokenizes and caches, the others then read the cache
+                data = load_run_data(cfg, tokenizer)
+        else:
+            teacher, student, tokenizer, data = prepared
+            student = student.to(device)
+            teacher = teacher.to(device) if teacher is not None else None
+        self.spec = method_spec(cfg.method, "distill")
+        # cpt measures the gap against a given teacher but never distills from it
+        self.teacher, self.student, self.tokenizer, self.data = teacher, student, tokenizer, data
+        self.names = list(data.names)
+
+    def _build(self) -> None:
+        """The components (``build_components``), the training step (wrapped for DDP/FSDP2), optimizer, guard."""
+        cfg = self.cfg
+        self.parts = build_components(
+            cfg,
+            self.data,
+            global_batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            eval_batch_size=cfg.eval_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
+            num_batches=self.steps,
+            autocast=autocast_dtype(cfg, self.device),
+            log_path=self.ctrl_path,
+        )
+        self.sampler, self.estimator, self.controller = self.parts.sampler, self.parts.estimator, self.parts.controller
+        self.train_ds = self.parts.train_dataset
+        self.step_mod = DistillStep(self.student, self.teacher if self.spec.teacher else None, self.parts.loss)
+        self.model = parallelize(self.step_mod, self.student, cfg, self.device)  # step_mod stays the bare module
+        self.opt, self.sched = make_optimizer(
+            self.step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.steps, cfg.min_lr_ratio
+        )
+        self.parts.ensure_teacher_ce(self.teacher, self.step_mod)
+        self.guard = NonFiniteGuard(
+            cfg.on_nonfinite,
+            domain_names=self.names,
+            fn="distill",
+            hint="pass --on-nonfinite skip (config on_nonfinite: skip) to skip such batches; "
+            "the run resumes from its last checkpoint",
+        )
+
+    def start_or_resume(self) -> int:
+        """Resume from the newest valid checkpoint (rank 0 picks it, every rank loads it), else start: Eq. 1.
+
+        A newest checkpoint that is torn or corrupted (manifest, sizes, SHA-256) is passed over
+        with a warning for the previous one; if none is usable, nothing is written and the error
+        says why. A fresh start moves the previous run's files aside (``replaced-<time>/``).
+        """
+        cfg, out = self.cfg, self.out
+        picked: tuple[Path | None, str] = (None, "")
+        if self.rank == 0:
+            ckpt.remove_stale_temporaries(out)
+            if cfg.resume:
+                try:
+                    picked = (self._pick_checkpoint(), "")
+                except ValueError as exc:  # every rank raises it, none waits on the others
+                    picked = (None, str(exc))
+        path, error = broadcast_object(picked)
+        if error:
+            raise ValueError(error)
+        if path is None:
+            if self.rank == 0:
+                move_aside(out)
+                atomic_json(out / "config.json", self.cfg_dict)
+            self.controller.start(self.step_mod)
+            seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
+            return 0
+        start = self._load_checkpoint(path)
+        if self.rank == 0:
+            ckpt.truncate_jsonl(self.metrics_path, start)
+            ckpt.truncate_jsonl(self.ctrl_path, start)
+        if cfg.progress:
+            log(f"distill: resumed {out} at step {start}")
+        return start
+
+    def _pick_checkpoint(self) -> Path | None:
+        """The newest verified checkpoint of the run folder (warning about newer unusable ones), or None."""
+        out = self.out
+        path, passed = ckpt.newest_valid_checkpoint(out)
+        if passed:
+            if path is None:
+                raise ValueError(
+                    f"distill: a checkpoint of {out} must be complete and intact to resume; got none: "
+                    + " ".join(passed)
+                    + " Nothing was overwritten: pass --no-resume to start over (the old "
+                    "run is moved aside), or use another --out."
+                )
+            for why in passed:
+                log(f"warning: {why} Resuming from the previous valid checkpoint {path.name}.")
+        legacy = ckpt.legacy_checkpoints(out)
+        if path is None and legacy:
+            raise ValueError(
+                f"distill: the checkpoints of {out} must be checkpoint-<step>/ folders (safetensors + "
+                f"JSON) to resume; got {[p.name for p in legacy]} of an older ddk, which are never "
+                "loaded (unpickling can run code). Pass --no-resume to start over (the old run is moved "
+                "aside), or use another --out."
+            )
+        return path
+
+    def _load_checkpoint(self, path: Path) -> int:
+        """Restore every state of the checkpoint ``path``; return its step."""
+        ck = ckpt.load_checkpoint(path)
+        _resume(ck, path, self.cfg_dict)
+        try:
+            load_train_state(self.step_mod, self.student, self.opt, ck, self.cfg.fsdp)
+            if not self.cfg.fsdp:
+                _check_optimizer_state(self.opt)
+            _check_like("scheduler", ck["scheduler"], self.sched.state_dict())
+            self.sched.load_state_dict(ck["scheduler"])
+            self.controller.load_state_dict(ck["controller"])
+            self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
+            ckpt.set_rng_state(ck["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            raise ValueError(
+                f"distill: the checkpoint {path} must hold the state of this run to resume; got "
+                f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
+                "(the old run is moved aside), or use another --out."
+            ) from None
+        return int(ck["step"])
+
+    def save(self, step: int) -> None:
+        """``checkpoint-<step>/`` (rank 0 writes; under FSDP every rank gathers)."""
+        student_state, opt_state = train_state(self.step_mod, self.student, self.opt, self.cfg.fsdp)
+        ctrl_state = ckpt.controller_state(self.controller, self.device)  # every rank's online sums
+        if self.rank == 0:
+            state = {
+                "config": self.cfg_dict,
+                "student": student_state,
+                "optimizer": opt_state,
+                "scheduler": self.sched.state_dict(),
+                "rng": ckpt.rng_state(),
+                "controller": ctrl_state,
+                "nonfinite": self.guard.state_dict(),
+            }
+            ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
+
+    def train_step(self, step: int, collate: Any) -> tuple[KDLossOutput, bool]:
+        """One optimizer step on this rank's slice of the next global batch; ``(output, finite)``."""
+        idx = torch.as_tensor(self.sampler.next_global_batch())[self.rank :: self.world]
+        batch = {k: v.to(self.device) for k, v in collate([self.train_ds[int(i)] for i in idx]).items()}
+        norm = global_token_normalizer((batch["labels"][:, 1:] != -100).sum())
+        lo = forward_backward(self.model, batch, norm, self.cfg.grad_accum)
+        params = self.student.parameters()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if self.cfg.grad_clip else grad_norm(params)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor; the guard all-reduces plain tensors
+            gnorm = gnorm.full_tensor()
+        dom_tok = batch["domain_ids"].unsqueeze(1).expand(-1, batch["input_ids"].shape[1] - 1).reshape(-1)
+        finite = self.guard.check(step, lo, grad_norm=gnorm, domain_ids=dom_tok)
+        if finite:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # skipped (on_nonfinite="skip"): no update; step, sampler, LR advance
+        self.sched.step()
+        if self.controller.online and finite:
+            self.controller.observe(lo)
+        return lo, finite
+
+    def train(self, start_step: int) -> None:
+        """Steps ``start_step + 1 .. steps``: DDK updates, metrics, debug checks, checkpoints."""
+        from ddk.data import DomainCollator, TeacherCache, TeacherCacheCollator
+
+        cfg, steps = self.cfg, self.steps
+        collate = TeacherCacheCollator() if isinstance(self.data, TeacherCache) else DomainCollator()
+        debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
+        self.student.train()
+        bar = tqdm(
+            range(start_step + 1, steps + 1),
+            desc=f"distill {cfg.method}",
+            initial=start_step,
+            total=steps,
+            disable=not cfg.progress or self.rank != 0,
+        )
+        with (
+            self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf,
+            StopSignals("distill") as stop,
+        ):
+            for step in bar:
+                lo, finite = self.train_step(step, collate)
+                n_rec = len(self.controller.records)
+                self.controller.step_end(step, self.step_mod)
+                rec = _metrics(self, step, lo, finite, n_rec)
+                if rec is not None:
+                    if "ratio" in rec:
+                        bar.set_postfix(
+                            loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
+                            gap=f"{np.mean(np.log(rec['ratio'])):.3f}",
+                        )
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                if debug and (step % cfg.interval == 0 or step == steps):
+                    sums = {
+                        "domain weights": tensor_checksum([torch.tensor(self.sampler.weights, dtype=torch.float64)])
+                    }
+                    if not cfg.fsdp:  # FSDP shards differ by design
+                        sums["student parameters"] = tensor_checksum(self.student.parameters())
+                    check_same_across_ranks(sums, where=f"distill step {step}")
+                saved = step % cfg.checkpoint_every == 0 or step == steps
+                if saved:
+                    self.save(step)
+                signum = self._stop_signal(stop)
+                if signum:
+                    if not saved:
+                        self.save(step)
+                    bar.close()
+                    name = stop.signame or f"signal {signum}"
+                    log(
+                        f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
+                        "command to resume."
+                    )
+                    raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
+        bar.close()
+
+    def _stop_signal(self, stop: StopSignals) -> int:
+        """The signal number any rank received (0: none); one small all-reduce per step under torchrun."""
+        flag = stop.signum or 0
+        if self.world > 1:
+            t = torch.tensor([float(flag)], device=collective_device(self.device))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag
+
+    def finish(self) -> dict[str, Any]:
+        """Final validation pass, ``student/`` and ``summary.json`` (rank 0 writes)."""
+        cfg, out = self.cfg, self.out
+        self.student.eval()
+        final = discrepancy_report(self.parts, self.step_mod, self.teacher)
+        self.teacher_identity = teacher_identity(self.teacher, self.data) if self.rank == 0 else None
+        save_student(
+            full_student_state(self.step_mod, self.student, cfg.fsdp),
+            self.student,
+            self.tokenizer,
+            out,
+            run_info={
+                "config_digest": config_digest(cfg),
+                "teacher_identity": self.teacher_identity,
+                "method": cfg.method,
+                "steps": self.steps,
+            },
+        )
+        summary = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            **final,
+            "final_weights": list(self.sampler.weights),
+            "samples_per_domain": self.sampler.cumulative_counts().tolist(),
+            "skipped_batches": self.guard.skipped_batches,
+            "skipped_steps": list(self.guard.skipped_steps),
+            "tokens": self.steps * cfg.batch_size * cfg.sequence_length,
+            "wall_seconds": time.perf_counter() - self.t_start,
+            "student_params": sum(p.numel() for p in self.student.parameters()),
+            "teacher_params": sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0,
+            "teacher_identity": self.teacher_identity,
+        }
+        if self.rank == 0:
+            atomic_json(out / "summary.json", summary)
+        return summary
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Every per-parameter tensor of the loaded optimizer state has its parameter's shape."""
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state {k!r} of parameter {i} of group {g} must have the parameter's "
+                        f"shape {tuple(p.shape)}; got {tuple(v.shape)}."
+                    )
+
+
+def _check_like(where: str, got: Any, like: Any) -> None:
+    """``got`` has the structure of ``like`` (same keys, list lengths and kinds of value; numbers interchange)."""
+
+    def kind(x: Any) -> str:
+        if isinstance(x, bool):
+            return "bool"
+        if isinstance(x, (int, float)):
+            return "number"
+        return "none" if x is None else type(x).__name__
+
+    if isinstance(like, dict):
+        if not isinstance(got, dict) or set(got) != set(like):
+            raise ValueError(
+                f"{where} must have the keys {sorted(like)}; got "
+                f"{sorted(got) if isinstance(got, dict) else type(got).__name__}."
+            )
+        for k in like:
+            _check_like(f"{where}.{k}", got[k], like[k])
+    elif isinstance(like, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(like):
+            raise ValueError(f"{where} must be a list of {len(like)}; got {str(got)[:80]}.")
+        for i, (a, b) in enumerate(zip(got, like)):
+            _check_like(f"{where}[{i}]", a, b)
+    elif like is not None and kind(got) != kind(like):
+        raise ValueError(f"{where} must be a {kind(like)}; got {got!r}.")
+    elif kind(got) == "number" and not math.isfinite(got):
+        raise ValueError(f"{where} must be finite; got {got!r}.")
+
+
+def _metrics(run: _Run, step: int, lo: KDLossOutput, finite: bool, n_rec: int) -> dict[str, Any] | None:
+    """The ``metrics.jsonl`` record of a step (every ``log_every`` and ``interval`` steps, skipped ones, the last)."""
+    cfg = run.cfg
+    at_interval = step % cfg.interval == 0 or step == run.steps
+    if finite and step % cfg.log_every and not at_interval:
+        return None
+    gamma = run.parts.loss.gamma
+    ce_sum, kd_sum, num_tok, dom_tok = global_sums(lo)  # over all ranks (as is in one process)
+    tok = max(int(num_tok), 1)
+    rec: dict[str, Any] = {
+        "step": step,
+        "tokens_seen": step * cfg.batch_size * cfg.sequence_length,
+        "loss": (float(ce_sum) + gamma * float(kd_sum)) / tok,
+        "ce": float(ce_sum) / tok,
+        "kd": float(kd_sum) / tok,
+        "lr": run.sched.get_last_lr()[0],
+        "weights": list(run.sampler.weights),
+        "batch_domain_tokens": dom_tok.tolist(),
+        "skipped_batches": run.guard.skipped_batches,
+    }
+    if not finite:
+        rec.update(skipped=True, loss=None, ce=None, kd=None)
+    if at_interval:
+        new = run.controller.records[n_rec:]
+        if new and not run.controller.online:
+            disc = new[-1]
+            rec.update(student_ce=disc["student_ce"], teacher_ce=disc["teacher_ce"], ratio=disc["ratio"])
+        else:
+            e = run.estimator.estimate(run.step_mod)
+            rec.update(student_ce=e.student_ce.tolist(), teacher_ce=e.teacher_ce.tolist(), ratio=e.ratio.tolist())
+            if new:
+                rec["online_ratio"] = new[-1]["ratio"]
+    return rec

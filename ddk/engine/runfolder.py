@@ -1,0 +1,148 @@
+"""The run folder of the engine's loop: what a run writes, its digest, its lock, and what is read back.
+
+``config.json`` holds the run's config; ``student/ddk_run.json`` the digest of the config that
+trained the student and the identity of its teacher (``teacher_identity``), so ``evaluate``
+refuses a student or a teacher that is not the run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ddk._io import atomic_write_text, folder_lock, json_fingerprint
+from ddk.distributed import rank_world
+from ddk.engine import checkpoint as ckpt
+from ddk.engine.config import RunConfig, config_from_dict
+
+__all__ = [
+    "RESUME_IGNORED",
+    "RUN_FILES",
+    "RUN_INFO",
+    "atomic_json",
+    "check_student_of",
+    "config_digest",
+    "log",
+    "move_aside",
+    "read_run_config",
+    "run_folder_lock",
+]
+
+RUN_KEYS = frozenset(f for f in RunConfig.__dataclass_fields__)
+
+# options that may change between a checkpoint and its resume
+RESUME_IGNORED = (
+    "resume",
+    "progress",
+    "threads",
+    "out",
+    "log_every",
+    "checkpoint_every",
+    "data_dir",
+    "offline",
+    "on_nonfinite",
+    "skip_bad_lines",
+    "keep_checkpoints",
+    "dist_backend",
+    "debug_checks",
+    "device",
+)
+
+
+# artefacts of a run, moved aside (never deleted) when the folder starts over
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "controller.jsonl",
+    "summary.json",
+    "eval.json",
+    "weights.png",
+    "gaps.png",
+    "student",
+)
+RUN_INFO = "ddk_run.json"  # in student/: the digest of the config that trained it
+
+
+def config_digest(cfg: RunConfig | dict[str, Any]) -> str:
+    """Digest of the ``RunConfig`` options that determine a run's result (``RESUME_IGNORED`` left
+    out; options a client adds on top, such as the demo's, do not count)."""
+    d = cfg.run_dict() if isinstance(cfg, RunConfig) else cfg
+    return json_fingerprint({k: v for k, v in d.items() if k not in RESUME_IGNORED and k in RUN_KEYS})
+
+
+def log(msg: str) -> None:
+    """Print to stderr from rank 0 only."""
+    if rank_world()[0] == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def atomic_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def run_folder_lock(cfg: RunConfig) -> Any:
+    """The run folder's lock on rank 0 (``ddk._io.folder_lock``; also checks it can be written); nothing elsewhere."""
+    if rank_world()[0] != 0:
+        return contextlib.nullcontext()
+    return folder_lock(
+        cfg.run_dir, "distill", "out", hint="Wait for that run to finish (or stop it), or pass another --out."
+    )
+
+
+def move_aside(out: Path) -> Path | None:
+    """Move the previous run's files (``RUN_FILES``, checkpoints) into ``out/replaced-<time>/``; never delete them."""
+    old = [out / n for n in RUN_FILES if (out / n).exists()]
+    old += [p for _, p in ckpt.checkpoints(out)] + ckpt.legacy_checkpoints(out)
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out / f"replaced-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out / f"replaced-{stamp}-{n}"
+    dest.mkdir()
+    for p in old:
+        os.replace(p, dest / p.name)
+    log(f"distill: starting over in {out}; the previous run's files were moved to {dest}")
+    return dest
+
+
+def read_run_config(run: Path, fn: str = "evaluate") -> RunConfig:
+    """The ``config.json`` of a run folder, validated like user input (types, ranges, known options)."""
+    path = run / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{fn}: {path} must be the JSON config written by ddk distill; got an unreadable file "
+            f"({type(exc).__name__}: {exc})."
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{fn}: {path} must hold a mapping of config options; got {type(saved).__name__}.")
+    try:
+        return config_from_dict(RunConfig, saved, ignore_unknown=True)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {path} must be a valid config written by ddk distill; got: {exc}") from None
+
+
+def check_student_of(run: Path, cfg: RunConfig, fn: str = "evaluate") -> dict[str, Any]:
+    """``run/student`` was trained with ``run/config.json`` (its ``ddk_run.json`` holds the same digest); return that ``ddk_run.json``."""
+    want = config_digest(cfg)
+    try:
+        info = json.loads((run / "student" / RUN_INFO).read_text(encoding="utf-8"))
+        got = info.get("config_digest")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        info, got = {}, None
+    if got != want:
+        raise ValueError(
+            f"{fn}: the student/ of {str(run)!r} must be the one trained with its config.json (config "
+            f"digest {want}); got {'a student of config digest ' + repr(got) if got else 'a student without a readable ' + RUN_INFO}. "
+            "It is left from another run: rerun `ddk distill` with this folder's config."
+        )
+    return dict(info)
