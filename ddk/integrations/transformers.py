@@ -50,14 +50,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
@@ -65,17 +64,17 @@ from ddk._io import atomic_write_text
 from ddk.controller import DDKController
 from ddk.distributed import is_fsdp
 from ddk.engine import checkpoint as ckpt
-from ddk.engine.components import VALIDATION_SPLIT_SEED, Components, build_components, open_teacher_cache
+from ddk.engine.components import Components, build_components, open_teacher_cache
 from ddk.engine.config import DistillOptions
-from ddk.engine.methods import METHODS, method_spec
+from ddk.engine.methods import method_spec
 from ddk.engine.models import check_vocabularies
 from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss
+from ddk.integrations.trainer_data import DomainBatcher, IndexedDataset, ValidationDataset, pack_records
 
 __all__ = [
     "DDK_LOG_NAME",
     "DDK_RNG_STATE_NAME",
     "DDK_STATE_NAME",
-    "METHODS",
     "DDKCallback",
     "DDKConfig",
     "DDKTrainer",
@@ -86,8 +85,6 @@ logger = logging.getLogger(__name__)
 DDK_STATE_NAME = "ddk_state.json"
 DDK_RNG_STATE_NAME = "ddk_rng_state.safetensors"  # one process; rank r of several: ddk_rng_state_<r>.safetensors
 DDK_LOG_NAME = "ddk_log.jsonl"
-_INDEX_KEY = "ddk_index"
-# Wrappers whose forward sets up gradient synchronisation or parameter gathering.
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -118,96 +115,6 @@ class DDKConfig(TrainingArguments, DistillOptions):
         if self.pack_cache_dir is not None and not isinstance(self.pack_cache_dir, (str, os.PathLike)):
             raise ValueError(f"DDKConfig: pack_cache_dir must be None or a folder path; got {self.pack_cache_dir!r}.")
         TrainingArguments.__post_init__(self)
-
-
-# ---------------------------------------------------------------------------- data
-class _IndexedDataset(Dataset[dict[str, Any]]):
-    """Adds the sampler's global index to each item (checked against the item's own domain)."""
-
-    def __init__(self, base: Any) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.base[i]
-        if not isinstance(item, Mapping):
-            raise TypeError(
-                f"DDKTrainer: train_dataset items must be dicts (e.g. {{'input_ids': ...}}); got {type(item).__name__}."
-            )
-        return {**item, _INDEX_KEY: int(i)}
-
-
-class _DomainBatcher:
-    """The ``collate_fn``: batches items and attaches ``domain_ids`` ``(B,)`` int64 and ``labels``.
-
-    Training items carry the sampler's global index; their domain is the item's ``domain_id`` (the
-    domain column, through ``pack_domains``), which must equal the domain of the index in the
-    sampler's layout (``domain_bounds``), or, for items without one, that domain. Evaluation items
-    (no index) keep their ``domain_id`` if every item has one. ``labels`` default to ``input_ids``
-    with padding (``attention_mask == 0``) set to -100, unshifted.
-    """
-
-    def __init__(
-        self, collate: Any, domain_bounds: Sequence[int], domain_names: Sequence[str], keeps_domain_id: bool
-    ) -> None:
-        self.collate = collate
-        self.bounds = np.asarray(domain_bounds, dtype=np.int64)  # end (exclusive) of each domain's indices
-        self.names = tuple(domain_names)
-        self.keeps_domain_id = keeps_domain_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        index = [f.get(_INDEX_KEY) for f in features]
-        own = [f.get("domain_id") for f in features]
-        if all(i is not None for i in index):
-            layout = np.searchsorted(self.bounds, np.asarray(index, dtype=np.int64), side="right")
-            for i, d, s in zip(index, own, layout.tolist()):
-                if d is not None and int(d) != s:
-                    raise ValueError(
-                        f"DDKTrainer: train_dataset item {i} must belong to domain {self.names[s]!r} (the sampler's "
-                        f"domain of global index {i}: items ordered by domain, in the sampler's domain order); got "
-                        f"domain_id {int(d)}."
-                    )
-            domains: list[int] | None = layout.tolist()
-        elif all(d is not None for d in own):
-            domains = [int(d) for d in own if d is not None]
-        else:
-            domains = None
-        per_item: list[int | None] = [None] * len(features) if domains is None else list(domains)
-        items = []
-        for f, d in zip(features, per_item):
-            item = {k: v for k, v in f.items() if k not in (_INDEX_KEY, "domain_id")}
-            if self.keeps_domain_id:
-                item["domain_id"] = d if d is not None else 0
-            items.append(item)
-        batch = dict(self.collate(items))
-        batch.pop("domain_id", None)
-        if domains is not None:
-            batch["domain_ids"] = torch.tensor(domains, dtype=torch.long)
-        else:
-            batch.pop("domain_ids", None)
-        if batch.get("labels") is None:
-            ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            batch["labels"] = ids.clone() if mask is None else ids.masked_fill(mask == 0, -100)
-        if all(i is not None for i in index):
-            batch[_INDEX_KEY] = torch.tensor(index, dtype=torch.long)
-        return batch
-
-
-class _ValidationDataset(Dataset[dict[str, Any]]):
-    """One domain's validation sequences as items ``{"input_ids": (L,), "domain_id": d}`` (for ``evaluate``)."""
-
-    def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], domain_id: int) -> None:
-        self.rows = [r for b in batches for r in b["input_ids"]]
-        self.domain_id = domain_id
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.rows[i], "domain_id": self.domain_id}
 
 
 # ---------------------------------------------------------------------------- random states
@@ -261,16 +168,6 @@ class DDKCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------- trainer
-def _vocab_rows(model: torch.nn.Module) -> int | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    v = getattr(getattr(model, "config", None), "vocab_size", None)
-    return int(v) if v is not None else None
-
-
 class DDKTrainer(Trainer):
     """A ``transformers.Trainer`` that distills a student from a frozen teacher with DDK.
 
@@ -398,7 +295,7 @@ class DDKTrainer(Trainer):
                     f"{fn}: args.max_steps must be set > 0 (the domain-mixture stream is infinite); got {args.max_steps!r}."
                 )
             # the sequences, the teacher's top-k and its CE come from the cache, or the records are packed
-            packed = cache if cache is not None else self._pack(cfg, train_dataset, eval_dataset, processing_class)
+            packed = cache if cache is not None else pack_records(cfg, train_dataset, eval_dataset, processing_class)
             world = max(int(cfg.world_size), 1)
             self.parts = build_components(
                 options,
@@ -414,7 +311,7 @@ class DDKTrainer(Trainer):
             )
             controller, train_ds = self.parts.controller, self.parts.train_dataset
             validation = packed.validation_batches(cfg.per_device_eval_batch_size)
-            eval_sets = {n: _ValidationDataset(validation[n], d) for d, n in enumerate(self.parts.names)}
+            eval_sets = {n: ValidationDataset(validation[n], d) for d, n in enumerate(self.parts.names)}
             self.packed = packed
         else:
             if not isinstance(controller, DDKController):
@@ -449,7 +346,7 @@ class DDKTrainer(Trainer):
             data_collator = TeacherCacheCollator()
         if data_collator is None:
             data_collator = DomainCollator(pad_token_id=getattr(processing_class, "pad_token_id", None))
-        batcher = _DomainBatcher(
+        batcher = DomainBatcher(
             data_collator,
             bounds,
             names,
@@ -497,97 +394,6 @@ class DDKTrainer(Trainer):
             teacher_cache, tokenizer, temperature=float(getattr(args, "temperature", 1.0)), seq_len=seq_len, fn=fn
         )
 
-    def _pack(self, cfg: DDKConfig, train_dataset: Any, eval_dataset: Any, tokenizer: Any) -> Any:
-        from ddk.data.packing import pack_domains
-
-        fn = "DDKTrainer"
-        if train_dataset is None:
-            raise ValueError(
-                f"{fn}: train_dataset must be a datasets.Dataset with a {cfg.domain_field!r} column; got None."
-            )
-        records = self._records(fn, "train_dataset", train_dataset, cfg, tokenizer)
-        seq_len = cfg.seq_len
-        assert seq_len is not None  # _records raised for a None seq_len
-        validation = None
-        if eval_dataset is not None:
-            if not isinstance(eval_dataset, Mapping) or not eval_dataset:
-                raise TypeError(
-                    f"{fn}: eval_dataset must be None or a dict {{domain: Dataset}}; got {type(eval_dataset).__name__}."
-                )
-            import datasets
-
-            parts = [
-                self._records(fn, f"eval_dataset[{name!r}]", ds, cfg, tokenizer, domain=str(name))
-                for name, ds in eval_dataset.items()
-            ]
-            validation = datasets.concatenate_datasets(parts)
-        with cfg.main_process_first(desc="DDK packing"):
-            packed = pack_domains(
-                records,
-                tokenizer,
-                seq_len=int(seq_len),
-                val_samples=cfg.val_samples,
-                validation=validation,
-                seed=VALIDATION_SPLIT_SEED,  # the split of every client, whatever the training seed
-                cache_dir=cfg.pack_cache_dir,
-                progress=not cfg.disable_tqdm,
-            )
-        return packed
-
-    @staticmethod
-    def _records(fn: str, name: str, data: Any, cfg: DDKConfig, tokenizer: Any, domain: str | None = None) -> Any:
-        """``data`` checked and reduced to the columns ``pack_domains`` reads: ``domain`` (str) and
-        ``text`` or ``input_ids``. ``domain``: the domain of every record (an ``eval_dataset`` entry)."""
-        import datasets
-
-        if isinstance(data, (list, tuple)) and all(isinstance(r, Mapping) for r in data):
-            data = datasets.Dataset.from_list([dict(r) for r in data])
-        if not isinstance(data, datasets.Dataset):
-            raise TypeError(
-                f"{fn}: {name} must be a datasets.Dataset (or a list of dicts) with a {cfg.domain_field!r} column; "
-                f"got {type(data).__name__}."
-            )
-        cols = list(data.column_names)
-        if domain is None and cfg.domain_field not in cols:
-            raise ValueError(
-                f"{fn}: {name} must have the domain column {cfg.domain_field!r} (DDKConfig.domain_field); "
-                f"got columns {cols}."
-            )
-        tokens = "input_ids" if "input_ids" in cols else cfg.text_field
-        if tokens not in cols:
-            raise ValueError(
-                f"{fn}: {name} must have the text column {cfg.text_field!r} (DDKConfig.text_field) or a "
-                f"pre-tokenized 'input_ids' column; got columns {cols}."
-            )
-        if tokenizer is None:
-            raise ValueError(
-                f"{fn}: processing_class must be the tokenizer of the student and the teacher (packing appends its "
-                "EOS token after every document); got None."
-            )
-        if cfg.seq_len is None:
-            raise ValueError(
-                f"{fn}: args.seq_len must be set (tokens per packed sequence, e.g. 1024; text and input_ids rows are "
-                "both packed); got None."
-            )
-        keep = [tokens] + ([cfg.text_field] if tokens == "input_ids" and cfg.text_field in cols else [])
-        data = data.select_columns(keep + ([cfg.domain_field] if domain is None else []))
-        if cfg.text_field in data.column_names and cfg.text_field != "text":
-            data = data.rename_column(cfg.text_field, "text")  # with input_ids: the split key only
-        if domain is not None:
-            return data.add_column("domain", [domain] * len(data))
-        if cfg.domain_field != "domain":
-            data = data.rename_column(cfg.domain_field, "domain")
-        feature = data.features["domain"]
-        if isinstance(feature, datasets.ClassLabel):
-            data = data.cast_column("domain", datasets.Value("string"))  # the label names
-        elif getattr(feature, "dtype", None) != "string":
-            data = data.map(
-                lambda b: {"domain": [str(x) for x in b["domain"]]},
-                batched=True,
-                features=datasets.Features({**data.features, "domain": datasets.Value("string")}),
-            )
-        return data
-
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
         if teacher is None:
             return None
@@ -603,7 +409,7 @@ class DDKTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("DDKTrainer.get_train_dataloader: train_dataset must be given; got None.")
         return DataLoader(
-            _IndexedDataset(self.train_dataset),
+            IndexedDataset(self.train_dataset),
             batch_sampler=self.controller.sampler,
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
