@@ -7,29 +7,15 @@ import pickle
 import re
 from typing import Any
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from hf_models import make_tokenizer, write_jsonl
 
 from ddk import MixtureSampler
 from ddk.data.packed import DomainCollator
 from ddk.data.packing import pack_domains
-from ddk.data.records import load_records
 
 L = 16
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory: pytest.TempPathFactory) -> datasets.Dataset:
-    path = write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", docs_per_domain=20, words=12)
-    return load_records(path, progress=False)
 
 
 def _quiet(**kw: Any) -> dict[str, Any]:

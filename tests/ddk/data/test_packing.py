@@ -12,27 +12,15 @@ from typing import Any
 import datasets
 import numpy as np
 import pytest
-from hf_models import domain_text, make_tokenizer, write_jsonl
+from hf_models import domain_text, make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddk.data.packed import PackedDomains
 from ddk.data.packing import pack_domains, tokenizer_hash
-from ddk.data.records import load_records
 from ddk.partition.partitioner import stable_unit_hash
 
 L = 16
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory: pytest.TempPathFactory) -> datasets.Dataset:
-    path = write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", docs_per_domain=20, words=12)
-    return load_records(path, progress=False)
 
 
 def _docs(records: Any, domain: str) -> list[str]:
