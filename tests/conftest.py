@@ -1,9 +1,9 @@
-"""Shared test configuration: Hypothesis profiles, device markers and the ``e2e`` marker."""
+"""Shared test configuration: Hypothesis profiles, device markers, the ``e2e`` marker and the
+``recipe`` fixture (a small run config on the tiny models of ``recipe_cases``)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,32 +39,24 @@ if not torch.cuda.is_available():
 # End-to-end tests (child processes, torchrun / gloo ranks, SIGKILL / SIGTERM and resume) in the
 # files that carry no marker of their own: "file" marks the whole module, "file::test" one test
 # (all its parametrizations). The other test files mark theirs with @pytest.mark.e2e or pytestmark.
-E2E_TESTS = (
-    "tests/ddk/integrations/test_transformers.py::test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens",
-    "tests/ddk/recipes/test_distributed_distill.py",
-    "tests/ddk/recipes/test_kill_resume.py",
-    "tests/ddk/recipes/test_pipeline.py::test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical",
-    "tests/ddk/recipes/test_teacher_cache_run.py::test_a_sigkilled_teacher_cache_build_resumes_to_the_same_cache",
-    "tests/ddk/recipes/test_trust.py::test_second_writer_on_a_run_folder_is_refused_naming_the_holder",
-    "tests/ddk/recipes/test_trust.py::test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_bit_identically",
-    "tests/ddk/recipes/test_trust.py::test_cli_distill_exits_75_on_sigterm_with_its_checkpoint",
-)
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.hookimpl(tryfirst=True)  # before -m deselects, so that -m "not e2e" sees the marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    e2e = pytest.mark.e2e
-    for item in items:
-        try:
-            file = item.path.resolve().relative_to(ROOT).as_posix()
-        except ValueError:
-            continue
-        if file in E2E_TESTS or f"{file}::{getattr(item, 'originalname', item.name)}" in E2E_TESTS:
-            item.add_marker(e2e)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``(root, cfg)``: a 4-step run config on the tiny models and corpus of ``recipe_cases`` under
+    ``root``, built once per test module; skips without transformers and tokenizers."""
+    from recipe_cases import HAS_HF
+
+    if not HAS_HF:
+        pytest.skip("needs transformers and tokenizers")
+    from recipe_cases import own_cfg
+
+    root = tmp_path_factory.mktemp("recipe")
+    return root, own_cfg(root, steps=4, interval=2, log_every=1, checkpoint_every=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,29 +35,37 @@ def autocast_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub name (``owner/name``): absolute, relative with ``.``/``~``, or deeper."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name
 
 
-def load_pretrained(kind: str, name: str, fn: str = "distill", **kwargs: Any) -> Any:
-    """``Auto*.from_pretrained(name)``; a missing local folder, or one that fails to load (a torn
-    safetensors file, a garbage config), is an error naming it."""
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_pretrained(kind: str, name: str, fn: str = "distill", flag: str | None = None, **kwargs: Any) -> Any:
+    """``Auto*.from_pretrained(name)`` of a ``save_pretrained`` folder or a hub id ``org/name``.
+
+    A name that is neither an existing folder nor shaped like a hub id (or any non-folder when
+    ``HF_HUB_OFFLINE=1``) is an error before any network call, naming ``flag`` (what the user
+    typed, e.g. ``--teacher``; default ``kind``); a folder that fails to load (a torn safetensors
+    file, a garbage config) is an error naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    flag = flag or kind
     path = Path(os.path.expanduser(name))
-    if not path.exists() and _looks_local(name):
+    if not path.exists() and (_hub_offline() or not _HUB_ID.fullmatch(name)):
+        why = "HF_HUB_OFFLINE is set, so only local folders load" if _hub_offline() else "nor a hub id 'org/name'"
         raise ValueError(
-            f"{fn}: {kind} must be a folder written by save_pretrained (or a hub name); "
-            f"got {name!r}, which does not exist."
+            f"{fn}: {flag} must be a folder written by save_pretrained or a hub id 'org/name'; got {name!r}, "
+            f"which is no folder (looked in {Path.cwd()}) {why}. Check the path."
         )
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
         return loader.from_pretrained(str(path) if path.exists() else name, **kwargs)
     except Exception as exc:  # OSError, ValueError, SafetensorError, JSONDecodeError, ...: name the folder
         raise ValueError(
-            f"{fn}: {kind} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
-            f"folder or hub name; loading {name!r} failed: {type(exc).__name__}: {exc}"
+            f"{fn}: {flag} must be a transformers {'tokenizer' if kind == 'tokenizer' else 'causal LM'} "
+            f"folder or hub id; loading {name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -109,17 +118,18 @@ def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
     measure the gap.
     A teacher folder that holds a tokenizer must hold the same vocabulary as the student's.
     """
-    tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.student)
+    tok_flag = "--tokenizer" if cfg.tokenizer else "--student"  # the tokenizer comes from the student's folder
+    tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.student, flag=tok_flag)
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"distill: the tokenizer must have an EOS token (it separates documents in packed "
             f"sequences); got none in {cfg.tokenizer or cfg.student!r}. Set tokenizer.eos_token and save it."
         )
-    student = load_pretrained("student", cfg.student, dtype=torch.float32).to(device)
+    student = load_pretrained("student", cfg.student, flag="--student", dtype=torch.float32).to(device)
     teacher = None
     if cfg.teacher:
         t_dtype = autocast_dtype(cfg, device) or torch.float32
-        teacher = load_pretrained("teacher", cfg.teacher, dtype=t_dtype).to(device).eval()
+        teacher = load_pretrained("teacher", cfg.teacher, flag="--teacher", dtype=t_dtype).to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         check_vocabularies(teacher, student, tokenizer)

@@ -39,9 +39,14 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
     created = init_from_env(cfg.process_group_backend)
     try:
         device = device_for(cfg)
-        tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.teacher, fn=fn)
+        tok_flag = "--tokenizer" if cfg.tokenizer else "--teacher"
+        tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.teacher, fn=fn, flag=tok_flag)
         amp = autocast_dtype(cfg, device)
-        teacher = load_pretrained("teacher", cfg.teacher, fn=fn, dtype=amp or torch.float32).to(device).eval()
+        teacher = (
+            load_pretrained("teacher", cfg.teacher, fn=fn, flag="--teacher", dtype=amp or torch.float32)
+            .to(device)
+            .eval()
+        )
         for p in teacher.parameters():
             p.requires_grad_(False)
         with rank_zero_first():

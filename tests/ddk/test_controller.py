@@ -306,3 +306,67 @@ def test_controller_warns_when_eq1_collapses_onto_one_domain() -> None:
         DDKController(est, FactorSmoother(3, init="uniform"), sampler, interval=2).start(student)
         est2 = DiscrepancyEstimator(_val(), progress=False, teacher_ce=[2.0, 2.0, 2.0])
         DDKController(est2, FactorSmoother(3), sampler, interval=2).start(student)
+
+
+def test_states_are_validated_whole_before_anything_changes():
+    from ddk import DDKController, DiscrepancyEstimator, FactorSmoother, MixtureSampler
+
+    sampler = MixtureSampler([10, 10, 10], 6, seed=0)
+    for _ in range(4):
+        sampler.next_global_batch()
+    good = sampler.state_dict()
+    for field, value, message in [
+        ("carry", [1e6, -1e6, 0.0], r"carry must be in \[-6, 6\] per domain"),
+        ("carry", ["0", "0", "0"], r"carry must hold numbers"),
+        ("passes", [2**62, 0, 0], r"passes and positions must account for batches_yielded \* global_batch_size = 24"),
+    ]:
+        with pytest.raises(ValueError, match=rf"MixtureSampler.load_state_dict: {message}"):
+            MixtureSampler([10, 10, 10], 6, seed=0).load_state_dict({**good, field: value})
+
+    def controller() -> DDKController:
+        batch = [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}]
+        est = DiscrepancyEstimator(
+            {n: batch for n in ("domain0", "domain1", "domain2")}, progress=False, teacher_ce=[1.0, 2.0, 3.0]
+        )
+        return DDKController(est, FactorSmoother(3), MixtureSampler([10, 10, 10], 6, seed=0), interval=2)
+
+    src = controller()
+    src.sampler.set_weights([0.2, 0.3, 0.5])
+    src.smoother.load_state_dict(
+        {
+            "num_domains": 3,
+            "alpha": 0.5,
+            "mode": "ddk",
+            "init": "discrepancy",
+            "weights": [0.2, 0.3, 0.5],
+            "history": [{"kind": "init", "ratio": [1.0] * 3, "weights": [0.2, 0.3, 0.5]}],
+        }
+    )
+    src._started = True
+    for _ in range(4):
+        src.sampler.next_global_batch()
+    state = src.state_dict()
+    state["controller"].update(last_update_step=4, num_updates=2)
+    controller().load_state_dict(state)  # the genuine state loads
+    bad_sampler = {
+        **state,
+        "estimator": {**state["estimator"], "teacher_ce": [9.0, 9.0, 9.0]},
+        "sampler": {**state["sampler"], "carry": [1e6, -1e6, 0.0]},
+    }
+    dst = controller()
+    before = (dst.estimator.teacher_ce.tolist(), dst.smoother.initialized, dst.sampler.state_dict())
+    with pytest.raises(ValueError, match=r"DDKController.load_state_dict \(sampler\): carry must be in"):
+        dst.load_state_dict(bad_sampler)
+    assert (dst.estimator.teacher_ce.tolist(), dst.smoother.initialized, dst.sampler.state_dict()) == before
+    for part, patch, message in [
+        ("controller", {"last_update_step": 10**9}, r"last_update_step'\] must be an int in \[0, 4\]"),
+        ("controller", {"num_updates": -1}, r"num_updates'\] must be an int in \[0, last_update_step=4\]"),
+        (
+            "smoother",
+            {"weights": [0.0, 0.0, 0.0]},
+            r"\(smoother\): state\['weights'\] must be 3 finite weights >= 0 summing to 1",
+        ),
+        ("estimator", {"online": [[1.0, -5.0, 0.0, 0.0]] * 3}, r"\(estimator\): state\['online'\] must be 3x4"),
+    ]:
+        with pytest.raises(ValueError, match=rf"DDKController.load_state_dict.*{message}"):
+            controller().load_state_dict({**state, part: {**state[part], **patch}})

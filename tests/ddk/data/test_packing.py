@@ -4,9 +4,11 @@ tokenizer hash, on a tiny local tokenizer (no hub access). The records checks of
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -296,3 +298,16 @@ def test_tokenizer_hash_is_stable_and_sees_the_vocabulary(tok, tmp_path):
     assert tokenizer_hash(reloaded) != h
     other = make_tokenizer(tmp_path / "other", vocab_size=320)
     assert tokenizer_hash(other) != h
+
+
+# ----------------------------------------------------------------------------- through ddk distill
+def test_recipe_domain_too_small_for_its_validation_split_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from ddk.recipes.distill import distill
+
+    root, cfg = recipe
+    src = tmp_path / "mine.jsonl"
+    src.write_text(Path(cfg.data[0]).read_text() + json.dumps({"domain": "tiny", "text": "x y"}) + "\n")
+    with pytest.raises(ValueError, match="tiny"):
+        distill(dataclasses.replace(cfg, data=(str(src),), out=str(tmp_path / "run")))

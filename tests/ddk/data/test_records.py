@@ -285,3 +285,24 @@ def test_load_records_reads_files_with_a_utf8_bom(tmp_path):
     (tmp_path / "c.csv").write_text(bom + (tmp_path / "c.csv").read_text(encoding="utf-8"), encoding="utf-8")
     for name in ("c.jsonl", "c.json", "c.csv"):
         assert _as_list(load_records(tmp_path / name, progress=False)) == recs, name
+
+
+# ----------------------------------------------------------------------------- through ddk distill
+def test_recipe_record_without_domain_field_is_an_error_with_file_and_line_unless_skipped(
+    recipe, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from ddk.recipes.distill import distill
+
+    root, cfg = recipe
+    src = tmp_path / "mine.jsonl"
+    lines = Path(cfg.data[0]).read_text().splitlines()
+    lines.insert(4, json.dumps({"text": "no domain here"}))
+    src.write_text("\n".join(lines) + "\n")
+    bad = dataclasses.replace(cfg, data=(str(src),), out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=rf"{src}:5: "):
+        distill(bad)
+    with pytest.warns(UserWarning, match="1"):
+        distill(dataclasses.replace(bad, skip_bad_records=True))
+    assert (tmp_path / "run" / "student" / "config.json").is_file()

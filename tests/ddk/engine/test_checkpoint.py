@@ -1,11 +1,15 @@
 """``ddk distill``'s checkpoints: ``checkpoint-<step>/``, the newest ``keep_checkpoints`` kept,
-``--resume`` from the newest; in one process on the tiny models and corpus of ``recipe_cases``. The SIGKILL and truncated-file cases are in ``test_kill_resume``; many
-processes in ``test_distributed_distill``.
+``--resume`` from the newest; a crafted (pickled) checkpoint never runs code, a corrupted newest one
+is passed over, a torn log line is dropped, and a crash in every write of a checkpoint resumes
+bit-identically. In one process on the tiny models and corpus of ``recipe_cases``. The SIGKILL and
+truncated-file cases are in ``test_kill_resume``; many processes in ``test_distributed_distill``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +19,14 @@ pytest.importorskip("tokenizers")
 
 import torch
 from recipe_cases import crash_in_step, own_cfg
+from recipe_cases import flip_bit as _flip_bit
+from recipe_cases import run_cfg as _cfg
+from recipe_cases import same_student as _same_student
 from safetensors.torch import load_file
 
 import ddk.recipes.distill as real
+from ddk._io import file_sha256
+from ddk.engine import checkpoint as ckpt
 from ddk.engine.parallel import device_for
 from ddk.recipes.config import make_config
 
@@ -141,3 +150,165 @@ def test_distill_resume_with_another_config_names_the_checkpoint_and_overwrites_
     ):
         real.distill(_config(tmp_path, "run", steps=2, lr=0.5))
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------------------- crafted, corrupted and torn files
+class _Payload:
+    """Unpickling this creates ``marker``: a stand-in for any command an attacker would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_checkpoint_never_executes_code(tmp_path):
+    import pickle
+
+    cfg = _cfg(tmp_path, "run", steps=2, checkpoint_every=2)
+    real.distill(cfg)
+    run, marker = Path(cfg.out), tmp_path / "pwned"
+    payload = pickle.dumps({"step": 3, "config": cfg.to_dict(), "x": _Payload(marker)})
+    # a newer checkpoint whose files are pickles, with a manifest whose digests match them
+    evil = run / "checkpoint-3"
+    shutil.copytree(run / "checkpoint-2", evil)
+    for name in (ckpt.TENSORS, ckpt.STATE):
+        (evil / name).write_bytes(payload)
+    man = json.loads((evil / ckpt.MANIFEST).read_text())
+    man["step"] = 3
+    man["files"] = {
+        n: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()} for n in (ckpt.TENSORS, ckpt.STATE)
+    }
+    (evil / ckpt.MANIFEST).write_text(json.dumps(man))
+    (run / "checkpoint-9.pt").write_bytes(payload)  # and an old-format checkpoint: never opened
+    with pytest.raises(
+        ValueError,
+        match=r"distill: the checkpoint .*checkpoint-3 must hold a readable "
+        r"tensors\.safetensors and state\.json; got ",
+    ):
+        real.distill(cfg)
+    shutil.rmtree(evil)
+    for _, p in ckpt.checkpoints(run):
+        shutil.rmtree(p)
+    with pytest.raises(
+        ValueError,
+        match=r"distill: the checkpoints of .* must be checkpoint-<step>/ folders "
+        r"\(safetensors \+ JSON\) to resume; got \['checkpoint-9\.pt'\] of an older ddk",
+    ):
+        real.distill(cfg)
+    assert not marker.exists()
+
+
+def test_flipped_bit_in_newest_checkpoint_is_detected_and_resume_falls_back(tmp_path, capsys):
+    ref = _cfg(tmp_path, "ref", checkpoint_every=3)
+    real.distill(ref)
+    cfg = _cfg(tmp_path, "run", checkpoint_every=3)
+    real.distill(cfg)
+    run = Path(cfg.out)
+    _flip_bit(run / "checkpoint-6" / ckpt.TENSORS)
+    path, passed = ckpt.newest_valid_checkpoint(run)
+    assert path == run / "checkpoint-3"
+    have = file_sha256(run / "checkpoint-6" / ckpt.TENSORS)
+    want = json.loads((run / "checkpoint-6" / ckpt.MANIFEST).read_text())["files"][ckpt.TENSORS]["sha256"]
+    assert passed == [
+        (
+            f"distill: the checkpoint {run / 'checkpoint-6'} must be complete and intact; got "
+            f"tensors.safetensors with SHA-256 {have} where the manifest says {want}."
+        )
+    ]
+    capsys.readouterr()
+    real.distill(cfg)
+    assert "Resuming from the previous valid checkpoint checkpoint-3." in capsys.readouterr().err
+    _same_student(Path(ref.out), run)
+    assert ckpt.load_checkpoint(run / "checkpoint-6")["step"] == 6  # rewritten, intact
+
+
+def test_torn_log_line_is_dropped_on_resume_and_no_resume_moves_the_run_aside(tmp_path, monkeypatch, capsys):
+    ref = _cfg(tmp_path, "ref", checkpoint_every=1, log_every=1)
+    real.distill(ref)
+    cfg = _cfg(tmp_path, "run", checkpoint_every=1, log_every=1)
+    crash_in_step(monkeypatch, cfg, 5)
+    run = Path(cfg.out)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # ENOSPC mid-record
+    capsys.readouterr()
+    real.distill(cfg)
+    assert f"dropped the torn last line 5 of {run / 'metrics.jsonl'}" in capsys.readouterr().err
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    _same_student(Path(ref.out), run)
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]) + "\n")
+    shutil.rmtree(run / "checkpoint-6")
+    with pytest.raises(
+        ValueError,
+        match=rf"distill: every line of {run / 'metrics.jsonl'} must be a JSON record to "
+        r"resume; got line 2: ",
+    ):
+        real.distill(cfg)
+
+    kept = {p.name for p in run.iterdir() if p.name.startswith("checkpoint-")}
+    real.distill(_cfg(tmp_path, "run", checkpoint_every=1, log_every=1, resume=False))
+    moved = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(moved) == 1
+    assert kept <= {p.name for p in moved[0].iterdir()} and (moved[0] / "metrics.jsonl").read_text().count("{broken")
+    assert ckpt.load_checkpoint(moved[0] / "checkpoint-5")["step"] == 5  # still valid, just out of the way
+    _same_student(Path(ref.out), run)
+
+
+# ---------------------------------------------------------------------------- a crash in every write
+_WRITES = ("_save_tensors", "_write_durable", "_rename", "_remove_tree")
+
+
+def _killed_in_write(monkeypatch, cfg, k: int) -> bool:  # type: ignore[no-untyped-def]
+    """Run ``distill``, killing it at the ``k``-th write of its step-3 checkpoint (a torn file when that
+    write is one); False when the checkpoint has fewer writes (the run then finishes)."""
+    count = {"n": 0, "armed": False}
+
+    def wrap(name, orig):  # type: ignore[no-untyped-def]
+        def op(*a, **kw):  # type: ignore[no-untyped-def]
+            if count["armed"]:
+                count["n"] += 1
+                if count["n"] == k:
+                    if name == "_write_durable":  # a torn write: half the text, then the kill
+                        Path(a[0]).write_text(a[1][: len(a[1]) // 2])
+                    raise KeyboardInterrupt(f"killed in {name}")
+            return orig(*a, **kw)
+
+        return op
+
+    orig_save = ckpt.save_checkpoint
+
+    def save(out, step, state, keep):  # type: ignore[no-untyped-def]
+        count["armed"] = step == 3  # every write of the step-3 checkpoint (and its pruning of checkpoint-1)
+        try:
+            return orig_save(out, step, state, keep)
+        finally:
+            count["armed"] = False
+
+    for name in _WRITES:
+        monkeypatch.setattr(ckpt, name, wrap(name, getattr(ckpt, name)))
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    try:
+        real.distill(cfg)
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        monkeypatch.undo()
+
+
+def test_crash_during_every_checkpoint_write_then_resume_is_bit_identical(tmp_path, monkeypatch):
+    ref = _cfg(tmp_path, "ref", steps=4, checkpoint_every=1, interval=2)
+    real.distill(ref)
+    k = 1
+    while True:
+        cfg = _cfg(tmp_path, f"crash{k}", steps=4, checkpoint_every=1, interval=2)
+        if not _killed_in_write(monkeypatch, cfg, k):  # k passed the number of writes: every one was hit
+            break
+        real.distill(cfg)  # resume (from checkpoint-2, or checkpoint-3 if its rename was done)
+        _same_student(Path(ref.out), Path(cfg.out))
+        assert not [p for p in Path(cfg.out).iterdir() if p.name.startswith(".checkpoint-")]
+        k += 1
+    assert k > 5  # tensors, state, manifest, rename into place, pruning (rename + delete)

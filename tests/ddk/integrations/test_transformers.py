@@ -694,6 +694,7 @@ torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("loss", ["fused", "logits"])
+@pytest.mark.e2e
 def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path, loss):
     """2 gloo ranks x 2 sequences (uneven valid tokens per rank) = 1 process x 4 sequences: the
     normalizer is the global token count / R, and DDP averages the gradients over the R ranks."""
@@ -765,3 +766,68 @@ def test_ddktrainer_distills_from_a_teacher_cache_without_a_teacher(tmp_path, to
     with pytest.raises(ValueError, match=r"must match the run; got seq_len: the cache has 16, the run 8"):
         DDKTrainer(model=make_model("llama", len(tok), seed=2), args=_config(tmp_path / "x", seq_len=8),
                    teacher_cache=cache, processing_class=tok)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- checkpoint rotation
+def test_ddktrainer_newest_checkpoint_holds_the_ddk_state_before_rotation(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    from hf_models import make_model
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from ddk import DDKController, DiscrepancyEstimator, FactorSmoother, MixtureSampler
+    from ddk.integrations.transformers import DDK_STATE_NAME, DDKCallback, DDKTrainer
+
+    g = torch.Generator().manual_seed(0)
+    train = [
+        {"input_ids": torch.randint(30 * d, 30 * d + 30, (12,), generator=g), "domain_id": d}
+        for d, n in enumerate((8, 6))
+        for _ in range(n)
+    ]
+    val = {name: [{"input_ids": torch.randint(0, 60, (2, 12), generator=g)}] for name in ("a", "b")}
+
+    def trainer(max_steps: int) -> DDKTrainer:
+        ctrl = DDKController(
+            DiscrepancyEstimator(val, progress=False),
+            FactorSmoother(2),
+            MixtureSampler([8, 6], 4, seed=3, domain_names=("a", "b")),
+            interval=2,
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=1,
+            save_total_limit=1,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            logging_steps=100,
+        )
+        return DDKTrainer(
+            model=make_model("llama", 100, seed=2),
+            args=args,
+            train_dataset=train,
+            teacher=make_model("llama", 100, hidden=48, layers=2, seed=1),
+            controller=ctrl,
+        )
+
+    calls = {"n": 0}
+    orig = DDKCallback.on_save
+
+    def crash_after_rotation(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:  # checkpoint-2 saved and checkpoint-1 rotated away
+            raise KeyboardInterrupt("killed between the rotation and on_save")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(DDKCallback, "on_save", crash_after_rotation)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(3).train()
+    monkeypatch.undo()
+    last = get_last_checkpoint(str(tmp_path))
+    assert Path(last).name == "checkpoint-2" and (Path(last) / DDK_STATE_NAME).is_file()
+    trainer(3).train(resume_from_checkpoint=True)  # resumable
+    assert (tmp_path / "checkpoint-3" / DDK_STATE_NAME).is_file()

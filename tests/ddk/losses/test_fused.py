@@ -456,3 +456,14 @@ def test_fused_linear_kd_loss_under_cpu_autocast_runs_in_bf16(strategy: str) -> 
     want.loss.backward()
     assert _close(out.loss, want.loss, 1e-5)
     assert _close(h.grad, h64.grad, 1e-2) and _close(w.grad, w64.grad, 1e-2)  # gradients rounded to bf16
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_fused_loss_zero_tokens_is_zero_loss_zero_grad(backend: str) -> None:
+    h, w = torch.randn(0, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
+    out = fused_linear_kd_loss(
+        h, w, torch.zeros(0, dtype=torch.long), teacher_logits=torch.randn(0, 7), backend=backend
+    )
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0
+    assert w.grad is None or float(w.grad.abs().sum()) == 0.0

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kd_cases import DIVERGENCE_CASES, realistic_logits
+from kd_cases import DIVERGENCE_CASES, realistic_logits, small_batch
 
 import ddk
 from ddk import KDLoss, kd_loss
 from ddk.losses import flatten_for_loss
+from ddk.losses.fused import fused_linear_kd_loss
+from ddk.reliability import NonFiniteGuard
 from ddk_kernels.dispatch import available_backends
 from ddk_kernels.reference import kd_loss_reference
 
@@ -374,3 +376,77 @@ def test_kd_loss_under_cpu_autocast_matches_float32() -> None:
     ref.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(zs16.grad.float(), zs32.grad, rtol=2e-2, atol=1e-4)
+
+
+# -- bad input: teacher padding, labels, empty batches, normalizer --------------------------------
+
+
+def test_kd_loss_teacher_padding_rows_are_sliced() -> None:
+    zs, zt, labels, dom = small_batch()
+    padded = torch.cat([zt, torch.full((zt.shape[0], 5), 40.0)], dim=1)  # huge padding logits: must be ignored
+    a = ddk.kd_loss(zs, zt, labels, domain_ids=dom, num_domains=3)
+    b = ddk.kd_loss(zs, padded, labels, domain_ids=dom, num_domains=3)
+    assert float(a.loss.detach()) == float(b.loss.detach())
+    h, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    th, tw = torch.randn(6, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    f1 = fused_linear_kd_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw)
+    f2 = fused_linear_kd_loss(
+        h, w, labels, teacher_hidden=th, teacher_weight=torch.cat([tw, 9 * torch.ones(3, 5, dtype=torch.float64)])
+    )
+    assert float(f1.loss) == float(f2.loss)
+
+
+@pytest.mark.parametrize("which", ["kd_loss", "fused_linear_kd_loss"])
+def test_labels_negative_and_not_ignore_index_is_an_error(which: str) -> None:
+    zs, zt, labels, dom = small_batch()
+    bad = labels.clone()
+    bad[3] = -1
+    h, w = torch.randn(6, 4), torch.randn(7, 4)
+
+    def call(lab: torch.Tensor, **kw):  # type: ignore[no-untyped-def]
+        if which == "kd_loss":
+            return ddk.kd_loss(zs, zt, lab, **kw)
+        return fused_linear_kd_loss(h, w, lab, teacher_logits=zt, **kw)
+
+    with pytest.raises(
+        ValueError,
+        match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=-100; got -1\. "
+        r"Labels come from the student's tokenizer",
+    ):
+        call(bad)
+    ok = labels.clone()
+    ok[3] = 7  # the ignore_index may lie outside [0, V) ...
+    assert (
+        int(call(ok.int(), ignore_index=7, domain_ids=dom.int(), num_domains=3).num_tokens) == 5
+    )  # ... and int32 works
+    with pytest.raises(ValueError, match=rf"^{which}: labels must be in \[0, 7\) or equal ignore_index=7; got -100\."):
+        call(torch.full((6,), -100), ignore_index=7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpp"])
+@pytest.mark.parametrize("n", [0, 4])
+def test_kd_loss_empty_or_fully_ignored_batch_is_zero_loss_zero_grad(backend: str, n: int) -> None:
+    zs = torch.randn(n, 7, requires_grad=True)
+    labels = torch.full((n,), -100)
+    out = ddk.kd_loss(
+        zs, torch.randn(n, 9), labels, domain_ids=torch.zeros(n, dtype=torch.long), num_domains=2, backend=backend
+    )
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and int(out.num_tokens) == 0 and out.domain_tokens.tolist() == [0, 0]
+    assert zs.grad is not None and float(zs.grad.abs().sum()) == 0.0
+    assert NonFiniteGuard().check(1, out)  # finite: a training loop goes on
+
+
+def test_loss_normalizer_must_be_a_positive_finite_scalar():
+    from ddk import kd_loss
+
+    zs, zt, y = torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3])
+    for value, message in [
+        (torch.tensor(0.0), r"must be > 0 .*; got 0\.0\."),
+        (torch.tensor(-4.0), r"must be > 0 .*; got -4\.0\."),
+        (torch.tensor([1.0, 2.0]), r"must be a scalar .*; got a tensor of shape \(2,\)\."),
+        (float("inf"), r"must be finite .*; got inf\."),
+        (torch.tensor(float("nan")), r"must be finite .*; got nan\."),
+    ]:
+        with pytest.raises(ValueError, match=r"kd_loss: normalizer " + message):
+            kd_loss(zs, zt, y, normalizer=value)

@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+from recipe_cases import user_jsonl as _user_jsonl
 
+from ddk.recipes.cli import main
 from ddk.recipes.corpus import (
     CorpusConfig,
     CorpusError,
     _chunks,
     build_corpus,
+    domain_texts,
     jsonl_units,
     load_corpus,
     read_jsonl,
@@ -247,3 +250,101 @@ def test_html_to_text_drops_markup():
         )
         == "Hallo Welt\n"
     )
+
+
+# ---------------------------------------------------------------------------- corrupted lines, cache keys, unsafe names
+def test_build_corpus_corrupted_jsonl_lines_raise_with_file_and_line_unless_skipped(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = _user_jsonl(tmp_path / "user.jsonl")
+    cfg = dict(domains=(), user_jsonl=(str(src),), max_chars=None, validation_fraction=0.25, offline=True)
+    with pytest.raises(CorpusError) as info:
+        build_corpus(tmp_path / "c1", CorpusConfig(**cfg), progress=False)
+    msg = str(info.value)
+    assert f"{src}:4: JSONDecodeError" in msg and f"{src}:8: JSONDecodeError" in msg and "2 corrupted line(s)" in msg
+    assert "skip_bad_lines=True / --skip-bad-lines" in msg
+    man = build_corpus(tmp_path / "c2", CorpusConfig(**cfg, skip_bad_lines=True), progress=False)
+    assert man["skipped_lines"] == {str(src.resolve()): 2} and sorted(man["domains"]) == ["a", "b"]
+    assert "skipped 2 corrupted line(s)" in capsys.readouterr().err
+    assert CorpusConfig(**cfg).key() == CorpusConfig(**cfg, skip_bad_lines=True).key()
+
+
+def test_corpus_readers_of_a_built_corpus_skip_only_when_asked(tmp_path: Path) -> None:
+    src = _user_jsonl(tmp_path / "user.jsonl")
+    out = tmp_path / "c"
+    build_corpus(
+        out,
+        CorpusConfig(domains=(), user_jsonl=(str(src),), max_chars=None, validation_fraction=0.25, skip_bad_lines=True),
+        progress=False,
+    )
+    train = out / "a" / "train.jsonl"
+    n = len(read_jsonl(train))
+    with train.open("a") as f:
+        f.write('{"id": 1}\n')  # a record without "text"
+    with pytest.raises(CorpusError, match=rf"{train}:{n + 1}: a record must have keys \['text'\]; missing \['text'\]"):
+        domain_texts(out, "train", ["a"])
+    assert len(domain_texts(out, "train", ["a"], on_error="skip")["a"]) == n
+
+
+def test_corpus_key_follows_file_contents_and_a_partial_build_is_retried(tmp_path, capsys):
+    from ddk.recipes.corpus import CorpusConfig, build_corpus
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"domain": "mine", "text": f"text {i}\n" * 20}) + "\n" for i in range(8)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello\n" * 50)
+    (folder / "b.txt").write_text("world\n" * 50)
+    base = dict(
+        domains=("math",),
+        user_jsonl=(str(data),),
+        user_folders={"fold": str(folder)},
+        max_chars=None,
+        validation_fraction=0.3,
+        cache_dir=str(tmp_path / "debs"),
+        offline=True,
+    )
+    key = CorpusConfig(**base).key()
+    assert CorpusConfig(**{**base, "offline": False}).key() == key
+    with data.open("a") as f:  # the same path, other contents
+        f.write(json.dumps({"domain": "mine", "text": "more\n" * 20}) + "\n")
+    assert CorpusConfig(**base).key() != key
+    key = CorpusConfig(**base).key()
+    (folder / "a.txt").write_text("changed\n" * 50)
+    assert CorpusConfig(**base).key() != key
+
+    out = tmp_path / "corpus"
+    man = build_corpus(out, CorpusConfig(**base), progress=False)  # offline, empty package cache: math skipped
+    assert "math" in man["skipped"] and man["complete"] is False
+    capsys.readouterr()
+    build_corpus(out, CorpusConfig(**base), progress=False)
+    assert "its last build skipped ['math']; trying them again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("domain", ["../../x", "{tmp}/abs", "..", ".hidden"])
+def test_data_build_rejects_domain_names_that_leave_the_folder(tmp_path, capsys, domain):
+    domain = domain.format(tmp=tmp_path)
+    data = tmp_path / "evil.jsonl"
+    data.write_text("".join(json.dumps({"domain": domain, "id": f"u{i}", "text": "a\n" * 40}) + "\n" for i in range(6)))
+    out = tmp_path / "a" / "b" / "corpus"
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--no-builtin",
+                "--user-jsonl",
+                str(data),
+                "--out",
+                str(out),
+                "--validation-fraction",
+                "0.4",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"jsonl_units: the domain of record 0 of {data} must " in err and repr(domain) in err
+    assert sorted(p.name for p in tmp_path.rglob("*.jsonl")) == ["evil.jsonl"]  # nothing written, inside or out
+    with pytest.raises(ValueError, match=r"build_corpus: user_folders names must not"):
+        from ddk.recipes.corpus import CorpusConfig, build_corpus
+
+        build_corpus(out, CorpusConfig(domains=(), user_folders={"../up": str(tmp_path)}))

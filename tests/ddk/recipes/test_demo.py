@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from recipe_cases import demo_cfg, own_models
+from recipe_cases import flip_bit as _flip_bit
 from transformers import AutoModelForCausalLM
 
 
@@ -84,3 +85,19 @@ def test_compare_demo_distills_the_same_student_with_kd_and_ddk(tmp_path: Path, 
     # a second run redoes both methods (no stale summaries), with the same result
     again = compare_demo(cfg, preset="unit")
     assert again["methods"]["ddk"]["gap"] == ddk["gap"]
+
+
+def test_demo_model_cache_with_flipped_weights_or_garbage_meta_is_rebuilt(tmp_path, capsys):
+    from hf_models import make_model, make_tokenizer
+
+    from ddk.recipes.demo import _cached_model, _save_model
+
+    folder = tmp_path / "teacher"
+    _save_model(make_model("llama", 300), make_tokenizer(tmp_path / "tok"), folder, {"train_seconds": 1.0})
+    assert _cached_model(folder, "teacher") is not None
+    _flip_bit(folder / "model.safetensors")
+    assert _cached_model(folder, "teacher") is None
+    assert "model.safetensors is missing or changed since it was saved" in capsys.readouterr().err
+    (folder / "demo_meta.json").write_text("{garbage")
+    assert _cached_model(folder, "teacher") is None
+    assert "its demo_meta.json is unreadable (JSONDecodeError" in capsys.readouterr().err

@@ -46,9 +46,12 @@ REPO = Path(__file__).resolve().parents[3]
 PARAM_ATOL = 1e-5
 REL = 1e-6
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.e2e,  # torchrun runs
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+    ),
+]
 
 
 def _config(tmp: Path, name: str, **kw):  # type: ignore[no-untyped-def]

@@ -29,6 +29,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from ddk.engine.checkpoint import load_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # torchrun / subprocess runs
+
 STEPS = 40
 KILL_SEED = 6
 

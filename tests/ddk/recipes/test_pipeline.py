@@ -157,6 +157,7 @@ def test_distill_token_budget_sets_the_steps(tmp_path: Path) -> None:
     assert cfg.total_steps == 3
 
 
+@pytest.mark.e2e
 def test_demo_teacher_pretraining_preempted_then_resumed_is_bit_identical(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import os
     import signal

@@ -72,6 +72,7 @@ def test_ddk_from_a_top_k_cache_runs_and_a_mismatched_cache_is_named(tmp_path: P
     assert main(["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), *SMALL]) == 2  # no --out
 
 
+@pytest.mark.e2e
 def test_a_sigkilled_teacher_cache_build_resumes_to_the_same_cache(tmp_path: Path) -> None:
     import os
     import signal

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import logging
 import math
 import os
 import re
@@ -746,3 +747,42 @@ def test_mixture_sampler_load_state_dict_rejects_bad_world_size() -> None:
         MixtureSampler([3, 4], 2, seed=1, domain_names=["x", "y"]).load_state_dict(state, world_size=4)
     with pytest.raises(ValueError, match=r"^MixtureSampler\.from_state_dict: state must be a dict from state_dict\(\)"):
         MixtureSampler.from_state_dict({"carry": []})
+
+
+# ----------------------------------------------------------------------------- exhausted domains, underflowing weights
+
+
+def test_mixture_sampler_exhausted_domain_is_reused_cyclically_and_logged_once_per_wrap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    s = MixtureSampler([3, 50], 4, [0.5, 0.5], seed=1, domain_names=["tiny", "big"])
+    with caplog.at_level(logging.INFO, logger="ddk.sampling.mixture"):
+        batches = [s.next_global_batch() for _ in range(6)]  # 'tiny' gives 2 per batch: 12 draws = 4 passes
+    tiny = np.concatenate([b[b < 3] for b in batches])
+    assert np.bincount(tiny).tolist() == [4, 4, 4]  # 4 full passes, every example once per pass
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 4 and all("domain 'tiny' (3 examples) exhausted" in m for m in msgs)  # one per wrap
+    assert "reusing it cyclically from pass 1 with a fresh permutation." in msgs[0]
+    assert s.passes().tolist() == [4, 0]
+
+
+def test_mixture_sampler_many_wraps_in_one_batch_log_one_line_and_only_on_rank0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="ddk.sampling.mixture"):
+        MixtureSampler([1, 20], 8, [0.5, 0.5], domain_names=["one", "big"]).next_global_batch()
+        MixtureSampler([1, 20], 8, [0.5, 0.5], domain_names=["one", "big"], rank=1, world_size=2).next_global_batch()
+    assert len(caplog.records) == 1
+    assert "from pass 4 with a fresh permutation (4 passes completed in this batch)." in caplog.records[0].getMessage()
+
+
+def test_mixture_sampler_denormal_weights_are_renormalised() -> None:
+    s = MixtureSampler([4, 4], 4, [5e-324, 5e-324])
+    assert s.weights == (0.5, 0.5)
+    t = MixtureSampler([4, 4], 4, [1e-320, 1.0])  # effectively zero: never drawn, exact counts kept
+    assert all(0 not in t.domain_of(t.next_global_batch()).tolist() for _ in range(50))
+    with pytest.raises(
+        ValueError,
+        match=r"^MixtureSampler: weights must have a positive sum \(at least one domain > 0\); got all zeros\.$",
+    ):
+        MixtureSampler([4, 4], 4, [0.0, 0.0])

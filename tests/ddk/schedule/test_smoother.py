@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ddk.discrepancy import DomainDiscrepancy
+from ddk.sampling import MixtureSampler
 from ddk.schedule import FactorSmoother
 
 ratios = st.integers(1, 8).flatmap(lambda d: st.lists(st.floats(0.01, 60.0, allow_nan=False), min_size=d, max_size=d))
@@ -246,3 +247,25 @@ def test_smoother_update_bad_ratio_raises() -> None:
     s.initialize([1.0, 1.0])
     with pytest.raises(ValueError, match=r"FactorSmoother.update: ratio must be > 0"):
         s.update(torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("mode,alpha", [("no_smoothing", 0.5), ("ddk", 1.0)])
+def test_factor_smoother_underflowing_weights_become_exact_zeros(mode: str, alpha: float) -> None:
+    s = FactorSmoother(3, mode=mode, alpha=alpha)
+    w = s.initialize([1.0, 720.0, 740.0])  # softmax would give a denormal ~1e-321 for domain 0
+    assert w[0].item() == 0.0 and float(w.sum()) == pytest.approx(1.0, abs=1e-15)
+    assert bool(((w == 0) | (w >= torch.finfo(torch.float64).tiny)).all())
+    w2 = s.update([800.0, 1.0, 1.5])
+    if mode == "ddk":  # alpha = 1: psi is proportional to r_t, so a zero weight stays zero
+        assert w2[0].item() == 0.0
+    else:  # no smoothing: the domain comes back as soon as the ratios say so
+        assert w2[0].item() == pytest.approx(1.0)
+    sampler = MixtureSampler([5, 5, 5], 6, w.tolist())
+    assert all(0 not in sampler.domain_of(sampler.next_global_batch()).tolist() for _ in range(20))
+
+
+def test_factor_smoother_ddk_floor_keeps_every_weight_positive() -> None:
+    s = FactorSmoother(3, alpha=0.5)
+    s.initialize([1.0, 720.0, 740.0])
+    w = s.update([1.0, 720.0, 740.0])
+    assert float(w.min()) >= (1 - 0.5) / 3 - 1e-15

@@ -1,0 +1,63 @@
+"""Tests of ddk/engine/runfolder.py: one writer per run folder, and a run's config.json read back
+like user input; on the tiny models of ``recipe_cases``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from recipe_cases import child_env as _env
+from recipe_cases import run_cfg as _cfg
+
+import ddk.recipes.distill as real
+from ddk.recipes.cli import main
+
+
+def test_evaluate_validates_the_run_config_like_user_input(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "run", steps=2)
+    real.distill(cfg)
+    run = Path(cfg.out)
+    (run / "config.json").write_text("{not json")
+    assert main(["evaluate", str(run)]) == 2
+    assert (
+        f"ddk evaluate: error: evaluate: {run / 'config.json'} must be the JSON config written by ddk distill; "
+        "got an unreadable file (JSONDecodeError" in capsys.readouterr().err
+    )
+    (run / "config.json").write_text(json.dumps({**cfg.to_dict(), "steps": "6; rm -rf /"}))
+    with pytest.raises(
+        ValueError,
+        match=r"evaluate: .*config\.json must be a valid config written by ddk distill; "
+        r"got: RunConfig: steps must be of type int; got '6; rm -rf /'\.",
+    ):
+        real.evaluate(run)
+
+
+@pytest.mark.e2e
+def test_second_writer_on_a_run_folder_is_refused_naming_the_holder(tmp_path):
+    cfg = _cfg(tmp_path, "run", steps=2)
+    code = (
+        "import sys, time; from ddk._io import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'distill', 'out'):\n    print('locked', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, cfg.out], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(
+            ValueError,
+            match=rf"distill: out must not be in use by another process; got "
+            rf"'{cfg.out}' locked by pid {holder.pid} .*Wait for that run to finish",
+        ):
+            real.distill(cfg)
+        assert not (Path(cfg.out) / "config.json").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    real.distill(cfg)  # the kernel dropped the killed holder's lock
+    assert (Path(cfg.out) / "summary.json").is_file()

@@ -1,0 +1,72 @@
+"""Tests of ddk/recipes/cli.py: its flags, exit statuses and the ``ddk`` commands a user runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from recipe_cases import child_env as _env
+from recipe_cases import needs_hf
+from recipe_cases import run_cfg as _cfg
+from recipe_cases import user_jsonl as _user_jsonl
+
+from ddk.engine import checkpoint as ckpt
+from ddk.engine.preempt import EXIT_PREEMPTED
+
+
+def test_cli_data_build_skip_bad_lines_flag(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ddk.recipes.cli import main
+
+    src = _user_jsonl(tmp_path / "user.jsonl")
+    args = [
+        "data",
+        "build",
+        "--no-builtin",
+        "--user-jsonl",
+        str(src),
+        "--max-chars",
+        "0",
+        "--validation-fraction",
+        "0.25",
+    ]
+    assert main([*args, "--out", str(tmp_path / "c1")]) == 2
+    assert f"{src}:4:" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c2"), "--skip-bad-lines"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped_lines"] == {str(src.resolve()): 2}
+
+
+def test_recipe_flags_on_nonfinite_and_skip_bad_lines() -> None:
+    from ddk.recipes.cli import build_parser
+    from ddk.recipes.config import config_from_args
+
+    args = build_parser().parse_args(["distill", "--on-nonfinite", "skip", "--skip-bad-lines"])
+    cfg = config_from_args(args)
+    assert cfg.on_nonfinite == "skip" and cfg.skip_bad_lines is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--on-nonfinite", "ignore"])
+
+
+@needs_hf
+@pytest.mark.e2e
+def test_cli_distill_exits_75_on_sigterm_with_its_checkpoint(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    cfg = _cfg(tmp_path, "run", steps=200, checkpoint_every=1000, log_every=1, threads=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "ddk.recipes.cli", "distill", "--config", str(tmp_path / "c.yaml")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, deadline = Path(cfg.out) / "metrics.jsonl", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    (path,) = [p for _, p in ckpt.checkpoints(Path(cfg.out))]
+    step = ckpt.load_checkpoint(path)["step"]
+    assert 2 <= step < 200 and f"ddk distill: stopped by SIGTERM after step {step}" in err
