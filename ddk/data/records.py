@@ -318,10 +318,13 @@ def load_records(
     domains: list[str] = []
     bad: list[str] = []  # the first _SHOW, as "location: reason"
     bad_per_source: dict[str, int] = {}
+    fields_seen: set[str] = set()  # the fields of the records, for a message when none is usable
     for src in sources:
         label, rows = _rows(src, text_field, domain_field, partitioner)
         count = 0
         for where, rec in tqdm(rows, desc=f"load {Path(label).name or label}", unit=" rec", disable=not progress):
+            if not isinstance(rec, _Bad) and len(fields_seen) < 64 and hasattr(rec, "keys"):
+                fields_seen.update(str(k) for k in rec.keys())
             got = rec.reason if isinstance(rec, _Bad) else _record_problem(rec, text_field, domain_field, partitioner)
             if isinstance(got, str):
                 count += 1
@@ -336,18 +339,27 @@ def load_records(
             bad_per_source[label] = count
 
     total_bad = sum(bad_per_source.values())
+    wanted = {text_field} | ({domain_field} if partitioner is None else set())
+    hint = ""
+    if total_bad and not texts and fields_seen and not wanted <= fields_seen:  # likely other field names
+        hint = (
+            f" The records have the fields {sorted(fields_seen)}: name yours with text_field= and domain_field= "
+            "(CLI flags --text-field and --domain-field; DDKConfig(text_field=, domain_field=))."
+        )
     if total_bad:
         listing = "\n  ".join(bad) + (f"\n  ... and {total_bad - len(bad)} more" if total_bad > len(bad) else "")
         if on_missing == "raise":
             field = "the partitioner's fields" if partitioner is not None else f"a non-empty str {domain_field!r}"
             raise ValueError(
                 f"{fn}: every record must have a str {text_field!r} and {field}; got {total_bad} bad record(s) "
-                f"(fix them, or drop them with on_missing='skip', CLI flag --skip-bad-records):\n  {listing}"
+                f"(fix them, or drop them with on_missing='skip', CLI flag --skip-bad-records):\n  {listing}{hint}"
             )
         per = ", ".join(f"{k}: {v}" for k, v in bad_per_source.items())
         warnings.warn(f"{fn}: skipped {total_bad} bad record(s) ({per}); the first:\n  {listing}", stacklevel=2)
     if not texts:
-        raise ValueError(f"{fn}: paths must hold at least one valid record; got none in {[str(s) for s in sources]}.")
+        raise ValueError(
+            f"{fn}: paths must hold at least one valid record; got none in {[str(s) for s in sources]}.{hint}"
+        )
 
     import datasets
 

@@ -148,7 +148,7 @@ def open_teacher_cache(
     return opened
 
 
-def load_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
+def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
     """``PackedDomains`` of ``cfg.data`` (and ``cfg.validation_data``) tokenized with ``tokenizer``,
     or with ``cfg.teacher_cache`` the checked ``TeacherCache``.
 
@@ -159,9 +159,7 @@ def load_run_data(cfg: RunConfig, tokenizer: Any) -> Any:
     from ddk.data import load_records, pack_domains
 
     if cfg.teacher_cache:
-        return open_teacher_cache(
-            cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn="distill"
-        )
+        return open_teacher_cache(cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn=fn)
     on_missing = "skip" if cfg.skip_bad_records else "raise"
     opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
     records = load_records(list(cfg.data), **opts)

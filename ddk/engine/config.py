@@ -154,6 +154,16 @@ class DistillOptions:
             raise ValueError(f"{fn}: loss must be one of {LOSSES}; got {self.loss!r}.")
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"{fn}: backend must be a backend name such as 'auto'; got {self.backend!r}.")
+        from ddk_kernels.dispatch import BACKENDS, TABLE
+
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"{fn}: backend must be 'auto' or one of {BACKENDS}; got {self.backend!r}.")
+        fused = tuple(TABLE["fused_linear_kd"])
+        if self.loss == "fused" and self.backend not in ("auto", *fused):
+            raise ValueError(
+                f"{fn}: backend must be 'auto' or one of {fused} with loss='fused'; got {self.backend!r}, a backend "
+                "of the loss on logits: add --loss logits (loss='logits') to use it."
+            )
         if not (_int(self.val_samples) and self.val_samples >= 1):
             raise ValueError(
                 f"{fn}: val_samples must be an int >= 1 (validation sequences per domain; paper: 500); "
@@ -301,6 +311,7 @@ class RunConfig(DistillOptions):
                 f"split into micro-batches); got {self.batch_size}."
             )
         self._check_inputs(fn)
+        self._absolute_paths()
         for k in ("warmup_steps", "seed", "threads", "tokens"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(self, k)!r}.")
@@ -323,6 +334,22 @@ class RunConfig(DistillOptions):
             if getattr(self, k) < 0:
                 raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(self, k)!r}.")
         return self
+
+    def _absolute_paths(self) -> None:
+        """Local paths made absolute (hub ids left as typed), so ``config.json`` and ``ddk evaluate``
+        mean the same files from any working directory."""
+
+        def local(p: str) -> str:
+            q = Path(os.path.expanduser(p))
+            return str(q.resolve()) if p and q.exists() else p
+
+        for k in ("teacher", "student", "tokenizer", "teacher_cache"):
+            setattr(self, k, local(getattr(self, k)))
+        self.data = tuple(local(p) for p in self.data)
+        self.validation_data = tuple(local(p) for p in self.validation_data)
+        self.data_dir = str(Path(os.path.expanduser(self.data_dir)).absolute())
+        if self.out:
+            self.out = str(Path(os.path.expanduser(self.out)).absolute())
 
     def _check_inputs(self, fn: str) -> None:
         """Which of teacher, teacher_cache, student and data go together."""

@@ -80,7 +80,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, fn: str = "evaluate") -> di
     ``method`` and ``seed``.
     """
     from ddk.engine.components import build_components, load_run_data
-    from ddk.engine.models import autocast_dtype, load_models, load_pretrained, teacher_identity
+    from ddk.engine.models import autocast_dtype, load_pretrained, load_teacher, load_tokenizer, teacher_identity
     from ddk.engine.parallel import device_for
 
     run = Path(run_dir)
@@ -91,10 +91,13 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, fn: str = "evaluate") -> di
     cfg = read_run_config(run, fn)
     info = check_student_of(run, cfg, fn)
     device = device_for(cfg)
-    teacher, _, tokenizer = load_models(cfg, device)
-    data = load_run_data(cfg, tokenizer)
-    _check_teacher_of(run, info, teacher_identity(teacher, data), fn)
-    student = load_pretrained("student", str(run / "student"), fn=fn, dtype=torch.float32).to(device).eval()
+    tokenizer = load_tokenizer(str(run / "student"), fn=fn, flag="the run's student/")  # saved with the student
+    student = load_pretrained("student", str(run / "student"), fn=fn, flag="the run's student/", dtype=torch.float32)
+    student = student.to(device).eval()
+    teacher = load_teacher(cfg, device, tokenizer, student, fn=fn, flag="the run's teacher") if cfg.teacher else None
+    data = load_run_data(cfg, tokenizer, fn)
+    identity = teacher_identity(teacher, data)
+    _check_teacher_of(run, info, identity, fn)
     parts = build_components(
         cfg,
         data,
@@ -109,5 +112,6 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, fn: str = "evaluate") -> di
         # no teacher (cpt): the reference the run logged, its student's CE at the start
         parts.estimator.teacher_ce = _summary_teacher_ce(run, fn)
     res = {"method": cfg.method, "seed": cfg.seed, **discrepancy_report(parts, student, teacher)}
+    res["teacher_identity"] = identity
     atomic_json(run / "eval.json", res)
     return res

@@ -202,6 +202,7 @@ class _Run:
         )
         self.sampler, self.estimator, self.controller = self.parts.sampler, self.parts.estimator, self.parts.controller
         self.train_ds = self.parts.train_dataset
+        self.parts.loss.check_models(self.student, self.teacher)  # before any file is written
         self.step_mod = DistillStep(self.student, self.teacher if self.spec.teacher else None, self.parts.loss)
         self.model = parallelize(self.step_mod, self.student, cfg, self.device)  # step_mod stays the bare module
         self.opt, self.sched = make_optimizer(
@@ -246,8 +247,7 @@ class _Run:
         if self.rank == 0:
             ckpt.truncate_jsonl(self.metrics_path, start)
             ckpt.truncate_jsonl(self.ctrl_path, start)
-        if cfg.progress:
-            log(f"distill: resumed {out} at step {start}")
+        log(f"distill: resumed {out} at step {start}")  # a status line, with or without progress bars
         return start
 
     def _pick_checkpoint(self) -> Path | None:

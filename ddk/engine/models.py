@@ -22,6 +22,8 @@ __all__ = [
     "check_vocabularies",
     "load_models",
     "load_pretrained",
+    "load_teacher",
+    "load_tokenizer",
     "output_rows",
     "save_student",
     "teacher_identity",
@@ -54,10 +56,10 @@ def load_pretrained(kind: str, name: str, fn: str = "distill", flag: str | None 
     flag = flag or kind
     path = Path(os.path.expanduser(name))
     if not path.exists() and (_hub_offline() or not _HUB_ID.fullmatch(name)):
-        why = "HF_HUB_OFFLINE is set, so only local folders load" if _hub_offline() else "nor a hub id 'org/name'"
+        why = "and HF_HUB_OFFLINE is set, so only local folders load" if _hub_offline() else "nor a hub id 'org/name'"
         raise ValueError(
             f"{fn}: {flag} must be a folder written by save_pretrained or a hub id 'org/name'; got {name!r}, "
-            f"which is no folder (looked in {Path.cwd()}) {why}. Check the path."
+            f"which is no folder (looked in {Path.cwd()}), {why}. Check the path."
         )
     loader = AutoTokenizer if kind == "tokenizer" else AutoModelForCausalLM
     try:
@@ -113,41 +115,54 @@ def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
     """``(teacher or None, student, tokenizer)``: loaded, checked and on ``device``.
 
     The student keeps float32 master weights (bf16 runs use autocast); the teacher is loaded in
-    bf16 when the run computes in bf16, in eval mode with no gradients. Without ``cfg.teacher``
-    (allowed for ``cpt`` only) the teacher is None; ``cpt`` with a teacher uses it only to
-    measure the gap.
-    A teacher folder that holds a tokenizer must hold the same vocabulary as the student's.
+    bf16 when the run computes in bf16, in eval mode with no gradients (``load_teacher``). Without
+    ``cfg.teacher`` (allowed for ``cpt`` only) the teacher is None; ``cpt`` with a teacher uses it
+    only to measure the gap.
     """
     tok_flag = "--tokenizer" if cfg.tokenizer else "--student"  # the tokenizer comes from the student's folder
-    tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.student, flag=tok_flag)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(
-            f"distill: the tokenizer must have an EOS token (it separates documents in packed "
-            f"sequences); got none in {cfg.tokenizer or cfg.student!r}. Set tokenizer.eos_token and save it."
-        )
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, flag=tok_flag)
     student = load_pretrained("student", cfg.student, flag="--student", dtype=torch.float32).to(device)
-    teacher = None
-    if cfg.teacher:
-        t_dtype = autocast_dtype(cfg, device) or torch.float32
-        teacher = load_pretrained("teacher", cfg.teacher, flag="--teacher", dtype=t_dtype).to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        check_vocabularies(teacher, student, tokenizer)
-        t_path = Path(os.path.expanduser(cfg.teacher))
-        if (t_path / "tokenizer_config.json").is_file():
-            t_tok = load_pretrained("tokenizer", str(t_path))
-            if not _tokenizers_agree(t_tok, tokenizer):
-                raise ValueError(
-                    f"distill: teacher and student must share a tokenizer; got different vocabularies in "
-                    f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
-                    f"({len(tokenizer)} tokens)."
-                )
+    teacher = load_teacher(cfg, device, tokenizer, student) if cfg.teacher else None
     if cfg.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
         enable()
     if hasattr(student.config, "use_cache"):
         student.config.use_cache = False
     return teacher, student, tokenizer
+
+
+def load_tokenizer(name: str, *, fn: str = "distill", flag: str = "--tokenizer") -> Any:
+    """The tokenizer of ``name`` (a folder or hub id); it must have an EOS token."""
+    tokenizer = load_pretrained("tokenizer", name, fn=fn, flag=flag)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"{fn}: the tokenizer must have an EOS token (it separates documents in packed "
+            f"sequences); got none in {name!r}. Set tokenizer.eos_token and save it."
+        )
+    return tokenizer
+
+
+def load_teacher(
+    cfg: RunConfig, device: torch.device, tokenizer: Any, student: Any, *, fn: str = "distill", flag: str = "--teacher"
+) -> Any:
+    """``cfg.teacher`` on ``device``, frozen, in eval mode and in the run's compute dtype, checked
+    against the student's vocabulary and ``tokenizer`` (a teacher folder that holds a tokenizer
+    must hold the same vocabulary)."""
+    t_dtype = autocast_dtype(cfg, device) or torch.float32
+    teacher = load_pretrained("teacher", cfg.teacher, fn=fn, flag=flag, dtype=t_dtype).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    check_vocabularies(teacher, student, tokenizer, fn=fn)
+    t_path = Path(os.path.expanduser(cfg.teacher))
+    if (t_path / "tokenizer_config.json").is_file():
+        t_tok = load_pretrained("tokenizer", str(t_path), fn=fn, flag=flag)
+        if not _tokenizers_agree(t_tok, tokenizer):
+            raise ValueError(
+                f"{fn}: teacher and student must share a tokenizer; got different vocabularies in "
+                f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
+                f"({len(tokenizer)} tokens)."
+            )
+    return teacher
 
 
 def save_student(

@@ -86,6 +86,15 @@ class StepLoss:
         """The CE alone (no teacher, one domain): the loss of continued pretraining and of validation."""
         return cls(loss, 0.0, 1.0, "forward_kl", 0.5, backend, 1, autocast)
 
+    def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Refuse now, before anything is trained or written, models this loss cannot take (the fused
+        path: soft-capped or scaled logits, a teacher ``lm_head`` bias); the message names the model
+        and ``--loss logits``. The teacher is checked whenever given (its validation CE uses this loss)."""
+        if self.loss == "fused":
+            from ddk.losses.causal_lm import check_fused_models
+
+            check_fused_models(student, teacher)
+
     def ce_only(self) -> StepLoss:
         """This loss without the divergence: the student's CE alone (validation passes)."""
         return dataclasses.replace(self, gamma=0.0, num_domains=1)

@@ -180,7 +180,7 @@ class DDKTrainer(Trainer):
     the ``DiscrepancyEstimator`` (per-domain validation split of ``args.val_samples`` sequences,
     or ``eval_dataset`` ``{domain: Dataset}`` of the same columns), the method's weight schedule and the
     ``DDKController``, and passes the per-domain validation sets to ``Trainer`` as its
-    ``eval_dataset`` (``evaluate()`` reports ``eval_<domain>_loss``).
+    ``eval_dataset`` (``evaluate()`` reports ``eval_<domain>_loss``, the student's validation CE there).
 
     Low-level form: pass ``controller`` (a ``DDKController`` whose sampler has
     ``global_batch_size == per_device_train_batch_size * world_size``) and a map-style
@@ -196,7 +196,7 @@ class DDKTrainer(Trainer):
     ``num_items_in_batch``, counted here over all ranks) and ``R`` the number of processes, which
     DDP/FSDP/DeepSpeed average over: the gradient of an optimizer step is exactly that of one
     process on the whole global batch, whatever the per-micro-batch token counts. In evaluation
-    it is the mean over the batch's valid tokens. ``method="cpt"`` needs no teacher (CE only).
+    it is the student's CE alone (no divergence term), the mean over the batch's valid tokens. ``method="cpt"`` needs no teacher (CE only).
 
     The teacher is moved to the trainer's device, put in eval mode, frozen and prepared through
     accelerate (``prepare_model(..., evaluation_mode=True)``); it is never differentiated.
@@ -368,6 +368,7 @@ class DDKTrainer(Trainer):
         # mixture's per-domain CE logged at each interval); a hand-built controller only when adaptive
         self.tracks_domains = self.parts is not None or self.adaptive
         self.step_loss = self.parts.loss if self.parts is not None else StepLoss.of(options, len(names), autocast)
+        self.step_loss.check_models(model, teacher)
         self.teacher = self._prepare_teacher(teacher)
         self.args.ignore_data_skip = True  # the sampler state says where the stream is
         self.model_accepts_loss_kwargs = False  # the Trainer neither counts tokens nor rescales: we do
@@ -459,6 +460,10 @@ class DDKTrainer(Trainer):
         batch = {k: inputs[k] for k in MODEL_KEYS + CACHED_KEYS if inputs.get(k) is not None}
         domain_ids = inputs.get("domain_ids")
         training = model.training
+        if not training:  # evaluation: the student's CE, as the engine's validation CE (teacher or cache alike)
+            with self.accelerator.autocast():
+                out = self.step_loss.ce_only()(self._loss_student(model), None, batch)
+            return (out.loss, {"loss": out.loss, "num_tokens": out.num_tokens}) if return_outputs else out.loss
         normalizer = None
         if training and num_items_in_batch is not None:
             n = torch.as_tensor(num_items_in_batch, device=batch["input_ids"].device).to(torch.float64).reshape(())
@@ -546,6 +551,7 @@ class DDKTrainer(Trainer):
             done = self._finished_at(path)
             if done is not None:  # like a plain Trainer: a finished run trains nothing more
                 logger.info("DDKTrainer.train: %s is at step %d = max_steps; nothing to train.", path, done.global_step)
+                self._load_from_checkpoint(path)  # the model of the finished run, as a plain Trainer leaves it
                 self.state = done
                 return TrainOutput(done.global_step, 0.0, {})
         return super().train(resume_from_checkpoint, *args, **kwargs)

@@ -30,7 +30,7 @@ from ddk.losses.kd import (
 from ddk.losses.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
 from ddk_kernels.types import KDLossOutput
 
-__all__ = ["causal_lm_kd_loss"]
+__all__ = ["causal_lm_kd_loss", "check_fused_models"]
 
 _CAUSAL = "causal_lm_kd_loss"
 _LOSS_PATHS: tuple[str, ...] = ("fused", "logits")
@@ -102,6 +102,33 @@ def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
+def _named(model: nn.Module) -> str:
+    """`` 'path'`` of a model loaded from a folder or hub id, else ``""``."""
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return f" {name!r}" if isinstance(name, str) and name else ""
+
+
+def check_fused_models(student_model: nn.Module, teacher_model: nn.Module | None = None) -> None:
+    """Raise now, before any step, what the fused path of :func:`causal_lm_kd_loss` would refuse:
+    logits that are not ``lm_head(hidden)`` alone (soft-capping, a logit scale) on either model, a
+    teacher ``lm_head`` with a bias, a model without an output embedding. The message names the
+    model and the option that works (``loss='logits'``, ``ddk distill --loss logits``)."""
+    _output_layer(student_model, "student")
+    if teacher_model is not None:
+        _teacher_layer(teacher_model)
+
+
+def _teacher_layer(teacher_model: nn.Module) -> torch.Tensor:
+    """The teacher's ``lm_head`` weight ``(Vt, Ht)``; a bias is refused (the fused teacher side has none)."""
+    weight, bias = _output_layer(teacher_model, "teacher")
+    if bias is not None:
+        raise ValueError(
+            f"{_CAUSAL}: teacher_model{_named(teacher_model)} lm_head must have no bias with loss='fused'; got a "
+            "bias. Use loss='logits' for this teacher (ddk distill --loss logits; DDKConfig(loss='logits'))."
+        )
+    return weight
+
+
 def _output_layer(model: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight (V, H), bias (V,) or None)`` of the model's ``lm_head``."""
     model = _unwrap(model)
@@ -109,8 +136,9 @@ def _output_layer(model: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tens
     for attr in ("final_logit_softcapping", "logit_scale"):
         if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
             raise ValueError(
-                f"{_CAUSAL}: {role}_model must compute logits as lm_head(hidden) alone; "
-                f"got config.{attr}={getattr(cfg, attr)!r}. Use loss='logits' for this model (ddk distill --loss logits; DDKConfig(loss='logits'))."
+                f"{_CAUSAL}: {role}_model{_named(model)} must compute logits as lm_head(hidden) alone for the fused "
+                f"loss; got config.{attr}={getattr(cfg, attr)!r}. Use loss='logits' for this model (ddk distill "
+                "--loss logits; DDKConfig(loss='logits'))."
             )
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
@@ -311,12 +339,7 @@ def causal_lm_kd_loss(
     if loss == "fused":
         s_weight, s_bias = _output_layer(student_model, "student")
         if teacher_model is not None:
-            t_weight, t_bias = _output_layer(teacher_model, "teacher")
-            if t_bias is not None:
-                raise ValueError(
-                    f"{fn}: teacher_model lm_head must have no bias with loss='fused'; got a bias. Use loss='logits' "
-                    "for this teacher (ddk distill --loss logits; DDKConfig(loss='logits'))."
-                )
+            t_weight = _teacher_layer(teacher_model)
             _check_teacher_vocab(s_weight.shape[0], t_weight.shape[0])
         validate(s_weight.shape[0])
         hs = _decoder_hidden(student_model, input_ids, attention_mask)

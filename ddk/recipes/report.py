@@ -47,6 +47,9 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
             + "".join(f"{g:>{w}.4f}" for g in s["gap"])
             + f"{s['mean_gap']:>9.4f}{s['worst_gap']:>9.4f}{s['mean_ratio']:>11.4f}"
         )
-    rows.append(f"{'teacher CE':<18}" + "".join(f"{c:>{w}.4f}" for c in summaries[0]["teacher_ce"]))
+    # a run without a teacher (cpt) measures its gaps against its own student's CE at the start
+    no_teacher = "teacher_identity" in summaries[0] and summaries[0]["teacher_identity"] is None
+    ref = "start CE" if no_teacher else "teacher CE"
+    rows.append(f"{ref:<18}" + "".join(f"{c:>{w}.4f}" for c in summaries[0]["teacher_ce"]))
     rows.append(f"{'student CE':<18}" + "".join(f"{c:>{w}.4f}" for c in summaries[-1]["student_ce"]))
     return "\n".join(rows)

@@ -306,3 +306,16 @@ def test_recipe_record_without_domain_field_is_an_error_with_file_and_line_unles
     with pytest.warns(UserWarning, match="1"):
         distill(dataclasses.replace(bad, skip_bad_records=True))
     assert (tmp_path / "run" / "student" / "config.json").is_file()
+
+
+def test_load_records_with_other_field_names_lists_them_and_names_the_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(_json.dumps({"body": "x y", "source": "a"}) + "\n" for _ in range(5)))
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)missing field.*The records have the fields \['body', 'source'\]: .*--text-field and --domain-field",
+    ):
+        load_records([str(path)], progress=False)
+    assert len(load_records([str(path)], text_field="body", domain_field="source", progress=False)) == 5

@@ -59,8 +59,9 @@ def test_cpt_runs_without_a_teacher_or_cache_and_evaluates(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("family", ["gemma2", "phi"])
 def test_softcapped_and_biased_head_models_distill_from_the_cli_with_loss_logits(tmp_path: Path, family: str) -> None:
-    with pytest.raises(ValueError, match=r"--loss logits"):  # the fused path names the CLI flag too
+    with pytest.raises(ValueError, match=r"_model '.*/(student|teacher)'.*--loss logits"):  # names model and flag
         distill(own_cfg(tmp_path, family, method="kd", out=str(tmp_path / "fused")))
+    assert not (tmp_path / "fused" / "config.json").exists()  # refused before anything was written
     summary = distill(own_cfg(tmp_path, family, method="ddk", loss="logits", out=str(tmp_path / "logits")))
     assert all(torch.isfinite(torch.tensor(summary["gap"])))
     res = evaluate(tmp_path / "logits")
@@ -157,6 +158,39 @@ def _trainer(tmp_path: Path, out: str, *, teacher: bool = True, **kw):  # type: 
     )
 
 
+def test_trainer_evaluate_reports_the_validation_ce_with_a_teacher_as_with_a_cache(tmp_path: Path) -> None:
+    tr = _trainer(tmp_path, "t", max_steps=2)
+    tr.train()
+    metrics = tr.evaluate()
+    ce = tr.parts.estimator.estimate(tr.model).student_ce.tolist()
+    got = [metrics[f"eval_{n}_loss"] for n in tr.parts.names]
+    assert got == pytest.approx(ce, rel=1e-5)  # the student's CE, no KD term
+
+
+def test_evaluate_from_another_folder_with_relative_paths(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    teacher, student, corpus = own_models(tmp_path, "llama")
+    monkeypatch.chdir(tmp_path)
+    rel = {k: str(Path(v).relative_to(tmp_path)) for k, v in dict(teacher=teacher, student=student).items()}
+    cfg = own_cfg(tmp_path, **rel, data=(corpus.name,), data_dir="cache", out="runs/rel")
+    assert cfg.teacher == str(teacher) and cfg.out == str(tmp_path / "runs" / "rel")  # stored absolute
+    summary = distill(cfg)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = evaluate(tmp_path / "runs" / "rel")
+    assert res["student_ce"] == pytest.approx(summary["student_ce"], rel=1e-6)
+
+
+def test_a_logits_backend_with_the_fused_loss_is_refused_naming_the_flag() -> None:
+    from ddk.integrations.transformers import DDKConfig
+    from ddk.recipes.config import make_config
+
+    with pytest.raises(ValueError, match=r"with loss='fused'; got 'cpp'.*add --loss logits"):
+        make_config(backend="cpp")
+    with pytest.raises(ValueError, match=r"with loss='fused'; got 'triton'"):
+        DDKConfig(output_dir="x", max_steps=1, report_to="none", backend="triton")
+    assert make_config(backend="cpp", loss="logits").backend == "cpp"
+
+
 def test_trainer_evaluate_and_eval_steps_with_a_teacher_cache(tmp_path: Path) -> None:
     cache = _cache(tmp_path)
     tr = _trainer(tmp_path, "t", teacher_cache=cache, eval_strategy="steps", eval_steps=2)
@@ -174,6 +208,11 @@ def test_trainer_resuming_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     again = _trainer(tmp_path, "t", save_strategy="steps", save_steps=2)
     out = again.train(resume_from_checkpoint=True)
     assert out.global_step == 4 and again.state.global_step == 4
+    from safetensors.torch import load_file
+
+    final = load_file(str(tmp_path / "t" / "checkpoint-4" / "model.safetensors"))
+    got = again.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in final.items())  # the finished run's student, not the start
     assert sorted(p.name for p in (tmp_path / "t").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 

@@ -61,7 +61,7 @@ def test_recipe_unknown_model_path_is_an_error_naming_it(recipe, tmp_path: Path)
     with pytest.raises(
         ValueError,
         match=rf"^distill: --teacher must be a folder written by save_pretrained or a hub id 'org/name'; "
-        rf"got '{missing}', which is no folder \(looked in .*\) nor a hub id 'org/name'\. Check the path\.",
+        rf"got '{missing}', which is no folder \(looked in .*\), nor a hub id 'org/name'\. Check the path\.",
     ):
         load_models(dataclasses.replace(cfg, teacher=missing), torch.device("cpu"))
 
