@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk._io import atomic_write_text, file_sha256, fsync_dir, fsync_file
+from ddk._io import FILE_MODE, atomic_write_text, file_sha256, fsync_dir, fsync_file
 
 __all__ = [
     "CheckpointError",
@@ -112,6 +112,7 @@ def save_rng_file(path: str | os.PathLike[str]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"ddk": json.dumps(tree)})
+    os.chmod(tmp, FILE_MODE)
     fsync_file(tmp)
     os.replace(tmp, p)
     return p
@@ -276,6 +277,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"format": FORMAT})
+    os.chmod(path, FILE_MODE)  # safetensors writes 0600; a run folder is readable by the team (umask)
     fsync_file(path)
 
 

@@ -312,6 +312,7 @@ class RunConfig(DistillOptions):
             )
         self._check_inputs(fn)
         self._absolute_paths()
+        self._check_out(fn)
         for k in ("warmup_steps", "seed", "threads", "tokens"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(self, k)!r}.")
@@ -350,6 +351,22 @@ class RunConfig(DistillOptions):
         self.data_dir = str(Path(os.path.expanduser(self.data_dir)).absolute())
         if self.out:
             self.out = str(Path(os.path.expanduser(self.out)).absolute())
+
+    def _check_out(self, fn: str) -> None:
+        """``out`` is neither one of the inputs nor inside or around one (a fresh start moves the
+        run's files aside: in a model folder that would move its ``config.json``)."""
+        if not self.out:
+            return
+        out = Path(self.out).resolve()
+        named = {k: getattr(self, k) for k in ("teacher", "student", "tokenizer", "teacher_cache")}
+        named.update({f"data[{i}]": p for i, p in enumerate(self.data)})
+        for key, value in named.items():
+            p = Path(os.path.expanduser(value)).resolve() if value else None
+            if p is not None and p.exists() and (p == out or out in p.parents or p in out.parents):
+                raise ValueError(
+                    f"{fn}: out must be a folder apart from the inputs; got out={self.out!r}, which is, holds or is "
+                    f"inside {key}={value!r}. Pass another --out (e.g. a new folder beside it)."
+                )
 
     def _check_inputs(self, fn: str) -> None:
         """Which of teacher, teacher_cache, student and data go together."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ddk._io import fsync_dir, fsync_file
+from ddk._io import FILE_MODE, fsync_dir, fsync_file
 from ddk.distributed import rank_world
 from ddk.engine.config import RunConfig
 
@@ -190,6 +190,7 @@ def save_student(
         (tmp / "ddk_run.json").write_text(json.dumps(run_info, indent=2), encoding="utf-8")
     for f in tmp.rglob("*"):
         if f.is_file():
+            os.chmod(f, FILE_MODE)  # safetensors writes 0600: readable by a teammate or a server (umask)
             fsync_file(f)
     fsync_dir(tmp)
     old = out / f".student.old-{os.getpid()}"

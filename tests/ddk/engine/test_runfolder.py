@@ -61,3 +61,39 @@ def test_second_writer_on_a_run_folder_is_refused_naming_the_holder(tmp_path):
         holder.wait()
     real.distill(cfg)  # the kernel dropped the killed holder's lock
     assert (Path(cfg.out) / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["student", "student/sub", "parent"])
+def test_out_equal_to_inside_or_around_an_input_is_refused_before_anything_is_written(tmp_path, where) -> None:  # type: ignore[no-untyped-def]
+    from recipe_cases import own_cfg, own_models
+
+    _, student, _ = own_models(tmp_path, "llama")
+    out = {"student": student, "student/sub": student / "sub", "parent": student.parent}[where]
+    before = sorted(p.name for p in student.iterdir())
+    with pytest.raises(ValueError, match=r"out must be a folder apart from the inputs; .* (teacher|student)="):
+        own_cfg(tmp_path, out=str(out))
+    assert sorted(p.name for p in student.iterdir()) == before
+
+
+def test_run_folder_files_are_readable_by_the_team(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every file of a run folder (JSON, checkpoints, the student's safetensors) gets the mode a
+    plain ``open()`` would give under the process's umask (0644 under 022), not mkstemp's 0600."""
+    import os
+    import stat
+
+    from recipe_cases import own_cfg
+
+    from ddk.recipes.distill import distill
+
+    old = os.umask(0o022)
+    try:
+        distill(own_cfg(tmp_path, steps=2, interval=1, checkpoint_every=1, out=str(tmp_path / "run")))
+    finally:
+        os.umask(old)
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "run").rglob("*")
+        if p.is_file() and p.name != ".lock"
+    }
+    assert "run/student/model.safetensors" in modes and "run/checkpoint-2/tensors.safetensors" in modes
+    assert {k: oct(m) for k, m in modes.items() if m & 0o044 != 0o044} == {}
