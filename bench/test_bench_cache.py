@@ -2,7 +2,7 @@
 
 Shapes: the demo's models (``ddk/recipes/configs/demo.yaml``: a Llama teacher hidden 192 x 3
 layers, student 64 x 2, V=4096) and the experiment's (teacher 256 x 4, student 96 x 2), a batch
-of 16 sequences of 128 tokens, float32 on the CPU. A step is ``ddk.recipes.distill.DistillStep``
+of 16 sequences of 128 tokens, float32 on the CPU. A step is ``ddk.engine.DistillStep``
 forward + backward + AdamW: online, the teacher's forward and the fused KD loss; from the cache,
 the fused sparse loss against ``k`` cached ids per position (k in {8, 32, 128}; the cached
 tensors are made once from the same teacher, as ``ddk teacher-cache`` would store them).

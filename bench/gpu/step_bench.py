@@ -3,7 +3,7 @@
 Builds a teacher and a student with random weights (no hub) of a preset's shapes and times
 optimizer steps (AdamW, float32 master weights, bf16 autocast on CUDA) of:
 
-* ``ddk``: the step module of ``ddk distill`` (``ddk.recipes.distill.DistillStep``: the fused
+* ``ddk``: the step module of ``ddk distill`` (``ddk.engine.DistillStep``: the fused
   ``lm_head`` + KD loss, ``CE + gamma * KL(p_T || p_S)``) with DDK's mixture: ``MixtureSampler``
   batches and a ``DDKController`` whose estimator runs every ``--interval`` steps (its share of
   the time is reported);

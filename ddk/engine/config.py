@@ -30,12 +30,21 @@ from typing import Any
 
 from ddk._io import json_fingerprint
 from ddk.distributed import DIST_BACKENDS
-from ddk.engine.methods import METHODS
+from ddk.engine.methods import METHODS, method_spec
 from ddk.reliability import NONFINITE_POLICIES
 from ddk.schedule.smoother import SMOOTHER_INITS
 from ddk_kernels.types import DIVERGENCES
 
-__all__ = ["DEVICES", "DTYPES", "LOSSES", "DistillOptions", "RunConfig", "coerce_field", "config_from_dict"]
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "LOSSES",
+    "DistillOptions",
+    "RunConfig",
+    "check_cache_backend",
+    "coerce_field",
+    "config_from_dict",
+]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "bf16", "fp32")
@@ -273,8 +282,6 @@ class RunConfig(DistillOptions):
     @property
     def spec(self) -> Any:
         """The method's ``MethodSpec``."""
-        from ddk.engine.methods import method_spec
-
         return method_spec(self.method)
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,6 +318,8 @@ class RunConfig(DistillOptions):
                 f"split into micro-batches); got {self.batch_size}."
             )
         self._check_inputs(fn)
+        if self.teacher_cache:
+            check_cache_backend(self.backend, fn)
         self._absolute_paths()
         self._check_out(fn)
         for k in ("warmup_steps", "seed", "threads", "tokens"):
@@ -391,6 +400,17 @@ class RunConfig(DistillOptions):
                 f"{fn}: teacher must be given for method {self.method!r} (only cpt trains without one); "
                 f"got none. Pass --teacher PATH (or --teacher-cache DIR)."
             )
+
+
+def check_cache_backend(backend: str, fn: str) -> None:
+    """A run from a teacher cache uses the sparse losses: ``backend`` must be one of theirs."""
+    from ddk_kernels.dispatch import TABLE
+
+    sparse = tuple(TABLE["sparse_kd"])
+    if backend not in ("auto", *sparse):
+        raise ValueError(
+            f"{fn}: backend must be 'auto' or one of {sparse} with a teacher cache (the sparse losses); got {backend!r}."
+        )
 
 
 def coerce_field(cls: type, name: str, value: Any) -> Any:

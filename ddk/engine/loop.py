@@ -65,7 +65,7 @@ from ddk.engine.runfolder import (
     move_aside,
     run_folder_lock,
 )
-from ddk.engine.step import DistillStep, forward_backward, make_optimizer, seed_everything
+from ddk.engine.step import DistillStep, check_loss_models, forward_backward, make_optimizer, seed_everything
 from ddk.reliability import NonFiniteGuard, grad_norm
 from ddk_kernels.types import KDLossOutput
 
@@ -95,6 +95,7 @@ def distill(cfg: RunConfig, *, prepared: Any = None) -> dict[str, Any]:
         ValueError: bad options or inputs (the message says what to fix); with
             ``on_nonfinite="raise"``, a NaN/inf loss or gradient (``NonFiniteError``).
     """
+    cfg.validate("distill")  # idempotent: a RunConfig built in code gets the same checks and absolute paths
     created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
     try:
         _check_run(cfg, rank_world()[1])
@@ -173,6 +174,7 @@ class _Run:
         cfg, device = self.cfg, self.device
         if prepared is None:
             teacher, student, tokenizer = load_models(cfg, device)
+            check_loss_models(cfg.loss, student, teacher)  # before the corpus is packed or anything written
             with rank_zero_first():  # rank 0 tokenizes and caches, the others then read the cache
                 data = load_run_data(cfg, tokenizer)
         else:
@@ -208,7 +210,6 @@ class _Run:
         self.opt, self.sched = make_optimizer(
             self.step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.steps, cfg.min_lr_ratio
         )
-        self.parts.ensure_teacher_ce(self.teacher, self.step_mod)
         self.guard = NonFiniteGuard(
             cfg.on_nonfinite,
             domain_names=self.names,
@@ -240,6 +241,7 @@ class _Run:
             if self.rank == 0:
                 move_aside(out)
                 atomic_json(out / "config.json", self.cfg_dict)
+            self.parts.ensure_teacher_ce(self.teacher, self.step_mod)  # a resume reads it from the checkpoint
             self.controller.start(self.step_mod)
             seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
             return 0

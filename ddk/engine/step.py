@@ -33,6 +33,7 @@ from ddk_kernels.types import KDLossOutput
 __all__ = [
     "CACHED_KEYS",
     "MODEL_KEYS",
+    "check_loss_models",
     "DistillStep",
     "StepLoss",
     "forward_backward",
@@ -87,13 +88,8 @@ class StepLoss:
         return cls(loss, 0.0, 1.0, "forward_kl", 0.5, backend, 1, autocast)
 
     def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Refuse now, before anything is trained or written, models this loss cannot take (the fused
-        path: soft-capped or scaled logits, a teacher ``lm_head`` bias); the message names the model
-        and ``--loss logits``. The teacher is checked whenever given (its validation CE uses this loss)."""
-        if self.loss == "fused":
-            from ddk.losses.causal_lm import check_fused_models
-
-            check_fused_models(student, teacher)
+        """``check_loss_models(self.loss, student, teacher)``."""
+        check_loss_models(self.loss, student, teacher)
 
     def ce_only(self) -> StepLoss:
         """This loss without the divergence: the student's CE alone (validation passes)."""
@@ -115,7 +111,7 @@ class StepLoss:
     ) -> KDLossOutput:
         """``CE + gamma * D(p_T, p_S)`` on ``batch`` (``input_ids``/``labels`` ``(B, L)``, optional
         ``attention_mask`` and a cached teacher's ``CACHED_KEYS``); ``domain_ids`` ``(B,)`` int64."""
-        cached = all(batch.get(k) is not None for k in CACHED_KEYS)
+        cached = all(batch.get(k) is not None for k in CACHED_KEYS[:2])  # ids and log-probabilities; the tail optional
         kd_on = self.gamma > 0 and (teacher is not None or cached)
         keys = MODEL_KEYS + (CACHED_KEYS if kd_on else ())
         inputs = {k: batch[k] for k in keys if batch.get(k) is not None}
@@ -174,16 +170,26 @@ class DistillStep(nn.Module):
         domain_ids: torch.Tensor | None = None,
         normalizer: torch.Tensor | None = None,
         distill: bool = True,
-        cached: tuple[torch.Tensor, ...] | None = None,
+        cached: tuple[torch.Tensor | None, ...] | None = None,
     ) -> tuple[torch.Tensor, KDLossOutput]:
         batch = {"input_ids": input_ids, "labels": labels}
         if not distill:
             out = self.loss.ce_only()(self.student, None, batch)
             return out.loss, out
         if cached is not None:
-            batch.update(zip(CACHED_KEYS, cached))
+            batch.update((k, v) for k, v in zip(CACHED_KEYS, cached) if v is not None)
         out = self.loss(self.student, self.teacher, batch, domain_ids=domain_ids, normalizer=normalizer)
         return out.loss, out
+
+
+def check_loss_models(loss: str, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Refuse now, before data is packed or anything is written, models the ``loss`` path cannot take
+    (``"fused"``: soft-capped or scaled logits, a teacher ``lm_head`` bias); the message names the
+    model and ``--loss logits``. The teacher is checked whenever given (its validation CE uses this loss)."""
+    if loss == "fused":
+        from ddk.losses.causal_lm import check_fused_models
+
+        check_fused_models(student, teacher)
 
 
 def seed_everything(seed: int) -> None:
@@ -221,7 +227,7 @@ def forward_backward(
         last = i == accum - 1
         no_sync = getattr(model, "no_sync", None)  # DDP's: skip the all-reduce of all but the last micro-batch
         sync = no_sync() if callable(no_sync) and not last else contextlib.nullcontext()
-        cached = tuple(batch[k][rows] for k in CACHED_KEYS) if CACHED_KEYS[0] in batch else None
+        cached = tuple(batch[k][rows] if k in batch else None for k in CACHED_KEYS) if CACHED_KEYS[0] in batch else None
         with sync:
             loss, out = model(
                 batch["input_ids"][rows], batch["labels"][rows], batch["domain_ids"][rows], norm, cached=cached

@@ -17,7 +17,7 @@ column, or a pre-tokenized ``input_ids`` column):
   ``batch_sampler`` in the main process (it already slices ranks, so accelerate does not shard the
   loader again).
 * ``DiscrepancyEstimator`` on the per-domain validation split (or on ``eval_dataset``),
-  the method's weight schedule (``ddk.schedule.make_scheduler``) and ``DDKController`` (interval K).
+  the method's weight schedule (``ddk.engine.make_scheduler``) and ``DDKController`` (interval K).
 
 ``compute_loss`` returns ``causal_lm_kd_loss`` (``CE + gamma * D(p_T, p_S)``, fused with the
 ``lm_head`` by default, so no ``(B * L, V)`` logits exist) with one domain id per sequence, divided
@@ -65,10 +65,10 @@ from ddk.controller import DDKController
 from ddk.distributed import is_fsdp
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.components import Components, build_components, open_teacher_cache
-from ddk.engine.config import DistillOptions
+from ddk.engine.config import DistillOptions, check_cache_backend
 from ddk.engine.methods import method_spec
 from ddk.engine.models import check_vocabularies
-from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss
+from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss, check_loss_models
 from ddk.integrations.trainer_data import DomainBatcher, IndexedDataset, ValidationDataset, pack_records
 
 __all__ = [
@@ -271,13 +271,11 @@ class DDKTrainer(Trainer):
                 f"{fn}: teacher (or teacher_cache) must be given for method={self.method!r} (only method='cpt', "
                 "continued pretraining, trains without one); got None."
             )
-        if teacher is not None and self.method == "cpt":
-            raise ValueError(
-                f"{fn}: teacher must be None with method='cpt' (continued pretraining uses no teacher); got a teacher."
-            )
         if teacher is not None and not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"{fn}: teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
         check_vocabularies(teacher, model, processing_class, fn=fn)
+        if cfg is not None:  # before the corpus is packed
+            check_loss_models(cfg.loss, model, teacher)
         self.spec = method_spec(self.method, fn)
         self.adaptive = self.spec.adaptive
         options = cfg.distill_options() if cfg is not None else DistillOptions()
@@ -363,12 +361,12 @@ class DDKTrainer(Trainer):
             **kwargs,
         )
         self.controller = controller
-        self.num_domains = len(names)
         # the one-call form runs the controller for every method, as `ddk distill` does (a uniform
         # mixture's per-domain CE logged at each interval); a hand-built controller only when adaptive
         self.tracks_domains = self.parts is not None or self.adaptive
         self.step_loss = self.parts.loss if self.parts is not None else StepLoss.of(options, len(names), autocast)
-        self.step_loss.check_models(model, teacher)
+        if cfg is None:
+            self.step_loss.check_models(model, teacher)
         self.teacher = self._prepare_teacher(teacher)
         self.args.ignore_data_skip = True  # the sampler state says where the stream is
         self.model_accepts_loss_kwargs = False  # the Trainer neither counts tokens nor rescales: we do
@@ -391,6 +389,7 @@ class DDKTrainer(Trainer):
                 "sequences, the teacher's top-k and its per-domain CE); got one of them as well."
             )
         seq_len = getattr(args, "seq_len", None)
+        check_cache_backend(getattr(args, "backend", "auto"), fn)
         return open_teacher_cache(
             teacher_cache, tokenizer, temperature=float(getattr(args, "temperature", 1.0)), seq_len=seq_len, fn=fn
         )
@@ -424,7 +423,10 @@ class DDKTrainer(Trainer):
         resuming), at the point where the uninterrupted run was when it saved them.
         """
         if self._pending_rng is not None:
-            ckpt.load_rng_file(self._pending_rng, "DDKTrainer.train")
+            try:
+                ckpt.load_rng_file(self._pending_rng, "DDKTrainer.train")
+            except ckpt.CheckpointError as exc:  # e.g. written by an older ddk: train on, not bit-identically
+                logger.warning("%s Dropout will not continue bit-identically.", exc)
             self._pending_rng = None
         batches = []
         for _ in range(num_batches):
@@ -550,6 +552,7 @@ class DDKTrainer(Trainer):
             resume_from_checkpoint = path
             done = self._finished_at(path)
             if done is not None:  # like a plain Trainer: a finished run trains nothing more
+                self._pending_rng = None
                 logger.info("DDKTrainer.train: %s is at step %d = max_steps; nothing to train.", path, done.global_step)
                 self._load_from_checkpoint(path)  # the model of the finished run, as a plain Trainer leaves it
                 self.state = done

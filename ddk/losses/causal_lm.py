@@ -379,9 +379,6 @@ def causal_lm_kd_loss(
     return out
 
 
-_CACHED_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail")
-
-
 def _cached_teacher(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """``(ids, logprobs, tail)`` of a cached teacher in ``batch``, or None when it holds none."""
     if not isinstance(batch, Mapping) or "teacher_topk_ids" not in batch:

@@ -334,3 +334,26 @@ def test_trainer_ddk_online_on_two_ranks_resumes_bit_identically(tmp_path: Path)
     a, b = load_file(str(tmp_path / "full.safetensors")), load_file(str(tmp_path / "cut.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_cache_batch_without_the_tail_still_distills(tmp_path: Path) -> None:
+    """The cached teacher is its top-k ids and log-probabilities; the tail mass is optional (as in
+    ``causal_lm_kd_loss``): a batch without it keeps the divergence term."""
+    from hf_models import make_model
+
+    from ddk.engine import StepLoss
+
+    student = make_model("llama", 50, seed=2)
+    ids = torch.randint(0, 50, (2, 9))
+    top = torch.log_softmax(torch.randn(2, 9, 50), -1).topk(4, -1)
+    loss = StepLoss("fused", 0.5, 1.0, "forward_kl", 0.5, "auto", 1)
+    batch = {"input_ids": ids, "labels": ids, "teacher_topk_ids": top.indices, "teacher_topk_logprobs": top.values}
+    assert float(loss(student, None, batch).kd_sum) > 0
+
+
+def test_a_logits_backend_with_a_teacher_cache_is_refused_before_the_run() -> None:
+    from ddk.engine.config import check_cache_backend
+
+    with pytest.raises(ValueError, match=r"with a teacher cache \(the sparse losses\); got 'cpp'"):
+        check_cache_backend("cpp", "distill")
+    check_cache_backend("chunked", "distill")

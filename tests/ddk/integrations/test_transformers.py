@@ -570,15 +570,20 @@ def test_ddktrainer_methods_other_than_cpt_need_a_teacher(tmp_path, tok, method)
         )
 
 
-def test_ddktrainer_cpt_rejects_a_teacher(tmp_path, tok):
-    with pytest.raises(ValueError, match="teacher must be None with method='cpt'"):
-        DDKTrainer(
-            model=make_model("llama", len(tok)),
-            teacher=make_model("llama", len(tok)),
-            args=_config(tmp_path, method="cpt"),
-            train_dataset=_records(),
-            processing_class=tok,
-        )
+def test_ddktrainer_cpt_with_a_teacher_measures_the_gap_but_never_distills(tmp_path, tok):
+    """As ``ddk distill --method cpt --teacher T``: the teacher gives the reference CE, the loss is CE alone."""
+    teacher = make_model("llama", len(tok), seed=1)
+    tr = DDKTrainer(
+        model=make_model("llama", len(tok)),
+        teacher=teacher,
+        args=_config(tmp_path, method="cpt"),
+        train_dataset=_records(),
+        processing_class=tok,
+    )
+    assert tr.step_loss.gamma == 0.0
+    tr.train()
+    want = tr.parts.estimator.compute_teacher(teacher, force=True).tolist()
+    assert tr.controller.records[0]["teacher_ce"] == pytest.approx(want, rel=1e-9)
 
 
 def test_ddktrainer_fused_loss_goes_through_a_data_parallel_wrapper(tmp_path, tok):
