@@ -69,6 +69,7 @@ def _file_mode() -> int:
 
 
 FILE_MODE = _file_mode()  # read once, at import (os.umask can only be read by setting it)
+DIR_MODE = FILE_MODE | ((FILE_MODE & 0o444) >> 2)  # the mode mkdir() gives: x wherever r
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ddk._io import DIR_MODE
 from ddk.data.packed import PackedDomains
 from ddk.data.tokens import _DTYPE, _FORMAT, _Windows
 
@@ -45,7 +46,9 @@ def _new_build_folder(root: Path) -> Path:
             "without it. Delete the folder to rebuild it."
         )
     root.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
+    os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would hide the finished cache from a teammate
+    return tmp
 
 
 def _commit(tmp: Path, root: Path, meta: dict[str, Any]) -> None:

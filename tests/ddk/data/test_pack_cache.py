@@ -103,3 +103,18 @@ def test_pack_domains_capped_validation_warns_the_caller_on_build_and_on_hit(tok
             pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=1000, max_val_fraction=0.25))
         assert len(caught) == 1 and caught[0].filename == __file__
         assert str(caught[0].message).startswith("pack_domains: validation capped at max_val_fraction=0.25")
+
+
+def test_pack_cache_folder_and_files_are_readable_by_the_team(tok, records, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The finished cache gets the modes of a plain mkdir()/open() under the umask (0755/0644 under
+    022), not mkdtemp's 0700, so a teammate's run can reuse it."""
+    import stat
+
+    pack_domains(records, tok, seq_len=16, val_samples=2, cache_dir=tmp_path, progress=False)
+    entries = [p for p in tmp_path.rglob("*")]
+    assert entries
+    for p in entries:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o044 == 0o044, (p, oct(mode))
+        if p.is_dir():
+            assert mode & 0o011 == 0o011, (p, oct(mode))
