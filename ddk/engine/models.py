@@ -181,6 +181,13 @@ def save_student(
     """
     if rank_world()[0] != 0 or state is None:
         return None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"save_student: the student's weights must be finite to replace {out / 'student'}; got NaN/inf in "
+            f"{bad[:5]}{' ...' if len(bad) > 5 else ''}. The previous student/ is kept; resume from an earlier "
+            "checkpoint (delete the newer ones) or rerun with --on-nonfinite skip."
+        )
     final = out / "student"
     tmp = out / f".student.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

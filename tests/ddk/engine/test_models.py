@@ -85,3 +85,19 @@ def test_a_model_argument_that_is_no_folder_and_no_hub_id_fails_at_once_naming_t
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set, so only local folders load"):
         load_pretrained("teacher", "org/name", flag="--teacher")
     assert called == []  # nothing reached transformers (or the network)
+
+
+def test_save_student_never_replaces_a_student_with_nonfinite_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from hf_models import make_model, make_tokenizer
+
+    from ddk.engine.models import save_student
+
+    tok = make_tokenizer(tmp_path / "tok")
+    model = make_model("llama", len(tok))
+    save_student(model.state_dict(), model, tok, tmp_path)
+    before = (tmp_path / "student" / "model.safetensors").read_bytes()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    next(v for v in state.values() if v.is_floating_point())[0] = float("nan")
+    with pytest.raises(ValueError, match=r"weights must be finite .* got NaN/inf in \['model\.embed_tokens\.weight'\]"):
+        save_student(state, model, tok, tmp_path)
+    assert (tmp_path / "student" / "model.safetensors").read_bytes() == before
