@@ -57,12 +57,11 @@ from ddk.engine.models import autocast_dtype, load_models, save_student, teacher
 from ddk.engine.parallel import device_for, full_student_state, global_sums, load_train_state, parallelize, train_state
 from ddk.engine.preempt import Preempted, StopSignals
 from ddk.engine.runfolder import (
-    RESUME_IGNORED,
-    RUN_KEYS,
     atomic_json,
     config_digest,
     log,
     move_aside,
+    result_options,
     run_folder_lock,
 )
 from ddk.engine.step import DistillStep, check_loss_models, forward_backward, make_optimizer, seed_everything
@@ -133,8 +132,7 @@ def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
         raise ckpt.CheckpointError(
             f"distill: the checkpoint {path} must hold a config of this recipe; got unknown options {unknown[:10]}."
         )
-    old = {k: v for k, v in {**defaults, **ck["config"]}.items() if k not in RESUME_IGNORED and k in RUN_KEYS}
-    new = {k: v for k, v in cfg_dict.items() if k not in RESUME_IGNORED and k in RUN_KEYS}
+    old, new = result_options({**defaults, **ck["config"]}), result_options(cfg_dict)
     if old != new:
         diff = sorted(k for k in new if old.get(k) != new[k])
         raise ValueError(

@@ -31,6 +31,7 @@ __all__ = [
     "log",
     "move_aside",
     "read_run_config",
+    "result_options",
     "run_folder_lock",
 ]
 
@@ -67,11 +68,15 @@ RUN_FILES = (
 RUN_INFO = "ddk_run.json"  # in student/: the digest of the config that trained it
 
 
+def result_options(d: dict[str, Any]) -> dict[str, Any]:
+    """The ``RunConfig`` options of ``d`` that determine a run's result (``RESUME_IGNORED`` left out;
+    options a client adds on top, such as the demo's, do not count): what resume and the digest compare."""
+    return {k: v for k, v in d.items() if k not in RESUME_IGNORED and k in RUN_KEYS}
+
+
 def config_digest(cfg: RunConfig | dict[str, Any]) -> str:
-    """Digest of the ``RunConfig`` options that determine a run's result (``RESUME_IGNORED`` left
-    out; options a client adds on top, such as the demo's, do not count)."""
-    d = cfg.run_dict() if isinstance(cfg, RunConfig) else cfg
-    return json_fingerprint({k: v for k, v in d.items() if k not in RESUME_IGNORED and k in RUN_KEYS})
+    """Digest of ``result_options`` of a config."""
+    return json_fingerprint(result_options(cfg.run_dict() if isinstance(cfg, RunConfig) else cfg))
 
 
 def log(msg: str) -> None:

@@ -26,7 +26,7 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
     from ddk.data import build_teacher_cache, tokenizer_hash
     from ddk.distributed import init_from_env, rank_world, rank_zero_first
     from ddk.engine.components import load_run_data
-    from ddk.engine.models import autocast_dtype, load_pretrained
+    from ddk.engine.models import autocast_dtype, load_pretrained, load_tokenizer
     from ddk.engine.parallel import device_for
     from ddk.engine.runfolder import log
 
@@ -40,7 +40,7 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
     try:
         device = device_for(cfg)
         tok_flag = "--tokenizer" if cfg.tokenizer else "--teacher"
-        tokenizer = load_pretrained("tokenizer", cfg.tokenizer or cfg.teacher, fn=fn, flag=tok_flag)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher, fn=fn, flag=tok_flag)  # with the EOS check
         amp = autocast_dtype(cfg, device)
         teacher = (
             load_pretrained("teacher", cfg.teacher, fn=fn, flag="--teacher", dtype=amp or torch.float32)
