@@ -26,7 +26,15 @@ from ddk.engine.methods import MethodSpec, make_scheduler, method_spec
 from ddk.engine.step import StepLoss
 from ddk.sampling import MixtureSampler
 
-__all__ = ["VALIDATION_SPLIT_SEED", "Components", "build_components", "load_run_data", "open_teacher_cache"]
+__all__ = [
+    "VALIDATION_SPLIT_SEED",
+    "Components",
+    "build_components",
+    "load_run_data",
+    "load_test_data",
+    "open_teacher_cache",
+    "report_test_split",
+]
 
 VALIDATION_SPLIT_SEED = 0  # the split of every client: never the training seed
 
@@ -120,6 +128,8 @@ def build_components(
         len(names),
         alpha=float(options.alpha),
         init=options.ddk_init,
+        signal=options.ddk_signal,
+        temperature=float(options.ddk_temperature),
         step_size=float(options.doremi_step_size),
         smoothing=float(options.doremi_smoothing),
     )
@@ -174,3 +184,59 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
         cache_dir=cfg.data_path / "packed",
         progress=cfg.progress,
     )
+
+
+def load_test_data(cfg: RunConfig, tokenizer: Any, names: Any, fn: str = "distill") -> Any:
+    """``PackedDomains`` whose ``validation`` sets are ``cfg.test_data``'s records (``cfg.val_samples``
+    sequences of ``cfg.seq_len`` tokens per domain, cached like the training data), or None without
+    test data. The test records must have exactly the run's domains ``names``."""
+    from ddk.data import load_records, pack_domains
+
+    if not cfg.test_data:
+        return None
+    on_missing = "skip" if cfg.skip_bad_records else "raise"
+    opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
+    records = load_records(list(cfg.test_data), **opts)
+    packed = pack_domains(
+        records,  # the test records are packed as both sides; only the validation side is read
+        tokenizer,
+        seq_len=cfg.sequence_length,
+        val_samples=cfg.val_samples,
+        validation=records,
+        seed=VALIDATION_SPLIT_SEED,
+        cache_dir=cfg.data_path / "packed",
+        progress=cfg.progress,
+    )
+    if tuple(packed.names) != tuple(names):
+        raise ValueError(
+            f"{fn}: test_data must have exactly the training domains {list(names)}; got {list(packed.names)}."
+        )
+    return packed
+
+
+def report_test_split(
+    parts: Components,
+    test_data: Any,
+    student: nn.Module,
+    teacher: nn.Module,
+    *,
+    eval_batch_size: int,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Per-domain CE of ``student`` and ``teacher`` on the test sets of ``test_data`` (from
+    ``load_test_data``), with the run's validation loss: ``student_ce``, ``teacher_ce``, ``gap``
+    (lists over domains, nats/token), ``mean_gap``, ``worst_gap``. Nothing here reaches the
+    mixture: the estimator is a fresh one."""
+    est = DiscrepancyEstimator(
+        test_data.validation_batches(eval_batch_size), loss_fn=parts.loss.validation_ce, device=device, progress=False
+    )
+    est.compute_teacher(teacher)
+    disc = est.estimate(student)
+    return {
+        "student_ce": disc.student_ce.tolist(),
+        "teacher_ce": disc.teacher_ce.tolist(),
+        "gap": disc.gap.tolist(),
+        "mean_gap": float(disc.gap.mean()),
+        "worst_gap": float(disc.gap.max()),
+        "sequences": [int(len(v)) for v in test_data.validation],
+    }

@@ -32,7 +32,7 @@ from ddk._io import json_fingerprint
 from ddk.distributed import DIST_BACKENDS
 from ddk.engine.methods import METHODS, method_spec
 from ddk.reliability import NONFINITE_POLICIES
-from ddk.schedule.smoother import SMOOTHER_INITS
+from ddk.schedule.smoother import SMOOTHER_INITS, SMOOTHER_SIGNALS
 from ddk_kernels.types import DIVERGENCES
 
 __all__ = [
@@ -97,9 +97,21 @@ class DistillOptions:
     ddk_init: str = field(
         default="discrepancy",
         metadata={
-            "help": "first interval's weights: discrepancy (Eq. 1, r_0 = softmax(ppl_S / ppl_T)) or uniform",
+            "help": "first interval's weights: discrepancy (Eq. 1, r_0 = softmax(ppl_S / ppl_T)), uniform, or "
+            "floored (Eq. 1 with Eq. 2's floor: alpha * softmax + (1 - alpha) / N)",
             "choices": list(SMOOTHER_INITS),
         },
+    )
+    ddk_signal: str = field(
+        default="ratio",
+        metadata={
+            "help": "what Eq. 1 and Eq. 2 exponentiate: ratio (ppl_S / ppl_T, the paper's), log_ratio (the gap in "
+            "nats), or gain (the gap scaled by how fast each domain closed it per sample in the last interval)",
+            "choices": list(SMOOTHER_SIGNALS),
+        },
+    )
+    ddk_temperature: float = field(
+        default=1.0, metadata={"help": "Eq. 1/2: softmax temperature dividing the signal, > 0 (paper: 1)"}
     )
     doremi_step_size: float = field(
         default=1.0, metadata={"help": "kd-doremi: step size eta of the exponentiated-gradient update (DoReMi: 1.0)"}
@@ -151,6 +163,12 @@ class DistillOptions:
             )
         if self.ddk_init not in SMOOTHER_INITS:
             raise ValueError(f"{fn}: ddk_init must be one of {SMOOTHER_INITS}; got {self.ddk_init!r}.")
+        if self.ddk_signal not in SMOOTHER_SIGNALS:
+            raise ValueError(f"{fn}: ddk_signal must be one of {SMOOTHER_SIGNALS}; got {self.ddk_signal!r}.")
+        if not (_number(self.ddk_temperature) and self.ddk_temperature > 0):
+            raise ValueError(
+                f"{fn}: ddk_temperature must be a finite number > 0 (paper: 1); got {self.ddk_temperature!r}."
+            )
         if not (_number(self.doremi_step_size) and self.doremi_step_size > 0):
             raise ValueError(
                 f"{fn}: doremi_step_size must be a number > 0 (DoReMi: 1.0); got {self.doremi_step_size!r}."
@@ -212,6 +230,7 @@ class RunConfig(DistillOptions):
     tokenizer: str = ""  # tokenizer folder; "" = the student's folder
     data: tuple[str, ...] = ()  # training records: JSONL/JSON/Parquet/CSV files or save_to_disk folders
     validation_data: tuple[str, ...] = ()  # separate validation records ("" = a per-domain split of data)
+    test_data: tuple[str, ...] = ()  # held-out test records: gaps reported at the end, never read by the mixture
     skip_bad_records: bool = False  # drop records without the domain or text field (counted, warned) instead of failing
     data_dir: str = "~/.cache/ddk"  # caches: packed token sequences (and the demo's corpus, models)
     seq_len: int | None = field(default=128, metadata=_help_of("seq_len"))  # defaults for a 2-core CPU
@@ -320,6 +339,11 @@ class RunConfig(DistillOptions):
         self._check_inputs(fn)
         if self.teacher_cache:
             check_cache_backend(self.backend, fn)
+        if self.test_data and not self.teacher:
+            raise ValueError(
+                f"{fn}: test_data needs a teacher model (--teacher): the test gaps compare the student with the "
+                f"teacher on records no cache holds; got teacher_cache={self.teacher_cache!r}."
+            )
         self._absolute_paths()
         self._check_out(fn)
         for k in ("warmup_steps", "seed", "threads", "tokens"):
@@ -357,6 +381,7 @@ class RunConfig(DistillOptions):
             setattr(self, k, local(getattr(self, k)))
         self.data = tuple(local(p) for p in self.data)
         self.validation_data = tuple(local(p) for p in self.validation_data)
+        self.test_data = tuple(local(p) for p in self.test_data)
         self.data_dir = str(Path(os.path.expanduser(self.data_dir)).absolute())
         if self.out:
             self.out = str(Path(os.path.expanduser(self.out)).absolute())
@@ -369,6 +394,7 @@ class RunConfig(DistillOptions):
         out = Path(self.out).resolve()
         named = {k: getattr(self, k) for k in ("teacher", "student", "tokenizer", "teacher_cache")}
         named.update({f"data[{i}]": p for i, p in enumerate(self.data)})
+        named.update({f"test_data[{i}]": p for i, p in enumerate(self.test_data)})
         for key, value in named.items():
             p = Path(os.path.expanduser(value)).resolve() if value else None
             if p is not None and p.exists() and (p == out or out in p.parents or p in out.parents):

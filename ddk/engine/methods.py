@@ -68,6 +68,8 @@ def make_scheduler(
     *,
     alpha: float = 0.5,
     init: str = "discrepancy",
+    signal: str = "ratio",
+    temperature: float = 1.0,
     step_size: float = 1.0,
     smoothing: float = 1e-3,
 ) -> WeightScheduler:
@@ -77,7 +79,9 @@ def make_scheduler(
         method: one of ``METHODS``.
         num_domains: D >= 1.
         alpha: ``FactorSmoother``'s smoothing weight (DDK methods).
-        init: ``FactorSmoother``'s first weights, ``"discrepancy"`` or ``"uniform"`` (DDK methods).
+        init: ``FactorSmoother``'s first weights, ``"discrepancy"``, ``"uniform"`` or ``"floored"`` (DDK methods).
+        signal: ``FactorSmoother``'s signal, ``"ratio"``, ``"log_ratio"`` or ``"gain"`` (DDK methods).
+        temperature: ``FactorSmoother``'s softmax temperature (DDK methods).
         step_size: ``DoReMiScheduler``'s eta (``kd-doremi``).
         smoothing: ``DoReMiScheduler``'s c (``kd-doremi``).
 
@@ -90,4 +94,6 @@ def make_scheduler(
     spec = method_spec(method, "make_scheduler")
     if spec.smoother_mode is None:
         return DoReMiScheduler(num_domains, step_size=step_size, smoothing=smoothing)
-    return FactorSmoother(num_domains, alpha=alpha, mode=spec.smoother_mode, init=init)
+    return FactorSmoother(
+        num_domains, alpha=alpha, mode=spec.smoother_mode, init=init, signal=signal, temperature=temperature
+    )

@@ -40,6 +40,7 @@ class RecipeConfig(RunConfig):
     user_jsonl: tuple[str, ...] = ()  # extra JSONL files with a "domain" field
     max_chars: int = 600_000  # per-domain size cap (train + validation)
     validation_fraction: float = 0.05
+    test_fraction: float = 0.0  # demo: share held out as a test split no method reads (0: none)
     offline: bool = False  # never fetch packages; use the cache only
     skip_bad_lines: bool = False  # skip (and count) corrupted corpus JSONL lines instead of failing on them
     vocab_size: int = 4096
@@ -102,6 +103,10 @@ class RecipeConfig(RunConfig):
                 )
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"{fn}: validation_fraction must be in (0, 1); got {self.validation_fraction!r}.")
+        if not 0.0 <= self.test_fraction < 1.0 - self.validation_fraction:
+            raise ValueError(
+                f"{fn}: test_fraction must be in [0, 1 - validation_fraction); got {self.test_fraction!r}."
+            )
         if not self.teacher_lr > 0:
             raise ValueError(f"{fn}: teacher_lr must be > 0; got {self.teacher_lr!r}.")
         return self
@@ -171,6 +176,8 @@ _HELP: dict[str, str] = {
     "user_jsonl": "demo: extra JSONL files with 'domain' and 'text' fields added to the bundled corpus",
     "max_chars": "demo: per-domain size cap of the bundled corpus in characters",
     "validation_fraction": "demo: share of each bundled domain held out for validation",
+    "test_fraction": "demo: share of each bundled domain held out as a test split (reported at the end, "
+    "never read by the mixture; 0: none)",
     "offline": "demo: never fetch packages; use the package cache only",
     "vocab_size": "demo: vocabulary of the tokenizer trained on the bundled corpus",
     "eval_batch_size": "sequences per batch of the validation passes",
@@ -227,6 +234,8 @@ _HELP: dict[str, str] = {
     "data": "training records with a domain and a text field: .jsonl/.json/.parquet/.csv files or "
     "datasets.save_to_disk folders (a hub dataset name passes to datasets.load_dataset)",
     "validation_data": "separate validation records (default: a stable per-domain split of --data)",
+    "test_data": "held-out test records with the same domains: the per-domain gaps on them are reported at the end "
+    "(summary.json 'test'), and no method reads them",
     "skip_bad_records": "drop records without the domain or text field (warned and counted) instead of failing",
     "dtype": "bf16: autocast with float32 master weights (default on CUDA); fp32 (default on the CPU)",
     "grad_accum": "micro-batches per optimizer step; batch_size is split and normalised by the global token count",

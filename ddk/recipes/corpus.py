@@ -1,18 +1,22 @@
-"""Corpus builder: domains -> per-domain ``train`` / ``validation`` JSONL and a manifest.
+"""Corpus builder: domains -> per-domain ``train`` / ``validation`` (/ ``test``) JSONL and a manifest.
 
 Layout of a built corpus folder::
 
     <out>/manifest.json              sizes, licences, provenance, skipped domains, build options
     <out>/<domain>/train.jsonl       one record per line: {"id", "domain", "source", "text"}
     <out>/<domain>/validation.jsonl
+    <out>/<domain>/test.jsonl        only with ``test_fraction > 0``
 
 Split: a unit (``source``) goes to validation iff ``stable_unit_hash(source, seed) <
 validation_fraction`` (the partitioner's BLAKE2b hash), so a file, conversation, entry or chapter
 is never cut between the sides and never changes side when data is added. A domain with at least
 two units always gets both sides (the lowest-hash unit is moved to validation, or the highest to
-train, when the threshold leaves a side empty).
+train, when the threshold leaves a side empty). With ``test_fraction > 0`` the units whose hash
+lies in ``[validation_fraction, validation_fraction + test_fraction)`` form a third, ``test``
+side (at least one unit; a domain needs three), read by no training method: the yardstick of
+``bench/e2e``.
 
-Cap: ``max_chars`` per domain, shared ``(1 - f) : f`` between train and validation; on each side
+Cap: ``max_chars`` per domain, shared ``(1 - f - t) : f : t`` between train, validation and test; on each side
 units are taken in hash order until the budget is spent (the last one truncated), so the kept
 subset is stable too. Long units are cut into records of at most ``record_chars`` at line
 breaks; all records of a unit share its ``source`` and side.
@@ -45,7 +49,13 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation")  # and "test" when the corpus was built with test_fraction > 0
+
+
+def _splits(config: CorpusConfig) -> tuple[str, ...]:
+    return SPLITS + (("test",) if config.test_fraction > 0 else ())
+
+
 _MANIFEST_VERSION = 1
 
 
@@ -64,6 +74,8 @@ class CorpusConfig:
             ``"id"``, ``"source"``: records sharing a source, e.g. a conversation, stay together).
         max_chars: per-domain size cap in characters (train + validation), ``None`` = no cap.
         validation_fraction: share of units (by hash) in validation, in ``(0, 1)``.
+        test_fraction: share of units (by hash) in a held-out ``test`` side, in ``[0, 1)``
+            (0: no test side; ``validation_fraction + test_fraction < 1``).
         record_chars: longest record; longer units are cut at line breaks.
         seed: seed of the split hash.
         cache_dir: package cache (default ``~/.cache/ddk/debs``).
@@ -83,6 +95,7 @@ class CorpusConfig:
     user_jsonl: tuple[str, ...] = ()
     max_chars: int | None = 2_000_000
     validation_fraction: float = 0.05
+    test_fraction: float = 0.0
     record_chars: int = 4000
     seed: int = 0
     cache_dir: str | None = None
@@ -95,6 +108,8 @@ class CorpusConfig:
         d.pop("cache_dir")
         d.pop("offline")
         d.pop("skip_bad_lines")
+        if not self.test_fraction:
+            d.pop("test_fraction")  # corpora built before the test side keep their key
         d["user_folders"] = sorted((k, _tree_digest(Path(v))) for k, v in self.user_folders.items())
         d["user_jsonl"] = [
             file_sha256(p) if Path(p).is_file() else f"missing:{Path(p).resolve()}" for p in self.user_jsonl
@@ -123,6 +138,11 @@ def _check_config(cfg: CorpusConfig) -> None:
         raise ValueError(f"{fn}: max_chars must be a positive int or None; got {cfg.max_chars!r}.")
     if not 0.0 < cfg.validation_fraction < 1.0:
         raise ValueError(f"{fn}: validation_fraction must be in (0, 1); got {cfg.validation_fraction!r}.")
+    if not 0.0 <= cfg.test_fraction < 1.0 - cfg.validation_fraction:
+        raise ValueError(
+            f"{fn}: test_fraction must be in [0, 1 - validation_fraction) = [0, {1.0 - cfg.validation_fraction:g}); "
+            f"got {cfg.test_fraction!r}."
+        )
     if not isinstance(cfg.record_chars, int) or cfg.record_chars < 16:
         raise ValueError(f"{fn}: record_chars must be an int >= 16; got {cfg.record_chars!r}.")
     for name in cfg.user_folders:
@@ -250,26 +270,39 @@ def _chunks(text: str, size: int) -> Iterator[str]:
         start = end
 
 
-def split_units(units: Sequence[Unit], *, validation_fraction: float, seed: int = 0) -> dict[str, list[Unit]]:
-    """Assign whole units to ``train``/``validation`` by the stable hash of their source.
+def split_units(
+    units: Sequence[Unit], *, validation_fraction: float, seed: int = 0, test_fraction: float = 0.0
+) -> dict[str, list[Unit]]:
+    """Assign whole units to ``train``/``validation`` (/``test``) by the stable hash of their source.
+
+    A unit goes to validation iff its hash is below ``validation_fraction``, to test iff it lies in
+    ``[validation_fraction, validation_fraction + test_fraction)``; each side gets at least one unit.
 
     Returns:
-        ``{"train": [...], "validation": [...]}``, each side in increasing hash order.
+        ``{"train": [...], "validation": [...]}`` (and ``"test"`` when ``test_fraction > 0``), each
+        side in increasing hash order.
 
     Raises:
-        ValueError: fewer than two distinct sources (a domain needs one on each side).
+        ValueError: fewer distinct sources than sides (a domain needs one on each side).
     """
     fn = "split_units"
     by_src: dict[str, Unit] = {}
     for u in units:
         by_src.setdefault(u.source, u)
-    if len(by_src) < 2:
-        raise ValueError(f"{fn}: units must come from at least 2 distinct sources (one per side); got {len(by_src)}.")
+    sides = 3 if test_fraction > 0 else 2
+    if len(by_src) < sides:
+        raise ValueError(
+            f"{fn}: units must come from at least {sides} distinct sources (one per side); got {len(by_src)}."
+        )
     ranked = sorted(by_src.values(), key=lambda u: (stable_unit_hash(u.source, seed), u.source))
     hashes = [stable_unit_hash(u.source, seed) for u in ranked]
     n_val = sum(h < validation_fraction for h in hashes)
-    n_val = min(max(n_val, 1), len(ranked) - 1)
-    return {"validation": ranked[:n_val], "train": ranked[n_val:]}
+    n_val = min(max(n_val, 1), len(ranked) - sides + 1)
+    if sides == 2:
+        return {"validation": ranked[:n_val], "train": ranked[n_val:]}
+    n_test = sum(validation_fraction <= h < validation_fraction + test_fraction for h in hashes[n_val:])
+    n_test = min(max(n_test, 1), len(ranked) - n_val - 1)
+    return {"validation": ranked[:n_val], "test": ranked[n_val : n_val + n_test], "train": ranked[n_val + n_test :]}
 
 
 def _take(
@@ -357,7 +390,9 @@ def _reusable(out: Path, key: str) -> dict[str, Any] | None:
         )
         return None
     for name, entry in (old.get("domains") or {}).items():
-        for side in SPLITS:
+        for side in (*SPLITS, "test"):
+            if side == "test" and "test" not in entry:
+                continue
             f = out / name / f"{side}.jsonl"
             want = (entry.get(side) or {}).get("sha256")
             if _name_problem_free(name) and f.is_file() and want is not None and file_sha256(f) == want:
@@ -393,7 +428,9 @@ def _build_corpus(out: Path, config: CorpusConfig, force: bool, progress: bool) 
         "version": _MANIFEST_VERSION,
         "key": key,
         "complete": not skipped,
-        "digest": json_fingerprint({d: {side: e[side]["sha256"] for side in SPLITS} for d, e in domains.items()}),
+        "digest": json_fingerprint(
+            {d: {side: e[side]["sha256"] for side in _splits(config)} for d, e in domains.items()}
+        ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.perf_counter() - t0, 1),
         "config": {
@@ -458,38 +495,43 @@ def _write_domains(
     out: Path, sources: _Sources, skipped: dict[str, str], config: CorpusConfig, progress: bool
 ) -> dict[str, Any]:
     """Split, cap and write every domain's JSONL files; return the manifest's ``domains`` (adds to ``skipped``)."""
-    f = config.validation_fraction
-    budgets: dict[str, int | None] = (
-        {"train": None, "validation": None}
-        if config.max_chars is None
-        else {
-            "validation": max(1, int(round(config.max_chars * f))),
-            "train": config.max_chars - max(1, int(round(config.max_chars * f))),
-        }
-    )
+    f, tf = config.validation_fraction, config.test_fraction
+    splits = _splits(config)
+    budgets: dict[str, int | None] = dict.fromkeys(splits)
+    if config.max_chars is not None:
+        held = {"validation": f, "test": tf}
+        for side in splits[1:]:
+            budgets[side] = max(1, int(round(config.max_chars * held[side])))
+        budgets["train"] = config.max_chars - sum(b or 0 for b in budgets.values())
     domains: dict[str, Any] = {}
     for name in sorted(sources):
         prov, lic, desc, units = sources[name]
         try:
-            sides = split_units(units, validation_fraction=f, seed=config.seed)
+            sides = split_units(units, validation_fraction=f, seed=config.seed, test_fraction=tf)
         except ValueError as e:
             skipped[name] = str(e)
             continue
         entry: dict[str, Any] = {"provenance": prov, "licence": lic, "description": desc, "units": len(units)}
         ddir = child_path("build_corpus", "domain", out, name)  # never outside the corpus folder
         ddir.mkdir(parents=True, exist_ok=True)
-        for side in SPLITS:
+        for side in splits:
             recs, stats = _take(name, sides[side], budgets[side], config.record_chars)
             _write_jsonl_atomic(ddir / f"{side}.jsonl", recs)
             entry[side] = {**stats, "sha256": file_sha256(ddir / f"{side}.jsonl")}
-        if entry["train"]["records"] == 0 or entry["validation"]["records"] == 0:
+        if any(entry[side]["records"] == 0 for side in splits):
             skipped[name] = "no non-empty text on one side of the split"
             continue
         domains[name] = entry
         if progress:
             print(
                 f"corpus: {name:<14} train {entry['train']['chars']:>10,} chars / {entry['train']['sources']:>5} units   "
-                f"validation {entry['validation']['chars']:>8,} chars / {entry['validation']['sources']:>4} units   [{prov}]",
+                f"validation {entry['validation']['chars']:>8,} chars / {entry['validation']['sources']:>4} units   "
+                + (
+                    f"test {entry['test']['chars']:>8,} chars / {entry['test']['sources']:>4} units   "
+                    if "test" in entry
+                    else ""
+                )
+                + f"[{prov}]",
                 file=sys.stderr,
             )
     return domains

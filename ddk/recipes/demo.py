@@ -82,6 +82,7 @@ def demo_corpus(cfg: RecipeConfig) -> tuple[Path, list[str], Path]:
         user_jsonl=tuple(cfg.user_jsonl),
         max_chars=cfg.max_chars,
         validation_fraction=cfg.validation_fraction,
+        test_fraction=cfg.test_fraction,
         seed=0,
         cache_dir=str(root / "debs"),
         offline=cfg.offline,
@@ -388,6 +389,8 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
     from ddk.data import load_records, pack_domains
     from ddk.recipes.tokenizer import load_tokenizer
 
+    if cfg.threads:  # the teacher's and the student's pretraining run here, before distill sets it
+        torch.set_num_threads(cfg.threads)
     with rank_zero_first():
         cdir, names, tdir = demo_corpus(cfg)
         tokenizer = load_tokenizer(tdir)
@@ -407,8 +410,15 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
             teacher = demo_teacher(cfg, packed, tokenizer)
         with folder_lock(cfg.data_path / "students", "demo_config", "data_dir", wait=True):
             student = demo_student(cfg, tokenizer, packed)
+    test = tuple(str(cdir / n / "test.jsonl") for n in names) if cfg.test_fraction > 0 else ()
     return dataclasses.replace(
-        cfg, teacher=str(teacher), student=str(student), tokenizer=str(tdir), data=train, validation_data=validation
+        cfg,
+        teacher=str(teacher),
+        student=str(student),
+        tokenizer=str(tdir),
+        data=train,
+        validation_data=validation,
+        test_data=test,
     )
 
 

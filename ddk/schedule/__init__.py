@@ -5,11 +5,12 @@ Which schedule each distillation method runs is the engine's method table (``ddk
 
 from ddk.schedule.base import WeightScheduler, ratio_to_tensor
 from ddk.schedule.doremi import DoReMiScheduler
-from ddk.schedule.smoother import SMOOTHER_INITS, SMOOTHER_MODES, FactorSmoother
+from ddk.schedule.smoother import SMOOTHER_INITS, SMOOTHER_MODES, SMOOTHER_SIGNALS, FactorSmoother
 
 __all__ = [
     "SMOOTHER_INITS",
     "SMOOTHER_MODES",
+    "SMOOTHER_SIGNALS",
     "DoReMiScheduler",
     "FactorSmoother",
     "WeightScheduler",

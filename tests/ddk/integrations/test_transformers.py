@@ -615,6 +615,8 @@ def test_ddktrainer_fused_loss_goes_through_a_data_parallel_wrapper(tmp_path, to
         ("seq_len", 1, "seq_len must be an int >= 2"),
         ("method", "doremi", "method must be one of"),
         ("ddk_init", "random", "ddk_init must be one of"),
+        ("ddk_signal", "loss", "ddk_signal must be one of"),
+        ("ddk_temperature", 0.0, "ddk_temperature must be a finite number > 0"),
         ("loss", "naive", "loss must be one of"),
         ("backend", "", "backend must be a backend name"),
     ],
@@ -635,6 +637,7 @@ def test_ddkconfig_defaults_are_the_papers_and_fields_are_documented(tmp_path):
         500,
     )
     assert (cfg.method, cfg.ddk_init, cfg.loss, cfg.seq_len) == ("ddk", "discrepancy", "fused", None)
+    assert (cfg.ddk_signal, cfg.ddk_temperature) == ("ratio", 1.0)
     own = set(DDKConfig.__dataclass_fields__) - set(TrainingArguments.__dataclass_fields__)
     assert own and all(DDKConfig.__dataclass_fields__[f].metadata.get("help") for f in own)
     (parsed,) = transformers.HfArgumentParser(DDKConfig).parse_args_into_dataclasses(

@@ -22,3 +22,33 @@ def test_config_yaml_unknown_key_is_named_with_the_valid_ones(tmp_path: Path) ->
         match=r"^make_config: overrides must be config options; got unknown \['alpah'\] \(valid: \[.*'alpha'",
     ):
         make_config(alpah=0.3)
+
+
+def test_ddk_signal_and_temperature_flags_reach_the_schedule(tmp_path: Path) -> None:
+    import argparse
+
+    from ddk.engine.components import build_components
+    from ddk.recipes.config import add_config_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    ns = p.parse_args(["--ddk-signal", "gain", "--ddk-temperature", "2.5", "--ddk-init", "floored"])
+    cfg = config_from_args(ns)
+    assert (cfg.ddk_signal, cfg.ddk_temperature, cfg.ddk_init) == ("gain", 2.5, "floored")
+
+    class _Data:
+        names, sizes = ("a", "b"), (4, 4)
+
+        def validation_batches(self, n):  # type: ignore[no-untyped-def]
+            import torch
+
+            return {d: [{"input_ids": torch.ones(1, 4, dtype=torch.long)}] for d in self.names}
+
+        def train_dataset(self):  # type: ignore[no-untyped-def]
+            return None
+
+    parts = build_components(cfg, _Data(), global_batch_size=2, seed=0, eval_batch_size=2)
+    sm = parts.controller.smoother
+    assert (sm.signal, sm.temperature, sm.init) == ("gain", 2.5, "floored")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--ddk-signal", "loss"])

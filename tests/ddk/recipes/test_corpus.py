@@ -348,3 +348,39 @@ def test_data_build_rejects_domain_names_that_leave_the_folder(tmp_path, capsys,
         from ddk.recipes.corpus import CorpusConfig, build_corpus
 
         build_corpus(out, CorpusConfig(domains=(), user_folders={"../up": str(tmp_path)}))
+
+
+def test_split_units_test_side_is_disjoint_stable_and_never_taken_from_validation(tmp_path):
+    units = folder_units(_folder(tmp_path / "a", 60))
+    two = split_units(units, validation_fraction=0.2)
+    three = split_units(units, validation_fraction=0.2, test_fraction=0.2)
+    src = {side: {u.source for u in three[side]} for side in three}
+    assert set(three) == {"train", "validation", "test"} and all(src.values())
+    assert not (src["train"] & src["test"]) and not (src["validation"] & src["test"])
+    assert src["validation"] == {u.source for u in two["validation"]}  # the test side leaves validation alone
+    assert src["test"] | src["train"] == {u.source for u in two["train"]}
+    more = units + folder_units(_folder(tmp_path / "b", 30, prefix="g"), prefix="b/")
+    grown = split_units(more, validation_fraction=0.2, test_fraction=0.2)
+    assert src["test"] <= {u.source for u in grown["test"]}  # adding data never moves a test unit
+    small = split_units(units[:3], validation_fraction=0.001, test_fraction=0.001)
+    assert [len(small[s]) for s in ("validation", "test", "train")] == [1, 1, 1]
+    with pytest.raises(ValueError, match="at least 3 distinct sources"):
+        split_units(units[:2], validation_fraction=0.5, test_fraction=0.1)
+
+
+def test_build_corpus_writes_a_test_side_and_keeps_old_keys(tmp_path):
+    src = _folder(tmp_path / "src", 60, size=600)
+    assert _cfg(user_folders={"mine": str(src)}).key() == _cfg(user_folders={"mine": str(src)}, test_fraction=0.0).key()
+    assert _cfg(user_folders={"mine": str(src)}).key() != _cfg(user_folders={"mine": str(src)}, test_fraction=0.1).key()
+    out = tmp_path / "out"
+    man = build_corpus(out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False)
+    d = man["domains"]["mine"]
+    assert (d["train"]["chars"], d["validation"]["chars"], d["test"]["chars"]) == (4200, 1200, 600)
+    sources = {side: {r["source"] for r in _records(out, "mine", side)} for side in ("train", "validation", "test")}
+    assert sources["test"] and not sources["test"] & (sources["train"] | sources["validation"])
+    assert build_corpus(out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False) == man
+    (out / "mine" / "test.jsonl").write_text("")  # a changed test file is rebuilt like the others
+    rebuilt = build_corpus(out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False)
+    assert rebuilt["domains"] == man["domains"]
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1 - validation_fraction\)"):
+        build_corpus(out, _cfg(user_folders={"mine": str(src)}, test_fraction=0.8), progress=False)

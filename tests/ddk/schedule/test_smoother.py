@@ -208,7 +208,7 @@ def test_smoother_bad_options_raise() -> None:
     ):
         FactorSmoother(2, mode="soft")
     with pytest.raises(
-        ValueError, match=r"FactorSmoother: init must be one of \('discrepancy', 'uniform'\); got 'random'\."
+        ValueError, match=r"FactorSmoother: init must be one of \('discrepancy', 'uniform', 'floored'\); got 'random'\."
     ):
         FactorSmoother(2, init="random")
 
@@ -269,3 +269,129 @@ def test_factor_smoother_ddk_floor_keeps_every_weight_positive() -> None:
     s.initialize([1.0, 720.0, 740.0])
     w = s.update([1.0, 720.0, 740.0])
     assert float(w.min()) >= (1 - 0.5) / 3 - 1e-15
+
+
+# ---------------------------------------------------------------------------- options beyond the paper
+def _softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [x / sum(e) for x in e]
+
+
+def _oracle(
+    ratios: list[list[float]], alpha: float, init: str, signal: str, temperature: float
+) -> list[list[float]]:
+    """The weights after Eq. 1 and each Eq. 2 update, in plain float math (the class doc's formulas)."""
+    d = len(ratios[0])
+    out: list[list[float]] = []
+    prev: list[float] | None = None
+    for t, r in enumerate(ratios):
+        x = list(r) if signal == "ratio" else [math.log(v) for v in r]
+        if signal == "gain" and prev is not None:
+            rate = [max((math.log(p) - math.log(v)) / (d * w), 0.0) for p, v, w in zip(prev, r, out[-1])]
+            if sum(rate) > 0:
+                mean = sum(rate) / d
+                x = [g * min(c / mean, 2.0) for g, c in zip(x, rate)]
+        x = [v / temperature for v in x]
+        if t == 0:
+            w = [1.0 / d] * d if init == "uniform" else _softmax(x)
+            if init == "floored":
+                w = [alpha * v + (1 - alpha) / d for v in w]
+        else:
+            w = [alpha * p + (1 - alpha) / d for p in _softmax([math.log(a) + b for a, b in zip(out[-1], x)])]
+        out.append(w)
+        prev = list(r)
+    return out
+
+
+@given(
+    st.integers(2, 6).flatmap(
+        lambda d: st.lists(st.lists(st.floats(1.01, 40.0), min_size=d, max_size=d), min_size=1, max_size=5)
+    ),
+    st.floats(0.05, 1.0),
+    st.sampled_from(["discrepancy", "uniform", "floored"]),
+    st.sampled_from(["ratio", "log_ratio", "gain"]),
+    st.floats(0.25, 8.0),
+)
+def test_smoother_options_match_the_float_oracle(
+    ratios: list[list[float]], alpha: float, init: str, signal: str, temperature: float
+) -> None:
+    s = FactorSmoother(len(ratios[0]), alpha=alpha, init=init, signal=signal, temperature=temperature)
+    got = [s.initialize(ratios[0]).tolist()] + [s.update(r).tolist() for r in ratios[1:]]
+    want = _oracle(ratios, alpha, init, signal, temperature)
+    for g, w in zip(got, want):
+        assert abs(sum(g) - 1.0) < 1e-12
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_smoother_floored_init_is_eq2_floor_on_eq1() -> None:
+    # One domain far behind: Eq. 1 puts ~all of r_0 on it; the floored start keeps (1 - alpha) / D.
+    r = [17.2, 2.6, 3.0, 4.9, 2.8]
+    paper = FactorSmoother(5).initialize(r)
+    floored = FactorSmoother(5, init="floored").initialize(r)
+    assert float(paper[0]) > 0.9999
+    assert float(floored.min()) >= 0.1 - 1e-12 and float(floored[0]) == pytest.approx(0.5 * float(paper[0]) + 0.1)
+
+
+def test_smoother_log_ratio_eq2_multiplies_by_the_ratio() -> None:
+    # exp(log ratio) = ratio: psi_i = r_t[i] * ratio_i
+    s = FactorSmoother(3, signal="log_ratio")
+    r0 = s.initialize([2.0, 4.0, 2.0])
+    torch.testing.assert_close(r0, torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64))
+    w = s.update([3.0, 1.0, 1.0])
+    psi = [0.25 * 3.0, 0.5 * 1.0, 0.25 * 1.0]
+    torch.testing.assert_close(w, torch.tensor([0.5 * p / sum(psi) + 0.5 / 3 for p in psi], dtype=torch.float64))
+
+
+def test_smoother_gain_signal_hand_example() -> None:
+    # r_0 = softmax(log r) over ratios e^2, e^1: [e/(1+e), 1/(1+e)].
+    s = FactorSmoother(2, signal="gain")
+    w0 = s.initialize([math.exp(2.0), math.exp(1.0)])
+    # gaps 2 -> 1.5 (closed 0.5 on share 2*w0[0]) and 1 -> 0.5 (closed 0.5 on share 2*w0[1])
+    w = s.update([math.exp(1.5), math.exp(0.5)])
+    rate = [0.5 / (2 * float(w0[0])), 0.5 / (2 * float(w0[1]))]
+    mean = sum(rate) / 2
+    x = [1.5 * min(rate[0] / mean, 2.0), 0.5 * min(rate[1] / mean, 2.0)]
+    psi = [float(w0[0]) * math.exp(x[0]), float(w0[1]) * math.exp(x[1])]
+    torch.testing.assert_close(w, torch.tensor([0.5 * p / sum(psi) + 0.25 for p in psi], dtype=torch.float64))
+    # the domain that closed less per sample (the one that had more samples) gets less than under log_ratio
+    lr = FactorSmoother(2, signal="log_ratio")
+    lr.initialize([math.exp(2.0), math.exp(1.0)])
+    assert float(w[0]) < float(lr.update([math.exp(1.5), math.exp(0.5)])[0])
+
+
+def test_smoother_gain_without_progress_falls_back_to_the_gap() -> None:
+    s, ref = FactorSmoother(3, signal="gain"), FactorSmoother(3, signal="log_ratio")
+    for sm in (s, ref):
+        sm.initialize([3.0, 2.0, 1.5])
+    torch.testing.assert_close(s.update([3.5, 2.5, 2.0]), ref.update([3.5, 2.5, 2.0]))  # every gap grew
+
+
+def test_smoother_gain_resumes_from_its_state() -> None:
+    a = FactorSmoother(3, signal="gain", init="floored")
+    a.initialize([6.0, 2.0, 3.0])
+    a.update([4.0, 1.9, 2.5])
+    b = FactorSmoother(3, signal="gain", init="floored")
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    torch.testing.assert_close(a.update([3.0, 1.8, 2.4]), b.update([3.0, 1.8, 2.4]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"signal": "loss"}, r"signal must be one of \('ratio', 'log_ratio', 'gain'\); got 'loss'"),
+        ({"temperature": 0.0}, r"temperature must be a finite number > 0 \(paper: 1\); got 0\.0"),
+        ({"temperature": float("nan")}, r"temperature must be a finite number > 0"),
+        ({"temperature": True}, r"temperature must be a finite number > 0"),
+    ],
+)
+def test_smoother_bad_signal_and_temperature_raise(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match="FactorSmoother: " + match):
+        FactorSmoother(2, **kwargs)
+
+
+def test_smoother_defaults_are_the_papers_form() -> None:
+    s = FactorSmoother(3)
+    assert (s.init, s.signal, s.temperature) == ("discrepancy", "ratio", 1.0)
+    assert repr(s) == "FactorSmoother(num_domains=3, alpha=0.5, mode='ddk', init='discrepancy')"
+    assert "signal='gain'" in repr(FactorSmoother(3, signal="gain"))
