@@ -32,26 +32,57 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk.engine import METHODS
-from ddk.recipes.config import STUDENT_STARTS, RecipeConfig, add_config_arguments, config_from_args
+from ddk.recipes.config import RecipeConfig, add_config_arguments, config_from_args
 from ddk.recipes.demo import demo_config
 from ddk.recipes.distill import distill
 
 HERE = Path(__file__).resolve().parent
-PAIRS = (("ddk", "kd"), ("ddk", "kd-doremi"), ("ddk", "cpt"), ("kd", "cpt"))
-Results = dict[str, dict[str, list[dict[str, Any]]]]  # start -> method -> one summary per seed
+Results = dict[str, dict[str, list[dict[str, Any]]]]  # start -> variant -> one summary per seed
+
+# The student starts: overrides of the experiment preset. ``extreme``: german (a language the other
+# domains barely share) nearly unseen in the student's pretraining, so that Eq. 1 concentrates.
+STARTS: dict[str, dict[str, Any]] = {
+    "uniform": {"student_start": "uniform"},
+    "skewed": {"student_start": "skewed"},
+    "extreme": {"student_start": "skewed", "scarce_domains": ("german",), "scarce_share": 0.02},
+}
+# The variants: a method plus options. The DDK candidates change one option of ``--method ddk``.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cpt": ("cpt", {}),
+    "kd": ("kd", {}),
+    "kd-doremi": ("kd-doremi", {}),
+    "ddk": ("ddk", {}),
+    "ddk-floored": ("ddk", {"ddk_init": "floored"}),
+    "ddk-uniform-init": ("ddk", {"ddk_init": "uniform"}),
+    "ddk-log-ratio": ("ddk", {"ddk_signal": "log_ratio"}),
+    "ddk-gain": ("ddk", {"ddk_signal": "gain"}),
+    "ddk-tempered": ("ddk", {"ddk_temperature": 4.0}),
+    "ddk-alpha-0.2": ("ddk", {"alpha": 0.2}),
+    "ddk-no-smoothing": ("ddk-no-smoothing", {}),
+    "ddk-online": ("ddk-online", {}),
+}
+DEFAULT_VARIANTS = ("cpt", "kd", "kd-doremi", "ddk", "ddk-floored", "ddk-uniform-init", "ddk-log-ratio", "ddk-gain")
+CANDIDATES = tuple(v for v in VARIANTS if v.startswith("ddk-") and VARIANTS[v][0] == "ddk")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--starts", nargs="+", default=["uniform", "skewed"], choices=[s for s in STUDENT_STARTS])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--starts", nargs="+", default=["extreme", "skewed", "uniform"], choices=list(STARTS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--shard", default="0/1", help="I/N: run only every N-th run from the I-th (run N of them side by side)"
+    )
+    p.add_argument("--no-report", action="store_true", help="run (this shard's runs) without writing the report")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--runs", default="runs/e2e", help="folder of the run folders")
     p.add_argument("--report", default="docs/results.md", help="markdown report (plots go into figures/ next to it)")
     p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples of the confidence intervals")
     p.add_argument(
-        "--cache-ks", nargs="*", type=int, default=[8, 32, 128], help="teacher-cache k values (none: no cache runs)"
+        "--cache-ks",
+        nargs="*",
+        type=int,
+        default=[],
+        help="teacher-cache k values, e.g. 8 32 128 (none: no cache runs)",
     )
     p.add_argument("--cache-seeds", nargs="*", type=int, default=[0, 1, 2], help="seeds of the cache runs")
     add_config_arguments(p)
@@ -78,23 +109,67 @@ def _records(run_dir: str, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def _config(args: argparse.Namespace, start: str, variant: str, seed: int) -> RecipeConfig:
+    """The run's config: the experiment preset, the start's and the variant's overrides."""
+    method, options = VARIANTS[variant]
+    ns = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, **STARTS[start], **options})
+    ns.out = str(Path(args.runs) / start / f"{variant}-s{seed}")
+    return config_from_args(ns, base=("experiment",))
+
+
 def _run_all(args: argparse.Namespace, argv: list[str]) -> tuple[Results, dict[str, Any]]:
-    """Every start x method x seed (cached runs reused); ``(results, models)`` with the model metadata."""
-    runs = Path(args.runs)
+    """Every start x variant x seed (cached runs reused; with ``--shard I/N`` only this shard's);
+    ``(results, models)`` with the model metadata and the start's test-split gaps."""
+    shard, n_shards = (int(x) for x in args.shard.split("/"))
     results: Results = {}
     models: dict[str, Any] = {}
+    k = 0
     for start in args.starts:
-        for method in args.methods:
-            for seed in args.seeds:
-                ns = argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "student_start": start})
-                ns.out = str(runs / start / f"{method}-s{seed}")
-                cfg = demo_config(config_from_args(ns, base=("experiment",)))  # teacher and students cached
+        for seed in args.seeds:
+            for variant in args.methods:
+                k += 1
+                if (k - 1) % n_shards != shard:
+                    continue
+                cfg = demo_config(_config(args, start, variant, seed))  # teacher and students cached
                 models.setdefault("teacher", _meta(cfg.teacher))
                 models.setdefault("cfg", cfg)
                 models.setdefault(f"cfg:{start}", cfg)
                 models.setdefault(f"student:{start}", _meta(cfg.student))
-                results.setdefault(start, {}).setdefault(method, []).append(_one_run(cfg))
+                results.setdefault(start, {}).setdefault(variant, []).append(_one_run(cfg))
+    if not args.no_report:
+        for start in results:
+            models[f"start_test:{start}"] = start_test_gaps(models[f"cfg:{start}"])
     return results, models
+
+
+def start_test_gaps(cfg: RecipeConfig) -> dict[str, Any]:
+    """The start student's per-domain CE and gap on the test split, and Eq. 1's weights from its
+    validation ratios (cached in the student's folder: ``test_start.json``)."""
+    from ddk.engine.components import build_components, load_run_data, load_test_data, report_test_split
+    from ddk.engine.models import load_models
+    from ddk.schedule import FactorSmoother
+
+    path = Path(cfg.run_dir).parent / f"start-{Path(cfg.student).name}.json"
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    cfg = dataclasses.replace(cfg, progress=False).validate()
+    device = torch.device("cpu")
+    teacher, student, tokenizer = load_models(cfg, device)
+    data = load_run_data(cfg, tokenizer)
+    parts = build_components(cfg, data, global_batch_size=cfg.batch_size, seed=0, eval_batch_size=cfg.eval_batch_size)
+    parts.ensure_teacher_ce(teacher, student)
+    disc = parts.estimator.estimate(student)
+    report = report_test_split(
+        parts, load_test_data(cfg, tokenizer, data.names), student, teacher, eval_batch_size=cfg.eval_batch_size
+    )
+    report.update(
+        domains=list(data.names),
+        validation_gap=disc.gap.tolist(),
+        validation_ratio=disc.ratio.tolist(),
+        eq1_weights=FactorSmoother(len(data.names)).initialize(disc).tolist(),
+    )
+    path.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def train_seconds(r: dict[str, Any]) -> float:
@@ -109,9 +184,16 @@ def _meta(folder: str) -> dict[str, Any]:
     return json.loads((Path(folder) / "demo_meta.json").read_text())
 
 
+def _same_config(saved: dict[str, Any], cfg: RecipeConfig) -> bool:
+    """``saved`` (a run's ``config.json``) is ``cfg``; options added to the library since the run
+    count as equal when ``cfg`` has their default."""
+    defaults = RecipeConfig().to_dict()
+    return {**defaults, **saved} == cfg.to_dict()
+
+
 def _one_run(cfg: RecipeConfig) -> dict[str, Any]:
     summary_path, cfg_path = cfg.run_dir / "summary.json", cfg.run_dir / "config.json"
-    done = summary_path.is_file() and cfg_path.is_file() and json.loads(cfg_path.read_text()) == cfg.to_dict()
+    done = summary_path.is_file() and cfg_path.is_file() and _same_config(json.loads(cfg_path.read_text()), cfg)
     summary = json.loads(summary_path.read_text()) if done else distill(cfg)
     summary["run_dir"] = str(cfg.run_dir)
     return summary
@@ -138,7 +220,8 @@ def _cache_runs(args: argparse.Namespace, results: Results, models: dict[str, An
         runs = []
         for seed in args.cache_seeds:
             cfg = dataclasses.replace(
-                base, method="kd", seed=seed, teacher="", data=(), validation_data=(), teacher_cache=str(folder),
+                base, method="kd", seed=seed, teacher="", data=(), validation_data=(), test_data=(),
+                teacher_cache=str(folder),
                 out=str(Path(args.runs) / start / f"kd-cache-k{k}-s{seed}"),
             )  # fmt: skip
             runs.append(_one_run(cfg))
@@ -198,134 +281,180 @@ def _cache_section(cache: list[dict[str, Any]], results: Results, args: argparse
     return lines
 
 
+def _test(r: dict[str, Any], key: str) -> Any:
+    """A run's figure on the test split (``summary["test"][key]``)."""
+    return r["test"][key]
+
+
 def _plots(results: Results, fig_dir: Path, resamples: int) -> list[Path]:
-    from ddk.recipes.plotting import plot_domain_bars, plot_weights
+    from ddk.recipes.plotting import plot_domain_bars
 
     out: list[Path] = []
     for start, by_method in results.items():
         names = next(iter(by_method.values()))[0]["domains"]
-        gaps = {m: [statistics.mean(r["gap"][i] for r in rs) for i in range(len(names))] for m, rs in by_method.items()}
+        gaps = {
+            m: [statistics.mean(_test(r, "gap")[i] for r in rs) for i in range(len(names))]
+            for m, rs in by_method.items()
+        }
         errs = {}
         for m, rs in by_method.items():
-            cis = [bootstrap_ci([r["gap"][i] for r in rs], resamples) for i in range(len(names))]
+            cis = [bootstrap_ci([_test(r, "gap")[i] for r in rs], resamples) for i in range(len(names))]
             errs[m] = [(hi - lo) / 2 for lo, hi in cis]
         out.append(
             plot_domain_bars(
                 gaps,
                 names,
                 fig_dir / f"e2e_{start}_domain_gaps.png",
-                title=f"{start} start: per-domain gap to the teacher (mean over seeds, 95% CI)",
+                title=f"{start} start: per-domain gap to the teacher on the test split (mean over seeds, 95% CI)",
                 errors=errs,
             )
         )
-        out.append(_gap_curves(by_method, fig_dir / f"e2e_{start}_gap_curves.png", start))
-        for m in ("ddk", "kd-doremi"):
-            if m in by_method:
-                r0 = by_method[m][0]
-                out.append(
-                    plot_weights(
-                        Path(r0["run_dir"]) / "controller.jsonl",
-                        fig_dir / f"e2e_{start}_{m}_weights.png",
-                        title=f"{start} start: {m} domain weights (seed {r0['seed']})",
-                    )
-                )
+        out.append(_weight_panels(by_method, fig_dir / f"e2e_{start}_weights.png", start))
+        out.append(_domain_gap_panels(by_method, fig_dir / f"e2e_{start}_gap_curves.png", start))
     return out
 
 
-def _gap_curves(by_method: dict[str, list[dict[str, Any]]], path: Path, start: str) -> Path:
+def _adaptive(by_method: dict[str, list[dict[str, Any]]]) -> list[str]:
+    return [m for m in by_method if VARIANTS[m][0] in ("ddk", "kd-doremi", "ddk-no-smoothing", "ddk-online")]
+
+
+def _figure(n: int) -> tuple[Any, list[Any]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5))
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for m, rs in by_method.items():
-        curves: dict[int, list[float]] = {}
-        for r in rs:
-            for rec in _records(r["run_dir"], "controller.jsonl"):
-                curves.setdefault(rec["step"], []).append(
-                    statistics.mean(s - t for s, t in zip(rec["student_ce"], rec["teacher_ce"]))
-                )
-        steps = sorted(curves)
-        ax.plot(steps, [statistics.mean(curves[s]) for s in steps], marker="o", markersize=3, label=m)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean per-domain CE gap (nats/token)")
-    ax.set_title(f"{start} start: validation gap to the teacher during distillation (mean over seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     return path
+
+
+def _weight_panels(by_method: dict[str, list[dict[str, Any]]], path: Path, start: str) -> Path:
+    """One panel per adaptive variant: each domain's weight at every update (seed of the first run)."""
+    methods = _adaptive(by_method)
+    fig, axes = _figure(max(len(methods), 1))
+    for ax, m in zip(axes, methods):
+        r0 = by_method[m][0]
+        recs = _records(r0["run_dir"], "controller.jsonl")
+        if not recs:
+            continue
+        steps = [rec["step"] for rec in recs]
+        for i, name in enumerate(recs[0]["domain_names"]):
+            ax.step(steps, [rec["weights"][i] for rec in recs], where="post", label=name)
+        ax.set_title(f"{m} (seed {r0['seed']})", fontsize="small")
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+    if methods:
+        axes[0].legend(fontsize="x-small")
+        axes[0].set_ylabel("domain weight")
+    fig.suptitle(f"{start} start: domain weights at each update")
+    return _save(fig, path)
+
+
+def _domain_gap_panels(by_method: dict[str, list[dict[str, Any]]], path: Path, start: str) -> Path:
+    """One panel per domain: its validation gap at every update, mean over seeds, one line per variant."""
+    names = next(iter(by_method.values()))[0]["domains"]
+    fig, axes = _figure(len(names))
+    for i, (ax, name) in enumerate(zip(axes, names)):
+        for m, rs in by_method.items():
+            curves: dict[int, list[float]] = {}
+            for r in rs:
+                for rec in _records(r["run_dir"], "controller.jsonl"):
+                    curves.setdefault(rec["step"], []).append(rec["student_ce"][i] - rec["teacher_ce"][i])
+            steps = sorted(curves)
+            ax.plot(steps, [statistics.mean(curves[t]) for t in steps], marker=".", markersize=3, label=m)
+        ax.set_title(name, fontsize="small")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("validation gap (nats/token)")
+    axes[0].legend(fontsize="xx-small")
+    fig.suptitle(f"{start} start: per-domain validation gap during distillation (mean over seeds)")
+    return _save(fig, path)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _paired(by_method: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, resamples: int) -> list[str] | None:
-    if a not in by_method or b not in by_method:
-        return None
-    ra = {r["seed"]: r[key] for r in by_method[a]}
-    rb = {r["seed"]: r[key] for r in by_method[b]}
+def paired(by_method: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, resamples: int) -> dict[str, Any]:
+    """Paired difference ``a - b`` of the test split's ``key`` over the common seeds: mean, bootstrap
+    95% CI, the seeds where ``a`` is lower, and the per-seed differences."""
+    ra = {r["seed"]: _test(r, key) for r in by_method[a]}
+    rb = {r["seed"]: _test(r, key) for r in by_method[b]}
     seeds = sorted(set(ra) & set(rb))
     diffs = [ra[s] - rb[s] for s in seeds]
     lo, hi = bootstrap_ci(diffs, resamples)
-    wins = sum(d < 0 for d in diffs)
+    return {
+        "mean": statistics.mean(diffs),
+        "ci": (lo, hi),
+        "wins": sum(d < 0 for d in diffs),
+        "n": len(seeds),
+        "diffs": diffs,
+    }
+
+
+def _paired_row(by_method: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, resamples: int) -> list[str]:
+    p = paired(by_method, a, b, key, resamples)
+    lo, hi = p["ci"]
     return [
         f"{a} - {b}",
         key.replace("_", " "),
-        f"{statistics.mean(diffs):+.4f}",
+        f"{p['mean']:+.4f}",
         f"[{lo:+.4f}, {hi:+.4f}]",
-        f"{wins} of {len(seeds)}",
-        " ".join(f"{d:+.3f}" for d in diffs),
+        f"{p['wins']} of {p['n']}",
+        " ".join(f"{d:+.3f}" for d in p["diffs"]),
     ]
 
 
 def _diagnostics(by_method: dict[str, list[dict[str, Any]]], alpha: float) -> list[str]:
-    """DDK's mixture: how spread the ratios were, how far the weights moved, and whether they sat at the floor."""
-    lines: list[str] = []
-    for m in ("ddk", "kd-doremi"):
-        if m not in by_method:
-            continue
-        rows = []
+    """Each adaptive variant's mixture: the ratios it saw, r_0, how concentrated the weights were,
+    whether they sat at the floor, and the share of samples each domain got (mean over seeds)."""
+    rows = []
+    for m in _adaptive(by_method):
+        tops0, tops, floors, ratios, shares = [], [], [], [], []
         for r in by_method[m]:
             recs = _records(r["run_dir"], "controller.jsonl")
             if not recs:
                 continue
             d = len(recs[0]["weights"])
-            floor = (1 - alpha) / d
-            ratios = [x for rec in recs for x in rec["ratio"]]
-            top = [max(rec["weights"]) for rec in recs]
-            at_floor = [sum(w < floor * 1.02 for w in rec["weights"]) for rec in recs[1:]] if m == "ddk" else []
+            a = VARIANTS[m][1].get("alpha", alpha)
+            floor = (1 - a) / d
+            ratios += [x for rec in recs for x in rec["ratio"]]
+            tops0.append(max(recs[0]["weights"]))
+            tops += [max(rec["weights"]) for rec in recs[1:]]
+            floors += [sum(w < floor * 1.02 for w in rec["weights"]) for rec in recs[1:]]
             samples = r["samples_per_domain"]
-            share = [c / sum(samples) for c in samples]
-            rows.append(
-                [
-                    str(r["seed"]),
-                    f"{min(ratios):.3f} - {max(ratios):.3f}",
-                    f"{max(recs[0]['ratio']) / min(recs[0]['ratio']):.3f}",
-                    f"{max(recs[0]['weights']):.3f}",
-                    f"{statistics.mean(top[1:]) if len(top) > 1 else top[0]:.3f}",
-                    f"{statistics.mean(at_floor):.1f} of {d}" if at_floor else "-",
-                    f"{min(share):.3f} - {max(share):.3f}",
-                ]
-            )
-        lines += [f"`{m}`: ratios ppl_S/ppl_T seen, the first interval's spread (max/min), weights, samples:", ""]
-        lines += _table(
+            shares.append([c / sum(samples) for c in samples])
+        if not tops0:
+            continue
+        mean_share = [statistics.mean(col) for col in zip(*shares)]
+        rows.append(
             [
-                "seed",
-                "ratios seen",
-                "r_0 spread max/min",
-                "max weight at init",
-                "mean max weight after",
-                "domains at the floor (mean)" if m == "ddk" else "domains at the floor",
-                "sample share min - max",
-            ],
-            rows,
+                m,
+                f"{min(ratios):.2f} - {max(ratios):.2f}",
+                f"{statistics.mean(tops0):.3f}",
+                f"{statistics.mean(tops):.3f}" if tops else "-",
+                f"{statistics.mean(floors):.1f}" if floors and VARIANTS[m][0] != "kd-doremi" else "-",
+                f"{min(mean_share):.3f} - {max(mean_share):.3f}",
+            ]
         )
-        lines.append("")
-    return lines
+    return _table(
+        [
+            "variant",
+            "ratios seen",
+            "max weight of r_0",
+            "mean max weight after",
+            "domains at the floor",
+            "sample share min - max",
+        ],
+        rows,
+    )
 
 
 def _start_section(
@@ -335,59 +464,127 @@ def _start_section(
     first = next(iter(by_method.values()))[0]
     names = first["domains"]
     meta = models.get(f"student:{start}", {})
-    cfg: RecipeConfig = models["cfg"]
+    cfg: RecipeConfig = models[f"cfg:{start}"]
+    st0 = models.get(f"start_test:{start}")
     mixture = meta.get("mixture") or {}
     lines = [f"## Start `{start}`", ""]
     if mixture:
         mix = ", ".join(f"{n} {w:.3f}" for n, w in mixture.items())
         lines += [
             f"The student was CE-pretrained for {cfg.student_pretrain_steps} steps on the mixture {mix} "
-            f"({meta.get('train_seconds', 0):.0f} s), then every method continued from that one checkpoint.",
+            f"({meta.get('train_seconds', 0):.0f} s), then every variant continued from that one checkpoint.",
+            "",
+        ]
+    if st0:
+        top = max(range(len(names)), key=lambda i: st0["eq1_weights"][i])
+        lines += [
+            f"Before distillation: test gaps {', '.join(f'{n} {g:.2f}' for n, g in zip(names, st0['gap']))} "
+            f"(validation: {', '.join(f'{g:.2f}' for g in st0['validation_gap'])}); validation ratios "
+            f"ppl_S/ppl_T {min(st0['validation_ratio']):.2f} to {max(st0['validation_ratio']):.2f}; the paper's "
+            f"Eq. 1 puts {st0['eq1_weights'][top]:.5f} of the first interval on {names[top]}.",
             "",
         ]
     lines += [
-        "Gap = student CE - teacher CE on each domain's validation set (nats/token; lower is better); "
-        f"mean over {len(args.seeds)} seeds with a bootstrap 95% confidence interval.",
+        "Gap = student CE - teacher CE per domain (nats/token; lower is better), mean and worst over domains; "
+        f"mean over {len(args.seeds)} seeds with a bootstrap 95% confidence interval. **Test** is the held-out "
+        "split no method reads; *validation* is the split the adaptive variants steer by (the yardstick of "
+        "the previous version of this page), beside it.",
         "",
     ]
-    rows = [
-        [
-            m,
-            _ci([r["mean_gap"] for r in rs], resamples),
-            _ci([r["worst_gap"] for r in rs], resamples),
-            _ci([r["mean_ratio"] for r in rs], resamples),
-        ]
-        for m, rs in by_method.items()
-    ]
-    init = _records(first["run_dir"], "controller.jsonl")
-    if init:
-        g0 = [s - t for s, t in zip(init[0]["student_ce"], init[0]["teacher_ce"])]
-        rows.insert(0, ["(start, before distillation)", f"{statistics.mean(g0):.4f}", f"{max(g0):.4f}", "-"])
-    lines += _table(["method", "mean gap", "worst-domain gap", "mean ppl ratio"], rows)
+    rows = []
+    if st0:
+        rows.append(
+            ["(start)", f"{statistics.mean(st0['gap']):.4f}", f"{max(st0['gap']):.4f}",
+             f"{statistics.mean(st0['validation_gap']):.4f}", f"{max(st0['validation_gap']):.4f}"]
+        )  # fmt: skip
+    for m, rs in by_method.items():
+        rows.append(
+            [
+                m,
+                _ci([_test(r, "mean_gap") for r in rs], resamples),
+                _ci([_test(r, "worst_gap") for r in rs], resamples),
+                f"{statistics.mean(r['mean_gap'] for r in rs):.4f}",
+                f"{statistics.mean(r['worst_gap'] for r in rs):.4f}",
+            ]
+        )
+    lines += _table(["variant", "**test** mean gap", "**test** worst gap", "validation mean", "validation worst"], rows)
     lines += [
         "",
-        "Paired differences over seeds (same start, same seed: same data order); negative favours the first:",
+        "Paired differences on the test split over seeds (same seed: same data order); negative favours the first:",
         "",
     ]
-    prow = [
-        row for a, b in PAIRS for key in ("mean_gap", "worst_gap") if (row := _paired(by_method, a, b, key, resamples))
-    ]
+    prow = []
+    for base in ("kd", "ddk"):
+        for m in by_method:
+            if m in (base, "cpt") or base not in by_method or (base == "ddk" and m in ("kd", "kd-doremi")):
+                continue
+            prow += [_paired_row(by_method, m, base, key, resamples) for key in ("mean_gap", "worst_gap")]
     lines += _table(["pair", "metric", "mean difference", "95% CI", "first lower on", "per seed"], prow)
-    lines += ["", "Per-domain gap (mean over seeds):", ""]
+    lines += ["", "Per-domain test gap (mean over seeds):", ""]
     drows = [
-        [m] + [f"{statistics.mean(r['gap'][i] for r in rs):.4f}" for i in range(len(names))]
+        [m] + [f"{statistics.mean(_test(r, 'gap')[i] for r in rs):.3f}" for i in range(len(names))]
         for m, rs in by_method.items()
     ]
-    if init:
-        drows.insert(0, ["(start)"] + [f"{s - t:.4f}" for s, t in zip(init[0]["student_ce"], init[0]["teacher_ce"])])
-    drows.append(["teacher CE"] + [f"{c:.4f}" for c in first["teacher_ce"]])
-    lines += _table(["method"] + names, drows)
-    lines += ["", "Samples drawn per domain (seed " + str(first["seed"]) + "):", ""]
+    if st0:
+        drows.insert(0, ["(start)"] + [f"{g:.3f}" for g in st0["gap"]])
+    drows.append(["teacher CE (test)"] + [f"{c:.3f}" for c in _test(first, "teacher_ce")])
+    lines += _table(["variant"] + names, drows)
+    lines += ["", "Samples drawn per domain (mean over seeds):", ""]
     lines += _table(
-        ["method"] + names, [[m] + [str(c) for c in rs[0]["samples_per_domain"]] for m, rs in by_method.items()]
-    )
-    lines += ["", "Diagnostics of the adaptive mixtures:", ""] + _diagnostics(by_method, cfg.alpha)
+        ["variant"] + names,
+        [[m] + [f"{statistics.mean(r['samples_per_domain'][i] for r in rs):.0f}" for i in range(len(names))]
+         for m, rs in by_method.items()],
+    )  # fmt: skip
+    lines += ["", "The adaptive mixtures:", ""] + _diagnostics(by_method, cfg.alpha) + [""]
     return lines
+
+
+def default_rule(results: Results, resamples: int) -> dict[str, dict[str, Any]]:
+    """Per candidate: in every start, does it beat ``kd`` on the test split's mean and worst gap with
+    the 95% CI below 0, and how does it compare with ``ddk`` (paper)? ``{variant: {start: {...}}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in ("ddk", *CANDIDATES):
+        for start, by_method in results.items():
+            if m not in by_method or "kd" not in by_method:
+                continue
+            row = {k: paired(by_method, m, "kd", k, resamples) for k in ("mean_gap", "worst_gap")}
+            if m != "ddk" and "ddk" in by_method:
+                row.update(
+                    {f"{k} vs ddk": paired(by_method, m, "ddk", k, resamples) for k in ("mean_gap", "worst_gap")}
+                )
+            out.setdefault(m, {})[start] = row
+    return out
+
+
+def _rule_section(results: Results, resamples: int) -> list[str]:
+    rule = default_rule(results, resamples)
+    starts = list(results)
+    lines = [
+        "## Which variant is the default",
+        "",
+        "The rule: a variant replaces the paper's form as `--method ddk`'s default only if it beats `kd` on both "
+        "the mean and the worst-domain test gap in every start, with both 95% CIs below 0. Each cell: the "
+        "variant's paired difference to `kd` on the test split, mean gap / worst gap (a check mark where the CI "
+        "is below 0).",
+        "",
+    ]
+
+    def cell(p: dict[str, Any]) -> str:
+        return f"{p['mean']:+.4f}{' ✓' if p['ci'][1] < 0 else ''}"
+
+    rows = []
+    for m, by_start in rule.items():
+        ok = all(s in by_start and all(by_start[s][k]["ci"][1] < 0 for k in ("mean_gap", "worst_gap")) for s in starts)
+        rows.append(
+            [m]
+            + [
+                f"{cell(by_start[s]['mean_gap'])} / {cell(by_start[s]['worst_gap'])}" if s in by_start else "-"
+                for s in starts
+            ]
+            + ["yes" if ok else "no"]
+        )
+    lines += _table(["variant"] + [f"`{s}`: mean / worst" for s in starts] + ["meets the rule"], rows)
+    return lines + [""]
 
 
 def _report(
@@ -404,8 +601,10 @@ def _report(
     any_run = next(iter(next(iter(results.values())).values()))[0]
     n_runs = sum(len(rs) for by in results.values() for rs in by.values())
     distill_min = sum(train_seconds(r) for by in results.values() for rs in by.values() for r in rs) / 60
+    extreme = STARTS["extreme"]
+    skewed = models.get("cfg:skewed", cfg)
     lines = [
-        "# Results: DDK against KD, DoReMi-in-KD and continued pretraining, from pretrained students",
+        "# Results: DDK and its variants against KD from three student starts, on a held-out test split",
         "",
         f"Generated by `python bench/e2e/run.py {' '.join(argv)}`".rstrip()
         + f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
@@ -417,24 +616,33 @@ def _report(
         "## Setup",
         "",
         f"- Corpus: the bundled 8-domain corpus (Debian and PyPI packages), a {cfg.vocab_size}-token BPE tokenizer, "
-        f"sequences of {cfg.seq_len} tokens; validation: up to {cfg.val_samples} sequences per domain (capped by the "
-        "held-out split).",
+        f"sequences of {cfg.seq_len} tokens. Three sides per domain by a stable hash of each unit (file, entry, "
+        f"chapter): train, validation ({cfg.validation_fraction:g} of the units; up to {cfg.val_samples} sequences, "
+        f"read by the adaptive variants to set the weights) and test ({cfg.test_fraction:g}; up to "
+        f"{cfg.val_samples} sequences, read by no method: every gap below is on it unless marked validation).",
         f"- Teacher: {any_run['teacher_params']:,} parameters (Llama-style, {cfg.teacher_layers} layers, hidden "
         f"{cfg.teacher_hidden}), CE-pretrained {cfg.teacher_steps} steps x {cfg.teacher_batch_size} sequences on the "
-        f"uniform mixture (final training loss {teacher.get('final_loss', float('nan')):.3f}); its per-domain "
-        "validation CE is the `teacher CE` row of each table.",
-        f"- Student: {any_run['student_params']:,} parameters ({cfg.student_layers} layers, hidden {cfg.student_hidden}), "
-        f"CE-pretrained {cfg.student_pretrain_steps} steps before distillation (seed {cfg.student_seed}); the skewed "
-        f"start sees {', '.join(cfg.scarce_domains)} at {cfg.scarce_share:g}x the rate of the other domains.",
+        f"uniform mixture (final training loss {teacher.get('final_loss', float('nan')):.3f}).",
+        f"- Students: {any_run['student_params']:,} parameters ({cfg.student_layers} layers, hidden {cfg.student_hidden}), "
+        f"CE-pretrained {cfg.student_pretrain_steps} steps (seed {cfg.student_seed}) on one of three mixtures: "
+        f"`uniform`; `skewed` ({', '.join(skewed.scarce_domains)} at {skewed.scarce_share:g}x the rate of the "
+        f"others); `extreme` ({', '.join(extreme['scarce_domains'])} at {extreme['scarce_share']:g}x: nearly unseen).",
         f"- Distillation: every run sees {any_run['tokens']:,} tokens ({cfg.total_steps} steps x {cfg.batch_size} x "
         f"{cfg.seq_len}); AdamW lr {cfg.lr}, {cfg.warmup_steps} warm-up steps, cosine decay; gamma {cfg.gamma}, "
-        f"T {cfg.temperature}, alpha {cfg.alpha}, Eq. 1 start (`ddk_init` {cfg.ddk_init}), K = {cfg.interval} steps; "
-        f"kd-doremi: eta {cfg.doremi_step_size}, c {cfg.doremi_smoothing}, uniform start. Seeds {list(args.seeds)} set "
-        "the data order.",
-        "- Methods: `cpt` (CE only), `kd` (uniform mixture), `ddk`, `ddk-no-smoothing`, `ddk-online`, `kd-doremi` "
-        "(DoReMi's exponentiated-gradient step on the student's excess CE over the teacher, `ddk.DoReMiScheduler`).",
+        f"T {cfg.temperature}, alpha {cfg.alpha}, K = {cfg.interval} steps; kd-doremi: eta {cfg.doremi_step_size}, "
+        f"c {cfg.doremi_smoothing}, uniform start. Seeds {list(args.seeds)} set the data order.",
+        "- Variants: `cpt` (CE only), `kd` (uniform mixture), `kd-doremi` (DoReMi's exponentiated-gradient step "
+        "inside KD), `ddk` (the paper: Eq. 1, then Eq. 2), and the candidates, each `--method ddk` with one option: "
+        + ", ".join(
+            f"`{v}` ({', '.join(f'{k}={o}' for k, o in VARIANTS[v][1].items())})"
+            for v in args.methods
+            if v in CANDIDATES
+        )
+        + ". What the options compute: `ddk.FactorSmoother`'s docstring and `docs/guides/method.md`.",
         "",
     ]
+    if all(s in results for s in STARTS):
+        lines += _rule_section(results, args.bootstrap)
     for start, by_method in results.items():
         lines += _start_section(start, by_method, models, args)
     lines += _cache_section(models.get("cache", []), results, args)
@@ -456,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     results, models = _run_all(args, argv)
+    if args.no_report:
+        return 0
     models["cache"] = _cache_runs(args, results, models)
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)

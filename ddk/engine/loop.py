@@ -49,7 +49,7 @@ from ddk.distributed import (
     tensor_checksum,
 )
 from ddk.engine import checkpoint as ckpt
-from ddk.engine.components import build_components, load_run_data
+from ddk.engine.components import build_components, load_run_data, load_test_data, report_test_split
 from ddk.engine.config import RunConfig
 from ddk.engine.evaluate import discrepancy_report
 from ddk.engine.methods import method_spec
@@ -183,6 +183,8 @@ class _Run:
         # cpt measures the gap against a given teacher but never distills from it
         self.teacher, self.student, self.tokenizer, self.data = teacher, student, tokenizer, data
         self.names = list(data.names)
+        with rank_zero_first():
+            self.test_data = load_test_data(cfg, tokenizer, self.names)
 
     def _build(self) -> None:
         """The components (``build_components``), the training step (wrapped for DDP/FSDP2), optimizer, guard."""
@@ -400,6 +402,16 @@ class _Run:
         cfg, out = self.cfg, self.out
         self.student.eval()
         final = discrepancy_report(self.parts, self.step_mod, self.teacher)
+        if self.test_data is not None:
+            assert self.teacher is not None  # RunConfig.validate: test_data needs a teacher
+            final["test"] = report_test_split(
+                self.parts,
+                self.test_data,
+                self.step_mod,
+                self.teacher,
+                eval_batch_size=cfg.eval_batch_size,
+                device=self.device,
+            )
         self.teacher_identity = teacher_identity(self.teacher, self.data) if self.rank == 0 else None
         save_student(
             full_student_state(self.step_mod, self.student, cfg.fsdp),

@@ -1,5 +1,6 @@
-"""``bench/e2e/run.py`` on a tiny offline corpus: both starts, three methods, two seeds; the report
-holds the confidence intervals and the paired differences, and reuses finished runs."""
+"""``bench/e2e/run.py`` on a tiny offline corpus: three starts, three variants, two seeds; the report
+holds the test-split gaps with confidence intervals, the paired differences and the default rule,
+and reuses finished runs."""
 
 from __future__ import annotations
 
@@ -37,31 +38,48 @@ def test_e2e_matrix_writes_the_report_and_reuses_finished_runs(tmp_path: Path, m
     _, _, corpus = own_models(tmp_path)
     tiny = dict(
         data_dir=str(tmp_path / "cache"), domains=[], user_jsonl=[str(corpus)], offline=True, max_chars=20000,
-        validation_fraction=0.25, vocab_size=320, seq_len=16, val_samples=4, eval_batch_size=4, teacher_hidden=32,
-        teacher_layers=1, teacher_heads=2, teacher_intermediate=64, teacher_steps=8, teacher_batch_size=4,
-        student_hidden=16, student_layers=1, student_heads=2, student_intermediate=32, student_pretrain_steps=6,
-        scarce_domains=["math"], steps=4, batch_size=4, warmup_steps=2, interval=2, log_every=2, checkpoint_every=4,
-        device="cpu", progress=False,
+        validation_fraction=0.25, test_fraction=0.25, vocab_size=320, seq_len=16, val_samples=4, eval_batch_size=4,
+        teacher_hidden=32, teacher_layers=1, teacher_heads=2, teacher_intermediate=64, teacher_steps=8,
+        teacher_batch_size=4, student_hidden=16, student_layers=1, student_heads=2, student_intermediate=32,
+        student_pretrain_steps=6, scarce_domains=["math"], steps=4, batch_size=4, warmup_steps=2, interval=2,
+        log_every=2, checkpoint_every=4, device="cpu", progress=False,
     )  # fmt: skip
+    monkeypatch.setitem(e2e.STARTS, "extreme", {**e2e.STARTS["extreme"], "scarce_domains": ("math",)})
     (tmp_path / "tiny.yaml").write_text(json.dumps(tiny))  # JSON is YAML
-    argv = ["--starts", "uniform", "skewed", "--methods", "kd", "ddk", "kd-doremi", "--seeds", "0", "1"]
-    argv += ["--cache-ks", "4", "--cache-seeds", "0", "1"]
+    argv = ["--starts", "uniform", "skewed", "extreme", "--methods", "kd", "ddk", "ddk-gain"]
+    argv += ["--seeds", "0", "1", "--cache-ks", "4", "--cache-seeds", "0", "1"]
     argv += ["--bootstrap", "500", "--config", str(tmp_path / "tiny.yaml"), "--runs", str(tmp_path / "runs")]
     argv += ["--report", str(tmp_path / "r" / "results.md")]
     assert e2e.main(argv) == 0
     text = (tmp_path / "r" / "results.md").read_text()
     for needle in (
+        "## Which variant is the default",
         "## Start `uniform`",
-        "## Start `skewed`",
-        "| ddk - kd | mean gap |",
-        "| ddk - kd-doremi | worst gap |",
-        "(start, before distillation)",
-        "teacher CE",
-        "r_0 spread max/min",
+        "## Start `extreme`",
+        "| ddk-gain - kd | mean gap |",
+        "| ddk-gain - ddk | worst gap |",
+        "| (start) |",
+        "teacher CE (test)",
+        "Eq. 1 puts",
         "e2e_skewed_domain_gaps.png",
+        "## Distilling from a teacher cache",
     ):
         assert needle in text, needle  # fmt: skip
-    assert (tmp_path / "r" / "figures" / "e2e_uniform_ddk_weights.png").is_file()
+    for png in ("e2e_uniform_weights.png", "e2e_extreme_gap_curves.png"):
+        assert (tmp_path / "r" / "figures" / png).is_file()
+    # every run reports its test split, and the test gaps are not the validation gaps
+    run = json.loads((tmp_path / "runs" / "extreme" / "ddk-gain-s1" / "summary.json").read_text())
+    assert len(run["test"]["gap"]) == 3 and run["test"]["gap"] != run["gap"]
+    cfg = json.loads((tmp_path / "runs" / "extreme" / "ddk-gain-s1" / "config.json").read_text())
+    assert (cfg["method"], cfg["ddk_signal"], cfg["scarce_domains"], cfg["scarce_share"]) == (
+        "ddk",
+        "gain",
+        ["math"],
+        0.02,
+    )
+    # the default rule is computed from the same paired differences
+    rule = e2e.default_rule({"u": {"kd": [run | {"seed": 0}], "ddk": [run | {"seed": 0}]}}, 100)
+    assert rule["ddk"]["u"]["mean_gap"]["mean"] == 0.0
     # finished runs are reused: nothing is distilled the second time
     monkeypatch.setattr(e2e, "distill", lambda cfg: pytest.fail(f"re-ran {cfg.run_dir}"))
     assert e2e.main(argv) == 0

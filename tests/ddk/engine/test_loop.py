@@ -147,3 +147,79 @@ def test_unwritable_out_and_torn_model_files_are_errors_not_tracebacks(tmp_path,
         rf"loading '{bad}' failed: ",
     ):
         real.distill(cfg)
+
+
+def _mean_ce(model: torch.nn.Module, seqs) -> float:  # type: ignore[no-untyped-def]
+    """Token-weighted next-token CE of ``model`` on ``(m, L)`` sequences, in float64 (the oracle)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for row in seqs:
+            ids = torch.as_tensor(row, dtype=torch.long)[None]
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            n += ids.shape[1] - 1
+    return total / n
+
+
+def test_test_data_gaps_are_reported_at_the_end_and_never_reach_the_mixture(tmp_path: Path) -> None:
+    import dataclasses
+
+    from hf_models import write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    from ddk.engine.components import load_test_data
+    from ddk.engine.models import load_tokenizer
+
+    test_file = write_jsonl(tmp_path / "test.jsonl", docs_per_domain=8, seed=123)
+    with_test = _cfg(tmp_path, "with-test", method="ddk", test_data=(str(test_file),))
+    plain = _cfg(tmp_path, "plain", method="ddk")
+    a, b = real.distill(with_test), real.distill(plain)
+    # the test split changes nothing of the run: same mixture, same student, same validation gaps
+    assert a["final_weights"] == b["final_weights"] and a["gap"] == b["gap"]
+    _same_student(Path(with_test.out), Path(plain.out))
+    assert "test" not in b
+    test = a["test"]
+    assert set(test) == {"student_ce", "teacher_ce", "gap", "mean_gap", "worst_gap", "sequences"}
+    tok = load_tokenizer(str(Path(with_test.out) / "student"))
+    packed = load_test_data(dataclasses.replace(with_test).validate(), tok, a["domains"])
+    assert test["sequences"] == [len(v) for v in packed.validation] and min(test["sequences"]) >= 1
+    student = AutoModelForCausalLM.from_pretrained(str(Path(with_test.out) / "student")).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(with_test.teacher).eval()
+    for i, seqs in enumerate(packed.validation):
+        s, t = _mean_ce(student, seqs), _mean_ce(teacher, seqs)
+        assert test["student_ce"][i] == pytest.approx(s, rel=1e-5)
+        assert test["teacher_ce"][i] == pytest.approx(t, rel=1e-5)
+        assert test["gap"][i] == pytest.approx(s - t, rel=1e-4, abs=1e-6)
+    assert test["worst_gap"] == max(test["gap"]) and test["mean_gap"] == pytest.approx(sum(test["gap"]) / 3)
+    # the test records are not the validation records
+    assert test["student_ce"] != a["student_ce"]
+
+
+def test_test_data_with_other_domains_or_without_a_teacher_model_is_refused(tmp_path: Path) -> None:
+    from hf_models import write_jsonl
+
+    other = write_jsonl(tmp_path / "other.jsonl", docs_per_domain=8, domains=("code", "prose"))
+    with pytest.raises(ValueError, match=r"test_data must have exactly the training domains \['code', 'math', 'prose'\]"):
+        real.distill(_cfg(tmp_path, "other", test_data=(str(other),)))
+    with pytest.raises(ValueError, match="test_data needs a teacher model"):
+        _cfg(tmp_path, "cache", teacher="", data=(), teacher_cache=str(tmp_path), test_data=(str(other),)).validate()
+
+
+def test_nan_in_the_final_checkpoint_is_refused_and_keeps_the_good_student(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "nan-final", steps=2, checkpoint_every=2)
+    real.distill(cfg)
+    run = Path(cfg.out)
+    student = {p.name: p.read_bytes() for p in (run / "student").iterdir()}
+    ck = ckpt.load_checkpoint(run / "checkpoint-2")
+    name = next(k for k, v in ck["student"].items() if v.is_floating_point())
+    ck["student"][name].view(-1)[0] = float("nan")
+    shutil.rmtree(run / "checkpoint-2")
+    ckpt.save_checkpoint(run, ck.pop("step"), ck, keep=2)  # the library's own writer: digests recomputed
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"distill: the checkpoint .*checkpoint-2 must hold values this run can resume from; got a bad field "
+        rf"of .*checkpoint-2/tensors\.safetensors: student\['{name}'\] must hold finite numbers; got 1 of \d+ values "
+        r"NaN or infinite\. Nothing was overwritten",
+    ):
+        real.distill(cfg)
+    assert {p.name: p.read_bytes() for p in (run / "student").iterdir()} == student
