@@ -9,11 +9,15 @@ Cache layout (``cache_dir`` given), one folder per key::
 
 A build writes into ``<cache_dir>/.tmp-<key>-*`` and renames it with ``os.replace``, so a killed
 build leaves no half cache (only a ``.tmp-*`` folder, safe to delete).
+
+Every open verifies the cache (``ddk.data.verify``): the first open after its files changed hashes
+them against ``meta.json`` and checks every token id below the tokenizer's vocabulary, then writes
+the stamp ``<cache_dir>/<key>/verified.json`` that lets later opens compare only each file's size,
+times and inode.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +30,7 @@ import numpy as np
 from ddk._io import DIR_MODE
 from ddk.data.packed import PackedDomains
 from ddk.data.tokens import _DTYPE, _FORMAT, _Windows
+from ddk.data.verify import check_token_values, verify_cache
 
 __all__: list[str] = []
 
@@ -63,12 +68,14 @@ def _commit(tmp: Path, root: Path, meta: dict[str, Any]) -> None:
             raise
 
 
-def _open_cache(root: Path, *, key: str, verify: bool) -> tuple[PackedDomains, dict[str, int]]:
-    """The finished cache at ``root`` (file sizes checked, sha256s too when ``verify``), memory-mapped,
+def _open_cache(root: Path, *, key: str, verify: bool, vocab: int) -> tuple[PackedDomains, dict[str, int]]:
+    """The finished cache at ``root``, verified (``ddk.data.verify``: sizes; sha256s and token ids
+    below ``vocab`` when the files changed since the last check, or with ``verify``), memory-mapped,
     and the domains whose validation was capped when it was built (name -> sequences)."""
     fn = "pack_domains"
     try:
-        meta = json.loads((root / _META).read_text(encoding="utf-8"))
+        raw = (root / _META).read_bytes()
+        meta = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(
             f"{fn}: cache folder {root} must hold a readable {_META}; got {type(e).__name__}: {e}. Delete the folder to rebuild it."
@@ -78,6 +85,7 @@ def _open_cache(root: Path, *, key: str, verify: bool) -> tuple[PackedDomains, d
             f"{fn}: cache folder {root} must hold a {_FORMAT} v{_VERSION} cache of key {key}; got {meta.get('format')} "
             f"v{meta.get('version')} key {meta.get('key')}. Delete the folder to rebuild it."
         )
+    _check_meta(root, meta)
     L = int(meta["seq_len"])
     arrays: dict[str, list[np.ndarray]] = {"train": [], "validation": []}
     for side in ("train", "validation"):
@@ -91,19 +99,22 @@ def _open_cache(root: Path, *, key: str, verify: bool) -> tuple[PackedDomains, d
                     f"{fn}: cache file {path} must hold {expected} bytes ({n} x {L} int32); got {size}. "
                     f"The cache is damaged: delete {root} to rebuild it."
                 )
-            if verify:
-                sha = hashlib.sha256()
-                with path.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        sha.update(block)
-                if sha.hexdigest() != entry["sha256"]:
-                    raise ValueError(
-                        f"{fn}: cache file {path} must have sha256 {entry['sha256']}; got {sha.hexdigest()}. "
-                        f"The cache is damaged: delete {root} to rebuild it."
-                    )
             arrays[side].append(
                 np.memmap(path, dtype=_DTYPE, mode="r", shape=(n, L)) if n else np.empty((0, L), dtype=_DTYPE)
             )
+
+    def mismatch(path: Path, expected: str, got: str) -> str:
+        return f"{fn}: cache file {path} must have sha256 {expected}; got {got}. The cache is damaged: delete {root} to rebuild it."
+
+    eos = int(meta["eos_token_id"])
+    verify_cache(
+        root,
+        raw,
+        {e["file"]: e["sha256"] for side in ("train", "validation") for e in meta[side]},
+        check_values=lambda: check_token_values(root, arrays, vocab, eos),
+        mismatch=mismatch,
+        force=verify,
+    )
     packed = PackedDomains(
         names=tuple(meta["names"]),
         seq_len=L,
@@ -114,3 +125,38 @@ def _open_cache(root: Path, *, key: str, verify: bool) -> tuple[PackedDomains, d
         root=root,
     )
     return packed, dict(meta.get("capped") or {})
+
+
+def _check_meta(root: Path, meta: dict[str, Any]) -> None:
+    """The structure of a cache's ``meta.json``: names, ``seq_len``, ``eos_token_id`` and per side one
+    ``{side}_{i}.bin`` entry per domain with its shape and sha256, so that damage is named."""
+    names = meta.get("names")
+    problem = None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        problem = f"names, a non-empty list of domain names; got {names!r:.80}"
+    elif not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in ("seq_len", "eos_token_id")):
+        problem = f"an int seq_len and eos_token_id; got {meta.get('seq_len')!r:.40}, {meta.get('eos_token_id')!r:.40}"
+    else:
+        for side in ("train", "validation"):
+            entries = meta.get(side)
+            if not isinstance(entries, list) or len(entries) != len(names):
+                problem = f"{side}, one entry per domain ({len(names)}); got {entries!r:.80}"
+                break
+            for i, e in enumerate(entries):
+                ok = (
+                    isinstance(e, dict)
+                    and e.get("file") == f"{side}_{i}.bin"
+                    and isinstance(e.get("shape"), list)
+                    and len(e["shape"]) == 2
+                    and all(isinstance(x, int) and x >= 0 for x in e["shape"])
+                    and isinstance(e.get("sha256"), str)
+                )
+                if not ok:
+                    problem = f"{side}[{i}] with file {side}_{i}.bin, its shape [n, seq_len] and sha256; got {e!r:.80}"
+                    break
+            if problem:
+                break
+    if problem:
+        raise ValueError(
+            f"pack_domains: cache folder {root} must hold in {_META} {problem}. The cache is damaged: delete {root} to rebuild it."
+        )

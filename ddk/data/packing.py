@@ -86,6 +86,19 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _vocab_size(tokenizer: Any) -> int:
+    """The bound of the tokenizer's ids: ``len(tokenizer)`` (added tokens included), else one past
+    its largest vocabulary id (and its EOS)."""
+    try:
+        n = len(tokenizer)
+    except TypeError:
+        get_vocab = getattr(tokenizer, "get_vocab", None)
+        ids = list(get_vocab().values()) if callable(get_vocab) else []
+        n = max((int(i) for i in ids), default=-1) + 1
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return max(int(n), int(eos) + 1 if eos is not None else 0)
+
+
 # ---------------------------------------------------------------------------- building
 def _check_int(fn: str, arg: str, value: Any, low: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -147,7 +160,9 @@ def pack_domains(
         max_val_fraction: most documents of a domain the hash split may give to validation, in
             ``(0, 1)``.
         progress: show tqdm bars (``"tokenize <domain>"``).
-        verify: on a cache hit, check every file's sha256 (default: only its size).
+        verify: on a cache hit, check every file's sha256 and token ids even if the cache's stamp
+            vouches for them (by default they are checked when the files changed since the last
+            check, see ``ddk.data.pack_cache``).
 
     Returns:
         ``PackedDomains``: per domain, in sorted name order, ``train`` ``(n_i, L)`` and
@@ -205,8 +220,9 @@ def pack_domains(
         ):
             raise ValueError(f"{fn}: domains must be a non-empty list of unique domain names or None; got {domains!r}.")
         keep = sorted(domains)
-    train_rec = _Records(fn, "records", records)
-    val_rec = _Records(fn, "validation", validation) if validation is not None else None
+    vocab = _vocab_size(tokenizer)
+    train_rec = _Records(fn, "records", records, vocab=vocab)
+    val_rec = _Records(fn, "validation", validation, vocab=vocab) if validation is not None else None
 
     scan = _scan(train_rec, seed=int(seed), want_hash=val_rec is None, progress=progress)
     val_scan = _scan(val_rec, seed=int(seed), want_hash=False, progress=progress) if val_rec is not None else None
@@ -246,7 +262,7 @@ def pack_domains(
     if cache_dir is not None:
         root = Path(cache_dir).expanduser() / key
         if (root / _META).is_file():
-            packed, capped = _open_cache(root, key=key, verify=verify)
+            packed, capped = _open_cache(root, key=key, verify=verify, vocab=vocab)
             _warn_capped(capped, val_samples, max_val_fraction)
             return packed
         tmp = _new_build_folder(root)
@@ -304,7 +320,7 @@ def pack_domains(
         "validation": entries["validation"],
     }
     _commit(tmp, root, meta)
-    packed, capped = _open_cache(root, key=key, verify=False)
+    packed, capped = _open_cache(root, key=key, verify=False, vocab=vocab)
     _warn_capped(capped, val_samples, max_val_fraction)
     return packed
 

@@ -40,8 +40,9 @@ class _Records:
     """Uniform access to a ``datasets.Dataset`` or a list of dicts with ``domain`` and ``text``
     (or ``input_ids``) columns."""
 
-    def __init__(self, fn: str, arg: str, data: Any) -> None:
+    def __init__(self, fn: str, arg: str, data: Any, vocab: int | None = None) -> None:
         self.fn, self.arg = fn, arg
+        self.vocab = vocab  # pre-tokenized ids must be below it (the tokenizer's)
         mod = sys.modules.get("datasets")
         if mod is not None and isinstance(data, (getattr(mod, "DatasetDict", ()), getattr(mod, "IterableDataset", ()))):
             raise TypeError(
@@ -103,9 +104,11 @@ class _Records:
             arr = np.asarray([], dtype=object)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise ValueError(f"{self.fn}: {self.arg}[{i}]['input_ids'] must be a list of ints; got {value!r:.60}.")
-        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        high = self.vocab if self.vocab is not None else 2**31
+        if arr.size and (arr.min() < 0 or arr.max() >= high):
+            bound = f"{high} (the tokenizer's vocabulary)" if self.vocab is not None else "2**31"
             raise ValueError(
-                f"{self.fn}: {self.arg}[{i}]['input_ids'] must be ids in [0, 2**31); got {int(arr.min())}..{int(arr.max())}."
+                f"{self.fn}: {self.arg}[{i}]['input_ids'] must be ids in [0, {bound}); got {int(arr.min())}..{int(arr.max())}."
             )
         return arr.astype(_DTYPE, copy=False)
 

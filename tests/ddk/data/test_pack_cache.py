@@ -4,9 +4,12 @@ hub access)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +36,8 @@ def test_pack_domains_cache_hit_memory_maps_without_tokenizing(tok, records, tmp
         "validation_0.bin",
         "validation_1.bin",
         "validation_2.bin",
-    ]  # by index, never by name
+        "verified.json",
+    ]  # by index, never by name; the stamp of the check at open (ddk.data.verify)
     assert [p.name for p in tmp_path.iterdir()] == [first.key]  # the temp folder was renamed
     meta = json.loads((first.root / "meta.json").read_text())
     assert (
@@ -65,10 +69,9 @@ def test_pack_domains_damaged_cache_is_an_error(tok, records, tmp_path):
     f = packed.root / "validation_1.bin"
     data = bytearray(f.read_bytes())
     data[0] ^= 1
-    f.write_bytes(bytes(data))  # same size: passes the cheap check, fails verify=True
-    pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    f.write_bytes(bytes(data))  # same size: passes the size check; the write moved the stamp's mtime
     with pytest.raises(ValueError, match=re.escape(f"pack_domains: cache file {f} must have sha256 ")):
-        pack_domains(records, tok, cache_dir=tmp_path, verify=True, **_quiet(val_samples=3))
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
     f.write_bytes(bytes(data[:-4]))
     with pytest.raises(
         ValueError,
@@ -118,3 +121,103 @@ def test_pack_cache_folder_and_files_are_readable_by_the_team(tok, records, tmp_
         assert mode & 0o044 == 0o044, (p, oct(mode))
         if p.is_dir():
             assert mode & 0o011 == 0o011, (p, oct(mode))
+
+
+# ---------------------------------------------------------------------------- verify on read
+def _meta(root: Path) -> dict[str, Any]:
+    return json.loads((root / "meta.json").read_text())
+
+
+def _write_meta(root: Path, meta: dict[str, Any]) -> None:
+    (root / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _forge(root: Path, name: str, ids: np.ndarray) -> None:
+    """Write ``ids`` into the cache file ``name`` and its sha256 into meta.json (a consistent forgery)."""
+    f = root / name
+    f.write_bytes(ids.astype("<i4").tobytes())
+    meta = _meta(root)
+    for e in meta["train"] + meta["validation"]:
+        if e["file"] == name:
+            e["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    _write_meta(root, meta)
+
+
+def _damaged(root: Path) -> str:
+    return r".*The cache is damaged: delete " + re.escape(str(root)) + " to rebuild it"
+
+
+def test_pack_domains_xored_token_ids_are_an_error(tok, records, tmp_path):
+    root = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3)).root
+    f = root / "train_0.bin"
+    ids = np.fromfile(f, dtype="<i4") ^ 0x5A5A5A
+    f.write_bytes(ids.astype("<i4").tobytes())
+    with pytest.raises(ValueError, match=re.escape(f"cache file {f} must have sha256 ") + _damaged(root)):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    _forge(root, "train_0.bin", ids)  # digests recomputed: the values are still out of range
+    with pytest.raises(
+        ValueError, match=re.escape(f"cache file {f} must hold token ids in [0, {len(tok)})") + _damaged(root)
+    ):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+
+
+def test_pack_domains_zeroed_validation_file_is_an_error(tok, records, tmp_path):
+    root = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3)).root
+    f = root / "validation_2.bin"
+    f.write_bytes(bytes(f.stat().st_size))  # zeros: in range, the same size
+    with pytest.raises(ValueError, match=re.escape(f"cache file {f} must have sha256 ") + _damaged(root)):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+
+
+def test_pack_domains_shrunk_meta_rows_are_an_error(tok, records, tmp_path):
+    root = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3)).root
+    meta = _meta(root)
+    meta["train"][1]["shape"][0] -= 2
+    _write_meta(root, meta)
+    f = root / "train_1.bin"
+    with pytest.raises(ValueError, match=re.escape(f"cache file {f} must hold ") + r".* bytes" + _damaged(root)):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    f.write_bytes(f.read_bytes()[: meta["train"][1]["shape"][0] * L * 4])  # the file cut to match
+    with pytest.raises(ValueError, match=re.escape(f"cache file {f} must have sha256 ") + _damaged(root)):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    meta["train"][1]["file"] = "../elsewhere.bin"
+    _write_meta(root, meta)
+    with pytest.raises(ValueError, match=re.escape("must hold in meta.json train[1] with file train_1.bin")):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+
+
+def test_pack_domains_second_open_trusts_the_stamp_a_changed_file_is_hashed_again(tok, records, tmp_path, monkeypatch):
+    import ddk.data.verify as verify
+
+    hashed: list[str] = []
+    real = verify.file_sha256
+
+    def counting(path):  # type: ignore[no-untyped-def]
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(verify, "file_sha256", counting)
+    root = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3)).root
+    assert len(hashed) == 6 and (root / "verified.json").is_file()  # the build's open checked and stamped it
+    hashed.clear()
+    pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert hashed == []  # unchanged since the stamp: a stat per file
+    f = root / "validation_0.bin"
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched: same bytes, another mtime
+    pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert sorted(hashed) == sorted(p.name for p in root.glob("*.bin"))  # checked again, then stamped
+    hashed.clear()
+    pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
+    assert hashed == []
+    pack_domains(records, tok, cache_dir=tmp_path, verify=True, **_quiet(val_samples=3))
+    assert len(hashed) == 6  # verify=True: checked whatever the stamp says
+
+
+def test_pack_domains_pretokenized_ids_beyond_the_vocabulary_are_an_error(tok, tmp_path):
+    recs = [{"domain": "a", "input_ids": [5, 6, len(tok)]}]
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"records[0]['input_ids'] must be ids in [0, {len(tok)} (the tokenizer's vocabulary))"),
+    ):
+        pack_domains(recs, tok, cache_dir=tmp_path, **_quiet())
