@@ -33,6 +33,7 @@ _MODES = ("exact", "iid")
 _STATE_VERSION = 1
 _SNAPSHOTS = 64  # batch boundaries kept for ``state_dict(at_batch=k)``
 _TAG_PASS, _TAG_SHUFFLE, _TAG_IID = 0, 1, 2
+_MAX_COUNT = 2**53  # counts read back (batches, samples, passes): exact as float64 and far from int64 overflow
 
 logger = logging.getLogger(__name__)
 
@@ -663,6 +664,11 @@ class MixtureSampler:
         batches = state["batches_yielded"]
         if not _is_int(batches) or batches < 0:
             raise ValueError(f"{fn}: batches_yielded must be an int >= 0; got {batches!r}.")
+        if int(batches) * self._B > _MAX_COUNT:
+            raise ValueError(
+                f"{fn}: batches_yielded * global_batch_size (the samples drawn) must be at most 2**53 (exact as "
+                f"a float64 and an int64); got {batches!r} * {self._B}."
+            )
 
         def vector(key: str, kind: type) -> list[Any]:
             value = state[key]
@@ -684,8 +690,8 @@ class MixtureSampler:
             )
         passes = vector("passes", int)
         positions = vector("positions", int)
-        if any(x < 0 for x in passes):
-            raise ValueError(f"{fn}: passes must be >= 0; got {state['passes']!r}.")
+        if any(not 0 <= x <= _MAX_COUNT for x in passes):
+            raise ValueError(f"{fn}: passes must be ints in [0, 2**53]; got {state['passes']!r}.")
         if any(not 0 <= x < n for x, n in zip(positions, self._size_list)):
             raise ValueError(
                 f"{fn}: positions must be in [0, domain size) per domain; got {state['positions']!r} "

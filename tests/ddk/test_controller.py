@@ -318,7 +318,8 @@ def test_states_are_validated_whole_before_anything_changes():
     for field, value, message in [
         ("carry", [1e6, -1e6, 0.0], r"carry must be in \[-6, 6\] per domain"),
         ("carry", ["0", "0", "0"], r"carry must hold numbers"),
-        ("passes", [2**62, 0, 0], r"passes and positions must account for batches_yielded \* global_batch_size = 24"),
+        ("passes", [2**62, 0, 0], r"passes must be ints in \[0, 2\*\*53\]; got \[4611686018427387904, 0, 0\]\."),
+        ("passes", [2**40, 0, 0], r"passes and positions must account for batches_yielded \* global_batch_size = 24"),
     ]:
         with pytest.raises(ValueError, match=rf"MixtureSampler.load_state_dict: {message}"):
             MixtureSampler([10, 10, 10], 6, seed=0).load_state_dict({**good, field: value})

@@ -312,3 +312,154 @@ def test_crash_during_every_checkpoint_write_then_resume_is_bit_identical(tmp_pa
         assert not [p for p in Path(cfg.out).iterdir() if p.name.startswith(".checkpoint-")]
         k += 1
     assert k > 5  # tensors, state, manifest, rename into place, pruning (rename + delete)
+
+
+# ---------------------------------------------------------------------------- well-formed checkpoints, absurd values
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``(root, run)``: a finished 4-step run with checkpoint-2 and checkpoint-4, shared by the tests below (copied)."""
+    root = tmp_path_factory.mktemp("values")
+    cfg = _config(root, "base", steps=4, interval=2, checkpoint_every=2)
+    real.distill(cfg)
+    return root, Path(cfg.out)
+
+
+def _copy_run(finished, name: str, *, from_step: int = 4):  # type: ignore[no-untyped-def]
+    """A copy of the finished run (resumable from ``checkpoint-<from_step>``) and its config."""
+    root, base = finished
+    run = root / "runs" / name
+    shutil.copytree(base, run)
+    if from_step != 4:  # the run stopped at checkpoint-<from_step>: resuming trains the remaining steps
+        shutil.rmtree(run / "checkpoint-4")
+        for f in ("summary.json",):
+            (run / f).unlink()
+        shutil.rmtree(run / "student")
+    return run, _config(root, name, steps=4, interval=2, checkpoint_every=2)
+
+
+def _rewrite(path: Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    """Edit the state of the checkpoint ``path`` and write it back with the library's own writer
+    (digests recomputed: the checkpoint stays intact); return the new folder."""
+    ck = ckpt.load_checkpoint(path)
+    edit(ck)
+    step = ck.pop("step")
+    shutil.rmtree(path)
+    return ckpt.save_checkpoint(path.parent, step, ck, keep=100)
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def _refused(cfg, run: Path, pattern: str) -> None:  # type: ignore[no-untyped-def]
+    """``distill(cfg)`` is a ``CheckpointError`` matching ``pattern`` and changes no file of ``run``."""
+    before = _files(run)
+    with pytest.raises(ckpt.CheckpointError, match=pattern) as info:
+        real.distill(cfg)
+    assert "Nothing was overwritten: pass --no-resume to start over" in str(info.value)
+    assert _files(run) == before
+
+
+def test_resume_refuses_a_step_beyond_the_runs_steps(finished):
+    run, cfg = _copy_run(finished, "beyond")
+    new = _rewrite(run / "checkpoint-4", lambda ck: ck.update(step=12))
+    assert new.name == "checkpoint-12" and ckpt.newest_valid_checkpoint(run) == (new, [])
+    _refused(
+        cfg,
+        run,
+        r"distill: the checkpoint .*checkpoint-12 must hold values this run can resume from; got a bad field of "
+        r".*checkpoint-12/state\.json: step must be an int in \[0, 4\] \(the run's steps=4\); got 12\.",
+    )
+
+
+def test_resume_refuses_a_step_the_sampler_and_optimizer_disagree_with(finished):
+    run, cfg = _copy_run(finished, "disagree", from_step=2)
+    _rewrite(run / "checkpoint-2", lambda ck: ck.update(step=3))
+    _refused(cfg, run, r"state\.json: controller\.sampler\.batches_yielded must equal the step 3 \(one global batch")
+
+
+def _lr(value: float, *, scheduler: bool = True):  # type: ignore[no-untyped-def]
+    def edit(ck):  # type: ignore[no-untyped-def]
+        for g in ck["optimizer"]["param_groups"]:
+            g["lr"] = g["initial_lr"] = value
+        if scheduler:
+            ck["scheduler"]["base_lrs"] = [value] * len(ck["scheduler"]["base_lrs"])
+            ck["scheduler"]["_last_lr"] = [value] * len(ck["scheduler"]["_last_lr"])
+
+    return edit
+
+
+def test_resume_refuses_a_negative_learning_rate_in_the_optimizer_state(finished):
+    run, cfg = _copy_run(finished, "negative-lr", from_step=2)
+    _rewrite(run / "checkpoint-2", _lr(-2e-3, scheduler=False))
+    _refused(
+        cfg,
+        run,
+        r"state\.json: optimizer\.param_groups\[0\]\.lr must be a finite learning rate >= 0; got -0\.002\.",
+    )
+    _rewrite(run / "checkpoint-2", _lr(-2e-3))  # and in the scheduler's base rates
+    _refused(cfg, run, r"state\.json: scheduler\.base_lrs\[0\] must be a finite learning rate >= 0; got -0\.002\.")
+
+
+def test_resume_takes_the_learning_rate_from_the_config_not_the_state(finished):
+    run, cfg = _copy_run(finished, "other-lr", from_step=2)
+    _rewrite(run / "checkpoint-2", _lr(0.5))  # a different, plausible rate: the config's is used
+    real.distill(cfg)
+    _same_student(finished[1], run)
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    base = [json.loads(line)["lr"] for line in (finished[1] / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == base and max(lrs) <= 2e-3
+
+
+@pytest.mark.parametrize("extra", [4 * 10**18, 2**64], ids=["4e18", "above-2**63"])
+def test_resume_refuses_sampler_counts_beyond_2_53(finished, extra: int):
+    run, cfg = _copy_run(finished, f"passes-{extra}")
+
+    def edit(ck):  # type: ignore[no-untyped-def]
+        s = ck["controller"]["sampler"]
+        size, batch = s["config"]["domain_sizes"][0], s["config"]["global_batch_size"]
+        s["passes"][0] += extra * batch  # more passes over domain 0, batches_yielded raised to match
+        s["batches_yielded"] += extra * size
+
+    _rewrite(run / "checkpoint-4", edit)
+    _refused(
+        cfg,
+        run,
+        r"state\.json: controller \(sampler\): batches_yielded \* global_batch_size \(the samples drawn\) must be at "
+        r"most 2\*\*53",
+    )
+
+
+def test_resume_refuses_nonfinite_optimizer_moments(finished):
+    run, cfg = _copy_run(finished, "nan-moment", from_step=2)
+
+    def edit(ck):  # type: ignore[no-untyped-def]
+        ck["optimizer"]["state"][0]["exp_avg"][0] = float("nan")
+
+    _rewrite(run / "checkpoint-2", edit)
+    _refused(
+        cfg,
+        run,
+        r"tensors\.safetensors: optimizer\.state\[0\]\.exp_avg must hold finite numbers; got \d+ of \d+ values NaN or infinite\.",
+    )
+
+
+def test_load_checkpoint_refuses_an_oversized_state_file(tmp_path, monkeypatch):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"config": {}, "pad": "x" * 5000}, keep=1)
+    monkeypatch.setattr(ckpt, "MAX_STATE_BYTES", 4096)
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"distill: {path / ckpt.STATE} must be a JSON file of at most 4096 bytes; got \d+ bytes",
+    ):
+        ckpt.load_checkpoint(path)
+
+
+def test_load_checkpoint_refuses_state_nested_900_deep(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, {"config": {}}, keep=1)
+    state = ("{" + '"step": 1, "config": {}, "x": ' + "[" * 900 + "]" * 900 + "}").encode()
+    (path / ckpt.STATE).write_bytes(state)
+    man = json.loads((path / ckpt.MANIFEST).read_text())
+    man["files"][ckpt.STATE] = {"bytes": len(state), "sha256": hashlib.sha256(state).hexdigest()}
+    (path / ckpt.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.json must be JSON nested at most \d+ deep; got 901 levels"):
+        ckpt.load_checkpoint(path)

@@ -716,7 +716,20 @@ def _state() -> dict:
         ),
         (lambda st: st.update(carry=[float("nan"), 0.0]), r"carry must be finite"),
         (lambda st: st.update(positions=[0, 4]), r"positions must be in \[0, domain size\) per domain; got \[0, 4\]"),
-        (lambda st: st.update(passes=[-1, 0]), r"passes must be >= 0"),
+        (lambda st: st.update(passes=[-1, 0]), r"passes must be ints in \[0, 2\*\*53\]; got \[-1, 0\]\."),
+        (lambda st: st.update(passes=[2**63 + 1, 0]), r"passes must be ints in \[0, 2\*\*53\]"),
+        (  # 4e18 passes over domain x (3 samples each), batches_yielded raised to match: counts past 2**53
+            lambda st: st.update(
+                passes=[st["passes"][0] + 4 * 10**18, st["passes"][1]],
+                batches_yielded=st["batches_yielded"] + 6 * 10**18,
+            ),
+            r"batches_yielded \* global_batch_size \(the samples drawn\) must be at most 2\*\*53 .*; "
+            r"got 6000000000000000005 \* 2\.",
+        ),
+        (  # the same above 2**63 (an int64 overflows)
+            lambda st: st.update(passes=[st["passes"][0] + 2**64, st["passes"][1]], batches_yielded=5 + 3 * 2**63),
+            r"the samples drawn\) must be at most 2\*\*53",
+        ),
         (lambda st: st.update(passes=[0.5, 0]), r"passes must hold ints"),
         (lambda st: st.update(batches_yielded=-3), r"batches_yielded must be an int >= 0; got -3\."),
         (lambda st: st.update(version=99), r"version must be 1; got 99\."),
