@@ -5,39 +5,48 @@
   file or the new one, never a torn one, also with several writers and after a power cut.
 * :func:`folder_lock`: one writer per folder (an advisory ``fcntl.flock`` on ``<folder>/.lock``,
   which holds the owner's pid); a second writer gets an error naming that pid (or waits).
+* :func:`open_nofollow` / :func:`append_line` / :func:`fresh_dir` / :func:`refuse_link`: no write
+  leaves its folder through a symbolic link: files are opened with ``O_NOFOLLOW``, temporary names
+  are ``lstat``-checked, and a link where ddk writes is an error naming it.
+* :func:`is_disk_full` / :func:`disk_full_message`: a full disk (``ENOSPC``, ``EDQUOT``) reported
+  as an error naming the folder.
 * :func:`safe_name` / :func:`child_path`: names that become file names (domains, runs) are
-  checked, and every such path is resolved inside its folder.
+  checked, and every such path is resolved inside its folder; :func:`printable` escapes a name's
+  control characters wherever it is printed.
 * :func:`file_sha256`, :func:`json_fingerprint`: digests.
-* :func:`read_json` / :func:`loads_json`: JSON read back under a size and a nesting cap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
-import re
+import shutil
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
-    "JSONLimitError",
+    "append_line",
     "atomic_write_bytes",
     "atomic_write_text",
     "child_path",
+    "disk_full_message",
     "file_sha256",
     "folder_lock",
+    "fresh_dir",
     "fsync_dir",
     "fsync_file",
-    "json_depth",
+    "is_disk_full",
     "json_fingerprint",
-    "loads_json",
-    "read_json",
+    "open_nofollow",
+    "printable",
+    "refuse_link",
     "safe_name",
 ]
 
@@ -78,24 +87,114 @@ FILE_MODE = _file_mode()  # read once, at import (os.umask can only be read by s
 DIR_MODE = FILE_MODE | ((FILE_MODE & 0o444) >> 2)  # the mode mkdir() gives: x wherever r
 
 
+# ---------------------------------------------------------------------------- no writes through links
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows: the lstat checks below still hold
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _link_error(fn: str, path: Path) -> ValueError:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return ValueError(
+        f"{fn}: {path} must not be a symbolic link (ddk writes only inside its folders, never through a "
+        f"link); got a link to {target!r}. Remove the link (or use another folder) and rerun."
+    )
+
+
+def refuse_link(path: str | os.PathLike[str], fn: str = "ddk") -> Path:
+    """``path`` as a ``Path``, unless its final name is a symbolic link: then a ``ValueError`` naming it."""
+    p = Path(path)
+    if os.path.islink(p):
+        raise _link_error(fn, p)
+    return p
+
+
+def _open_fd(path: str | os.PathLike[str], flags: int, fn: str) -> int:
+    """``os.open(path, flags | O_NOFOLLOW | O_CLOEXEC, 0o666)`` (mode under the umask); a link is the error naming it."""
+    p = refuse_link(path, fn)
+    try:
+        return os.open(p, flags | _NOFOLLOW | _CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(p):  # a link planted since the check
+            raise _link_error(fn, p) from None
+        raise
+
+
+def open_nofollow(path: str | os.PathLike[str], mode: str = "a", *, fn: str = "ddk") -> IO[Any]:
+    """Open ``path`` for writing without following a symbolic link at its final name.
+
+    Args:
+        path: the file (created if missing, with ``open()``'s mode under the umask).
+        mode: ``"a"``/``"ab"`` (append) or ``"w"``/``"wb"`` (truncate); text modes are UTF-8.
+        fn: the function named in errors.
+
+    Raises:
+        ValueError: ``path`` is a symbolic link (dangling or not); the message names it.
+    """
+    if mode not in ("a", "ab", "w", "wb"):
+        raise ValueError(f"open_nofollow: mode must be one of 'a', 'ab', 'w', 'wb'; got {mode!r}.")
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode[0] == "a" else os.O_TRUNC)
+    fd = _open_fd(path, flags, fn)
+    if "b" in mode:
+        return os.fdopen(fd, mode)
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+def append_line(path: str | os.PathLike[str], line: str, *, fn: str = "ddk") -> None:
+    """Append ``line`` and a newline to ``path`` in one write, without following a link (:func:`open_nofollow`)."""
+    with open_nofollow(path, "a", fn=fn) as f:
+        f.write(line + "\n")
+
+
+def fresh_dir(path: str | os.PathLike[str], fn: str = "ddk") -> Path:
+    """An empty folder at ``path`` (a leftover one removed first); a symbolic link there is the error naming it."""
+    p = refuse_link(path, fn)
+    if p.exists():
+        shutil.rmtree(p)
+    os.mkdir(p)  # never follows: a link planted since the check makes it fail (FileExistsError)
+    return p
+
+
+# ---------------------------------------------------------------------------- a full disk
+_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk or an exhausted quota (``ENOSPC``, ``EDQUOT``)."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
+def disk_full_message(fn: str, arg: str, folder: str | os.PathLike[str], exc: BaseException, then: str = "") -> str:
+    """The house-format message of a full disk under ``folder`` (the ``arg`` a user passed)."""
+    return (
+        f"{fn}: {arg} must be on a disk with free space; got no space left while writing {str(folder)!r} "
+        f"({type(exc).__name__}: {exc}). Free space (or pass another {arg}) and rerun the same command"
+        f"{': ' + then if then else '.'}"
+    )
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a unique temporary file, ``fsync`` and ``os.replace``.
 
     Two writers never share a temporary file; a reader never sees a half-written file; a crash
-    leaves the old file (and at most a stray ``.<name>.*.tmp``, never read).
+    leaves the old file (and at most a stray ``.<name>.*.tmp``, never read). A symbolic link at
+    ``path`` is an error naming it (it is never replaced or written through).
 
     Returns:
         ``path`` as a ``Path``.
     """
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    p = refuse_link(path, "atomic_write")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)  # O_EXCL: a new file
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), FILE_MODE)  # mkstemp's 0600 would hide the file from a teammate
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
+        refuse_link(tmp, "atomic_write")
+        os.replace(tmp, refuse_link(p, "atomic_write"))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -127,79 +226,6 @@ def json_fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------- bounded JSON reads
-class JSONLimitError(ValueError):
-    """A JSON file or text over :func:`read_json`'s size or nesting cap; the message names it and the cap."""
-
-
-#: default cap of :func:`read_json`: ddk's own small JSON files (configs, manifests, summaries) are far below
-JSON_MAX_BYTES = 64 << 20
-#: default nesting cap of :func:`read_json` / :func:`loads_json`: ddk's deepest own file, a
-#: checkpoint's ``state.json``, nests about 10 deep
-JSON_MAX_DEPTH = 64
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-
-
-def json_depth(data: str | bytes) -> int:
-    """How deep ``[`` and ``{`` nest in the JSON text ``data`` (strings skipped), in one vectorised
-    pass without parsing: deep nesting is then refused before ``json`` or a recursive reader can
-    hit Python's recursion limit. UTF-8 (a ``"`` or ``\\`` byte is always that character)."""
-    import numpy as np
-
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    arr = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
-    opens = (arr == ord("[")) | (arr == ord("{"))
-    closes = (arr == ord("]")) | (arr == ord("}"))
-    steps = opens[opens | closes].astype(np.int64) * 2 - 1  # +1 per opening, -1 per closing bracket
-    return int(np.cumsum(steps).max()) if steps.size else 0
-
-
-def loads_json(
-    data: str | bytes, *, max_depth: int = JSON_MAX_DEPTH, where: str = "the JSON text", fn: str = "ddk"
-) -> Any:
-    """``json.loads(data)`` for JSON nested at most ``max_depth`` deep (checked first, see :func:`json_depth`).
-
-    Raises:
-        JSONLimitError: nested deeper (a ``ValueError``; the message names ``where``).
-        ValueError: not JSON (``json.JSONDecodeError``).
-    """
-    depth = json_depth(data)
-    if depth > max_depth:
-        raise JSONLimitError(
-            f"{fn}: {where} must be JSON nested at most {max_depth} deep; got {depth} levels "
-            "(not a file ddk wrote: restore or remove it)."
-        )
-    return json.loads(data)
-
-
-def read_json(
-    path: str | os.PathLike[str],
-    *,
-    max_bytes: int = JSON_MAX_BYTES,
-    max_depth: int = JSON_MAX_DEPTH,
-    fn: str = "ddk",
-) -> Any:
-    """The JSON value of the UTF-8 file ``path``, read only if it holds at most ``max_bytes`` bytes
-    and nests at most ``max_depth`` deep: a crafted or runaway file is an error naming it, never a
-    parse that takes gigabytes or a ``RecursionError``.
-
-    Raises:
-        OSError: the file cannot be read (e.g. ``FileNotFoundError``).
-        JSONLimitError: over either cap (a ``ValueError``; the message names the file and the cap).
-        ValueError: not UTF-8 JSON (``UnicodeDecodeError``, ``json.JSONDecodeError``).
-    """
-    p = Path(path)
-    with open(p, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        raw = f.read(max_bytes + 1) if size <= max_bytes else b""
-    if size > max_bytes or len(raw) > max_bytes:
-        raise JSONLimitError(
-            f"{fn}: {p} must be a JSON file of at most {max_bytes} bytes; got {max(size, len(raw))} bytes "
-            "(not a file ddk wrote: restore or remove it)."
-        )
-    return loads_json(raw, max_depth=max_depth, where=str(p), fn=fn)
-
-
 # ---------------------------------------------------------------------------- names
 def _name_problem(name: object) -> str | None:
     if not isinstance(name, str) or not name:
@@ -216,6 +242,12 @@ def _name_problem(name: object) -> str | None:
     if len(name.encode("utf-8")) > 200:
         return "be at most 200 bytes long"
     return None
+
+
+def printable(name: str) -> str:
+    """``name`` as printed to a terminal or a log: itself when every character is printable, else
+    its ``repr`` (control characters escaped, e.g. ``'a\\x1b[2Jb'``), so a name never moves the cursor."""
+    return name if name.isprintable() else repr(name)
 
 
 def safe_name(fn: str, arg: str, name: object, hint: str = "") -> str:
@@ -281,8 +313,8 @@ def folder_lock(
             held = _HELD.get(key)
             if held is not None:
                 held[1] += 1
-        if held is None:
-            f = open(lock_file, "a+", encoding="utf-8")
+        if held is None:  # O_NOFOLLOW: a .lock link never gets its target truncated
+            f = os.fdopen(_open_fd(lock_file, os.O_RDWR | os.O_CREAT, fn), "r+", encoding="utf-8")
     except OSError as exc:
         raise ValueError(
             f"{fn}: {arg} must be a folder this process can write; got {str(folder)!r} "

@@ -12,6 +12,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import nn
 
+from ddk._io import append_line, printable
 from ddk.discrepancy.estimator import DiscrepancyEstimator, DomainDiscrepancy
 from ddk.distributed import rank_world
 from ddk.schedule.base import WeightScheduler
@@ -197,7 +198,7 @@ class DDKController:
         share = float(weights[top])
         if share <= COLLAPSE_SHARE or self.num_domains < 2 or rank_world()[0] != 0:
             return
-        ratios = ", ".join(f"{n}={r:.3g}" for n, r in zip(disc.domain_names, disc.ratio.tolist()))
+        ratios = ", ".join(f"{printable(n)}={r:.3g}" for n, r in zip(disc.domain_names, disc.ratio.tolist()))
         warnings.warn(
             f"DDKController.start: Eq. 1 puts {share:.1%} of the mixture on domain {disc.domain_names[top]!r} "
             f"(ratios ppl_S/ppl_T: {ratios}); the first interval trains almost on it alone. A weak or "
@@ -229,8 +230,7 @@ class DDKController:
         self.records.append(rec)
         if self.log_path is not None and rank_world()[0] == 0:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_line(self.log_path, json.dumps(rec), fn="DDKController")  # never through a link
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, at_batch: int | None = None) -> dict[str, Any]:
@@ -267,17 +267,7 @@ class DDKController:
             TypeError: not a dict from ``DDKController.state_dict()``.
             ValueError: the first invalid field, named.
         """
-        self._commit_state(self.check_state_dict(state))
-
-    def check_state_dict(self, state: dict[str, Any], fn: str = "DDKController.load_state_dict") -> dict[str, Any]:
-        """Validate a ``state_dict()`` whole (controller, estimator, smoother, sampler: each part's
-        own ``check_state_dict``) without changing anything; return it parsed, which
-        :meth:`load_state_dict` then commits. ``fn`` starts every message.
-
-        Raises:
-            TypeError: not a dict from ``DDKController.state_dict()``.
-            ValueError: the first invalid field, named.
-        """
+        fn = "DDKController.load_state_dict"
         if not isinstance(state, dict) or not {"controller", "estimator", "smoother", "sampler"} <= set(state):
             raise TypeError(
                 f"{fn}: state must be a dict from DDKController.state_dict() with keys controller, estimator, "
@@ -308,27 +298,16 @@ class DDKController:
             raise ValueError(f"{fn}: state['smoother']['weights'] must be set for a started controller; got None.")
         check = getattr(self.sampler, "check_state_dict", None)
         sampler = check(sampler_state, fn=f"{fn} (sampler)") if check is not None else None
-        return {
-            "estimator": estimator,
-            "smoother": smoother,
-            "sampler": sampler,
-            "sampler_state": sampler_state,
-            "started": started,
-            "last_update_step": int(last),
-            "num_updates": int(updates),
-        }
-
-    def _commit_state(self, parsed: dict[str, Any]) -> None:
-        """Apply a state parsed by :meth:`check_state_dict` (cannot fail, but for a duck-typed sampler)."""
-        self.estimator._commit_state(parsed["estimator"])
-        self.smoother._commit_state(parsed["smoother"])
-        if parsed["sampler"] is not None:
-            self.sampler._commit_state(parsed["sampler"])
+        # validated: commit (none of these can fail)
+        self.estimator._commit_state(estimator)
+        self.smoother._commit_state(smoother)
+        if sampler is not None:
+            self.sampler._commit_state(sampler)
         else:  # a duck-typed sampler validates itself
-            self.sampler.load_state_dict(parsed["sampler_state"])
-        self._started = parsed["started"]
-        self._last_update_step = parsed["last_update_step"]
-        self._num_updates = parsed["num_updates"]
+            self.sampler.load_state_dict(sampler_state)
+        self._started = started
+        self._last_update_step = int(last)
+        self._num_updates = int(updates)
 
     def __repr__(self) -> str:
         return (

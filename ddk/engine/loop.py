@@ -14,8 +14,10 @@ The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``chec
 that trained it and its teacher's identity), ``summary.json`` and plots. One writer: rank 0 holds
 the folder's advisory lock (``.lock``) for the whole run. A fresh start (``resume=False``, or no
 checkpoint) moves the previous run's files into ``replaced-<time>/``. SIGTERM/SIGINT finish the
-current step, write a checkpoint and raise ``Preempted`` (the CLI exits with 75); the same
-command then resumes.
+current step, write a checkpoint and raise ``Preempted`` (the CLI exits with 75); at any other
+moment (start-up, the final validation, saving the student) they raise ``Preempted`` at once
+(``ddk.engine.preempt.stop_signals``). The same command then resumes. ``metrics.jsonl`` and
+``controller.jsonl`` are appended without following links and fsynced before each checkpoint.
 
 The loop checkpoints the sampler, the RNG states and the optimizer in one folder per step, which
 keeps SIGKILL-and-resume bit-exact, and slices each global batch over the ranks itself, so DDP,
@@ -26,6 +28,7 @@ same components, step loss, state and evaluation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -36,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ddk._io import disk_full_message, fsync_file, is_disk_full, open_nofollow
 from ddk.distributed import (
     broadcast_object,
     check_same_across_ranks,
@@ -53,11 +57,11 @@ from ddk.engine.config import RunConfig
 from ddk.engine.evaluate import discrepancy_report
 from ddk.engine.methods import method_spec
 from ddk.engine.models import autocast_dtype, load_models, save_student, teacher_identity
-from ddk.engine.parallel import device_for, full_student_state, global_sums, parallelize, train_state
-from ddk.engine.preempt import Preempted, StopSignals
-from ddk.engine.resume import check_resume_state, restore_state
+from ddk.engine.parallel import device_for, full_student_state, global_sums, load_train_state, parallelize, train_state
+from ddk.engine.preempt import Preempted, StopSignals, set_stage, stop_signals
 from ddk.engine.runfolder import (
     atomic_json,
+    check_no_links,
     config_digest,
     log,
     move_aside,
@@ -95,14 +99,37 @@ def distill(cfg: RunConfig, *, prepared: Any = None) -> dict[str, Any]:
             ``on_nonfinite="raise"``, a NaN/inf loss or gradient (``NonFiniteError``).
     """
     cfg.validate("distill")  # idempotent: a RunConfig built in code gets the same checks and absolute paths
-    created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
-    try:
-        _check_run(cfg, rank_world()[1])
-        with run_folder_lock(cfg):
-            return _distill(cfg, prepared)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    with stop_signals("distill", "start-up"):  # SIGTERM/SIGINT: Preempted (exit 75), at any moment
+        created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
+        try:
+            _check_run(cfg, rank_world()[1])
+            with run_folder_lock(cfg):
+                return _distill(cfg, prepared)
+        except OSError as exc:
+            if is_disk_full(exc):
+                folder = _full_folder(exc, (cfg.run_dir, Path(cfg.data_dir)))
+                then = "every finished step is in the newest checkpoint, from which it resumes."
+                arg = "out" if cfg.run_dir in (folder, *folder.parents) else "data_dir"
+                raise ValueError(disk_full_message("distill", arg, folder, exc, then=then)) from None
+            raise
+        finally:
+            if created:
+                dist.destroy_process_group()
+
+
+def _full_folder(exc: OSError, folders: tuple[Path, ...]) -> Path:
+    """The folder a full disk stopped: the one of the file named by ``exc``, else the candidate with the least space."""
+    if exc.filename:
+        return Path(os.fsdecode(exc.filename)).parent
+
+    def free(p: Path) -> int:
+        try:
+            st = os.statvfs(p)
+        except (OSError, AttributeError):
+            return 1 << 62
+        return st.f_bavail * st.f_frsize
+
+    return min(folders, key=free)
 
 
 def _check_run(cfg: RunConfig, world: int) -> None:
@@ -142,8 +169,9 @@ def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
 
 
 def _distill(cfg: RunConfig, prepared: Any) -> dict[str, Any]:
-    run = _Run(cfg, prepared)
-    start_step = run.start_or_resume()
+    with stop_signals("distill", "start-up"):
+        run = _Run(cfg, prepared)
+        start_step = run.start_or_resume()
     run.train(start_step)
     return run.finish()
 
@@ -163,6 +191,7 @@ class _Run:
         self.out = cfg.run_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path, self.ctrl_path = self.out / "metrics.jsonl", self.out / "controller.jsonl"
+        self._metrics_file: Any = None  # open while training (rank 0); fsynced before each checkpoint
         self.cfg_dict = cfg.to_dict()
         self.steps = cfg.total_steps
         self._build()
@@ -228,6 +257,7 @@ class _Run:
         cfg, out = self.cfg, self.out
         picked: tuple[Path | None, str] = (None, "")
         if self.rank == 0:
+            check_no_links(out)  # before anything is written: no run file is a link out of the folder
             ckpt.remove_stale_temporaries(out)
             if cfg.resume:
                 try:
@@ -280,24 +310,29 @@ class _Run:
         """Restore every state of the checkpoint ``path``; return its step."""
         ck = ckpt.load_checkpoint(path)
         _resume(ck, path, self.cfg_dict)
-        parts = dict(
-            student=self.student, opt=self.opt, sched=self.sched, controller=self.controller, fsdp=self.cfg.fsdp
-        )
-        parsed = check_resume_state(ck, path, steps=self.steps, **parts)  # the whole state, before anything changes
         try:
-            return restore_state(ck, parsed, step_mod=self.step_mod, guard=self.guard, **parts)
+            load_train_state(self.step_mod, self.student, self.opt, ck, self.cfg.fsdp)
+            if not self.cfg.fsdp:
+                _check_optimizer_state(self.opt)
+            _check_like("scheduler", ck["scheduler"], self.sched.state_dict())
+            self.sched.load_state_dict(ck["scheduler"])
+            self.controller.load_state_dict(ck["controller"])
+            self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
+            ckpt.set_rng_state(ck["rng"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise ValueError(
                 f"distill: the checkpoint {path} must hold the state of this run to resume; got "
                 f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
                 "(the old run is moved aside), or use another --out."
             ) from None
+        return int(ck["step"])
 
     def save(self, step: int) -> None:
         """``checkpoint-<step>/`` (rank 0 writes; under FSDP every rank gathers)."""
         student_state, opt_state = train_state(self.step_mod, self.student, self.opt, self.cfg.fsdp)
         ctrl_state = ckpt.controller_state(self.controller, self.device)  # every rank's online sums
         if self.rank == 0:
+            self._sync_logs()  # the logs up to this step are on the disk before its checkpoint is
             state = {
                 "config": self.cfg_dict,
                 "student": student_state,
@@ -308,6 +343,14 @@ class _Run:
                 "nonfinite": self.guard.state_dict(),
             }
             ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
+
+    def _sync_logs(self) -> None:
+        """``fsync`` of ``metrics.jsonl`` and ``controller.jsonl`` (rank 0, at each checkpoint)."""
+        if self._metrics_file is not None:
+            self._metrics_file.flush()
+            os.fsync(self._metrics_file.fileno())
+        if self.ctrl_path.is_file():
+            fsync_file(self.ctrl_path)
 
     def train_step(self, step: int, collate: Any) -> tuple[KDLossOutput, bool]:
         """One optimizer step on this rank's slice of the next global batch; ``(output, finite)``."""
@@ -345,9 +388,11 @@ class _Run:
             disable=not cfg.progress or self.rank != 0,
         )
         with (
-            self.metrics_path.open("a", encoding="utf-8") if self.rank == 0 else open(os.devnull, "w") as mf,
-            StopSignals("distill") as stop,
+            open_nofollow(self.metrics_path, "a", fn="distill") if self.rank == 0 else open(os.devnull, "w") as mf,
+            stop_signals("distill", "training") as stop,
+            stop.defer(),  # a signal finishes the step and writes a checkpoint
         ):
+            self._metrics_file = mf if self.rank == 0 else None
             for step in bar:
                 lo, finite = self.train_step(step, collate)
                 n_rec = len(self.controller.records)
@@ -381,7 +426,9 @@ class _Run:
                         f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
                         "command to resume."
                     )
+                    stop.handled = True
                     raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
+            self._metrics_file = None
         bar.close()
 
     def _stop_signal(self, stop: StopSignals) -> int:
@@ -397,6 +444,7 @@ class _Run:
         """Final validation pass, ``student/`` and ``summary.json`` (rank 0 writes)."""
         cfg, out = self.cfg, self.out
         self.student.eval()
+        set_stage("the final validation")
         final = discrepancy_report(self.parts, self.step_mod, self.teacher)
         if self.test_data is not None:
             assert self.teacher is not None  # RunConfig.validate: test_data needs a teacher
@@ -409,6 +457,7 @@ class _Run:
                 device=self.device,
             )
         self.teacher_identity = teacher_identity(self.teacher, self.data) if self.rank == 0 else None
+        set_stage("saving the student")
         save_student(
             full_student_state(self.step_mod, self.student, cfg.fsdp),
             self.student,
@@ -435,9 +484,51 @@ class _Run:
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0,
             "teacher_identity": self.teacher_identity,
         }
+        set_stage("writing summary.json")
         if self.rank == 0:
             atomic_json(out / "summary.json", summary)
         return summary
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Every per-parameter tensor of the loaded optimizer state has its parameter's shape."""
+    for g, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise ValueError(
+                        f"optimizer state {k!r} of parameter {i} of group {g} must have the parameter's "
+                        f"shape {tuple(p.shape)}; got {tuple(v.shape)}."
+                    )
+
+
+def _check_like(where: str, got: Any, like: Any) -> None:
+    """``got`` has the structure of ``like`` (same keys, list lengths and kinds of value; numbers interchange)."""
+
+    def kind(x: Any) -> str:
+        if isinstance(x, bool):
+            return "bool"
+        if isinstance(x, (int, float)):
+            return "number"
+        return "none" if x is None else type(x).__name__
+
+    if isinstance(like, dict):
+        if not isinstance(got, dict) or set(got) != set(like):
+            raise ValueError(
+                f"{where} must have the keys {sorted(like)}; got "
+                f"{sorted(got) if isinstance(got, dict) else type(got).__name__}."
+            )
+        for k in like:
+            _check_like(f"{where}.{k}", got[k], like[k])
+    elif isinstance(like, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(like):
+            raise ValueError(f"{where} must be a list of {len(like)}; got {str(got)[:80]}.")
+        for i, (a, b) in enumerate(zip(got, like)):
+            _check_like(f"{where}[{i}]", a, b)
+    elif like is not None and kind(got) != kind(like):
+        raise ValueError(f"{where} must be a {kind(like)}; got {got!r}.")
+    elif kind(got) == "number" and not math.isfinite(got):
+        raise ValueError(f"{where} must be finite; got {got!r}.")
 
 
 def _metrics(run: _Run, step: int, lo: KDLossOutput, finite: bool, n_rec: int) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ddk._io import FILE_MODE, fsync_dir, fsync_file
+from ddk._io import FILE_MODE, fresh_dir, fsync_dir, fsync_file, refuse_link
 from ddk.distributed import rank_world
 from ddk.engine.config import RunConfig
 
@@ -189,8 +189,7 @@ def save_student(
             "checkpoint (delete the newer ones) or rerun with --on-nonfinite skip."
         )
     final = out / "student"
-    tmp = out / f".student.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_dir(out / f".student.tmp-{os.getpid()}", "save_student")  # a link there is an error, never followed
     student.save_pretrained(str(tmp), state_dict=state)
     tokenizer.save_pretrained(str(tmp))
     if run_info is not None:
@@ -200,8 +199,8 @@ def save_student(
             os.chmod(f, FILE_MODE)  # safetensors writes 0600: readable by a teammate or a server (umask)
             fsync_file(f)
     fsync_dir(tmp)
-    old = out / f".student.old-{os.getpid()}"
-    if final.exists():
+    old = refuse_link(out / f".student.old-{os.getpid()}", "save_student")
+    if refuse_link(final, "save_student").exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddk._io import atomic_write_text, folder_lock, json_fingerprint
+from ddk._io import LOCK_NAME, atomic_write_text, folder_lock, json_fingerprint, refuse_link
 from ddk.distributed import rank_world
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.config import RunConfig, config_from_dict
@@ -26,6 +26,7 @@ __all__ = [
     "RUN_INFO",
     "RUN_KEYS",
     "atomic_json",
+    "check_no_links",
     "check_student_of",
     "config_digest",
     "log",
@@ -96,6 +97,13 @@ def run_folder_lock(cfg: RunConfig) -> Any:
     return folder_lock(
         cfg.run_dir, "distill", "out", hint="Wait for that run to finish (or stop it), or pass another --out."
     )
+
+
+def check_no_links(out: Path) -> None:
+    """No file ddk writes in the run folder (``RUN_FILES``, ``.lock``) is a symbolic link, which a
+    write or a resume could follow out of ``--out``: the error names it, before anything is written."""
+    for name in (*RUN_FILES, LOCK_NAME):
+        refuse_link(out / name, "distill")
 
 
 def move_aside(out: Path) -> Path | None:

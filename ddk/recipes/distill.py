@@ -12,7 +12,7 @@ from typing import Any
 from ddk.distributed import is_distributed, rank_world
 from ddk.engine import loop
 from ddk.engine.evaluate import evaluate_run
-from ddk.engine.preempt import Preempted
+from ddk.engine.preempt import Preempted, set_stage, stop_signals
 from ddk.engine.runfolder import log
 from ddk.recipes.config import RecipeConfig
 
@@ -28,14 +28,16 @@ def distill(cfg: RecipeConfig, *, prepared: Any = None) -> dict[str, Any]:
         prepared: ``(teacher, student, tokenizer, packed)`` already loaded (the demo), else loaded.
     """
     rank = rank_world()[0] if is_distributed() else int(os.environ.get("RANK", "0"))  # the group ends in distill
-    summary = loop.distill(cfg, prepared=prepared)
-    if rank == 0:
-        from ddk.recipes.report import format_table, plots
+    with stop_signals("distill", "start-up"):  # SIGTERM/SIGINT until the end: Preempted (exit 75)
+        summary = loop.distill(cfg, prepared=prepared)
+        set_stage("writing the plots")
+        if rank == 0:
+            from ddk.recipes.report import format_table, plots
 
-        summary["plots"] = plots(cfg.run_dir, cfg.method)
-        print(format_table([summary]))
-        for p in summary["plots"]:
-            log(f"plot: {p}")
+            summary["plots"] = plots(cfg.run_dir, cfg.method)
+            print(format_table([summary]))
+            for p in summary["plots"]:
+                log(f"plot: {p}")
     return summary
 
 

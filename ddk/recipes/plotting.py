@@ -64,10 +64,15 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 def _save(fig: Any, ax: Any, out_png: str | os.PathLike[str]) -> Path:
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     fig.tight_layout()
+    import io
+
+    from ddk._io import atomic_write_bytes
+
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    return out
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
+    return atomic_write_bytes(out, buf.getvalue())  # atomic; a link at out is an error, never written through
 
 
 def plot_weights(

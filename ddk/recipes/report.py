@@ -34,7 +34,9 @@ def plots(out: Path, method: str) -> list[str]:
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """Per-domain CE gap (student - teacher, nats/token) per run, with mean, worst and mean ppl ratio."""
-    names = summaries[0]["domains"]
+    from ddk._io import printable
+
+    names = [printable(n) for n in summaries[0]["domains"]]  # control characters escaped
     w = max(10, max(len(n) for n in names) + 2)
     head = (
         f"{'method':<18}" + "".join(f"{n[: w - 1]:>{w}}" for n in names) + f"{'mean':>9}{'worst':>9}{'ppl-ratio':>11}"

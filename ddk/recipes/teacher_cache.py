@@ -5,7 +5,8 @@ store its top-k log-probabilities per position (``ddk.data.build_teacher_cache``
 The data are packed as ``ddk distill`` packs them (``seq_len``, ``val_samples``, the same cache
 of token ids), with the teacher's tokenizer (or ``--tokenizer``). The teacher runs in bf16
 autocast on CUDA (``--dtype``), in batches of ``eval_batch_size`` sequences, and under torchrun
-every rank computes its share of the shards. A killed build resumes when the command is run again.
+every rank computes its share of the shards. A killed build resumes when the command is run again;
+SIGTERM/SIGINT at any moment stop it with ``Preempted`` (the CLI exits with 75) and lose no finished shard.
 """
 
 from __future__ import annotations
@@ -23,12 +24,7 @@ __all__ = ["teacher_cache"]
 
 def teacher_cache(cfg: RecipeConfig) -> Any:
     """Build (or resume, or find) the teacher cache of ``cfg`` in ``cfg.out``; return the ``TeacherCache``."""
-    from ddk.data import build_teacher_cache, tokenizer_hash
-    from ddk.distributed import init_from_env, rank_world, rank_zero_first
-    from ddk.engine.components import load_run_data
-    from ddk.engine.models import autocast_dtype, load_pretrained, load_tokenizer
-    from ddk.engine.parallel import device_for
-    from ddk.engine.runfolder import log
+    from ddk.engine.preempt import stop_signals
 
     fn = "teacher-cache"
     if not cfg.teacher or not cfg.data or not cfg.out:
@@ -36,6 +32,20 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
             f"{fn}: teacher, data and out must be given (--teacher PATH --data FILE... --out DIR); got "
             f"teacher={cfg.teacher!r}, data={list(cfg.data)}, out={cfg.out!r}."
         )
+    with stop_signals(fn, "start-up", kept="The finished shards are kept"):  # SIGTERM/SIGINT: Preempted
+        return _teacher_cache(cfg, fn)
+
+
+def _teacher_cache(cfg: RecipeConfig, fn: str) -> Any:
+    from ddk._io import printable
+    from ddk.data import build_teacher_cache, tokenizer_hash
+    from ddk.distributed import init_from_env, rank_world, rank_zero_first
+    from ddk.engine.components import load_run_data
+    from ddk.engine.models import autocast_dtype, load_pretrained, load_tokenizer
+    from ddk.engine.parallel import device_for
+    from ddk.engine.preempt import set_stage
+    from ddk.engine.runfolder import log
+
     created = init_from_env(cfg.process_group_backend)
     try:
         device = device_for(cfg)
@@ -51,6 +61,7 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
             p.requires_grad_(False)
         with rank_zero_first():
             packed = load_run_data(dataclasses.replace(cfg, teacher_cache=""), tokenizer)
+        set_stage("the teacher-cache build")
         cache = build_teacher_cache(
             teacher,
             packed,
@@ -66,7 +77,7 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
         )
         if rank_world()[0] == 0:
             tokens = sum(cache.manifest["tokens"]["train"]) + sum(cache.manifest["tokens"]["validation"])
-            ce = ", ".join(f"{n} {c:.3f}" for n, c in zip(cache.names, cache.teacher_ce.tolist()))
+            ce = ", ".join(f"{printable(n)} {c:.3f}" for n, c in zip(cache.names, cache.teacher_ce.tolist()))
             log(
                 f"teacher cache: {cache.root} (k={cache.top_k}, T={cache.temperature:g}): {tokens:,} positions, "
                 f"{cache.disk_bytes() / 2**20:.1f} MiB ({cache.disk_bytes() / max(tokens, 1):.1f} bytes per position); "

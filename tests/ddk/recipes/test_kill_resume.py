@@ -170,3 +170,80 @@ def test_no_valid_checkpoint_fails_naming_each_and_overwrites_nothing(torn):
         assert f"{run / f'checkpoint-{step}'} must be complete and intact; got tensors.safetensors with SHA-256" in err
     assert "pass --no-resume to start over (the old run is moved aside)" in err
     assert _files(run) == before
+
+
+# A child ``ddk`` whose named function first sends this process the signal, then runs: the signal
+# lands in that stage deterministically.
+_SIGNAL_AT = """
+import os, signal, sys
+stage, signame, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+import ddk.data.teacher_cache as tc, ddk.engine.components as components, ddk.engine.loop as loop
+import ddk.recipes.report as report
+owner, attr = {
+    "start-up": (loop, "load_models"),
+    "training": (loop._Run, "train_step"),
+    "the final validation": (loop, "discrepancy_report"),
+    "saving the student": (loop, "save_student"),
+    "writing the plots": (report, "plots"),
+    "cache start-up": (components, "load_run_data"),
+    "the teacher-cache build": (tc, "_teacher_topk"),
+}[stage]
+orig = getattr(owner, attr)
+def hit(*a, **k):
+    os.kill(os.getpid(), getattr(signal, signame))
+    return orig(*a, **k)
+setattr(owner, attr, hit)
+from ddk.recipes.cli import main
+sys.exit(main(argv))
+"""
+
+_DISTILL_STAGES = ["start-up", "training", "the final validation", "saving the student", "writing the plots"]
+
+
+@pytest.mark.parametrize("stage", _DISTILL_STAGES)
+def test_a_signal_at_any_stage_of_distill_exits_75_and_the_same_command_finishes(tmp_path, stage):
+    """SIGTERM/SIGINT at any moment exit 75 (a scheduler requeues on it; 143 or 130 would drop the
+    job); the same command then finishes the run with every step trained once."""
+    cmd, env, run = _setup(tmp_path, "sig", steps=2)
+    signame = "SIGINT" if stage == "start-up" else "SIGTERM"
+    res = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT, stage, signame, *cmd[3:]], env=env, capture_output=True, timeout=180
+    )
+    err = res.stderr.decode()
+    assert res.returncode == 75, err[-3000:]
+    if stage == "training":
+        assert f"ddk distill: stopped by SIGTERM after step 1; wrote {run / 'checkpoint-1'}." in err
+    else:
+        assert (
+            f"ddk distill: stopped by {signame} during {stage}. Nothing finished is lost: rerun the same command" in err
+        )
+    res = subprocess.run(cmd, env=env, capture_output=True, timeout=180)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run / "student" / "model.safetensors").is_file() and (run / "summary.json").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+@pytest.mark.parametrize("stage", ["cache start-up", "the teacher-cache build"])
+def test_a_signal_during_teacher_cache_exits_75_and_the_same_command_finishes(tmp_path, stage):
+    from recipe_cases import own_models
+
+    from ddk.data import TeacherCache
+
+    cmd, env, _ = _setup(tmp_path, "unused", steps=2)
+    teacher, _, corpus = own_models(tmp_path)
+    out = tmp_path / "tc"
+    argv = ["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out), "--top-k", "4"]
+    argv += ["--data-dir", str(tmp_path / "cache"), "--seq-len", "16", "--val-samples", "4", "--no-progress"]
+    argv += ["--device", "cpu"]
+    res = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT, stage, "SIGTERM", *argv], env=env, capture_output=True, timeout=180
+    )
+    err = res.stderr.decode()
+    assert res.returncode == 75, err[-3000:]
+    shown = "start-up" if stage == "cache start-up" else stage
+    assert f"ddk teacher-cache: stopped by SIGTERM during {shown}. The finished shards are kept: rerun" in err
+    assert not (out / "shards").is_dir() or not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
+    res = subprocess.run([*cmd[:3], *argv], env=env, capture_output=True, timeout=180)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert TeacherCache(out, verify=True).top_k == 4
