@@ -14,6 +14,7 @@
   checked, and every such path is resolved inside its folder; :func:`printable` escapes a name's
   control characters wherever it is printed.
 * :func:`file_sha256`, :func:`json_fingerprint`: digests.
+* :func:`read_json` / :func:`loads_json`: JSON read back under a size and a nesting cap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "JSONLimitError",
     "append_line",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -43,7 +46,10 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "is_disk_full",
+    "json_depth",
     "json_fingerprint",
+    "loads_json",
+    "read_json",
     "open_nofollow",
     "printable",
     "refuse_link",
@@ -224,6 +230,79 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def json_fingerprint(obj: Any) -> str:
     """Short stable hash (16 hex digits of SHA-256) of ``obj``'s sorted-key JSON; keys caches."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- bounded JSON reads
+class JSONLimitError(ValueError):
+    """A JSON file or text over :func:`read_json`'s size or nesting cap; the message names it and the cap."""
+
+
+#: default cap of :func:`read_json`: ddk's own small JSON files (configs, manifests, summaries) are far below
+JSON_MAX_BYTES = 64 << 20
+#: default nesting cap of :func:`read_json` / :func:`loads_json`: ddk's deepest own file, a
+#: checkpoint's ``state.json``, nests about 10 deep
+JSON_MAX_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def json_depth(data: str | bytes) -> int:
+    """How deep ``[`` and ``{`` nest in the JSON text ``data`` (strings skipped), in one vectorised
+    pass without parsing: deep nesting is then refused before ``json`` or a recursive reader can
+    hit Python's recursion limit. UTF-8 (a ``"`` or ``\\`` byte is always that character)."""
+    import numpy as np
+
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    arr = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    closes = (arr == ord("]")) | (arr == ord("}"))
+    steps = opens[opens | closes].astype(np.int64) * 2 - 1  # +1 per opening, -1 per closing bracket
+    return int(np.cumsum(steps).max()) if steps.size else 0
+
+
+def loads_json(
+    data: str | bytes, *, max_depth: int = JSON_MAX_DEPTH, where: str = "the JSON text", fn: str = "ddk"
+) -> Any:
+    """``json.loads(data)`` for JSON nested at most ``max_depth`` deep (checked first, see :func:`json_depth`).
+
+    Raises:
+        JSONLimitError: nested deeper (a ``ValueError``; the message names ``where``).
+        ValueError: not JSON (``json.JSONDecodeError``).
+    """
+    depth = json_depth(data)
+    if depth > max_depth:
+        raise JSONLimitError(
+            f"{fn}: {where} must be JSON nested at most {max_depth} deep; got {depth} levels "
+            "(not a file ddk wrote: restore or remove it)."
+        )
+    return json.loads(data)
+
+
+def read_json(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int = JSON_MAX_BYTES,
+    max_depth: int = JSON_MAX_DEPTH,
+    fn: str = "ddk",
+) -> Any:
+    """The JSON value of the UTF-8 file ``path``, read only if it holds at most ``max_bytes`` bytes
+    and nests at most ``max_depth`` deep: a crafted or runaway file is an error naming it, never a
+    parse that takes gigabytes or a ``RecursionError``.
+
+    Raises:
+        OSError: the file cannot be read (e.g. ``FileNotFoundError``).
+        JSONLimitError: over either cap (a ``ValueError``; the message names the file and the cap).
+        ValueError: not UTF-8 JSON (``UnicodeDecodeError``, ``json.JSONDecodeError``).
+    """
+    p = Path(path)
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(max_bytes + 1) if size <= max_bytes else b""
+    if size > max_bytes or len(raw) > max_bytes:
+        raise JSONLimitError(
+            f"{fn}: {p} must be a JSON file of at most {max_bytes} bytes; got {max(size, len(raw))} bytes "
+            "(not a file ddk wrote: restore or remove it)."
+        )
+    return loads_json(raw, max_depth=max_depth, where=str(p), fn=fn)
 
 
 # ---------------------------------------------------------------------------- names

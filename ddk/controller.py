@@ -267,7 +267,17 @@ class DDKController:
             TypeError: not a dict from ``DDKController.state_dict()``.
             ValueError: the first invalid field, named.
         """
-        fn = "DDKController.load_state_dict"
+        self._commit_state(self.check_state_dict(state))
+
+    def check_state_dict(self, state: dict[str, Any], fn: str = "DDKController.load_state_dict") -> dict[str, Any]:
+        """Validate a ``state_dict()`` whole (controller, estimator, smoother, sampler: each part's
+        own ``check_state_dict``) without changing anything; return it parsed, which
+        :meth:`load_state_dict` then commits. ``fn`` starts every message.
+
+        Raises:
+            TypeError: not a dict from ``DDKController.state_dict()``.
+            ValueError: the first invalid field, named.
+        """
         if not isinstance(state, dict) or not {"controller", "estimator", "smoother", "sampler"} <= set(state):
             raise TypeError(
                 f"{fn}: state must be a dict from DDKController.state_dict() with keys controller, estimator, "
@@ -298,16 +308,27 @@ class DDKController:
             raise ValueError(f"{fn}: state['smoother']['weights'] must be set for a started controller; got None.")
         check = getattr(self.sampler, "check_state_dict", None)
         sampler = check(sampler_state, fn=f"{fn} (sampler)") if check is not None else None
-        # validated: commit (none of these can fail)
-        self.estimator._commit_state(estimator)
-        self.smoother._commit_state(smoother)
-        if sampler is not None:
-            self.sampler._commit_state(sampler)
+        return {
+            "estimator": estimator,
+            "smoother": smoother,
+            "sampler": sampler,
+            "sampler_state": sampler_state,
+            "started": started,
+            "last_update_step": int(last),
+            "num_updates": int(updates),
+        }
+
+    def _commit_state(self, parsed: dict[str, Any]) -> None:
+        """Apply a state parsed by :meth:`check_state_dict` (cannot fail, but for a duck-typed sampler)."""
+        self.estimator._commit_state(parsed["estimator"])
+        self.smoother._commit_state(parsed["smoother"])
+        if parsed["sampler"] is not None:
+            self.sampler._commit_state(parsed["sampler"])
         else:  # a duck-typed sampler validates itself
-            self.sampler.load_state_dict(sampler_state)
-        self._started = started
-        self._last_update_step = int(last)
-        self._num_updates = int(updates)
+            self.sampler.load_state_dict(parsed["sampler_state"])
+        self._started = parsed["started"]
+        self._last_update_step = parsed["last_update_step"]
+        self._num_updates = parsed["num_updates"]
 
     def __repr__(self) -> str:
         return (

@@ -29,7 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk._io import FILE_MODE, atomic_write_text, file_sha256, fresh_dir, fsync_dir, fsync_file, open_nofollow
+from ddk._io import (
+    FILE_MODE,
+    JSONLimitError,
+    atomic_write_text,
+    file_sha256,
+    fresh_dir,
+    fsync_dir,
+    fsync_file,
+    loads_json,
+    open_nofollow,
+    read_json,
+)
 
 __all__ = [
     "CheckpointError",
@@ -58,6 +69,11 @@ TENSORS = "tensors.safetensors"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _LEGACY_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 _MARK = "__ddk__"
+#: the largest ``state.json`` read back (its controller state grows with domains x weight updates:
+#: 2,000 domains updated 1,000 times take about 120 MB); a larger one is an error naming it
+MAX_STATE_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 1 << 20
+STATE_MAX_DEPTH = 32  # a state nests about 10 deep (optimizer -> state -> parameter -> tensor)
 
 
 class CheckpointError(ValueError):
@@ -124,7 +140,7 @@ def load_rng_file(path: str | os.PathLike[str], fn: str = "load_rng_file") -> No
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            tree = json.loads((f.metadata() or {})["ddk"])
+            tree = loads_json((f.metadata() or {})["ddk"], max_depth=STATE_MAX_DEPTH, where=f"{path} metadata", fn=fn)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         state = decode_state(tree, tensors)
     except (OSError, KeyError, ValueError, TypeError) as exc:
@@ -321,10 +337,10 @@ def _verified(path: Path, fn: str) -> None:
     if not path.is_dir() or m is None:
         raise bad("no checkpoint-<step> folder")
     try:
-        man = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        man = read_json(path / MANIFEST, max_bytes=MAX_MANIFEST_BYTES, max_depth=8, fn=fn)
     except FileNotFoundError:
         raise bad(f"no {MANIFEST} (the write did not finish)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise bad(f"an unreadable {MANIFEST} ({type(exc).__name__}: {exc})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
         raise bad(f"a {MANIFEST} of another format (expected format {FORMAT!r} version {VERSION})")
@@ -361,8 +377,10 @@ def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
+        tree = read_json(path / STATE, max_bytes=MAX_STATE_BYTES, max_depth=STATE_MAX_DEPTH, fn=fn)
         tensors = load_file(str(path / TENSORS), device="cpu")
-        tree = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except JSONLimitError as exc:  # names the file and the cap
+        raise CheckpointError(str(exc)) from None
     except Exception as exc:
         raise CheckpointError(
             f"{fn}: the checkpoint {path} must hold a readable {TENSORS} and {STATE}; got {type(exc).__name__}: {exc}."
@@ -413,7 +431,7 @@ def truncate_jsonl(path: Path, max_step: int, fn: str = "distill") -> None:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line.decode("utf-8"))
+            rec = loads_json(line, max_depth=STATE_MAX_DEPTH, where=f"line {i} of {path}", fn=fn)
             if not isinstance(rec, dict):
                 raise ValueError(f"a JSON {type(rec).__name__}, not a record")
         except (UnicodeDecodeError, ValueError) as exc:

@@ -28,7 +28,6 @@ same components, step loss, state and evaluation.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -57,8 +56,9 @@ from ddk.engine.config import RunConfig
 from ddk.engine.evaluate import discrepancy_report
 from ddk.engine.methods import method_spec
 from ddk.engine.models import autocast_dtype, load_models, save_student, teacher_identity
-from ddk.engine.parallel import device_for, full_student_state, global_sums, load_train_state, parallelize, train_state
+from ddk.engine.parallel import device_for, full_student_state, global_sums, parallelize, train_state
 from ddk.engine.preempt import Preempted, StopSignals, set_stage, stop_signals
+from ddk.engine.resume import check_resume_state, restore_state
 from ddk.engine.runfolder import (
     atomic_json,
     check_no_links,
@@ -310,22 +310,18 @@ class _Run:
         """Restore every state of the checkpoint ``path``; return its step."""
         ck = ckpt.load_checkpoint(path)
         _resume(ck, path, self.cfg_dict)
+        parts = dict(
+            student=self.student, opt=self.opt, sched=self.sched, controller=self.controller, fsdp=self.cfg.fsdp
+        )
+        parsed = check_resume_state(ck, path, steps=self.steps, **parts)  # the whole state, before anything changes
         try:
-            load_train_state(self.step_mod, self.student, self.opt, ck, self.cfg.fsdp)
-            if not self.cfg.fsdp:
-                _check_optimizer_state(self.opt)
-            _check_like("scheduler", ck["scheduler"], self.sched.state_dict())
-            self.sched.load_state_dict(ck["scheduler"])
-            self.controller.load_state_dict(ck["controller"])
-            self.guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
-            ckpt.set_rng_state(ck["rng"])
+            return restore_state(ck, parsed, step_mod=self.step_mod, guard=self.guard, **parts)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise ValueError(
                 f"distill: the checkpoint {path} must hold the state of this run to resume; got "
                 f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
                 "(the old run is moved aside), or use another --out."
             ) from None
-        return int(ck["step"])
 
     def save(self, step: int) -> None:
         """``checkpoint-<step>/`` (rank 0 writes; under FSDP every rank gathers)."""
@@ -488,47 +484,6 @@ class _Run:
         if self.rank == 0:
             atomic_json(out / "summary.json", summary)
         return summary
-
-
-def _check_optimizer_state(opt: torch.optim.Optimizer) -> None:
-    """Every per-parameter tensor of the loaded optimizer state has its parameter's shape."""
-    for g, group in enumerate(opt.param_groups):
-        for i, p in enumerate(group["params"]):
-            for k, v in opt.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer state {k!r} of parameter {i} of group {g} must have the parameter's "
-                        f"shape {tuple(p.shape)}; got {tuple(v.shape)}."
-                    )
-
-
-def _check_like(where: str, got: Any, like: Any) -> None:
-    """``got`` has the structure of ``like`` (same keys, list lengths and kinds of value; numbers interchange)."""
-
-    def kind(x: Any) -> str:
-        if isinstance(x, bool):
-            return "bool"
-        if isinstance(x, (int, float)):
-            return "number"
-        return "none" if x is None else type(x).__name__
-
-    if isinstance(like, dict):
-        if not isinstance(got, dict) or set(got) != set(like):
-            raise ValueError(
-                f"{where} must have the keys {sorted(like)}; got "
-                f"{sorted(got) if isinstance(got, dict) else type(got).__name__}."
-            )
-        for k in like:
-            _check_like(f"{where}.{k}", got[k], like[k])
-    elif isinstance(like, (list, tuple)):
-        if not isinstance(got, (list, tuple)) or len(got) != len(like):
-            raise ValueError(f"{where} must be a list of {len(like)}; got {str(got)[:80]}.")
-        for i, (a, b) in enumerate(zip(got, like)):
-            _check_like(f"{where}[{i}]", a, b)
-    elif like is not None and kind(got) != kind(like):
-        raise ValueError(f"{where} must be a {kind(like)}; got {got!r}.")
-    elif kind(got) == "number" and not math.isfinite(got):
-        raise ValueError(f"{where} must be finite; got {got!r}.")
 
 
 def _metrics(run: _Run, step: int, lo: KDLossOutput, finite: bool, n_rec: int) -> dict[str, Any] | None:

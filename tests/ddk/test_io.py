@@ -173,3 +173,45 @@ def test_printable_escapes_control_characters_only() -> None:
 
     assert printable("wiki dé-1") == "wiki dé-1"
     assert printable("a\x1b[2Jb") == "'a\\x1b[2Jb'" and printable("a\tb\n") == "'a\\tb\\n'"
+
+
+# ---------------------------------------------------------------------------- bounded JSON reads
+def test_read_json_reads_what_json_dumps_wrote(tmp_path: Path) -> None:
+    from ddk._io import json_depth, read_json
+
+    value = {"a": [1, 2.5, None, {"b": '[{not a bracket \\ "]}'}], "c": "ä"}
+    (tmp_path / "x.json").write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+    assert read_json(tmp_path / "x.json") == value
+    assert json_depth(json.dumps(value)) == 3 and json_depth("3") == 0
+
+
+def test_read_json_nested_900_deep_is_a_value_error_not_a_recursion_error(tmp_path: Path) -> None:
+    import pytest
+
+    from ddk._io import JSONLimitError, loads_json, read_json
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 900 + "]" * 900)
+    with pytest.raises(
+        JSONLimitError,
+        match=rf"^ddk: {deep} must be JSON nested at most 64 deep; got 900 levels \(not a file ddk wrote",
+    ):
+        read_json(deep)
+    assert issubclass(JSONLimitError, ValueError)
+    assert loads_json("[" * 900 + "]" * 900, max_depth=1000) is not None  # a stated cap, not a fixed one
+    with pytest.raises(ValueError, match=r"^f: line 3 must be JSON nested at most 2 deep; got 3 levels"):
+        loads_json(b'{"a": [[1]]}', max_depth=2, where="line 3", fn="f")
+
+
+def test_read_json_refuses_a_file_over_its_size_cap(tmp_path: Path) -> None:
+    import pytest
+
+    from ddk._io import JSONLimitError, read_json
+
+    big = tmp_path / "state.json"
+    big.write_text(json.dumps({"pad": "x" * 2000}))
+    assert read_json(big, max_bytes=4096)["pad"] == "x" * 2000
+    with pytest.raises(
+        JSONLimitError, match=rf"^load: {big} must be a JSON file of at most 1000 bytes; got 2011 bytes"
+    ):
+        read_json(big, max_bytes=1000, fn="load")
