@@ -12,20 +12,21 @@ training and validation sequences and writes, per split and domain, one shard fo
     <out>/shards/<split>-<i>/label_logprob.npy  (n, L) float32: log p_T(next token) at T = 1, over
                                              all the teacher's rows (its CE, as measured online)
     <out>/shards/<split>-<i>/shard.json      shapes and SHA-256 of the files above (written last)
+    <out>/verified.json                      the stamp of the last open that checked every file
 
 Position ``j`` holds the teacher's distribution of token ``j + 1`` (the last position's
 ``label_logprob`` is NaN: it has no next token), aligned with the student's hidden states as
 ``ddk.fused_linear_sparse_kd_loss(..., shift=True)`` expects. The teacher's vocabulary is cut to
 ``vocab_size`` (the student's) before the softmax, as the online loss slices a padded teacher.
 
-A shard is written into a temporary folder (ordinary file writes, no memory map, so a full disk
-is an error naming the folder; each file ``fsync``-ed) and renamed, so a killed build loses at
-most the shard it was writing; running the build again skips the finished shards (their digests
-checked). Under ``torch.distributed`` the shards are dealt round-robin to the ranks; rank 0
-writes the manifest.
+A shard is written into a temporary folder and renamed, so a killed build loses at most the shard
+it was writing; running the build again skips the finished shards (their digests checked). Under
+``torch.distributed`` the shards are dealt round-robin to the ranks; rank 0 writes the manifest.
 
-``TeacherCache(out)`` opens a complete cache (``check`` compares it with a run's tokenizer,
-vocabulary, k and temperature and names any mismatch); it offers the interface of
+``TeacherCache(out)`` opens a complete cache, verified (every file's SHA-256 and its values the
+first time it is opened after it changed, a stamp for later opens: ``ddk.data.verify``; ``check``
+compares it with a run's tokenizer, vocabulary, k and temperature and names any mismatch); it
+offers the interface of
 ``ddk.data.PackedDomains`` (``names``, ``sizes``, ``train_dataset``, ``validation_batches``)
 plus the teacher's exact per-domain validation CE (``teacher_ce``), so a run needs no teacher.
 """
@@ -33,8 +34,6 @@ plus the teacher's exact per-domain validation CE (``teacher_ce``), so a run nee
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import math
 import os
@@ -46,17 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk._io import (
-    atomic_write_text,
-    disk_full_message,
-    file_sha256,
-    folder_lock,
-    fresh_dir,
-    fsync_dir,
-    is_disk_full,
-    json_fingerprint,
-    open_nofollow,
-    refuse_link,
+from ddk._io import atomic_write_text, file_sha256, folder_lock, json_fingerprint
+from ddk.data.verify import (
+    check_teacher_manifest,
+    check_teacher_values,
+    teacher_files,
+    teacher_rebuild_hint,
+    verify_cache,
 )
 
 __all__ = ["TeacherCache", "TeacherCacheCollator", "TeacherCacheDataset", "build_teacher_cache", "bytes_per_token"]
@@ -97,50 +92,10 @@ def _teacher_topk(
     return {
         "input_ids": input_ids.int(),
         "topk_ids": top.indices.int(),
-        "topk_logprobs": top.values.half(),
+        "topk_logprobs": top.values.clamp_min(-65504.0).half(),  # finite in float16 (p = 0 either way)
         "tail": tail,
         "label_logprob": label,
     }
-
-
-_RESUMES = "the finished shards are kept and the build resumes."
-
-
-class _NpyWriter:
-    """One ``.npy`` file written front to back with ordinary file I/O (no memory map: a full disk
-    is an ``OSError``, not a SIGBUS), never through a link, hashed (SHA-256) as it is written."""
-
-    def __init__(self, path: Path, dtype: str, shape: tuple[int, ...]) -> None:
-        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
-        self.sha = hashlib.sha256()
-        self.f: Any = open_nofollow(path, "wb", fn="build_teacher_cache")
-        head = io.BytesIO()
-        descr = np.lib.format.dtype_to_descr(self.dtype)
-        np.lib.format.write_array_header_1_0(head, {"descr": descr, "fortran_order": False, "shape": shape})
-        self._write(head.getvalue())
-        self.rows = 0
-
-    def _write(self, b: bytes) -> None:
-        self.f.write(b)
-        self.sha.update(b)
-
-    def append(self, rows: np.ndarray) -> None:
-        """Write the next ``rows`` (along the first axis) of the array."""
-        self._write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self.rows += int(rows.shape[0])
-
-    def close(self) -> str:
-        """Flush, ``fsync`` and close; return the file's SHA-256."""
-        if self.rows != (self.shape[0] if self.shape else 0):
-            raise RuntimeError(f"build_teacher_cache: {self.path} got {self.rows} rows; its header says {self.shape}.")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        return self.sha.hexdigest()
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self.f.close()
 
 
 def _write_shard(
@@ -151,40 +106,32 @@ def _write_shard(
     n = int(arrays[0].shape[0]) if len(arrays) else 0
     seq = int(arrays[0].shape[1]) if n else 0
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    fresh_dir(tmp, "build_teacher_cache")  # a link there is an error, never written through
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     shapes = {"input_ids": (n, seq), "topk_ids": (n, seq, k), "topk_logprobs": (n, seq, k), "tail": (n, seq),
               "label_logprob": (n, seq)}  # fmt: skip
-    files: dict[str, _NpyWriter] = {}
-    try:
-        for name, (dt, _) in _FILES.items():
-            files[name] = _NpyWriter(tmp / f"{name}.npy", dt, shapes[name])
-        data = arrays[0]
-        with (
-            torch.no_grad(),
-            torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None),
-        ):
-            for s in range(0, n, batch_size):
-                ids = torch.from_numpy(np.asarray(data[s : s + batch_size], dtype=np.int64)).to(device)
-                out = _teacher_topk(teacher, ids, vocab, k, temperature)
-                for name, t in out.items():
-                    files[name].append(t.cpu().numpy())
-                bar.update(int(ids.shape[0]))
-        entry: dict[str, Any] = {"sequences": n, "seq_len": seq, "files": {}}
-        for name, w in files.items():
-            entry["files"][name] = {"shape": list(shapes[name]), "sha256": w.close()}
-        atomic_write_text(tmp / "shard.json", json.dumps(entry, indent=1))
-        fsync_dir(tmp)
-        if refuse_link(folder, "build_teacher_cache").exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException as exc:  # a killed, interrupted or failed shard leaves no temporary folder
-        for w in files.values():
-            w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
-            raise ValueError(disk_full_message("build_teacher_cache", "out", tmp, exc, then=_RESUMES)) from None
-        raise
+    maps = {
+        name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=shapes[name])
+        for name, (dt, _) in _FILES.items()
+    }
+    data = arrays[0]
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        for s in range(0, n, batch_size):
+            ids = torch.from_numpy(np.asarray(data[s : s + batch_size], dtype=np.int64)).to(device)
+            out = _teacher_topk(teacher, ids, vocab, k, temperature)
+            for name, t in out.items():
+                maps[name][s : s + ids.shape[0]] = t.cpu().numpy()
+            bar.update(int(ids.shape[0]))
+    entry: dict[str, Any] = {"sequences": n, "seq_len": seq, "files": {}}
+    for name, m in maps.items():
+        m.flush()
+        del m
+        entry["files"][name] = {"shape": list(shapes[name]), "sha256": file_sha256(tmp / f"{name}.npy")}
+    maps.clear()
+    atomic_write_text(tmp / "shard.json", json.dumps(entry, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def _shard_ok(folder: Path, seq_len: int, k: int, n: int) -> bool:
@@ -263,18 +210,19 @@ def build_teacher_cache(
         "seq_len": int(packed.seq_len),
     }
     if (root / "manifest.json").is_file():
-        cache = TeacherCache(root)
+        cache = TeacherCache(root)  # a finished cache is verified before it is reused
         if {k: cache.manifest.get(k) for k in plan} == plan:
             return cache
     hint = "Wait for that build to finish (or stop it), or pass another out."
     with folder_lock(root, fn, "out", hint=hint) if rank == 0 else contextlib.nullcontext():
-        try:
-            _build(teacher, packed, root, plan, batch_size, device, autocast, progress)
-        except OSError as exc:
-            if is_disk_full(exc):  # plan.json, the manifest (a shard names its own folder)
-                raise ValueError(disk_full_message(fn, "out", root, exc, then=_RESUMES)) from None
-            raise
-    return TeacherCache(root)
+        _build(teacher, packed, root, plan, batch_size, device, autocast, progress)
+    try:
+        return TeacherCache(root)
+    except ValueError as exc:
+        raise ValueError(
+            f"{fn}: the cache just built in {str(root)!r} must pass its checks; got: {exc} (Values out of range "
+            "in a fresh build come from the teacher: check its weights and autocast dtype.)"
+        ) from None
 
 
 def _build(
@@ -407,18 +355,28 @@ class TeacherCache:
 
     Args:
         path: the cache folder (with ``manifest.json``).
-        verify: check every shard's SHA-256 against the manifest (reads every file once).
+        verify: check every file's SHA-256 and values even if the cache's stamp vouches for them.
+
+    Every open verifies: the first open after the cache changed (or with ``verify``) checks every
+    file's SHA-256 against the manifest and the values (``ddk.data.verify.check_teacher_values``:
+    ids in range, log-probabilities finite and <= 0, tail masses in [0, 1], the manifest's
+    ``teacher_ce`` equal to the shards'), then stamps the cache (``verified.json``) so that later
+    opens only compare each file's size, times and inode. A mismatch is a ``ValueError`` naming
+    the file and how to rebuild it.
+
 
     Attributes:
         manifest: the manifest dict (teacher, hashes, vocab_size, top_k, temperature, tokens, teacher_ce).
         names: domain names, in order. ``sizes``: training sequences per domain.
+        verified_now: whether this open hashed and checked the files (False: the stamp vouched).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = False) -> None:
         fn = "TeacherCache"
         self.root = Path(path)
         try:
-            man = json.loads((self.root / "manifest.json").read_text(encoding="utf-8"))
+            raw = (self.root / "manifest.json").read_bytes()
+            man = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ValueError(
                 f"{fn}: path must be a finished teacher cache (with manifest.json); got {str(self.root)!r}. "
@@ -428,6 +386,7 @@ class TeacherCache:
             raise ValueError(f"{fn}: {self.root / 'manifest.json'} is unreadable ({exc}).") from None
         if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
             raise ValueError(f"{fn}: {self.root} must hold a {FORMAT} v{VERSION} manifest; got another file.")
+        check_teacher_manifest(self.root, man, list(_FILES), SPLITS)
         self.manifest = man
         self.names: list[str] = list(man["names"])
         self.seq_len = int(man["seq_len"])
@@ -441,13 +400,29 @@ class TeacherCache:
                 arrays = {}
                 for name, f in entry["files"].items():
                     p = folder / f"{name}.npy"
-                    if verify and file_sha256(p) != f["sha256"]:
-                        raise ValueError(f"{fn}: {p} does not match its SHA-256 in the manifest; rebuild the cache.")
                     arrays[name] = np.load(p, mmap_mode="r")
-                    if list(arrays[name].shape) != f["shape"]:
-                        raise ValueError(f"{fn}: {p} has shape {arrays[name].shape}, the manifest says {f['shape']}.")
+                    if list(arrays[name].shape) != f["shape"] or arrays[name].dtype != np.dtype(_FILES[name][0]):
+                        raise ValueError(
+                            f"{fn}: {p} must hold a {_FILES[name][0]} array of shape {f['shape']} (its manifest's); "
+                            f"got {arrays[name].dtype.str} {list(arrays[name].shape)}. {teacher_rebuild_hint(self.root, folder)}"
+                        )
                 shards.append(arrays)
             self._arrays[split] = shards
+
+        def mismatch(path: Path, expected: str, got: str) -> str:
+            return (
+                f"{fn}: {path} must have the SHA-256 its manifest gives ({expected}); got {got}: it changed after "
+                f"the build. {teacher_rebuild_hint(self.root, path.parent)}"
+            )
+
+        self.verified_now = verify_cache(
+            self.root,
+            raw,
+            teacher_files(man),
+            check_values=lambda: check_teacher_values(self.root, man, self._arrays),
+            mismatch=mismatch,
+            force=verify,
+        )
 
     def arrays(self, split: str) -> list[dict[str, np.ndarray]]:
         """Per domain, the memory-mapped arrays of ``split`` (``"train"`` or ``"validation"``):

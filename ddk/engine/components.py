@@ -142,9 +142,10 @@ def build_components(
 def open_teacher_cache(
     cache: Any, tokenizer: Any, *, temperature: float, seq_len: int | None, fn: str = "distill"
 ) -> Any:
-    """The ``ddk.data.TeacherCache`` of ``cache`` (a folder or an opened cache), checked against the
-    tokenizer (its hash and size), the temperature and the sequence length; a mismatch is a
-    ``ValueError`` naming it."""
+    """The ``ddk.data.TeacherCache`` of ``cache`` (a folder or an opened cache), verified (every
+    file's SHA-256 and values on the first open after it changed, ``ddk.data.verify``) and checked
+    against the tokenizer (its hash and size), the temperature and the sequence length; a mismatch
+    is a ``ValueError`` naming it."""
     from ddk.data import TeacherCache, tokenizer_hash
 
     opened = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)

@@ -4,6 +4,8 @@ resume, manifest checks) with tiny saved Llama and padded-vocabulary Qwen2 teach
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +121,128 @@ def test_a_damaged_shard_is_rebuilt_and_bad_caches_are_named(tmp_path: Path) -> 
         <= positions * cache.manifest["bytes_per_token"] + files * 128
     )  # + npy headers
     assert json.loads((cache.root / "plan.json").read_text())["top_k"] == 2
+
+
+# ---------------------------------------------------------------------------- verify on read
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished cache (k = 3), copied by each test that damages it."""
+    root = tmp_path_factory.mktemp("built")
+    teacher, tok, packed = _setup(root)
+    return build_teacher_cache(teacher, packed, root / "cache", top_k=3, vocab_size=len(tok), progress=False).root
+
+
+def _copy(built: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(built, tmp_path / "cache"))
+
+
+def _forge(root: Path, shard: str, name: str, change) -> Path:  # type: ignore[no-untyped-def]
+    """Rewrite one shard file with ``change(array)`` and its SHA-256 in the manifest (a consistent forgery)."""
+    from ddk._io import file_sha256
+
+    p = root / "shards" / shard / f"{name}.npy"
+    np.save(p, change(np.load(p).copy()))
+    man = json.loads((root / "manifest.json").read_text())
+    man["shards"][shard]["files"][name]["sha256"] = file_sha256(p)
+    (root / "manifest.json").write_text(json.dumps(man, indent=1))
+    return p
+
+
+def _rebuild(root: Path, folder: Path | None) -> str:
+    what = f"{folder} and {root / 'manifest.json'}" if folder is not None else str(root / "manifest.json")
+    return re.escape(f"To rebuild it, delete {what} and run `ddk teacher-cache` again")
+
+
+def test_teacher_cache_flipped_byte_is_named_with_how_to_rebuild(built: Path, tmp_path: Path) -> None:
+    root = _copy(built, tmp_path)
+    f = root / "shards" / "validation-1" / "topk_logprobs.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x80
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"TeacherCache: {f} must have the SHA-256 its manifest gives")
+                       + ".*" + _rebuild(root, f.parent)):  # fmt: skip
+        TeacherCache(root)
+
+
+def _set(value: float, at: tuple[int, ...] = (0, 1)):  # type: ignore[no-untyped-def]
+    def change(a: np.ndarray) -> np.ndarray:
+        a[at] = value
+        return a
+
+    return change
+
+
+ATTACKS = {
+    "sign-flipped log-probabilities (p > 1)": ("train-0", "topk_logprobs", lambda a: -a, "log-probabilities <= 0 and finite"),
+    "NaN log-probability": ("train-1", "topk_logprobs", _set(np.nan, (0, 2, 1)), "log-probabilities <= 0 and finite"),
+    "infinite log-probability": ("validation-0", "topk_logprobs", _set(-np.inf, (0, 0, 0)), "log-probabilities <= 0 and finite"),
+    "tail mass 5.0": ("train-2", "tail", lambda a: np.full_like(a, 5.0), "tail masses in [0, 1]"),
+    "tail mass -1.0": ("validation-2", "tail", _set(-1.0, (0, 3)), "tail masses in [0, 1]"),
+    "top-k id = V": ("train-1", "topk_ids", _set(10**6, (0, 4, 2)), "token ids in [0, "),
+    "top-k id -1": ("validation-1", "topk_ids", _set(-1, (0, 0, 0)), "token ids in [0, "),
+    "input id = V": ("train-0", "input_ids", _set(10**6, (0, 5)), "token ids in [0, "),
+    "input id -1": ("validation-0", "input_ids", _set(-1, (0, 0)), "token ids in [0, "),
+    "positive label log-probability": ("validation-1", "label_logprob", _set(3.0, (0, 2)), "log-probabilities <= 0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_teacher_cache_values_out_of_range_are_an_error(built: Path, tmp_path: Path, attack: str) -> None:
+    shard, name, change, what = ATTACKS[attack]
+    root = _copy(built, tmp_path)
+    TeacherCache(root)  # the intact copy opens
+    p = _forge(root, shard, name, change)
+    with pytest.raises(
+        ValueError, match=re.escape(f"TeacherCache: {p} must hold {what}") + ".*" + _rebuild(root, p.parent)
+    ):
+        TeacherCache(root)
+
+
+@pytest.mark.parametrize("key", ["teacher_ce", "tokens"])
+def test_teacher_cache_edited_manifest_teacher_ce_is_an_error(built: Path, tmp_path: Path, key: str) -> None:
+    root = _copy(built, tmp_path)
+    man = json.loads((root / "manifest.json").read_text())
+    true = man[key]["validation"][1]
+    man[key]["validation"][1] = true * 0.5 if key == "teacher_ce" else true - 1
+    (root / "manifest.json").write_text(json.dumps(man, indent=1))
+    with pytest.raises(ValueError, match=re.escape(f"manifest.json {key}['validation'][1] must equal") + ".*"
+                       + _rebuild(root, None)):  # fmt: skip
+        TeacherCache(root)
+    man["shards"].pop("train-0")
+    (root / "manifest.json").write_text(json.dumps(man, indent=1))
+    with pytest.raises(ValueError, match=re.escape("must hold shards, one entry per split and domain")):
+        TeacherCache(root)
+
+
+def test_teacher_cache_second_open_trusts_the_stamp_a_changed_file_is_hashed_again(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ddk.data.verify as verify
+
+    root = _copy(built, tmp_path)  # a copy: new inodes, so the first open checks every file
+    hashed: list[Path] = []
+    real = verify.file_sha256
+
+    def counting(path):  # type: ignore[no-untyped-def]
+        hashed.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(verify, "file_sha256", counting)
+    files = sorted((root / "shards").rglob("*.npy"))
+    assert TeacherCache(root).verified_now and sorted(hashed) == files
+    hashed.clear()
+    assert not TeacherCache(root).verified_now and hashed == []  # unchanged: a stat per file
+    f = root / "shards" / "train-1" / "tail.npy"
+    f.write_bytes(f.read_bytes() + b"")  # rewritten in place: the same bytes, a newer mtime
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert TeacherCache(root).verified_now and sorted(hashed) == files
+    hashed.clear()
+    assert not TeacherCache(root).verified_now and hashed == []
+    with (root / "shards" / "train-0" / "input_ids.npy").open("ab") as g:
+        g.write(b"\0" * 8)  # another size
+    with pytest.raises(ValueError, match="must have the SHA-256 its manifest gives"):
+        TeacherCache(root)
+    assert TeacherCache(built, verify=True).verified_now  # verify=True: checked whatever the stamp says
