@@ -19,9 +19,11 @@ Position ``j`` holds the teacher's distribution of token ``j + 1`` (the last pos
 ``ddk.fused_linear_sparse_kd_loss(..., shift=True)`` expects. The teacher's vocabulary is cut to
 ``vocab_size`` (the student's) before the softmax, as the online loss slices a padded teacher.
 
-A shard is written into a temporary folder and renamed, so a killed build loses at most the shard
-it was writing; running the build again skips the finished shards (their digests checked). Under
-``torch.distributed`` the shards are dealt round-robin to the ranks; rank 0 writes the manifest.
+A shard is written into a temporary folder (ordinary file writes, no memory map, so a full disk
+is an error naming the folder; each file ``fsync``-ed) and renamed, so a killed build loses at
+most the shard it was writing; running the build again skips the finished shards (their digests
+checked). Under ``torch.distributed`` the shards are dealt round-robin to the ranks; rank 0
+writes the manifest.
 
 ``TeacherCache(out)`` opens a complete cache, verified (every file's SHA-256 and its values the
 first time it is opened after it changed, a stamp for later opens: ``ddk.data.verify``; ``check``
@@ -34,6 +36,8 @@ plus the teacher's exact per-domain validation CE (``teacher_ce``), so a run nee
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
@@ -45,7 +49,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddk._io import atomic_write_text, file_sha256, folder_lock, json_fingerprint
+from ddk._io import (
+    atomic_write_text,
+    disk_full_message,
+    file_sha256,
+    folder_lock,
+    fresh_dir,
+    fsync_dir,
+    is_disk_full,
+    json_fingerprint,
+    open_nofollow,
+    refuse_link,
+)
 from ddk.data.verify import (
     check_teacher_manifest,
     check_teacher_values,
@@ -98,6 +113,46 @@ def _teacher_topk(
     }
 
 
+_RESUMES = "the finished shards are kept and the build resumes."
+
+
+class _NpyWriter:
+    """One ``.npy`` file written front to back with ordinary file I/O (no memory map: a full disk
+    is an ``OSError``, not a SIGBUS), never through a link, hashed (SHA-256) as it is written."""
+
+    def __init__(self, path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.sha = hashlib.sha256()
+        self.f: Any = open_nofollow(path, "wb", fn="build_teacher_cache")
+        head = io.BytesIO()
+        descr = np.lib.format.dtype_to_descr(self.dtype)
+        np.lib.format.write_array_header_1_0(head, {"descr": descr, "fortran_order": False, "shape": shape})
+        self._write(head.getvalue())
+        self.rows = 0
+
+    def _write(self, b: bytes) -> None:
+        self.f.write(b)
+        self.sha.update(b)
+
+    def append(self, rows: np.ndarray) -> None:
+        """Write the next ``rows`` (along the first axis) of the array."""
+        self._write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += int(rows.shape[0])
+
+    def close(self) -> str:
+        """Flush, ``fsync`` and close; return the file's SHA-256."""
+        if self.rows != (self.shape[0] if self.shape else 0):
+            raise RuntimeError(f"build_teacher_cache: {self.path} got {self.rows} rows; its header says {self.shape}.")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return self.sha.hexdigest()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+
+
 def _write_shard(
     folder: Path, arrays: Sequence[np.ndarray], teacher: Any, vocab: int, k: int, temperature: float,
     batch_size: int, device: torch.device, autocast: torch.dtype | None, bar: Any,
@@ -106,32 +161,40 @@ def _write_shard(
     n = int(arrays[0].shape[0]) if len(arrays) else 0
     seq = int(arrays[0].shape[1]) if n else 0
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fresh_dir(tmp, "build_teacher_cache")  # a link there is an error, never written through
     shapes = {"input_ids": (n, seq), "topk_ids": (n, seq, k), "topk_logprobs": (n, seq, k), "tail": (n, seq),
               "label_logprob": (n, seq)}  # fmt: skip
-    maps = {
-        name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=shapes[name])
-        for name, (dt, _) in _FILES.items()
-    }
-    data = arrays[0]
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        for s in range(0, n, batch_size):
-            ids = torch.from_numpy(np.asarray(data[s : s + batch_size], dtype=np.int64)).to(device)
-            out = _teacher_topk(teacher, ids, vocab, k, temperature)
-            for name, t in out.items():
-                maps[name][s : s + ids.shape[0]] = t.cpu().numpy()
-            bar.update(int(ids.shape[0]))
-    entry: dict[str, Any] = {"sequences": n, "seq_len": seq, "files": {}}
-    for name, m in maps.items():
-        m.flush()
-        del m
-        entry["files"][name] = {"shape": list(shapes[name]), "sha256": file_sha256(tmp / f"{name}.npy")}
-    maps.clear()
-    atomic_write_text(tmp / "shard.json", json.dumps(entry, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    files: dict[str, _NpyWriter] = {}
+    try:
+        for name, (dt, _) in _FILES.items():
+            files[name] = _NpyWriter(tmp / f"{name}.npy", dt, shapes[name])
+        data = arrays[0]
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None),
+        ):
+            for s in range(0, n, batch_size):
+                ids = torch.from_numpy(np.asarray(data[s : s + batch_size], dtype=np.int64)).to(device)
+                out = _teacher_topk(teacher, ids, vocab, k, temperature)
+                for name, t in out.items():
+                    files[name].append(t.cpu().numpy())
+                bar.update(int(ids.shape[0]))
+        entry: dict[str, Any] = {"sequences": n, "seq_len": seq, "files": {}}
+        for name, w in files.items():
+            entry["files"][name] = {"shape": list(shapes[name]), "sha256": w.close()}
+        atomic_write_text(tmp / "shard.json", json.dumps(entry, indent=1))
+        fsync_dir(tmp)
+        if refuse_link(folder, "build_teacher_cache").exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException as exc:  # a killed, interrupted or failed shard leaves no temporary folder
+        for w in files.values():
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise ValueError(disk_full_message("build_teacher_cache", "out", tmp, exc, then=_RESUMES)) from None
+        raise
 
 
 def _shard_ok(folder: Path, seq_len: int, k: int, n: int) -> bool:
@@ -215,7 +278,12 @@ def build_teacher_cache(
             return cache
     hint = "Wait for that build to finish (or stop it), or pass another out."
     with folder_lock(root, fn, "out", hint=hint) if rank == 0 else contextlib.nullcontext():
-        _build(teacher, packed, root, plan, batch_size, device, autocast, progress)
+        try:
+            _build(teacher, packed, root, plan, batch_size, device, autocast, progress)
+        except OSError as exc:
+            if is_disk_full(exc):  # plan.json, the manifest (a shard names its own folder)
+                raise ValueError(disk_full_message(fn, "out", root, exc, then=_RESUMES)) from None
+            raise
     try:
         return TeacherCache(root)
     except ValueError as exc:

@@ -131,3 +131,37 @@ def test_a_sigkilled_teacher_cache_build_resumes_to_the_same_cache(tmp_path: Pat
         for a, b in zip(clean.arrays(split), cut.arrays(split)):
             assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
     assert not list((tmp_path / "cut" / "shards").glob(".*.tmp-*"))  # the killed shard's folder is gone
+
+
+def test_a_full_disk_during_the_build_is_an_error_naming_the_folder_and_the_build_resumes(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """ENOSPC while a shard is written (shards were written through a memory map: a bare "Bus error")."""
+    import errno
+
+    import ddk.data.teacher_cache as tc
+
+    teacher, _, corpus = own_models(tmp_path)
+    argv = ["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "tc")]
+    argv += ["--top-k", "4", "--data-dir", str(tmp_path / "cache"), *SMALL]
+    orig = tc._NpyWriter.append
+
+    def full(self, rows):  # type: ignore[no-untyped-def]
+        if self.path.parent.name.startswith(".train-2."):  # the third shard runs out of space
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(self, rows)
+
+    monkeypatch.setattr(tc._NpyWriter, "append", full)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    shards = tmp_path / "tc" / "shards"
+    assert (
+        f"ddk teacher-cache: error: build_teacher_cache: out must be on a disk with free space; got no space left "
+        f"while writing '{shards}/.train-2.tmp-" in err
+    ), err
+    assert "the finished shards are kept and the build resumes." in err
+    assert sorted(p.name for p in shards.iterdir()) == ["train-0", "train-1"]  # the torn shard's folder removed
+    monkeypatch.setattr(tc._NpyWriter, "append", orig)
+    assert main(argv) == 0  # the same command resumes
+    cache = TeacherCache(tmp_path / "tc", verify=True)
+    assert cache.top_k == 4 and len(list(shards.iterdir())) == 6
