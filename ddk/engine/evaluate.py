@@ -60,10 +60,10 @@ def _check_teacher_of(run: Path, info: dict[str, Any], current: dict[str, Any] |
 
 def _summary_teacher_ce(run: Path, fn: str) -> list[float]:
     """The reference CE a run without a teacher logged (``summary.json``'s ``teacher_ce``)."""
-    import json
+    from ddk._io import read_json
 
     try:
-        ce = json.loads((run / "summary.json").read_text(encoding="utf-8"))["teacher_ce"]
+        ce = read_json(run / "summary.json", fn=fn)["teacher_ce"]
         return [float(x) for x in ce]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(

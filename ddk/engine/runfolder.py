@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddk._io import LOCK_NAME, atomic_write_text, folder_lock, json_fingerprint, refuse_link
+from ddk._io import LOCK_NAME, atomic_write_text, folder_lock, json_fingerprint, read_json, refuse_link
 from ddk.distributed import rank_world
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.config import RunConfig, config_from_dict
@@ -129,8 +129,8 @@ def read_run_config(run: Path, fn: str = "evaluate") -> RunConfig:
     """The ``config.json`` of a run folder, validated like user input (types, ranges, known options)."""
     path = run / "config.json"
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        saved = read_json(path, fn=fn)  # size and nesting capped
+    except (OSError, ValueError) as exc:
         raise ValueError(
             f"{fn}: {path} must be the JSON config written by ddk distill; got an unreadable file "
             f"({type(exc).__name__}: {exc})."
@@ -147,9 +147,9 @@ def check_student_of(run: Path, cfg: RunConfig, fn: str = "evaluate") -> dict[st
     """``run/student`` was trained with ``run/config.json`` (its ``ddk_run.json`` holds the same digest); return that ``ddk_run.json``."""
     want = config_digest(cfg)
     try:
-        info = json.loads((run / "student" / RUN_INFO).read_text(encoding="utf-8"))
+        info = read_json(run / "student" / RUN_INFO, fn=fn)
         got = info.get("config_digest")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         info, got = {}, None
     if got != want:
         raise ValueError(

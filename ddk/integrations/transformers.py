@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from ddk._io import atomic_write_text
+from ddk._io import atomic_write_text, read_json
 from ddk.controller import DDKController
 from ddk.distributed import is_fsdp
 from ddk.engine import checkpoint as ckpt
@@ -538,7 +538,9 @@ class DDKTrainer(Trainer):
                 raise ValueError(
                     f"{fn}: the checkpoint must hold {DDK_STATE_NAME} (saved by DDKTrainer); got none in {path}."
                 )
-            self.controller.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
+            state = read_json(state_file, max_bytes=ckpt.MAX_STATE_BYTES, max_depth=ckpt.STATE_MAX_DEPTH, fn=fn)
+            self._check_drawn(state, Path(path), fn)
+            self.controller.load_state_dict(state)  # validated whole: a rejected state changes nothing
             rng = _rng_file(path, self.args.process_index, self.args.world_size)
             if rng.is_file():
                 self._pending_rng = rng
@@ -558,6 +560,21 @@ class DDKTrainer(Trainer):
                 self.state = done
                 return TrainOutput(done.global_step, 0.0, {})
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_drawn(self, state: Any, path: Path, fn: str) -> None:
+        """The sampler of ``ddk_state.json`` drew one global batch per micro-step of ``trainer_state.json``'s steps."""
+        trainer_state = path / "trainer_state.json"
+        if not trainer_state.is_file() or not isinstance(state, dict) or not isinstance(state.get("sampler"), dict):
+            return  # the controller's own check names a malformed state
+        step = read_json(trainer_state, fn=fn).get("global_step")
+        want = step * int(self.args.gradient_accumulation_steps) if isinstance(step, int) else None
+        got = state["sampler"].get("batches_yielded")
+        if got != want:
+            raise ValueError(
+                f"{fn}: {path / DDK_STATE_NAME} field sampler.batches_yielded must equal global_step x "
+                f"gradient_accumulation_steps = {step} x {self.args.gradient_accumulation_steps} (trainer_state.json); "
+                f"got {got!r}. Resume from another checkpoint."
+            )
 
     def _finished_at(self, path: str) -> Any:
         """The ``TrainerState`` of checkpoint ``path`` when it is at ``max_steps`` or past it, else None."""

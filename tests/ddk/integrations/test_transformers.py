@@ -164,6 +164,26 @@ def test_ddktrainer_resume_without_ddk_state_raises(tmp_path):
         tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
+def test_ddktrainer_resume_refuses_a_deep_or_inconsistent_ddk_state(tmp_path):
+    import json
+
+    ck = tmp_path / "checkpoint-2"
+    ck.mkdir()
+    tr = _low_level(str(tmp_path), max_steps=4)
+    (ck / "ddk_state.json").write_text("[" * 900 + "]" * 900)
+    with pytest.raises(ValueError, match=r"ddk_state\.json must be JSON nested at most \d+ deep; got 900 levels"):
+        tr.train(resume_from_checkpoint=str(ck))
+    state = tr.controller.state_dict()  # batches_yielded 0, where 2 steps drew 2 batches
+    (ck / "ddk_state.json").write_text(json.dumps(state))
+    (ck / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    with pytest.raises(
+        ValueError,
+        match=r"ddk_state\.json field sampler\.batches_yielded must equal global_step x gradient_accumulation_steps = "
+        r"2 x 1 \(trainer_state\.json\); got 0\.",
+    ):
+        tr.train(resume_from_checkpoint=str(ck))
+
+
 def test_ddktrainer_evaluate_runs_on_eval_batches_without_sampler_index(tmp_path):
     tr = _low_level(str(tmp_path / "eval"), max_steps=1)
     tr.compute_loss = functools.partial(DDKTrainer.compute_loss, tr)
