@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ddk._io import DIR_MODE
+from ddk.data.mapped import MappedRows, Rows
 from ddk.data.packed import PackedDomains
 from ddk.data.tokens import _DTYPE, _FORMAT, _Windows
 from ddk.data.verify import check_token_values, verify_cache
@@ -70,8 +71,8 @@ def _commit(tmp: Path, root: Path, meta: dict[str, Any]) -> None:
 
 def _open_cache(root: Path, *, key: str, verify: bool, vocab: int) -> tuple[PackedDomains, dict[str, int]]:
     """The finished cache at ``root``, verified (``ddk.data.verify``: sizes; sha256s and token ids
-    below ``vocab`` when the files changed since the last check, or with ``verify``), memory-mapped,
-    and the domains whose validation was capped when it was built (name -> sequences)."""
+    below ``vocab`` when the files changed since the last check, or with ``verify``), its arrays
+    ``MappedRows`` (mapped on demand), and the domains whose validation was capped when it was built (name -> sequences)."""
     fn = "pack_domains"
     try:
         raw = (root / _META).read_bytes()
@@ -87,7 +88,7 @@ def _open_cache(root: Path, *, key: str, verify: bool, vocab: int) -> tuple[Pack
         )
     _check_meta(root, meta)
     L = int(meta["seq_len"])
-    arrays: dict[str, list[np.ndarray]] = {"train": [], "validation": []}
+    arrays: dict[str, list[Rows]] = {"train": [], "validation": []}
     for side in ("train", "validation"):
         for entry in meta[side]:
             path = root / entry["file"]
@@ -99,9 +100,8 @@ def _open_cache(root: Path, *, key: str, verify: bool, vocab: int) -> tuple[Pack
                     f"{fn}: cache file {path} must hold {expected} bytes ({n} x {L} int32); got {size}. "
                     f"The cache is damaged: delete {root} to rebuild it."
                 )
-            arrays[side].append(
-                np.memmap(path, dtype=_DTYPE, mode="r", shape=(n, L)) if n else np.empty((0, L), dtype=_DTYPE)
-            )
+            # mapped on demand, not held open: no descriptor per domain (ddk.data.mapped)
+            arrays[side].append(MappedRows(path, (n, L), _DTYPE) if n else np.empty((0, L), dtype=_DTYPE))
 
     def mismatch(path: Path, expected: str, got: str) -> str:
         return f"{fn}: cache file {path} must have sha256 {expected}; got {got}. The cache is damaged: delete {root} to rebuild it."

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddk.data.mapped import Rows
+
 __all__ = ["DomainCollator", "DomainSequenceDataset", "PackedDomains"]
 
 
@@ -33,7 +35,8 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
     ``domain_of(i)`` equals ``dataset[i]["domain_id"]``.
 
     Args:
-        arrays: per domain a ``(n_d, L)`` integer array (``np.ndarray`` or ``np.memmap``); ``L``
+        arrays: per domain a ``(n_d, L)`` integer array (``np.ndarray``, ``np.memmap`` or
+            ``ddk.data.mapped.MappedRows``); ``L``
             is the same for all.
         names: ``(D,)`` domain names, one per array.
 
@@ -48,7 +51,7 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
         ([9, 9, 9], torch.int64, 1)
     """
 
-    def __init__(self, arrays: Sequence[np.ndarray], names: Sequence[str]) -> None:
+    def __init__(self, arrays: Sequence[Rows], names: Sequence[str]) -> None:
         fn = "DomainSequenceDataset"
         if isinstance(names, str) or len(arrays) != len(names) or not arrays:
             raise ValueError(
@@ -57,7 +60,7 @@ class DomainSequenceDataset(torch.utils.data.Dataset):
         lengths = {a.shape[1] for a in arrays if getattr(a, "ndim", 0) == 2}
         if len(lengths) != 1 or any(getattr(a, "ndim", 0) != 2 for a in arrays):
             raise ValueError(
-                f"{fn}: arrays must all be 2-D (n_d, L) with the same L; got shapes {[np.shape(a) for a in arrays]}."
+                f"{fn}: arrays must all be 2-D (n_d, L) with the same L; got shapes {[getattr(a, 'shape', None) for a in arrays]}."
             )
         self._arrays = list(arrays)
         self._names = tuple(names)
@@ -251,7 +254,8 @@ class PackedDomains:
         names: ``(D,)`` sorted domain names; the order of weights, sampler domains and
             ``domain_id`` everywhere.
         seq_len: tokens per sequence ``L``.
-        train: per domain a ``(n_i, L)`` int32 array (``np.memmap`` when cached).
+        train: per domain a ``(n_i, L)`` int32 array (when cached a ``ddk.data.mapped.MappedRows``,
+            read from its file on demand: no file stays open per domain).
         validation: per domain a ``(m_i, L)`` int32 array, ``1 <= m_i <= val_samples``.
         eos_token_id: the id appended after every document.
         key: content hash of the records, the tokenizer and the packing options (the cache
@@ -261,8 +265,8 @@ class PackedDomains:
 
     names: tuple[str, ...]
     seq_len: int
-    train: tuple[np.ndarray, ...]
-    validation: tuple[np.ndarray, ...]
+    train: tuple[Rows, ...]
+    validation: tuple[Rows, ...]
     eos_token_id: int
     key: str
     root: Path | None

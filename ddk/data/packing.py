@@ -166,7 +166,8 @@ def pack_domains(
 
     Returns:
         ``PackedDomains``: per domain, in sorted name order, ``train`` ``(n_i, L)`` and
-        ``validation`` ``(m_i, L)`` int32 arrays (``np.memmap`` when cached), with the cache key.
+        ``validation`` ``(m_i, L)`` int32 arrays (``ddk.data.mapped.MappedRows`` when cached: read
+        on demand, no file held open per domain), with the cache key.
 
     Raises:
         ValueError: bad arguments or records, a tokenizer without EOS, unknown ``domains``,

@@ -61,6 +61,7 @@ from ddk._io import (
     open_nofollow,
     refuse_link,
 )
+from ddk.data.mapped import Rows, open_npy
 from ddk.data.verify import (
     check_teacher_manifest,
     check_teacher_values,
@@ -154,7 +155,7 @@ class _NpyWriter:
 
 
 def _write_shard(
-    folder: Path, arrays: Sequence[np.ndarray], teacher: Any, vocab: int, k: int, temperature: float,
+    folder: Path, arrays: Sequence[Rows], teacher: Any, vocab: int, k: int, temperature: float,
     batch_size: int, device: torch.device, autocast: torch.dtype | None, bar: Any,
 ) -> None:  # fmt: skip
     """One shard: the teacher over ``arrays`` (one domain's split), written atomically into ``folder``."""
@@ -374,7 +375,7 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
     "teacher_topk_logprobs": (L, k) float32, "teacher_tail": (L,) float32}``.
     """
 
-    def __init__(self, shards: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def __init__(self, shards: Sequence[Mapping[str, Rows]]) -> None:
         self._shards = list(shards)
         self._sizes = [int(s["input_ids"].shape[0]) for s in self._shards]
         self._offsets = np.cumsum([0] + self._sizes)
@@ -419,7 +420,9 @@ class TeacherCacheCollator:
 
 
 class TeacherCache:
-    """A complete teacher cache (see the module docstring), opened memory-mapped.
+    """A complete teacher cache (see the module docstring), its files mapped on demand
+    (``ddk.data.mapped.MappedRows``: no file stays open per shard, so thousands of domains fit
+    the descriptor limit).
 
     Args:
         path: the cache folder (with ``manifest.json``).
@@ -431,7 +434,6 @@ class TeacherCache:
     ``teacher_ce`` equal to the shards'), then stamps the cache (``verified.json``) so that later
     opens only compare each file's size, times and inode. A mismatch is a ``ValueError`` naming
     the file and how to rebuild it.
-
 
     Attributes:
         manifest: the manifest dict (teacher, hashes, vocab_size, top_k, temperature, tokens, teacher_ce).
@@ -459,16 +461,16 @@ class TeacherCache:
         self.names: list[str] = list(man["names"])
         self.seq_len = int(man["seq_len"])
         self.key = f"teacher-cache:{json_fingerprint({k: man[k] for k in ('corpus_key', 'teacher_config_hash', 'top_k', 'temperature')})}"
-        self._arrays: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._arrays: dict[str, list[dict[str, Rows]]] = {}
         for split in SPLITS:
-            shards = []
+            shards: list[dict[str, Rows]] = []
             for i in range(len(self.names)):
                 folder = self.root / "shards" / f"{split}-{i}"
                 entry = man["shards"][f"{split}-{i}"]
-                arrays = {}
+                arrays: dict[str, Rows] = {}
                 for name, f in entry["files"].items():
                     p = folder / f"{name}.npy"
-                    arrays[name] = np.load(p, mmap_mode="r")
+                    arrays[name] = open_npy(p)  # mapped on demand: no descriptor per file
                     if list(arrays[name].shape) != f["shape"] or arrays[name].dtype != np.dtype(_FILES[name][0]):
                         raise ValueError(
                             f"{fn}: {p} must hold a {_FILES[name][0]} array of shape {f['shape']} (its manifest's); "
@@ -492,8 +494,8 @@ class TeacherCache:
             force=verify,
         )
 
-    def arrays(self, split: str) -> list[dict[str, np.ndarray]]:
-        """Per domain, the memory-mapped arrays of ``split`` (``"train"`` or ``"validation"``):
+    def arrays(self, split: str) -> list[dict[str, Rows]]:
+        """Per domain, the arrays (``MappedRows``, read on demand) of ``split`` (``"train"`` or ``"validation"``):
         ``input_ids``, ``topk_ids``, ``topk_logprobs``, ``tail``, ``label_logprob``."""
         if split not in SPLITS:
             raise ValueError(f"TeacherCache.arrays: split must be one of {SPLITS}; got {split!r}.")
@@ -506,11 +508,11 @@ class TeacherCache:
         return [int(s["input_ids"].shape[0]) for s in self._arrays["train"]]
 
     @property
-    def train(self) -> list[np.ndarray]:
+    def train(self) -> list[Rows]:
         return [s["input_ids"] for s in self._arrays["train"]]
 
     @property
-    def validation(self) -> list[np.ndarray]:
+    def validation(self) -> list[Rows]:
         return [s["input_ids"] for s in self._arrays["validation"]]
 
     def train_dataset(self) -> TeacherCacheDataset:

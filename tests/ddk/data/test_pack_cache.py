@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ddk.data.mapped import MappedRows
 from ddk.data.packing import pack_domains, tokenizer_hash
 
 L = 16
@@ -58,7 +59,7 @@ def test_pack_domains_cache_hit_memory_maps_without_tokenizing(tok, records, tmp
     for a, b, c in zip(
         again.train + again.validation, first.train + first.validation, uncached.train + uncached.validation
     ):
-        assert isinstance(a, np.memmap) and a.dtype == np.int32
+        assert isinstance(a, MappedRows) and a.dtype == np.int32  # read on demand: no descriptor held
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
     assert uncached.key == first.key
@@ -221,3 +222,18 @@ def test_pack_domains_pretokenized_ids_beyond_the_vocabulary_are_an_error(tok, t
         match=re.escape(f"records[0]['input_ids'] must be ids in [0, {len(tok)} (the tokenizer's vocabulary))"),
     ):
         pack_domains(recs, tok, cache_dir=tmp_path, **_quiet())
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_pack_domains_cache_holds_no_descriptor_per_domain(tok, tmp_path):
+    from ddk.data.mapped import MAX_OPEN
+
+    recs = [{"domain": f"d{i:03d}", "text": f"document {j} of domain {i} " * 3} for i in range(300) for j in range(3)]
+    kw: dict[str, Any] = dict(seq_len=8, val_samples=1, progress=False)
+    pack_domains(recs, tok, cache_dir=tmp_path, **kw)
+    before = len(os.listdir("/proc/self/fd"))
+    packed = pack_domains(recs, tok, cache_dir=tmp_path, **kw)  # a hit: 600 files
+    ds = packed.train_dataset()
+    assert len(packed.names) == 300 and all(ds[i]["input_ids"].shape == (8,) for i in range(len(ds)))
+    assert len(packed.validation_batches(4)) == 300
+    assert len(os.listdir("/proc/self/fd")) <= before + MAX_OPEN  # a memmap per file held 600

@@ -246,3 +246,21 @@ def test_teacher_cache_second_open_trusts_the_stamp_a_changed_file_is_hashed_aga
     with pytest.raises(ValueError, match="must have the SHA-256 its manifest gives"):
         TeacherCache(root)
     assert TeacherCache(built, verify=True).verified_now  # verify=True: checked whatever the stamp says
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc/self/fd")
+def test_teacher_cache_holds_no_descriptor_per_shard(tmp_path: Path) -> None:
+    from ddk.data.mapped import MAX_OPEN
+
+    teacher_dir, student_dir = make_pair(tmp_path / "m", "llama")
+    tok = AutoTokenizer.from_pretrained(str(student_dir))
+    recs = [{"domain": f"d{i:02d}", "text": f"document {j} of domain {i} " * 3} for i in range(20) for j in range(3)]
+    packed = pack_domains(recs, tok, seq_len=8, val_samples=1, progress=False)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    build_teacher_cache(teacher, packed, tmp_path / "cache", top_k=2, progress=False)
+    before = len(os.listdir("/proc/self/fd"))
+    cache = TeacherCache(tmp_path / "cache")  # 20 domains x 2 splits x 5 files: 200 files
+    ds = cache.train_dataset()
+    assert all(ds[i]["teacher_topk_ids"].shape == (8, 2) for i in range(len(ds)))
+    assert len(cache.validation_batches(4)) == 20
+    assert len(os.listdir("/proc/self/fd")) <= before + MAX_OPEN  # a memmap per file held 200

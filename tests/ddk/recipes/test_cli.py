@@ -70,3 +70,57 @@ def test_cli_distill_exits_75_on_sigterm_with_its_checkpoint(tmp_path):
     (path,) = [p for _, p in ckpt.checkpoints(Path(cfg.out))]
     step = ckpt.load_checkpoint(path)["step"]
     assert 2 <= step < 200 and f"ddk distill: stopped by SIGTERM after step {step}" in err
+
+
+@needs_hf
+@pytest.mark.e2e
+def test_cli_distill_2000_domains_under_a_limit_of_256_descriptors(tmp_path: Path) -> None:
+    """``ddk distill`` online and ``ddk teacher-cache`` then ``ddk distill --teacher-cache`` with
+    2,000 domains in a process allowed 256 open files: no descriptor per domain (a memmap per cache
+    file held 2 per domain, 10 with a teacher cache)."""
+    import json as _json
+    import random
+
+    resource = pytest.importorskip("resource")
+    from recipe_cases import own_models
+
+    teacher, student, _ = own_models(tmp_path)
+    rng, words = random.Random(0), "the of and to in she he was that it her his had with for as you not".split()
+    corpus = tmp_path / "many.jsonl"
+    with corpus.open("w") as f:
+        for d in range(2000):
+            for _ in range(4):
+                f.write(_json.dumps({"domain": f"d{d:04d}", "text": " ".join(rng.choices(words, k=12))}) + "\n")
+    small = ["--seq-len", "8", "--val-samples", "1", "--eval-batch-size", "64", "--no-progress", "--device", "cpu"]
+    small += ["--threads", "1", "--data-dir", str(tmp_path / "cache")]
+    run = ["--student", str(student), "--steps", "2", "--batch-size", "4", "--interval", "1000"]
+    run += ["--checkpoint-every", "2", "--log-every", "1"]
+
+    def limited() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard if hard == resource.RLIM_INFINITY else min(256, hard)))
+
+    def ddk(*argv: str) -> None:
+        cmd = [sys.executable, "-m", "ddk.recipes.cli", *argv]
+        res = subprocess.run(cmd, env=_env(), preexec_fn=limited, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "Too many open files" not in res.stderr
+
+    ddk("distill", "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "online"), *run, *small)
+    ddk(
+        "teacher-cache",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "tc"),
+        "--top-k",
+        "4",
+        *small,
+    )
+    ddk("distill", "--teacher-cache", str(tmp_path / "tc"), "--out", str(tmp_path / "cached"), *run, *small)
+    for out in ("online", "cached"):
+        summary = _json.loads((tmp_path / out / "summary.json").read_text())
+        assert len(summary["domains"]) == 2000 and len(summary["final_weights"]) == 2000
+        assert [s for s, _ in ckpt.checkpoints(tmp_path / out)] == [2]
