@@ -6,9 +6,14 @@ Formats, chosen by suffix: ``.jsonl`` / ``.json`` (JSON lines, or one JSON array
 ``DatasetDict``'s, whose ``"train"`` split is read); any other string that is not a local path is
 a Hugging Face hub dataset name, read with ``datasets.load_dataset(name, split="train")``.
 
-Bad records (no text, no domain, a domain that is not a non-empty str, a corrupted JSON line) are
-reported as ``<file>:<line>`` (JSONL) or ``<file>:row <n>`` (other formats, 1-based, header not
+Bad records (no text, no domain, a domain that is not a non-empty str, a corrupted JSON line, a
+record larger than ``max_record_bytes``) are reported as ``<file>:<line>`` (JSONL) or ``<file>:row <n>`` (other formats, 1-based, header not
 counted) and either raise or, with ``on_missing="skip"``, are dropped with one warning.
+Memory stays bounded by the record cap: a JSONL line is read at most ``max_record_bytes + 1``
+bytes at a time, and the rest of a longer line is skipped in 1 MiB pieces without being kept (so a
+50 MB line costs about the cap, not its size); a CSV/TSV line likewise; a Parquet batch's string
+sizes are measured before its rows become Python objects. A ``.json`` array is parsed whole (its
+size is the file's), then its records are checked against the cap.
 Domain names later name files and folders, so names with a path separator, a NUL, or equal to
 ``.`` / ``..`` are always an error.
 """
@@ -24,6 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import datasets
 
@@ -34,6 +41,8 @@ __all__ = ["load_records"]
 _SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 _SHOW = 5  # bad records listed in an error or warning
 _BATCH = 1000  # rows per batch read from parquet / datasets
+MAX_RECORD_BYTES = 32 << 20  # default cap of one record (a JSONL line, a CSV line, a row's strings)
+_SKIP = 1 << 20  # bytes read at a time while skipping the rest of an over-long line
 
 
 class _Bad:
@@ -70,15 +79,47 @@ def _check_domain_name(fn: str, name: str, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- readers
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def _too_big(cap: int, size: int | None = None) -> _Bad:
+    got = f"got {size} bytes" if size is not None else "got a larger one"
+    return _Bad(f"a record must be at most {cap} bytes (max_record_bytes; CLI flag --max-record-mb); {got}")
+
+
+def _bounded_lines(f: Any, cap: int) -> Iterator[tuple[int, Any]]:
+    """``(lineno, line)`` of a file opened in binary or text mode, each line read at most ``cap + 1``
+    bytes (characters) at a time; a longer line is ``(lineno, its length)``, read in bounded
+    pieces and not kept."""
+    lineno = 0
+    while True:
+        raw = f.readline(cap + 1)
+        if not raw:
+            return
+        lineno += 1
+        nl = b"\n" if isinstance(raw, bytes) else "\n"
+        if len(raw) > cap and not raw.endswith(nl):
+            size = len(raw)
+            del raw
+            while True:  # the rest of the line, in bounded pieces
+                piece = f.readline(_SKIP)
+                size += len(piece)
+                if not piece or piece.endswith(nl):
+                    break
+            yield lineno, size - 1 if piece else size  # the newline is not the record's
+            continue
+        yield lineno, raw
+
+
+def _jsonl_rows(path: Path, cap: int) -> Iterator[Row]:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _bounded_lines(f, cap):
+            where = f"{path}:{lineno}"
+            if isinstance(raw, int):
+                yield where, _too_big(cap, raw)
+                continue
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 yield where, _Bad(f"not a JSON line ({type(e).__name__}: {e})")
                 continue
             if not isinstance(rec, dict):
@@ -87,12 +128,12 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
             yield where, rec
 
 
-def _json_rows(path: Path) -> Iterator[Row]:
+def _json_rows(path: Path, cap: int) -> Iterator[Row]:
     """A ``.json`` file: one JSON array of records if it starts with ``[``, else JSON lines."""
     with path.open("rb") as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"["):
-        yield from _jsonl_rows(path)
+        yield from _jsonl_rows(path, cap)
         return
     try:
         items = json.loads(path.read_bytes().decode("utf-8-sig"))
@@ -109,16 +150,30 @@ def _json_rows(path: Path) -> Iterator[Row]:
             yield where, rec
 
 
-def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
+def _csv_rows(path: Path, delimiter: str, cap: int) -> Iterator[Row]:
     old = csv.field_size_limit()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # texts are long; the default is 128 KiB
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1, cap))  # texts are long; the default is 128 KiB
     try:
         with path.open("r", encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
+            long_lines: list[int] = []  # over the cap: skipped (unkept) before the csv module sees them
+
+            def lines() -> Iterator[str]:
+                for lineno, line in _bounded_lines(f, cap):
+                    if isinstance(line, int):
+                        long_lines.append(lineno)
+                        yield "\n"  # an empty line: no row
+                    else:
+                        yield line
+
+            reader = csv.DictReader(lines(), delimiter=delimiter)
             try:
                 for row, rec in enumerate(reader, 1):
+                    while long_lines:
+                        yield f"{path}:line {long_lines.pop(0)}", _too_big(cap)
                     # A short row gives None for its missing fields: treat them as absent.
                     yield f"{path}:row {row}", {k: v for k, v in rec.items() if k is not None and v is not None}
+                while long_lines:
+                    yield f"{path}:line {long_lines.pop(0)}", _too_big(cap)
             except (UnicodeDecodeError, csv.Error) as e:
                 raise ValueError(
                     f"load_records: {path} must be a UTF-8 {'TSV' if delimiter == chr(9) else 'CSV'} file with a "
@@ -135,7 +190,9 @@ def _wanted_columns(names: Sequence[str], text_field: str, domain_field: str, pa
     return [c for c in (text_field, domain_field) if c in names]
 
 
-def _parquet_rows(path: Path, text_field: str, domain_field: str, partitioner: Any) -> Iterator[Row]:
+def _parquet_rows(path: Path, text_field: str, domain_field: str, partitioner: Any, cap: int) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     try:
@@ -151,9 +208,16 @@ def _parquet_rows(path: Path, text_field: str, domain_field: str, partitioner: A
         return
     row = 0
     for batch in pf.iter_batches(batch_size=_BATCH, columns=cols):
-        for rec in batch.to_pylist():
+        sizes = np.zeros(batch.num_rows, dtype=np.int64)  # bytes of each row's strings, before Python sees them
+        for col in batch.columns:
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
+                sizes += pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        big = sizes > cap
+        recs = batch.filter(pa.array(~big)).to_pylist() if big.any() else batch.to_pylist()
+        it = iter(recs)
+        for too_big in big.tolist():
             row += 1
-            yield f"{path}:row {row}", rec
+            yield f"{path}:row {row}", (_too_big(cap) if too_big else next(it))
 
 
 def _dataset_rows(ds: Any, label: str, text_field: str, domain_field: str, partitioner: Any) -> Iterator[Row]:
@@ -200,7 +264,7 @@ def _looks_local(src: str | os.PathLike[str]) -> bool:
 
 
 def _rows(
-    src: str | os.PathLike[str], text_field: str, domain_field: str, partitioner: Any
+    src: str | os.PathLike[str], text_field: str, domain_field: str, partitioner: Any, cap: int
 ) -> tuple[str, Iterator[Row]]:
     """``(label, rows)`` of one source (``label`` names it in messages)."""
     fn = "load_records"
@@ -219,13 +283,13 @@ def _rows(
         return str(path), _dataset_rows(_load_from_disk(path), str(path), text_field, domain_field, partitioner)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return str(path), _jsonl_rows(path)
+        return str(path), _jsonl_rows(path, cap)
     if suffix == ".json":
-        return str(path), _json_rows(path)
+        return str(path), _json_rows(path, cap)
     if suffix == ".parquet":
-        return str(path), _parquet_rows(path, text_field, domain_field, partitioner)
+        return str(path), _parquet_rows(path, text_field, domain_field, partitioner, cap)
     if suffix in (".csv", ".tsv"):
-        return str(path), _csv_rows(path, "," if suffix == ".csv" else "\t")
+        return str(path), _csv_rows(path, "," if suffix == ".csv" else "\t", cap)
     raise ValueError(
         f"{fn}: paths must end in one of {list(_SUFFIXES)} or be a save_to_disk folder; got {str(path)!r} "
         "(convert it, or load it with datasets and pass the folder written by save_to_disk)."
@@ -234,9 +298,11 @@ def _rows(
 
 # ---------------------------------------------------------------------------- public
 def _record_problem(
-    rec: Mapping[str, Any], text_field: str, domain_field: str, partitioner: DomainPartitioner | None
+    rec: Mapping[str, Any], text_field: str, domain_field: str, partitioner: DomainPartitioner | None, cap: int
 ) -> tuple[str, str] | str:
     """``(text, domain)`` of a record, or the reason it is bad."""
+    if sum(len(v) for v in rec.values() if isinstance(v, (str, bytes))) > cap:  # characters <= UTF-8 bytes
+        return _too_big(cap).reason
     if text_field not in rec:
         return f"missing field {text_field!r}"
     text = rec[text_field]
@@ -263,6 +329,7 @@ def load_records(
     domain_field: str = "domain",
     partitioner: DomainPartitioner | None = None,
     on_missing: str = "raise",
+    max_record_bytes: int = MAX_RECORD_BYTES,
     progress: bool = True,
 ) -> datasets.Dataset:
     """Read domain-labelled records from files, folders or a hub dataset into one dataset.
@@ -280,8 +347,11 @@ def load_records(
         on_missing: ``"raise"`` (a ``ValueError`` listing the first bad records as
             ``file:line: reason`` with their count) or ``"skip"`` (drop them and warn once with
             the count per file). A bad record lacks the text or domain field, has a non-str text,
-            a domain that is not a non-empty str, is a corrupted JSON line, or is one the
-            partitioner rejects.
+            a domain that is not a non-empty str, is a corrupted JSON line, is larger than
+            ``max_record_bytes``, or is one the partitioner rejects.
+        max_record_bytes: the largest record read (its JSONL or CSV line, or the sum of its
+            strings), >= 1; a larger one is a bad record, skipped unread. It bounds the memory
+            of reading (about a few times the cap, not the largest line). Default 32 MiB.
         progress: show a tqdm bar per source.
 
     Returns:
@@ -309,6 +379,8 @@ def load_records(
             raise TypeError(f"{fn}: {arg} must be a non-empty str; got {value!r}.")
     if on_missing not in ("raise", "skip"):
         raise ValueError(f"{fn}: on_missing must be 'raise' or 'skip'; got {on_missing!r}.")
+    if not isinstance(max_record_bytes, int) or isinstance(max_record_bytes, bool) or max_record_bytes < 1:
+        raise ValueError(f"{fn}: max_record_bytes must be an int >= 1; got {max_record_bytes!r}.")
     if partitioner is not None and not callable(getattr(partitioner, "assign", None)):
         raise TypeError(f"{fn}: partitioner must be a ddk.DomainPartitioner or None; got {type(partitioner).__name__}.")
 
@@ -320,12 +392,16 @@ def load_records(
     bad_per_source: dict[str, int] = {}
     fields_seen: set[str] = set()  # the fields of the records, for a message when none is usable
     for src in sources:
-        label, rows = _rows(src, text_field, domain_field, partitioner)
+        label, rows = _rows(src, text_field, domain_field, partitioner, max_record_bytes)
         count = 0
         for where, rec in tqdm(rows, desc=f"load {Path(label).name or label}", unit=" rec", disable=not progress):
             if not isinstance(rec, _Bad) and len(fields_seen) < 64 and hasattr(rec, "keys"):
                 fields_seen.update(str(k) for k in rec.keys())
-            got = rec.reason if isinstance(rec, _Bad) else _record_problem(rec, text_field, domain_field, partitioner)
+            got = (
+                rec.reason
+                if isinstance(rec, _Bad)
+                else _record_problem(rec, text_field, domain_field, partitioner, max_record_bytes)
+            )
             if isinstance(got, str):
                 count += 1
                 if len(bad) < _SHOW:

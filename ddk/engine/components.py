@@ -173,6 +173,7 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
         return open_teacher_cache(cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn=fn)
     on_missing = "skip" if cfg.skip_bad_records else "raise"
     opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
+    opts["max_record_bytes"] = cfg.max_record_bytes
     records = load_records(list(cfg.data), **opts)
     validation = load_records(list(cfg.validation_data), **opts) if cfg.validation_data else None
     return pack_domains(
@@ -197,6 +198,7 @@ def load_test_data(cfg: RunConfig, tokenizer: Any, names: Any, fn: str = "distil
         return None
     on_missing = "skip" if cfg.skip_bad_records else "raise"
     opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
+    opts["max_record_bytes"] = cfg.max_record_bytes
     records = load_records(list(cfg.test_data), **opts)
     packed = pack_domains(
         records,  # the test records are packed as both sides; only the validation side is read

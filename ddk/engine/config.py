@@ -232,6 +232,7 @@ class RunConfig(DistillOptions):
     validation_data: tuple[str, ...] = ()  # separate validation records ("" = a per-domain split of data)
     test_data: tuple[str, ...] = ()  # held-out test records: gaps reported at the end, never read by the mixture
     skip_bad_records: bool = False  # drop records without the domain or text field (counted, warned) instead of failing
+    max_record_mb: float = 32.0  # a larger record (JSONL/CSV line, row) is a bad record: bounds reading's memory
     data_dir: str = "~/.cache/ddk"  # caches: packed token sequences (and the demo's corpus, models)
     seq_len: int | None = field(default=128, metadata=_help_of("seq_len"))  # defaults for a 2-core CPU
     interval: int = field(default=50, metadata=_help_of("interval"))
@@ -275,6 +276,11 @@ class RunConfig(DistillOptions):
     @property
     def data_path(self) -> Path:
         return Path(os.path.expanduser(self.data_dir))
+
+    @property
+    def max_record_bytes(self) -> int:
+        """``max_record_mb`` in bytes (MiB), the ``max_record_bytes`` of ``ddk.data.load_records``."""
+        return max(1, int(self.max_record_mb * (1 << 20)))
 
     @property
     def sequence_length(self) -> int:
@@ -367,6 +373,10 @@ class RunConfig(DistillOptions):
         for k in ("weight_decay", "grad_clip"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(self, k)!r}.")
+        if not (_number(self.max_record_mb) and 0 < self.max_record_mb <= 1 << 20):
+            raise ValueError(
+                f"{fn}: max_record_mb must be a number in (0, 1048576] (MiB per record); got {self.max_record_mb!r}."
+            )
         return self
 
     def _absolute_paths(self) -> None:

@@ -116,8 +116,36 @@ _FIELDS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
 _HINTS = typing.get_type_hints(RecipeConfig)
 
 
+_YAML_MAX_BYTES = 1 << 20  # a config is a few hundred bytes; more is a mistake or an attack
+_YAML_MAX_DEPTH = 16  # options are scalars and lists of them
+
+
+def _check_yaml(p: Path, text: str) -> None:
+    """Refuse what ``yaml.safe_load`` would turn into a huge object or message: aliases (an anchor
+    "bomb" of a few hundred bytes expands to gigabytes when printed) and deep nesting. A pass over
+    the parser's events, which grows no tree."""
+    import yaml
+
+    depth = 0
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = ev.start_mark.line + 1 if ev.start_mark is not None else 0
+        if isinstance(ev, yaml.AliasEvent):
+            raise ValueError(
+                f"load_config: {p} must not use YAML aliases (*{ev.anchor}, line {line}); write the values out."
+            )
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > _YAML_MAX_DEPTH:
+                raise ValueError(
+                    f"load_config: {p} must nest at most {_YAML_MAX_DEPTH} levels; got more at line {line}."
+                )
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config (a mapping of field names); unknown keys are an error naming them."""
+    """Read a YAML config (a mapping of field names); unknown keys are an error naming them. A file
+    over 1 MiB, an alias or nesting deeper than 16 levels is an error naming the file."""
     import yaml
 
     p = Path(path)
@@ -126,7 +154,15 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
         raise ValueError(f"load_config: config must be a YAML file or a preset {presets}; got {str(path)!r}.")
-    data = yaml.safe_load(p.read_text()) or {}
+    size = p.stat().st_size
+    if size > _YAML_MAX_BYTES:
+        raise ValueError(f"load_config: {p} must be at most {_YAML_MAX_BYTES} bytes (a config file); got {size}.")
+    text = p.read_text()
+    try:
+        _check_yaml(p, text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"load_config: {p} must be valid YAML; got {str(e)[:500]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"load_config: {p} must hold a mapping of option names; got {type(data).__name__}.")
     unknown = sorted(set(data) - set(_FIELDS))
@@ -237,6 +273,8 @@ _HELP: dict[str, str] = {
     "test_data": "held-out test records with the same domains: the per-domain gaps on them are reported at the end "
     "(summary.json 'test'), and no method reads them",
     "skip_bad_records": "drop records without the domain or text field (warned and counted) instead of failing",
+    "max_record_mb": "largest record read, in MiB (a JSONL or CSV line, a Parquet row's strings): a larger one is a "
+    "bad record named by file and line (dropped with --skip-bad-records); it bounds the memory of reading the data",
     "dtype": "bf16: autocast with float32 master weights (default on CUDA); fp32 (default on the CPU)",
     "grad_accum": "micro-batches per optimizer step; batch_size is split and normalised by the global token count",
     "gradient_checkpointing": "recompute the student's activations in the backward pass (less memory)",

@@ -319,3 +319,65 @@ def test_load_records_with_other_field_names_lists_them_and_names_the_flags(tmp_
     ):
         load_records([str(path)], progress=False)
     assert len(load_records([str(path)], text_field="body", domain_field="source", progress=False)) == 5
+
+
+def test_load_records_record_over_the_cap_is_a_bad_record_named_by_file_and_line(tmp_path):
+    cap = 1000
+    small = [{"domain": "a", "text": "short"}, {"domain": "b", "text": "also short"}]
+    big = {"domain": "a", "text": "x" * 5000}
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in (small[0], big, small[1])))
+    reason = f"a record must be at most {cap} bytes (max_record_bytes; CLI flag --max-record-mb)"
+    with pytest.raises(ValueError, match=re.escape(f"{jl}:2: {reason}; got {len(json.dumps(big))} bytes")):
+        load_records(jl, max_record_bytes=cap, progress=False)
+    with pytest.warns(UserWarning, match=re.escape(f"skipped 1 bad record(s) ({jl}: 1)")):
+        ds = load_records(jl, max_record_bytes=cap, on_missing="skip", progress=False)
+    assert _as_list(ds) == small
+    assert len(load_records(jl, progress=False)) == 3  # under the default cap (32 MiB)
+    csv_path = _write_csv(tmp_path / "c.csv", [small[0], big, small[1]])
+    with pytest.raises(ValueError, match=re.escape(f"{csv_path}:line 3: {reason}")):  # line 1 is the header
+        load_records(csv_path, max_record_bytes=cap, progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 bad record"):
+        assert _as_list(load_records(csv_path, max_record_bytes=cap, on_missing="skip", progress=False)) == small
+    pq.write_table(pa.Table.from_pylist([small[0], big, small[1]]), tmp_path / "c.parquet")
+    with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'c.parquet'}:row 2: {reason}")):
+        ds = load_records(tmp_path / "c.parquet", max_record_bytes=cap, on_missing="skip", progress=False)
+    assert _as_list(ds) == small
+    (tmp_path / "c.json").write_text(json.dumps([small[0], big, small[1]]))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'c.json'}:row 2: {reason}")):
+        load_records(tmp_path / "c.json", max_record_bytes=cap, progress=False)
+    with pytest.raises(ValueError, match=re.escape("load_records: max_record_bytes must be an int >= 1; got 0.")):
+        load_records(jl, max_record_bytes=0, progress=False)
+
+
+def test_load_records_50_mb_line_costs_memory_near_the_cap_not_its_size(tmp_path):
+    """A 50 MB JSONL line under a 1 MiB cap: refused as file:line, the process growing by a few MiB
+    (it grew by about 300 MB reading the whole line, and the default cap is 32 MiB)."""
+    import subprocess
+    import sys
+
+    from recipe_cases import child_env
+
+    path = tmp_path / "big.jsonl"
+    record = '{"domain": "a", "text": "' + "x" * (50 << 20) + '"}'
+    with path.open("w") as f:
+        f.write(json.dumps({"domain": "a", "text": "ok"}) + "\n" + record + "\n")
+    script = (
+        "import resource, sys, datasets, pyarrow\n"
+        "from ddk.data.records import load_records\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    load_records(sys.argv[1], max_record_bytes=1 << 20, progress=False)\n"
+        "except ValueError as e:\n"
+        "    print(str(e).splitlines()[1])\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n"  # ru_maxrss: KiB on Linux
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(path)], env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    line, grew = res.stdout.splitlines()
+    assert line.startswith(f"  {path}:2: a record must be at most 1048576 bytes") and line.endswith(
+        f"got {len(record)} bytes"
+    )
+    assert int(grew) <= 8 << 20, f"reading grew the process by {int(grew) >> 20} MiB"

@@ -52,3 +52,35 @@ def test_ddk_signal_and_temperature_flags_reach_the_schedule(tmp_path: Path) -> 
     assert (sm.signal, sm.temperature, sm.init) == ("gain", 2.5, "floored")
     with pytest.raises(SystemExit):
         p.parse_args(["--ddk-signal", "loss"])
+
+
+def test_config_yaml_alias_bomb_deep_nesting_and_huge_file_are_errors_naming_it(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"  # 9^8 strings when expanded: an 800 MB message before
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefg", "bcdefgh")]
+    bomb.write_text("\n".join(lines) + "\ndata: *h\n")
+    with pytest.raises(ValueError, match=rf"^load_config: {bomb} must not use YAML aliases \(\*a, line 2\); write"):
+        load_yaml(bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(ValueError, match=rf"^load_config: {deep} must nest at most 16 levels; got more at line 1\."):
+        load_yaml(deep)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * (1 << 20) + "\nsteps: 5\n")
+    with pytest.raises(ValueError, match=rf"^load_config: {huge} must be at most 1048576 bytes \(a config file\); got"):
+        load_yaml(huge)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1\n")
+    with pytest.raises(ValueError, match=rf"^load_config: {bad} must be valid YAML; got"):
+        load_yaml(bad)
+
+
+def test_max_record_mb_flag_reaches_load_records_and_is_checked(tmp_path: Path) -> None:
+    from ddk.recipes.cli import build_parser
+    from ddk.recipes.config import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["distill", "--max-record-mb", "0.5"]))
+    assert cfg.max_record_mb == 0.5 and cfg.max_record_bytes == 1 << 19
+    assert make_config().max_record_bytes == 32 << 20
+    with pytest.raises(ValueError, match=r"max_record_mb must be a number in \(0, 1048576\] \(MiB per record\); got 0"):
+        make_config(max_record_mb=0)
