@@ -74,6 +74,7 @@ def test_cli_distill_exits_75_on_sigterm_with_its_checkpoint(tmp_path):
 
 @needs_hf
 @pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 cores: make test-all
 def test_cli_distill_2000_domains_under_a_limit_of_256_descriptors(tmp_path: Path) -> None:
     """``ddk distill`` online and ``ddk teacher-cache`` then ``ddk distill --teacher-cache`` with
     2,000 domains in a process allowed 256 open files: no descriptor per domain (a memmap per cache
