@@ -49,6 +49,7 @@ __all__ = [
     "json_depth",
     "json_fingerprint",
     "loads_json",
+    "read_capped",
     "read_json",
     "open_nofollow",
     "printable",
@@ -293,6 +294,17 @@ def read_json(
         JSONLimitError: over either cap (a ``ValueError``; the message names the file and the cap).
         ValueError: not UTF-8 JSON (``UnicodeDecodeError``, ``json.JSONDecodeError``).
     """
+    return loads_json(read_capped(path, max_bytes=max_bytes, fn=fn), max_depth=max_depth, where=str(path), fn=fn)
+
+
+def read_capped(path: str | os.PathLike[str], *, max_bytes: int = JSON_MAX_BYTES, fn: str = "ddk") -> bytes:
+    """The bytes of the file ``path``, read only if it holds at most ``max_bytes`` (the bytes a
+    caller both hashes and parses, e.g. a cache manifest).
+
+    Raises:
+        OSError: the file cannot be read.
+        JSONLimitError: larger than ``max_bytes`` (a ``ValueError`` naming the file and the cap).
+    """
     p = Path(path)
     with open(p, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -302,7 +314,7 @@ def read_json(
             f"{fn}: {p} must be a JSON file of at most {max_bytes} bytes; got {max(size, len(raw))} bytes "
             "(not a file ddk wrote: restore or remove it)."
         )
-    return loads_json(raw, max_depth=max_depth, where=str(p), fn=fn)
+    return raw
 
 
 # ---------------------------------------------------------------------------- names

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ddk._io import DIR_MODE
+from ddk._io import DIR_MODE, loads_json, read_capped
 from ddk.data.mapped import MappedRows, Rows
 from ddk.data.packed import PackedDomains
 from ddk.data.tokens import _DTYPE, _FORMAT, _Windows
@@ -75,9 +75,9 @@ def _open_cache(root: Path, *, key: str, verify: bool, vocab: int) -> tuple[Pack
     ``MappedRows`` (mapped on demand), and the domains whose validation was capped when it was built (name -> sequences)."""
     fn = "pack_domains"
     try:
-        raw = (root / _META).read_bytes()
-        meta = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = read_capped(root / _META, fn=fn)
+        meta = loads_json(raw, where=str(root / _META), fn=fn)
+    except (OSError, ValueError) as e:
         raise ValueError(
             f"{fn}: cache folder {root} must hold a readable {_META}; got {type(e).__name__}: {e}. Delete the folder to rebuild it."
         ) from None

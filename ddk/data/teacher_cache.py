@@ -58,7 +58,10 @@ from ddk._io import (
     fsync_dir,
     is_disk_full,
     json_fingerprint,
+    loads_json,
     open_nofollow,
+    read_capped,
+    read_json,
     refuse_link,
 )
 from ddk.data.mapped import Rows, open_npy
@@ -200,7 +203,7 @@ def _write_shard(
 
 def _shard_ok(folder: Path, seq_len: int, k: int, n: int) -> bool:
     try:
-        entry = json.loads((folder / "shard.json").read_text())
+        entry = read_json(folder / "shard.json", fn="TeacherCache")
     except (OSError, ValueError):
         return False
     files = entry.get("files", {})
@@ -311,7 +314,7 @@ def _build(
             shutil.rmtree(stale, ignore_errors=True)
         old = root / "plan.json"
         if old.is_file():
-            prev = json.loads(old.read_text())
+            prev = read_json(old, fn="teacher_cache")
             diff = sorted(k for k in plan if prev.get(k) != plan[k])
             if diff:
                 raise ValueError(
@@ -352,7 +355,7 @@ def _write_manifest(root: Path, plan: dict[str, Any], packed: Any, jobs: list[tu
         label = np.load(folder / "label_logprob.npy", mmap_mode="r")[:, :-1]
         counts[split][i] = int(label.size)
         ce[split][i] = float(-np.asarray(label, dtype=np.float64).sum() / max(label.size, 1))
-        shards[f"{split}-{i}"] = json.loads((folder / "shard.json").read_text())
+        shards[f"{split}-{i}"] = read_json(folder / "shard.json", fn="teacher_cache")
     manifest = {
         **plan,
         "tokens": counts,  # predicted positions per split and domain (L - 1 per sequence)
@@ -445,8 +448,8 @@ class TeacherCache:
         fn = "TeacherCache"
         self.root = Path(path)
         try:
-            raw = (self.root / "manifest.json").read_bytes()
-            man = json.loads(raw.decode("utf-8"))
+            raw = read_capped(self.root / "manifest.json", fn=fn)
+            man = loads_json(raw, where=str(self.root / "manifest.json"), fn=fn)
         except FileNotFoundError:
             raise ValueError(
                 f"{fn}: path must be a finished teacher cache (with manifest.json); got {str(self.root)!r}. "

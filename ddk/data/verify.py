@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ddk._io import atomic_write_text, file_sha256
+from ddk._io import atomic_write_text, file_sha256, loads_json
 
 __all__: list[str] = []
 
@@ -45,7 +45,7 @@ def _read_stamp(path: Path) -> dict[str, Any] | None:
     try:
         if path.stat().st_size > _MAX_STAMP_BYTES:
             return None
-        stamp = json.loads(path.read_text(encoding="utf-8"))
+        stamp = loads_json(path.read_text(encoding="utf-8"), where=str(path))
     except (OSError, ValueError):
         return None
     return stamp if isinstance(stamp, dict) and stamp.get("format") == _STAMP_FORMAT else None

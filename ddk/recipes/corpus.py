@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddk._io import atomic_write_text, child_path, file_sha256, folder_lock, json_fingerprint, safe_name
+from ddk._io import atomic_write_text, child_path, file_sha256, folder_lock, json_fingerprint, read_json, safe_name
 from ddk.partition.partitioner import stable_unit_hash
 from ddk.recipes.sources import DEFAULT_CACHE_DIR, DOMAINS, DomainUnavailable, PackageCache, Unit, folder_units
 
@@ -375,10 +375,10 @@ def _reusable(out: Path, key: str) -> dict[str, Any] | None:
     """The manifest of ``out`` if it was built with ``key``, is complete (no skipped domain) and its
     files still have their SHA-256; else None (with a warning saying why, when it is not a plain miss)."""
     try:
-        old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        old = read_json(out / MANIFEST, fn="build_corpus")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"warning: corpus: rebuilding {out}: its {MANIFEST} is unreadable ({exc})", file=sys.stderr)
         return None
     if not isinstance(old, dict) or old.get("key") != key:
@@ -544,7 +544,7 @@ def load_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(
             f"load_manifest: corpus_dir must hold a {MANIFEST} (run `ddk data build`); got {str(Path(corpus_dir))!r}."
         )
-    return json.loads(p.read_text(encoding="utf-8"))
+    return read_json(p, fn="load_manifest")
 
 
 def load_corpus(

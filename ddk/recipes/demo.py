@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ddk._io import atomic_write_text, file_sha256, folder_lock
+from ddk._io import atomic_write_text, file_sha256, folder_lock, read_json
 from ddk.distributed import broadcast_object, init_from_env, rank_world, rank_zero_first
 from ddk.engine.runfolder import log, run_folder_lock
 from ddk.engine.step import make_optimizer
@@ -140,10 +140,10 @@ def _cached_model(folder: Path, what: str) -> dict[str, Any] | None:
     """``demo_meta.json`` of a cached demo model whose files all have their recorded SHA-256, else None
     (a plain miss, or, with a warning, an unreadable meta file or a changed weight file: rebuilt)."""
     try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        meta = read_json(folder / META, fn="demo")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         log(f"warning: {what}: rebuilding {folder}: its {META} is unreadable ({type(exc).__name__}: {exc})")
         return None
     files = meta.get("files") if isinstance(meta, dict) else None

@@ -6,12 +6,13 @@ display and no pyplot global state are needed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from ddk._io import loads_json
 
 _GAP_QUANTITIES = ("gap", "ratio", "student_ce")
 _LEGEND_MAX = 40  # domains named in a legend; beyond, the figure says how many
@@ -32,7 +33,7 @@ def load_records(log_path_or_records: str | os.PathLike[str] | Iterable[Mapping[
         if not path.is_file():
             raise ValueError(f"{fn}: log_path_or_records must be an existing JSON-lines file; got {str(path)!r}.")
         with path.open(encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
+            records = [loads_json(line, where=str(path), fn=fn) for line in f if line.strip()]
     else:
         records = [dict(r) for r in log_path_or_records]
     if not records:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from ddk._io import loads_json, read_json
 
 __all__ = ["format_table", "plots"]
 
@@ -21,8 +22,8 @@ def plots(out: Path, method: str) -> list[str]:
         paths.append(
             str(plot_weights(out / "controller.jsonl", out / "weights.png", title=f"{method}: domain weights"))
         )
-        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "student_ce" in line]
-        names = json.loads((out / "summary.json").read_text())["domains"]
+        recs = [loads_json(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "student_ce" in line]
+        names = read_json(out / "summary.json")["domains"]
         if recs:
             for r in recs:
                 r["domain_names"] = names

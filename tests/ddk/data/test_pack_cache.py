@@ -237,3 +237,10 @@ def test_pack_domains_cache_holds_no_descriptor_per_domain(tok, tmp_path):
     assert len(packed.names) == 300 and all(ds[i]["input_ids"].shape == (8,) for i in range(len(ds)))
     assert len(packed.validation_batches(4)) == 300
     assert len(os.listdir("/proc/self/fd")) <= before + MAX_OPEN  # a memmap per file held 600
+
+
+def test_pack_domains_deep_meta_json_is_an_error_naming_it(tok, records, tmp_path):
+    root = pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3)).root
+    (root / "meta.json").write_text("{" * 1000 + "}" * 1000)
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'meta.json'} must be JSON nested at most")):
+        pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))

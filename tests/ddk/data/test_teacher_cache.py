@@ -264,3 +264,20 @@ def test_teacher_cache_holds_no_descriptor_per_shard(tmp_path: Path) -> None:
     assert all(ds[i]["teacher_topk_ids"].shape == (8, 2) for i in range(len(ds)))
     assert len(cache.validation_batches(4)) == 20
     assert len(os.listdir("/proc/self/fd")) <= before + MAX_OPEN  # a memmap per file held 200
+
+
+def test_teacher_cache_deep_or_huge_manifest_and_shard_json_are_errors_naming_them(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ddk._io
+
+    root = _copy(built, tmp_path)
+    good = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text("[" * 900 + "]" * 900)
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'manifest.json'} must be JSON nested at most")):
+        TeacherCache(root)
+    (root / "manifest.json").write_text(good)
+    monkeypatch.setattr(ddk._io, "JSON_MAX_BYTES", 64)
+    monkeypatch.setattr(ddk._io.read_capped, "__kwdefaults__", {"max_bytes": 64, "fn": "ddk"})
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'manifest.json'} must be a JSON file of at most 64 bytes")):
+        TeacherCache(root)
