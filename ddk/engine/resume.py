@@ -35,7 +35,7 @@ import torch
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.parallel import load_train_state
 
-__all__ = ["MAX_COUNT", "check_resume_state", "restore_state"]
+__all__ = ["MAX_COUNT", "check_resume_state", "keep_settings", "optimizer_settings", "restore_state"]
 
 MAX_COUNT = 2**53
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam's: >= 0 (a square root is taken)
@@ -274,17 +274,39 @@ def restore_state(
     except ckpt.CheckpointError:
         ckpt.set_rng_state(before)  # a part may have been set: nothing changes
         raise
-    own = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    own = optimizer_settings(opt)
     load_train_state(step_mod, student, opt, ck, fsdp)
-    for group, hyper in zip(opt.param_groups, own):
-        group.update(hyper)
     sched.load_state_dict(ck["scheduler"])
-    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
-    lambdas = getattr(sched, "lr_lambdas", None)
-    if lambdas is not None:  # LambdaLR (make_optimizer's): lr = base * schedule(step), as its step() computes it
-        for group, base, lam in zip(opt.param_groups, sched.base_lrs, lambdas):
-            group["lr"] = base * lam(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    keep_settings(opt, sched, own)
     controller._commit_state(parsed)
     guard.load_state_dict(ck.get("nonfinite", {"skipped_steps": []}))
     return int(ck["step"])
+
+
+def optimizer_settings(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters (learning rate, betas, weight decay, ...) as built from
+    the run's configuration: take them before loading a checkpoint, give them to :func:`keep_settings`."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def keep_settings(opt: torch.optim.Optimizer, sched: Any, own: list[dict[str, Any]]) -> None:
+    """After an optimizer and a scheduler state were loaded: the groups' hyperparameters back to
+    ``own`` (from :func:`optimizer_settings`), the scheduler's base rates to the groups' initial
+    rates, and each group's rate to its base rate times the schedule at the loaded step, as a
+    ``LambdaLR``'s step computes it (bit-identical to a run that never stopped). A checkpoint thus
+    contributes moments and step counts, never a learning rate. Another scheduler keeps the rates it
+    loaded, which must be finite and >= 0 (``ValueError`` naming the group)."""
+    for group, hyper in zip(opt.param_groups, own):
+        group.update(hyper)
+    if hasattr(sched, "base_lrs"):
+        sched.base_lrs = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+    lambdas = getattr(sched, "lr_lambdas", None)
+    if lambdas is not None:  # LambdaLR (make_optimizer's, transformers'): lr = base * schedule(step)
+        for group, base, lam in zip(opt.param_groups, sched.base_lrs, lambdas):
+            group["lr"] = base * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    for i, group in enumerate(opt.param_groups):
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"resume: the learning rate of param group {i} must be finite and >= 0; got {lr!r}.")

@@ -68,6 +68,7 @@ from ddk.engine.components import Components, build_components, open_teacher_cac
 from ddk.engine.config import DistillOptions, check_cache_backend
 from ddk.engine.methods import method_spec
 from ddk.engine.models import check_vocabularies
+from ddk.engine.resume import keep_settings, optimizer_settings
 from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss, check_loss_models
 from ddk.integrations.trainer_data import DomainBatcher, IndexedDataset, ValidationDataset, pack_records
 
@@ -496,6 +497,18 @@ class DDKTrainer(Trainer):
         return model
 
     # ------------------------------------------------------------------ resume
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """transformers' loading of ``optimizer.pt`` and ``scheduler.pt``, then the settings built
+        from the arguments put back (``ddk.engine.resume.keep_settings``): a checkpoint gives the
+        moments and step counts, the learning rate is always the arguments' times the schedule at
+        the resumed step, never one read from the files."""
+        if checkpoint is None or self.optimizer is None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        own = optimizer_settings(self.optimizer)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        keep_settings(self.optimizer, self.lr_scheduler, own)
+
     def _save_rng_state(self, output_dir: str) -> None:
         """transformers' RNG files, then the DDK state: inside the checkpoint's save, so it is on
         disk before ``save_total_limit`` rotates the older checkpoints away (a crash between the

@@ -184,6 +184,31 @@ def test_ddktrainer_resume_refuses_a_deep_or_inconsistent_ddk_state(tmp_path):
         tr.train(resume_from_checkpoint=str(ck))
 
 
+def test_ddktrainer_resume_takes_the_learning_rate_from_the_arguments_not_the_checkpoint(tmp_path):
+    import shutil
+
+    full = _low_level(str(tmp_path / "full"), max_steps=6, save_strategy="steps", save_steps=3)
+    full.train()
+    crafted = tmp_path / "crafted" / "checkpoint-3"
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", crafted)
+    opt = torch.load(crafted / "optimizer.pt", weights_only=True)
+    for g in opt["param_groups"]:
+        g["lr"], g["initial_lr"], g["weight_decay"] = -1.0, -1.0, 5.0
+    torch.save(opt, crafted / "optimizer.pt")
+    sched = torch.load(crafted / "scheduler.pt", weights_only=True)
+    sched["base_lrs"] = [-1.0 for _ in sched["base_lrs"]]
+    sched["_last_lr"] = [-1.0 for _ in sched["_last_lr"]]
+    torch.save(sched, crafted / "scheduler.pt")
+    resumed = _low_level(str(tmp_path / "crafted"), max_steps=6, save_strategy="steps", save_steps=3)
+    resumed.train(resume_from_checkpoint=str(crafted))
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [g["lr"] for g in full.optimizer.param_groups]
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [
+        g["weight_decay"] for g in full.optimizer.param_groups
+    ]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # as if the files held the run's own rates
+
+
 def test_ddktrainer_evaluate_runs_on_eval_batches_without_sampler_index(tmp_path):
     tr = _low_level(str(tmp_path / "eval"), max_steps=1)
     tr.compute_loss = functools.partial(DDKTrainer.compute_loss, tr)
