@@ -279,5 +279,7 @@ def test_teacher_cache_deep_or_huge_manifest_and_shard_json_are_errors_naming_th
     (root / "manifest.json").write_text(good)
     monkeypatch.setattr(ddk._io, "JSON_MAX_BYTES", 64)
     monkeypatch.setattr(ddk._io.read_capped, "__kwdefaults__", {"max_bytes": 64, "fn": "ddk"})
-    with pytest.raises(ValueError, match=re.escape(f"{root / 'manifest.json'} must be a JSON file of at most 64 bytes")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{root / 'manifest.json'} must be a JSON file of at most 64 bytes")
+    ):
         TeacherCache(root)

@@ -199,7 +199,9 @@ def test_test_data_with_other_domains_or_without_a_teacher_model_is_refused(tmp_
     from hf_models import write_jsonl
 
     other = write_jsonl(tmp_path / "other.jsonl", docs_per_domain=8, domains=("code", "prose"))
-    with pytest.raises(ValueError, match=r"test_data must have exactly the training domains \['code', 'math', 'prose'\]"):
+    with pytest.raises(
+        ValueError, match=r"test_data must have exactly the training domains \['code', 'math', 'prose'\]"
+    ):
         real.distill(_cfg(tmp_path, "other", test_data=(str(other),)))
     with pytest.raises(ValueError, match="test_data needs a teacher model"):
         _cfg(tmp_path, "cache", teacher="", data=(), teacher_cache=str(tmp_path), test_data=(str(other),)).validate()

@@ -378,9 +378,14 @@ def test_build_corpus_writes_a_test_side_and_keeps_old_keys(tmp_path):
     assert (d["train"]["chars"], d["validation"]["chars"], d["test"]["chars"]) == (4200, 1200, 600)
     sources = {side: {r["source"] for r in _records(out, "mine", side)} for side in ("train", "validation", "test")}
     assert sources["test"] and not sources["test"] & (sources["train"] | sources["validation"])
-    assert build_corpus(out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False) == man
+    assert (
+        build_corpus(out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False)
+        == man
+    )
     (out / "mine" / "test.jsonl").write_text("")  # a changed test file is rebuilt like the others
-    rebuilt = build_corpus(out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False)
+    rebuilt = build_corpus(
+        out, _cfg(user_folders={"mine": str(src)}, max_chars=6000, test_fraction=0.1), progress=False
+    )
     assert rebuilt["domains"] == man["domains"]
     with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1 - validation_fraction\)"):
         build_corpus(out, _cfg(user_folders={"mine": str(src)}, test_fraction=0.8), progress=False)

@@ -278,9 +278,7 @@ def _softmax(xs: list[float]) -> list[float]:
     return [x / sum(e) for x in e]
 
 
-def _oracle(
-    ratios: list[list[float]], alpha: float, init: str, signal: str, temperature: float
-) -> list[list[float]]:
+def _oracle(ratios: list[list[float]], alpha: float, init: str, signal: str, temperature: float) -> list[list[float]]:
     """The weights after Eq. 1 and each Eq. 2 update, in plain float math (the class doc's formulas)."""
     d = len(ratios[0])
     out: list[list[float]] = []
