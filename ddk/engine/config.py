@@ -31,6 +31,7 @@ from typing import Any
 from ddk._io import json_fingerprint
 from ddk.distributed import DIST_BACKENDS
 from ddk.engine.methods import METHODS, method_spec
+from ddk.engine.tracking import REPORT_TO
 from ddk.reliability import NONFINITE_POLICIES
 from ddk.schedule.smoother import SMOOTHER_INITS, SMOOTHER_SIGNALS
 from ddk_kernels.types import DIVERGENCES
@@ -259,6 +260,15 @@ class RunConfig(DistillOptions):
     resume: bool = True
     threads: int = 0  # torch threads; 0 = leave torch's default
     progress: bool = True
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "where the run's scalars go besides metrics.jsonl: tensorboard (event files in <out>/tensorboard/), "
+            "wandb (Weights & Biases; pip install wandb) or none. Per domain at each DDK interval: weight, student "
+            "and teacher CE, gap, ratio; each logging step: loss, CE, KD, lr, tokens per domain, tokens/s",
+            "choices": list(REPORT_TO),
+        },
+    )
     # --- many processes (torchrun --nproc_per_node=R: batch_size is the global batch, split over ranks)
     dist_backend: str = "auto"  # "auto" (nccl with CUDA, else gloo), "gloo", "nccl"
     fsdp: bool = False  # shard the student with FSDP2 (fully_shard) instead of DDP; needs torchrun
@@ -364,6 +374,8 @@ class RunConfig(DistillOptions):
                 f"{fn}: dist_backend must match device (gloo runs on the CPU, nccl on CUDA); got device "
                 f"{self.device!r} with dist_backend {self.dist_backend!r}."
             )
+        if self.report_to not in REPORT_TO:  # its package is checked when a run starts (ddk.engine.tracking)
+            raise ValueError(f"{fn}: report_to must be one of {REPORT_TO}; got {self.report_to!r}.")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"{fn}: on_nonfinite must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -11,7 +11,8 @@ safetensors + JSON + a SHA-256 manifest written last): ``student``, ``optimizer`
 
 The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>/``,
 ``student/`` (``save_pretrained`` plus the tokenizer and ``ddk_run.json``: the digest of the config
-that trained it and its teacher's identity), ``summary.json`` and plots. One writer: rank 0 holds
+that trained it and its teacher's identity), ``summary.json``, plots, and with ``report_to`` the
+per-domain curves in ``tensorboard/`` or ``wandb/`` (``ddk.engine.tracking``). One writer: rank 0 holds
 the folder's advisory lock (``.lock``) for the whole run. A fresh start (``resume=False``, or no
 checkpoint) moves the previous run's files into ``replaced-<time>/``. SIGTERM/SIGINT finish the
 current step, write a checkpoint and raise ``Preempted`` (the CLI exits with 75); at any other
@@ -27,9 +28,11 @@ same components, step loss, state and evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,7 @@ from ddk.engine.runfolder import (
     run_folder_lock,
 )
 from ddk.engine.step import DistillStep, check_loss_models, forward_backward, make_optimizer, seed_everything
+from ddk.engine.tracking import NullTracker, Tracker, check_report_to, interval_scalars, open_tracker, step_scalars
 from ddk.reliability import NonFiniteGuard, grad_norm
 from ddk_kernels.types import KDLossOutput
 
@@ -134,6 +138,7 @@ def _full_folder(exc: OSError, folders: tuple[Path, ...]) -> Path:
 
 def _check_run(cfg: RunConfig, world: int) -> None:
     method_spec(cfg.method, "distill")
+    check_report_to(cfg.report_to, "distill")  # its package installed, before the models load
     if cfg.uses_demo:
         raise ValueError(
             "distill: teacher, student and data must be given (--teacher, --student, --data; or --student with "
@@ -192,6 +197,8 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path, self.ctrl_path = self.out / "metrics.jsonl", self.out / "controller.jsonl"
         self._metrics_file: Any = None  # open while training (rank 0); fsynced before each checkpoint
+        self.tracker: Tracker = NullTracker()  # report_to's, open while training (rank 0); flushed likewise
+        self._last_log = (0, 0.0)  # (step, time) of the previous logging step: the throughput
         self.cfg_dict = cfg.to_dict()
         self.steps = cfg.total_steps
         self._build()
@@ -347,6 +354,7 @@ class _Run:
             os.fsync(self._metrics_file.fileno())
         if self.ctrl_path.is_file():
             fsync_file(self.ctrl_path)
+        self.tracker.flush()
 
     def train_step(self, step: int, collate: Any) -> tuple[KDLossOutput, bool]:
         """One optimizer step on this rank's slice of the next global batch; ``(output, finite)``."""
@@ -387,6 +395,7 @@ class _Run:
             open_nofollow(self.metrics_path, "a", fn="distill") if self.rank == 0 else open(os.devnull, "w") as mf,
             stop_signals("distill", "training") as stop,
             stop.defer(),  # a signal finishes the step and writes a checkpoint
+            self._tracking(start_step),
         ):
             self._metrics_file = mf if self.rank == 0 else None
             for step in bar:
@@ -394,6 +403,7 @@ class _Run:
                 n_rec = len(self.controller.records)
                 self.controller.step_end(step, self.step_mod)
                 rec = _metrics(self, step, lo, finite, n_rec)
+                self._track(step, rec, n_rec)
                 if rec is not None:
                     if "ratio" in rec:
                         bar.set_postfix(
@@ -426,6 +436,39 @@ class _Run:
                     raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
             self._metrics_file = None
         bar.close()
+
+    @contextlib.contextmanager
+    def _tracking(self, start_step: int) -> Iterator[None]:
+        """``report_to``'s tracker (rank 0) while training, closed however it ends; a fresh start reports Eq. 1."""
+        self._last_log = (start_step, time.perf_counter())
+        if self.rank != 0 or self.cfg.report_to == "none":
+            yield
+            return
+        self.tracker = open_tracker(self.cfg.report_to, self.out, start_step=start_step, config=self.cfg_dict)
+        try:
+            if start_step == 0:
+                for rec in self.controller.records:  # the init record of ``controller.start``
+                    self.tracker.log_scalars(interval_scalars(rec), int(rec["step"]))
+            yield
+        finally:
+            self.tracker.close()
+            self.tracker = NullTracker()
+
+    def _track(self, step: int, rec: dict[str, Any] | None, n_rec: int) -> None:
+        """The step's scalars to the tracker: the controller's new records, the logging step's terms and throughput."""
+        if isinstance(self.tracker, NullTracker):
+            return
+        scalars: dict[str, float] = {}
+        for r in self.controller.records[n_rec:]:
+            scalars.update(interval_scalars(r))
+        if rec is not None:
+            last_step, last_time = self._last_log
+            now = time.perf_counter()
+            tokens = (step - last_step) * self.cfg.batch_size * self.cfg.sequence_length
+            scalars.update(step_scalars(rec, self.names, tokens / max(now - last_time, 1e-9)))
+            self._last_log = (step, now)
+        if scalars:
+            self.tracker.log_scalars(scalars, step)
 
     def _stop_signal(self, stop: StopSignals) -> int:
         """The signal number any rank received (0: none); one small all-reduce per step under torchrun."""

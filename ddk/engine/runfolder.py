@@ -52,6 +52,7 @@ RESUME_IGNORED = (
     "dist_backend",
     "debug_checks",
     "device",
+    "report_to",
 )
 
 
@@ -65,6 +66,8 @@ RUN_FILES = (
     "weights.png",
     "gaps.png",
     "student",
+    "tensorboard",  # report_to: the event files, and W&B's files with its run id
+    "wandb",
 )
 RUN_INFO = "ddk_run.json"  # in student/: the digest of the config that trained it
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ from ddk.engine.methods import method_spec
 from ddk.engine.models import check_vocabularies
 from ddk.engine.resume import keep_settings, optimizer_settings
 from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss, check_loss_models
+from ddk.engine.tracking import interval_scalars
 from ddk.integrations.trainer_data import DomainBatcher, IndexedDataset, ValidationDataset, pack_records
 
 __all__ = [
@@ -151,11 +153,21 @@ class DDKCallback(TrainerCallback):
             tr.controller.estimator.compute_teacher(tr.teacher)
         if not tr.controller.started:
             tr.controller.start(student)
+            self._log_interval(control)  # Eq. 1's weights and gaps, at step 0
+        tr._log_time = time.perf_counter()  # the throughput of the first log leaves out the set-up
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         tr = self.trainer
         if tr.tracks_domains:
-            tr.controller.step_end(int(state.global_step), tr.accelerator.unwrap_model(tr.model))
+            if tr.controller.step_end(int(state.global_step), tr.accelerator.unwrap_model(tr.model)) is not None:
+                self._log_interval(control)
+
+    def _log_interval(self, control: Any) -> None:
+        """The controller's newest record to the Trainer's logs (every ``report_to`` backend), keeping
+        ``control.should_log`` (``Trainer.log`` clears it: the step's own log must still happen)."""
+        should_log = control.should_log
+        self.trainer.log(interval_scalars(self.trainer.controller.records[-1]))
+        control.should_log = self.trainer.control.should_log = should_log
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Normally written already inside the checkpoint's save, before transformers rotates old
@@ -373,6 +385,8 @@ class DDKTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the Trainer neither counts tokens nor rescales: we do
         self._pending_rng: Path | None = None
         self._ddk_saved_step = -1  # the step whose DDK state this process saved last
+        self._log_terms: torch.Tensor | None = None  # since the last log: ce, kd, tokens, input tokens, (D,) tokens
+        self._log_time = time.perf_counter()
         self.add_callback(DDKCallback(self))
 
     # ------------------------------------------------------------------ construction helpers
@@ -475,6 +489,7 @@ class DDKTrainer(Trainer):
             out = self.step_loss(
                 self._loss_student(model), self.teacher, batch, domain_ids=domain_ids, normalizer=normalizer
             )
+        self._add_log_terms(out, batch["input_ids"].numel())
         loss = out.loss
         if training and num_items_in_batch is None:
             loss = loss / max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
@@ -483,6 +498,36 @@ class DDKTrainer(Trainer):
         if return_outputs:
             return loss, {"loss": loss, "ce_sum": out.ce_sum, "kd_sum": out.kd_sum, "num_tokens": out.num_tokens}
         return loss
+
+    # ------------------------------------------------------------------ logs
+    def _add_log_terms(self, out: Any, input_tokens: int) -> None:
+        """Add a training micro-batch's sums to those of the next log (on its device: no host sync)."""
+        head = torch.stack([out.ce_sum.double(), out.kd_sum.double(), out.num_tokens.double()])
+        v = torch.cat([head, head.new_tensor([float(input_tokens)]), out.domain_tokens.double()])
+        self._log_terms = v if self._log_terms is None else self._log_terms + v
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """``Trainer.log``; a training log (with ``loss``) gets the terms since the previous one, over all ranks:
+        ``ce`` and ``kd`` (per valid target token; ``loss = ce + gamma * kd``), ``tokens/<domain>`` (valid
+        target tokens) and ``throughput/tokens_per_s`` (input tokens per second). ``DDKCallback`` logs
+        ``weight/<domain>``, ``student_ce/<domain>``, ``teacher_ce/<domain>``, ``gap/<domain>`` and
+        ``ratio/<domain>`` at each DDK interval (``ddk.engine.tracking.interval_scalars``)."""
+        if "loss" in logs and self._log_terms is not None:
+            v = self._log_terms
+            if self.accelerator.num_processes > 1:  # every rank logs at the same steps
+                v = self.accelerator.reduce(v, reduction="sum")
+            terms = v.tolist()  # at a logging step, where the Trainer syncs anyway
+            now = time.perf_counter()
+            tok = max(terms[2], 1.0)
+            logs["ce"], logs["kd"] = terms[0] / tok, terms[1] / tok
+            for name, n in zip(self.controller.estimator.domain_names, terms[4:]):
+                logs[f"tokens/{name}"] = n
+            logs["throughput/tokens_per_s"] = terms[3] / max(now - self._log_time, 1e-9)
+            self._log_terms, self._log_time = None, now
+        if start_time is None:
+            super().log(logs)
+        else:
+            super().log(logs, start_time)
 
     def _loss_student(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module ``causal_lm_kd_loss`` gets: the (possibly wrapped) student. Under a

@@ -4,6 +4,7 @@ the fused loss on the Trainer path, the README example and the errors (tiny mode
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -884,3 +885,36 @@ def test_ddktrainer_newest_checkpoint_holds_the_ddk_state_before_rotation(tmp_pa
     assert Path(last).name == "checkpoint-2" and (Path(last) / DDK_STATE_NAME).is_file()
     trainer(3).train(resume_from_checkpoint=True)  # resumable
     assert (tmp_path / "checkpoint-3" / DDK_STATE_NAME).is_file()
+
+
+# ---------------------------------------------------------------------------- tracking
+@pytest.mark.skipif(not importlib.util.find_spec("tensorboard"), reason="needs tensorboard (requirements-dev.txt)")
+def test_ddktrainer_report_to_tensorboard_logs_weights_per_domain_and_loss_terms(tmp_path, tok):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tr = DDKTrainer(
+        model=make_model("llama", len(tok), seed=2),
+        teacher=make_model("llama", len(tok), hidden=48, seed=1),
+        args=_config(tmp_path, max_steps=3, interval=2, report_to=["tensorboard"], logging_steps=1),
+        train_dataset=_records(),
+        processing_class=tok,
+    )
+    tr.train()
+    names, records = tr.controller.estimator.domain_names, tr.controller.records
+    (events,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    acc.Reload()
+    for i, name in enumerate(names):  # the Trainer's TensorBoard writer prefixes train/
+        got = [(e.step, e.value) for e in acc.Scalars(f"train/weight/{name}")]
+        assert [s for s, _ in got] == [r["step"] for r in records] == [0, 2]
+        assert [v for _, v in got] == pytest.approx([r["weights"][i] for r in records], rel=1e-6)
+        for key in ("student_ce", "teacher_ce", "gap", "ratio"):
+            assert [e.step for e in acc.Scalars(f"train/{key}/{name}")] == [0, 2]
+        assert [e.step for e in acc.Scalars(f"train/tokens/{name}")] == [1, 2, 3]
+    history = [h for h in tr.state.log_history if "loss" in h]
+    for key in ("ce", "kd"):
+        assert [e.value for e in acc.Scalars(f"train/{key}")] == pytest.approx([h[key] for h in history], rel=1e-6)
+    gamma = tr.args.gamma
+    for h in history:  # one step per log, no accumulation: the Trainer's loss is ce + gamma * kd
+        assert h["loss"] == pytest.approx(h["ce"] + gamma * h["kd"], rel=1e-4)
+        assert sum(h[f"tokens/{n}"] for n in names) == 4 * 15  # 4 sequences of 16 tokens, 15 targets each

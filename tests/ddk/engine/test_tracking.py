@@ -1,0 +1,185 @@
+"""Tests of ddk/engine/tracking.py: the scalars of a run in TensorBoard (read back from the event
+files), a resumed run without duplicate steps, W&B (a stand-in module; the real one offline when
+installed) and the errors of ``report_to``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ddk.engine import tracking
+from ddk.engine.tracking import check_report_to, interval_scalars, open_tracker, step_scalars
+
+HAS_TB = importlib.util.find_spec("tensorboard") is not None
+needs_tb = pytest.mark.skipif(not HAS_TB, reason="needs tensorboard (pip install tensorboard; in requirements-dev.txt)")
+
+
+def _events(folder: Path) -> Any:
+    """The scalars of the event files of ``folder``, as TensorBoard reads them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def _series(acc: Any, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_interval_scalars_gap_is_student_minus_teacher_ce() -> None:
+    rec = {
+        "domain_names": ["a", "b"],
+        "weights": [0.25, 0.75],
+        "student_ce": [3.0, 4.0],
+        "teacher_ce": [2.0, 2.5],
+        "ratio": [2.718, 4.48],
+    }
+    got = interval_scalars(rec)
+    assert got["gap/b"] == 1.5 and got["weight/a"] == 0.25 and got["ratio/b"] == 4.48
+    assert sorted(k.split("/")[0] for k in got) == sorted(["weight", "student_ce", "teacher_ce", "gap", "ratio"] * 2)
+
+
+def test_step_scalars_skipped_batch_reports_no_loss_terms() -> None:
+    rec = {"loss": None, "ce": None, "kd": None, "lr": 1e-3, "batch_domain_tokens": [3, 4]}
+    assert step_scalars(rec, ["a", "b"]) == {"train/lr": 1e-3, "tokens/a": 3.0, "tokens/b": 4.0}
+
+
+def test_check_report_to_unknown_or_missing_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"^distill: report_to must be one of \('none', 'tensorboard', 'wandb'\)"):
+        check_report_to("mlflow", "distill")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a))
+    with pytest.raises(ValueError) as info:
+        check_report_to("wandb", "distill")
+    assert str(info.value) == (
+        "distill: report_to='wandb' needs the wandb package; got it not installed. Install it with "
+        "`pip install wandb`, or pass --report-to none (config report_to: none)."
+    )
+    check_report_to("none", "distill")
+
+
+def test_run_config_report_to_must_be_a_backend(tmp_path: Path) -> None:
+    from ddk.engine.config import RunConfig
+
+    with pytest.raises(ValueError, match=r"^RunConfig: report_to must be one of .*; got 'tb'\.$"):
+        RunConfig(report_to="tb").validate()
+
+
+class _FakeRun:
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.kwargs, self.logged, self.finished = kwargs, [], False
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.logged.append((step, values))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_wandb_tracker_keeps_the_run_id_for_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: list[_FakeRun] = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(_FakeRun(kw)) or runs[-1]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    t = tracking.WandbTracker(tmp_path / "run", config={"method": "ddk"})
+    t.log_scalars({"weight/a": 0.5}, step=3)
+    t.close()
+    first = runs[0]
+    assert first.logged == [(3, {"weight/a": 0.5})] and first.finished
+    assert first.kwargs["dir"] == str(tmp_path / "run") and first.kwargs["resume"] == "allow"
+    assert first.kwargs["config"] == {"method": "ddk"} and first.kwargs["name"] == "run"
+    tracking.WandbTracker(tmp_path / "run", resumed=True).close()  # a resume: the same W&B run
+    tracking.WandbTracker(tmp_path / "run", resumed=False).close()  # a fresh start: a new one
+    assert runs[1].kwargs["id"] == first.kwargs["id"] != runs[2].kwargs["id"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is optional and not installed")
+def test_wandb_tracker_offline_writes_its_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = open_tracker("wandb", tmp_path, start_step=0, config={"method": "ddk"})
+    t.log_scalars({"weight/a": 0.5, "train/ce": 2.0}, step=1)
+    t.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@needs_tb
+def test_tensorboard_tracker_purges_the_steps_a_resume_writes_again(tmp_path: Path) -> None:
+    t = open_tracker("tensorboard", tmp_path)
+    for step in range(5):
+        t.log_scalars({"x": float(step)}, step)
+    t.close()
+    t = open_tracker("tensorboard", tmp_path, start_step=2)  # resumed at checkpoint 2: steps 3, 4 again
+    for step in range(3, 6):
+        t.log_scalars({"x": 10.0 * step}, step)
+    t.close()
+    assert _series(_events(tmp_path / "tensorboard"), "x") == [(0, 0), (1, 1), (2, 2), (3, 30), (4, 40), (5, 50)]
+
+
+# ---------------------------------------------------------------------------- the engine's loop
+pytestmark_hf = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("transformers", "tokenizers")), reason="needs transformers"
+)
+
+
+@needs_tb
+@pytestmark_hf
+def test_distill_report_to_tensorboard_writes_weights_per_domain_and_loss_terms(tmp_path: Path) -> None:
+    from recipe_cases import run_cfg
+
+    import ddk.recipes.distill as real
+
+    cfg = run_cfg(tmp_path, "tb", report_to="tensorboard")
+    real.distill(cfg)
+    out = Path(cfg.out)
+    acc = _events(out / "tensorboard")
+    ctrl, metrics = _jsonl(out / "controller.jsonl"), _jsonl(out / "metrics.jsonl")
+    names = ctrl[0]["domain_names"]
+    assert len(names) == 3
+    for i, name in enumerate(names):
+        got = _series(acc, f"weight/{name}")
+        assert [s for s, _ in got] == [r["step"] for r in ctrl] == [0, 3, 6]
+        assert [v for _, v in got] == pytest.approx([r["weights"][i] for r in ctrl], rel=1e-6)
+        gap = [r["student_ce"][i] - r["teacher_ce"][i] for r in ctrl]
+        assert [v for _, v in _series(acc, f"gap/{name}")] == pytest.approx(gap, rel=1e-5, abs=1e-6)
+        for key in ("student_ce", "teacher_ce", "ratio"):
+            assert [v for _, v in _series(acc, f"{key}/{name}")] == pytest.approx([r[key][i] for r in ctrl], rel=1e-6)
+        assert [s for s, _ in _series(acc, f"tokens/{name}")] == [m["step"] for m in metrics]
+    for key in ("ce", "kd", "loss", "lr"):
+        got = _series(acc, f"train/{key}")
+        assert [s for s, _ in got] == [m["step"] for m in metrics] == [2, 3, 4, 6]
+        assert [v for _, v in got] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+    assert all(v > 0 for _, v in _series(acc, "throughput/tokens_per_s"))
+
+
+@needs_tb
+@pytestmark_hf
+def test_distill_report_to_tensorboard_resumed_run_has_no_duplicate_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recipe_cases import crash_in_step, run_cfg
+
+    import ddk.recipes.distill as real
+
+    cfg = run_cfg(tmp_path, "tb", report_to="tensorboard")
+    crash_in_step(monkeypatch, cfg, 5)  # checkpoint-3 written; steps 4 (logged) and 5 are trained again
+    real.distill(cfg)
+    out = Path(cfg.out)
+    acc = _events(out / "tensorboard")
+    metrics = _jsonl(out / "metrics.jsonl")
+    ce = _series(acc, "train/ce")
+    assert [s for s, _ in ce] == [m["step"] for m in metrics] == [2, 3, 4, 6]
+    assert [v for _, v in ce] == pytest.approx([m["ce"] for m in metrics], rel=1e-6)
+    name = _jsonl(out / "controller.jsonl")[0]["domain_names"][0]
+    assert [s for s, _ in _series(acc, f"weight/{name}")] == [0, 3, 6]
