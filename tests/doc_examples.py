@@ -52,7 +52,14 @@ _FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)[^\n]*$")
 DISTILL_PREFIX = "ddk distill --teacher"
 #: Command lines of ``bash`` blocks that the tests run; other lines (``make demo``, ``pip install``)
 #: are shown only.
-COMMAND_PREFIXES = (DISTILL_PREFIX, "ddk distill --student", "ddk teacher-cache", "ddk backends", "torchrun ")
+COMMAND_PREFIXES = (
+    DISTILL_PREFIX,
+    "ddk distill --student",
+    "ddk teacher-cache",
+    "ddk backends",
+    "ddk compare",
+    "torchrun ",
+)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ RUN_FILES = (
     "eval.json",
     "weights.png",
     "gaps.png",
+    "loss.png",
     "student",
     "tensorboard",  # report_to: the event files, and W&B's files with its run id
     "wandb",

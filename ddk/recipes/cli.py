@@ -114,6 +114,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ddk.recipes.report import compare_runs
+
+    comp = compare_runs(args.runs, None if args.no_plot else args.plot)
+    print(comp.text)
+    if comp.plot is not None:
+        print(f"plot: {comp.plot}")
+    return 0
+
+
 def _cmd_demo_real(args: argparse.Namespace) -> int:
     from ddk.recipes.demo import compare_demo
 
@@ -220,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="per-domain validation CE of a run's student and its teacher")
     ev.add_argument("run", help="a distill run folder")
     ev.set_defaults(func=_cmd_evaluate)
+    cmp_ = sub.add_parser(
+        "compare",
+        help="the per-domain gaps of finished runs side by side, against the first, and their bar plot",
+        description="Print the per-domain validation gap (student CE - teacher CE, nats/token) of each finished "
+        "run folder (its summary.json), with mean and worst, a '<run> - <first>' row per other run, and the "
+        "test gaps when every run has them (--test-data); write the gaps side by side to --plot.",
+    )
+    cmp_.add_argument("runs", nargs="+", metavar="RUN", help="run folders of ddk distill; the first is the reference")
+    cmp_.add_argument("--plot", default="compare.png", help="bar plot of the final gaps (default: compare.png)")
+    cmp_.add_argument("--no-plot", action="store_true", help="print the table only")
+    cmp_.set_defaults(func=_cmd_compare)
     return parser
 
 

@@ -459,14 +459,14 @@ def compare_demo(cfg: RecipeConfig, methods: tuple[str, ...] = DEMO_METHODS, pre
     Each method runs into ``<out>/<method>/`` at the same token budget and data seed; then the
     per-domain tables, the difference ``DDK - KD`` per domain (negative: DDK ends closer to the
     teacher), and ``compare.png`` (final gaps side by side) and DDK's weight plot are written
-    to ``<out>/`` and printed. ``preset`` is only named in the output. Under ``torchrun`` every
+    to ``<out>/`` and printed: ``ddk.recipes.report.compare_summaries``, what ``ddk compare``
+    prints for any runs. ``preset`` is only named in the output. Under ``torchrun`` every
     rank runs it, like ``distill``.
 
     Returns:
         ``{"preset", "methods": {method: summary}, "difference": {...} | None, "seconds": {...}}``.
     """
-    from ddk.recipes.plotting import plot_domain_bars
-    from ddk.recipes.report import format_table
+    from ddk.recipes.report import compare_summaries
 
     created = init_from_env(cfg.process_group_backend, force=cfg.fsdp)
     try:
@@ -485,38 +485,21 @@ def compare_demo(cfg: RecipeConfig, methods: tuple[str, ...] = DEMO_METHODS, pre
         result["seconds"] = {"prepare": t_prep, "total": time.perf_counter() - t0}
         if rank_world()[0] != 0:
             return result
-        names = summaries[methods[0]]["domains"]
+        comp = compare_summaries(  # the table and plot of `ddk compare`, the methods named in capitals
+            {m.upper(): s for m, s in summaries.items()},
+            root / "compare.png",
+            title=f"Per-domain gap to the teacher after distillation (preset {preset!r})",
+        )
+        if methods[0] == "kd" and "ddk" in methods:
+            result["difference"] = comp.difference["DDK"]  # DDK - KD: negative where DDK ends closer
         lines = [
             "",
             f"== demo (preset {preset!r}): {' vs '.join(m.upper() for m in methods)} from the same student ==",
             _models_line(filled, summaries[methods[0]]),
-            format_table(list(summaries.values())),
+            comp.text,
+            "(One seed: differences below ~0.02 are within noise.)",
         ]
-        if {"kd", "ddk"} <= set(summaries):
-            kd, ddk = summaries["kd"], summaries["ddk"]
-            diff = [a - b for a, b in zip(ddk["gap"], kd["gap"])]
-            result["difference"] = {
-                "gap": diff,
-                "mean_gap": ddk["mean_gap"] - kd["mean_gap"],
-                "worst_gap": ddk["worst_gap"] - kd["worst_gap"],
-            }
-            w = max(10, max(len(n) for n in names) + 2)
-            lines.append(
-                f"{'DDK - KD':<18}"
-                + "".join(f"{d:>{w}.4f}" for d in diff)
-                + f"{result['difference']['mean_gap']:>9.4f}{result['difference']['worst_gap']:>9.4f}"
-            )
-            lines.append(
-                "(gap = student CE - teacher CE on each domain's validation set, nats/token; "
-                "DDK - KD < 0: DDK ends closer to the teacher. One seed: differences below ~0.02 are within noise.)"
-            )
-        plot = plot_domain_bars(
-            {m: s["gap"] for m, s in summaries.items()},
-            names,
-            root / "compare.png",
-            title=f"Per-domain gap to the teacher after distillation (preset {preset!r})",
-        )
-        lines += [f"plot: {plot}"] + [f"plot: {p}" for s in summaries.values() for p in s.get("plots", [])]
+        lines += [f"plot: {comp.plot}"] + [f"plot: {p}" for s in summaries.values() for p in s.get("plots", [])]
         lines.append(
             f"times: corpus + tokenizer + teacher + student {t_prep:.0f} s, "
             + ", ".join(f"{m} {s['wall_seconds']:.0f} s" for m, s in summaries.items())

@@ -1,4 +1,5 @@
-"""Plots of a ``DDKController`` log: domain weights and student-teacher gaps over training.
+"""Plots of a run: domain weights and student-teacher gaps over training (a ``DDKController`` log),
+the training loss terms (``metrics.jsonl``) and per-domain bars side by side.
 
 matplotlib is imported lazily (``pip install ddk[plot]``) and drawn with the Agg canvas, so no
 display and no pyplot global state are needed.
@@ -64,11 +65,13 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, ax: Any, out_png: str | os.PathLike[str]) -> Path:
-    lines = len(ax.get_legend_handles_labels()[1])
-    if lines <= _LEGEND_MAX:
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
-    else:  # a legend of thousands of domains is unreadable, and matplotlib lays it out for minutes
-        ax.text(1.01, 0.5, f"{lines} domains\n(no legend)", transform=ax.transAxes, va="center", fontsize="small")
+    """Write ``fig`` to ``out_png`` atomically; with ``ax``, a legend of its lines beside it first."""
+    if ax is not None:
+        lines = len(ax.get_legend_handles_labels()[1])
+        if lines <= _LEGEND_MAX:
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+        else:  # a legend of thousands of domains is unreadable, and matplotlib lays it out for minutes
+            ax.text(1.01, 0.5, f"{lines} domains\n(no legend)", transform=ax.transAxes, va="center", fontsize="small")
     fig.tight_layout()
     import io
 
@@ -189,3 +192,49 @@ def plot_domain_bars(
     ax.grid(True, axis="y", alpha=0.3)
     ax.axhline(0.0, color="black", linewidth=0.6)
     return _save(fig, ax, out_png)
+
+
+def plot_losses(
+    metrics_path_or_records: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+    out_png: str | os.PathLike[str],
+    *,
+    title: str = "DDK training loss",
+) -> Path:
+    """Plot the training loss terms of a run's ``metrics.jsonl`` against the optimizer step: the
+    cross-entropy ``ce`` and the total ``loss`` (``ce + gamma * kd``) on the left axis, the KD term
+    ``kd`` (``KL(p_T || p_S)`` per token, before ``gamma``) on the right axis, whose scale is
+    usually far smaller. Skipped steps (``loss`` None) are left out.
+
+    Args:
+        metrics_path_or_records: a run's ``metrics.jsonl`` or its records (dicts with ``step``,
+            ``loss``, ``ce``, ``kd``).
+        out_png: output image path (parent folders are created).
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    fn = "plot_losses"
+    if isinstance(metrics_path_or_records, (str, os.PathLike)):
+        path = Path(metrics_path_or_records)
+        if not path.is_file():
+            raise ValueError(f"{fn}: metrics_path_or_records must be an existing JSON-lines file; got {str(path)!r}.")
+        with path.open(encoding="utf-8") as f:
+            records = [loads_json(line, where=str(path), fn=fn) for line in f if line.strip()]
+    else:
+        records = [dict(r) for r in metrics_path_or_records]
+    rows = [r for r in records if all(isinstance(r.get(k), (int, float)) for k in ("step", "loss", "ce", "kd"))]
+    if not rows:
+        raise ValueError(f"{fn}: metrics_path_or_records must hold a record with step, loss, ce and kd; got none.")
+    steps = [r["step"] for r in rows]
+    fig, ax = _figure(title, "optimizer step", "nats/token")
+    ax.plot(steps, [r["ce"] for r in rows], label="CE (student, labels)", color="tab:blue")
+    ax.plot(steps, [r["loss"] for r in rows], label="loss = CE + gamma * KD", color="tab:gray", linestyle="--")
+    kd_ax = ax.twinx()
+    kd_ax.plot(steps, [r["kd"] for r in rows], label="KD = KL(p_T || p_S)", color="tab:red")
+    kd_ax.set_ylabel("KD term (nats/token)", color="tab:red")
+    kd_ax.tick_params(axis="y", labelcolor="tab:red")
+    handles, labels = ax.get_legend_handles_labels()
+    kd_handles, kd_labels = kd_ax.get_legend_handles_labels()
+    ax.legend(handles + kd_handles, labels + kd_labels, loc="upper right", fontsize="small")
+    return _save(fig, None, out_png)

@@ -67,3 +67,23 @@ def test_plotting_errors(tmp_path: Path) -> None:
         ValueError, match=r"plot_gaps: quantity must be one of \('gap', 'ratio', 'student_ce'\); got 'kl'\."
     ):
         plot_gaps(_records(), tmp_path / "x.png", quantity="kl")
+
+
+def test_plot_losses_leaves_out_skipped_steps(tmp_path: Path) -> None:
+    from ddk.recipes.plotting import plot_losses
+
+    recs = [
+        {"step": 2, "loss": 5.1, "ce": 5.0, "kd": 0.5},
+        {"step": 4, "loss": None, "ce": None, "kd": None, "skipped": True},
+        {"step": 6, "loss": 4.1, "ce": 4.0, "kd": 0.4, "student_ce": [4.0]},
+    ]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert plot_losses(log, tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(
+        ValueError,
+        match=r"plot_losses: metrics_path_or_records must hold a record with step, loss, ce and kd; got none\.",
+    ):
+        plot_losses(recs[1:2], tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"plot_losses: metrics_path_or_records must be an existing JSON-lines file"):
+        plot_losses(tmp_path / "missing.jsonl", tmp_path / "x.png")
