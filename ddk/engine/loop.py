@@ -61,7 +61,7 @@ from ddk.engine.methods import method_spec
 from ddk.engine.models import autocast_dtype, load_models, save_student, teacher_identity
 from ddk.engine.parallel import device_for, full_student_state, global_sums, parallelize, train_state
 from ddk.engine.preempt import Preempted, StopSignals, set_stage, stop_signals
-from ddk.engine.resume import check_resume_state, restore_state
+from ddk.engine.resume import check_resume_state, extension_refusal, restore_state
 from ddk.engine.runfolder import (
     atomic_json,
     check_no_links,
@@ -167,6 +167,9 @@ def _resume(ck: dict[str, Any], path: Path, cfg_dict: dict[str, Any]) -> None:
     old, new = result_options({**defaults, **ck["config"]}), result_options(cfg_dict)
     if old != new:
         diff = sorted(k for k in new if old.get(k) != new[k])
+        longer = extension_refusal(old, new, path, ck.get("step")) if set(diff) <= {"steps", "tokens"} else None
+        if longer is not None:
+            raise ValueError(longer)
         raise ValueError(
             f"distill: the checkpoint {path} must be of the same config to resume; "
             f"got different {diff} (use another --out or --no-resume)."

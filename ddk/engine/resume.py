@@ -22,6 +22,10 @@ values of a state read by ``load_checkpoint`` against the run about to continue:
 rolled back) and puts the hyperparameters of the optimizer's groups back to those the run was
 built with: the learning rate of step ``s`` is ``lr * schedule(s)`` from the config, never a
 number read from the file.
+
+:func:`extension_refusal` words the refusal of a resume with a larger budget (``steps`` or
+``tokens``): a run is never extended in place; the message gives the command that continues from
+the run's ``student/``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,14 @@ import torch
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.parallel import load_train_state
 
-__all__ = ["MAX_COUNT", "check_resume_state", "keep_settings", "optimizer_settings", "restore_state"]
+__all__ = [
+    "MAX_COUNT",
+    "check_resume_state",
+    "extension_refusal",
+    "keep_settings",
+    "optimizer_settings",
+    "restore_state",
+]
 
 MAX_COUNT = 2**53
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # Adam's: >= 0 (a square root is taken)
@@ -310,3 +321,63 @@ def keep_settings(opt: torch.optim.Optimizer, sched: Any, own: list[dict[str, An
         lr = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"resume: the learning rate of param group {i} must be finite and >= 0; got {lr!r}.")
+
+
+def _budget(cfg: dict[str, Any]) -> int | None:
+    """The optimizer steps of a config dict (``steps``, or ``tokens`` over ``batch_size * seq_len``), or None."""
+    values = [cfg.get(k) for k in ("steps", "tokens", "batch_size", "seq_len")]
+    ints = [x for x in values if isinstance(x, int) and not isinstance(x, bool) and x >= 0]
+    if len(ints) != len(values):
+        return None
+    steps, tokens, batch, seq = ints
+    return -(-tokens // max(1, batch * seq)) if tokens > 0 else steps
+
+
+def extension_refusal(old: dict[str, Any], new: dict[str, Any], path: Path, step: Any) -> str | None:
+    """The refusal of a resume with a larger budget (``steps`` or ``tokens``) than the checkpoint's
+    run, naming the command that continues from the run's ``student/``; None if the budget is not larger.
+
+    The rule: a run is never extended in place. Its learning rate followed a warm-up and a cosine
+    decay laid out over its own budget; a run with a larger budget follows another schedule from
+    its first step on, so no resume of the checkpoint could be that run. Training further is a new
+    run started from ``student/``: a new optimizer, a warm-up and cosine decay over the extra
+    steps, domain weights from the student's gaps at its start, and another seed (another data
+    order than the first run's).
+
+    Args:
+        old, new: the checkpoint's and the resuming run's ``result_options`` (same keys), which
+            differ only in ``steps``/``tokens``.
+        path: the checkpoint folder; its parent is the run folder.
+        step: the checkpoint's step.
+    """
+    import shlex
+
+    before, after = _budget(old), _budget(new)
+    if before is None or after is None or after <= before or not isinstance(step, int):
+        return None
+    run, extra = path.parent, after - before
+    per_step = new["batch_size"] * new["seq_len"]
+    if new["tokens"] > 0:
+        budget = f"--tokens {new['tokens'] - before * per_step}"
+    else:
+        budget = f"--steps {extra}" + (" --tokens 0" if old["tokens"] > 0 else "")
+    seed = int(old["seed"]) if isinstance(old.get("seed"), int) else 0
+    command = (
+        f"ddk distill --config {shlex.quote(str(run / 'config.json'))} --student {shlex.quote(str(run / 'student'))} "
+        f"{budget} --seed {seed + 1} --out {shlex.quote(str(run) + '-continued')}"
+    )
+    own = f"--tokens {old['tokens']}" if old["tokens"] > 0 else f"--steps {old['steps']}"
+    first = (
+        ""
+        if step >= before
+        else f"It stopped at step {step} of {before}: first finish it with its own budget (its command with {own}); then "
+    )
+    return (
+        f"distill: the run in {str(run)!r} must keep its budget of {before} steps to resume; got {after} steps. Its "
+        f"learning rate follows a warm-up and a cosine decay laid out over {before} steps; a run of {after} steps "
+        "follows another schedule from its first step on, so no resume of it is that run and ddk does not extend a "
+        f"run in place. {first}To train its student {extra} more steps, start a new run from it: `{command}` (a new "
+        f"optimizer with a warm-up and cosine decay over the {extra} steps, domain weights from the student's gaps at "
+        f"its start, seed {seed + 1}: another data order than this run's). To run {after} steps from the start "
+        "instead, pass --no-resume (this run's files are moved aside) or another --out."
+    )

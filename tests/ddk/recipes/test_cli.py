@@ -125,3 +125,34 @@ def test_cli_distill_2000_domains_under_a_limit_of_256_descriptors(tmp_path: Pat
         summary = _json.loads((tmp_path / out / "summary.json").read_text())
         assert len(summary["domains"]) == 2000 and len(summary["final_weights"]) == 2000
         assert [s for s, _ in ckpt.checkpoints(tmp_path / out)] == [2]
+
+
+@needs_hf
+def test_cli_distill_longer_budget_is_refused_with_the_command_that_continues_from_the_student(
+    tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    import shlex
+
+    yaml = pytest.importorskip("yaml")
+    from ddk.recipes.cli import main
+
+    cfg = _cfg(tmp_path, "run")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    base = ["distill", "--config", str(tmp_path / "c.yaml")]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--steps", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "must keep its budget of 6 steps to resume; got 9 steps" in err
+    command = err.split("`")[1]
+    run = Path(cfg.out)
+    assert command == (
+        f"ddk distill --config {run / 'config.json'} --student {run / 'student'} --steps 3 --seed 1 "
+        f"--out {run}-continued"
+    )
+    assert json.loads((run / "summary.json").read_text())["tokens"] == 6 * 4 * 16  # the run is untouched
+    # the command runs as printed: 3 more steps from the distilled student
+    assert main(shlex.split(command)[1:]) == 0
+    more = json.loads(Path(f"{run}-continued", "config.json").read_text())
+    assert more["student"] == str(run / "student") and more["steps"] == 3 and more["seed"] == 1
+    assert json.loads(Path(f"{run}-continued", "summary.json").read_text())["tokens"] == 3 * 4 * 16
