@@ -46,6 +46,7 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "is_disk_full",
+    "warn_user",
     "json_depth",
     "json_fingerprint",
     "loads_json",
@@ -452,3 +453,17 @@ def _acquire(f: Any, lock_file: Path, fn: str, arg: str, folder: Path, wait: boo
         )
     print(f"{fn}: waiting for {who}, which is writing {folder}", file=sys.stderr, flush=True)
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the first caller outside ``ddk`` (the user's line,
+    not a line of ddk: Python's default display prints that line's source under the message)."""
+    import warnings
+
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -6,6 +6,8 @@
   fixed-length sequences *within* each domain, cache them memory-mapped under a content hash.
 * :class:`DomainSequenceDataset` / :class:`DomainCollator` — the packed sequences with their
   ``domain_id`` for a ``DataLoader`` driven by :class:`ddk.MixtureSampler`.
+* :func:`check_tokenizers` — the one tokenizer rule: teacher and student tokenize identically
+  (ids of a probe text, size, special tokens); only padding rows of the models may differ.
 * :func:`build_teacher_cache` / :class:`TeacherCache` — an offline teacher: its top-k
   log-probabilities over the packed data, per domain, memory-mapped and resumable.
 
@@ -24,6 +26,8 @@ _EXPORTS = {
     "PackedDomains": "ddk.data.packed",
     "pack_domains": "ddk.data.packing",
     "tokenizer_hash": "ddk.data.packing",
+    "check_tokenizers": "ddk.data.tokenizer_check",
+    "tokenizer_signature": "ddk.data.tokenizer_check",
     "TeacherCache": "ddk.data.teacher_cache",
     "TeacherCacheCollator": "ddk.data.teacher_cache",
     "TeacherCacheDataset": "ddk.data.teacher_cache",

@@ -29,14 +29,13 @@ import json
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddk._io import json_fingerprint
+from ddk._io import json_fingerprint, warn_user
 from ddk.data.pack_cache import _META, _VERSION, _commit, _entry, _new_build_folder, _open_cache
 from ddk.data.packed import PackedDomains
 from ddk.data.tokens import _DTYPE, _FORMAT, _Records, _Scan, _scan, _token_lists, _Windows
@@ -118,7 +117,25 @@ def _cap_message(capped: Mapping[str, int], val_samples: int, max_val_fraction: 
 def _warn_capped(capped: Mapping[str, int], val_samples: int, max_val_fraction: float) -> None:
     """Warn the caller of ``pack_domains`` (once, all domains in one message) if any validation was capped."""
     if capped:
-        warnings.warn(_cap_message(capped, val_samples, max_val_fraction), stacklevel=3)
+        warn_user(_cap_message(capped, val_samples, max_val_fraction))
+
+
+def _warn_overlap(scan: _Scan, val_scan: _Scan, names: Sequence[str]) -> None:
+    """Warn (once, per domain) about validation records whose text is also a training record's."""
+    assert scan.key_hash is not None and val_scan.key_hash is not None
+    found = {}
+    for name in names:
+        train = scan.key_hash[scan.codes == scan.names.index(name)]
+        val = val_scan.key_hash[val_scan.codes == val_scan.names.index(name)]
+        n = int(np.isin(val, train).sum())
+        if n:
+            found[name] = f"{name!r} {n} of {val.size}"
+    if found:
+        warn_user(
+            f"pack_domains: validation records must not occur in the training records; got {len(found)} domain(s) "
+            f"with the same text in both: {', '.join(found.values())} validation records. Their validation CE "
+            "measures memorised text: remove these records from the training data or from the validation data."
+        )
 
 
 def pack_domains(
@@ -178,6 +195,8 @@ def pack_domains(
     Warns:
         UserWarning: once, naming every domain whose validation was capped by
             ``max_val_fraction`` below ``val_samples`` sequences, with its count.
+        UserWarning: once, naming every domain of ``validation`` records whose text is also a
+            training record's (exact match), with their count.
 
     Examples:
         >>> class Chars:  # a toy tokenizer: one id per character, EOS 0
@@ -225,8 +244,13 @@ def pack_domains(
     train_rec = _Records(fn, "records", records, vocab=vocab)
     val_rec = _Records(fn, "validation", validation, vocab=vocab) if validation is not None else None
 
-    scan = _scan(train_rec, seed=int(seed), want_hash=val_rec is None, progress=progress)
-    val_scan = _scan(val_rec, seed=int(seed), want_hash=False, progress=progress) if val_rec is not None else None
+    keys = val_rec is not None  # validation records: find those that are training records too
+    scan = _scan(train_rec, seed=int(seed), want_hash=val_rec is None, progress=progress, want_keys=keys)
+    val_scan = (
+        _scan(val_rec, seed=int(seed), want_hash=False, progress=progress, want_keys=True)
+        if val_rec is not None
+        else None
+    )
     present = sorted(scan.names)
     if keep is not None:
         unknown = [d for d in keep if d not in scan.names]
@@ -240,6 +264,7 @@ def pack_domains(
             raise ValueError(
                 f"{fn}: validation must have exactly the training domains {names}; got missing {missing}, extra {extra}."
             )
+        _warn_overlap(scan, val_scan, names)
 
     tok_hash = tokenizer_hash(tokenizer)
     key = json_fingerprint(

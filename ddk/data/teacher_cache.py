@@ -225,6 +225,7 @@ def build_teacher_cache(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     tokenizer_hash: str = "",
+    tokenizer: Any = None,
     batch_size: int = 8,
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
@@ -241,7 +242,11 @@ def build_teacher_cache(
         temperature: T of the stored log-probabilities (the divergence's; the CE uses T = 1).
         vocab_size: the student's vocabulary V (the teacher's logits are cut to it); default the
             teacher's ``config.vocab_size``.
-        tokenizer_hash: ``ddk.data.tokenizer_hash`` of the shared tokenizer, stored and checked.
+        tokenizer_hash: ``ddk.data.tokenizer_hash`` of the shared tokenizer, stored and checked
+            (default: the hash of ``tokenizer``).
+        tokenizer: the tokenizer the data were packed with; its ``tokenizer_signature`` goes to the
+            manifest, so that ``TeacherCache.check(tokenizer=...)`` applies the one tokenizer rule
+            (``ddk.data.check_tokenizers``) and names what differs.
         batch_size: sequences per teacher forward.
         device: where the inputs go (default: the teacher's parameters' device).
         autocast: autocast dtype of the teacher's forward (e.g. ``torch.bfloat16`` on CUDA) or None.
@@ -260,6 +265,12 @@ def build_teacher_cache(
         raise ValueError(f"{fn}: temperature must be a finite number > 0; got {temperature!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{fn}: batch_size must be an int >= 1; got {batch_size!r}.")
+    signature: dict[str, Any] | None = None
+    if tokenizer is not None:
+        from ddk.data.packing import tokenizer_hash as hash_of
+        from ddk.data.tokenizer_check import tokenizer_signature
+
+        tokenizer_hash, signature = tokenizer_hash or hash_of(tokenizer), tokenizer_signature(tokenizer)
     root = Path(out)
     rank, world = rank_world()
     name, config_hash = _model_fingerprint(teacher)
@@ -283,7 +294,7 @@ def build_teacher_cache(
     hint = "Wait for that build to finish (or stop it), or pass another out."
     with folder_lock(root, fn, "out", hint=hint) if rank == 0 else contextlib.nullcontext():
         try:
-            _build(teacher, packed, root, plan, batch_size, device, autocast, progress)
+            _build(teacher, packed, root, plan, batch_size, device, autocast, progress, signature)
         except OSError as exc:
             if is_disk_full(exc):  # plan.json, the manifest (a shard names its own folder)
                 raise ValueError(disk_full_message(fn, "out", root, exc, then=_RESUMES)) from None
@@ -299,7 +310,7 @@ def build_teacher_cache(
 
 def _build(
     teacher: Any, packed: Any, root: Path, plan: dict[str, Any], batch_size: int, device: Any,
-    autocast: torch.dtype | None, progress: bool,
+    autocast: torch.dtype | None, progress: bool, signature: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """The shards this rank owns (skipping finished ones), then the manifest (rank 0)."""
     from tqdm.auto import tqdm
@@ -339,11 +350,13 @@ def _build(
     bar.close()
     barrier()
     if rank == 0:
-        _write_manifest(root, plan, packed, jobs)
+        _write_manifest(root, plan, packed, jobs, signature)
     barrier()
 
 
-def _write_manifest(root: Path, plan: dict[str, Any], packed: Any, jobs: list[tuple[str, int]]) -> None:
+def _write_manifest(
+    root: Path, plan: dict[str, Any], packed: Any, jobs: list[tuple[str, int]], signature: dict[str, Any] | None
+) -> None:
     """Per-domain token counts and teacher CE from the shards; the manifest, written last."""
     counts: dict[str, list[int]] = {s: [0] * len(packed.names) for s in SPLITS}
     ce: dict[str, list[float]] = {s: [0.0] * len(packed.names) for s in SPLITS}
@@ -363,6 +376,8 @@ def _write_manifest(root: Path, plan: dict[str, Any], packed: Any, jobs: list[tu
         "bytes_per_token": bytes_per_token(plan["top_k"]),
         "shards": shards,
     }
+    if signature is not None:
+        manifest["tokenizer"] = signature  # ddk.data.tokenizer_signature: what check(tokenizer=) compares
     atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1))
 
 
@@ -553,16 +568,36 @@ class TeacherCache:
     def check(
         self,
         *,
+        tokenizer: Any = None,
         tokenizer_hash: str | None = None,
         vocab_size: int | None = None,
         temperature: float | None = None,
         seq_len: int | None = None,
         fn: str = "TeacherCache.check",
     ) -> None:
-        """Raise ``ValueError`` naming every given property of the run that the cache does not match."""
+        """Raise ``ValueError`` naming every given property of the run that the cache does not match.
+
+        ``tokenizer`` (the run's) is checked by the one tokenizer rule (``ddk.data.check_tokenizers``)
+        against the tokenizer signature the cache stores, naming what differs; a cache built without
+        one falls back to comparing ``tokenizer_hash`` (by default that of ``tokenizer``)."""
+        from ddk.data.tokenizer_check import check_tokenizers
+
         man = self.manifest
+        stored = man.get("tokenizer")
+        if tokenizer is not None and isinstance(stored, dict):
+            try:
+                check_tokenizers(tokenizer, stored, fn=fn, names=("cache", "run"))
+            except ValueError as exc:
+                raise ValueError(
+                    f"{exc} (The teacher cache {str(self.root)!r}: rebuild it with `ddk teacher-cache` and the run's "
+                    "tokenizer.)"
+                ) from None
+        elif tokenizer is not None and tokenizer_hash is None:
+            from ddk.data.packing import tokenizer_hash as hash_of
+
+            tokenizer_hash = hash_of(tokenizer)
         want = {
-            "tokenizer_hash": tokenizer_hash,
+            "tokenizer_hash": tokenizer_hash if not isinstance(stored, dict) else None,
             "vocab_size": vocab_size,
             "temperature": temperature,
             "seq_len": seq_len,

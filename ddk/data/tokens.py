@@ -119,15 +119,18 @@ class _Scan:
     names: list[str]  # code -> domain name
     digest: str  # sha256 of every domain and text/ids, in order
     split_hash: np.ndarray | None  # (N,) float64 stable_unit_hash of each document, if asked
+    key_hash: np.ndarray | None = None  # (N,) int64 hash of each document's text (ids), if asked
 
 
-def _scan(rec: _Records, *, seed: int, want_hash: bool, progress: bool) -> _Scan:
-    """One pass over the records: check them, code the domains, hash the contents."""
+def _scan(rec: _Records, *, seed: int, want_hash: bool, progress: bool, want_keys: bool = False) -> _Scan:
+    """One pass over the records: check them, code the domains, hash the contents (``want_keys``:
+    also each document's text, with Python's ``hash``, to compare two scans of one process)."""
     from tqdm.auto import tqdm
 
     fn, arg = rec.fn, rec.arg
     codes = np.empty(rec.n, dtype=np.int32)
     split_hash = np.empty(rec.n, dtype=np.float64) if want_hash else None
+    key_hash = np.empty(rec.n, dtype=np.int64) if want_keys else None
     code_of: dict[str, int] = {}
     sha = hashlib.sha256()
     sha.update(f"{_FORMAT}/{rec.tokens}/{rec.has_text}".encode())
@@ -164,9 +167,11 @@ def _scan(rec: _Records, *, seed: int, want_hash: bool, progress: bool) -> _Scan
             if split_hash is not None:
                 assert key is not None  # every record has a text or an input_ids column
                 split_hash[i] = stable_unit_hash(key, seed)
+            if key_hash is not None:
+                key_hash[i] = hash(key)
         bar.update(len(cols["domain"]))
     bar.close()
-    return _Scan(codes, list(code_of), sha.hexdigest(), split_hash)
+    return _Scan(codes, list(code_of), sha.hexdigest(), split_hash, key_hash)
 
 
 # ---------------------------------------------------------------------------- window writer

@@ -144,13 +144,13 @@ def open_teacher_cache(
 ) -> Any:
     """The ``ddk.data.TeacherCache`` of ``cache`` (a folder or an opened cache), verified (every
     file's SHA-256 and values on the first open after it changed, ``ddk.data.verify``) and checked
-    against the tokenizer (its hash and size), the temperature and the sequence length; a mismatch
+    against the tokenizer (the one tokenizer rule, ``ddk.data.check_tokenizers``, and its size), the temperature and the sequence length; a mismatch
     is a ``ValueError`` naming it."""
-    from ddk.data import TeacherCache, tokenizer_hash
+    from ddk.data import TeacherCache
 
     opened = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
     opened.check(
-        tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        tokenizer=tokenizer,
         vocab_size=len(tokenizer) if tokenizer is not None else None,
         temperature=float(temperature),
         seq_len=int(seq_len) if seq_len is not None else None,

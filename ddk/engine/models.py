@@ -13,20 +13,26 @@ from typing import Any
 
 import torch
 
-from ddk._io import FILE_MODE, fresh_dir, fsync_dir, fsync_file, refuse_link
+from ddk._io import FILE_MODE, fresh_dir, fsync_dir, fsync_file, refuse_link, warn_user
+from ddk.data.tokenizer_check import output_rows
 from ddk.distributed import rank_world
 from ddk.engine.config import RunConfig
 
 __all__ = [
     "autocast_dtype",
+    "check_positions",
     "check_vocabularies",
     "load_models",
     "load_pretrained",
     "load_teacher",
     "load_tokenizer",
     "output_rows",
+    "parameter_count",
+    "position_limit",
     "save_student",
     "teacher_identity",
+    "teacher_tokenizer_of",
+    "warn_larger_student",
 ]
 
 
@@ -71,44 +77,91 @@ def load_pretrained(kind: str, name: str, fn: str = "distill", flag: str | None 
         ) from exc
 
 
-def output_rows(model: Any) -> int:
-    """Rows of the model's output embedding (its logits' width)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    return int(model.config.vocab_size)
+def check_vocabularies(
+    teacher: Any, student: Any, tokenizer: Any, fn: str = "distill", *, teacher_tokenizer: Any = None
+) -> None:
+    """The one tokenizer rule (``ddk.data.check_tokenizers``) for a pair of loaded models.
 
-
-def check_vocabularies(teacher: Any, student: Any, tokenizer: Any, fn: str = "distill") -> None:
-    """Raise unless teacher and student share ``tokenizer``'s vocabulary (the teacher may have padding rows).
-
-    The student's output embedding must have at least ``len(tokenizer)`` rows and the teacher's
-    (if any) at least the student's (rows past the student's, e.g. Qwen's padding to 152064, are
-    sliced off). ``tokenizer`` may be None (no tokenizer check).
+    ``teacher_tokenizer`` is the teacher's own tokenizer, default the one saved beside the teacher
+    (``teacher_tokenizer_of``); when the teacher ships none, its output rows past the student's are
+    taken as padding, with a warning that the tokenizers went unchecked. ``tokenizer`` may be None
+    (no check); ``teacher`` None checks the student alone.
     """
-    vs = output_rows(student)
-    s_name = getattr(student, "name_or_path", "") or "the student"
-    if tokenizer is not None and hasattr(tokenizer, "__len__") and vs < len(tokenizer):
-        raise ValueError(
-            f"{fn}: the student's vocabulary must cover the tokenizer's {len(tokenizer)} tokens; got an lm_head of "
-            f"{vs} rows in {s_name}. Pass the tokenizer the student was trained with (--tokenizer, processing_class)."
-        )
-    if teacher is None:
+    from ddk.data.tokenizer_check import check_tokenizers
+
+    if tokenizer is None:
         return
-    vt = output_rows(teacher)
-    t_name = getattr(teacher, "name_or_path", "") or "the teacher"
-    if vt < vs:
-        raise ValueError(
-            f"{fn}: the teacher's vocabulary must cover the student's (a teacher wider by padding rows "
-            f"is sliced); got teacher {t_name} with {vt} rows and student {s_name} with {vs}. Teacher "
-            "and student must share a tokenizer."
+    if teacher is not None and teacher_tokenizer is None:
+        teacher_tokenizer = teacher_tokenizer_of(teacher, fn)
+    check_tokenizers(tokenizer, teacher_tokenizer, student=student, teacher=teacher, fn=fn)
+    if teacher is not None and teacher_tokenizer is None and output_rows(teacher) > output_rows(student):
+        warn_user(
+            f"{fn}: the teacher's {output_rows(teacher)} output rows exceed the student's {output_rows(student)}; "
+            "they are taken as padding rows (sliced off), but the teacher has no tokenizer saved beside it, so "
+            "the rule that both tokenize identically went unchecked. Save the teacher's tokenizer in its folder "
+            "(or pass teacher_tokenizer=)."
         )
 
 
-def _tokenizers_agree(a: Any, b: Any) -> bool:
-    return a.get_vocab() == b.get_vocab()
+def teacher_tokenizer_of(teacher: Any, fn: str = "distill") -> Any:
+    """The tokenizer saved in the teacher's ``save_pretrained`` folder (``name_or_path``) or hub
+    repository, or None when there is none."""
+    name = str(getattr(teacher, "name_or_path", "") or "")
+    path = Path(os.path.expanduser(name)) if name else None
+    if path is not None and any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
+        return load_pretrained("tokenizer", str(path), fn=fn, flag="the teacher's tokenizer")
+    if path is None or path.exists() or _hub_offline() or not _HUB_ID.fullmatch(name):
+        return None
+    try:  # a hub teacher: its repository's tokenizer (cached by huggingface_hub like the weights)
+        return load_pretrained("tokenizer", name, fn=fn, flag="the teacher's tokenizer")
+    except ValueError:
+        return None
+
+
+def position_limit(model: Any) -> int | None:
+    """The longest sequence ``model`` embeds positions for (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when its config names none."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(seq_len: int, teacher: Any, student: Any, *, fn: str = "distill", flag: str = "--seq-len") -> None:
+    """Raise unless ``seq_len`` is within both models' position limits (``position_limit``); the
+    error names both limits and ``flag``. Either model may be None."""
+    models = [(r, m, position_limit(m)) for r, m in (("student", student), ("teacher", teacher)) if m is not None]
+    over = [lim for _, _, lim in models if lim is not None and seq_len > lim]
+    if over:
+        limits = ", ".join(
+            f"the {r} {getattr(m, 'name_or_path', '') or type(m).__name__!r} "
+            f"{lim if lim is not None else 'no limit in its config'}"
+            for r, m, lim in models
+        )
+        raise ValueError(
+            f"{fn}: {flag} must be at most the models' position limits (max_position_embeddings, n_positions); "
+            f"got {seq_len}, with {limits}. Pass {flag} {min(over)} or less."
+        )
+
+
+def parameter_count(model: Any) -> int:
+    """Parameters of ``model`` (shared tensors once)."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    return int(sum(seen.values()))
+
+
+def warn_larger_student(teacher: Any, student: Any, fn: str = "distill") -> None:
+    """A warning (not an error) when the student has more parameters than the teacher."""
+    if teacher is None or student is None:
+        return
+    ns, nt = parameter_count(student), parameter_count(teacher)
+    if ns > nt:
+        warn_user(
+            f"{fn}: the student has more parameters ({ns:,}) than the teacher ({nt:,}); distillation usually "
+            "goes from a larger teacher to a smaller student. Check that --teacher and --student are not swapped."
+        )
 
 
 def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
@@ -117,12 +170,15 @@ def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
     The student keeps float32 master weights (bf16 runs use autocast); the teacher is loaded in
     bf16 when the run computes in bf16, in eval mode with no gradients (``load_teacher``). Without
     ``cfg.teacher`` (allowed for ``cpt`` only) the teacher is None; ``cpt`` with a teacher uses it
-    only to measure the gap.
+    only to measure the gap. ``--seq-len`` above either model's position limit is an error; a
+    student larger than the teacher, a warning.
     """
     tok_flag = "--tokenizer" if cfg.tokenizer else "--student"  # the tokenizer comes from the student's folder
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, flag=tok_flag)
     student = load_pretrained("student", cfg.student, flag="--student", dtype=torch.float32).to(device)
     teacher = load_teacher(cfg, device, tokenizer, student) if cfg.teacher else None
+    warn_larger_student(teacher, student)
+    check_positions(cfg.sequence_length, teacher, student)  # before any data is packed
     if cfg.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
         enable()
@@ -146,22 +202,16 @@ def load_teacher(
     cfg: RunConfig, device: torch.device, tokenizer: Any, student: Any, *, fn: str = "distill", flag: str = "--teacher"
 ) -> Any:
     """``cfg.teacher`` on ``device``, frozen, in eval mode and in the run's compute dtype, checked
-    against the student's vocabulary and ``tokenizer`` (a teacher folder that holds a tokenizer
-    must hold the same vocabulary)."""
+    against the student and ``tokenizer`` by the one tokenizer rule (``check_vocabularies``; the
+    tokenizer saved in the teacher's folder, if any, must tokenize as ``tokenizer`` does)."""
     t_dtype = autocast_dtype(cfg, device) or torch.float32
     teacher = load_pretrained("teacher", cfg.teacher, fn=fn, flag=flag, dtype=t_dtype).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    check_vocabularies(teacher, student, tokenizer, fn=fn)
     t_path = Path(os.path.expanduser(cfg.teacher))
-    if (t_path / "tokenizer_config.json").is_file():
-        t_tok = load_pretrained("tokenizer", str(t_path), fn=fn, flag=flag)
-        if not _tokenizers_agree(t_tok, tokenizer):
-            raise ValueError(
-                f"{fn}: teacher and student must share a tokenizer; got different vocabularies in "
-                f"{cfg.teacher!r} ({len(t_tok)} tokens) and {cfg.tokenizer or cfg.student!r} "
-                f"({len(tokenizer)} tokens)."
-            )
+    has_tok = any((t_path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
+    t_tok = load_pretrained("tokenizer", str(t_path), fn=fn, flag=flag) if has_tok else None
+    check_vocabularies(teacher, student, tokenizer, fn=fn, teacher_tokenizer=t_tok)
     return teacher
 
 

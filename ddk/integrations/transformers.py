@@ -68,7 +68,7 @@ from ddk.engine import checkpoint as ckpt
 from ddk.engine.components import Components, build_components, open_teacher_cache
 from ddk.engine.config import DistillOptions, check_cache_backend
 from ddk.engine.methods import method_spec
-from ddk.engine.models import check_vocabularies
+from ddk.engine.models import check_positions, check_vocabularies, warn_larger_student
 from ddk.engine.resume import keep_settings, optimizer_settings
 from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss, check_loss_models
 from ddk.engine.tracking import interval_scalars
@@ -230,12 +230,17 @@ class DDKTrainer(Trainer):
             ``processing_class``, ``args.temperature`` and ``args.seq_len``.
         teacher: the frozen teacher (same tokenizer; a larger padded vocabulary is sliced); None
             only with ``method="cpt"``.
+        teacher_tokenizer: the teacher's own tokenizer, checked against ``processing_class`` by the
+            one tokenizer rule (``ddk.data.check_tokenizers``: the same ids of a probe text, size
+            and special tokens); default the tokenizer saved in ``teacher.name_or_path``. Without
+            either, a teacher with more output rows than the student is taken as padded (a warning).
         controller: low-level form only.
         **kwargs: further ``Trainer`` arguments (``callbacks``, ``optimizers``, ...).
 
     Raises:
-        ValueError, TypeError: on a missing column, a vocabulary mismatch, a missing teacher, a
-            bad batch size or configuration, before anything is trained.
+        ValueError, TypeError: on a missing column, tokenizers that tokenize differently, a
+            ``seq_len`` above a model's position limit, a missing teacher, a bad batch size or
+            configuration, before anything is trained.
 
     Examples:
         >>> # import datasets, transformers
@@ -267,6 +272,7 @@ class DDKTrainer(Trainer):
         teacher: torch.nn.Module | None = None,
         controller: DDKController | None = None,
         teacher_cache: Any = None,
+        teacher_tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
         fn = "DDKTrainer"
@@ -286,8 +292,11 @@ class DDKTrainer(Trainer):
             )
         if teacher is not None and not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"{fn}: teacher must be a torch.nn.Module; got {type(teacher).__name__}.")
-        check_vocabularies(teacher, model, processing_class, fn=fn)
+        check_vocabularies(teacher, model, processing_class, fn=fn, teacher_tokenizer=teacher_tokenizer)
+        warn_larger_student(teacher, model, fn=fn)
         if cfg is not None:  # before the corpus is packed
+            if cfg.seq_len is not None:
+                check_positions(cfg.seq_len, teacher, model, fn=fn, flag="args.seq_len")
             check_loss_models(cfg.loss, model, teacher)
         self.spec = method_spec(self.method, fn)
         self.adaptive = self.spec.adaptive

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the commands import the heavy modules lazily
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     from ddk.engine.preempt import EXIT_PREEMPTED, Preempted
 
     args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_: f"ddk {args.command}: warning: {message}\n"  # no source line
     try:
         return int(args.func(args))
     except ValueError as e:  # bad options or inputs: the message says what to fix
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is written; the same command resumes
         print(f"ddk {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ def teacher_cache(cfg: RecipeConfig) -> Any:
 
 def _teacher_cache(cfg: RecipeConfig, fn: str) -> Any:
     from ddk._io import printable
-    from ddk.data import build_teacher_cache, tokenizer_hash
+    from ddk.data import build_teacher_cache, check_tokenizers
     from ddk.distributed import init_from_env, rank_world, rank_zero_first
     from ddk.engine.components import load_run_data
-    from ddk.engine.models import autocast_dtype, load_pretrained, load_tokenizer
+    from ddk.engine.models import autocast_dtype, check_positions, load_pretrained, load_tokenizer, teacher_tokenizer_of
     from ddk.engine.parallel import device_for
     from ddk.engine.preempt import set_stage
     from ddk.engine.runfolder import log
@@ -59,6 +59,9 @@ def _teacher_cache(cfg: RecipeConfig, fn: str) -> Any:
         )
         for p in teacher.parameters():
             p.requires_grad_(False)
+        own = teacher_tokenizer_of(teacher, fn) if cfg.tokenizer else None  # --tokenizer vs the teacher's own
+        check_tokenizers(tokenizer, own, teacher=teacher, fn=fn)  # the one tokenizer rule; rows >= tokens
+        check_positions(cfg.sequence_length, teacher, None, fn=fn)  # before any data is packed
         with rank_zero_first():
             packed = load_run_data(dataclasses.replace(cfg, teacher_cache=""), tokenizer)
         set_stage("the teacher-cache build")
@@ -69,7 +72,7 @@ def _teacher_cache(cfg: RecipeConfig, fn: str) -> Any:
             top_k=cfg.top_k,
             temperature=float(cfg.temperature),
             vocab_size=len(tokenizer),
-            tokenizer_hash=tokenizer_hash(tokenizer),
+            tokenizer=tokenizer,
             batch_size=cfg.eval_batch_size,
             device=device,
             autocast=amp,

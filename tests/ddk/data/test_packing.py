@@ -183,6 +183,26 @@ def test_pack_domains_warns_once_when_validation_is_capped(tok, records):
         assert _split_of(tok, packed, d, _docs(records, name)) == int(0.25 * 20)  # exactly the cap
 
 
+def test_pack_domains_warns_per_domain_about_validation_records_that_are_training_records(tok, records):
+    """Validation records whose exact text is also a training record's: one warning counting them
+    per domain, attributed to the caller's line (not a line of ddk)."""
+    code, math = _docs(records, "code"), _docs(records, "math")
+    val = [{"domain": "code", "text": t} for t in code[:3]] + [{"domain": "math", "text": math[0]}]
+    val += [{"domain": d, "text": f"{d} fresh text {i}"} for d in ("code", "math", "prose") for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pack_domains(records, tok, validation=val, **_quiet(val_samples=2))
+    assert [str(w.message) for w in caught] == [
+        "pack_domains: validation records must not occur in the training records; got 2 domain(s) with the same "
+        "text in both: 'code' 3 of 5, 'math' 1 of 3 validation records. Their validation CE measures memorised "
+        "text: remove these records from the training data or from the validation data."
+    ]
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pack_domains(records, tok, validation=val[4:], **_quiet(val_samples=2))  # no overlap: silent
+
+
 def test_pack_domains_too_small_domain_is_an_error(tok, records):
     small = list(records) + [{"domain": "tiny", "text": "def x"}, {"domain": "tiny", "text": "return y"}]
     with pytest.raises(ValueError) as e:

@@ -95,6 +95,34 @@ def test_a_killed_build_resumes_and_equals_a_clean_one(tmp_path: Path, monkeypat
     build_teacher_cache(teacher, packed, tmp_path / "cut", top_k=3, progress=False)
 
 
+def test_the_cache_checks_a_runs_tokenizer_by_the_one_rule_and_names_what_differs(tmp_path: Path) -> None:
+    """A cache stores its tokenizer's signature: a run whose tokenizer loads the same
+    ``tokenizer.json`` as another class with other ids is refused naming the first differing
+    tokens and the classes (not two hashes); the same tokenizer as another class that gives the
+    same ids passes."""
+    teacher, tok, packed = _setup(tmp_path)
+    cache = build_teacher_cache(teacher, packed, tmp_path / "c", top_k=2, tokenizer=tok, progress=False)
+    assert cache.manifest["tokenizer"]["size"] == len(tok) and cache.manifest["tokenizer_hash"] == tokenizer_hash(tok)
+    src = tmp_path / "llama" / "student"
+
+    def as_class(name: str, **conf: object):  # type: ignore[no-untyped-def]
+        dst = tmp_path / name
+        dst.mkdir()
+        (dst / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+        (dst / "tokenizer_config.json").write_text(
+            json.dumps({**json.loads((src / "tokenizer_config.json").read_text()), **conf})
+        )
+        return AutoTokenizer.from_pretrained(str(dst))
+
+    cache.check(tokenizer=as_class("qwen", tokenizer_class="Qwen2Tokenizer"), vocab_size=len(tok))
+    with pytest.raises(ValueError) as info:
+        cache.check(tokenizer=as_class("gpt2", tokenizer_class="GPT2Tokenizer", add_prefix_space=True), fn="distill")
+    msg = str(info.value)
+    assert msg.startswith("distill: cache and run must tokenize identically (only padding rows ")
+    assert "different ids of the probe text from token 0 on" in msg and "run GPT2Tokenizer from " in msg
+    assert msg.endswith("rebuild it with `ddk teacher-cache` and the run's tokenizer.)") and "hash" not in msg
+
+
 def test_a_damaged_shard_is_rebuilt_and_bad_caches_are_named(tmp_path: Path) -> None:
     teacher, tok, packed = _setup(tmp_path)
     build_teacher_cache(teacher, packed, tmp_path / "c", top_k=2, progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-def test_recipe_teacher_with_another_tokenizer_is_an_error_naming_both(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_recipe_teacher_with_another_tokenizer_is_an_error_naming_what_differs(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
     from hf_models import make_model, make_tokenizer
@@ -18,14 +18,36 @@ def test_recipe_teacher_with_another_tokenizer_is_an_error_naming_both(recipe, t
 
     root, cfg = recipe
     other = tmp_path / "teacher"
-    tok = make_tokenizer(tmp_path / "tok", vocab_size=310)  # another tokenizer of the same size class
+    tok = make_tokenizer(tmp_path / "tok", vocab_size=310)  # another tokenizer, larger: not padding
     make_model("llama", len(tok) + 40).save_pretrained(str(other))
     tok.save_pretrained(str(other))
     with pytest.raises(ValueError) as info:
         load_models(dataclasses.replace(cfg, teacher=str(other)), torch.device("cpu"))
     msg = str(info.value)
-    assert msg.startswith("distill: teacher and student must share a tokenizer; got different vocabularies in ")
-    assert f"{str(other)!r} ({len(tok)} tokens) and {cfg.student!r} (" in msg
+    assert msg.startswith("distill: teacher and student must tokenize identically (only padding rows ")
+    assert f"got different vocabulary sizes (teacher {len(tok)}, student 300); different ids of the probe text" in msg
+    assert f"Tokenizers: teacher TokenizersBackend from '{other}', student TokenizersBackend from " in msg
+
+
+def test_recipe_one_tokenizer_json_as_two_classes_with_other_ids_is_an_error(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The teacher folder holds the student's own ``tokenizer.json`` but a ``tokenizer_config.json``
+    that loads it as GPT2Tokenizer with a prefix space: the same vocabulary, other ids; refused."""
+    import dataclasses
+    import json
+    import shutil
+
+    from ddk.engine.models import load_models
+
+    root, cfg = recipe
+    other = tmp_path / "teacher2"
+    shutil.copytree(cfg.teacher, other)
+    conf = json.loads((other / "tokenizer_config.json").read_text())
+    conf.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=True)
+    (other / "tokenizer_config.json").write_text(json.dumps(conf))
+    with pytest.raises(
+        ValueError, match=r"different ids of the probe text from token 0 on .* teacher GPT2Tokenizer from"
+    ):
+        load_models(dataclasses.replace(cfg, teacher=str(other)), torch.device("cpu"))
 
 
 def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) -> None:  # type: ignore[no-untyped-def]
@@ -39,16 +61,50 @@ def test_recipe_teacher_vocabulary_narrower_is_an_error_wider_is_sliced(recipe) 
     student = make_model("llama", len(tok))
     with pytest.raises(
         ValueError,
-        match=rf"^distill: the teacher's vocabulary must cover the student's \(a teacher wider "
-        rf"by padding rows is sliced\); got teacher the teacher with {len(tok) - 1} rows "
-        rf"and student the student with {len(tok)}\.",
+        match=rf"^distill: the teacher's vocabulary must cover the student's {len(tok)} rows \(the student\) \(a "
+        rf"teacher wider by padding rows is sliced\); got {len(tok) - 1} rows in the teacher\.",
     ):
         check_vocabularies(make_model("llama", len(tok) - 1), student, tok)
-    check_vocabularies(make_model("llama", len(tok) + 8), student, tok)
+    with pytest.warns(UserWarning, match=r"teacher's 308 output rows exceed the student's 300; .* went unchecked"):
+        check_vocabularies(make_model("llama", len(tok) + 8), student, tok)  # no tokenizer beside the teacher
+    check_vocabularies(make_model("llama", len(tok) + 8), student, tok, teacher_tokenizer=tok)
     with pytest.raises(
         ValueError, match=rf"^distill: the student's vocabulary must cover the tokenizer's {len(tok)} tokens"
     ):
         check_vocabularies(student, make_model("llama", len(tok) - 2), tok)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_seq_len_above_a_position_limit_fails_before_packing_naming_both_limits(tmp_path: Path, family: str) -> None:
+    """GPT-2 with 256 positions would die in an IndexError, Llama (RoPE) run silently; both refused."""
+    from recipe_cases import own_cfg
+
+    from ddk.engine.loop import distill
+
+    cfg = own_cfg(tmp_path, family, seq_len=512)
+    with pytest.raises(ValueError) as info:
+        distill(cfg)
+    msg = str(info.value)
+    assert msg.startswith(
+        "distill: --seq-len must be at most the models' position limits (max_position_embeddings, n_positions); "
+        f"got 512, with the student '{cfg.student}' 256, the teacher '{cfg.teacher}' 256. Pass --seq-len 256 or less."
+    )
+    assert not (tmp_path / "cache" / "packed").exists()  # nothing tokenized
+
+
+def test_a_student_larger_than_the_teacher_is_a_warning(recipe) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    from hf_models import make_model
+
+    from ddk.engine.models import warn_larger_student
+
+    small, large = make_model("llama", 300), make_model("llama", 300, hidden=64, layers=2)
+    with pytest.warns(UserWarning, match=r"^distill: the student has more parameters \([\d,]+\) than the teacher"):
+        warn_larger_student(small, large)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_larger_student(large, small)
 
 
 def test_recipe_unknown_model_path_is_an_error_naming_it(recipe, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -572,7 +572,7 @@ def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
     n = len(tok)
     with pytest.raises(
         ValueError,
-        match=rf"the teacher's vocabulary must cover the student's.*with {n - 50} rows and student .* with {n}",
+        match=rf"the teacher's vocabulary must cover the student's {n} rows .* got {n - 50} rows in the teacher",
     ):
         DDKTrainer(
             model=make_model("llama", n),
@@ -592,14 +592,46 @@ def test_ddktrainer_vocabulary_mismatches(tmp_path, tok):
             train_dataset=_records(),
             processing_class=tok,
         )
-    # a teacher vocabulary padded larger is fine
+    # a teacher vocabulary padded larger is fine (with its tokenizer: checked; without: a warning)
     DDKTrainer(
         model=make_model("llama", n),
         teacher=make_model("llama", n + 8),
         args=_config(tmp_path),
         train_dataset=_records(),
         processing_class=tok,
+        teacher_tokenizer=tok,
     )
+
+
+def test_ddktrainer_refuses_a_teacher_whose_tokenizer_is_another_larger_one(tmp_path, tok):
+    """1500 vs 1024 rows is not padding when the teacher's tokenizer has 1500 entries: the teacher's
+    saved folder (``name_or_path``) or ``teacher_tokenizer=`` carries it, and the one rule refuses."""
+    from transformers import AutoModelForCausalLM
+
+    big = make_tokenizer(tmp_path / "big", vocab_size=400)
+    folder = tmp_path / "teacher"
+    make_model("llama", len(big)).save_pretrained(str(folder))
+    big.save_pretrained(str(folder))
+    teacher = AutoModelForCausalLM.from_pretrained(str(folder))
+    want = rf"^DDKTrainer: teacher and student must tokenize identically .* got different vocabulary sizes \(teacher 400, student {len(tok)}\)"
+    for kw in ({}, {"teacher_tokenizer": big}):
+        with pytest.raises(ValueError, match=want):
+            DDKTrainer(model=make_model("llama", len(tok)), teacher=teacher, args=_config(tmp_path),
+                       train_dataset=_records(), processing_class=tok, **kw)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^DDKTrainer: the teacher's 400 output rows exceed the student's"):
+        DDKTrainer(model=make_model("llama", len(tok)), teacher=make_model("llama", 400), args=_config(tmp_path),
+                   train_dataset=_records(n=8), processing_class=tok)  # fmt: skip
+
+
+def test_ddktrainer_seq_len_above_a_position_limit_is_an_error_naming_both(tmp_path, tok):
+    n = len(tok)
+    with pytest.raises(
+        ValueError,
+        match=r"^DDKTrainer: args.seq_len must be at most the models' position limits .*; got 512, with the "
+        r"student 'GPT2LMHeadModel' 256, the teacher 'GPT2LMHeadModel' 256\. Pass args.seq_len 256 or less\.",
+    ):
+        DDKTrainer(model=make_model("gpt2", n), teacher=make_model("gpt2", n), args=_config(tmp_path, seq_len=512),
+                   train_dataset=_records(), processing_class=tok)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["kd", "ddk", "ddk-no-smoothing", "ddk-online", "kd-doremi"])

@@ -156,3 +156,26 @@ def test_cli_distill_longer_budget_is_refused_with_the_command_that_continues_fr
     more = json.loads(Path(f"{run}-continued", "config.json").read_text())
     assert more["student"] == str(run / "student") and more["steps"] == 3 and more["seed"] == 1
     assert json.loads(Path(f"{run}-continued", "summary.json").read_text())["tokens"] == 3 * 4 * 16
+
+
+@needs_hf
+def test_cli_warnings_are_one_line_without_source_and_seq_len_fails_before_packing(tmp_path: Path) -> None:
+    """Swapped models (the student larger) warn in one line, no Python source under it; --seq-len
+    above the GPT-2 pair's 256 positions is then an error naming both limits, before any data is packed."""
+    from recipe_cases import own_models
+
+    teacher, student, corpus = own_models(tmp_path, "gpt2")
+    argv = ["distill", "--teacher", str(student), "--student", str(teacher), "--data", str(corpus)]
+    argv += ["--seq-len", "512", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cache"), "--no-progress"]
+    res = subprocess.run([sys.executable, "-m", "ddk.recipes.cli", *argv], env=_env(), capture_output=True, text=True)
+    lines = [x for x in res.stderr.splitlines() if x.strip() and "it/s]" not in x]  # less transformers' bars
+    assert res.returncode == 2, res.stderr
+    assert (
+        lines[0].startswith("ddk distill: warning: distill: the student has more parameters (") and len(lines) == 2
+    ), lines
+    assert lines[1].startswith("ddk distill: error: distill: --seq-len must be at most the models' position limits")
+    assert (
+        f"got 512, with the student '{teacher}' 256, the teacher '{student}' 256. Pass --seq-len 256 or less."
+        in lines[1]
+    )
+    assert not (tmp_path / "cache" / "packed").exists()
