@@ -320,6 +320,7 @@ def _build(
     fn = "build_teacher_cache"
     rank, world = rank_world()
     top_k, vocab = int(plan["top_k"]), int(plan["vocab_size"])
+    refuse_link(root / "shards", fn)  # a link there would send every shard outside out
     if rank == 0:
         for stale in (root / "shards").glob(".*.tmp-*"):  # left by a killed build (this build holds the lock)
             shutil.rmtree(stale, ignore_errors=True)

@@ -203,6 +203,7 @@ def check_teacher_values(root: Path, man: Mapping[str, Any], arrays: Mapping[str
     """
     fn = "TeacherCache"
     vocab, k, L = int(man["vocab_size"]), int(man["top_k"]), int(man["seq_len"])
+    temperature = float(man["temperature"])
     for split, shards in arrays.items():
         for i, shard in enumerate(shards):
             folder = root / "shards" / f"{split}-{i}"
@@ -242,10 +243,51 @@ def check_teacher_values(root: Path, man: Mapping[str, Any], arrays: Mapping[str
                         raise ValueError(
                             f"{fn}: {folder / name}.npy must hold {what}; got {bad[1]} {_where(at)}. {hint}"
                         )
+                _check_distributions(folder, part, s, temperature, hint)
                 label = part["label_logprob"][:, :-1]
                 total += float(label.sum(dtype=np.float64))
                 count += int(label.size)
             _check_teacher_ce(root, man, split, i, folder, total, count)
+
+
+_MASS_TOL = 1e-2  # float16 log-probabilities: the top-k mass is exact to about 2e-3 (see _check_distributions)
+_LABEL_TOL = 2e-2  # |float16 - float32| of a log-probability >= -65504 near the label's, with room
+
+
+def _check_distributions(folder: Path, part: Mapping[str, Any], start: int, temperature: float, hint: str) -> None:
+    """Each position holds a distribution: ``sum(exp(topk_logprobs)) + tail`` is 1 (within
+    ``_MASS_TOL``: the float16 rounding of the log-probabilities moves the sum by at most about
+    ``2^-11 * entropy``). At ``temperature == 1``, where ``label_logprob`` and the top-k are the
+    same distribution, the label's log-probability equals its top-k entry when the label is among
+    the top-k ids, and is at most ``log(tail)`` when it is not."""
+    fn = "TeacherCache"
+    lp = part["topk_logprobs"].astype(np.float32)
+    mass = np.exp(lp).sum(axis=-1, dtype=np.float32) + part["tail"].astype(np.float32)
+    off = np.abs(mass - 1.0) > _MASS_TOL
+    if off.any():
+        at = np.argwhere(off)[0]
+        raise ValueError(
+            f"{fn}: {folder}/topk_logprobs.npy and tail.npy must hold distributions (sum(exp(topk_logprobs)) + tail "
+            f"= 1 at every position); got {float(mass[tuple(at)]):.6g} {_where((int(at[0]) + start, *at[1:]))}. {hint}"
+        )
+    if temperature != 1.0:
+        return
+    nxt = part["input_ids"][:, 1:, None]
+    hit = part["topk_ids"][:, :-1, :] == nxt  # (n, L - 1, k): the label among the top k
+    label = part["label_logprob"][:, :-1].astype(np.float32)
+    in_topk = hit.any(axis=-1)
+    listed = np.where(hit, lp[:, :-1, :], 0.0).sum(axis=-1)
+    bad = in_topk & (label > listed + _LABEL_TOL + 1e-3 * np.abs(listed))
+    with np.errstate(divide="ignore"):
+        ceiling = np.log(part["tail"][:, :-1].astype(np.float32))
+    bad |= ~in_topk & (label > ceiling + _LABEL_TOL)
+    if bad.any():
+        at = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{fn}: {folder}/label_logprob.npy must agree with the top-k of the same position (T = 1: at most the "
+            f"label's entry when it is among the top k, at most log(tail) when not); got {float(label[tuple(at)]):.6g} "
+            f"{_where((int(at[0]) + start, *at[1:]))}. {hint}"
+        )
 
 
 def _check_teacher_ce(

@@ -386,14 +386,16 @@ def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
             f"{fn}: the checkpoint {path} must hold a readable {TENSORS} and {STATE}; got {type(exc).__name__}: {exc}."
         ) from None
     ck = decode_state(tree, tensors)
-    if (
-        not isinstance(ck, dict)
-        or not isinstance(ck.get("config"), dict)
-        or ck.get("step") != int(path.name.split("-")[1])
-    ):
+    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or "step" not in ck:
         raise CheckpointError(
             f"{fn}: the checkpoint {path} must hold the step and config of this recipe; got "
             f"keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}."
+        )
+    folder_step = int(path.name.split("-")[1])
+    if ck["step"] != folder_step:
+        raise CheckpointError(
+            f"{fn}: the checkpoint {path} must hold the step of its folder name, {folder_step}; got step "
+            f"{ck['step']!r} in {STATE} (not a checkpoint ddk wrote: remove it to resume from an earlier one)."
         )
     return ck
 

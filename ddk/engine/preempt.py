@@ -27,9 +27,12 @@ __all__ = ["EXIT_PREEMPTED", "Preempted", "StopSignals", "set_stage", "stop_sign
 EXIT_PREEMPTED = 75
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
     """Stopped by a signal: after writing ``checkpoint`` (training), or during ``stage`` (``step``
-    -1, ``checkpoint`` ""); rerun the same command to resume."""
+    -1, ``checkpoint`` ""); rerun the same command to resume.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: code that wraps errors (``except Exception``,
+    e.g. around loading a model) lets it through, so the CLI still exits 75."""
 
     def __init__(self, signame: str, step: int, checkpoint: str, *, stage: str = "", kept: str = "") -> None:
         if checkpoint:

@@ -104,10 +104,14 @@ def run_folder_lock(cfg: RunConfig) -> Any:
 
 
 def check_no_links(out: Path) -> None:
-    """No file ddk writes in the run folder (``RUN_FILES``, ``.lock``) is a symbolic link, which a
-    write or a resume could follow out of ``--out``: the error names it, before anything is written."""
+    """No file ddk writes in the run folder (``RUN_FILES``, ``.lock``, the checkpoints and the
+    temporary names of ``student/``) is a symbolic link, which a write or a resume could follow out
+    of ``--out``: the error names it, before anything is written."""
     for name in (*RUN_FILES, LOCK_NAME):
         refuse_link(out / name, "distill")
+    for pattern in (".student.*", "checkpoint-*", ".checkpoint-*"):  # temporaries of save_student, checkpoints
+        for p in out.glob(pattern):
+            refuse_link(p, "distill")
 
 
 def move_aside(out: Path) -> Path | None:

@@ -311,3 +311,24 @@ def test_teacher_cache_deep_or_huge_manifest_and_shard_json_are_errors_naming_th
         ValueError, match=re.escape(f"{root / 'manifest.json'} must be a JSON file of at most 64 bytes")
     ):
         TeacherCache(root)
+
+
+def test_teacher_cache_rows_that_are_no_distribution_are_an_error(built: Path, tmp_path: Path) -> None:
+    """Each value in range, every digest forged, but the top-k probabilities and the tail sum to k + 1."""
+    root = _copy(built, tmp_path)
+    _forge(root, "train-0", "topk_logprobs", lambda a: np.zeros_like(a))
+    p = _forge(root, "train-0", "tail", lambda a: np.ones_like(a))
+    with pytest.raises(ValueError, match=re.escape(f"{p.parent}/topk_logprobs.npy and tail.npy must hold distributions")
+                       + r".*got 4 at index \(0, 0\)"):  # fmt: skip
+        TeacherCache(root)
+
+
+def test_teacher_cache_label_logprob_above_its_topk_entry_is_an_error(built: Path, tmp_path: Path) -> None:
+    """label_logprob forged to near 0 (and teacher_ce recomputed from it): the top-k says otherwise."""
+    root = _copy(built, tmp_path)
+    p = _forge(root, "validation-0", "label_logprob", lambda a: np.where(np.isnan(a), a, -1e-6).astype(a.dtype))
+    man = json.loads((root / "manifest.json").read_text())
+    man["teacher_ce"]["validation"][0] = 1e-6  # what the forged shard gives
+    (root / "manifest.json").write_text(json.dumps(man, indent=1))
+    with pytest.raises(ValueError, match=re.escape(f"{p} must agree with the top-k of the same position")):
+        TeacherCache(root)

@@ -463,3 +463,23 @@ def test_load_checkpoint_refuses_state_nested_900_deep(tmp_path):
     (path / ckpt.MANIFEST).write_text(json.dumps(man))
     with pytest.raises(ckpt.CheckpointError, match=r"state\.json must be JSON nested at most \d+ deep; got 901 levels"):
         ckpt.load_checkpoint(path)
+
+
+def test_load_checkpoint_names_a_step_other_than_its_folders(finished):
+    import hashlib
+    import json
+
+    run, _ = _copy_run(finished, "renamed")
+    path = run / "checkpoint-4"
+    state = json.loads((path / "state.json").read_text())
+    state["step"] = 20
+    blob = json.dumps(state).encode()
+    (path / "state.json").write_bytes(blob)
+    man = json.loads((path / "manifest.json").read_text())  # digests recomputed: the files are intact
+    man["files"]["state.json"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"checkpoint-4 must hold the step of its folder name, 4; got step 20 in state\.json",
+    ):
+        ckpt.load_checkpoint(path)

@@ -157,3 +157,22 @@ def test_save_student_never_replaces_a_student_with_nonfinite_weights(tmp_path) 
     with pytest.raises(ValueError, match=r"weights must be finite .* got NaN/inf in \['model\.embed_tokens\.weight'\]"):
         save_student(state, model, tok, tmp_path)
     assert (tmp_path / "student" / "model.safetensors").read_bytes() == before
+
+
+def test_a_signal_while_a_model_loads_is_not_wrapped_as_a_load_error(recipe, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM during ``from_pretrained`` raises ``Preempted`` there: it must reach the CLI (exit 75),
+    not become "loading ... failed" (exit 2)."""
+    import transformers
+
+    from ddk.engine.models import load_pretrained
+    from ddk.engine.preempt import Preempted
+
+    root, cfg = recipe
+
+    def stopped(*a, **k):  # type: ignore[no-untyped-def]
+        raise Preempted("SIGTERM", -1, "", stage="start-up")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", stopped)
+    with pytest.raises(Preempted):
+        load_pretrained("student", cfg.student, flag="--student")
+    assert not issubclass(Preempted, Exception)  # no `except Exception` anywhere can swallow it

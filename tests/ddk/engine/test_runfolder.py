@@ -99,7 +99,10 @@ def test_run_folder_files_are_readable_by_the_team(tmp_path) -> None:  # type: i
     assert {k: oct(m) for k, m in modes.items() if m & 0o044 != 0o044} == {}
 
 
-@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "controller.jsonl", "weights.png", ".student.tmp-PID"])
+@pytest.mark.parametrize(
+    "name",
+    [".lock", "metrics.jsonl", "controller.jsonl", "weights.png", ".student.tmp-PID", ".student.old-7", "checkpoint-1"],
+)
 def test_a_link_where_distill_writes_is_an_error_naming_it_and_nothing_leaves_out(tmp_path, name) -> None:  # type: ignore[no-untyped-def]
     """A symbolic link planted in the run folder (dangling, to a file or a folder outside) is never
     written through: the run stops with an error naming it, and the target is untouched."""
@@ -113,15 +116,15 @@ def test_a_link_where_distill_writes_is_an_error_naming_it_and_nothing_leaves_ou
     run = tmp_path / "run"
     run.mkdir()
     link = run / name.replace("PID", str(os.getpid()))  # save_student's temporary folder of this process
-    target = {".lock": outside / "precious.txt", ".student.tmp-PID": outside}.get(name, outside / "new")
+    folders = (".student.tmp-PID", ".student.old-7", "checkpoint-1")
+    target = outside if name in folders else {".lock": outside / "precious.txt"}.get(name, outside / "new")
     link.symlink_to(target)
     with pytest.raises(ValueError, match=rf"{link.name} must not be a symbolic link .*got a link to '{target}'"):
         real.distill(own_cfg(tmp_path, steps=2, interval=1, checkpoint_every=1, out=str(run)))
     assert (outside / "precious.txt").read_text() == "keep me\n"  # a .lock link had it truncated to the pid
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]  # nothing written into or beside it
     assert os.path.islink(link)
-    if name != ".student.tmp-PID":  # found before anything is written
-        assert not (run / "config.json").exists()
+    assert not (run / "config.json").exists()  # found before anything is written
 
 
 def test_a_dangling_metrics_link_planted_before_a_resume_is_an_error_naming_it(tmp_path) -> None:  # type: ignore[no-untyped-def]

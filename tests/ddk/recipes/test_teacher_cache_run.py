@@ -165,3 +165,17 @@ def test_a_full_disk_during_the_build_is_an_error_naming_the_folder_and_the_buil
     assert main(argv) == 0  # the same command resumes
     cache = TeacherCache(tmp_path / "tc", verify=True)
     assert cache.top_k == 4 and len(list(shards.iterdir())) == 6
+
+
+def test_a_shards_folder_that_is_a_link_is_refused_nothing_written_through_it(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    teacher, _, corpus = own_models(tmp_path)
+    victim = tmp_path / "victim" / "shards"
+    victim.mkdir(parents=True)
+    out = tmp_path / "tc"
+    out.mkdir()
+    (out / "shards").symlink_to(victim)
+    argv = ["teacher-cache", "--teacher", str(teacher), "--data", str(corpus), "--out", str(out)]
+    argv += ["--top-k", "4", "--data-dir", str(tmp_path / "cache"), *SMALL]
+    assert main(argv) == 2
+    assert f"{out / 'shards'} must not be a symbolic link" in capsys.readouterr().err
+    assert list(victim.iterdir()) == []
