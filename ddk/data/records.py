@@ -427,7 +427,8 @@ def load_records(
         if on_missing == "raise":
             field = "the partitioner's fields" if partitioner is not None else f"a non-empty str {domain_field!r}"
             raise ValueError(
-                f"{fn}: every record must have a str {text_field!r} and {field}; got {total_bad} bad record(s) "
+                f"{fn}: every record must have a str {text_field!r} and {field}, within the size cap; got "
+                f"{total_bad} bad record(s) "
                 f"(fix them, or drop them with on_missing='skip', CLI flag --skip-bad-records):\n  {listing}{hint}"
             )
         per = ", ".join(f"{k}: {v}" for k, v in bad_per_source.items())

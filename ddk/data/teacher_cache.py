@@ -607,9 +607,16 @@ class TeacherCache:
             f"{k}: the cache has {man[k]!r}, the run {v!r}" for k, v in want.items() if v is not None and man[k] != v
         ]
         if bad:
+            flags = {"seq_len": "--seq-len", "temperature": "--temperature"}
+            same = [f"{flags[k]} {man[k]}" for k, v in want.items() if k in flags and v is not None and man[k] != v]
+            fix = (
+                f"Pass {' and '.join(same)} (the cache's) to use it as built, or rebuild it with `ddk teacher-cache`"
+                if same and len(same) == len(bad)
+                else "Rebuild it with `ddk teacher-cache`"
+            )
             raise ValueError(
                 f"{fn}: the teacher cache {str(self.root)!r} must match the run; got " + "; ".join(bad) + ". "
-                "Rebuild it with `ddk teacher-cache` for this tokenizer, vocabulary, temperature and sequence length."
+                f"{fix} for this tokenizer, vocabulary, temperature and sequence length."
             )
 
     def __repr__(self) -> str:

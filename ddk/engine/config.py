@@ -424,6 +424,12 @@ class RunConfig(DistillOptions):
                     f"{fn}: out must be a folder apart from the inputs; got out={self.out!r}, which is, holds or is "
                     f"inside {key}={value!r}. Pass another --out (e.g. a new folder beside it)."
                 )
+        caches = Path(os.path.expanduser(self.data_dir)).resolve()
+        if out == caches or caches / "packed" in (out, *out.parents):
+            raise ValueError(
+                f"{fn}: out must be a folder apart from the caches; got out={self.out!r}, which is data_dir "
+                f"{str(caches)!r} or inside its packed/ caches. Pass another --out (e.g. runs/<name>)."
+            )
 
     def _check_inputs(self, fn: str) -> None:
         """Which of teacher, teacher_cache, student and data go together."""

@@ -325,13 +325,37 @@ class _Run:
         )
         parsed = check_resume_state(ck, path, steps=self.steps, **parts)  # the whole state, before anything changes
         try:
-            return restore_state(ck, parsed, step_mod=self.step_mod, guard=self.guard, **parts)
+            step = restore_state(ck, parsed, step_mod=self.step_mod, guard=self.guard, **parts)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise ValueError(
                 f"distill: the checkpoint {path} must hold the state of this run to resume; got "
                 f"{type(exc).__name__}: {exc} Nothing was overwritten: pass --no-resume to start over "
                 "(the old run is moved aside), or use another --out."
             ) from None
+        self._check_teacher_ce(path)
+        return step
+
+    def _check_teacher_ce(self, path: Path) -> None:
+        """The teacher CE a checkpoint carries steers the mixture: it must be what its source gives
+        now (the teacher model, measured again, or the cache's manifest). A ``cpt`` run without a
+        teacher measured its reference on the student at the start, which cannot be measured again."""
+        est = self.estimator
+        saved = est.teacher_ce
+        manifest_ce = getattr(self.data, "teacher_ce", None)
+        if self.teacher is not None:
+            fresh = est.compute_teacher(self.teacher, force=True)
+        elif manifest_ce is not None:
+            fresh = torch.as_tensor(manifest_ce, dtype=torch.float64)
+        else:
+            return
+        est.teacher_ce = saved  # the resumed run goes on with the bits it saved
+        if not torch.allclose(fresh, saved, rtol=1e-4, atol=1e-6):
+            raise ckpt.CheckpointError(
+                f"distill: the checkpoint {path} must carry the teacher's per-domain CE; got "
+                f"{[round(x, 6) for x in saved.tolist()]} where the teacher gives {[round(x, 6) for x in fresh.tolist()]}. "
+                "Nothing was overwritten: pass --no-resume to start over (the old run is moved aside), or use "
+                "another --out."
+            )
 
     def save(self, step: int) -> None:
         """``checkpoint-<step>/`` (rank 0 writes; under FSDP every rank gathers)."""

@@ -108,7 +108,8 @@ def test_load_records_missing_domain_raises_with_file_and_line(tmp_path, corpus)
         load_records(path, progress=False)
     msg = str(e.value)
     assert msg.startswith(
-        "load_records: every record must have a str 'text' and a non-empty str 'domain'; got 2 bad record(s)"
+        "load_records: every record must have a str 'text' and a non-empty str 'domain', within the size cap; got 2 "
+        "bad record(s)"
     )
     assert f"{path}:3: missing field 'domain'" in msg and f"{path}:5: missing field 'domain'" in msg
     assert "on_missing='skip'" in msg and "--skip-bad-records" in msg

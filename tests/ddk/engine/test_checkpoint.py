@@ -483,3 +483,24 @@ def test_load_checkpoint_names_a_step_other_than_its_folders(finished):
         match=r"checkpoint-4 must hold the step of its folder name, 4; got step 20 in state\.json",
     ):
         ckpt.load_checkpoint(path)
+
+
+def test_resume_refuses_a_teacher_ce_its_teacher_does_not_give(finished):
+    run, cfg = _copy_run(finished, "teacher-ce", from_step=2)
+
+    def forge(ck):  # type: ignore[no-untyped-def]
+        ce = ck["controller"]["estimator"]["teacher_ce"]
+        ck["controller"]["estimator"]["teacher_ce"] = [0.5] + list(ce[1:])
+
+    _rewrite(run / "checkpoint-2", forge)
+    _refused(cfg, run, r"checkpoint-2 must carry the teacher's per-domain CE; got \[0\.5, ")
+
+
+def test_resume_bit_identical_after_the_teacher_ce_check(finished):
+    run, cfg = _copy_run(finished, "teacher-ce-ok", from_step=2)
+    real.distill(cfg)  # the teacher measured again at the resume: the run goes on with the bits it saved
+    a, b = (load_file(str(r / "student" / "model.safetensors")) for r in (finished[1], run))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert (finished[1] / "controller.jsonl").read_text() != "" and [
+        json.loads(line)["weights"] for line in (run / "controller.jsonl").read_text().splitlines()
+    ] == [json.loads(line)["weights"] for line in (finished[1] / "controller.jsonl").read_text().splitlines()]

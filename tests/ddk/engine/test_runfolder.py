@@ -75,6 +75,15 @@ def test_out_equal_to_inside_or_around_an_input_is_refused_before_anything_is_wr
     assert sorted(p.name for p in student.iterdir()) == before
 
 
+@pytest.mark.parametrize("where", ["cache", "cache/packed/key"])
+def test_out_equal_to_data_dir_or_inside_its_packed_caches_is_refused(tmp_path, where) -> None:  # type: ignore[no-untyped-def]
+    from recipe_cases import own_cfg
+
+    with pytest.raises(ValueError, match=r"out must be a folder apart from the caches; .* which is data_dir"):
+        own_cfg(tmp_path, out=str(tmp_path / where))  # own_cfg's data_dir is tmp_path/cache
+    own_cfg(tmp_path, out=str(tmp_path / "cache" / "runs" / "mine"))  # a run folder beside the caches is fine
+
+
 def test_run_folder_files_are_readable_by_the_team(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Every file of a run folder (JSON, checkpoints, the student's safetensors) gets the mode a
     plain ``open()`` would give under the process's umask (0644 under 022), not mkstemp's 0600."""

@@ -63,7 +63,9 @@ def test_ddk_from_a_top_k_cache_runs_and_a_mismatched_cache_is_named(tmp_path: P
     assert recs[0]["teacher_ce"] == cache.teacher_ce.tolist() and len(recs) == 3  # init + 2 updates
     assert summary["final_weights"] != pytest.approx([1 / 3] * 3)
     with pytest.raises(
-        ValueError, match=r"teacher cache .* must match the run; got temperature: the cache has 1.0, the run 2.0"
+        ValueError,
+        match=r"teacher cache .* must match the run; got temperature: the cache has 1.0, the run 2.0\. Pass "
+        r"--temperature 1.0 \(the cache's\) to use it as built, or rebuild it",
     ):
         distill(own_cfg(tmp_path, method="kd", teacher="", data=(), teacher_cache=str(cache_dir), temperature=2.0))
     with pytest.raises(ValueError, match="teacher_cache needs student and replaces teacher and data"):
