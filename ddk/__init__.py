@@ -25,23 +25,67 @@ The demo corpus builder, the demo teacher, the recipes and the ``ddk`` command l
 :mod:`ddk.recipes`, which depends on the library and is never imported by it.
 """
 
-from ddk import data
-from ddk.controller import DDKController
-from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
-from ddk.losses import (
-    FusedLinearKDLoss,
-    KDLoss,
-    causal_lm_kd_loss,
-    fused_linear_kd_loss,
-    fused_linear_sparse_kd_loss,
-    kd_loss,
-    sparse_kd_loss,
-)
-from ddk.partition import DomainPartitioner, DomainSplits
-from ddk.reliability import NonFiniteError, NonFiniteGuard
-from ddk.sampling import MixtureSampler
-from ddk.schedule import DoReMiScheduler, FactorSmoother, WeightScheduler
-from ddk_kernels.types import KDLossOutput
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ddk import data
+    from ddk.controller import DDKController
+    from ddk.discrepancy import DiscrepancyEstimator, DomainDiscrepancy
+    from ddk.losses import (
+        FusedLinearKDLoss,
+        KDLoss,
+        causal_lm_kd_loss,
+        fused_linear_kd_loss,
+        fused_linear_sparse_kd_loss,
+        kd_loss,
+        sparse_kd_loss,
+    )
+    from ddk.partition import DomainPartitioner, DomainSplits
+    from ddk.reliability import NonFiniteError, NonFiniteGuard
+    from ddk.sampling import MixtureSampler
+    from ddk.schedule import DoReMiScheduler, FactorSmoother, WeightScheduler
+    from ddk_kernels.types import KDLossOutput
+
+# The names load on first use (PEP 562): ``import ddk`` stays light, so the ``ddk`` command can
+# install its signal handlers before torch is imported (a SIGTERM then still exits 75).
+_WHERE = {
+    "data": "ddk.data",
+    "DDKController": "ddk.controller",
+    "DiscrepancyEstimator": "ddk.discrepancy",
+    "DomainDiscrepancy": "ddk.discrepancy",
+    "FusedLinearKDLoss": "ddk.losses",
+    "KDLoss": "ddk.losses",
+    "causal_lm_kd_loss": "ddk.losses",
+    "fused_linear_kd_loss": "ddk.losses",
+    "fused_linear_sparse_kd_loss": "ddk.losses",
+    "kd_loss": "ddk.losses",
+    "sparse_kd_loss": "ddk.losses",
+    "DomainPartitioner": "ddk.partition",
+    "DomainSplits": "ddk.partition",
+    "NonFiniteError": "ddk.reliability",
+    "NonFiniteGuard": "ddk.reliability",
+    "MixtureSampler": "ddk.sampling",
+    "DoReMiScheduler": "ddk.schedule",
+    "FactorSmoother": "ddk.schedule",
+    "WeightScheduler": "ddk.schedule",
+    "KDLossOutput": "ddk_kernels.types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'ddk' has no attribute {name!r}")
+    module = importlib.import_module(where)
+    value = module if name == "data" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __version__ = "0.1.0"
 

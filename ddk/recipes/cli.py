@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from typing import TYPE_CHECKING
@@ -245,7 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_EXIT_PREEMPTED = 75  # ddk.engine.preempt.EXIT_PREEMPTED, without importing torch first
+
+
+def _stopped_early(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT before a command has installed its own handlers (while torch and the models'
+    libraries are imported): nothing is written yet, so stop with the preemption status."""
+    print(
+        f"ddk: stopped by {signal.Signals(signum).name} during start-up (nothing written); rerun the same command.",
+        file=sys.stderr,
+    )
+    raise SystemExit(_EXIT_PREEMPTED)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    signals = (signal.SIGTERM, signal.SIGINT) if main_thread else ()
+    previous = {s: signal.signal(s, _stopped_early) for s in signals}  # before torch is imported
+    try:
+        return _main(argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     from ddk.engine.preempt import EXIT_PREEMPTED, Preempted
 
     args = build_parser().parse_args(argv)

@@ -72,6 +72,32 @@ def test_cli_distill_exits_75_on_sigterm_with_its_checkpoint(tmp_path):
     assert 2 <= step < 200 and f"ddk distill: stopped by SIGTERM after step {step}" in err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_a_signal_while_torch_is_imported_exits_75(tmp_path: Path, sig: int) -> None:
+    """The ``ddk`` command sets its handlers before it imports torch (``import ddk`` is light): a
+    signal in the first seconds, before any command code runs, still exits 75."""
+    import ddk.recipes.cli as cli
+
+    assert cli._EXIT_PREEMPTED == EXIT_PREEMPTED
+    light = "import sys, ddk, ddk.recipes.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", light], env=_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    child = (
+        "import sys, time, ddk.recipes.cli as c\n"
+        "def slow(argv):\n"
+        "    print('handlers set', file=sys.stderr, flush=True)\n"
+        "    time.sleep(30)  # stands for the imports of torch and transformers\n"
+        "c._main = slow\n"
+        "sys.exit(c.main(['backends']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], env=_env(), stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stderr is not None and proc.stderr.readline().decode().strip() == "handlers set"
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert f"ddk: stopped by {signal.Signals(sig).name} during start-up (nothing written)" in err
+
+
 @needs_hf
 @pytest.mark.e2e
 @pytest.mark.slow  # minutes on 2 cores: make test-all
