@@ -159,23 +159,24 @@ def open_teacher_cache(
     return opened
 
 
-def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
-    """``PackedDomains`` of ``cfg.data`` (and ``cfg.validation_data``) tokenized with ``tokenizer``,
-    or with ``cfg.teacher_cache`` the checked ``TeacherCache``.
+def _records(cfg: RunConfig, paths: Any) -> Any:
+    """``load_records`` of ``paths`` with the run's fields, bad-record policy and size cap."""
+    from ddk.data import load_records
 
-    Sequences of ``cfg.seq_len`` tokens, packed within each domain; validation is ``cfg.val_samples``
-    sequences per domain, from ``validation_data`` or the stable per-domain split of ``data``
-    (``VALIDATION_SPLIT_SEED``); cached under ``data_dir/packed``.
-    """
-    from ddk.data import load_records, pack_domains
+    return load_records(
+        list(paths),
+        text_field=cfg.text_field,
+        domain_field=cfg.domain_field,
+        on_missing="skip" if cfg.skip_bad_records else "raise",
+        progress=cfg.progress,
+        max_record_bytes=cfg.max_record_bytes,
+    )
 
-    if cfg.teacher_cache:
-        return open_teacher_cache(cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn=fn)
-    on_missing = "skip" if cfg.skip_bad_records else "raise"
-    opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
-    opts["max_record_bytes"] = cfg.max_record_bytes
-    records = load_records(list(cfg.data), **opts)
-    validation = load_records(list(cfg.validation_data), **opts) if cfg.validation_data else None
+
+def _pack(cfg: RunConfig, tokenizer: Any, records: Any, validation: Any) -> Any:
+    """``pack_domains`` with the run's sequence length, validation size, split seed and cache."""
+    from ddk.data import pack_domains
+
     return pack_domains(
         records,
         tokenizer,
@@ -188,43 +189,37 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
     )
 
 
+def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
+    """``PackedDomains`` of ``cfg.data`` (and ``cfg.validation_data``) tokenized with ``tokenizer``,
+    or with ``cfg.teacher_cache`` the checked ``TeacherCache``.
+
+    Sequences of ``cfg.seq_len`` tokens, packed within each domain; validation is ``cfg.val_samples``
+    sequences per domain, from ``validation_data`` or the stable per-domain split of ``data``
+    (``VALIDATION_SPLIT_SEED``); cached under ``data_dir/packed``.
+    """
+    if cfg.teacher_cache:
+        return open_teacher_cache(cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn=fn)
+    validation = _records(cfg, cfg.validation_data) if cfg.validation_data else None
+    return _pack(cfg, tokenizer, _records(cfg, cfg.data), validation)
+
+
 def load_test_data(cfg: RunConfig, tokenizer: Any, names: Any, fn: str = "distill") -> Any:
     """``PackedDomains`` whose ``validation`` sets are ``cfg.test_data``'s records (``cfg.val_samples``
     sequences of ``cfg.seq_len`` tokens per domain, cached like the training data), or None without
     test data. The test records must have exactly the run's domains ``names``."""
-    from ddk.data import load_records
+    import warnings
 
     if not cfg.test_data:
         return None
-    on_missing = "skip" if cfg.skip_bad_records else "raise"
-    opts = dict(text_field=cfg.text_field, domain_field=cfg.domain_field, on_missing=on_missing, progress=cfg.progress)
-    opts["max_record_bytes"] = cfg.max_record_bytes
-    records = load_records(list(cfg.test_data), **opts)
-    import warnings
-
-    with warnings.catch_warnings():  # the same records on both sides, on purpose: no overlap warning
+    records = _records(cfg, cfg.test_data)
+    with warnings.catch_warnings():  # the records on both sides, on purpose (only validation is read)
         warnings.filterwarnings("ignore", message="pack_domains: validation records must not occur")
-        packed = _pack_test(cfg, tokenizer, records)
+        packed = _pack(cfg, tokenizer, records, records)
     if tuple(packed.names) != tuple(names):
         raise ValueError(
             f"{fn}: test_data must have exactly the training domains {list(names)}; got {list(packed.names)}."
         )
     return packed
-
-
-def _pack_test(cfg: RunConfig, tokenizer: Any, records: Any) -> Any:
-    from ddk.data import pack_domains
-
-    return pack_domains(
-        records,  # the test records are packed as both sides; only the validation side is read
-        tokenizer,
-        seq_len=cfg.sequence_length,
-        val_samples=cfg.val_samples,
-        validation=records,
-        seed=VALIDATION_SPLIT_SEED,
-        cache_dir=cfg.data_path / "packed",
-        progress=cfg.progress,
-    )
 
 
 def report_test_split(
