@@ -5,6 +5,8 @@ Formats, chosen by suffix: ``.jsonl`` / ``.json`` (JSON lines, or one JSON array
 ``.parquet``, ``.csv``, ``.tsv``; a folder written by ``datasets.Dataset.save_to_disk`` (or a
 ``DatasetDict``'s, whose ``"train"`` split is read); any other string that is not a local path is
 a Hugging Face hub dataset name, read with ``datasets.load_dataset(name, split="train")``.
+A source given as a ``(domain, path)`` pair (or a ``{domain: path}`` mapping) is one domain's
+file: each of its records gets that domain, whatever its domain field holds (it need not have one).
 
 Bad records (no text, no domain, a domain that is not a non-empty str, a corrupted JSON line, a
 record larger than ``max_record_bytes``) are reported as ``<file>:<line>`` (JSONL) or ``<file>:row <n>`` (other formats, 1-based, header not
@@ -298,9 +300,14 @@ def _rows(
 
 # ---------------------------------------------------------------------------- public
 def _record_problem(
-    rec: Mapping[str, Any], text_field: str, domain_field: str, partitioner: DomainPartitioner | None, cap: int
+    rec: Mapping[str, Any],
+    text_field: str,
+    domain_field: str,
+    partitioner: DomainPartitioner | None,
+    cap: int,
+    domain: str | None = None,
 ) -> tuple[str, str] | str:
-    """``(text, domain)`` of a record, or the reason it is bad."""
+    """``(text, domain)`` of a record (``domain``: the source's own, for every record), or the reason it is bad."""
     if sum(len(v) for v in rec.values() if isinstance(v, (str, bytes))) > cap:  # characters <= UTF-8 bytes
         return _too_big(cap).reason
     if text_field not in rec:
@@ -308,6 +315,8 @@ def _record_problem(
     text = rec[text_field]
     if not isinstance(text, str):
         return f"field {text_field!r} must be a str; got {text!r:.60}"
+    if domain is not None:
+        return text, domain
     if partitioner is not None:
         try:
             domain = partitioner.assign(rec)
@@ -322,8 +331,49 @@ def _record_problem(
     return text, domain
 
 
+def _sources(fn: str, paths: Any, partitioner: Any) -> list[tuple[str | None, str | os.PathLike[str]]]:
+    """``paths`` as ``(domain or None, source)`` pairs, checked."""
+    if isinstance(paths, (str, os.PathLike)):
+        items: list[Any] = [paths]
+    elif isinstance(paths, Mapping):
+        items = list(paths.items())
+    elif isinstance(paths, Sequence):
+        items = list(paths)
+    else:
+        items = [None]  # the error below
+    out: list[tuple[str | None, str | os.PathLike[str]]] = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            out.append((None, item))
+        elif (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], (str, os.PathLike))
+        ):
+            name, src = item
+            if not name:
+                raise ValueError(f"{fn}: a (domain, path) source must name its domain; got {item!r}.")
+            _check_domain_name(fn, name, f"the domain of {str(src)!r}")
+            out.append((name, src))
+        else:
+            raise TypeError(
+                f"{fn}: paths must be a path, a dataset name, a (domain, path) pair, a sequence of them or a "
+                f"{{domain: path}} mapping; got {paths!r:.80}."
+            )
+    if partitioner is not None and any(name is not None for name, _ in out):
+        raise ValueError(
+            f"{fn}: partitioner must not be combined with (domain, path) sources (it assigns every record's "
+            f"domain); got the sources {[str(s) for n, s in out if n is not None]} with their own domains."
+        )
+    return out
+
+
 def load_records(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    paths: str
+    | os.PathLike[str]
+    | Sequence[str | os.PathLike[str] | tuple[str, str | os.PathLike[str]]]
+    | Mapping[str, str | os.PathLike[str]],
     *,
     text_field: str = "text",
     domain_field: str = "domain",
@@ -338,10 +388,13 @@ def load_records(
         paths: one source or a sequence of them, read in order: ``.jsonl`` / ``.json`` (JSON
             lines or a JSON array), ``.parquet``, ``.csv``, ``.tsv``, a ``save_to_disk`` folder
             (a ``DatasetDict``'s ``"train"`` split), or a hub dataset name (a string that is not a
-            local path: ``datasets.load_dataset(name, split="train")``).
+            local path: ``datasets.load_dataset(name, split="train")``). A ``(domain, path)`` pair,
+            or each item of a ``{domain: path}`` mapping, is one domain's source: every record of
+            it gets that domain (its ``domain_field`` is not read). Pairs and plain paths mix; a
+            single pair goes in a list (``[("code", "code.jsonl")]``).
         text_field: the field holding each record's text (a str; may be empty).
         domain_field: the field holding each record's domain name (a non-empty str). Ignored
-            when ``partitioner`` is given.
+            when ``partitioner`` is given, and for the sources given with their domain.
         partitioner: a ``ddk.DomainPartitioner`` (e.g. ``by_rules`` on a ``"source"`` field)
             that assigns each record's domain from the whole record instead of ``domain_field``.
         on_missing: ``"raise"`` (a ``ValueError`` listing the first bad records as
@@ -364,14 +417,16 @@ def load_records(
             ``on_missing="raise"``, a domain name that cannot name a file (contains ``/``, ``\\``
             or NUL, or is ``.`` / ``..``; never skipped), or no records at all.
         TypeError: arguments of the wrong type.
+
+    Examples:
+        >>> import json, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / "code.jsonl").write_text(json.dumps({"text": "def f(): pass"}) + "\\n")
+        ...     print(load_records({"code": Path(d) / "code.jsonl"}, progress=False)[0])
+        {'text': 'def f(): pass', 'domain': 'code'}
     """
     fn = "load_records"
-    if isinstance(paths, (str, os.PathLike)):
-        sources: list[str | os.PathLike[str]] = [paths]
-    elif isinstance(paths, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in paths):
-        sources = list(paths)
-    else:
-        raise TypeError(f"{fn}: paths must be a path, a dataset name or a sequence of them; got {paths!r:.80}.")
+    sources = _sources(fn, paths, partitioner)
     if not sources:
         raise ValueError(f"{fn}: paths must name at least one source; got [].")
     for arg, value in (("text_field", text_field), ("domain_field", domain_field)):
@@ -391,7 +446,7 @@ def load_records(
     bad: list[str] = []  # the first _SHOW, as "location: reason"
     bad_per_source: dict[str, int] = {}
     fields_seen: set[str] = set()  # the fields of the records, for a message when none is usable
-    for src in sources:
+    for named, src in sources:
         label, rows = _rows(src, text_field, domain_field, partitioner, max_record_bytes)
         count = 0
         for where, rec in tqdm(rows, desc=f"load {Path(label).name or label}", unit=" rec", disable=not progress):
@@ -400,7 +455,7 @@ def load_records(
             got = (
                 rec.reason
                 if isinstance(rec, _Bad)
-                else _record_problem(rec, text_field, domain_field, partitioner, max_record_bytes)
+                else _record_problem(rec, text_field, domain_field, partitioner, max_record_bytes, named)
             )
             if isinstance(got, str):
                 count += 1
@@ -415,7 +470,7 @@ def load_records(
             bad_per_source[label] = count
 
     total_bad = sum(bad_per_source.values())
-    wanted = {text_field} | ({domain_field} if partitioner is None else set())
+    wanted = {text_field} | ({domain_field} if partitioner is None and any(n is None for n, _ in sources) else set())
     hint = ""
     if total_bad and not texts and fields_seen and not wanted <= fields_seen:  # likely other field names
         hint = (
@@ -435,7 +490,7 @@ def load_records(
         warnings.warn(f"{fn}: skipped {total_bad} bad record(s) ({per}); the first:\n  {listing}", stacklevel=2)
     if not texts:
         raise ValueError(
-            f"{fn}: paths must hold at least one valid record; got none in {[str(s) for s in sources]}.{hint}"
+            f"{fn}: paths must hold at least one valid record; got none in {[str(s) for _, s in sources]}.{hint}"
         )
 
     import datasets

@@ -230,6 +230,51 @@ def test_load_records_rejects_domain_names_that_cannot_name_files(tmp_path, name
         assert f"got {name!r} at {p}:2" in str(e.value)
 
 
+def test_load_records_domain_per_file_from_pairs_or_a_mapping_jsonl_and_parquet(tmp_path):
+    """A ``(domain, path)`` source gives its domain to every record (no domain field needed, one
+    present is not read); pairs mix with plain paths, whose records carry their domain."""
+    code = [{"text": f"def f{i}(): pass"} for i in range(3)]
+    prose = [{"text": f"she was {i}", "domain": "not-read"} for i in range(2)]
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in code))
+    pq.write_table(pa.Table.from_pylist(prose), tmp_path / "prose.parquet")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"text": "x = 1", "domain": "math"}) + "\n")
+    want = [
+        *({"text": r["text"], "domain": "code"} for r in code),
+        *({"text": r["text"], "domain": "prose"} for r in prose),
+    ]
+    by_map = load_records({"code": tmp_path / "code.jsonl", "prose": tmp_path / "prose.parquet"}, progress=False)
+    assert _as_list(by_map) == want
+    pairs = [("code", str(tmp_path / "code.jsonl")), mixed, ("prose", tmp_path / "prose.parquet")]
+    assert _as_list(load_records(pairs, progress=False)) == [*want[:3], {"text": "x = 1", "domain": "math"}, *want[3:]]
+
+
+def test_load_records_domain_per_file_errors(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"body": "b"}) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{p}:2: missing field 'text'")):  # the text is still needed
+        load_records([("code", p)], progress=False)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"load_records: a (domain, path) source must name its domain; got ('', {str(p)!r})."),
+    ):
+        load_records([("", str(p))], progress=False)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"load_records: domain names must not contain '/' (they become parts of file names); got 'a/b' at the domain of {str(p)!r}."
+        ),
+    ):
+        load_records({"a/b": p}, progress=False)
+    part = DomainPartitioner.by_rules({"code": r"a"}, field="text")
+    with pytest.raises(
+        ValueError, match=r"load_records: partitioner must not be combined with \(domain, path\) sources"
+    ):
+        load_records([("code", p)], partitioner=part, progress=False)
+    with pytest.raises(TypeError, match=r"load_records: paths must be a path, a dataset name, a \(domain, path\) pair"):
+        load_records([("code", p, "x")], progress=False)  # type: ignore[list-item]
+
+
 # ----------------------------------------------------------------------------- bad arguments
 def test_load_records_missing_file_is_an_error_naming_it(tmp_path):
     missing = tmp_path / "nope.jsonl"
