@@ -53,6 +53,7 @@ def fused_linear_kd_forward(
     params: KDLossParams,
     options: FusedOptions = FusedOptions(),
     need_grads: tuple[bool, bool, bool] = (True, True, True),
+    student_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Grads]:
     """Loss, per-row values and (optionally) gradients of the fused lm_head + KD loss.
 
@@ -61,11 +62,12 @@ def fused_linear_kd_forward(
         student_weight: ``(V, Hs)`` same device.
         student_bias: ``(V,)`` or None.
         labels: ``(N,)`` int64; ``params.config.ignore_index`` rows contribute nothing.
-        teacher: ``hidden (N, Ht)`` + ``weight (Vt, Ht)`` or ``logits (N, Vt)``, ``Vt >= V``
-            (rows / columns beyond V are never read).
+        teacher: ``hidden (N, Ht)`` + ``weight (Vt, Ht)`` (+ ``bias (Vt,)``, ``softcap``) or
+            ``logits (N, Vt)``, ``Vt >= V`` (rows / columns beyond V are never read).
         params: the loss options (row options, gamma, ``T**2`` scaling, normaliser).
         options: strategy, workspace, explicit plan, tile observer (``ddk_kernels.fused_plan``).
         need_grads: which of ``(d hidden, d weight, d bias)`` to compute.
+        student_softcap: the student's final logit softcap ``c`` (``c * tanh(z / c)``) or None.
 
     Returns:
         ``(loss, ce, kd, (d_hidden, d_weight, d_bias))``: ``loss`` 0-dim in the compute dtype
@@ -99,7 +101,7 @@ def fused_linear_kd_forward(
         input_bytes=student_hidden.element_size(),
         gemm_ok=student_weight.dtype == student_hidden.dtype,
     )
-    batch = FusedBatch(student_hidden, student_weight, student_bias, labels, rows, teacher)
+    batch = FusedBatch(student_hidden, student_weight, student_bias, labels, rows, teacher, student_softcap)
     run = run_gemm_chunks if plan.strategy == "gemm" else run_token_chunks
     run(batch, params.config, gradient_weights(norm, params), plan, out, options.tile_observer)
     loss = combine(out.ce.sum(), out.kd.sum(), norm, params)
@@ -117,7 +119,7 @@ def fused_linear_kd_forward(
 
 class FusedLinearKDChunkedFunction(torch.autograd.Function):
     """Autograd of the chunked launcher: ``apply(student_hidden, student_weight, student_bias,
-    labels, teacher, params, options) -> (loss, ce (N,), kd (N,))``.
+    labels, teacher, params, options, student_softcap) -> (loss, ce (N,), kd (N,))``.
 
     The forward computes loss and gradients; the backward scales them by ``grad_output`` in
     place (so one backward per forward). Only ``loss`` is differentiable; the teacher never is.
@@ -133,10 +135,11 @@ class FusedLinearKDChunkedFunction(torch.autograd.Function):
         teacher: TeacherInputs,
         params: KDLossParams,
         options: FusedOptions,
+        student_softcap: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2]))
         loss, ce, kd, grads = fused_linear_kd_forward(
-            student_hidden, student_weight, student_bias, labels, teacher, params, options, need
+            student_hidden, student_weight, student_bias, labels, teacher, params, options, need, student_softcap
         )
         ctx.grads = list(grads)
         ctx.mark_non_differentiable(ce, kd)
@@ -154,7 +157,7 @@ class FusedLinearKDChunkedFunction(torch.autograd.Function):
         for g in grads:
             if g is not None:
                 g.mul_(grad_loss.to(g.dtype))  # we own g: scale in place, no extra (V, H) buffer
-        return grads[0], grads[1], grads[2], None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
 def fused_linear_kd(
@@ -166,11 +169,12 @@ def fused_linear_kd(
     *,
     student_bias: torch.Tensor | None = None,
     options: FusedOptions = FusedOptions(),
+    student_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend contract of the fused op: ``(loss (differentiable 0-dim), ce (N,), kd (N,))``.
 
     Inputs as :func:`fused_linear_kd_forward`, already validated; the teacher is detached.
     """
     return FusedLinearKDChunkedFunction.apply(
-        student_hidden, student_weight, student_bias, labels, teacher.detached(), params, options
+        student_hidden, student_weight, student_bias, labels, teacher.detached(), params, options, student_softcap
     )

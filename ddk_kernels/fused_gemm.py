@@ -3,6 +3,9 @@ matmul each in the input dtype (bfloat16 tensor cores on a GPU; the logits are r
 dtype, as in an unfused ``lm_head``), then the per-row kernels of the logits backends give the
 loss rows and the ``(chunk, V)`` logits gradient, which two more matmuls turn into ``d hidden``
 and ``d weight`` (float32 results through ``out_dtype`` where torch supports it on the device).
+A final logit softcap ``c`` (either model) is applied to the chunk's logits in the input dtype,
+as the model's own forward would; the student's logits gradient is multiplied by
+``1 - (z / c)**2`` before the gradient matmuls.
 
 The row kernels come from ``ddk_kernels.dispatch`` (``resolve("kd_rows", "auto", device)``), so
 this strategy uses the backend ``kd_loss`` would pick there (``DDK_BACKEND`` included).
@@ -17,7 +20,7 @@ import torch
 from ddk_kernels import dispatch
 from ddk_kernels.fused_plan import FusedPlan
 from ddk_kernels.fused_rows import FusedBatch, FusedBuffers, TileObserver
-from ddk_kernels.types import KDConfig
+from ddk_kernels.types import KDConfig, softcap_, softcap_grad
 
 __all__ = ["run_gemm_chunks"]
 
@@ -105,11 +108,15 @@ def run_gemm_chunks(
         if observer is not None:
             observer((r, vocab))
         zs = torch.addmm(batch.bias.to(dt), h_c, w_t) if batch.bias is not None else h_c @ w_t
+        softcap_(zs, batch.softcap)
+        dcap = softcap_grad(zs, batch.softcap) if batch.softcap is not None and out.need_grad else None
         if t.logits is not None:
             zt = t.logits[:, :vocab].index_select(0, rows)  # copies only the V columns used
         else:
             assert t.hidden is not None and tw_t is not None
-            zt = t.hidden.index_select(0, rows).to(tw_t.dtype) @ tw_t
+            ht_c = t.hidden.index_select(0, rows).to(tw_t.dtype)
+            zt = torch.addmm(t.bias[:vocab].to(ht_c.dtype), ht_c, tw_t) if t.bias is not None else ht_c @ tw_t
+            softcap_(zt, t.softcap)
         if zt.dtype != dt:
             zt = zt.to(dt)
         ce, kd, stats = kernels.forward(zs, zt, lab_c, config)
@@ -127,6 +134,9 @@ def run_gemm_chunks(
             config,
         )  # (r, V), input dtype, unscaled
         del zs, zt, stats
+        if dcap is not None:
+            g.mul_(dcap)
+            del dcap
         if out.dh is not None:
             dh_c = torch.empty(r, out.dh.shape[1], dtype=acc, device=out.dh.device)
             _mm_into(dh_c, g, w, accumulate=False)

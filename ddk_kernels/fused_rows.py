@@ -1,9 +1,12 @@
 """The per-row math of the fused ``lm_head`` + KD loss in torch (strategies token_chunks and recompute).
 
 Nothing of size ``(N, V)`` is allocated: the student logits ``zS = h W^T (+ b)`` and the teacher
-logits ``zT = h_T W_T[:V]^T`` (or slices of given teacher logits) exist only as tiles of
+logits ``zT = h_T W_T[:V]^T (+ b_T)`` (or slices of given teacher logits) exist only as tiles of
 ``token_chunk x vocab_tile`` rows/columns (:class:`ChunkTiles`). Ignored tokens were dropped
-before any matmul (``FusedBatch.rows``).
+before any matmul (``FusedBatch.rows``). A final logit softcap ``c`` (either model) is applied
+to each tile as it is formed, ``z <- c * tanh(z / c)``; the student's gradient tile is then
+multiplied by ``1 - (z / c)**2`` before it meets the matmuls (kept from sweep 1 when the tile is
+reused, else formed from the recomputed tile).
 
 Notation of one row: ``s = zS / T``, ``t = zT / T``, ``q = softmax(s)`` (student),
 ``p = softmax(t)`` (teacher), ``m = beta p + (1 - beta) q``. Per token chunk (:func:`chunk_rows`):
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from ddk_kernels.fused_plan import FusedPlan
-from ddk_kernels.types import KDConfig, TeacherInputs
+from ddk_kernels.types import KDConfig, TeacherInputs, softcap_, softcap_grad
 
 __all__ = ["ChunkTiles", "FusedBatch", "FusedBuffers", "accumulate_grads", "chunk_rows", "run_token_chunks"]
 
@@ -55,7 +58,8 @@ class FusedBatch:
         hidden: ``(N, Hs)`` student hidden states; weight: ``(V, Hs)``; bias: ``(V,)`` or None.
         labels: ``(N,)`` int64.
         rows: ``(Nv,)`` int64 indices of the valid (non-ignored) tokens.
-        teacher: the teacher's hidden states and ``lm_head`` weight, or its logits.
+        teacher: the teacher's hidden states and ``lm_head`` weight (bias, softcap), or its logits.
+        softcap: the student's final logit softcap ``c`` (logits ``c * tanh(z / c)``) or None.
     """
 
     hidden: torch.Tensor
@@ -64,6 +68,7 @@ class FusedBatch:
     labels: torch.Tensor
     rows: torch.Tensor
     teacher: TeacherInputs
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,9 @@ def accumulate_grads(
 
 
 class ChunkTiles:
-    """The logits tiles of one token chunk: ``zS = h W^T (+ b)`` and ``zT = h_T W_T^T`` or columns
-    of the chunk's own copy of the teacher logits, in the compute dtype ``h.dtype``."""
+    """The logits tiles of one token chunk: ``zS = h W^T (+ b)`` and ``zT = h_T W_T^T (+ b_T)`` or
+    columns of the chunk's own copy of the teacher logits, in the compute dtype ``h.dtype``, each
+    softcapped when its model has a ``softcap``."""
 
     def __init__(
         self,
@@ -135,8 +141,10 @@ class ChunkTiles:
         teacher: TeacherInputs,
         vocab_tile: int,
         observer: TileObserver | None = None,
+        softcap: float | None = None,
     ) -> None:
         self.hidden, self.weight, self.bias, self.teacher = hidden, weight, bias, teacher
+        self.softcap = softcap
         self.vocab = weight.shape[0]
         self.tile = min(vocab_tile, self.vocab)
         self.single = self.tile >= self.vocab
@@ -151,7 +159,7 @@ class ChunkTiles:
         sweep reads those columns again)."""
         if self.observer is not None:
             self.observer((self.hidden.shape[0], v1 - v0))
-        zs = linear_tile(self.hidden, self.weight, self.bias, v0, v1)
+        zs = softcap_(linear_tile(self.hidden, self.weight, self.bias, v0, v1), self.softcap)
         t = self.teacher
         if t.logits is not None:
             zt = t.logits[:, v0:v1]
@@ -159,7 +167,7 @@ class ChunkTiles:
                 zt = zt.to(zs.dtype)
         else:
             assert t.hidden is not None and t.weight is not None
-            zt = linear_tile(t.hidden, t.weight, None, v0, v1)
+            zt = softcap_(linear_tile(t.hidden, t.weight, t.bias, v0, v1), t.softcap)
         return zs, zt
 
 
@@ -234,7 +242,9 @@ def chunk_rows(
     m_s, m_t, m_z = ninf.clone(), ninf.clone(), ninf
     l_s = torch.zeros(rows, dtype=cd, device=dev)
     l_t, l_z, acc = l_s.clone(), l_s.clone(), l_s.clone()
+    cap = tiles.softcap
     kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+    kept_dcap: torch.Tensor | None = None  # 1 - (zS / c)**2 of the one tile, for sweep 2
     cached: tuple[torch.Tensor, torch.Tensor] | None = None  # the one tile, read again by the JSD sweeps
 
     def tile(v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +255,8 @@ def chunk_rows(
         zs, zt = tiles.compute(v0, v1)
         if tiles.single and not reuse:
             cached = (zs, zt)
+        if reuse and need_grad and cap is not None:  # before zs is overwritten in place
+            kept_dcap = softcap_grad(zs, cap)
         ez = None
         if not t1:  # sum of e^(zS - max zS) for the CE at T = 1, before zS is scaled (in place)
             new_m_z = torch.maximum(m_z, zs.amax(1))
@@ -301,8 +313,12 @@ def chunk_rows(
     w_kd_t = w_kd * inv_t
     d_lse = (m_s - m_t) + (ll_s - ll_t)  # lse(s) - lse(t)
     for v0, v1 in tiles.ranges():
+        dcap = kept_dcap
+        kept_dcap = None
         if kind == "jsd":  # sweep 1 kept nothing (no reuse for the JSD): recompute the tile
             zs, zt = tile(v0, v1)
+            if cap is not None:
+                dcap = softcap_grad(zs, cap)
             ez = None if t1 else (zs - m_z[:, None]).exp_()
             log_q = _log_softmax_tile(zs, inv_t, m_s, ll_s)
             log_p = _log_softmax_tile(zt, inv_t, m_t, ll_t).add_(math.log(beta))
@@ -319,6 +335,8 @@ def chunk_rows(
                 kept = None
             else:
                 zs, zt = tile(v0, v1)
+                if cap is not None:
+                    dcap = softcap_grad(zs, cap)
                 ez = None if t1 else (zs - m_z[:, None]).exp_()
                 es, et, diff = _kl_terms(
                     _scaled(zs, inv_t, False),
@@ -344,6 +362,9 @@ def chunk_rows(
             g.add_(ez.mul_((w_ce / l_z)[:, None]))
             del ez
         _subtract_onehot(g, lab, v0, v1, w_ce)
+        if dcap is not None:  # d loss / d zS of the capped logits -> of the linear ones
+            g.mul_(dcap)
+            del dcap
         accumulate_grads(g, tiles.hidden, tiles.weight, v0, v1, dh_c, dw, db)
         del g
     return ce, kd
@@ -368,12 +389,15 @@ def run_token_chunks(
         zlab = (h_c * batch.weight.index_select(0, lab_c).to(cd)).sum(1)
         if batch.bias is not None:
             zlab = zlab + batch.bias.index_select(0, lab_c).to(cd)
+        zlab = softcap_(zlab, batch.softcap)
         if t.logits is not None:  # the chunk's own copy: its columns may be changed in place
             teacher = TeacherInputs(logits=t.logits.index_select(0, rows))
         else:
             assert t.hidden is not None
-            teacher = TeacherInputs(hidden=t.hidden.index_select(0, rows).to(cd), weight=t.weight)
-        tiles = ChunkTiles(h_c, batch.weight, batch.bias, teacher, plan.vocab_tile, observer)
+            teacher = TeacherInputs(
+                hidden=t.hidden.index_select(0, rows).to(cd), weight=t.weight, bias=t.bias, softcap=t.softcap
+            )
+        tiles = ChunkTiles(h_c, batch.weight, batch.bias, teacher, plan.vocab_tile, observer, batch.softcap)
         dh_c = torch.zeros(rows.shape[0], h_c.shape[1], dtype=cd, device=dev) if out.dh is not None else None
         ce, kd = chunk_rows(tiles, lab_c, zlab, config, weights, (dh_c, out.dw, out.db))
         del tiles

@@ -251,6 +251,7 @@ def fused_linear_kd_reference(
     *,
     student_bias: torch.Tensor | None = None,
     options: object = None,
+    student_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The naive fused ``lm_head`` + KD loss (``backend="reference"``): materialises both ``(N, V)``
     logits and differentiates the oracle with autograd.
@@ -258,9 +259,11 @@ def fused_linear_kd_reference(
     Args:
         student_hidden: ``(N, Hs)``; student_weight: ``(V, Hs)``; student_bias: ``(V,)`` or None.
         labels: ``(N,)`` int64.
-        teacher: ``hidden (N, Ht)`` + ``weight (Vt, Ht)``, or ``logits (N, Vt)``; ``Vt >= V``.
+        teacher: ``hidden (N, Ht)`` + ``weight (Vt, Ht)`` (+ ``bias``, ``softcap``), or
+            ``logits (N, Vt)``; ``Vt >= V``.
         params: the loss options.
         options: the tiling options of the fused backends (ignored here).
+        student_softcap: ``c`` of the student's logits ``c * tanh(z / c)``, or None.
 
     Returns:
         ``(loss (0-dim, differentiable), ce (N,), kd (N,))`` in float32 (float64 for float64).
@@ -269,12 +272,18 @@ def fused_linear_kd_reference(
     zs = student_hidden @ student_weight.T
     if student_bias is not None:
         zs = zs + student_bias
+    if student_softcap is not None:
+        zs = student_softcap * torch.tanh(zs / student_softcap)
     t = teacher.detached()
     if t.logits is not None:
         zt = t.logits[:, :vocab]
     else:
         assert t.hidden is not None and t.weight is not None
         zt = t.hidden @ t.weight[:vocab].T
+        if t.bias is not None:
+            zt = zt + t.bias[:vocab]
+        if t.softcap is not None:
+            zt = t.softcap * torch.tanh(zt / t.softcap)
     ce, kd = kd_row_losses_reference(zs, zt, labels, params.config, acc_dtype(student_hidden.dtype))
     norm = denominator(params, (labels != params.config.ignore_index).sum(), ce.dtype)
     return combine(ce.sum(), kd.sum(), norm, params), ce.detach(), kd.detach()
@@ -323,10 +332,14 @@ def fused_linear_sparse_kd_reference(
     *,
     bias: torch.Tensor | None = None,
     workspace_bytes: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Oracle of the fused sparse op: materialise ``hidden @ weight.T (+ bias)``, then :func:`sparse_kd_reference`."""
+    """Oracle of the fused sparse op: materialise ``hidden @ weight.T (+ bias)`` (softcapped to
+    ``softcap * tanh(z / softcap)`` when given), then :func:`sparse_kd_reference`."""
     dtype = acc_dtype(hidden.dtype)
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return sparse_kd_reference(logits, labels, teacher, params)

@@ -21,9 +21,10 @@ complement of ``I``: ``dD/dz = (G_tail * r - (sum_b G_b) * q + scatter(I, G_I)) 
 
 Two backends, in ``ddk_kernels.dispatch``: ``reference`` (``ddk_kernels.reference``: full
 log-softmax and autograd; the oracle) and ``chunked`` (here: per token chunk one ``(chunk, V)``
-slice of logits, with the ``lm_head`` matmul fused in for the linear op; gradients computed in
-the forward pass and scaled by ``grad_output``). No ``(N, V)`` tensor is allocated by the
-fused linear op.
+slice of logits, with the ``lm_head`` matmul fused in for the linear op, and the student's
+final logit softcap ``c * tanh(z / c)`` applied to each slice, its gradient by ``1 - (z / c)**2``;
+gradients computed in the forward pass and scaled by ``grad_output``). No ``(N, V)`` tensor is
+allocated by the fused linear op.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from ddk_kernels.reduce import combine, denominator, gradient_weights
-from ddk_kernels.types import KDConfig, KDLossParams, SparseTeacher, acc_dtype
+from ddk_kernels.types import KDConfig, KDLossParams, SparseTeacher, acc_dtype, softcap_, softcap_grad
 
 __all__ = [
     "REVERSE_TAIL_FLOOR",
@@ -206,6 +207,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
         teacher: SparseTeacher,
         params: KDLossParams,
         workspace_bytes: int | None,
+        softcap: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = params.config
         acc = acc_dtype(hidden.dtype)
@@ -229,8 +231,12 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
             z = h @ w_acc.T
             if b_acc is not None:
                 z = z + b_acc
+            softcap_(z, softcap)
+            dcap = softcap_grad(z, softcap) if softcap is not None and need else None
             c, d, g = _chunk_rows(z, labels[a:b], ids[a:b], log_p[a:b], cfg, w_ce, w_kd, need)
             ce[a:b], kd[a:b] = c, d
+            if g is not None and dcap is not None:
+                g.mul_(dcap)
             if g is not None and dh is not None and dw is not None:
                 dh[a:b] = g @ w_acc
                 dw.addmm_(g.T, h)
@@ -248,7 +254,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
         for g, dt in zip(ctx.grads, ctx.dtypes):
             out.append(None if g is None or dt is None else (g * grad_loss.to(g.dtype)).to(dt))
         ctx.grads = None
-        return (out[0], out[1], out[2], None, None, None, None)
+        return (out[0], out[1], out[2], None, None, None, None, None)
 
 
 def sparse_kd(
@@ -273,7 +279,11 @@ def fused_linear_sparse_kd(
     *,
     bias: torch.Tensor | None = None,
     workspace_bytes: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The chunked backend of the fused sparse op: logits ``hidden @ weight.T (+ bias)`` per token chunk."""
-    loss, ce, kd = FusedLinearSparseKDFunction.apply(hidden, weight, bias, labels, teacher, params, workspace_bytes)
+    """The chunked backend of the fused sparse op: logits ``hidden @ weight.T (+ bias)`` per token
+    chunk, softcapped to ``softcap * tanh(z / softcap)`` when ``softcap`` is given."""
+    loss, ce, kd = FusedLinearSparseKDFunction.apply(
+        hidden, weight, bias, labels, teacher, params, workspace_bytes, softcap
+    )
     return loss, ce, kd

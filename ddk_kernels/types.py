@@ -6,7 +6,8 @@ to the launchers and autograd Functions (parameters travel as objects):
 * :class:`KDConfig`: what one row needs (temperature, divergence, beta, ignore_index);
 * :class:`KDLossParams`: the whole loss (a ``KDConfig`` plus gamma, ``T**2`` scaling and the
   normaliser), turned into a scalar by ``ddk_kernels.reduce``;
-* :class:`TeacherInputs`: the teacher side of the fused ``lm_head`` op;
+* :class:`TeacherInputs`: the teacher side of the fused ``lm_head`` op (and :func:`softcap_`,
+  :func:`softcap_grad` of a final logit softcap);
 * :class:`SparseTeacher`: a cached top-k teacher (ids, log-probabilities, tail mass);
 * :class:`RowKernels`: what a backend of the per-row op provides.
 
@@ -97,12 +98,18 @@ class KDLossParams:
 
 @dataclass(frozen=True)
 class TeacherInputs:
-    """The teacher of the fused ``lm_head`` op: ``hidden (N, Ht)`` with ``weight (Vt, Ht)``, or
-    ``logits (N, Vt)``; ``Vt >= V`` (rows or columns beyond V are never read). Never differentiated."""
+    """The teacher of the fused ``lm_head`` op: ``hidden (N, Ht)`` with ``weight (Vt, Ht)`` (and
+    optionally ``bias (Vt,)`` and a final logit ``softcap``), or ``logits (N, Vt)``; ``Vt >= V``
+    (rows or columns beyond V are never read). Never differentiated.
+
+    ``softcap`` ``c`` maps the teacher's logits ``z = h W^T (+ b)`` to ``c * tanh(z / c)`` (Gemma2's
+    ``final_logit_softcapping``); given ``logits`` are final and take no softcap."""
 
     hidden: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
 
     def detached(self) -> TeacherInputs:
         """The same tensors, detached from autograd."""
@@ -110,7 +117,21 @@ class TeacherInputs:
         def d(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach()
 
-        return TeacherInputs(d(self.hidden), d(self.weight), d(self.logits))
+        return TeacherInputs(d(self.hidden), d(self.weight), d(self.logits), d(self.bias), self.softcap)
+
+
+def softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(z / cap)`` in place (``z`` itself when ``cap`` is None); returns ``z``."""
+    if cap is None:
+        return z
+    return z.div_(cap).tanh_().mul_(cap)
+
+
+def softcap_grad(capped: torch.Tensor, cap: float) -> torch.Tensor:
+    """``d capped / d z = 1 - tanh(z / cap)**2``, a new tensor from the capped logits (as autograd's
+    ``tanh`` backward forms it from its output)."""
+    t = capped / cap
+    return t.mul_(t).neg_().add_(1.0)
 
 
 @dataclass(frozen=True)

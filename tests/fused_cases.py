@@ -1,13 +1,13 @@
 """Shared inputs and oracle of the fused lm_head + KD loss tests (every backend and strategy).
 
-The oracle materialises the float64 logits ``zS = h W^T (+ b)`` and ``zT = h_T W_T[:V]^T`` (or
-the given teacher logits) and differentiates ``ddk_kernels.reference.kd_loss_reference`` with
-autograd.
+The oracle materialises the float64 logits ``zS = h W^T (+ b)`` and ``zT = h_T W_T[:V]^T (+ b_T)``
+(or the given teacher logits), soft-caps them (``c * tanh(z / c)``) when the case has caps, and
+differentiates ``ddk_kernels.reference.kd_loss_reference`` with autograd.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,19 +24,46 @@ class FusedCase:
     tl: torch.Tensor | None  # (N, Vt)
     b: torch.Tensor | None  # (V,)
     domain_ids: torch.Tensor  # (N,)
+    tb: torch.Tensor | None = None  # (Vt,) teacher lm_head bias
+    scap: float | None = None  # student final logit softcap
+    tcap: float | None = None  # teacher final logit softcap
 
     def to(self, dtype: torch.dtype) -> FusedCase:
         def cv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(dtype)
 
-        return FusedCase(
-            cv(self.h), cv(self.w), self.labels, cv(self.th), cv(self.tw), cv(self.tl), cv(self.b), self.domain_ids
+        return replace(
+            self,
+            h=cv(self.h),
+            w=cv(self.w),
+            th=cv(self.th),
+            tw=cv(self.tw),
+            tl=cv(self.tl),
+            b=cv(self.b),
+            tb=cv(self.tb),
         )
 
     def teacher_kwargs(self) -> dict:
         if self.tl is not None:
             return {"teacher_logits": self.tl}
-        return {"teacher_hidden": self.th, "teacher_weight": self.tw}
+        given = {"teacher_hidden": self.th, "teacher_weight": self.tw, "teacher_bias": self.tb}
+        return {k: v for k, v in given.items() if v is not None} | ({"teacher_softcap": self.tcap} if self.tcap else {})
+
+    def with_caps(
+        self, student: float | None, teacher: float | None, teacher_bias_seed: int | None = None
+    ) -> FusedCase:
+        """This case with final logit softcaps and (given a seed) a random teacher ``lm_head`` bias."""
+        tb = None
+        if teacher_bias_seed is not None:
+            assert self.tw is not None
+            g = torch.Generator().manual_seed(teacher_bias_seed)
+            tb = 3 * torch.randn(self.tw.shape[0], generator=g, dtype=self.tw.dtype)
+        return replace(self, scap=student, tcap=teacher, tb=tb)
+
+
+def capped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(z / cap)`` (autograd-differentiable), or ``z`` for None."""
+    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def make_case(
@@ -90,8 +117,15 @@ def naive_loss(case: FusedCase, grad_output: float = 1.0, **opts):
     zs = h @ w.T
     if b is not None:
         zs = zs + b
+    zs = capped(zs, case.scap)
     v = w.shape[0]
-    zt = case.tl[:, :v] if case.tl is not None else case.th @ case.tw[:v].T  # type: ignore[index,operator]
+    if case.tl is not None:
+        zt = case.tl[:, :v]
+    else:
+        zt = case.th @ case.tw[:v].T  # type: ignore[index,operator]
+        if case.tb is not None:
+            zt = zt + case.tb[:v]
+        zt = capped(zt, case.tcap)
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     out = kd_loss_reference(zs, zt, case.labels, compute_dtype=compute, **opts)
     (out.loss * grad_output).backward()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 FAMILIES = ("llama", "qwen2", "gpt2", "gemma2", "phi")
-FUSED_FAMILIES = ("llama", "qwen2", "gpt2")  # logits = lm_head(hidden) alone: the fused loss applies
+FUSED_FAMILIES = FAMILIES  # every family: soft-capping (gemma2) and lm_head biases (phi) are computed in the tiles
 CASES = [(f, loss) for f in FAMILIES for loss in ("fused", "logits") if loss == "logits" or f in FUSED_FAMILIES]
 
 _WORDS = {

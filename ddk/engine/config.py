@@ -124,7 +124,8 @@ class DistillOptions:
         default="fused",
         metadata={
             "help": "fused: the lm_head fused with the loss, no (tokens, vocab) logits; logits: both models' full "
-            "logits (any model, e.g. softcapped ones), for training and validation alike",
+            "logits (any model, e.g. ones whose logits are scaled), for training and validation alike; both compute "
+            "soft-capped logits (Gemma2) and lm_head biases (Phi)",
             "choices": list(LOSSES),
         },
     )

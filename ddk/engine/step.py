@@ -3,7 +3,7 @@
 * ``StepLoss``: the loss of a method, chosen once (``fused`` or ``logits``, the divergence, gamma,
   temperature, the backend) and used for training (``StepLoss.__call__``) **and** validation
   (``StepLoss.validation_ce``, the estimator's ``loss_fn``), so a model that needs the logits
-  path (logit soft-capping) takes it everywhere.
+  path (a logit scale) takes it everywhere.
 * ``DistillStep``: the step as a module for the engine's loop (the student its submodule, so DDP
   and FSDP2 reduce every gradient; the teacher held outside its parameters).
 * ``forward_backward``: micro-batches under the global token normaliser.
@@ -184,8 +184,9 @@ class DistillStep(nn.Module):
 
 def check_loss_models(loss: str, student: nn.Module, teacher: nn.Module | None) -> None:
     """Refuse now, before data is packed or anything is written, models the ``loss`` path cannot take
-    (``"fused"``: soft-capped or scaled logits, a teacher ``lm_head`` bias); the message names the
-    model and ``--loss logits``. The teacher is checked whenever given (its validation CE uses this loss)."""
+    (``"fused"``: scaled logits, ``config.logit_scale`` / ``logits_scaling``; soft-capping and
+    ``lm_head`` biases are computed in the fused tiles); the message names the model, the
+    attribute and ``--loss logits``. The teacher is checked whenever given (its validation CE uses this loss)."""
     if loss == "fused":
         from ddk.losses.causal_lm import check_fused_models
 

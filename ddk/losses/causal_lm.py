@@ -110,36 +110,48 @@ def _named(model: nn.Module) -> str:
 
 def check_fused_models(student_model: nn.Module, teacher_model: nn.Module | None = None) -> None:
     """Raise now, before any step, what the fused path of :func:`causal_lm_kd_loss` would refuse:
-    logits that are not ``lm_head(hidden)`` alone (soft-capping, a logit scale) on either model, a
-    teacher ``lm_head`` with a bias, a model without an output embedding. The message names the
-    model and the option that works (``loss='logits'``, ``ddk distill --loss logits``)."""
+    logits that are not ``softcap(lm_head(hidden))`` (a logit scale, e.g. ``config.logit_scale``
+    or ``config.logits_scaling``) on either model, a model without an output embedding. The
+    message names the model, the attribute and the option that works (``loss='logits'``,
+    ``ddk distill --loss logits``). Soft-capping (``config.final_logit_softcapping``) and an
+    ``lm_head`` bias are computed inside the fused tiles."""
     _output_layer(student_model, "student")
     if teacher_model is not None:
-        _teacher_layer(teacher_model)
+        _output_layer(teacher_model, "teacher")
 
 
-def _teacher_layer(teacher_model: nn.Module) -> torch.Tensor:
-    """The teacher's ``lm_head`` weight ``(Vt, Ht)``; a bias is refused (the fused teacher side has none)."""
-    weight, bias = _output_layer(teacher_model, "teacher")
-    if bias is not None:
-        raise ValueError(
-            f"{_CAUSAL}: teacher_model{_named(teacher_model)} lm_head must have no bias with loss='fused'; got a "
-            "bias. Use loss='logits' for this teacher (ddk distill --loss logits; DDKConfig(loss='logits'))."
-        )
-    return weight
+#: config attributes that change logits beyond ``lm_head(hidden)`` in a way the fused path does not
+#: compute, with the value that means "no change"
+_UNFUSED_CONFIG: dict[str, float] = {"logit_scale": 1.0, "logits_scaling": 1.0}
 
 
-def _output_layer(model: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight (V, H), bias (V,) or None)`` of the model's ``lm_head``."""
+class _Head:
+    """A model's output layer as the fused loss reads it: ``weight (V, H)``, ``bias (V,)`` or None,
+    and ``softcap`` (``config.final_logit_softcapping``) or None."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None) -> None:
+        self.weight, self.bias, self.softcap = weight, bias, softcap
+
+
+def _output_layer(model: nn.Module, role: str) -> _Head:
+    """The model's ``lm_head`` weight, bias and final logit softcap, or an error naming what the
+    fused path cannot compute."""
     model = _unwrap(model)
     cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if cfg is not None and getattr(cfg, attr, None) not in (None, 1.0):
+    for attr, identity in _UNFUSED_CONFIG.items():
+        value = getattr(cfg, attr, None) if cfg is not None else None
+        if value is not None and value != identity:
             raise ValueError(
-                f"{_CAUSAL}: {role}_model{_named(model)} must compute logits as lm_head(hidden) alone for the fused "
-                f"loss; got config.{attr}={getattr(cfg, attr)!r}. Use loss='logits' for this model (ddk distill "
-                "--loss logits; DDKConfig(loss='logits'))."
+                f"{_CAUSAL}: {role}_model{_named(model)} scales its logits by config.{attr}={value!r}, which the "
+                f"fused loss does not compute (it computes softcap(lm_head(hidden)) only). Use loss='logits' for "
+                "this model (ddk distill --loss logits; DDKConfig(loss='logits'))."
             )
+    softcap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(
+            f"{_CAUSAL}: {role}_model{_named(model)} config.final_logit_softcapping must be a number > 0 or None; "
+            f"got {softcap!r}."
+        )
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
@@ -147,7 +159,7 @@ def _output_layer(model: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tens
             f"{_CAUSAL}: {role}_model must have an output embedding (lm_head, from get_output_embeddings()); "
             f"got {type(model).__name__} without one. Pass the ...ForCausalLM model, not its bare decoder."
         )
-    return head.weight, getattr(head, "bias", None)
+    return _Head(head.weight, getattr(head, "bias", None), None if softcap is None else float(softcap))
 
 
 def _model_logits(
@@ -230,11 +242,13 @@ def causal_lm_kd_loss(
     * ``loss="fused"`` (default): runs both decoders (``model.get_decoder()``) and calls
       :func:`fused_linear_kd_loss` on the hidden states with the output-embedding weights
       (``get_output_embeddings()``, tied ones included), never calling the ``lm_head``: no
-      ``(B * L, V)`` logits of either model exist. Decoders whose logits are ``lm_head(hidden)``
-      alone only.
+      ``(B * L, V)`` logits of either model exist. Logits ``softcap(lm_head(hidden))``: an
+      ``lm_head`` bias (Phi) and ``config.final_logit_softcapping`` (Gemma2) on either model are
+      computed inside the fused tiles; a logit scale (``config.logit_scale``,
+      ``config.logits_scaling``) is refused, naming ``loss="logits"``.
     * ``loss="logits"``: calls ``model(input_ids=..., attention_mask=...).logits`` of both models
       and :func:`ddk.kd_loss` with ``shift=True``; the same numbers, for any model with ``.logits``
-      (logit soft-capping, scaled heads), at the memory of two ``(B, L, V)`` logits.
+      (scaled heads too), at the memory of two ``(B, L, V)`` logits.
 
     Autocast: under ``torch.autocast(device, dtype=torch.bfloat16)`` (CPU or CUDA, the same code)
     the decoders run in autocast, the ``lm_head`` matmul runs in the autocast dtype as
@@ -337,9 +351,11 @@ def causal_lm_kd_loss(
         domain_ids=domain_ids, num_domains=num_domains, normalizer=normalizer, shift=True, check_inputs=False, **opts
     )
     if loss == "fused":
-        s_weight, s_bias = _output_layer(student_model, "student")
+        s_head = _output_layer(student_model, "student")
+        s_weight = s_head.weight
         if teacher_model is not None:
-            t_weight = _teacher_layer(teacher_model)
+            t_head = _output_layer(teacher_model, "teacher")
+            t_weight = t_head.weight
             _check_teacher_vocab(s_weight.shape[0], t_weight.shape[0])
         validate(s_weight.shape[0])
         hs = _decoder_hidden(student_model, input_ids, attention_mask)
@@ -356,8 +372,18 @@ def causal_lm_kd_loss(
             # lm_head-sized matmul per tile) and never enters the loss or its gradients; the
             # reported divergence sums are set to 0 below.
             ht, t_weight = hs.detach(), s_weight.detach()
+            t_head = _Head(t_weight, None if s_head.bias is None else s_head.bias.detach(), s_head.softcap)
         out = fused_linear_kd_loss(
-            hs, s_weight, labels, teacher_hidden=ht, teacher_weight=t_weight, student_bias=s_bias, **common
+            hs,
+            s_weight,
+            labels,
+            teacher_hidden=ht,
+            teacher_weight=t_weight,
+            student_bias=s_head.bias,
+            teacher_bias=t_head.bias,
+            student_softcap=s_head.softcap,
+            teacher_softcap=t_head.softcap,
+            **common,
         )
     else:
         zs = _model_logits(student_model, "student", input_ids, attention_mask)
@@ -411,11 +437,13 @@ def _cached_kd_loss(
         teacher_tail=tail, domain_ids=domain_ids, num_domains=num_domains, normalizer=normalizer, shift=True, **opts
     )
     if loss == "fused":
-        weight, bias = _output_layer(student_model, "student")
+        head = _output_layer(student_model, "student")
         hs = _decoder_hidden(student_model, input_ids, attention_mask)
-        if autocast_dtype(hs.device) is None and weight.dtype != hs.dtype:
-            hs = hs.to(weight.dtype)
-        return fused_linear_sparse_kd_loss(hs, weight, ids, logprobs, labels, student_bias=bias, **common)
+        if autocast_dtype(hs.device) is None and head.weight.dtype != hs.dtype:
+            hs = hs.to(head.weight.dtype)
+        return fused_linear_sparse_kd_loss(
+            hs, head.weight, ids, logprobs, labels, student_bias=head.bias, student_softcap=head.softcap, **common
+        )
     zs = _model_logits(student_model, "student", input_ids, attention_mask)
     common.pop("workspace_bytes", None)
     return sparse_kd_loss(zs, ids, logprobs, labels, **common)

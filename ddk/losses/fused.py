@@ -2,7 +2,9 @@
 (the transformers causal-LM helper built on it is ``ddk.losses.causal_lm``).
 
 The loss is the one of ``ddk.kd_loss`` on the logits ``zS = h W^T (+ b)`` and
-``zT = h_T W_T[:V]^T`` (or given teacher logits), computed without ever allocating an ``(N, V)``
+``zT = h_T W_T[:V]^T (+ b_T)`` (or given teacher logits), each optionally soft-capped
+(``c * tanh(z / c)``, Gemma2's ``final_logit_softcapping``) inside the tiles, forward and
+backward; computed without ever allocating an ``(N, V)``
 tensor (backend ``"chunked"``; ``"reference"`` materialises, for tests), both resolved by
 ``ddk_kernels.dispatch``.
 Inputs follow the batch convention of :func:`ddk.losses.kd.flatten_for_loss`: rows ``(N, H)`` or
@@ -26,6 +28,7 @@ from ddk.losses.kd import (
     KDLossConfigModule,
     autocast_dtype,
     autocast_off,
+    check_softcap,
     flatten_for_loss,
     got_str,
     loss_params,
@@ -68,6 +71,8 @@ def _validate(
     teacher_weight: torch.Tensor | None,
     teacher_logits: torch.Tensor | None,
     student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_softcap: float | None = None,
 ) -> tuple[int, int]:
     """Shape/dtype/device checks of the tensors; returns ``(N, V)``."""
     _check_2d("student_hidden", student_hidden)
@@ -118,11 +123,25 @@ def _validate(
                 f"{_FN}: teacher_weight must have at least the student's V={vocab} rows (a larger teacher vocabulary "
                 f"is sliced); got {teacher_weight.shape[0]}. Teacher and student must share a tokenizer."
             )
-        teachers: tuple[tuple[str, torch.Tensor], ...] = (
+        if teacher_bias is not None and (
+            not isinstance(teacher_bias, torch.Tensor) or teacher_bias.shape != (teacher_weight.shape[0],)
+        ):
+            raise ValueError(
+                f"{_FN}: teacher_bias must be a 1-D tensor of length Vt={teacher_weight.shape[0]} like the rows of "
+                f"teacher_weight, or None; got {got_str(teacher_bias)}."
+            )
+        teachers: tuple[tuple[str, torch.Tensor | None], ...] = (
             ("teacher_hidden", teacher_hidden),
             ("teacher_weight", teacher_weight),
+            ("teacher_bias", teacher_bias),
         )
     else:
+        for name, given in (("teacher_bias", teacher_bias), ("teacher_softcap", teacher_softcap)):
+            if given is not None:
+                raise ValueError(
+                    f"{_FN}: {name} applies to teacher_hidden + teacher_weight (given teacher_logits are final); "
+                    f"got {name}={'a tensor' if isinstance(given, torch.Tensor) else repr(given)} with teacher_logits."
+                )
         _check_2d("teacher_logits", teacher_logits)
         assert teacher_logits is not None
         if teacher_logits.shape[0] != n:
@@ -150,6 +169,9 @@ def fused_linear_kd_loss(
     teacher_weight: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     domain_ids: torch.Tensor | None = None,
     num_domains: int | None = None,
     gamma: float = 0.2,
@@ -167,7 +189,8 @@ def fused_linear_kd_loss(
 ) -> KDLossOutput:
     """``kd_loss`` fused with the student's (and teacher's) ``lm_head``; no ``(N, V)`` tensor.
 
-    Same loss as ``ddk.kd_loss(h @ W.T + b, teacher_logits, labels, ...)``:
+    Same loss as ``ddk.kd_loss(cap(h @ W.T + b), teacher_logits, labels, ...)`` (``cap`` the
+    softcap ``c * tanh(z / c)`` when ``student_softcap`` is given, else the identity):
     ``(sum CE + gamma * s * sum D) / normalizer`` over valid tokens, ``s = T**2`` with
     ``t2_scale`` else 1, ``D`` = forward KL ``KL(p_T || p_S)`` (default), reverse KL
     ``KL(p_S || p_T)`` or JSD(beta) between ``p = softmax(logits / T)``; CE at ``T = 1``.
@@ -185,6 +208,13 @@ def fused_linear_kd_loss(
         teacher_logits: ``(N, Vt)`` / ``(B, L, Vt)``, ``Vt >= V``. Exactly one of the two. Never
             differentiated.
         student_bias: ``(V,)`` or None.
+        teacher_bias: ``(Vt,)`` (the teacher ``lm_head``'s bias, e.g. Phi) or None; with
+            ``teacher_hidden`` only.
+        student_softcap: ``c`` of the student's final logit softcap (logits ``c * tanh(z / c)``,
+            e.g. Gemma2's ``config.final_logit_softcapping``), a number > 0, or None. Applied inside
+            the tiles, forward and backward.
+        teacher_softcap: the same for the teacher's logits; with ``teacher_hidden`` only (given
+            ``teacher_logits`` are final).
         domain_ids: ``(N,)``, or with 3-D inputs ``(B,)`` (per sequence) or ``(B, L)`` (per
             token; with ``shift=True`` the domain of the label token counts), int64/int32 in
             ``[0, num_domains)``; None puts every token in domain 0.
@@ -251,10 +281,21 @@ def fused_linear_kd_loss(
     amp = autocast_dtype(student_hidden.device)
     if amp is not None:  # the lm_head matmuls in the autocast dtype, as F.linear would run them
         student_hidden, student_weight = _to_autocast(student_hidden, amp), _to_autocast(student_weight, amp)
-        student_bias, teacher_hidden, teacher_weight = (
-            _to_autocast(t, amp) for t in (student_bias, teacher_hidden, teacher_weight)
+        student_bias, teacher_hidden, teacher_weight, teacher_bias = (
+            _to_autocast(t, amp) for t in (student_bias, teacher_hidden, teacher_weight, teacher_bias)
         )
-    n, vocab = _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias)
+    student_softcap = check_softcap(_FN, "student_softcap", student_softcap)
+    teacher_softcap = check_softcap(_FN, "teacher_softcap", teacher_softcap)
+    n, vocab = _validate(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        teacher_logits,
+        student_bias,
+        teacher_bias,
+        teacher_softcap,
+    )
     params = loss_params(
         _FN,
         gamma=gamma,
@@ -279,6 +320,8 @@ def fused_linear_kd_loss(
     fused = resolve("fused_linear_kd", backend, dev)
     if teacher_weight is not None:
         teacher_weight = teacher_weight[:vocab]
+    if teacher_bias is not None:
+        teacher_bias = teacher_bias[:vocab]
     if teacher_logits is not None:  # a view: the backends copy only the V columns they read
         teacher_logits = teacher_logits[:, :vocab]
     if not torch.is_grad_enabled():
@@ -286,11 +329,18 @@ def fused_linear_kd_loss(
         # grad; under no_grad (evaluation) nobody can use them, so skip (V, Hs) of work.
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
         student_bias = None if student_bias is None else student_bias.detach()
-    teacher = TeacherInputs(teacher_hidden, teacher_weight, teacher_logits)
+    teacher = TeacherInputs(teacher_hidden, teacher_weight, teacher_logits, teacher_bias, teacher_softcap)
     options = FusedOptions(strategy=plan_strategy, workspace_bytes=workspace_bytes)
     with autocast_off(dev):
         loss, ce, kd = fused(
-            student_hidden, student_weight, labels, teacher, params, student_bias=student_bias, options=options
+            student_hidden,
+            student_weight,
+            labels,
+            teacher,
+            params,
+            student_bias=student_bias,
+            options=options,
+            student_softcap=student_softcap,
         )
         return kd_output(loss, ce, kd, labels != ignore_index, domain_ids, d)
 
@@ -300,8 +350,9 @@ class FusedLinearKDLoss(KDLossConfigModule):
 
     ``forward(student_hidden (N, Hs) | (B, L, Hs), student_weight (V, Hs), labels (N,) | (B, L), *,
     teacher_hidden=None, teacher_weight=None, teacher_logits=None, student_bias=None,
-    domain_ids=None, normalizer=None, shift=False) -> KDLossOutput``. Options as
-    :class:`ddk.KDLoss`, plus ``strategy`` and ``workspace_bytes``.
+    teacher_bias=None, student_softcap=None, teacher_softcap=None, domain_ids=None,
+    normalizer=None, shift=False) -> KDLossOutput``. Options as :class:`ddk.KDLoss`, plus
+    ``strategy`` and ``workspace_bytes``.
     """
 
     def __init__(self, *, strategy: str = "auto", workspace_bytes: int | None = None, **options: Any) -> None:
@@ -323,6 +374,9 @@ class FusedLinearKDLoss(KDLossConfigModule):
         teacher_weight: torch.Tensor | None = None,
         teacher_logits: torch.Tensor | None = None,
         student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
         domain_ids: torch.Tensor | None = None,
         normalizer: float | torch.Tensor | None = None,
         shift: bool = False,
@@ -335,6 +389,9 @@ class FusedLinearKDLoss(KDLossConfigModule):
             teacher_weight=teacher_weight,
             teacher_logits=teacher_logits,
             student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
             domain_ids=domain_ids,
             num_domains=self.num_domains if domain_ids is not None else None,
             normalizer=normalizer,

@@ -164,6 +164,16 @@ def flatten_for_loss(
     return rows, labels, domain_ids
 
 
+def check_softcap(fn: str, name: str, value: object) -> float | None:
+    """``value`` as a float when it is a final logit softcap (a finite number > 0), None for None;
+    else ``ValueError`` naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: {name} must be a finite number > 0 (logits c * tanh(z / c)) or None; got {value!r}.")
+    return float(value)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype ``torch.autocast`` casts matmul inputs to on ``device``, None when it is off there."""
     try:

@@ -16,6 +16,7 @@ import torch
 from ddk.losses.kd import (
     autocast_dtype,
     autocast_off,
+    check_softcap,
     flatten_for_loss,
     loss_params,
     validate_labels_domains,
@@ -190,6 +191,7 @@ def fused_linear_sparse_kd_loss(
     *,
     teacher_tail: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
+    student_softcap: float | None = None,
     domain_ids: torch.Tensor | None = None,
     num_domains: int | None = None,
     gamma: float = 0.2,
@@ -219,6 +221,9 @@ def fused_linear_sparse_kd_loss(
         teacher_topk_logprobs: their log-probabilities, as in :func:`sparse_kd_loss`.
         labels: ``(N,)`` / ``(B, L)`` int labels (unshifted with ``shift=True``).
         student_bias: ``(V,)`` or None.
+        student_softcap: ``c`` of the student's final logit softcap (logits ``c * tanh(z / c)``,
+            Gemma2's ``config.final_logit_softcapping``), a number > 0, or None; applied per chunk,
+            forward and backward.
         workspace_bytes: scratch budget of one token chunk (default 128 MiB).
 
     Returns:
@@ -246,6 +251,7 @@ def fused_linear_sparse_kd_loss(
     vocab = student_weight.shape[0]
     if student_bias is not None and (not isinstance(student_bias, torch.Tensor) or student_bias.shape != (vocab,)):
         raise ValueError(f"{fn}: student_bias must have shape ({vocab},) or be None.")
+    softcap = check_softcap(fn, "student_softcap", student_softcap)
     hidden, teacher, labels, domain_ids, d = _teacher_rows(
         fn,
         student_hidden,
@@ -283,5 +289,7 @@ def fused_linear_sparse_kd_loss(
         bias = None if bias is None else bias.detach()
     op = resolve("fused_linear_sparse_kd", backend, dev)
     with autocast_off(dev):
-        loss, ce, kd = op(hidden, weight, labels.long(), teacher, params, bias=bias, workspace_bytes=workspace_bytes)
+        loss, ce, kd = op(
+            hidden, weight, labels.long(), teacher, params, bias=bias, workspace_bytes=workspace_bytes, softcap=softcap
+        )
         return kd_output(loss, ce, kd, labels != ignore_index, domain_ids, d)

@@ -38,7 +38,10 @@ def run(impl: str, case: FusedCase, grad_output: float = 1.0, **opts):  # type: 
     w = case.w.detach().clone().requires_grad_()
     b = None if case.b is None else case.b.detach().clone().requires_grad_()
     v = w.shape[0]
-    teacher = TeacherInputs(logits=case.tl) if case.tl is not None else TeacherInputs(case.th, case.tw[:v])  # type: ignore[index]
+    if case.tl is not None:
+        teacher = TeacherInputs(logits=case.tl)
+    else:
+        teacher = TeacherInputs(case.th, case.tw[:v], bias=case.tb, softcap=case.tcap)  # type: ignore[index]
     cfg = KDConfig(
         temperature=opts.pop("temperature", 1.0),
         divergence=opts.pop("divergence", "forward_kl"),
@@ -53,7 +56,7 @@ def run(impl: str, case: FusedCase, grad_output: float = 1.0, **opts):  # type: 
         plan=None if plan is None else FusedPlan(plan.strategy, plan.token_chunk, min(v, plan.vocab_tile))
     )
     fn = dispatch.resolve("fused_linear_kd", backend, "cpu")
-    loss, ce, kd = fn(h, w, case.labels, teacher, params, student_bias=b, options=options)
+    loss, ce, kd = fn(h, w, case.labels, teacher, params, student_bias=b, options=options, student_softcap=case.scap)
     (loss * grad_output).backward()
     return loss, ce, kd, (h.grad, w.grad, None if b is None else b.grad)
 
@@ -81,6 +84,21 @@ def test_fused_linear_kd_matches_oracle_float64(impl: str, temperature: float, d
     opts = dict(gamma=0.3, temperature=temperature, divergence=divergence, beta=beta, t2_scale=temperature != 1.0)
     ref, ref_grads = naive_loss(case, grad_output=1.7, **opts)
     assert_matches(run(impl, case, grad_output=1.7, **opts), ref, ref_grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCE_CASES)
+@pytest.mark.parametrize("caps", [(8.0, None), (None, 5.0), (8.0, 5.0)])
+def test_fused_linear_kd_softcaps_and_teacher_bias_match_oracle_float64(
+    impl: str, temperature: float, divergence: str, beta: float, caps: tuple[float | None, float | None]
+) -> None:
+    """Final logit softcaps (Gemma2) on either model and a teacher lm_head bias (Phi), inside the
+    tiles: logits of std 15 against caps of 5 and 8 put many entries on the flat part of tanh."""
+    case = make_case(23, 16, 24, 97, 103, seed=7, bias=True).with_caps(*caps, teacher_bias_seed=1)
+    opts = dict(gamma=0.3, temperature=temperature, divergence=divergence, beta=beta)
+    ref, ref_grads = naive_loss(case, grad_output=0.6, **opts)
+    assert_matches(run(impl, case, grad_output=0.6, **opts), ref, ref_grads)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -133,9 +151,14 @@ def test_fused_linear_kd_float32_error_relative(impl: str, divergence: str, beta
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)])
-def test_fused_linear_kd_bfloat16_error_relative(impl: str, divergence: str, beta: float) -> None:
-    """bf16 inputs: token_chunks / recompute keep float32 logits, the naive path rounds them to bf16."""
-    case = make_case(33, 24, 40, 301, 310, seed=9, bias=True).to(torch.bfloat16)
+@pytest.mark.parametrize("caps", [(None, None), (10.0, 7.0)])
+def test_fused_linear_kd_bfloat16_error_relative(
+    impl: str, divergence: str, beta: float, caps: tuple[float | None, float | None]
+) -> None:
+    """bf16 inputs: token_chunks / recompute keep float32 logits, the naive path rounds them to bf16
+    (softcapped too: the naive path applies tanh to bf16 logits, as a bf16 model's forward does)."""
+    case = make_case(33, 24, 40, 301, 310, seed=9, bias=True).with_caps(*caps, teacher_bias_seed=2 if caps[0] else None)
+    case = case.to(torch.bfloat16)
     opts = dict(divergence=divergence, beta=beta, temperature=1.0)
     ref, ref_grads = naive_loss(case.to(torch.float64), **opts)  # oracle of the bf16-rounded inputs
     naive, naive_grads = naive_loss(case, **opts)

@@ -68,7 +68,10 @@ def test_sparse_kd_matches_the_oracle(
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize(("divergence", "beta"), [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
 @pytest.mark.parametrize("workspace", [1, None])  # one token per chunk; one chunk
-def test_fused_linear_sparse_kd_matches_the_oracle(backend: str, divergence: str, beta: float, workspace) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("softcap", [None, 2.5])  # a Gemma2-style student: logits cap * tanh(z / cap)
+def test_fused_linear_sparse_kd_matches_the_oracle(
+    backend: str, divergence: str, beta: float, workspace: int | None, softcap: float | None
+) -> None:
     n, v, h, k = 11, 19, 6, 5
     ids, logp, tail, _ = _teacher(n, v, k, 1.5, seed=3)
     labels = _labels(n, v, 1)
@@ -78,9 +81,20 @@ def test_fused_linear_sparse_kd_matches_the_oracle(backend: str, divergence: str
     ref_in = [x.detach().clone().requires_grad_() for x in (hs, w, b)]
     kw = dict(gamma=0.5, temperature=1.5, divergence=divergence, beta=beta, t2_scale=True, normalizer=9.0)
     fast = fused_linear_sparse_kd_loss(
-        hs, w, ids, logp, labels, student_bias=b, backend=backend, workspace_bytes=workspace, **kw
+        hs,
+        w,
+        ids,
+        logp,
+        labels,
+        student_bias=b,
+        student_softcap=softcap,
+        backend=backend,
+        workspace_bytes=workspace,
+        **kw,
     )
     z = ref_in[0] @ ref_in[1].T + ref_in[2]
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     ref = sparse_kd_loss(z, ids, logp, labels, backend="reference", **kw)  # teacher tail from the logprobs
     torch.testing.assert_close(fast.loss, ref.loss, rtol=1e-10, atol=1e-12)
     for g, gr in zip(_grads(fast, hs, w, b), _grads(ref, *ref_in)):

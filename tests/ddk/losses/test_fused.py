@@ -305,6 +305,27 @@ def _bad_inputs():  # type: ignore[no-untyped-def]
             F + "strategy must be one of ('auto', 'recompute', 'token_chunks', 'gemm'); got 'fast'.",
         ),
         (dict(workspace_bytes=0), ValueError, F + "workspace_bytes must be a positive int or None; got 0."),
+        (
+            dict(student_softcap=0.0),
+            ValueError,
+            F + "student_softcap must be a finite number > 0 (logits c * tanh(z / c)) or None; got 0.0.",
+        ),
+        (
+            dict(teacher_softcap=float("inf")),
+            ValueError,
+            F + "teacher_softcap must be a finite number > 0 (logits c * tanh(z / c)) or None; got inf.",
+        ),
+        (
+            dict(teacher_bias=torch.zeros(v)),
+            ValueError,
+            F + "teacher_bias must be a 1-D tensor of length Vt=9 like the rows of teacher_weight, or None; got (7,).",
+        ),
+        (
+            dict(teacher_hidden=None, teacher_weight=None, teacher_logits=torch.randn(n, v), teacher_softcap=30.0),
+            ValueError,
+            F + "teacher_softcap applies to teacher_hidden + teacher_weight (given teacher_logits are final); "
+            "got teacher_softcap=30.0 with teacher_logits.",
+        ),
         (dict(backend="cuda"), ValueError, F + "backend must be one of ('auto', 'reference', 'chunked'); got 'cuda'."),
         (
             dict(backend="triton"),
