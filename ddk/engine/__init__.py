@@ -11,7 +11,8 @@ evaluation. One module per concern:
 * ``checkpoint``: every stateful part under a fixed key (safetensors + JSON + SHA-256), RNG files;
 * ``loop``, ``runfolder``, ``preempt``, ``parallel``, ``models``: the loop ``ddk distill`` runs;
 * ``evaluate``: per-domain CE of a student and its teacher, checked against the run.
-* ``tracking``: the scalars a run reports (per-domain weights and gaps, CE/KD) to TensorBoard or W&B.
+* ``tracking``: the scalars a run reports (per-domain weights and gaps, CE/KD) to TensorBoard or W&B;
+* ``sizing``: per-GPU memory and FLOPs of a step from model configs alone (no weights).
 """
 
 from ddk.engine.components import VALIDATION_SPLIT_SEED, Components, build_components, load_run_data
