@@ -21,7 +21,7 @@ from torch import nn
 
 from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
-from ddk.engine.config import DistillOptions, RunConfig
+from ddk.engine.config import DistillOptions, RunConfig, data_source
 from ddk.engine.methods import MethodSpec, make_scheduler, method_spec
 from ddk.engine.step import StepLoss
 from ddk.sampling import MixtureSampler
@@ -160,11 +160,12 @@ def open_teacher_cache(
 
 
 def _records(cfg: RunConfig, paths: Any) -> Any:
-    """``load_records`` of ``paths`` with the run's fields, bad-record policy and size cap."""
+    """``load_records`` of ``paths`` (``NAME=FILE`` entries: one domain's file, ``data_source``) with
+    the run's fields, bad-record policy and size cap."""
     from ddk.data import load_records
 
     return load_records(
-        list(paths),
+        [data_source(p) for p in paths],
         text_field=cfg.text_field,
         domain_field=cfg.domain_field,
         on_missing="skip" if cfg.skip_bad_records else "raise",

@@ -45,6 +45,7 @@ __all__ = [
     "check_cache_backend",
     "coerce_field",
     "config_from_dict",
+    "data_source",
 ]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -230,7 +231,7 @@ class RunConfig(DistillOptions):
     top_k: int = 32  # `ddk teacher-cache`: teacher ids (and log-probabilities) stored per position
     student: str = ""  # student folder or hub name (its starting weights)
     tokenizer: str = ""  # tokenizer folder; "" = the student's folder
-    data: tuple[str, ...] = ()  # training records: JSONL/JSON/Parquet/CSV files or save_to_disk folders
+    data: tuple[str, ...] = ()  # training records: JSONL/JSON/Parquet/CSV files, save_to_disk folders, NAME=FILE
     validation_data: tuple[str, ...] = ()  # separate validation records ("" = a per-domain split of data)
     test_data: tuple[str, ...] = ()  # held-out test records: gaps reported at the end, never read by the mixture
     skip_bad_records: bool = False  # drop records without the domain or text field (counted, warned) instead of failing
@@ -354,6 +355,7 @@ class RunConfig(DistillOptions):
                 f"split into micro-batches); got {self.batch_size}."
             )
         self._check_inputs(fn)
+        self._check_sources(fn)
         if self.teacher_cache:
             check_cache_backend(self.backend, fn)
         if self.test_data and not self.teacher:
@@ -400,11 +402,15 @@ class RunConfig(DistillOptions):
             q = Path(os.path.expanduser(p))
             return str(q.resolve()) if p and q.exists() else p
 
+        def local_source(entry: str) -> str:
+            src = data_source(entry)
+            return f"{src[0]}={local(src[1])}" if isinstance(src, tuple) else local(entry)
+
         for k in ("teacher", "student", "tokenizer", "teacher_cache"):
             setattr(self, k, local(getattr(self, k)))
-        self.data = tuple(local(p) for p in self.data)
-        self.validation_data = tuple(local(p) for p in self.validation_data)
-        self.test_data = tuple(local(p) for p in self.test_data)
+        self.data = tuple(local_source(p) for p in self.data)
+        self.validation_data = tuple(local_source(p) for p in self.validation_data)
+        self.test_data = tuple(local_source(p) for p in self.test_data)
         self.data_dir = str(Path(os.path.expanduser(self.data_dir)).absolute())
         if self.out:
             self.out = str(Path(os.path.expanduser(self.out)).absolute())
@@ -416,8 +422,10 @@ class RunConfig(DistillOptions):
             return
         out = Path(self.out).resolve()
         named = {k: getattr(self, k) for k in ("teacher", "student", "tokenizer", "teacher_cache")}
-        named.update({f"data[{i}]": p for i, p in enumerate(self.data)})
-        named.update({f"test_data[{i}]": p for i, p in enumerate(self.test_data)})
+        for key in ("data", "test_data"):
+            for i, entry in enumerate(getattr(self, key)):
+                src = data_source(entry)
+                named[f"{key}[{i}]"] = src[1] if isinstance(src, tuple) else entry
         for key, value in named.items():
             p = Path(os.path.expanduser(value)).resolve() if value else None
             if p is not None and p.exists() and (p == out or out in p.parents or p in out.parents):
@@ -455,6 +463,53 @@ class RunConfig(DistillOptions):
                 f"{fn}: teacher must be given for method {self.method!r} (only cpt trains without one); "
                 f"got none. Pass --teacher PATH (or --teacher-cache DIR)."
             )
+
+    def _check_sources(self, fn: str) -> None:
+        """``NAME=FILE`` entries of the record options name a domain and a file; with a teacher cache
+        (which holds the sequences, the validation sets and the teacher's CE) no record option is set."""
+        for key in ("data", "validation_data", "test_data"):
+            for entry in getattr(self, key):
+                src = data_source(entry)
+                if isinstance(src, tuple) and not (src[0] and src[1]):
+                    raise ValueError(
+                        f"{fn}: {key} entries of the form NAME=FILE must name a domain and a file; got {entry!r}."
+                    )
+        if not self.teacher_cache:
+            return
+        defaults = RunConfig()
+        unused = [
+            k
+            for k in ("validation_data", "text_field", "domain_field", "skip_bad_records", "max_record_mb")
+            if getattr(self, k) != getattr(defaults, k)
+        ]
+        if unused:
+            flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+            raise ValueError(
+                f"{fn}: {unused[0]} must be left out with teacher_cache (the cache holds the sequences and the "
+                f"validation sets it was built from; no record is read); got {unused[0]}="
+                f"{_shown(getattr(self, unused[0]))}. Drop {flags}, or pass them to `ddk teacher-cache`."
+            )
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def data_source(entry: str) -> str | tuple[str, str]:
+    """A ``data``, ``validation_data`` or ``test_data`` entry as ``ddk.data.load_records`` takes it:
+    ``"NAME=FILE"`` is ``(NAME, FILE)``, every record of FILE in domain NAME (whatever its domain
+    field); a path is itself, and so is an existing path holding ``=`` or an entry whose part
+    before the first ``=`` holds a path separator (``data/lang=en/part.parquet``).
+
+    Examples:
+        >>> data_source("code=data/code.jsonl"), data_source("data/all.jsonl")
+        (('code', 'data/code.jsonl'), 'data/all.jsonl')
+    """
+    if "=" in entry and not Path(os.path.expanduser(entry)).exists():
+        name, path = entry.split("=", 1)
+        if "/" not in name and "\\" not in name:
+            return name, path
+    return entry
 
 
 def check_cache_backend(backend: str, fn: str) -> None:
