@@ -23,6 +23,7 @@ from ddk.controller import DDKController
 from ddk.discrepancy import DiscrepancyEstimator
 from ddk.engine.config import DistillOptions, RunConfig, data_source
 from ddk.engine.methods import MethodSpec, make_scheduler, method_spec
+from ddk.engine.progress import show_bars
 from ddk.engine.step import StepLoss
 from ddk.sampling import MixtureSampler
 
@@ -169,7 +170,7 @@ def _records(cfg: RunConfig, paths: Any) -> Any:
         text_field=cfg.text_field,
         domain_field=cfg.domain_field,
         on_missing="skip" if cfg.skip_bad_records else "raise",
-        progress=cfg.progress,
+        progress=show_bars(cfg.progress),
         max_record_bytes=cfg.max_record_bytes,
     )
 
@@ -186,7 +187,7 @@ def _pack(cfg: RunConfig, tokenizer: Any, records: Any, validation: Any) -> Any:
         validation=validation,
         seed=VALIDATION_SPLIT_SEED,
         cache_dir=cfg.data_path / "packed",
-        progress=cfg.progress,
+        progress=show_bars(cfg.progress),
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ddk.engine.components import Components
+from ddk.engine.progress import show_bars
 from ddk.engine.runfolder import atomic_json, check_student_of, read_run_config
 
 __all__ = ["discrepancy_report", "evaluate_run"]
@@ -106,7 +107,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, fn: str = "evaluate") -> di
         eval_batch_size=cfg.eval_batch_size,
         device=device,
         autocast=autocast_dtype(cfg, device),
-        progress=cfg.progress,
+        progress=show_bars(cfg.progress),
     )
     if teacher is None and getattr(data, "teacher_ce", None) is None:
         # no teacher (cpt): the reference the run logged, its student's CE at the start

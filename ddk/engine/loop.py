@@ -39,9 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from ddk._io import disk_full_message, fsync_file, is_disk_full, open_nofollow
+from ddk._io import disk_full_message, fsync_file, is_disk_full, open_nofollow, printable
 from ddk.distributed import (
     broadcast_object,
     check_same_across_ranks,
@@ -61,6 +60,7 @@ from ddk.engine.methods import method_spec
 from ddk.engine.models import autocast_dtype, load_models, save_student, teacher_identity
 from ddk.engine.parallel import device_for, full_student_state, global_sums, parallelize, train_state
 from ddk.engine.preempt import Preempted, StopSignals, set_stage, stop_signals
+from ddk.engine.progress import TrainLog, show_bars
 from ddk.engine.resume import check_resume_state, extension_refusal, restore_state
 from ddk.engine.runfolder import (
     atomic_json,
@@ -284,6 +284,10 @@ class _Run:
             self.parts.ensure_teacher_ce(self.teacher, self.step_mod)  # a resume reads it from the checkpoint
             self.controller.start(self.step_mod)
             seed_everything(cfg.seed)  # dropout and anything random in the step: a pure function of the seed
+            log(
+                f"distill: {cfg.method} on {len(self.names)} domains, {self.steps} steps of {cfg.batch_size} x "
+                f"{cfg.sequence_length} tokens, into {out}"
+            )
             return 0
         start = self._load_checkpoint(path)
         if self.rank == 0:
@@ -373,6 +377,7 @@ class _Run:
                 "nonfinite": self.guard.state_dict(),
             }
             ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
+            log(f"distill: step {step}/{self.steps}: saved checkpoint-{step}")  # a status line, bars or none
 
     def _sync_logs(self) -> None:
         """``fsync`` of ``metrics.jsonl`` and ``controller.jsonl`` (rank 0, at each checkpoint)."""
@@ -411,12 +416,9 @@ class _Run:
         collate = TeacherCacheCollator() if isinstance(self.data, TeacherCache) else DomainCollator()
         debug = cfg.debug_checks or os.environ.get("DDK_DEBUG", "") not in ("", "0")
         self.student.train()
-        bar = tqdm(
-            range(start_step + 1, steps + 1),
-            desc=f"distill {cfg.method}",
-            initial=start_step,
-            total=steps,
-            disable=not cfg.progress or self.rank != 0,
+        self._last_log = (start_step, time.perf_counter())
+        report = TrainLog(  # a bar on a terminal, else a plain line per logging step (rank 0)
+            f"distill {cfg.method}", start_step, steps, self.names, bars=show_bars(cfg.progress), enabled=self.rank == 0
         )
         with (
             open_nofollow(self.metrics_path, "a", fn="distill") if self.rank == 0 else open(os.devnull, "w") as mf,
@@ -425,18 +427,15 @@ class _Run:
             self._tracking(start_step),
         ):
             self._metrics_file = mf if self.rank == 0 else None
-            for step in bar:
+            for step in range(start_step + 1, steps + 1):
                 lo, finite = self.train_step(step, collate)
                 n_rec = len(self.controller.records)
                 self.controller.step_end(step, self.step_mod)
                 rec = _metrics(self, step, lo, finite, n_rec)
-                self._track(step, rec, n_rec)
+                tokens_per_s = self._throughput(step) if rec is not None else None
+                self._track(step, rec, n_rec, tokens_per_s)
+                report.step(step, rec, tokens_per_s)
                 if rec is not None:
-                    if "ratio" in rec:
-                        bar.set_postfix(
-                            loss="skipped" if rec["loss"] is None else f"{rec['loss']:.3f}",
-                            gap=f"{np.mean(np.log(rec['ratio'])):.3f}",
-                        )
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
                 if debug and (step % cfg.interval == 0 or step == steps):
@@ -453,7 +452,7 @@ class _Run:
                 if signum:
                     if not saved:
                         self.save(step)
-                    bar.close()
+                    report.close()
                     name = stop.signame or f"signal {signum}"
                     log(
                         f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
@@ -462,12 +461,11 @@ class _Run:
                     stop.handled = True
                     raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
             self._metrics_file = None
-        bar.close()
+        report.close()
 
     @contextlib.contextmanager
     def _tracking(self, start_step: int) -> Iterator[None]:
         """``report_to``'s tracker (rank 0) while training, closed however it ends; a fresh start reports Eq. 1."""
-        self._last_log = (start_step, time.perf_counter())
         if self.rank != 0 or self.cfg.report_to == "none":
             yield
             return
@@ -481,7 +479,14 @@ class _Run:
             self.tracker.close()
             self.tracker = NullTracker()
 
-    def _track(self, step: int, rec: dict[str, Any] | None, n_rec: int) -> None:
+    def _throughput(self, step: int) -> float:
+        """Tokens per second (all ranks) since the previous logging step; ``step`` becomes that step."""
+        last_step, last_time = self._last_log
+        now = time.perf_counter()
+        self._last_log = (step, now)
+        return (step - last_step) * self.cfg.batch_size * self.cfg.sequence_length / max(now - last_time, 1e-9)
+
+    def _track(self, step: int, rec: dict[str, Any] | None, n_rec: int, tokens_per_s: float | None) -> None:
         """The step's scalars to the tracker: the controller's new records, the logging step's terms and throughput."""
         if isinstance(self.tracker, NullTracker):
             return
@@ -489,11 +494,7 @@ class _Run:
         for r in self.controller.records[n_rec:]:
             scalars.update(interval_scalars(r))
         if rec is not None:
-            last_step, last_time = self._last_log
-            now = time.perf_counter()
-            tokens = (step - last_step) * self.cfg.batch_size * self.cfg.sequence_length
-            scalars.update(step_scalars(rec, self.names, tokens / max(now - last_time, 1e-9)))
-            self._last_log = (step, now)
+            scalars.update(step_scalars(rec, self.names, tokens_per_s))
         if scalars:
             self.tracker.log_scalars(scalars, step)
 
@@ -553,6 +554,11 @@ class _Run:
         set_stage("writing summary.json")
         if self.rank == 0:
             atomic_json(out / "summary.json", summary)
+        worst = int(np.argmax(final["gap"]))
+        log(
+            f"distill: done: {self.steps} steps in {summary['wall_seconds']:.0f} s; validation gap mean "
+            f"{final['mean_gap']:.4f}, worst {final['worst_gap']:.4f} ({printable(self.names[worst])}); student in {out / 'student'}"
+        )
         return summary
 
 

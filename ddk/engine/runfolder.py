@@ -85,9 +85,13 @@ def config_digest(cfg: RunConfig | dict[str, Any]) -> str:
 
 
 def log(msg: str) -> None:
-    """Print to stderr from rank 0 only."""
+    """A status line to stderr from rank 0 only, printed above any progress bar (``tqdm.write``):
+    never silenced by ``progress=False``."""
     if rank_world()[0] == 0:
-        print(msg, file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+        sys.stderr.flush()
 
 
 def atomic_json(path: Path, obj: Any) -> None:

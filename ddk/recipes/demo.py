@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ddk._io import atomic_write_text, file_sha256, folder_lock, read_json
 from ddk.distributed import broadcast_object, init_from_env, rank_world, rank_zero_first
+from ddk.engine.progress import show_bars
 from ddk.engine.runfolder import log, run_folder_lock
 from ddk.engine.step import make_optimizer
 from ddk.losses import causal_lm_kd_loss
@@ -90,7 +91,7 @@ def demo_corpus(cfg: RecipeConfig) -> tuple[Path, list[str], Path]:
     )
     cdir = root / "corpus" / ccfg.key()
     with folder_lock(cdir, "demo_corpus", "data_dir", wait=True):  # one writer; another demo waits, then reuses
-        man = build_corpus(cdir, ccfg, progress=cfg.progress)
+        man = build_corpus(cdir, ccfg, progress=show_bars(cfg.progress))
         names = sorted(man["domains"])
         tdir = cdir / f"tokenizer-v{cfg.vocab_size}-{man['digest']}"  # keyed by the corpus files' digests
         if not (tdir / "tokenizer.json").is_file():
@@ -169,8 +170,7 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
     folder = cfg.data_path / "teachers" / cfg.hash_of(_TEACHER_KEYS, extra=[packed.key, tokenizer_hash(tokenizer)])
     meta = _cached_model(folder, "teacher")
     if meta is not None:
-        if cfg.progress:
-            log(f"teacher: cached at {folder} (trained in {float(meta.get('train_seconds') or 0):.0f} s)")
+        log(f"teacher: cached at {folder} (trained in {float(meta.get('train_seconds') or 0):.0f} s)")
         return folder
     teacher, losses, seconds = _pretrain_teacher(cfg, packed, tokenizer, folder.with_name(folder.name + ".training"))
     meta = {
@@ -183,8 +183,7 @@ def demo_teacher(cfg: RecipeConfig, packed: Any, tokenizer: Any) -> Path:
     }
     _save_model(teacher.eval(), tokenizer, folder, meta)
     shutil.rmtree(folder.with_name(folder.name + ".training"), ignore_errors=True)
-    if cfg.progress:
-        log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {folder}")
+    log(f"teacher: trained in {meta['train_seconds']:.0f} s, saved to {folder}")
     return folder
 
 
@@ -260,7 +259,7 @@ def _pretrain(
 
     t0 = time.perf_counter() - seconds
     model.train()
-    bar = tqdm(range(start + 1, steps + 1), desc=what, initial=start, total=steps, disable=not cfg.progress)
+    bar = tqdm(range(start + 1, steps + 1), desc=what, initial=start, total=steps, disable=not show_bars(cfg.progress))
     with StopSignals(what) as stop:
         for step in bar:
             batch = collate([data[int(i)] for i in sampler.next_global_batch()])
@@ -357,9 +356,8 @@ def demo_student(cfg: RecipeConfig, tokenizer: Any, packed: Any = None) -> Path:
             train_seconds=seconds,
             validation_ce=_validation_ce(student, packed, cfg.eval_batch_size),
         )
-        if cfg.progress:
-            ce = ", ".join(f"{n} {c:.2f}" for n, c in meta["validation_ce"].items())
-            log(f"student: pretrained ({cfg.student_start} mixture) in {seconds:.0f} s; validation CE: {ce}")
+        ce = ", ".join(f"{n} {c:.2f}" for n, c in meta["validation_ce"].items())
+        log(f"student: pretrained ({cfg.student_start} mixture) in {seconds:.0f} s; validation CE: {ce}")
     _save_model(student.eval(), tokenizer, folder, meta)
     if pretrained:
         shutil.rmtree(folder.with_name(folder.name + ".training"), ignore_errors=True)
@@ -396,15 +394,16 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
         tokenizer = load_tokenizer(tdir)
         train = tuple(str(cdir / n / "train.jsonl") for n in names)
         validation = tuple(str(cdir / n / "validation.jsonl") for n in names)
-        records = load_records(list(train), progress=cfg.progress)
+        bars = show_bars(cfg.progress)
+        records = load_records(list(train), progress=bars)
         packed = pack_domains(
             records,
             tokenizer,
             seq_len=cfg.sequence_length,
             val_samples=cfg.val_samples,
-            validation=load_records(list(validation), progress=cfg.progress),
+            validation=load_records(list(validation), progress=bars),
             cache_dir=cfg.data_path / "packed",
-            progress=cfg.progress,
+            progress=bars,
         )
         with folder_lock(cfg.data_path / "teachers", "demo_config", "data_dir", wait=True):  # one trainer per cache
             teacher = demo_teacher(cfg, packed, tokenizer)

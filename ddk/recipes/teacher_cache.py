@@ -44,11 +44,14 @@ def _teacher_cache(cfg: RecipeConfig, fn: str) -> Any:
     from ddk.engine.models import autocast_dtype, check_positions, load_pretrained, load_tokenizer, teacher_tokenizer_of
     from ddk.engine.parallel import device_for
     from ddk.engine.preempt import set_stage
+    from ddk.engine.progress import show_bars
     from ddk.engine.runfolder import log
 
     created = init_from_env(cfg.process_group_backend)
     try:
         device = device_for(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         tok_flag = "--tokenizer" if cfg.tokenizer else "--teacher"
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.teacher, fn=fn, flag=tok_flag)  # with the EOS check
         amp = autocast_dtype(cfg, device)
@@ -76,7 +79,7 @@ def _teacher_cache(cfg: RecipeConfig, fn: str) -> Any:
             batch_size=cfg.eval_batch_size,
             device=device,
             autocast=amp,
-            progress=cfg.progress,
+            progress=show_bars(cfg.progress),
         )
         if rank_world()[0] == 0:
             tokens = sum(cache.manifest["tokens"]["train"]) + sum(cache.manifest["tokens"]["validation"])
