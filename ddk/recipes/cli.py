@@ -68,7 +68,29 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 def _recipe_config(args: argparse.Namespace, base: tuple[str, ...] = ()) -> RecipeConfig:
     from ddk.recipes.config import config_from_args
 
-    return config_from_args(args, base)
+    cfg = config_from_args(args, base, command=args.command)
+    _third_party_bars(cfg.progress)
+    return cfg
+
+
+def _third_party_bars(progress: bool) -> None:
+    """No tqdm bars of transformers and huggingface_hub (loading and writing weights) where ddk
+    draws none (``ddk.engine.progress.show_bars``): a log file gets no ``\\r`` lines."""
+    import os
+
+    from ddk.engine.progress import show_bars
+
+    if show_bars(progress):
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
@@ -82,7 +104,13 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     try:
         cfg = demo_config(cfg)
         if rank_world()[0] == 0:
+            import shlex
+
             print(f"teacher: {cfg.teacher}\nstudent: {cfg.student}\ntokenizer: {cfg.tokenizer}")
+            command = ["ddk", "distill", "--teacher", cfg.teacher, "--student", cfg.student, "--tokenizer"]
+            command += [cfg.tokenizer, "--data", *cfg.data, "--validation-data", *cfg.validation_data]
+            command += (["--test-data", *cfg.test_data] if cfg.test_data else []) + ["--seq-len", str(cfg.seq_len)]
+            print(f"distill them: {shlex.join(command)}")
     finally:
         if created:
             dist.destroy_process_group()
@@ -133,12 +161,16 @@ def _cmd_demo_real(args: argparse.Namespace) -> int:
     return 0
 
 
-_DISTRIBUTED_HELP = """
+_OWN_MODELS_HELP = """
 
 Your own models: `ddk distill --teacher T --student S --data my.jsonl --out run` distills the saved
-causal LM T into S on records with a domain and a text field (--domain-field, --text-field) and
-writes run/student (save_pretrained + tokenizer). Without --student and --data it runs the bundled
-demo (corpus, tokenizer, teacher and student built and cached under --data-dir).
+causal LM T into S on records with a domain and a text field (--domain-field, --text-field), or on
+one file per domain (`--data code=code.jsonl prose=prose.parquet`), and writes run/student
+(save_pretrained + tokenizer). Without --student it runs the bundled demo at its default sizes
+(`ddk teacher` and `ddk demo-real` take the demo's options). Without a terminal on stderr (a log
+file), and with --no-progress, it prints a plain line every --log-every steps instead of a bar."""
+
+_DISTRIBUTED_HELP = """
 
 Many processes: `torchrun --nproc_per_node=R -m ddk.recipes.cli distill ...` trains with DDP (gloo on the
 CPU, NCCL with one GPU per rank on CUDA; --dist-backend), or with --fsdp shards the student with
@@ -152,6 +184,16 @@ one (a torn or corrupted one is passed over with a warning); --no-resume moves t
 into replaced-<time>/. One `ddk distill` per --out at a time (an advisory lock).
 Preemption: SIGTERM or SIGINT (Ctrl-C) finish the current step, write a checkpoint and exit with
 status 75; rerun the same command to resume (a second signal stops at once)."""
+
+
+_USAGE = {
+    "distill": "ddk distill --teacher T --student S --data FILE|NAME=FILE [...] [--out RUN] [options]\n"
+    "       ddk distill --student S --teacher-cache DIR [--out RUN] [options]\n"
+    "       ddk distill [options]  (no --student: the bundled demo)",
+    "teacher-cache": "ddk teacher-cache --teacher T --data FILE|NAME=FILE [...] --out DIR [--top-k K] [options]",
+    "teacher": "ddk teacher [options]",
+    "demo-real": "ddk demo-real [options]",
+}
 
 
 def _cuda() -> bool:
@@ -224,10 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=text,
-            description=text + (_DISTRIBUTED_HELP if name != "teacher" else ""),
+            usage=_USAGE[name],
+            description=text
+            + (_OWN_MODELS_HELP if name == "distill" else "")
+            + (_DISTRIBUTED_HELP if name != "teacher" else ""),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_config_arguments(p)
+        add_config_arguments(p, command=name)  # its options in groups; another command's flag names that command
         p.set_defaults(func=func)
     ev = sub.add_parser("evaluate", help="per-domain validation CE of a run's student and its teacher")
     ev.add_argument("run", help="a distill run folder")

@@ -1,8 +1,9 @@
 """Configuration of the recipes: the engine's ``RunConfig`` plus the demo's options, YAML files, CLI flags.
 
 Precedence: dataclass defaults < YAML file(s) (``--config``, later files win) < command-line
-flags. Every field is a flag (``--teacher-hidden 256``); an unknown YAML key is an error that
-lists the valid ones.
+flags. Every field is a flag of the commands that use it (``ddk.recipes.options``: ``ddk distill
+--help`` shows your models' options, ``ddk demo-real --help`` the demo's); an unknown YAML key is
+an error that lists the valid ones.
 """
 
 from __future__ import annotations
@@ -242,9 +243,11 @@ _HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay (not on norms and biases)",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
     "seed": "seed of the run: the sampler's data order",
-    "log_every": "write a metrics.jsonl record every this many steps",
+    "log_every": "write a metrics.jsonl record every this many steps, and without a progress bar print a plain "
+    "line (step, loss, CE, KD, tokens/s; at interval ends the gaps and weights)",
     "threads": "torch threads (0: torch's default)",
-    "progress": "progress bars",
+    "progress": "progress bars when stderr is a terminal; elsewhere (a log file, a pipe) and with --no-progress, a "
+    "plain line every --log-every steps. Status lines (start, resume, checkpoints, the end) print either way",
     "checkpoint_every": "write checkpoint-<step>/ (safetensors + JSON + SHA-256 manifest) every this many steps (and "
     "at the last step, and on SIGTERM/SIGINT)",
     "keep_checkpoints": "keep only the newest k checkpoint-<step>/ folders; --resume loads the newest valid one",
@@ -268,10 +271,12 @@ _HELP: dict[str, str] = {
     "student": "the student to distill into: a save_pretrained folder (its starting weights) or a hub name",
     "tokenizer": "tokenizer folder (default: the student's folder); teacher and student must share it",
     "data": "training records with a domain and a text field: .jsonl/.json/.parquet/.csv files or "
-    "datasets.save_to_disk folders (a hub dataset name passes to datasets.load_dataset)",
-    "validation_data": "separate validation records (default: a stable per-domain split of --data)",
-    "test_data": "held-out test records with the same domains: the per-domain gaps on them are reported at the end "
-    "(summary.json 'test'), and no method reads them",
+    "datasets.save_to_disk folders (a hub dataset name passes to datasets.load_dataset); NAME=FILE: one domain's "
+    "file, every record of FILE in domain NAME (no domain field needed); both forms mix",
+    "validation_data": "separate validation records, FILE or NAME=FILE as --data (default: a stable per-domain split "
+    "of --data)",
+    "test_data": "held-out test records with the same domains, FILE or NAME=FILE as --data: the per-domain gaps on "
+    "them are reported at the end (summary.json 'test'), and no method reads them",
     "skip_bad_records": "drop records without the domain or text field (warned and counted) instead of failing",
     "max_record_mb": "largest record read, in MiB (a JSONL or CSV line, a Parquet row's strings): a larger one is a "
     "bad record named by file and line (dropped with --skip-bad-records); it bounds the memory of reading the data",
@@ -285,8 +290,79 @@ _HELP: dict[str, str] = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per config field (defaults suppressed: unset = not given)."""
+class _Elsewhere(argparse.Action):
+    """The flag of an option another command takes: an error naming the commands it belongs to."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, command: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.command = command
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from ddk.recipes.options import misplaced_flag
+
+        parser.error(misplaced_flag(self.dest, self.command))
+
+
+def _add_flag(parser: Any, name: str, help_text: str | None) -> None:
+    """The flag of field ``name`` on ``parser`` (a parser or an argument group), default suppressed."""
+    f = _FIELDS[name]
+    flag = "--" + name.replace("_", "-")
+    hint = _HINTS[name]
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        assert f.default_factory is not dataclasses.MISSING  # every RecipeConfig field has a default
+        default = f.default_factory()
+    text = help_text or _HELP.get(name) or f.metadata.get("help")
+    help_ = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
+    if hint is bool:
+        parser.add_argument(
+            flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+        )
+    elif typing.get_origin(hint) is tuple:
+        metavar = "FILE|NAME=FILE" if name in ("data", "validation_data", "test_data") else None
+        parser.add_argument(  # repeatable: `--data a=a.jsonl --data b=b.jsonl` is `--data a=a.jsonl b=b.jsonl`
+            flag, dest=name, nargs="+", action="extend", default=argparse.SUPPRESS, metavar=metavar, help=help_
+        )
+    elif typing.get_origin(hint) is dict:
+        parser.add_argument(
+            flag.rstrip("s"),
+            dest=name,
+            nargs="+",
+            action=_KeyValue,
+            default=argparse.SUPPRESS,
+            metavar="NAME=DIR",
+            help="extra domain from a folder of files (repeatable)",
+        )
+    elif "choices" in f.metadata:  # the shared DistillOptions (method, divergence, loss, ddk_init)
+        parser.add_argument(flag, dest=name, choices=f.metadata["choices"], default=argparse.SUPPRESS, help=help_)
+    elif name == "student_start":
+        parser.add_argument(flag, dest=name, choices=STUDENT_STARTS, default=argparse.SUPPRESS, help=help_)
+    elif name == "device":
+        parser.add_argument(flag, dest=name, choices=DEVICES, default=argparse.SUPPRESS, help=help_)
+    elif name == "dtype":
+        parser.add_argument(flag, dest=name, choices=DTYPES, default=argparse.SUPPRESS, help=help_)
+    elif name == "on_nonfinite":
+        parser.add_argument(flag, dest=name, choices=NONFINITE_POLICIES, default=argparse.SUPPRESS, help=help_)
+    else:
+        kind = int if name == "seq_len" else hint  # the one optional field: an int on the command line
+        parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=help_)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """Add ``--config`` and one flag per config field (defaults suppressed: unset = not given).
+
+    With ``command`` (``"distill"``, ``"teacher-cache"``, ``"teacher"``, ``"demo-real"``) only the
+    options that command uses, in the argument groups of ``ddk.recipes.options.COMMANDS``; the flag
+    of any other option is an error naming the commands that take it. Without, every field (for
+    scripts such as ``bench/e2e/run.py`` that build every kind of run).
+    """
     parser.add_argument(
         "--config",
         action="append",
@@ -294,48 +370,48 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="YAML",
         help="YAML config file or preset name (repeatable; later files win; flags win over files)",
     )
-    for name, f in _FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        hint = _HINTS[name]
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        else:
-            assert f.default_factory is not dataclasses.MISSING  # every RecipeConfig field has a default
-            default = f.default_factory()
-        text = _HELP.get(name) or f.metadata.get("help")
-        help_ = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
-        if hint is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
-            )
-        elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, dest=name, nargs="+", default=argparse.SUPPRESS, help=help_)
-        elif typing.get_origin(hint) is dict:
-            parser.add_argument(
-                flag.rstrip("s"),
-                dest=name,
-                nargs="+",
-                action=_KeyValue,
-                default=argparse.SUPPRESS,
-                metavar="NAME=DIR",
-                help="extra domain from a folder of files (repeatable)",
-            )
-        elif "choices" in f.metadata:  # the shared DistillOptions (method, divergence, loss, ddk_init)
-            parser.add_argument(flag, dest=name, choices=f.metadata["choices"], default=argparse.SUPPRESS, help=help_)
-        elif name == "student_start":
-            parser.add_argument(flag, dest=name, choices=STUDENT_STARTS, default=argparse.SUPPRESS, help=help_)
-        elif name == "device":
-            parser.add_argument(flag, dest=name, choices=DEVICES, default=argparse.SUPPRESS, help=help_)
-        elif name == "dtype":
-            parser.add_argument(flag, dest=name, choices=DTYPES, default=argparse.SUPPRESS, help=help_)
-        elif name == "on_nonfinite":
-            parser.add_argument(flag, dest=name, choices=NONFINITE_POLICIES, default=argparse.SUPPRESS, help=help_)
-        else:
-            kind = int if name == "seq_len" else hint  # the one optional field: an int on the command line
-            parser.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=help_)
+    if command is None:
+        for name in _FIELDS:
+            _add_flag(parser, name, None)
+        return
+    from ddk.recipes.options import COMMAND_HELP, COMMANDS, command_fields
+
+    for title, names in COMMANDS[command]:
+        group = parser.add_argument_group(title)
+        for name in names:
+            _add_flag(group, name, COMMAND_HELP.get((command, name)))
+    taken = set(command_fields(command))
+    for name in _FIELDS:
+        if name not in taken:
+            flag = "--" + name.replace("_", "-")
+            flags = [flag.rstrip("s")] if typing.get_origin(_HINTS[name]) is dict else [flag]
+            if _HINTS[name] is bool:
+                flags.append("--no-" + flag[2:])
+            parser.add_argument(*flags, dest=name, action=_Elsewhere, command=command)
 
 
-def config_from_args(args: argparse.Namespace, base: typing.Sequence[str] = ()) -> RecipeConfig:
-    """``RecipeConfig`` from parsed flags: defaults < ``base`` presets < ``--config`` files < flags."""
+def config_from_args(
+    args: argparse.Namespace, base: typing.Sequence[str] = (), command: str | None = None
+) -> RecipeConfig:
+    """``RecipeConfig`` from parsed flags: defaults < ``base`` presets < ``--config`` files < flags.
+
+    With ``command``, a config file's option of the other side (``ddk.recipes.options``) set to
+    anything but its default is an error naming it, and so is a method option the command's
+    methods have no use for.
+    """
     overrides = {k: v for k, v in vars(args).items() if k in _FIELDS}
-    return make_config([*base, *args.config], **overrides)
+    if command is None:
+        return make_config([*base, *args.config], **overrides)
+    from ddk.recipes.options import check_file_values, check_method_options
+
+    values: dict[str, Any] = {}
+    for f in [*base, *args.config]:
+        read = load_yaml(f)
+        check_file_values(command, read, f"the config file {str(f)!r}")
+        values.update(read)
+    cfg = make_config(**{**values, **overrides})
+    if command in ("distill", "demo-real"):
+        from ddk.recipes.demo import DEMO_METHODS
+
+        check_method_options(cfg, DEMO_METHODS if command == "demo-real" else (cfg.method,), command)
+    return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -44,11 +45,13 @@ def test_recipe_flags_on_nonfinite_and_skip_bad_lines() -> None:
     from ddk.recipes.cli import build_parser
     from ddk.recipes.config import config_from_args
 
-    args = build_parser().parse_args(["distill", "--on-nonfinite", "skip", "--skip-bad-lines"])
+    args = build_parser().parse_args(["demo-real", "--on-nonfinite", "skip", "--skip-bad-lines"])
     cfg = config_from_args(args)
     assert cfg.on_nonfinite == "skip" and cfg.skip_bad_lines is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill", "--on-nonfinite", "ignore"])
+    with pytest.raises(SystemExit):  # the demo corpus's option: not one of ddk distill's
+        build_parser().parse_args(["distill", "--skip-bad-lines"])
 
 
 @needs_hf
@@ -205,3 +208,108 @@ def test_cli_warnings_are_one_line_without_source_and_seq_len_fails_before_packi
         in lines[1]
     )
     assert not (tmp_path / "cache" / "packed").exists()
+
+
+@needs_hf
+def test_cli_distill_one_file_per_domain_jsonl_and_parquet_mixed_with_a_labelled_file(tmp_path: Path) -> None:
+    """``--data NAME=FILE``: every record of FILE in domain NAME (no domain field in it); a plain
+    file's records carry theirs. The same for --validation-data and --test-data; JSONL and Parquet."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from recipe_cases import own_models
+
+    from ddk.recipes.cli import main
+
+    teacher, student, corpus = own_models(tmp_path)
+    recs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    texts = {d: [{"text": r["text"]} for r in recs if r["domain"] == d] for d in ("code", "prose", "math")}
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts["code"]))
+    pq.write_table(pa.Table.from_pylist(texts["prose"]), tmp_path / "prose.parquet")
+    labelled = tmp_path / "math.jsonl"  # a plain file: its records name their domain
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in recs if r["domain"] == "math"))
+    for d in ("code", "prose"):
+        (tmp_path / f"{d}-test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts[d][:6]))
+    data = [f"code={tmp_path / 'code.jsonl'}", f"prose={tmp_path / 'prose.parquet'}", str(labelled)]
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", *data, "--out", str(out)]
+    argv += ["--test-data", f"code={tmp_path / 'code-test.jsonl'}", f"prose={tmp_path / 'prose-test.jsonl'}"]
+    argv += ["--test-data", str(labelled)]
+    argv += ["--seq-len", "16", "--val-samples", "4", "--eval-batch-size", "4", "--steps", "2", "--batch-size", "4"]
+    argv += ["--interval", "2", "--data-dir", str(tmp_path / "cache"), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["domains"] == ["code", "math", "prose"] and len(summary["test"]["gap"]) == 3
+    assert json.loads((out / "config.json").read_text())["data"] == data  # absolute, as given
+
+
+@needs_hf
+def test_cli_distill_log_file_gets_plain_lines_and_status_lines_without_bars(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """stderr to a file: no ``\\r`` (no tqdm bar of ddk or transformers), one plain line at each
+    logging step (--log-every 2, the interval ends 3 and 6, the last step) and the status lines; a
+    rerun with --no-progress still says where it resumed."""
+    from recipe_cases import own_models
+
+    from ddk.recipes.cli import main
+
+    teacher, student, corpus = own_models(tmp_path)
+    out = tmp_path / "run"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(corpus), "--out", str(out)]
+    argv += ["--seq-len", "16", "--val-samples", "4", "--eval-batch-size", "4", "--steps", "6", "--batch-size", "4"]
+    argv += ["--interval", "3", "--log-every", "2", "--checkpoint-every", "3", "--data-dir", str(tmp_path / "cache")]
+    argv += ["--device", "cpu", "--threads", "1"]
+    log = tmp_path / "run.log"
+    with log.open("w") as f:
+        res = subprocess.run(
+            [sys.executable, "-m", "ddk.recipes.cli", *argv], env=_env(), stdout=subprocess.PIPE, stderr=f
+        )
+    text = log.read_text()
+    assert res.returncode == 0, text[-3000:]
+    assert "\r" not in text and "it/s" not in text
+    lines = text.splitlines()
+    steps = [int(x.split()[3].split("/")[0]) for x in lines if x.startswith("distill ddk: step ")]
+    assert steps == [2, 3, 4, 6]
+    plain = r"distill ddk: step \d/6  loss [\d.]+  ce [\d.]+  kd [\d.]+  lr \S+  [\d,]+ tok/s(  gap .*)?"
+    assert all(re.fullmatch(plain, x) for x in lines if x.startswith("distill ddk: step ")), lines
+    at_interval = [x for x in lines if x.startswith(("distill ddk: step 3/6", "distill ddk: step 6/6"))]
+    assert len(at_interval) == 2 and all(" gap " in x and " weights code " in x for x in at_interval)
+    assert f"distill: ddk on 3 domains, 6 steps of 4 x 16 tokens, into {out}" in lines
+    assert "distill: step 3/6: saved checkpoint-3" in lines and "distill: step 6/6: saved checkpoint-6" in lines
+    assert any(x.startswith("distill: done: 6 steps in ") for x in lines)
+    capsys.readouterr()
+    assert main([*argv, "--no-progress"]) == 0  # the finished run resumes at its last checkpoint
+    err = capsys.readouterr().err
+    assert f"distill: resumed {out} at step 6" in err and "\r" not in err
+
+
+def test_cli_teacher_prints_the_distill_command_of_the_demo_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ddk teacher`` (the demo's options) ends with the ``ddk distill`` command that distills its
+    teacher into its student on its corpus: ddk distill itself takes none of the demo's options."""
+    import dataclasses
+    import shlex
+
+    import ddk.recipes.demo as demo
+    from ddk.recipes.cli import build_parser, main
+    from ddk.recipes.config import config_from_args
+
+    def built(cfg):  # type: ignore[no-untyped-def]
+        folder = tmp_path / "demo dir"
+        return dataclasses.replace(
+            cfg,
+            teacher=str(folder / "teacher"),
+            student=str(folder / "student"),
+            tokenizer=str(folder / "tok"),
+            data=(str(folder / "a" / "train.jsonl"), str(folder / "b" / "train.jsonl")),
+            validation_data=(str(folder / "a" / "validation.jsonl"),),
+        )
+
+    monkeypatch.setattr(demo, "demo_config", built)
+    assert main(["teacher", "--teacher-hidden", "64", "--seq-len", "32"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("distill them: ")][0]
+    argv = shlex.split(line.removeprefix("distill them: "))
+    assert argv[:2] == ["ddk", "distill"]
+    cfg = config_from_args(build_parser().parse_args(argv[1:]), command="distill")
+    want = built(config_from_args(build_parser().parse_args(["teacher", "--seq-len", "32"]), command="teacher"))
+    for k in ("teacher", "student", "tokenizer", "data", "validation_data", "seq_len"):
+        assert getattr(cfg, k) == getattr(want, k), k
