@@ -24,10 +24,13 @@ __all__ = [
     "broadcast_object",
     "check_same_across_ranks",
     "collective_device",
+    "full_tensor",
     "global_token_normalizer",
     "init_from_env",
     "is_distributed",
     "is_fsdp",
+    "is_fsdp_root",
+    "local_bytes",
     "rank_world",
     "rank_zero_first",
     "tensor_checksum",
@@ -213,6 +216,33 @@ def is_fsdp(module: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - old torch
         return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def is_fsdp_root(module: torch.nn.Module) -> bool:
+    """True when ``fully_shard`` was applied to ``module`` itself (its own parameters are sharded
+    and gathered by its forward hooks, so it must be called through ``forward``)."""
+    if not is_distributed():
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a sharded ``DTensor`` the whole tensor (an all-gather on every rank)."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
+
+
+def local_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters held by this rank (a sharded ``DTensor`` counts its local shard)."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
 
 
 @contextmanager

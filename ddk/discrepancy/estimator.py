@@ -8,6 +8,7 @@ training batches' ``KDLossOutput`` instead of running validation passes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddk.distributed import all_reduce_sum_, collective_device, rank_world, unsharded
+from ddk.distributed import all_reduce_sum_, collective_device, is_fsdp, rank_world, unsharded
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -188,7 +189,10 @@ class DiscrepancyEstimator:
     with ``index % world_size == r`` of every domain, then the fixed-shape ``(D, 2)`` float64
     ``(ce_sum, tokens)`` tensor is all-reduced, so uneven shards cannot deadlock. A model sharded
     with FSDP2 (``fully_shard``) is unsharded for the whole pass (``ddk.distributed.
-    unsharded``), so its forwards need no collective either. Do not pass a DDP wrapper (its
+    unsharded``), so its forwards need no collective either; a frozen one (every parameter with
+    ``requires_grad=False``: a sharded teacher) stays sharded, and every rank runs as many
+    forwards as rank 0 (the missing ones on a spare batch of the domain, their result dropped), so
+    the per-forward gathers pair up. Do not pass a DDP wrapper (its
     forward may broadcast buffers): pass the module it wraps (``ddp.module``).
 
     Online mode: ``observe(KDLossOutput)`` after each training step accumulates the per-domain CE
@@ -340,18 +344,27 @@ class DiscrepancyEstimator:
         was_training = model.training
         model.eval()
         bar = tqdm(total=total, desc=desc, disable=not self.progress or rank != 0, leave=False)
+        # FSDP2: a trained model is gathered whole once, so uneven shards run no per-forward
+        # collective; a frozen one (a sharded teacher, too large to gather) stays sharded and every
+        # rank runs as many forwards as rank 0, the missing ones on a spare batch, result dropped.
+        balanced = world > 1 and is_fsdp(model) and not any(p.requires_grad for p in model.parameters())
         try:
-            # FSDP2: gather the full parameters once, so uneven shards run no per-forward collective.
-            with torch.no_grad(), unsharded(model):
+            with torch.no_grad(), contextlib.nullcontext(model) if balanced else unsharded(model):
                 for d, (name, batches) in enumerate(zip(self._names, self._sets)):
                     bar.set_postfix_str(name, refresh=False)
+                    seen = mine = 0
+                    spare = None
                     for i, batch in enumerate(batches):
                         bar.update(1)
+                        seen, spare = i + 1, batch if spare is None else spare
                         if i % world != rank:
                             continue
+                        mine += 1
                         ce_sum, tokens = self.loss_fn(model, _to_device(batch, device))
                         acc[d, 0] += torch.as_tensor(ce_sum, dtype=torch.float64).to(acc.device)
                         acc[d, 1] += torch.as_tensor(tokens).to(device=acc.device, dtype=torch.float64)
+                    for _ in range(-(-seen // world) - mine if balanced else 0):
+                        self.loss_fn(model, _to_device(spare, device))
         finally:
             bar.close()
             model.train(was_training)

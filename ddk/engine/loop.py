@@ -245,7 +245,10 @@ class _Run:
         self.train_ds = self.parts.train_dataset
         self.parts.loss.check_models(self.student, self.teacher)  # before any file is written
         self.step_mod = DistillStep(self.student, self.teacher if self.spec.teacher else None, self.parts.loss)
-        self.model = parallelize(self.step_mod, self.student, cfg, self.device)  # step_mod stays the bare module
+        # the teacher's checksum before FSDP2 shards it (a rank then holds a slice of each tensor)
+        self.teacher_identity = teacher_identity(self.teacher, self.data) if self.rank == 0 else None
+        # step_mod stays the bare module; with fsdp the teacher is sharded too
+        self.model = parallelize(self.step_mod, self.student, cfg, self.device, self.teacher)
         self.opt, self.sched = make_optimizer(
             self.step_mod, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.steps, cfg.min_lr_ratio
         )
@@ -523,7 +526,6 @@ class _Run:
                 eval_batch_size=cfg.eval_batch_size,
                 device=self.device,
             )
-        self.teacher_identity = teacher_identity(self.teacher, self.data) if self.rank == 0 else None
         set_stage("saving the student")
         save_student(
             full_student_state(self.step_mod, self.student, cfg.fsdp),

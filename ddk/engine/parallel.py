@@ -12,7 +12,15 @@ import torch.distributed as dist
 from ddk.distributed import all_reduce_sum_, is_distributed, rank_world
 from ddk.engine.config import RunConfig
 
-__all__ = ["device_for", "full_student_state", "global_sums", "load_train_state", "parallelize", "train_state"]
+__all__ = [
+    "device_for",
+    "full_student_state",
+    "global_sums",
+    "load_train_state",
+    "parallelize",
+    "shard_teacher",
+    "train_state",
+]
 
 
 def device_for(cfg: RunConfig) -> torch.device:
@@ -33,7 +41,7 @@ def device_for(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _decoder_layers(model: torch.nn.Module, role: str = "student") -> list[torch.nn.Module]:
     """The repeated blocks of a transformers causal LM (``model.layers``, GPT-2's ``transformer.h``)."""
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else model
@@ -42,13 +50,44 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(layers, torch.nn.ModuleList):
             return list(layers)
     raise ValueError(
-        f"distill: fsdp needs the student's decoder blocks (decoder.layers or .h); got none in "
+        f"distill: fsdp needs the {role}'s decoder blocks (decoder.layers or .h); got none in "
         f"{type(model).__name__}. Drop --fsdp to use DDP."
     )
 
 
+def _fully_shard() -> Any:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:  # pragma: no cover - torch < 2.6
+        raise ValueError(
+            f"distill: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6); "
+            f"got torch {torch.__version__} without it ({exc}). Drop --fsdp to use DDP."
+        ) from None
+    return fully_shard
+
+
+def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Shard the frozen teacher over the ranks with FSDP2, in place; return it.
+
+    Every decoder block is its own group, gathered for its forward and freed after it, so a rank
+    holds ``1/R`` of the teacher plus one block at a time. The root group (embeddings, final
+    norm, output layer) is gathered by the teacher's forward and kept until the loss has read the
+    output layer; ``ddk.losses.causal_lm`` frees it after each call (one gather per step). No
+    gradients, no optimizer state. Every rank must run the same number of teacher forwards (the
+    estimator pads uneven validation shards with forwards whose result it drops)."""
+    fully_shard = _fully_shard()
+    for layer in _decoder_layers(teacher, "teacher"):
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(teacher, reshard_after_forward=False)
+    return teacher
+
+
 def parallelize(
-    step: torch.nn.Module, student: torch.nn.Module, cfg: RunConfig, device: torch.device
+    step: torch.nn.Module,
+    student: torch.nn.Module,
+    cfg: RunConfig,
+    device: torch.device,
+    teacher: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """Prepare the training step module for torch.distributed; return the module the loop calls.
 
@@ -58,7 +97,8 @@ def parallelize(
 
     * one process: ``step`` itself;
     * ``cfg.fsdp``: FSDP2 in place (``fully_shard`` on every decoder block, then on ``step``, the
-      root, with ``reshard_after_forward=True``);
+      root, with ``reshard_after_forward=True``), and the ``teacher``, when given, sharded too
+      (:func:`shard_teacher`);
     * else DDP without buffer syncs in forward (the student's buffers are constants, and the
       estimator runs uneven numbers of forwards on the bare student, which must start no collective).
 
@@ -66,16 +106,12 @@ def parallelize(
     """
     _, world = rank_world()
     if cfg.fsdp:
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError as exc:  # pragma: no cover - torch < 2.6
-            raise ValueError(
-                f"distill: fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6); "
-                f"got torch {torch.__version__} without it ({exc}). Drop --fsdp to use DDP."
-            ) from None
+        fully_shard = _fully_shard()
         for layer in _decoder_layers(student):
             fully_shard(layer, reshard_after_forward=True)
         fully_shard(step, reshard_after_forward=True)
+        if teacher is not None:
+            shard_teacher(teacher)
         return step
     if world == 1:
         return step

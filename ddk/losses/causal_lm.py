@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddk.distributed import full_tensor, is_fsdp_root
 from ddk.losses.fused import fused_linear_kd_loss
 from ddk.losses.kd import (
     autocast_dtype,
@@ -65,12 +66,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Last hidden states ``(B, L, H)`` of a transformers causal LM, without its ``lm_head`` work.
 
-    A bare model runs its decoder. A model inside a data-parallel wrapper is called through the
-    wrapper (``output_hidden_states=True`` and an empty ``logits_to_keep``, so no logits are
-    computed), because a wrapper synchronises gradients only of the forwards it sees.
+    A bare model runs its decoder. A model inside a data-parallel wrapper, or one sharded in place
+    with FSDP2 (``fully_shard`` on the model itself), is called through its ``forward``
+    (``output_hidden_states=True`` and an empty ``logits_to_keep``, so no logits are computed),
+    because a wrapper synchronises gradients only of the forwards it sees and FSDP2 gathers the
+    model's own parameters (embeddings, final norm, ``lm_head``) in its forward hooks.
     """
     inner = _unwrap(model)
-    if inner is not model:
+    if inner is not model or is_fsdp_root(model):
         empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         out = model(
             input_ids=input_ids,
@@ -133,9 +136,10 @@ class _Head:
         self.weight, self.bias, self.softcap = weight, bias, softcap
 
 
-def _output_layer(model: nn.Module, role: str) -> _Head:
+def _output_layer(model: nn.Module, role: str, *, gather: bool = True) -> _Head:
     """The model's ``lm_head`` weight, bias and final logit softcap, or an error naming what the
-    fused path cannot compute."""
+    fused path cannot compute. ``gather=False`` leaves an FSDP2-sharded weight as it is (its
+    ``shape`` is the whole one)."""
     model = _unwrap(model)
     cfg = getattr(model, "config", None)
     for attr, identity in _UNFUSED_CONFIG.items():
@@ -159,7 +163,22 @@ def _output_layer(model: nn.Module, role: str) -> _Head:
             f"{_CAUSAL}: {role}_model must have an output embedding (lm_head, from get_output_embeddings()); "
             f"got {type(model).__name__} without one. Pass the ...ForCausalLM model, not its bare decoder."
         )
-    return _Head(head.weight, getattr(head, "bias", None), None if softcap is None else float(softcap))
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if gather:  # FSDP2: a sharded output layer (read outside the model's forward) is gathered whole, once per call
+        weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
+    return _Head(weight, bias, None if softcap is None else float(softcap))
+
+
+def _vocab(model: nn.Module, role: str) -> int:
+    """Rows ``V`` of the model's output layer (checked as :func:`_output_layer` does; nothing gathered)."""
+    return int(_output_layer(model, role, gather=False).weight.shape[0])
+
+
+def _release(model: nn.Module | None) -> None:
+    """Free the parameters a frozen FSDP2-sharded model (the teacher) gathered for this call: its
+    own group (embeddings, final norm, output layer) stays gathered after its forward until here."""
+    if model is not None and is_fsdp_root(model) and not any(p.requires_grad for p in model.parameters()):
+        model.reshard()  # type: ignore[operator]
 
 
 def _model_logits(
@@ -351,19 +370,20 @@ def causal_lm_kd_loss(
         domain_ids=domain_ids, num_domains=num_domains, normalizer=normalizer, shift=True, check_inputs=False, **opts
     )
     if loss == "fused":
-        s_head = _output_layer(student_model, "student")
-        s_weight = s_head.weight
+        vocab = _vocab(student_model, "student")
         if teacher_model is not None:
-            t_head = _output_layer(teacher_model, "teacher")
-            t_weight = t_head.weight
-            _check_teacher_vocab(s_weight.shape[0], t_weight.shape[0])
-        validate(s_weight.shape[0])
+            _check_teacher_vocab(vocab, _vocab(teacher_model, "teacher"))
+        validate(vocab)
         hs = _decoder_hidden(student_model, input_ids, attention_mask)
+        s_head = _output_layer(student_model, "student")  # after the forward (FSDP2 gathers it there)
+        s_weight = s_head.weight
         if autocast_dtype(hs.device) is None and s_weight.dtype != hs.dtype:
             hs = hs.to(s_weight.dtype)  # (under autocast fused_linear_kd_loss casts both to its dtype)
         if teacher_model is not None:
             with torch.no_grad():
                 ht = _decoder_hidden(teacher_model, input_ids, attention_mask)
+                t_head = _output_layer(teacher_model, "teacher")
+            t_weight = t_head.weight
             if autocast_dtype(ht.device) is None and t_weight.dtype != ht.dtype:
                 ht = ht.to(t_weight.dtype)
         else:
@@ -385,6 +405,7 @@ def causal_lm_kd_loss(
             teacher_softcap=t_head.softcap,
             **common,
         )
+        del t_head, t_weight
     else:
         zs = _model_logits(student_model, "student", input_ids, attention_mask)
         if teacher_model is not None:
@@ -398,6 +419,8 @@ def causal_lm_kd_loss(
             zt = zs.detach()
         validate(zs.shape[-1])
         out = kd_loss(zs, zt, labels, **common)
+    _release(teacher_model)
+    _release(student_model)  # a frozen model scored alone (a teacher's validation CE)
     if teacher_model is None:
         out = dataclasses.replace(
             out, kd_sum=torch.zeros_like(out.kd_sum), domain_kd_sum=torch.zeros_like(out.domain_kd_sum)

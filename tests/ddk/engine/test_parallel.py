@@ -1,0 +1,134 @@
+"""``ddk.engine.parallel``: the teacher sharded with FSDP2 on 2 gloo ranks gives the loss and the
+validation CE of the whole teacher in one process, while each rank holds about half of it.
+
+Each worker shards the teacher with ``shard_teacher`` (every decoder block, then the root), then:
+
+* runs ``causal_lm_kd_loss`` (fused and logits paths) on its half of a batch against the sharded
+  teacher, and records the loss sums (the parent sums the two halves and compares them with one
+  process on the whole batch);
+* checks that the teacher's own group is released after each call (its parameters are sharded
+  ``DTensor``s again) and that the teacher never got a gradient;
+* runs ``DiscrepancyEstimator.compute_teacher`` over uneven validation shards (3 batches of one
+  domain, 1 of another: rank 1 has fewer, so it pads with dropped forwards, else the per-block
+  gathers would deadlock).
+
+Tolerance: float64 models, the same arithmetic per sequence; sums over ranks differ by rounding
+only (``rel=1e-12``).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+from gloo_workers import run_workers
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+
+    rank, world, port, out, family = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[6])
+    from test_parallel import batches, models
+    from torch.distributed.tensor import DTensor
+    from ddk.distributed import local_bytes
+    from ddk.engine.parallel import shard_teacher
+    from ddk.losses.causal_lm import causal_lm_kd_loss
+    from ddk.discrepancy import DiscrepancyEstimator
+    from ddk.engine.step import StepLoss
+
+    teacher, student = models(family)
+    whole = local_bytes(teacher)
+    shard_teacher(teacher)
+    res = {"whole": whole, "local": local_bytes(teacher)}
+    res["all_sharded"] = all(isinstance(p, DTensor) for p in teacher.parameters())
+    batch, dom = batches()
+    mine = slice(rank * 2, rank * 2 + 2)  # 2 of the 4 sequences
+    for loss in ("fused", "logits"):
+        out_ = causal_lm_kd_loss(
+            student, teacher, {k: v[mine] for k, v in batch.items()}, domain_ids=dom[mine], num_domains=2,
+            loss=loss, gamma=0.5, temperature=1.5,
+        )
+        out_.loss.backward()
+        res[loss] = {k: getattr(out_, k).tolist() for k in ("ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum")}
+        res[loss + "_released"] = all(isinstance(p, DTensor) for p in teacher.parameters())
+    res["teacher_grads"] = any(p.grad is not None for p in teacher.parameters())
+    sets = {"a": [{"input_ids": batch["input_ids"][i : i + 1]} for i in range(3)],
+            "b": [{"input_ids": batch["input_ids"][3:4]}]}
+    est = DiscrepancyEstimator(sets, loss_fn=StepLoss.cross_entropy().validation_ce, progress=False)
+    res["teacher_ce"] = est.compute_teacher(teacher).tolist()
+    with open(f"{out}-{rank}.json", "w") as f:
+        json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def models(family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A float64 teacher (4 blocks, so its blocks dominate its bytes) and student of ``family``
+    (``qwen2``: tied embeddings and a teacher vocabulary 8 rows larger)."""
+    from hf_models import make_model
+
+    vocab = 61
+    tv = vocab + 8 if family == "qwen2" else vocab
+    teacher = make_model(family, tv, hidden=32, layers=4, seed=1).double().requires_grad_(False)
+    student = make_model(family, vocab, hidden=16, layers=1, seed=2).double()
+    return teacher, student
+
+
+def batches() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 61, (4, 9), generator=g)
+    return {"input_ids": ids}, torch.tensor([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])  # ~35 s each here
+def test_a_teacher_sharded_on_two_ranks_gives_the_losses_and_ce_of_the_whole_teacher(
+    tmp_path: Path, family: str
+) -> None:
+    from ddk.discrepancy import DiscrepancyEstimator
+    from ddk.engine.step import StepLoss
+    from ddk.losses.causal_lm import causal_lm_kd_loss
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    out = tmp_path / "out"
+    run_workers(script, lambda r, port: [r, 2, port, out, family, Path(__file__).parent], timeout=240)
+    got = [json.loads((tmp_path / f"out-{r}.json").read_text()) for r in range(2)]
+
+    teacher, student = models(family)
+    batch, dom = batches()
+    for r in got:
+        assert r["all_sharded"] and r["fused_released"] and r["logits_released"] and not r["teacher_grads"]
+        # half of the teacher per rank, plus at most the root group's rounding (a row per tensor)
+        assert r["local"] <= 0.5 * r["whole"] * 1.02, (r["local"], r["whole"])
+    for loss in ("fused", "logits"):
+        ref = causal_lm_kd_loss(
+            student, teacher, batch, domain_ids=dom, num_domains=2, loss=loss, gamma=0.5, temperature=1.5
+        )
+        for key in ("ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum"):
+            summed = sum(torch.tensor(r[loss][key], dtype=torch.float64) for r in got)
+            torch.testing.assert_close(summed, getattr(ref, key).detach(), rtol=1e-12, atol=1e-12, msg=key)
+    sets = {
+        "a": [{"input_ids": batch["input_ids"][i : i + 1]} for i in range(3)],
+        "b": [{"input_ids": batch["input_ids"][3:4]}],
+    }
+    est = DiscrepancyEstimator(sets, loss_fn=StepLoss.cross_entropy().validation_ce, progress=False)
+    want = est.compute_teacher(teacher).tolist()
+    for r in got:
+        assert r["teacher_ce"] == pytest.approx(want, rel=1e-12)
