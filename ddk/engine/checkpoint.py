@@ -7,6 +7,11 @@ A checkpoint is a folder ``checkpoint-<step>/``::
                           a tensor appears as {"__ddk__": "tensor", "name": ...}
     manifest.json         format, step, and the size and SHA-256 of the two files; written last
 
+Under torch.distributed (``ddk.engine.sharded``) the student's and the optimizer's tensors are
+not in ``tensors.safetensors`` but in ``shards/``, one safetensors file per rank written by that
+rank through torch.distributed.checkpoint; the manifest (version 2, ``"layout": "sharded"``) lists
+every shard file with its size and SHA-256 too, and a ``shards/`` file it does not list is an error.
+
 It is written into a hidden ``.checkpoint-<step>.tmp-<pid>`` folder (each file ``fsync``-ed, the
 manifest last), renamed into place and the run folder ``fsync``-ed, so a checkpoint folder is
 complete or absent. Loading checks the manifest and every digest before reading a byte of state,
@@ -53,16 +58,24 @@ __all__ = [
     "prune_checkpoints",
     "remove_stale_temporaries",
     "controller_state",
+    "is_sharded",
     "load_rng_file",
+    "publish_checkpoint",
     "rng_state",
     "save_checkpoint",
     "save_rng_file",
     "set_rng_state",
     "truncate_jsonl",
+    "write_checkpoint_files",
 ]
 
 FORMAT = "ddk-distill-checkpoint"
 VERSION = 1
+SHARDED_VERSION = 2  # the student's and the optimizer's tensors in shards/, one file per rank
+SHARDS = "shards"
+#: the ``state.json`` key of a sharded checkpoint that names its sharded tensors (``ddk.engine.sharded``)
+SHARDED = "sharded"
+_SHARD_RE = re.compile(r"^shards/shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors$")
 MANIFEST = "manifest.json"
 STATE = "state.json"
 TENSORS = "tensors.safetensors"
@@ -306,19 +319,35 @@ def _write_durable(path: Path, text: str) -> None:
 
 def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write ``out/checkpoint-<step>/`` (tensors, state, manifest last; atomic); keep the newest ``keep``."""
-    final = out / f"checkpoint-{step}"
     out.mkdir(parents=True, exist_ok=True)
     tmp = fresh_dir(out / f".checkpoint-{step}.tmp-{os.getpid()}", "save_checkpoint")  # a link there is an error
+    write_checkpoint_files(tmp, step, state)
+    return publish_checkpoint(tmp, out, step, keep)
+
+
+def write_checkpoint_files(
+    tmp: Path, step: int, state: dict[str, Any], shards: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """``tensors.safetensors``, ``state.json`` and, last, ``manifest.json`` of ``state`` into the
+    temporary folder ``tmp``, each ``fsync``-ed. ``shards``: the ``{"shards/<file>": {"bytes", "sha256"}}``
+    of the shard files already in ``tmp/shards/`` (a sharded checkpoint, manifest version 2)."""
     tree, tensors = encode_state({"step": step, **state})
     _save_tensors(tmp / TENSORS, tensors)
     _write_durable(tmp / STATE, json.dumps(tree))
     files = {
         name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in (TENSORS, STATE)
     }
-    _write_durable(
-        tmp / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, "step": step, "files": files}, indent=2)
-    )
+    manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+    if shards is not None:
+        manifest.update(version=SHARDED_VERSION, layout="sharded", files={**files, **dict(sorted(shards.items()))})
+    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=2))
     fsync_dir(tmp)
+
+
+def publish_checkpoint(tmp: Path, out: Path, step: int, keep: int) -> Path:
+    """Rename the complete folder ``tmp`` to ``out/checkpoint-<step>`` (replacing one of that step),
+    ``fsync`` the run folder, keep the newest ``keep`` checkpoints; return the checkpoint folder."""
+    final = out / f"checkpoint-{step}"
     if final.exists():  # a step redone after a resume from an older checkpoint
         _remove_tree(final)
     _rename(tmp, final)
@@ -327,8 +356,8 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> P
     return final
 
 
-def _verified(path: Path, fn: str) -> None:
-    """Check the manifest, then every listed file's size and SHA-256; raise ``CheckpointError``."""
+def _verified(path: Path, fn: str) -> dict[str, Any]:
+    """Check the manifest, then every listed file's size and SHA-256; return the manifest; raise ``CheckpointError``."""
 
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{fn}: the checkpoint {path} must be complete and intact; got {why}.")
@@ -342,20 +371,22 @@ def _verified(path: Path, fn: str) -> None:
         raise bad(f"no {MANIFEST} (the write did not finish)") from None
     except (OSError, ValueError) as exc:
         raise bad(f"an unreadable {MANIFEST} ({type(exc).__name__}: {exc})") from None
-    if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") != VERSION:
-        raise bad(f"a {MANIFEST} of another format (expected format {FORMAT!r} version {VERSION})")
+    if not isinstance(man, dict) or man.get("format") != FORMAT or man.get("version") not in (VERSION, SHARDED_VERSION):
+        raise bad(f"a {MANIFEST} of another format (expected format {FORMAT!r} version {VERSION} or {SHARDED_VERSION})")
     if man.get("step") != int(m.group(1)):
         raise bad(f"a {MANIFEST} of step {man.get('step')!r} in the folder of step {m.group(1)}")
     files = man.get("files")
-    if not isinstance(files, dict) or set(files) != {TENSORS, STATE}:
+    if man["version"] == SHARDED_VERSION:
+        files = _check_shard_listing(path, files, bad)
+    elif not isinstance(files, dict) or set(files) != {TENSORS, STATE}:
         raise bad(
             f"a {MANIFEST} that lists {sorted(files) if isinstance(files, dict) else files!r} instead of "
             f"{[STATE, TENSORS]}"
         )
-    for name, entry in files.items():
+    for name, entry in sorted(files.items()):
         f = path / name
-        if not f.is_file():
-            raise bad(f"no {name}")
+        if f.is_symlink() or not f.is_file():
+            raise bad(f"no {name}" + (" (a symbolic link)" if f.is_symlink() else ""))
         size = f.stat().st_size
         if not isinstance(entry, dict) or size != entry.get("bytes"):
             raise bad(
@@ -364,6 +395,37 @@ def _verified(path: Path, fn: str) -> None:
         digest = file_sha256(f)
         if digest != entry.get("sha256"):
             raise bad(f"{name} with SHA-256 {digest} where the manifest says {entry.get('sha256')}")
+    return man
+
+
+def _check_shard_listing(path: Path, files: Any, bad: Any) -> dict[str, Any]:
+    """A version-2 manifest lists ``tensors.safetensors``, ``state.json`` and one or more
+    ``shards/shard-*.safetensors``, and ``shards/`` holds exactly the listed files (a reader of
+    torch.distributed.checkpoint opens every safetensors file there, so an unlisted one would be
+    read unverified)."""
+    names = sorted(files) if isinstance(files, dict) else []
+    shards = [n for n in names if n not in (TENSORS, STATE)]
+    if not isinstance(files, dict) or not {TENSORS, STATE} <= set(files) or not shards:
+        raise bad(
+            f"a sharded {MANIFEST} that lists {names or files!r} instead of {[STATE, TENSORS]} and the shard files"
+        )
+    odd = [n for n in shards if not _SHARD_RE.match(n)]
+    if odd:
+        raise bad(
+            f"a {MANIFEST} that lists {odd[:3]}, which are no shard files (shards/shard-NNNNN-model-NNNNN-of-NNNNN.safetensors)"
+        )
+    folder = path / SHARDS
+    if folder.is_symlink() or not folder.is_dir():
+        raise bad(f"no {SHARDS}/ folder" + (" (a symbolic link)" if folder.is_symlink() else ""))
+    extra = sorted(f"{SHARDS}/{p.name}" for p in folder.iterdir() if f"{SHARDS}/{p.name}" not in files)
+    if extra:
+        raise bad(f"{extra[0]}, which its {MANIFEST} does not list")
+    return files
+
+
+def is_sharded(ck: dict[str, Any]) -> bool:
+    """True for the state of a sharded checkpoint as ``load_checkpoint`` returns it (its tensors still in ``shards/``)."""
+    return isinstance(ck.get(SHARDED), dict)
 
 
 def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
@@ -373,7 +435,7 @@ def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
         CheckpointError: the folder is incomplete, corrupted or not a checkpoint of this recipe
             (the message names it and says why).
     """
-    _verified(path, fn)
+    sharded = _verified(path, fn)["version"] == SHARDED_VERSION
     from safetensors.torch import load_file
 
     try:
@@ -390,6 +452,12 @@ def load_checkpoint(path: Path, fn: str = "distill") -> dict[str, Any]:
         raise CheckpointError(
             f"{fn}: the checkpoint {path} must hold the step and config of this recipe; got "
             f"keys {sorted(ck) if isinstance(ck, dict) else type(ck).__name__}."
+        )
+    if is_sharded(ck) != sharded:
+        raise CheckpointError(
+            f"{fn}: the checkpoint {path} must hold the state its {MANIFEST} announces; got "
+            f"{'no' if sharded else 'a'} '{SHARDED}' entry in {STATE} of a "
+            f"{'sharded' if sharded else 'one-file'} checkpoint."
         )
     folder_step = int(path.name.split("-")[1])
     if ck["step"] != folder_step:

@@ -56,9 +56,10 @@ from ddk.engine import checkpoint as ckpt
 from ddk.engine.components import build_components, load_run_data, load_test_data, report_test_split
 from ddk.engine.config import RunConfig
 from ddk.engine.evaluate import discrepancy_report
+from ddk.engine.export import save_final_student
 from ddk.engine.methods import method_spec
-from ddk.engine.models import autocast_dtype, load_models, save_student, teacher_identity
-from ddk.engine.parallel import device_for, full_student_state, global_sums, parallelize, train_state
+from ddk.engine.models import autocast_dtype, load_models, teacher_identity
+from ddk.engine.parallel import device_for, global_sums, parallelize, train_state
 from ddk.engine.preempt import Preempted, StopSignals, set_stage, stop_signals
 from ddk.engine.progress import TrainLog, show_bars
 from ddk.engine.resume import check_resume_state, extension_refusal, restore_state
@@ -71,6 +72,7 @@ from ddk.engine.runfolder import (
     result_options,
     run_folder_lock,
 )
+from ddk.engine.sharded import read_checkpoint, save_sharded_checkpoint, sharded_checkpoints
 from ddk.engine.step import DistillStep, check_loss_models, forward_backward, make_optimizer, seed_everything
 from ddk.engine.tracking import NullTracker, Tracker, check_report_to, interval_scalars, open_tracker, step_scalars
 from ddk.reliability import NonFiniteGuard, grad_norm
@@ -325,7 +327,7 @@ class _Run:
 
     def _load_checkpoint(self, path: Path) -> int:
         """Restore every state of the checkpoint ``path``; return its step."""
-        ck = ckpt.load_checkpoint(path)
+        ck = read_checkpoint(path, step_mod=self.step_mod, student=self.student, opt=self.opt, fsdp=self.cfg.fsdp)
         _resume(ck, path, self.cfg_dict)
         parts = dict(
             student=self.student, opt=self.opt, sched=self.sched, controller=self.controller, fsdp=self.cfg.fsdp
@@ -365,22 +367,29 @@ class _Run:
             )
 
     def save(self, step: int) -> None:
-        """``checkpoint-<step>/`` (rank 0 writes; under FSDP every rank gathers)."""
-        student_state, opt_state = train_state(self.step_mod, self.student, self.opt, self.cfg.fsdp)
+        """``checkpoint-<step>/``: one process writes it whole; under FSDP2 or with several ranks
+        every rank writes its shard of the student and optimizer (``ddk.engine.sharded``), rank 0 the rest."""
+        sharded = sharded_checkpoints(self.cfg.fsdp, self.world)
+        student_state, opt_state = (
+            (None, None) if sharded else train_state(self.step_mod, self.student, self.opt, False)
+        )
         ctrl_state = ckpt.controller_state(self.controller, self.device)  # every rank's online sums
+        state: dict[str, Any] | None = None
         if self.rank == 0:
             self._sync_logs()  # the logs up to this step are on the disk before its checkpoint is
             state = {
                 "config": self.cfg_dict,
-                "student": student_state,
-                "optimizer": opt_state,
+                **({} if sharded else {"student": student_state, "optimizer": opt_state}),
                 "scheduler": self.sched.state_dict(),
                 "rng": ckpt.rng_state(),
                 "controller": ctrl_state,
                 "nonfinite": self.guard.state_dict(),
             }
-            ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
-            log(f"distill: step {step}/{self.steps}: saved checkpoint-{step}")  # a status line, bars or none
+            if not sharded:
+                ckpt.save_checkpoint(self.out, step, state, self.cfg.keep_checkpoints)
+        if sharded:
+            save_sharded_checkpoint(self.out, step, state, self.step_mod, self.opt, self.cfg.keep_checkpoints)
+        log(f"distill: step {step}/{self.steps}: saved checkpoint-{step}")  # a status line, bars or none
 
     def _sync_logs(self) -> None:
         """``fsync`` of ``metrics.jsonl`` and ``controller.jsonl`` (rank 0, at each checkpoint)."""
@@ -527,11 +536,12 @@ class _Run:
                 device=self.device,
             )
         set_stage("saving the student")
-        save_student(
-            full_student_state(self.step_mod, self.student, cfg.fsdp),
+        save_final_student(  # under FSDP2 one tensor at a time, never the whole student on a rank
+            self.step_mod,
             self.student,
             self.tokenizer,
             out,
+            fsdp=cfg.fsdp,
             run_info={
                 "config_digest": config_digest(cfg),
                 "teacher_identity": self.teacher_identity,

@@ -22,6 +22,7 @@ __all__ = [
     "autocast_dtype",
     "check_positions",
     "check_vocabularies",
+    "install_student",
     "load_models",
     "load_pretrained",
     "load_teacher",
@@ -238,12 +239,19 @@ def save_student(
             f"{bad[:5]}{' ...' if len(bad) > 5 else ''}. The previous student/ is kept; resume from an earlier "
             "checkpoint (delete the newer ones) or rerun with --on-nonfinite skip."
         )
-    final = out / "student"
     tmp = fresh_dir(out / f".student.tmp-{os.getpid()}", "save_student")  # a link there is an error, never followed
     student.save_pretrained(str(tmp), state_dict=state)
     tokenizer.save_pretrained(str(tmp))
     if run_info is not None:
         (tmp / "ddk_run.json").write_text(json.dumps(run_info, indent=2), encoding="utf-8")
+    return install_student(tmp, out)
+
+
+def install_student(tmp: Path, out: Path) -> Path:
+    """Make the complete folder ``tmp`` ``out/student``: every file ``fsync``-ed, then renamed into
+    place (the old folder renamed away first), so ``from_pretrained(out/"student")`` loads a
+    complete folder or none; return ``out/student``."""
+    final = out / "student"
     for f in tmp.rglob("*"):
         if f.is_file():
             os.chmod(f, FILE_MODE)  # safetensors writes 0600: readable by a teammate or a server (umask)

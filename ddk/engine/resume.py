@@ -38,6 +38,7 @@ import torch
 
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.parallel import load_train_state
+from ddk.engine.sharded import LOADED, load_loaded_state
 
 __all__ = [
     "MAX_COUNT",
@@ -252,13 +253,33 @@ def check_resume_state(
             raise _bad("rng", "be the generator states of rng_state()", type(ck.get("rng")).__name__)
         _check_student(ck.get("student"), student, fsdp)  # last: one pass over every weight
     except _Field as exc:
-        file = ckpt.TENSORS if str(exc).startswith(("student", "optimizer.state")) else ckpt.STATE
-        raise ckpt.CheckpointError(
+        tensors = str(exc).startswith(("student", "optimizer.state"))
+        file = (ckpt.SHARDS + "/") if tensors and LOADED in ck else ckpt.TENSORS if tensors else ckpt.STATE
+        error = (
             f"{fn}: the checkpoint {path} must hold values this run can resume from; got a bad field of "
             f"{where.with_name(file)}: {exc} Nothing was overwritten: pass --no-resume to start over (the old run is "
             "moved aside), or use another --out."
-        ) from None
+        )
+    else:
+        error = ""
+    if LOADED in ck:  # each rank checked its own pieces: every rank raises the first rank's error, or none does
+        error = _first_error(error)
+    if error:
+        raise ckpt.CheckpointError(error)
     return parsed
+
+
+def _first_error(error: str) -> str:
+    """The first non-empty ``error`` over the ranks (an all-gather; every rank calls it)."""
+    from ddk.distributed import rank_world
+
+    if rank_world()[1] == 1:
+        return error
+    import torch.distributed as dist
+
+    errors: list[Any] = [None] * rank_world()[1]
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), "")
 
 
 def restore_state(
@@ -286,7 +307,10 @@ def restore_state(
         ckpt.set_rng_state(before)  # a part may have been set: nothing changes
         raise
     own = optimizer_settings(opt)
-    load_train_state(step_mod, student, opt, ck, fsdp)
+    if LOADED in ck:  # a sharded checkpoint read under FSDP2: its sharded states
+        load_loaded_state(step_mod, opt, ck[LOADED])
+    else:
+        load_train_state(step_mod, student, opt, ck, fsdp)
     sched.load_state_dict(ck["scheduler"])
     keep_settings(opt, sched, own)
     controller._commit_state(parsed)

@@ -53,6 +53,7 @@ RESUME_IGNORED = (
     "debug_checks",
     "device",
     "report_to",
+    "fsdp",  # DDP, FSDP2 and one process follow one trajectory; a checkpoint resumes under any of them
 )
 
 
