@@ -1,4 +1,4 @@
-"""Tests of ddk/engine/config.py: the ``NAME=FILE`` record sources and the options a teacher cache leaves unused."""
+"""Tests of ddk/engine/config.py (``RunConfig``): the ``NAME=FILE`` record sources and the options a teacher cache leaves unused."""
 
 from __future__ import annotations
 
