@@ -18,6 +18,10 @@ values of a state read by ``load_checkpoint`` against the run about to continue:
 * the student's tensors have this student's names and shapes, the optimizer's groups this
   optimizer's sizes, the scheduler's state this scheduler's keys.
 
+A sharded checkpoint (``ddk.engine.sharded``) is checked the same way on what each rank read:
+its own pieces under FSDP2 (every rank then raises the first rank's error, or none does), the
+whole tensors elsewhere; the shards' names, shapes and coverage were checked when they were read.
+
 :func:`restore_state` then loads every part (none can fail after the check; a bad RNG state is
 rolled back) and puts the hyperparameters of the optimizer's groups back to those the run was
 built with: the learning rate of step ``s`` is ``lr * schedule(s)`` from the config, never a
@@ -254,7 +258,7 @@ def check_resume_state(
         _check_student(ck.get("student"), student, fsdp)  # last: one pass over every weight
     except _Field as exc:
         tensors = str(exc).startswith(("student", "optimizer.state"))
-        file = (ckpt.SHARDS + "/") if tensors and LOADED in ck else ckpt.TENSORS if tensors else ckpt.STATE
+        file = ckpt.SHARDS if tensors and ckpt.is_sharded(ck) else ckpt.TENSORS if tensors else ckpt.STATE
         error = (
             f"{fn}: the checkpoint {path} must hold values this run can resume from; got a bad field of "
             f"{where.with_name(file)}: {exc} Nothing was overwritten: pass --no-resume to start over (the old run is "

@@ -251,7 +251,7 @@ def _read_shards(
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    info = ck.pop(ckpt.SHARDED)
+    info = ck[ckpt.SHARDED]
     if not (
         _str_list(info.get("student"))
         and _str_list(info.get("optimizer"))

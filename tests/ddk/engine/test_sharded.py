@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -298,3 +299,127 @@ def test_sharded_checkpoint_without_its_manifest_is_passed_over_for_the_previous
     assert "no manifest.json (the write did not finish)" in passed[0]
     step, opt = make(1)
     assert restore(found, step, opt, fsdp=False)["step"] == 1
+
+
+# ---------------------------------------------------------------------------- ddk distill end to end (slow)
+def _run_cfg(root: Path, name: str, **kw):  # type: ignore[no-untyped-def]
+    from recipe_cases import own_cfg
+
+    base = dict(steps=6, batch_size=4, interval=2, checkpoint_every=2, log_every=1, threads=1, keep_checkpoints=3)
+    base.update(kw)
+    return own_cfg(root, out=str(root / "runs" / name), **base)
+
+
+def _torchrun(root: Path, cfg, nproc: int = 2) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """``torchrun --standalone --nproc_per_node=<nproc> -m ddk.recipes.cli distill --config <cfg>``; not asserted."""
+    import os
+    import sys
+
+    import yaml
+    from gloo_workers import gloo_aborted
+
+    path = root / f"{Path(cfg.out).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DDK_DEBUG"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "ddk.recipes.cli", "distill", "--config", str(path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if gloo_aborted(res.returncode, res.stdout + res.stderr):  # gloo's spurious abort: once more
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return res
+
+
+def _ok(res: subprocess.CompletedProcess[str]) -> None:
+    assert res.returncode == 0, f"torchrun failed ({res.returncode}):\n{res.stderr[-12000:]}"
+
+
+def _resumable_copy(root: Path, run: Path, name: str, step: int) -> Path:
+    """A copy of the run folder ``run`` stopped after ``checkpoint-<step>`` (newer checkpoints and the outputs gone)."""
+    new = root / "runs" / name
+    shutil.copytree(run, new)
+    for p in new.glob("checkpoint-*"):
+        if int(p.name.split("-")[1]) > step:
+            shutil.rmtree(p)
+    for name_ in ("summary.json", "student"):
+        p = new / name_
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return new
+
+
+def _close(a: Path, b: Path) -> float:
+    """The largest difference of the students of the run folders ``a`` and ``b`` (same names asserted)."""
+    from recipe_cases import student_tensors
+
+    sa, sb = student_tensors(a), student_tensors(b)
+    assert sa.keys() == sb.keys()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa)
+
+
+def _weights(run: Path) -> list[list[float]]:
+    return [json.loads(line)["weights"] for line in (run / "controller.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_distill_fsdp_checkpoints_resume_at_one_rank_and_one_process_checkpoints_at_two(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("yaml")
+    import ddk.recipes.distill as real
+
+    one = tmp_path / "runs" / "one"
+    real.distill(_run_cfg(tmp_path, "one"))  # 6 steps, one process
+    two = tmp_path / "runs" / "two"
+    _ok(_torchrun(tmp_path, _run_cfg(tmp_path, "two", fsdp=True)))  # 6 steps, 2 FSDP2 ranks, sharded checkpoints
+    assert json.loads((two / "checkpoint-4" / ckpt.MANIFEST).read_text())["layout"] == "sharded"
+    assert sorted(p.name for p in (two / "student").iterdir()) == sorted(p.name for p in (one / "student").iterdir())
+    assert _close(one, two) <= PARAM_ATOL
+
+    # 2 -> 1: the 2 ranks' checkpoint-4 resumed by one plain process (no --fsdp)
+    down = _resumable_copy(tmp_path, two, "two-to-one", 4)
+    real.distill(_run_cfg(tmp_path, "two-to-one"))
+    assert _close(two, down) <= PARAM_ATOL
+    for w1, w2 in zip(_weights(two), _weights(down), strict=True):
+        assert w2 == pytest.approx(w1, rel=1e-6)
+
+    # 1 -> 2: the one process's (one-file) checkpoint-4 resumed by 2 FSDP2 ranks
+    up = _resumable_copy(tmp_path, one, "one-to-two", 4)
+    _ok(_torchrun(tmp_path, _run_cfg(tmp_path, "one-to-two", fsdp=True)))
+    assert _close(one, up) <= PARAM_ATOL
+    for w1, w2 in zip(_weights(one), _weights(up), strict=True):
+        assert w2 == pytest.approx(w1, rel=1e-6)
+    assert json.loads((up / "checkpoint-6" / ckpt.MANIFEST).read_text())["layout"] == "sharded"
+
+    # a NaN in rank 1's piece of a weight (digests recomputed: the bytes are intact, the values not)
+    bad = _resumable_copy(tmp_path, two, "nan", 4)
+    shard = _poison(bad / "checkpoint-4", "shards/shard-00002-model-00001-of-00001.safetensors")
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"bad field of .*checkpoint-4/shards: student\[.*\] must hold finite numbers"
+    ):
+        real.distill(_run_cfg(tmp_path, "nan"))  # one process reads the whole tensors
+    res = _torchrun(tmp_path, _run_cfg(tmp_path, "nan", fsdp=True))  # only rank 1 reads the NaN: both refuse
+    assert res.returncode != 0 and "must hold finite numbers" in res.stderr, res.stderr[-4000:]
+    assert shard.is_file() and not (bad / "checkpoint-6").exists()
+
+
+def _poison(path: Path, name: str) -> Path:
+    """Write NaN into the first floating tensor of the shard file ``name`` and fix the manifest's digest."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ddk._io import file_sha256
+
+    f_path = path / name
+    with safe_open(str(f_path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in sorted(tensors) if k.startswith("student/") and tensors[k].numel())
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(f_path), metadata=meta)
+    man = json.loads((path / ckpt.MANIFEST).read_text())
+    man["files"][name] = {"bytes": f_path.stat().st_size, "sha256": file_sha256(f_path)}
+    (path / ckpt.MANIFEST).write_text(json.dumps(man))
+    return f_path
