@@ -63,7 +63,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_l
 
 from ddk._io import atomic_write_text, read_json
 from ddk.controller import DDKController
-from ddk.distributed import is_fsdp
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.components import Components, build_components, open_teacher_cache
 from ddk.engine.config import DistillOptions, check_cache_backend
@@ -540,14 +539,10 @@ class DDKTrainer(Trainer):
 
     def _loss_student(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module ``causal_lm_kd_loss`` gets: the (possibly wrapped) student. Under a
-        data-parallel wrapper the fused loss calls the wrapper's ``forward`` (hidden states only,
-        no logits), so the wrapper synchronises the gradients. A student sharded in place with
-        FSDP2 is refused with ``loss="fused"``: its ``lm_head`` weight is read outside the forward."""
-        if self.step_loss.loss == "fused" and self.accelerator.unwrap_model(model) is model and is_fsdp(model):
-            raise ValueError(
-                "DDKTrainer.compute_loss: args.loss must be 'logits' when the student is sharded with FSDP "
-                "(loss='fused' reads the lm_head weight outside the forward); got loss='fused'."
-            )
+        data-parallel wrapper, or sharded in place with FSDP2, the fused loss calls the model's
+        ``forward`` (hidden states only, no logits), so the wrapper synchronises the gradients and
+        FSDP2 gathers the output layer the loss then reads (its gradient is reduce-scattered with
+        the rest of the root group)."""
         return model
 
     # ------------------------------------------------------------------ resume

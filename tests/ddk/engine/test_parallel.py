@@ -10,7 +10,9 @@ Each worker shards the teacher with ``shard_teacher`` (every decoder block, then
   ``DTensor``s again) and that the teacher never got a gradient;
 * runs ``DiscrepancyEstimator.compute_teacher`` over uneven validation shards (3 batches of one
   domain, 1 of another: rank 1 has fewer, so it pads with dropped forwards, else the per-block
-  gathers would deadlock).
+  gathers would deadlock);
+* shards the student in place too (as accelerate's FSDP2 does under ``DDKTrainer``) and checks
+  the fused loss's gradients, gathered, against one process.
 
 Tolerance: float64 models, the same arithmetic per sequence; sums over ranks differ by rounding
 only (``rel=1e-12``).
@@ -71,6 +73,19 @@ _WORKER = textwrap.dedent(
             "b": [{"input_ids": batch["input_ids"][3:4]}]}
     est = DiscrepancyEstimator(sets, loss_fn=StepLoss.cross_entropy().validation_ce, progress=False)
     res["teacher_ce"] = est.compute_teacher(teacher).tolist()
+    # the student sharded in place too (DDKTrainer under FSDP2): the fused loss reads its output
+    # layer after its forward gathered it; two accumulated backwards, gradients averaged over ranks
+    from torch.distributed.fsdp import fully_shard
+    student.zero_grad(set_to_none=True)
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+    for _ in range(2):
+        causal_lm_kd_loss(
+            student, teacher, {k: v[mine] for k, v in batch.items()}, domain_ids=dom[mine], num_domains=2,
+            gamma=0.5, temperature=1.5,
+        ).loss.backward()
+    res["student_grads"] = {n: p.grad.full_tensor().tolist() for n, p in student.named_parameters()}
     with open(f"{out}-{rank}.json", "w") as f:
         json.dump(res, f)
     dist.barrier()
@@ -132,3 +147,19 @@ def test_a_teacher_sharded_on_two_ranks_gives_the_losses_and_ce_of_the_whole_tea
     want = est.compute_teacher(teacher).tolist()
     for r in got:
         assert r["teacher_ce"] == pytest.approx(want, rel=1e-12)
+    # FSDP2 averages the ranks' gradients: the reference is the mean of the two halves' losses
+    for _ in range(2):
+        for r in range(2):
+            half = slice(2 * r, 2 * r + 2)
+            out = causal_lm_kd_loss(
+                student,
+                teacher,
+                {"input_ids": batch["input_ids"][half]},
+                domain_ids=dom[half],
+                num_domains=2,
+                gamma=0.5,
+                temperature=1.5,
+            )
+            (out.loss / 2).backward()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(torch.tensor(got[0]["student_grads"][name], dtype=torch.float64), p.grad, msg=name)
