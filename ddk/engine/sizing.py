@@ -32,13 +32,15 @@ What it models is what ``ddk distill`` does (``--dtype bf16``, the CUDA default)
   attention kernels may save slightly differently.
 * **the teacher** in bfloat16, frozen (no gradient, no optimizer state), placed one of
   :data:`PLACEMENTS`: ``"replicated"`` (2 bytes per parameter on every GPU; what ``ddk distill``
-  does today, also under ``--fsdp``), ``"fsdp"`` (sharded over R: ``2 N_t / R`` plus two blocks in
-  flight and its output layer gathered for the loss), ``"cpu_offload"`` (the shards in host
-  memory, only the gathered blocks and the output layer on the GPU), ``"cache"`` (the offline
-  top-k cache of ``ddk teacher-cache``: no teacher at all; the batch carries ``k`` ids, ``k``
-  log-probabilities and the tail per token, ``ddk.data.bytes_per_token(k)`` bytes per token on
-  disk). Its no-grad forward needs a working set of about ``n (6 f_t + 8 h_t)`` bytes (an
-  estimate: three ``(n, f_t)`` bfloat16 MLP tensors and the float32 norm temporaries).
+  does without ``--fsdp``), ``"fsdp"`` (what ``--fsdp`` does, ``ddk.engine.parallel.shard_teacher``:
+  ``2 N_t / R`` on each rank, plus two blocks in flight and the root group, embedding, final norm
+  and output layer, gathered from the teacher's forward until the loss has read the output
+  layer), ``"cpu_offload"`` (not in ``ddk``: what it would cost, the shards in host memory and
+  only the gathered blocks and root group on the GPU), ``"cache"`` (the offline top-k cache of
+  ``ddk teacher-cache``, ``--teacher-cache``: no teacher at all; the batch carries ``k`` ids,
+  ``k`` log-probabilities and the tail per token, ``ddk.data.bytes_per_token(k)`` bytes per
+  token on disk). Its no-grad forward needs a working set of about ``n (6 f_t + 8 h_t)`` bytes
+  (an estimate: three ``(n, f_t)`` bfloat16 MLP tensors and the float32 norm temporaries).
 * **the loss**: the logits path keeps the student's and the teacher's ``(n, V)`` bfloat16 logits
   and allocates the student's logit gradient, ``2 n (2 V + V_t)`` bytes, plus the bfloat16 hidden
   states and output weight it saves (``2 n h_s + 2 V h_s``); with a teacher cache
@@ -243,7 +245,7 @@ class MemoryEstimate:
     Attributes:
         placement: one of :data:`PLACEMENTS`.
         teacher_resident: the teacher's weights kept on the GPU (all, or this rank's shard).
-        teacher_gathered: blocks gathered in flight and the output layer (sharded placements).
+        teacher_gathered: blocks gathered in flight and the root group (sharded placements).
         teacher_working: the no-grad forward's temporaries (0 with a cache).
         cache_batch: the cached top-k batch on the GPU (``"cache"`` only).
         student_states: weights, gradients and AdamW moments (and DDP's buckets).
@@ -333,7 +335,7 @@ def estimate_memory(teacher: Any, student: Any, workload: Workload, placement: s
         teacher_resident = _BF16 * t.parameters
     elif placement == "fsdp":
         teacher_resident = math.ceil(_BF16 * t.parameters / r)
-    teacher_gathered = _BF16 * (2 * t.block_params + t.output_params) if sharded_teacher else 0
+    teacher_gathered = _BF16 * (2 * t.block_params + t.root_params) if sharded_teacher else 0
     teacher_working = 0 if cache else n * (6 * t.intermediate + 8 * t.hidden)
     cache_batch = n * (12 * workload.top_k + 4) if cache else 0  # int64 ids, float32 log-probs, float32 tail
 

@@ -158,7 +158,7 @@ def test_estimate_memory_hand_computed_terms() -> None:
 
     fsdp = estimate_memory(T, S, W, "fsdp")
     assert fsdp.teacher_resident == 2 * T_PARAMS // 4
-    assert fsdp.teacher_gathered == 2 * (2 * T_BLOCK + 1008 * 96)  # two blocks in flight, the output layer
+    assert fsdp.teacher_gathered == 2 * (2 * T_BLOCK + 2 * 1008 * 96 + 96)  # two blocks in flight, the root group
 
     off = estimate_memory(T, S, W, "cpu_offload")
     assert off.teacher_resident == 0 and off.teacher_gathered == fsdp.teacher_gathered
