@@ -100,7 +100,8 @@ def parallelize(
       root, with ``reshard_after_forward=True``), and the ``teacher``, when given, sharded too
       (:func:`shard_teacher`);
     * else DDP without buffer syncs in forward (the student's buffers are constants, and the
-      estimator runs uneven numbers of forwards on the bare student, which must start no collective).
+      estimator runs uneven numbers of forwards on the bare student, which must start no collective),
+      its gradients views into its all-reduce buckets (no second copy of the gradients).
 
     DDP and FSDP2 average the gradients over the ranks; the loop scales each rank's loss to match.
     """
@@ -119,8 +120,8 @@ def parallelize(
 
     ids = [device.index] if device.type == "cuda" else None
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:  # newer torch
-        return DistributedDataParallel(step, device_ids=ids, forward_sync_buffers=False)
-    return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(step, device_ids=ids, forward_sync_buffers=False, gradient_as_bucket_view=True)
+    return DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def train_state(
