@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,9 @@ from ddk._io import fresh_dir, open_nofollow
 from ddk.distributed import broadcast_object, full_tensor, rank_world
 from ddk.engine.models import install_student, save_student
 from ddk.engine.parallel import full_student_state
+from ddk.engine.tensorfile import DTYPES, header, write_tensor
 
 __all__ = ["save_final_student", "save_student_streamed"]
-
-# safetensors' dtype names
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 def save_final_student(
@@ -79,24 +65,10 @@ def _saved_names(student: Any) -> list[str] | None:
     kept = remove_tied_weights_from_state_dict({k: _local(v) for k, v in state.items()}, student)
     meta = {k: torch.empty(tuple(state[k].shape), dtype=state[k].dtype, device="meta") for k in kept}
     if set(revert_weight_conversion(student, dict(meta))) != set(meta) or any(
-        v.dtype not in _DTYPES for v in meta.values()
+        v.dtype not in DTYPES for v in meta.values()
     ):
         return None
     return [k for k in state if k in kept]
-
-
-def _header(state: dict[str, torch.Tensor], names: list[str]) -> bytes:
-    """The safetensors header (length + JSON, padded to 8 bytes) of ``names``, laid out in that order."""
-    head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    start = 0
-    for k in names:
-        t = state[k]
-        size = t.numel() * t.element_size()
-        head[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [start, start + size]}
-        start += size
-    text = json.dumps(head, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
 
 
 def save_student_streamed(
@@ -138,14 +110,14 @@ def save_student_streamed(
             if run_info is not None:
                 (tmp / "ddk_run.json").write_text(json.dumps(run_info, indent=2), encoding="utf-8")
             f = open_nofollow(tmp / "model.safetensors", "wb", fn="save_student")
-            f.write(_header(state, names))
+            f.write(header(((k, state[k].dtype, tuple(state[k].shape)) for k in names), {"format": "pt"}))
         except Exception as exc:
             failure = exc
     for k in names:  # every rank gathers every tensor, in the same order; rank 0 writes it
         whole = full_tensor(state[k]).detach()
         if f is not None and failure is None:
             try:
-                f.write(whole.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+                write_tensor(f, whole)
             except Exception as exc:
                 failure = exc
         del whole

@@ -44,6 +44,7 @@ rounding, not to the bit; at the same world size the resume is bit-identical.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -55,6 +56,7 @@ import torch
 from ddk._io import FILE_MODE, file_sha256, fresh_dir, fsync_dir
 from ddk.distributed import broadcast_object, is_distributed, rank_world
 from ddk.engine import checkpoint as ckpt
+from ddk.engine.tensorfile import write_tensors
 
 __all__ = [
     "LOADED",
@@ -119,6 +121,37 @@ def _train_state(
     return flat, info
 
 
+def _shard_writer(folder: Path) -> Any:
+    """DCP's Hugging Face storage writer (one safetensors file per rank, DCP's offsets of each
+    piece in its header: what ``HuggingFaceStorageReader`` reads, no pickle), writing each piece
+    straight from the rank's memory (``ddk.engine.tensorfile``) where torch's writer would copy a
+    rank's whole shard twice (pieces cloned out of FSDP2's padded storage, then serialized to bytes)."""
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
+
+    class ShardWriterDDK(HuggingFaceStorageWriter):
+        def write_data(self, plan: Any, planner: Any) -> Future[list[WriteResult]]:
+            name = f"shard-{plan.storage_data['shard_index']:05d}-model-00001-of-00001.safetensors"
+            tensors, offsets, results = {}, {}, []
+            for item in plan.items:  # tensors only: every non-tensor value is in state.json
+                t = planner.resolve_data(item)
+                tensors[item.index.fqn] = t
+                offsets[item.index.fqn] = {"saved_offsets": list(item.tensor_data.chunk.offsets)}
+                results.append(
+                    WriteResult(index=item.index, size_in_bytes=t.numel() * t.element_size(), storage_data=name)
+                )
+            if tensors:
+                # the header keys torch's Hugging Face writer and reader use (torch 2.8 - 2.13)
+                meta = {"DCP_SHARDING_INFO": json.dumps(offsets), "DCP_VERSION": "1.0", "format": "pt"}
+                write_tensors(folder / name, tensors, meta)
+            fut: Future[list[WriteResult]] = Future()
+            fut.set_result(results)
+            return fut
+
+    return ShardWriterDDK(str(folder), save_distributed=True)
+
+
 def save_sharded_checkpoint(
     out: Path,
     step: int,
@@ -148,7 +181,6 @@ def save_sharded_checkpoint(
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
     rank, world = rank_world()
     made = None
@@ -159,11 +191,7 @@ def save_sharded_checkpoint(
     tmp = Path(broadcast_object(made))
     flat, info = _train_state(step_mod, opt)
     with _dcp_quiet() as no_dist:
-        dcp.save(
-            flat,
-            storage_writer=HuggingFaceStorageWriter(str(tmp / ckpt.SHARDS), save_distributed=True),
-            no_dist=no_dist,
-        )
+        dcp.save(flat, storage_writer=_shard_writer(tmp / ckpt.SHARDS), no_dist=no_dist)
     del flat
     mine = {}
     for f in sorted((tmp / ckpt.SHARDS).glob(f"shard-{rank + 1:05d}-*.safetensors")):  # DCP numbers its plans from 1
