@@ -183,12 +183,22 @@ def save_sharded_checkpoint(
     import torch.distributed.checkpoint as dcp
 
     rank, world = rank_world()
-    made = None
+    made: tuple[str, str] = ("", "")
+    failure: Exception | None = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        made = str(fresh_dir(out / f".checkpoint-{step}.tmp-{os.getpid()}", fn))  # a link there is an error
-        os.mkdir(Path(made) / ckpt.SHARDS)
-    tmp = Path(broadcast_object(made))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = fresh_dir(out / f".checkpoint-{step}.tmp-{os.getpid()}", fn)  # a link there is an error
+            os.mkdir(tmp / ckpt.SHARDS)
+            made = (str(tmp), "")
+        except Exception as exc:  # every rank stops, none waits for the others
+            failure, made = exc, ("", f"{type(exc).__name__}: {exc}")
+    folder, error = broadcast_object(made)
+    if failure is not None:
+        raise failure
+    if error:
+        raise ckpt.CheckpointError(f"{fn}: rank 0 could not start checkpoint-{step}: {error}")
+    tmp = Path(folder)
     flat, info = _train_state(step_mod, opt)
     with _dcp_quiet() as no_dist:
         dcp.save(flat, storage_writer=_shard_writer(tmp / ckpt.SHARDS), no_dist=no_dist)
@@ -201,7 +211,6 @@ def save_sharded_checkpoint(
     if world > 1:
         written = [{} for _ in range(world)]
         dist.all_gather_object(written, mine)  # also the barrier: every rank's shard is on the disk
-    failure: Exception | None = None
     if rank == 0:
         try:
             files = {k: v for per in written for k, v in per.items()}

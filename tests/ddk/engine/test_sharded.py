@@ -366,7 +366,9 @@ def _weights(run: Path) -> list[list[float]]:
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_distill_fsdp_checkpoints_resume_at_one_rank_and_one_process_checkpoints_at_two(tmp_path: Path) -> None:
+def test_distill_fsdp_checkpoints_resume_in_one_process_and_under_ddp_and_one_process_checkpoints_at_two(
+    tmp_path: Path,
+) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("yaml")
     import ddk.recipes.distill as real
@@ -385,6 +387,11 @@ def test_distill_fsdp_checkpoints_resume_at_one_rank_and_one_process_checkpoints
     assert _close(two, down) <= PARAM_ATOL
     for w1, w2 in zip(_weights(two), _weights(down), strict=True):
         assert w2 == pytest.approx(w1, rel=1e-6)
+
+    # the same checkpoint-4 of the FSDP2 ranks resumed under DDP (2 ranks, each reads the whole tensors)
+    ddp = _resumable_copy(tmp_path, two, "fsdp-to-ddp", 4)
+    _ok(_torchrun(tmp_path, _run_cfg(tmp_path, "fsdp-to-ddp")))
+    assert _close(two, ddp) <= PARAM_ATOL
 
     # 1 -> 2: the one process's (one-file) checkpoint-4 resumed by 2 FSDP2 ranks
     up = _resumable_copy(tmp_path, one, "one-to-two", 4)
