@@ -11,6 +11,8 @@ functions directly:
   (1 -> 2) too, and a step after the 2 -> 1 resume matches the 2-rank step to float rounding;
 * a checkpoint missing a shard, with a corrupted shard, or with a shard file its manifest does
   not list is refused naming the file; one without a manifest is passed over for the previous one.
+* the student streamed out of 2 FSDP2 ranks one tensor at a time (``save_final_student``) is
+  the folder ``save_pretrained`` writes in one process (Llama, and Qwen2 with tied embeddings).
 
 The end-to-end runs (``ddk distill --fsdp`` under torchrun, resumed at 2, 1 and 2 ranks) are
 marked slow. Tolerance at another world size: the same gradient summed in another order (each
@@ -430,3 +432,70 @@ def _poison(path: Path, name: str) -> Path:
     man["files"][name] = {"bytes": f_path.stat().st_size, "sha256": file_sha256(f_path)}
     (path / ckpt.MANIFEST).write_text(json.dumps(man))
     return f_path
+
+
+# ---------------------------------------------------------------------------- the student streamed out of FSDP2
+_EXPORT_WORKER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    import torch.distributed as dist
+
+    rank, world, port, root, here = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), sys.argv[5]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sys.path.insert(0, here)
+    sys.path.insert(0, str(Path(here).parents[2]))
+    from test_sharded import export_model, NoTokenizer
+    from torch.distributed.fsdp import fully_shard
+    from ddk.engine.export import save_final_student
+
+    for family in ("llama", "qwen2"):
+        step = torch.nn.Module()
+        step.student = export_model(family)
+        for layer in step.student.model.layers:
+            fully_shard(layer)
+        fully_shard(step)
+        (root / f"fsdp-{family}").mkdir(exist_ok=True)
+        save_final_student(step, step.student, NoTokenizer(), root / f"fsdp-{family}", fsdp=True, run_info={"r": 1})
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+class NoTokenizer:
+    def save_pretrained(self, path: str) -> None:  # the tests' stand-in: no tokenizer files
+        pass
+
+
+def export_model(family: str):  # type: ignore[no-untyped-def]
+    """A small student of ``family`` (``qwen2``: tied embeddings) with 13 rows, uneven over 2 ranks."""
+    from hf_models import make_model
+
+    return make_model(family, 13, hidden=16, layers=2, seed=3)
+
+
+def test_student_streamed_from_fsdp_ranks_equals_save_pretrained(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from gloo_workers import run_workers
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ddk.engine.models import save_student
+
+    script = tmp_path / "export.py"
+    script.write_text(_EXPORT_WORKER)
+    run_workers(script, lambda r, port: [r, 2, port, tmp_path, Path(__file__).parent], timeout=240)
+    for family in ("llama", "qwen2"):
+        model = export_model(family)
+        (tmp_path / f"one-{family}").mkdir()
+        save_student(model.state_dict(), model, NoTokenizer(), tmp_path / f"one-{family}", run_info={"r": 1})
+        one, two = tmp_path / f"one-{family}" / "student", tmp_path / f"fsdp-{family}" / "student"
+        assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+        a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tied copies left out alike
+        assert (one / "config.json").read_text() == (two / "config.json").read_text()
+        loaded = AutoModelForCausalLM.from_pretrained(str(two))
+        assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), model.state_dict().values()))
