@@ -9,6 +9,8 @@ evaluation. One module per concern:
 * ``components``: data -> sampler, estimator, schedule, controller, the teacher-CE source;
 * ``step``: the loss of training and validation (``StepLoss``), micro-batches, the optimiser;
 * ``checkpoint``: every stateful part under a fixed key (safetensors + JSON + SHA-256), RNG files;
+* ``sharded``, ``tensorfile``: checkpoints written by every rank (torch.distributed.checkpoint),
+  read at any number of ranks; ``export``: the student out of FSDP2 one tensor at a time;
 * ``loop``, ``runfolder``, ``preempt``, ``parallel``, ``models``: the loop ``ddk distill`` runs;
 * ``evaluate``: per-domain CE of a student and its teacher, checked against the run.
 * ``tracking``: the scalars a run reports (per-domain weights and gaps, CE/KD) to TensorBoard or W&B;
