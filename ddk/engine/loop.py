@@ -7,7 +7,10 @@ training and validation), then train with AdamW and warm-up + cosine (``make_opt
 stateful part is saved under a fixed key of ``checkpoint-<step>/`` (``ddk.engine.checkpoint``:
 safetensors + JSON + a SHA-256 manifest written last): ``student``, ``optimizer``, ``scheduler``,
 ``rng``, ``controller`` (the online sums all-reduced), ``nonfinite``; the newest
-``keep_checkpoints`` kept; resumed from the newest valid one.
+``keep_checkpoints`` kept; resumed from the newest valid one. With several ranks (or ``fsdp``) every rank
+writes its shard of the student and optimizer and a checkpoint resumes at any number of ranks
+(``ddk.engine.sharded``); under FSDP2 ``student/`` is written one gathered tensor at a time
+(``ddk.engine.export``).
 
 The run folder: ``config.json``, ``metrics.jsonl``, ``controller.jsonl``, ``checkpoint-<step>/``,
 ``student/`` (``save_pretrained`` plus the tokenizer and ``ddk_run.json``: the digest of the config
