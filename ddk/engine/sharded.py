@@ -75,8 +75,24 @@ LOADED = "_sharded_loaded"
 
 
 def sharded_checkpoints(fsdp: bool, world: int) -> bool:
-    """True when ``ddk distill`` writes sharded checkpoints: under FSDP2, or with more than one rank."""
-    return fsdp or world > 1
+    """True when ``ddk distill`` writes sharded checkpoints: under FSDP2, or with more than one
+    rank, when torch has DCP's Hugging Face storage (else the one-file checkpoint of before)."""
+    return (fsdp or world > 1) and _hf_storage() is None
+
+
+def _hf_storage() -> str | None:
+    """None when this torch has what sharded checkpoints use (``HuggingFaceStorageWriter`` with
+    ``save_distributed``, and its reader), else why not."""
+    import inspect
+
+    try:
+        from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no torch.distributed.checkpoint.hf_storage ({exc})"
+    if "save_distributed" not in inspect.signature(HuggingFaceStorageWriter.__init__).parameters:
+        return f"torch {torch.__version__}'s HuggingFaceStorageWriter has no save_distributed"
+    del HuggingFaceStorageReader
+    return None
 
 
 @contextlib.contextmanager
@@ -284,6 +300,9 @@ def _read_shards(
     """``(model state, optimizer state)`` of a sharded checkpoint, FQN-keyed like
     ``get_model_state_dict`` / ``get_optimizer_state_dict`` of ``step_mod`` (sharded ``DTensor``s
     under FSDP2), read into new tensors."""
+    lacking = _hf_storage()
+    if lacking:
+        raise _bad(path, fn, f"a sharded checkpoint, which needs a newer torch to read: {lacking}")
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
