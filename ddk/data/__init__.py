@@ -4,6 +4,9 @@
   dataset name passes to ``datasets.load_dataset``) -> a ``datasets.Dataset`` of ``text``/``domain``.
 * :func:`pack_domains` — tokenize, split each domain into train/validation by a stable hash, pack
   fixed-length sequences *within* each domain, cache them memory-mapped under a content hash.
+* :func:`pack_files` — the same from the files, for a corpus larger than memory: records streamed
+  batch by batch (:class:`RecordStream`), tokenized in parallel processes, packed to disk as they
+  come, built once per cache folder (the other ``torchrun`` ranks wait, then open it).
 * :class:`DomainSequenceDataset` / :class:`DomainCollator` — the packed sequences with their
   ``domain_id`` for a ``DataLoader`` driven by :class:`ddk.MixtureSampler`.
 * :func:`check_tokenizers` — the one tokenizer rule: teacher and student tokenize identically
@@ -21,10 +24,12 @@ from typing import Any
 
 _EXPORTS = {
     "load_records": "ddk.data.records",
+    "RecordStream": "ddk.data.records",
     "DomainCollator": "ddk.data.packed",
     "DomainSequenceDataset": "ddk.data.packed",
     "PackedDomains": "ddk.data.packed",
     "pack_domains": "ddk.data.packing",
+    "pack_files": "ddk.data.streaming",
     "tokenizer_hash": "ddk.data.packing",
     "check_tokenizers": "ddk.data.tokenizer_check",
     "tokenizer_signature": "ddk.data.tokenizer_check",

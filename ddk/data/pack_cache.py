@@ -7,8 +7,12 @@ Cache layout (``cache_dir`` given), one folder per key::
     <cache_dir>/<key>/train_<i>.bin        (n_i, seq_len) int32 little-endian, domain index i
     <cache_dir>/<key>/validation_<i>.bin   (m_i, seq_len) int32 little-endian
 
-A build writes into ``<cache_dir>/.tmp-<key>-*`` and renames it with ``os.replace``, so a killed
-build leaves no half cache (only a ``.tmp-*`` folder, safe to delete).
+A build writes into ``<cache_dir>/.tmp-pack-<pid>-*`` (the building process's id) and renames it
+to ``<cache_dir>/<key>`` with ``os.replace`` once the key is known, so a killed build leaves no half
+cache (only a ``.tmp-*`` folder, safe to delete). A cache built from files by ``pack_files`` also
+holds ``sources.json``: the fingerprints of the sources (paths, sizes, times, inodes, reading and
+packing options) it was built from, so that a later call with unchanged files opens it without
+reading them (``_find_by_sources``).
 
 Every open verifies the cache (``ddk.data.verify``): the first open after its files changed hashes
 them against ``meta.json`` and checks every token id below the tokenizer's vocabulary, then writes
@@ -27,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ddk._io import DIR_MODE, loads_json, read_capped
+from ddk._io import DIR_MODE, atomic_write_text, loads_json, read_capped
 from ddk.data.mapped import MappedRows, Rows
 from ddk.data.packed import PackedDomains
-from ddk.data.tokens import _DTYPE, _FORMAT, _Windows
+from ddk.data.tokens import _DTYPE, _FORMAT
 from ddk.data.verify import check_token_values, verify_cache
 
 __all__: list[str] = []
@@ -39,26 +43,26 @@ _VERSION = 1
 _META = "meta.json"
 
 
-def _entry(name: str, windows: _Windows) -> dict[str, Any]:
-    return {"file": name, "shape": [windows.windows, windows.L], "sha256": windows.sha256}
-
-
-def _new_build_folder(root: Path) -> Path:
-    """A fresh ``.tmp-<key>-*`` folder next to ``root`` (``<cache_dir>/<key>``, not yet there) to build in."""
-    fn = "pack_domains"
-    if root.exists():
-        raise ValueError(
-            f"{fn}: cache folder {root} must hold {_META} (it is not a finished cache); got a folder "
-            "without it. Delete the folder to rebuild it."
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=root.parent))
+def _build_folder(cache_dir: Path) -> Path:
+    """A fresh ``.tmp-pack-<pid>-*`` folder in ``cache_dir`` (created if missing) to build in."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-pack-{os.getpid()}-", dir=cache_dir))
     os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would hide the finished cache from a teammate
     return tmp
 
 
+def _check_root(root: Path) -> None:
+    """A folder ``<cache_dir>/<key>`` without ``meta.json`` is not a cache: an error naming it."""
+    if root.exists() and not (root / _META).is_file():
+        raise ValueError(
+            f"pack_domains: cache folder {root} must hold {_META} (it is not a finished cache); got a folder "
+            "without it. Delete the folder to rebuild it."
+        )
+
+
 def _commit(tmp: Path, root: Path, meta: dict[str, Any]) -> None:
     """Write ``meta`` into the built folder ``tmp`` and rename it to ``root``."""
+    _check_root(root)
     (tmp / _META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     try:
         os.replace(tmp, root)
@@ -67,6 +71,79 @@ def _commit(tmp: Path, root: Path, meta: dict[str, Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (root / _META).is_file():
             raise
+
+
+def _read_meta(root: Path) -> dict[str, Any] | None:
+    """The ``meta.json`` of a finished cache folder, or None (missing, unreadable, not ours)."""
+    try:
+        meta = loads_json(read_capped(root / _META), where=str(root / _META))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == _FORMAT else None
+
+
+def _finished(cache_dir: Path) -> list[Path]:
+    """The finished cache folders of ``cache_dir`` (not the hidden build folders)."""
+    try:
+        return sorted(p for p in cache_dir.iterdir() if not p.name.startswith(".") and (p / _META).is_file())
+    except OSError:
+        return []
+
+
+def _same_options(meta: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether a cache's ``meta.json`` was packed with ``options`` (all but the records'
+    contents: the tokenizer, EOS, sequence length and split options), so that only the records
+    can tell it from the cache being asked for."""
+    return (
+        meta.get("version") == _VERSION
+        and meta.get("tokenizer_hash") == options["tokenizer_hash"]
+        and meta.get("eos_token_id") == options["eos_token_id"]
+        and meta.get("seq_len") == options["seq_len"]
+        and meta.get("options") == options["options"]
+    )
+
+
+def _may_hold(cache_dir: Path, options: dict[str, Any]) -> bool:
+    """Whether some finished cache of ``cache_dir`` has ``options`` (then scanning the records for
+    their key, without tokenizing, may find it built)."""
+    return any(_same_options(m, options) for m in map(_read_meta, _finished(cache_dir)) if m is not None)
+
+
+_SOURCES = "sources.json"
+_SOURCES_FORMAT = "ddk.pack_sources"
+_SOURCES_KEPT = 64  # fingerprints kept per cache (the newest)
+
+
+def _find_by_sources(cache_dir: Path, fingerprint: str) -> Path | None:
+    """The finished cache built from sources of this fingerprint, if one is recorded."""
+    for root in _finished(cache_dir):
+        try:
+            got = loads_json(read_capped(root / _SOURCES), where=str(root / _SOURCES))
+        except (OSError, ValueError):
+            continue
+        if isinstance(got, dict) and got.get("format") == _SOURCES_FORMAT and fingerprint in (got.get("keys") or []):
+            return root
+    return None
+
+
+def _sources_json(keys: list[str]) -> str:
+    return json.dumps({"format": _SOURCES_FORMAT, "keys": keys[-_SOURCES_KEPT:]}, indent=0) + "\n"
+
+
+def _add_sources(root: Path, fingerprint: str) -> None:
+    """Record in the finished cache ``root`` that sources of ``fingerprint`` give it (best effort:
+    a cache that cannot be written is only found by reading the sources)."""
+    keys: list[str] = []
+    try:
+        got = loads_json(read_capped(root / _SOURCES), where=str(root / _SOURCES))
+        if isinstance(got, dict) and isinstance(got.get("keys"), list):
+            keys = [k for k in got["keys"] if isinstance(k, str) and k != fingerprint]
+    except (OSError, ValueError):
+        pass
+    try:
+        atomic_write_text(root / _SOURCES, _sources_json([*keys, fingerprint]))
+    except OSError:
+        pass
 
 
 def _open_cache(root: Path, *, key: str, verify: bool, vocab: int) -> tuple[PackedDomains, dict[str, int]]:

@@ -17,32 +17,32 @@ training document into validation (only the highest-hash validation documents ca
 training, the rule of ``DomainPartitioner.split``), and adding documents that hash above the
 cutoff changes no document's side. A capped domain grows its validation as documents are added.
 
-The result is a ``ddk.data.packed.PackedDomains``. The steps from records to token windows are in
-``ddk.data.tokens``; the cache (``cache_dir`` given: one folder per key, memory-mapped, built
-atomically) is laid out as ``ddk.data.pack_cache`` describes.
+The result is a ``ddk.data.packed.PackedDomains``. The build streams (``ddk.data.build``): the
+records are read batch by batch, tokenized in ``num_proc`` processes in order, and each domain's
+tokens go to disk as they come (``ddk.data.assemble``), so memory does not grow with the corpus
+(beyond the records themselves, when they are a list in memory; a ``datasets.Dataset`` is read from
+its Arrow files). The result is the same for every ``num_proc``, and byte for byte the one the
+former single-process packing gave (same key, same files). The cache (``cache_dir`` given: one
+folder per key, memory-mapped, built atomically) is laid out as ``ddk.data.pack_cache`` describes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddk._io import json_fingerprint, warn_user
-from ddk.data.pack_cache import _META, _VERSION, _commit, _entry, _new_build_folder, _open_cache
+from ddk.data.build import _build, _Options, _Side
 from ddk.data.packed import PackedDomains
-from ddk.data.tokens import _DTYPE, _FORMAT, _Records, _Scan, _scan, _token_lists, _Windows
+from ddk.data.token_workers import resolve_num_proc
+from ddk.data.tokens import _Batch, _Records
 
 __all__ = ["pack_domains", "tokenizer_hash"]
-
-_TOKENIZE_BATCH = 1000  # documents per tokenizer call (training side)
 
 
 # ---------------------------------------------------------------------------- tokenizer hash
@@ -105,37 +105,63 @@ def _check_int(fn: str, arg: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _cap_message(capped: Mapping[str, int], val_samples: int, max_val_fraction: float) -> str:
-    listing = ", ".join(f"{n!r} ({c})" for n, c in capped.items())
-    return (
-        f"pack_domains: validation capped at max_val_fraction={max_val_fraction} of each domain's documents, "
-        f"below val_samples={val_samples} sequences, for {listing}. Add documents to these domains, lower "
-        "val_samples, or pass validation= records for a full validation set."
+def _options(
+    fn: str,
+    tokenizer: Any,
+    *,
+    seq_len: Any,
+    val_samples: Any,
+    seed: Any,
+    max_val_fraction: Any,
+    domains: Any,
+    validation: bool,
+) -> _Options:
+    """The packing options checked (``fn`` names the public function in errors)."""
+    L = _check_int(fn, "seq_len", seq_len, 2)
+    val_samples = _check_int(fn, "val_samples", val_samples, 1)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"{fn}: seed must be an int; got {seed!r}.")
+    if (
+        not isinstance(max_val_fraction, (int, float))
+        or isinstance(max_val_fraction, bool)
+        or not 0.0 < max_val_fraction < 1.0
+    ):
+        raise ValueError(f"{fn}: max_val_fraction must be in (0, 1); got {max_val_fraction!r}.")
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise ValueError(
+            f"{fn}: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. "
+            "Set tokenizer.eos_token = '<its end-of-text token>' first."
+        )
+    keep: list[str] | None = None
+    if domains is not None:
+        if (
+            isinstance(domains, str)
+            or not all(isinstance(d, str) for d in domains)
+            or not domains
+            or len(set(domains)) != len(domains)
+        ):
+            raise ValueError(f"{fn}: domains must be a non-empty list of unique domain names or None; got {domains!r}.")
+        keep = sorted(domains)
+    return _Options(
+        fn=fn,
+        seq_len=L,
+        val_samples=val_samples,
+        seed=int(seed),
+        max_val_fraction=float(max_val_fraction),
+        keep=keep,
+        eos_id=int(eos_id),
+        vocab=_vocab_size(tokenizer),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        validation=validation,
     )
 
 
-def _warn_capped(capped: Mapping[str, int], val_samples: int, max_val_fraction: float) -> None:
-    """Warn the caller of ``pack_domains`` (once, all domains in one message) if any validation was capped."""
-    if capped:
-        warn_user(_cap_message(capped, val_samples, max_val_fraction))
+def _side(rec: _Records, validation: bool) -> _Side:
+    def batches() -> Iterator[_Batch]:
+        return rec.batches()
 
-
-def _warn_overlap(scan: _Scan, val_scan: _Scan, names: Sequence[str]) -> None:
-    """Warn (once, per domain) about validation records whose text is also a training record's."""
-    assert scan.key_hash is not None and val_scan.key_hash is not None
-    found = {}
-    for name in names:
-        train = scan.key_hash[scan.codes == scan.names.index(name)]
-        val = val_scan.key_hash[val_scan.codes == val_scan.names.index(name)]
-        n = int(np.isin(val, train).sum())
-        if n:
-            found[name] = f"{name!r} {n} of {val.size}"
-    if found:
-        warn_user(
-            f"pack_domains: validation records must not occur in the training records; got {len(found)} domain(s) "
-            f"with the same text in both: {', '.join(found.values())} validation records. Their validation CE "
-            "measures memorised text: remove these records from the training data or from the validation data."
-        )
+    return _Side(rec.arg, batches, rec.tokens, rec.has_text, validation, total=rec.n)
 
 
 def pack_domains(
@@ -151,6 +177,7 @@ def pack_domains(
     max_val_fraction: float = 0.5,
     progress: bool = True,
     verify: bool = False,
+    num_proc: int | None = None,
 ) -> PackedDomains:
     """Tokenize, split and pack each domain's documents into ``(n, seq_len)`` int32 sequences.
 
@@ -176,10 +203,14 @@ def pack_domains(
         domains: keep only these domains (each must occur in ``records``); default all.
         max_val_fraction: most documents of a domain the hash split may give to validation, in
             ``(0, 1)``.
-        progress: show tqdm bars (``"tokenize <domain>"``).
+        progress: show tqdm bars (``"tokenize records"``; ``"hash records"`` when an existing
+            cache of the same options may hold them).
         verify: on a cache hit, check every file's sha256 and token ids even if the cache's stamp
             vouches for them (by default they are checked when the files changed since the last
             check, see ``ddk.data.pack_cache``).
+        num_proc: processes that tokenize (``None`` or 0: the CPU count); the result does not
+            depend on it. A corpus of one batch (1,000 records or 1 MiB of text) is tokenized
+            in this process.
 
     Returns:
         ``PackedDomains``: per domain, in sorted name order, ``train`` ``(n_i, L)`` and
@@ -213,230 +244,25 @@ def pack_domains(
         (dtype('int32'), True)
     """
     fn = "pack_domains"
-    L = _check_int(fn, "seq_len", seq_len, 2)
-    val_samples = _check_int(fn, "val_samples", val_samples, 1)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"{fn}: seed must be an int; got {seed!r}.")
-    if (
-        not isinstance(max_val_fraction, (int, float))
-        or isinstance(max_val_fraction, bool)
-        or not 0.0 < max_val_fraction < 1.0
-    ):
-        raise ValueError(f"{fn}: max_val_fraction must be in (0, 1); got {max_val_fraction!r}.")
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_id is None:
-        raise ValueError(
-            f"{fn}: tokenizer must have an EOS token (appended after every document); got eos_token_id=None. "
-            "Set tokenizer.eos_token = '<its end-of-text token>' first."
-        )
-    eos_id = int(eos_id)
-    keep: list[str] | None = None
-    if domains is not None:
-        if (
-            isinstance(domains, str)
-            or not all(isinstance(d, str) for d in domains)
-            or not domains
-            or len(set(domains)) != len(domains)
-        ):
-            raise ValueError(f"{fn}: domains must be a non-empty list of unique domain names or None; got {domains!r}.")
-        keep = sorted(domains)
-    vocab = _vocab_size(tokenizer)
-    train_rec = _Records(fn, "records", records, vocab=vocab)
-    val_rec = _Records(fn, "validation", validation, vocab=vocab) if validation is not None else None
-
-    keys = val_rec is not None  # validation records: find those that are training records too
-    scan = _scan(train_rec, seed=int(seed), want_hash=val_rec is None, progress=progress, want_keys=keys)
-    val_scan = (
-        _scan(val_rec, seed=int(seed), want_hash=False, progress=progress, want_keys=True)
-        if val_rec is not None
-        else None
+    opts = _options(
+        fn,
+        tokenizer,
+        seq_len=seq_len,
+        val_samples=val_samples,
+        seed=seed,
+        max_val_fraction=max_val_fraction,
+        domains=domains,
+        validation=validation is not None,
     )
-    present = sorted(scan.names)
-    if keep is not None:
-        unknown = [d for d in keep if d not in scan.names]
-        if unknown:
-            raise ValueError(f"{fn}: domains must be names found in records {present}; got unknown {unknown}.")
-    names = keep if keep is not None else present
-    if val_scan is not None:
-        val_names = {d for d in val_scan.names if keep is None or d in keep}
-        missing, extra = sorted(set(names) - val_names), sorted(val_names - set(names))
-        if missing or extra:
-            raise ValueError(
-                f"{fn}: validation must have exactly the training domains {names}; got missing {missing}, extra {extra}."
-            )
-        _warn_overlap(scan, val_scan, names)
-
-    tok_hash = tokenizer_hash(tokenizer)
-    key = json_fingerprint(
-        {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "records": scan.digest,
-            "validation": val_scan.digest if val_scan is not None else None,
-            "tokenizer": tok_hash,
-            "eos_token_id": eos_id,
-            "seq_len": L,
-            "val_samples": val_samples,
-            "seed": int(seed),
-            "max_val_fraction": float(max_val_fraction),
-            "domains": keep,
-        }
+    sides = [_side(_Records(fn, "records", records), validation=False)]
+    if validation is not None:
+        sides.insert(0, _side(_Records(fn, "validation", validation), validation=True))
+    return _build(
+        opts,
+        sides,
+        tokenizer,
+        cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
+        num_proc=resolve_num_proc(fn, num_proc),
+        progress=progress,
+        verify=verify,
     )
-
-    root: Path | None = None
-    tmp: Path | None = None
-    if cache_dir is not None:
-        root = Path(cache_dir).expanduser() / key
-        if (root / _META).is_file():
-            packed, capped = _open_cache(root, key=key, verify=verify, vocab=vocab)
-            _warn_capped(capped, val_samples, max_val_fraction)
-            return packed
-        tmp = _new_build_folder(root)
-
-    try:
-        built = _build(
-            train_rec,
-            val_rec,
-            scan,
-            val_scan,
-            names,
-            tokenizer,
-            L=L,
-            val_samples=val_samples,
-            max_val_fraction=float(max_val_fraction),
-            eos_id=eos_id,
-            tmp=tmp,
-            progress=progress,
-        )
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    train_arrays, val_arrays, entries, capped = built
-    if tmp is None or root is None:
-        _warn_capped(capped, val_samples, max_val_fraction)
-        return PackedDomains(
-            names=tuple(names),
-            seq_len=L,
-            train=tuple(train_arrays),
-            validation=tuple(val_arrays),
-            eos_token_id=eos_id,
-            key=key,
-            root=None,
-        )
-
-    meta = {
-        "format": _FORMAT,
-        "version": _VERSION,
-        "key": key,
-        "names": names,
-        "seq_len": L,
-        "eos_token_id": eos_id,
-        "tokenizer_hash": tok_hash,
-        "dtype": _DTYPE.str,
-        "capped": capped,
-        "options": {
-            "val_samples": val_samples,
-            "seed": int(seed),
-            "max_val_fraction": float(max_val_fraction),
-            "domains": keep,
-            "split": "validation records" if val_rec is not None else "hash",
-        },
-        "train": entries["train"],
-        "validation": entries["validation"],
-    }
-    _commit(tmp, root, meta)
-    packed, capped = _open_cache(root, key=key, verify=False, vocab=vocab)
-    _warn_capped(capped, val_samples, max_val_fraction)
-    return packed
-
-
-def _build(
-    train_rec: _Records,
-    val_rec: _Records | None,
-    scan: _Scan,
-    val_scan: _Scan | None,
-    names: list[str],
-    tokenizer: Any,
-    *,
-    L: int,
-    val_samples: int,
-    max_val_fraction: float,
-    eos_id: int,
-    tmp: Path | None,
-    progress: bool,
-) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[dict[str, Any]]], dict[str, int]]:
-    """Pack every domain, one at a time; returns in-memory arrays (``tmp`` None) or file entries."""
-    from tqdm.auto import tqdm
-
-    fn = "pack_domains"
-    eos = np.array([eos_id], dtype=_DTYPE)
-    train_arrays: list[np.ndarray] = []
-    val_arrays: list[np.ndarray] = []
-    entries: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
-    capped: dict[str, int] = {}
-    for d, name in enumerate(names):
-        idx = np.flatnonzero(scan.codes == scan.names.index(name))  # record order
-        n_docs = len(idx)
-        bar = tqdm(total=n_docs, desc=f"tokenize {name}", unit=" doc", disable=not progress)
-        val_w = _Windows(L, tmp / f"validation_{d}.bin" if tmp is not None else None, limit=val_samples)
-        leftover: dict[int, np.ndarray] = {}  # tokenized while filling validation, then not taken
-        if val_rec is not None and val_scan is not None:
-            vidx = np.flatnonzero(val_scan.codes == val_scan.names.index(name))
-            for s in range(0, len(vidx), 64):
-                if val_w.full:
-                    break
-                for ids in _token_lists(val_rec, tokenizer, vidx[s : s + 64]):
-                    if val_w.full:
-                        break
-                    val_w.add(ids, eos)
-            train_idx = idx
-        else:
-            assert scan.split_hash is not None
-            h = scan.split_hash[idx]
-            order = idx[np.lexsort((idx, h))]  # hash order, ties by record position
-            max_docs = math.floor(max_val_fraction * n_docs + 1e-9)
-            taken = 0
-            step = 16
-            while taken < max_docs and not val_w.full:
-                chunk = order[taken : min(taken + step, max_docs)]
-                for i, ids in zip(chunk, _token_lists(train_rec, tokenizer, chunk)):
-                    if val_w.full:
-                        leftover[int(i)] = ids
-                    else:
-                        val_w.add(ids, eos)
-                        taken += 1
-                step = min(2 * step, _TOKENIZE_BATCH)
-            bar.update(taken)
-            train_idx = idx[~np.isin(idx, order[:taken])]
-        val_arr = val_w.close()
-
-        train_w = _Windows(L, tmp / f"train_{d}.bin" if tmp is not None else None)
-        for s in range(0, len(train_idx), _TOKENIZE_BATCH):
-            chunk = train_idx[s : s + _TOKENIZE_BATCH]
-            need = np.array([i for i in chunk if int(i) not in leftover], dtype=np.int64)
-            fresh = iter(_token_lists(train_rec, tokenizer, need)) if len(need) else iter(())
-            for i in chunk:
-                known = leftover.pop(int(i), None)
-                train_w.add(next(fresh) if known is None else known, eos)
-            bar.update(len(chunk))
-        train_arr = train_w.close()
-        bar.close()
-
-        if train_w.windows < 1 or val_w.windows < 1:
-            raise ValueError(
-                f"{fn}: domain {name!r} must give at least one training and one validation sequence of seq_len={L} "
-                f"tokens; got {train_w.windows} training and {val_w.windows} validation sequences from its "
-                f"{train_w.tokens + val_w.tokens} tokens ({n_docs} documents, max_val_fraction={max_val_fraction}). Lower seq_len or "
-                f"val_samples, or add data to {name!r}."
-            )
-        if val_rec is None and val_w.windows < val_samples:
-            capped[name] = val_w.windows
-        if tmp is not None:
-            entries["train"].append(_entry(f"train_{d}.bin", train_w))
-            entries["validation"].append(_entry(f"validation_{d}.bin", val_w))
-        else:
-            assert train_arr is not None and val_arr is not None
-            train_arrays.append(train_arr)
-            val_arrays.append(val_arr)
-    return train_arrays, val_arrays, entries, capped

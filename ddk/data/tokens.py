@@ -1,10 +1,11 @@
-"""From records to token windows, the steps of ``ddk.data.pack_domains`` (no public names).
+"""From records to token windows, the steps of ``ddk.data.pack_domains`` and ``ddk.data.pack_files``
+(no public names).
 
-* ``_Records`` — uniform access to a ``datasets.Dataset`` or a list of dicts, with ``domain`` and
-  ``text`` (or pre-tokenized ``input_ids``) columns.
-* ``_scan`` — one checking pass over the records: domain codes, the content digest of the cache
-  key and the stable split hash of every document.
-* ``_token_lists`` — the int32 ids of some documents (tokenized, or read when pre-tokenized).
+* ``_Records`` — uniform batch access to a ``datasets.Dataset`` or a list of dicts, with ``domain``
+  and ``text`` (or pre-tokenized ``input_ids``) columns.
+* ``_Scanner`` — the checking pass over record batches, one batch at a time: domain codes, the
+  content digest of the cache key, the stable split hash of every document (and a hash of its text
+  for the overlap check of validation records).
 * ``_Windows`` — cuts a token stream into ``(n, L)`` windows, in memory or written to a cache file.
 """
 
@@ -13,21 +14,21 @@ from __future__ import annotations
 import hashlib
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddk.data.records import _check_domain_name
+from ddk.data.readers import _check_domain_name
 from ddk.partition.partitioner import stable_unit_hash
 
 __all__: list[str] = []
 
 _FORMAT = "ddk.pack_domains"  # the format's name: seeds the content digest, tags the cache
 _DTYPE = np.dtype("<i4")  # token ids, in memory and in the cache files
-_SCAN_BATCH = 1000  # records per batch of the hashing pass
+_SCAN_BATCH = 1000  # records per batch of a records pass
 
 
 # ---------------------------------------------------------------------------- records access
@@ -36,13 +37,21 @@ def _is_hf_dataset(obj: Any) -> bool:
     return mod is not None and isinstance(obj, getattr(mod, "Dataset", ()))
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """Records in order: their domains, and their texts and/or pre-tokenized ids (``None`` if absent)."""
+
+    domains: list[Any]
+    texts: list[Any] | None
+    ids: list[Any] | None
+
+
 class _Records:
-    """Uniform access to a ``datasets.Dataset`` or a list of dicts with ``domain`` and ``text``
+    """Uniform batch access to a ``datasets.Dataset`` or a list of dicts with ``domain`` and ``text``
     (or ``input_ids``) columns."""
 
-    def __init__(self, fn: str, arg: str, data: Any, vocab: int | None = None) -> None:
+    def __init__(self, fn: str, arg: str, data: Any) -> None:
         self.fn, self.arg = fn, arg
-        self.vocab = vocab  # pre-tokenized ids must be below it (the tokenizer's)
         mod = sys.modules.get("datasets")
         if mod is not None and isinstance(data, (getattr(mod, "DatasetDict", ()), getattr(mod, "IterableDataset", ()))):
             raise TypeError(
@@ -77,101 +86,132 @@ class _Records:
         self._cols = ["domain", "text", "input_ids"] if tokens == "input_ids" and self.has_text else ["domain", tokens]
         self._view = data.select_columns(self._cols) if self.is_ds else None
 
-    def batches(self) -> Any:
-        """``(start, columns dict of lists)`` over all records, in order."""
-        if self._view is not None:  # a datasets.Dataset
-            start = 0
-            for b in self._view.iter(batch_size=_SCAN_BATCH):
-                yield start, b
-                start += len(b["domain"])
+    def batches(self) -> Iterator[_Batch]:
+        """All records, in order, ``_SCAN_BATCH`` at a time."""
+        if self._view is not None:  # a datasets.Dataset: read batch by batch from its Arrow files
+            parts: Iterator[dict[str, list[Any]]] = self._view.iter(batch_size=_SCAN_BATCH)
         else:
-            for start in range(0, self.n, _SCAN_BATCH):
-                chunk = self.data[start : start + _SCAN_BATCH]
-                yield start, {c: [r.get(c) for r in chunk] for c in self._cols}
-
-    def column(self, name: str, indices: np.ndarray) -> list[Any]:
-        """Values of column ``name`` at ``indices`` (in that order)."""
-        idx = [int(i) for i in indices]
-        if self._view is not None:  # a datasets.Dataset
-            return self._view[idx][name]
-        return [self.data[i][name] for i in idx]
-
-    def ids_array(self, i: int, value: Any) -> np.ndarray:
-        """Pre-tokenized ids of record ``i`` as int32, checked."""
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError):
-            arr = np.asarray([], dtype=object)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"{self.fn}: {self.arg}[{i}]['input_ids'] must be a list of ints; got {value!r:.60}.")
-        high = self.vocab if self.vocab is not None else 2**31
-        if arr.size and (arr.min() < 0 or arr.max() >= high):
-            bound = f"{high} (the tokenizer's vocabulary)" if self.vocab is not None else "2**31"
-            raise ValueError(
-                f"{self.fn}: {self.arg}[{i}]['input_ids'] must be ids in [0, {bound}); got {int(arr.min())}..{int(arr.max())}."
+            parts = (
+                {c: [r.get(c) for r in self.data[s : s + _SCAN_BATCH]] for c in self._cols}
+                for s in range(0, self.n, _SCAN_BATCH)
             )
-        return arr.astype(_DTYPE, copy=False)
+        for cols in parts:
+            yield _Batch(
+                cols["domain"],
+                cols["text"] if self.has_text else None,
+                cols["input_ids"] if self.tokens == "input_ids" else None,
+            )
 
 
+def _ids_array(fn: str, arg: str, i: int, value: Any, vocab: int | None) -> np.ndarray:
+    """Pre-tokenized ids of record ``i`` as int32, checked against ``vocab``."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        arr = np.asarray([], dtype=object)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{fn}: {arg}[{i}]['input_ids'] must be a list of ints; got {value!r:.60}.")
+    high = vocab if vocab is not None else 2**31
+    if arr.size and (arr.min() < 0 or arr.max() >= high):
+        bound = f"{high} (the tokenizer's vocabulary)" if vocab is not None else "2**31"
+        raise ValueError(
+            f"{fn}: {arg}[{i}]['input_ids'] must be ids in [0, {bound}); got {int(arr.min())}..{int(arr.max())}."
+        )
+    return arr.astype(_DTYPE, copy=False)
+
+
+# ---------------------------------------------------------------------------- the checking pass
 @dataclass
-class _Scan:
-    codes: np.ndarray  # (N,) int32 domain code of each record
-    names: list[str]  # code -> domain name
-    digest: str  # sha256 of every domain and text/ids, in order
-    split_hash: np.ndarray | None  # (N,) float64 stable_unit_hash of each document, if asked
-    key_hash: np.ndarray | None = None  # (N,) int64 hash of each document's text (ids), if asked
+class _Scanned:
+    """What ``_Scanner.feed`` learnt of one batch (per record, in order)."""
+
+    codes: np.ndarray  # (n,) int32 domain codes (``_Scanner.names[code]``)
+    split_hash: np.ndarray | None  # (n,) float64 stable_unit_hash of each document, if asked
+    key_hash: np.ndarray | None  # (n,) int64 hash of each document's text (ids), if asked
+    ids: list[np.ndarray] | None  # the pre-tokenized ids, checked, when the records have them
 
 
-def _scan(rec: _Records, *, seed: int, want_hash: bool, progress: bool, want_keys: bool = False) -> _Scan:
-    """One pass over the records: check them, code the domains, hash the contents (``want_keys``:
-    also each document's text, with Python's ``hash``, to compare two scans of one process)."""
-    from tqdm.auto import tqdm
+class _Scanner:
+    """The checks and hashes of one side's records, fed one batch at a time in record order.
 
-    fn, arg = rec.fn, rec.arg
-    codes = np.empty(rec.n, dtype=np.int32)
-    split_hash = np.empty(rec.n, dtype=np.float64) if want_hash else None
-    key_hash = np.empty(rec.n, dtype=np.int64) if want_keys else None
-    code_of: dict[str, int] = {}
-    sha = hashlib.sha256()
-    sha.update(f"{_FORMAT}/{rec.tokens}/{rec.has_text}".encode())
-    pack = struct.Struct("<Q").pack
-    bar = tqdm(total=rec.n, desc=f"hash {arg}", unit=" rec", disable=not progress)
-    for start, cols in rec.batches():
-        for j, dom in enumerate(cols["domain"]):
-            i = start + j
+    The digest (sha256 of the format tag, then every record's domain and text and/or ids, each
+    length-prefixed) is the one the records' cache key has always had: the same records give the
+    same key whether they come from memory or are streamed from files. ``want_keys`` hashes each
+    text with Python's ``hash`` (to compare two sides within one process).
+    """
+
+    def __init__(
+        self,
+        fn: str,
+        arg: str,
+        *,
+        tokens: str,
+        has_text: bool,
+        seed: int,
+        want_hash: bool,
+        want_keys: bool = False,
+        vocab: int | None = None,
+    ) -> None:
+        self.fn, self.arg = fn, arg
+        self.tokens, self.has_text = tokens, has_text
+        self.seed, self.want_hash, self.want_keys, self.vocab = seed, want_hash, want_keys, vocab
+        self.n = 0  # records fed so far
+        self.code_of: dict[str, int] = {}
+        self.names: list[str] = []  # code -> domain name, in order of first appearance
+        self._sha = hashlib.sha256()
+        self._sha.update(f"{_FORMAT}/{tokens}/{has_text}".encode())
+
+    @property
+    def digest(self) -> str:
+        return self._sha.hexdigest()
+
+    def feed(self, batch: _Batch) -> _Scanned:
+        """Check and hash one batch; raise ``ValueError`` naming the first bad record (global index)."""
+        fn, arg = self.fn, self.arg
+        n = len(batch.domains)
+        codes = np.empty(n, dtype=np.int32)
+        split_hash = np.empty(n, dtype=np.float64) if self.want_hash else None
+        key_hash = np.empty(n, dtype=np.int64) if self.want_keys else None
+        ids_out: list[np.ndarray] | None = [] if self.tokens == "input_ids" else None
+        sha, pack, code_of, seed = self._sha, struct.Struct("<Q").pack, self.code_of, self.seed
+        for j, dom in enumerate(batch.domains):
+            i = self.n + j
             if not isinstance(dom, str) or not dom:
                 raise ValueError(f"{fn}: {arg}[{i}]['domain'] must be a non-empty str; got {dom!r:.60}.")
             c = code_of.get(dom)
             if c is None:
                 _check_domain_name(fn, dom, f"{arg}[{i}]")
-                c = code_of[dom] = len(code_of)
-            codes[i] = c
+                c = code_of[dom] = len(self.names)
+                self.names.append(dom)
+            codes[j] = c
             d = dom.encode("utf-8")
             sha.update(pack(len(d)))
             sha.update(d)
             key = None
-            if rec.has_text:
-                text = cols["text"][j]
+            if batch.texts is not None:
+                text = batch.texts[j]
                 if not isinstance(text, str):
                     raise ValueError(f"{fn}: {arg}[{i}]['text'] must be a str; got {text!r:.60}.")
                 t = text.encode("utf-8", "surrogatepass")
                 sha.update(pack(len(t)))
                 sha.update(t)
                 key = text
-            if rec.tokens == "input_ids":
-                b = rec.ids_array(i, cols["input_ids"][j]).tobytes()
+            if ids_out is not None:
+                assert batch.ids is not None
+                arr = _ids_array(fn, arg, i, batch.ids[j], self.vocab)
+                ids_out.append(arr)
+                b = arr.tobytes()
                 sha.update(pack(len(b)))
                 sha.update(b)
                 if key is None:
                     key = hashlib.sha256(b).hexdigest()
             if split_hash is not None:
                 assert key is not None  # every record has a text or an input_ids column
-                split_hash[i] = stable_unit_hash(key, seed)
+                split_hash[j] = stable_unit_hash(key, seed)
             if key_hash is not None:
-                key_hash[i] = hash(key)
-        bar.update(len(cols["domain"]))
-    bar.close()
-    return _Scan(codes, list(code_of), sha.hexdigest(), split_hash, key_hash)
+                key_hash[j] = hash(key)
+        self.n += n
+        return _Scanned(codes, split_hash, key_hash, ids_out)
 
 
 # ---------------------------------------------------------------------------- window writer
@@ -242,11 +282,3 @@ class _Windows:
     @property
     def sha256(self) -> str:
         return self._sha.hexdigest()
-
-
-def _token_lists(rec: _Records, tokenizer: Any, indices: np.ndarray) -> list[np.ndarray]:
-    """int32 ids of the documents at ``indices`` (tokenized, or read when pre-tokenized)."""
-    if rec.tokens == "input_ids":
-        return [rec.ids_array(int(i), v) for i, v in zip(indices, rec.column("input_ids", indices))]
-    enc = tokenizer(rec.column("text", indices), add_special_tokens=False)
-    return [np.asarray(x, dtype=_DTYPE) for x in enc["input_ids"]]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +311,28 @@ def _check_teacher_ce(
         )
 
 
+def _row_chunks(a: Any, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, rows)`` of the 2-D array ``a``, ``rows`` at a time. A file-backed array is read
+    chunk by chunk (no map: the pages of a pass over a large file would all count as the process's
+    resident memory until the map went away); an array in memory is sliced."""
+    n = int(a.shape[0])
+    path = getattr(a, "path", None)
+    if path is None:
+        whole = _whole(a)
+        for s in range(0, n, rows):
+            yield s, whole[s : s + rows]
+        return
+    width, dtype = int(a.shape[1]), np.dtype(a.dtype)
+    with open(path, "rb") as f:
+        f.seek(int(getattr(a, "offset", 0)))
+        for s in range(0, n, rows):
+            count = min(rows, n - s) * width
+            part = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype)
+            if part.size != count:
+                raise ValueError(f"pack_domains: cache file {path} must hold {n} x {width} values; got fewer.")
+            yield s, part.reshape(-1, width)
+
+
 def check_token_values(root: Path, arrays: Mapping[str, Any], vocab: int, eos_token_id: int) -> None:
     """Every token id of a packed cache (``side -> [per domain (n, L) int32]``) in ``[0, vocab)``.
 
@@ -326,12 +348,11 @@ def check_token_values(root: Path, arrays: Mapping[str, Any], vocab: int, eos_to
         )
     for side, per_domain in arrays.items():
         for a in per_domain:
-            whole = _whole(a)
-            if whole.size == 0:
+            if int(np.prod(a.shape)) == 0:
                 continue
-            rows = max(1, _CHUNK_BYTES // (4 * int(whole.shape[1])))
-            for s in range(0, int(whole.shape[0]), rows):
-                bad = first_out_of_range(whole[s : s + rows], vocab)
+            rows = max(1, _CHUNK_BYTES // (4 * int(a.shape[1])))
+            for s, part in _row_chunks(a, rows):
+                bad = first_out_of_range(part, vocab)
                 if bad is not None:
                     path = getattr(a, "path", None) or getattr(a, "filename", None) or f"{side} array"
                     at = (bad[0][0] + s, *bad[0][1:])

@@ -160,33 +160,27 @@ def open_teacher_cache(
     return opened
 
 
-def _records(cfg: RunConfig, paths: Any) -> Any:
-    """``load_records`` of ``paths`` (``NAME=FILE`` entries: one domain's file, ``data_source``) with
-    the run's fields, bad-record policy and size cap."""
-    from ddk.data import load_records
+def _pack(cfg: RunConfig, tokenizer: Any, paths: Any, validation: Any) -> Any:
+    """``ddk.data.pack_files`` of the record options ``paths`` and ``validation`` (``NAME=FILE``
+    entries: one domain's file, ``data_source``) with the run's fields, bad-record policy, size
+    cap, sequence length, validation size, split seed, processes and cache: the corpus is streamed
+    from its files, packed once per cache folder (under ``torchrun`` the other ranks wait and open
+    it), and a cache whose files are unchanged opens without reading them."""
+    from ddk.data import pack_files
 
-    return load_records(
+    return pack_files(
         [data_source(p) for p in paths],
-        text_field=cfg.text_field,
-        domain_field=cfg.domain_field,
-        on_missing="skip" if cfg.skip_bad_records else "raise",
-        progress=show_bars(cfg.progress),
-        max_record_bytes=cfg.max_record_bytes,
-    )
-
-
-def _pack(cfg: RunConfig, tokenizer: Any, records: Any, validation: Any) -> Any:
-    """``pack_domains`` with the run's sequence length, validation size, split seed and cache."""
-    from ddk.data import pack_domains
-
-    return pack_domains(
-        records,
         tokenizer,
         seq_len=cfg.sequence_length,
         val_samples=cfg.val_samples,
-        validation=validation,
+        validation=[data_source(p) for p in validation] if validation else None,
         seed=VALIDATION_SPLIT_SEED,
         cache_dir=cfg.data_path / "packed",
+        text_field=cfg.text_field,
+        domain_field=cfg.domain_field,
+        on_missing="skip" if cfg.skip_bad_records else "raise",
+        max_record_bytes=cfg.max_record_bytes,
+        num_proc=cfg.num_proc or None,
         progress=show_bars(cfg.progress),
     )
 
@@ -197,12 +191,12 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
 
     Sequences of ``cfg.seq_len`` tokens, packed within each domain; validation is ``cfg.val_samples``
     sequences per domain, from ``validation_data`` or the stable per-domain split of ``data``
-    (``VALIDATION_SPLIT_SEED``); cached under ``data_dir/packed``.
+    (``VALIDATION_SPLIT_SEED``); cached under ``data_dir/packed``, streamed from the files in
+    ``cfg.num_proc`` processes (``ddk.data.pack_files``).
     """
     if cfg.teacher_cache:
         return open_teacher_cache(cfg.teacher_cache, tokenizer, temperature=cfg.temperature, seq_len=cfg.seq_len, fn=fn)
-    validation = _records(cfg, cfg.validation_data) if cfg.validation_data else None
-    return _pack(cfg, tokenizer, _records(cfg, cfg.data), validation)
+    return _pack(cfg, tokenizer, cfg.data, cfg.validation_data)
 
 
 def load_test_data(cfg: RunConfig, tokenizer: Any, names: Any, fn: str = "distill") -> Any:
@@ -213,10 +207,9 @@ def load_test_data(cfg: RunConfig, tokenizer: Any, names: Any, fn: str = "distil
 
     if not cfg.test_data:
         return None
-    records = _records(cfg, cfg.test_data)
     with warnings.catch_warnings():  # the records on both sides, on purpose (only validation is read)
-        warnings.filterwarnings("ignore", message="pack_domains: validation records must not occur")
-        packed = _pack(cfg, tokenizer, records, records)
+        warnings.filterwarnings("ignore", message="pack_files: validation records must not occur")
+        packed = _pack(cfg, tokenizer, cfg.test_data, cfg.test_data)
     if tuple(packed.names) != tuple(names):
         raise ValueError(
             f"{fn}: test_data must have exactly the training domains {list(names)}; got {list(packed.names)}."

@@ -261,6 +261,7 @@ class RunConfig(DistillOptions):
     keep_checkpoints: int = 2  # keep the last k checkpoint-<step>/ folders of the run folder
     resume: bool = True
     threads: int = 0  # torch threads; 0 = leave torch's default
+    num_proc: int = 0  # processes tokenizing the records when they are packed; 0 = the CPU count
     progress: bool = True
     report_to: str = field(
         default="none",
@@ -365,7 +366,7 @@ class RunConfig(DistillOptions):
             )
         self._absolute_paths()
         self._check_out(fn)
-        for k in ("warmup_steps", "seed", "threads", "tokens"):
+        for k in ("warmup_steps", "seed", "threads", "tokens", "num_proc"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{fn}: {k} must be >= 0; got {getattr(self, k)!r}.")
         if self.device not in DEVICES:

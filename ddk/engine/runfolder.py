@@ -43,6 +43,7 @@ RESUME_IGNORED = (
     "resume",
     "progress",
     "threads",
+    "num_proc",  # the packed result is the same for every number of tokenizing processes
     "out",
     "log_every",
     "checkpoint_every",

@@ -246,6 +246,8 @@ _HELP: dict[str, str] = {
     "log_every": "write a metrics.jsonl record every this many steps, and without a progress bar print a plain "
     "line (step, loss, CE, KD, tokens/s; at interval ends the gaps and weights)",
     "threads": "torch threads (0: torch's default)",
+    "num_proc": "processes that tokenize the records when they are packed (0: the CPU count); the packed result is the "
+    "same for any number. Under torchrun one rank packs (the others wait, then open its cache)",
     "progress": "progress bars when stderr is a terminal; elsewhere (a log file, a pipe) and with --no-progress, a "
     "plain line every --log-every steps. Status lines (start, resume, checkpoints, the end) print either way",
     "checkpoint_every": "write checkpoint-<step>/ (safetensors + JSON + SHA-256 manifest) every this many steps (and "

@@ -404,6 +404,7 @@ def demo_config(cfg: RecipeConfig) -> RecipeConfig:
             validation=load_records(list(validation), progress=bars),
             cache_dir=cfg.data_path / "packed",
             progress=bars,
+            num_proc=cfg.num_proc or None,
         )
         with folder_lock(cfg.data_path / "teachers", "demo_config", "data_dir", wait=True):  # one trainer per cache
             teacher = demo_teacher(cfg, packed, tokenizer)

@@ -53,6 +53,7 @@ _DATA = (
     "eval_batch_size",
     "skip_bad_records",
     "max_record_mb",
+    "num_proc",
     "data_dir",
 )
 _METHOD = (

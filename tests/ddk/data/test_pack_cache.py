@@ -82,16 +82,18 @@ def test_pack_domains_damaged_cache_is_an_error(tok, records, tmp_path):
 
 
 def test_pack_domains_failed_build_leaves_no_cache(tok, records, tmp_path, monkeypatch):
+    import ddk.data.assemble as assemble
+
     calls = {"n": 0}
-    real = type(tok).__call__
+    real = assemble._compact
 
-    def dies_later(self, *a, **k):  # type: ignore[no-untyped-def]
+    def dies_later(*a, **k):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] > 3:
+        if calls["n"] > 1:  # the first domain's training file is written, the second's is not
             raise KeyboardInterrupt  # as a killed build
-        return real(self, *a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(type(tok), "__call__", dies_later)
+    monkeypatch.setattr(assemble, "_compact", dies_later)
     with pytest.raises(KeyboardInterrupt):
         pack_domains(records, tok, cache_dir=tmp_path, **_quiet(val_samples=3))
     assert list(tmp_path.iterdir()) == []
