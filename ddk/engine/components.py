@@ -160,7 +160,7 @@ def open_teacher_cache(
     return opened
 
 
-def _pack(cfg: RunConfig, tokenizer: Any, paths: Any, validation: Any) -> Any:
+def _pack(cfg: RunConfig, tokenizer: Any, paths: Any, validation: Any, val_samples: int | None = None) -> Any:
     """``ddk.data.pack_files`` of the record options ``paths`` and ``validation`` (``NAME=FILE``
     entries: one domain's file, ``data_source``) with the run's fields, bad-record policy, size
     cap, sequence length, validation size, split seed, processes and cache: the corpus is streamed
@@ -172,7 +172,7 @@ def _pack(cfg: RunConfig, tokenizer: Any, paths: Any, validation: Any) -> Any:
         [data_source(p) for p in paths],
         tokenizer,
         seq_len=cfg.sequence_length,
-        val_samples=cfg.val_samples,
+        val_samples=cfg.val_samples if val_samples is None else val_samples,
         validation=[data_source(p) for p in validation] if validation else None,
         seed=VALIDATION_SPLIT_SEED,
         cache_dir=cfg.data_path / "packed",
@@ -199,17 +199,22 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, fn: str = "distill") -> Any:
     return _pack(cfg, tokenizer, cfg.data, cfg.validation_data)
 
 
+#: sequences per domain read from the test records: all of them (the cap only bounds the packing call)
+TEST_SAMPLES_CAP = 1 << 40
+
+
 def load_test_data(cfg: RunConfig, tokenizer: Any, names: Any, fn: str = "distill") -> Any:
-    """``PackedDomains`` whose ``validation`` sets are ``cfg.test_data``'s records (``cfg.val_samples``
-    sequences of ``cfg.seq_len`` tokens per domain, cached like the training data), or None without
-    test data. The test records must have exactly the run's domains ``names``."""
+    """``PackedDomains`` whose ``validation`` sets are ``cfg.test_data``'s records (every sequence of
+    ``cfg.seq_len`` tokens they pack into, per domain: ``cfg.val_samples`` caps the validation sets
+    only; cached like the training data), or None without test data. The test records must have
+    exactly the run's domains ``names``."""
     import warnings
 
     if not cfg.test_data:
         return None
     with warnings.catch_warnings():  # the records on both sides, on purpose (only validation is read)
         warnings.filterwarnings("ignore", message="pack_files: validation records must not occur")
-        packed = _pack(cfg, tokenizer, cfg.test_data, cfg.test_data)
+        packed = _pack(cfg, tokenizer, cfg.test_data, cfg.test_data, val_samples=TEST_SAMPLES_CAP)
     if tuple(packed.names) != tuple(names):
         raise ValueError(
             f"{fn}: test_data must have exactly the training domains {list(names)}; got {list(packed.names)}."

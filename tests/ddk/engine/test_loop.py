@@ -183,6 +183,7 @@ def test_test_data_gaps_are_reported_at_the_end_and_never_reach_the_mixture(tmp_
     tok = load_tokenizer(str(Path(with_test.out) / "student"))
     packed = load_test_data(dataclasses.replace(with_test).validate(), tok, a["domains"])
     assert test["sequences"] == [len(v) for v in packed.validation] and min(test["sequences"]) >= 1
+    assert min(test["sequences"]) > with_test.val_samples  # the whole test split: val_samples caps validation only
     student = AutoModelForCausalLM.from_pretrained(str(Path(with_test.out) / "student")).eval()
     teacher = AutoModelForCausalLM.from_pretrained(with_test.teacher).eval()
     for i, seqs in enumerate(packed.validation):
