@@ -8,10 +8,13 @@ run's config, and the teacher must be the one the run distilled from (``teacher_
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +22,7 @@ from ddk.engine.components import Components
 from ddk.engine.progress import show_bars
 from ddk.engine.runfolder import atomic_json, check_student_of, read_run_config
 
-__all__ = ["discrepancy_report", "evaluate_run"]
+__all__ = ["discrepancy_report", "evaluate_run", "validation_identity"]
 
 
 def discrepancy_report(parts: Components, student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
@@ -38,6 +41,28 @@ def discrepancy_report(parts: Components, student: nn.Module, teacher: nn.Module
         "worst_gap": float(disc.gap.max()),
         "mean_ratio": float(disc.ratio.mean()),
     }
+
+
+def validation_identity(data: Any) -> dict[str, Any]:
+    """What identifies the validation sets a run's CE is measured on, for ``ddk compare`` to check:
+    a 64-bit checksum of the domain names and of every validation token id (as int64, so a packed
+    corpus and a teacher cache of the same sequences agree; one pass over them), and the
+    sequences per domain. Two runs share it only if they measured on the same token sequences.
+
+    Args:
+        data: ``PackedDomains`` or ``TeacherCache`` (its ``names`` and per-domain ``validation``
+            arrays ``(m_i, L)``).
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps(list(data.names)).encode())
+    rows = []
+    for arr in data.validation:
+        n, width = (int(x) for x in arr.shape)
+        rows.append(n)
+        h.update(f"({n},{width});".encode())
+        for s in range(0, n, 4096):  # bounded memory for large validation sets
+            h.update(np.ascontiguousarray(arr[s : s + 4096], dtype="<i8").tobytes())
+    return {"checksum": h.hexdigest(), "sequences": rows}
 
 
 def _check_teacher_of(run: Path, info: dict[str, Any], current: dict[str, Any] | None, fn: str) -> None:
@@ -114,5 +139,6 @@ def evaluate_run(run_dir: str | os.PathLike[str], *, fn: str = "evaluate") -> di
         parts.estimator.teacher_ce = _summary_teacher_ce(run, fn)
     res = {"method": cfg.method, "seed": cfg.seed, **discrepancy_report(parts, student, teacher)}
     res["teacher_identity"] = identity
+    res["validation_identity"] = validation_identity(data)
     atomic_json(run / "eval.json", res)
     return res

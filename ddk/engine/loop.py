@@ -58,7 +58,7 @@ from ddk.distributed import (
 from ddk.engine import checkpoint as ckpt
 from ddk.engine.components import build_components, load_run_data, load_test_data, report_test_split
 from ddk.engine.config import RunConfig
-from ddk.engine.evaluate import discrepancy_report
+from ddk.engine.evaluate import discrepancy_report, validation_identity
 from ddk.engine.export import save_final_student
 from ddk.engine.methods import method_spec
 from ddk.engine.models import autocast_dtype, load_models, teacher_identity
@@ -565,6 +565,7 @@ class _Run:
             "student_params": sum(p.numel() for p in self.student.parameters()),
             "teacher_params": sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0,
             "teacher_identity": self.teacher_identity,
+            "validation_identity": validation_identity(self.data) if self.rank == 0 else None,
         }
         set_stage("writing summary.json")
         if self.rank == 0:

@@ -489,6 +489,7 @@ def compare_demo(cfg: RecipeConfig, methods: tuple[str, ...] = DEMO_METHODS, pre
             {m.upper(): s for m, s in summaries.items()},
             root / "compare.png",
             title=f"Per-domain gap to the teacher after distillation (preset {preset!r})",
+            column="method",
         )
         if methods[0] == "kd" and "ddk" in methods:
             result["difference"] = comp.difference["DDK"]  # DDK - KD: negative where DDK ends closer

@@ -69,31 +69,63 @@ def _widths(names: Sequence[str], labels: Sequence[str]) -> tuple[int, int]:
     return max(18, max(len(x) for x in labels) + 2), max(10, max(len(n) for n in names) + 2)
 
 
-def format_table(summaries: list[dict[str, Any]], labels: Sequence[str] | None = None) -> str:
-    """Per-domain CE gap (student - teacher, nats/token) per run, with mean, worst and mean ppl ratio.
+def _same_ce(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
 
-    ``labels`` name the rows (default: each run's method, and its seed when there are several runs).
+
+def format_table(
+    summaries: list[dict[str, Any]], labels: Sequence[str] | None = None, *, column: str = "method"
+) -> str:
+    """Per-domain CE gap (student - teacher, nats/token) per run, with mean, worst and mean ppl ratio,
+    then the CE the gaps come from: each run's student CE, and the teacher CE once when every run
+    has the same (noted), else per run.
+
+    ``labels`` name the rows (default: each run's method, and its seed when there are several runs);
+    ``column`` heads the labels' column (``ddk compare``: ``run``, its rows being run folders).
     """
+    gaps, ce, _, _ = _table(summaries, labels, column)
+    return "\n".join(gaps + ce)
+
+
+def _table(
+    summaries: list[dict[str, Any]], labels: Sequence[str] | None, column: str, more: Sequence[str] = ()
+) -> tuple[list[str], list[str], int, int]:
+    """``format_table``'s lines (the head and gap rows; the CE rows and their note) and its (label,
+    domain) column widths, wide enough for the labels ``more`` too."""
     names = [printable(n) for n in summaries[0]["domains"]]  # control characters escaped
     if labels is None:
         labels = [s["method"] + (f" s{s['seed']}" if len(summaries) > 1 and "seed" in s else "") for s in summaries]
-    lw, w = _widths(names, [printable(x) for x in labels])
+    labels = [printable(x) for x in labels]
+
+    def ref(s: dict[str, Any]) -> str:
+        # a run without a teacher (cpt) measures its gaps against its own student's CE at the start
+        return "start CE" if "teacher_identity" in s and s["teacher_identity"] is None else "teacher CE"
+
+    ce_rows: list[tuple[str, list[float]]] = []
+    note = ""
+    if len(summaries) == 1:
+        ce_rows = [(ref(summaries[0]), summaries[0]["teacher_ce"]), ("student CE", summaries[0]["student_ce"])]
+    else:
+        refs = {ref(s) for s in summaries}
+        if len(refs) == 1 and all(_same_ce(s["teacher_ce"], summaries[0]["teacher_ce"]) for s in summaries):
+            ce_rows.append((refs.pop(), summaries[0]["teacher_ce"]))
+            note = f"({ce_rows[0][0]}: the same for every run.)"
+        else:
+            ce_rows += [(f"{ref(s)} {label}", s["teacher_ce"]) for label, s in zip(labels, summaries)]
+        ce_rows += [(f"student CE {label}", s["student_ce"]) for label, s in zip(labels, summaries)]
+    lw, w = _widths(names, [column, *labels, *(x for x, _ in ce_rows), *(printable(x) for x in more)])
     head = (
-        f"{'method':<{lw}}" + "".join(f"{n[: w - 1]:>{w}}" for n in names) + f"{'mean':>9}{'worst':>9}{'ppl-ratio':>11}"
+        f"{column:<{lw}}" + "".join(f"{n[: w - 1]:>{w}}" for n in names) + f"{'mean':>9}{'worst':>9}{'ppl-ratio':>11}"
     )
     rows = [head, "-" * len(head)]
     for label, s in zip(labels, summaries):
         rows.append(
-            f"{printable(label):<{lw}}"
+            f"{label:<{lw}}"
             + "".join(f"{g:>{w}.4f}" for g in s["gap"])
             + f"{s['mean_gap']:>9.4f}{s['worst_gap']:>9.4f}{s['mean_ratio']:>11.4f}"
         )
-    # a run without a teacher (cpt) measures its gaps against its own student's CE at the start
-    no_teacher = "teacher_identity" in summaries[0] and summaries[0]["teacher_identity"] is None
-    ref = "start CE" if no_teacher else "teacher CE"
-    rows.append(f"{ref:<{lw}}" + "".join(f"{c:>{w}.4f}" for c in summaries[0]["teacher_ce"]))
-    rows.append(f"{'student CE':<{lw}}" + "".join(f"{c:>{w}.4f}" for c in summaries[-1]["student_ce"]))
-    return "\n".join(rows)
+    ce_lines = [f"{x:<{lw}}" + "".join(f"{c:>{w}.4f}" for c in ce) for x, ce in ce_rows]
+    return rows, ce_lines + ([note] if note else []), lw, w
 
 
 # ---------------------------------------------------------------------------- comparison of runs
@@ -193,11 +225,37 @@ def _difference_rows(diff: dict[str, dict[str, Any]], first: str, lw: int, w: in
     ]
 
 
+def _validation_notes(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
+    """A warning naming the runs measured on other validation sets than the first (``summary.json``'s
+    ``validation_identity``: a checksum of the validation token ids), and a note naming the runs
+    whose summary has none (written by an older ddk), which are not checked."""
+    ids = [s.get("validation_identity") for s in runs]
+    unknown = [x for x, v in zip(labels, ids) if not isinstance(v, dict)]
+    known = [(x, v) for x, v in zip(labels, ids) if isinstance(v, dict)]
+    lines = []
+    if known:
+        ref_label, ref = known[0]
+        other = [x for x, v in known[1:] if v.get("checksum") != ref.get("checksum")]
+        if other:
+            lines.append(
+                f"warning: {other} were measured on other validation sets than {ref_label!r} (other records, "
+                "split, --val-samples, --seq-len or tokenizer; summary.json 'validation_identity'): their CE and "
+                "gaps do not compare with its."
+            )
+    if unknown and len(runs) > 1:
+        lines.append(
+            f"note: {unknown} have no validation_identity in summary.json (an older ddk): whether every run was "
+            "measured on the same validation sets is not checked."
+        )
+    return lines
+
+
 def compare_summaries(
     summaries: Mapping[str, Mapping[str, Any]],
     out_png: str | os.PathLike[str] | None = None,
     *,
     title: str = "Per-domain gap to the teacher after distillation",
+    column: str = "run",
     fn: str = "compare",
 ) -> Comparison:
     """The per-domain gap table of finished runs, their differences against the first, and the bar plot.
@@ -206,6 +264,7 @@ def compare_summaries(
         summaries: ``{label: summary.json content}``, in order; the first is the reference.
         out_png: where to write the bars of the final validation gaps side by side (None: no plot).
         title: the plot's title.
+        column: the heading of the labels' column (``run``: run folders; the demo's are methods).
         fn: the name errors start with.
 
     Returns:
@@ -225,9 +284,9 @@ def compare_summaries(
                 f"{fn}: every run must have the domains of the first, {labels[0]!r} ({names}); got "
                 f"{list(s['domains'])} in {label!r}. Only runs on the same domains compare."
             )
-    lw, w = _widths([printable(n) for n in names], [printable(f"{x} - {labels[0]}") for x in labels])
     diff = _differences(runs, labels)
-    text = [format_table(runs, labels), *_difference_rows(diff, labels[0], lw, w)]
+    gap_rows, ce_rows, lw, w = _table(runs, labels, column, [f"{x} - {labels[0]}" for x in labels])
+    text = [*gap_rows, *_difference_rows(diff, labels[0], lw, w), *ce_rows]
     if len(runs) > 1:
         text.append(
             f"(gap = student CE - teacher CE on each domain's validation set, nats/token; '<run> - {labels[0]}' < 0: "
@@ -236,6 +295,7 @@ def compare_summaries(
     others = [x for x, s in zip(labels[1:], runs[1:]) if s.get("teacher_identity") != runs[0].get("teacher_identity")]
     if others:
         text.append(f"note: {others} had another teacher than {labels[0]!r}; each gap is against its own teacher.")
+    text += _validation_notes(runs, labels)
     test_diff = None
     tests = [s.get("test") for s in runs]
     if all(isinstance(t, dict) for t in tests):

@@ -30,6 +30,7 @@ def _summary(gap: list[float], test: list[float] | None = None, **kw: Any) -> di
         "worst_gap": max(gap),
         "mean_ratio": 1.1,
         "teacher_identity": {"kind": "model", "name": "t"},
+        "validation_identity": {"checksum": "0123456789abcdef", "sequences": [4, 4, 4]},
     }
     if test is not None:
         s["test"] = {"gap": test, "mean_gap": sum(test) / len(test), "worst_gap": max(test)}
@@ -72,6 +73,47 @@ def test_compare_summaries_notes_another_teacher_and_a_partial_test_split() -> N
     assert comp.test_difference is None
     assert "note: ['b'] had another teacher than 'a'" in comp.text
     assert "note: only ['a'] have test gaps" in comp.text
+
+
+def test_compare_summaries_shows_each_runs_student_ce_and_the_teacher_ce_per_run_or_once() -> None:
+    a = _summary([0.1, 0.2, 0.3], teacher_ce=[2.0, 3.0, 4.0])
+    b = _summary([0.5, 0.5, 0.5], teacher_ce=[1.0, 1.5, 2.0], student_ce=[1.5, 2.0, 2.5])
+    lines = compare_summaries({"small": a, "large": b}).text.splitlines()
+    assert lines[0].split()[0] == "run"  # the column lists run folders
+    rows = {
+        ln[:18].strip(): ln[18:].split()
+        for ln in lines
+        if ln[:18].strip().endswith(("small", "large")) and "CE" in ln[:18]
+    }
+    assert rows == {  # every run's own CE, not the first's teacher next to the last's student
+        "teacher CE small": ["2.0000", "3.0000", "4.0000"],
+        "teacher CE large": ["1.0000", "1.5000", "2.0000"],
+        "student CE small": ["2.1000", "2.2000", "2.3000"],
+        "student CE large": ["1.5000", "2.0000", "2.5000"],
+    }
+    assert "the same for every run" not in "\n".join(lines)
+    # the same teacher CE in every run: one row, said so; still each run's student CE
+    same = compare_summaries({"kd": _summary([0.1, 0.2, 0.3]), "ddk": _summary([0.0, 0.1, 0.2])}).text
+    assert [ln.split()[:2] for ln in same.splitlines() if ln.startswith(("teacher CE", "student CE"))] == [
+        ["teacher", "CE"],
+        ["student", "CE"],
+        ["student", "CE"],
+    ]
+    assert "(teacher CE: the same for every run.)" in same and "student CE ddk" in same
+    # one run (ddk distill's table): its teacher and student CE, headed by the method
+    one = compare_summaries({"kd": a}, column="method").text.splitlines()
+    assert one[0].split()[0] == "method" and [ln[:18].strip() for ln in one[3:]] == ["teacher CE", "student CE"]
+
+
+def test_compare_summaries_warns_of_other_validation_sets() -> None:
+    v1, v2 = {"checksum": "aa", "sequences": [4, 4, 4]}, {"checksum": "bb", "sequences": [4, 4, 4]}
+    a, b, c = (_summary([0.1, 0.2, 0.3], validation_identity=v) for v in (v1, v2, v1))
+    text = compare_summaries({"a": a, "b": b, "c": c}).text
+    assert "warning: ['b'] were measured on other validation sets than 'a'" in text
+    assert "validation sets than" not in compare_summaries({"a": a, "c": c}).text
+    older = {k: v for k, v in _summary([0.1, 0.2, 0.3]).items() if k != "validation_identity"}
+    old = compare_summaries({"a": a, "old": older}).text
+    assert "note: ['old'] have no validation_identity in summary.json" in old
 
 
 def test_compare_errors(tmp_path: Path) -> None:
@@ -134,6 +176,9 @@ def test_run_plots_gaps_from_step_0_and_the_loss_curve_and_ddk_compare(tmp_path:
     comp = compare_summaries(summaries)
     assert comp.text in printed and f"plot: {png}" in printed and png.read_bytes()[:8] == PNG_MAGIC
     assert "ddk - kd" in printed and "test split" in printed
+    # the same records and options: the same validation sets, and the same teacher CE once
+    assert summaries["kd"]["validation_identity"] == summaries["ddk"]["validation_identity"]
+    assert "warning" not in printed and "(teacher CE: the same for every run.)" in printed
     kd, ddk = summaries["kd"], summaries["ddk"]
     assert comp.difference["ddk"]["gap"] == [a - b for a, b in zip(ddk["gap"], kd["gap"])]
     assert comp.test_difference is not None
