@@ -297,7 +297,7 @@ def test_controller_warns_when_eq1_collapses_onto_one_domain() -> None:
         UserWarning, match=r"Eq. 1 puts 9\d\.\d% of the mixture on domain 'code' \(ratios ppl_S/ppl_T: code="
     ) as rec:
         ctl.start(student)
-    assert "--ddk-init uniform" in str(rec[0].message)
+    assert "--ddk-init floored" in str(rec[0].message) and "docs/results.md" in str(rec[0].message)
     # a uniform start, or a spread-out r_0, does not warn
     import warnings
 
