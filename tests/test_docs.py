@@ -172,3 +172,26 @@ def test_docs_examples_run_as_printed(user_folder: Path, tmp_path: Path, page: P
     cwd = tmp_path / "work"
     shutil.copytree(user_folder, cwd)
     run_page(page, cwd, fresh_last=page in GUIDES)
+
+
+def test_cli_guide_sample_lines_show_the_learning_rate_its_command_schedules() -> None:
+    """The lines 'What a run prints' shows come from the guide's command: their ``lr`` is the one
+    its --steps and --warmup-steps give (AdamW's warm-up + cosine, --lr and --min-lr-ratio defaults)."""
+    import torch
+
+    from ddk.engine.config import RunConfig
+    from ddk.engine.step import make_optimizer
+
+    text = (DOCS / "guides" / "cli.md").read_text()
+    command = next(line for b in code_blocks(text) for line in command_lines(b) if line.startswith("ddk distill"))
+    argv = command.split()
+    steps, warmup = (int(argv[argv.index(flag) + 1]) for flag in ("--steps", "--warmup-steps"))
+    d = RunConfig()
+    opt, sched = make_optimizer(torch.nn.Linear(2, 2), d.lr, 0.0, warmup, steps, d.min_lr_ratio)
+    want = {}
+    for step in range(1, steps + 1):
+        opt.step()
+        sched.step()
+        want[step] = f"lr {sched.get_last_lr()[0]:.2e}"
+    shown = re.findall(rf"^distill \w+: step (\d+)/{steps} .*?(lr \S+)", text, flags=re.M)
+    assert shown and all(lr == want[int(step)] for step, lr in shown), (shown, want)

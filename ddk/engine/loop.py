@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ddk._io import disk_full_message, fsync_file, is_disk_full, open_nofollow, printable
+from ddk._io import disk_full_message, fsync_file, is_disk_full, open_nofollow, printable, warn_user
 from ddk.distributed import (
     broadcast_object,
     check_same_across_ranks,
@@ -296,6 +296,11 @@ class _Run:
                 f"distill: {cfg.method} on {len(self.names)} domains, {self.steps} steps of {cfg.batch_size} x "
                 f"{cfg.sequence_length} tokens, into {out}"
             )
+            if cfg.warmup_steps >= self.steps and self.rank == 0:
+                warn_user(
+                    f"distill: warmup_steps ({cfg.warmup_steps}) >= steps ({self.steps}): the whole run is warm-up, "
+                    f"its learning rate rises and never decays; pass a smaller --warmup-steps (e.g. {self.steps // 10})."
+                )
             return 0
         start = self._load_checkpoint(path)
         if self.rank == 0:

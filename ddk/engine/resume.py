@@ -368,8 +368,8 @@ def extension_refusal(old: dict[str, Any], new: dict[str, Any], path: Path, step
     The rule: a run is never extended in place. Its learning rate followed a warm-up and a cosine
     decay laid out over its own budget; a run with a larger budget follows another schedule from
     its first step on, so no resume of the checkpoint could be that run. Training further is a new
-    run started from ``student/``: a new optimizer, a warm-up and cosine decay over the extra
-    steps, domain weights from the student's gaps at its start, and another seed (another data
+    run started from ``student/``: a new optimizer, a warm-up (the run's, at most a tenth of the
+    extra steps: ``config.json``'s could outlast them) and a cosine decay over the extra steps, domain weights from the student's gaps at its start, and another seed (another data
     order than the first run's).
 
     Args:
@@ -390,9 +390,15 @@ def extension_refusal(old: dict[str, Any], new: dict[str, Any], path: Path, step
     else:
         budget = f"--steps {extra}" + (" --tokens 0" if old["tokens"] > 0 else "")
     seed = int(old["seed"]) if isinstance(old.get("seed"), int) else 0
+    # config.json's warm-up was laid out for the old budget: over the extra steps it could last the
+    # whole run (the learning rate would never decay), so the command sets one of at most a tenth of them
+    old_warmup = old.get("warmup_steps")
+    warmup = extra // 10
+    if isinstance(old_warmup, int) and not isinstance(old_warmup, bool) and old_warmup >= 0:
+        warmup = min(old_warmup, warmup)
     command = (
         f"ddk distill --config {shlex.quote(str(run / 'config.json'))} --student {shlex.quote(str(run / 'student'))} "
-        f"{budget} --seed {seed + 1} --out {shlex.quote(str(run) + '-continued')}"
+        f"{budget} --warmup-steps {warmup} --seed {seed + 1} --out {shlex.quote(str(run) + '-continued')}"
     )
     own = f"--tokens {old['tokens']}" if old["tokens"] > 0 else f"--steps {old['steps']}"
     first = (
@@ -405,7 +411,7 @@ def extension_refusal(old: dict[str, Any], new: dict[str, Any], path: Path, step
         f"learning rate follows a warm-up and a cosine decay laid out over {before} steps; a run of {after} steps "
         "follows another schedule from its first step on, so no resume of it is that run and ddk does not extend a "
         f"run in place. {first}To train its student {extra} more steps, start a new run from it: `{command}` (a new "
-        f"optimizer with a warm-up and cosine decay over the {extra} steps, domain weights from the student's gaps at "
+        f"optimizer with a warm-up of {warmup} steps and a cosine decay over the {extra} steps, domain weights from the student's gaps at "
         f"its start, seed {seed + 1}: another data order than this run's). To run {after} steps from the start "
         "instead, pass --no-resume (this run's files are moved aside) or another --out."
     )

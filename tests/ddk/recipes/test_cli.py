@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -165,10 +166,15 @@ def test_cli_distill_longer_budget_is_refused_with_the_command_that_continues_fr
     yaml = pytest.importorskip("yaml")
     from ddk.recipes.cli import main
 
-    cfg = _cfg(tmp_path, "run")
+    cfg = _cfg(tmp_path, "run", warmup_steps=6)  # the whole run is warm-up: warned, in one line
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     base = ["distill", "--config", str(tmp_path / "c.yaml")]
-    assert main(base) == 0
+    with pytest.warns(UserWarning) as warned:  # the CLI prints it as `ddk distill: warning: <message>`
+        assert main(base) == 0
+    assert [str(w.message) for w in warned if "warmup" in str(w.message)] == [
+        "distill: warmup_steps (6) >= steps (6): the whole run is warm-up, its learning rate rises and never "
+        "decays; pass a smaller --warmup-steps (e.g. 0)."
+    ]
     capsys.readouterr()
     assert main([*base, "--steps", "9"]) == 2
     err = capsys.readouterr().err
@@ -176,15 +182,21 @@ def test_cli_distill_longer_budget_is_refused_with_the_command_that_continues_fr
     command = err.split("`")[1]
     run = Path(cfg.out)
     assert command == (
-        f"ddk distill --config {run / 'config.json'} --student {run / 'student'} --steps 3 --seed 1 "
-        f"--out {run}-continued"
+        f"ddk distill --config {run / 'config.json'} --student {run / 'student'} --steps 3 --warmup-steps 0 "
+        f"--seed 1 --out {run}-continued"
     )
     assert json.loads((run / "summary.json").read_text())["tokens"] == 6 * 4 * 16  # the run is untouched
-    # the command runs as printed: 3 more steps from the distilled student
-    assert main(shlex.split(command)[1:]) == 0
+    # the command runs as printed: 3 more steps from the distilled student, warned of nothing
+    with warnings.catch_warnings(record=True) as more_warned:
+        warnings.simplefilter("always")
+        assert main(shlex.split(command)[1:]) == 0
+    assert not [w for w in more_warned if "warmup" in str(w.message)]
     more = json.loads(Path(f"{run}-continued", "config.json").read_text())
     assert more["student"] == str(run / "student") and more["steps"] == 3 and more["seed"] == 1
     assert json.loads(Path(f"{run}-continued", "summary.json").read_text())["tokens"] == 3 * 4 * 16
+    # ... and its learning rate decays (config.json's warm-up of 6 steps would have lasted all 3)
+    lrs = [json.loads(x)["lr"] for x in Path(f"{run}-continued", "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) >= 2 and all(a > b for a, b in zip(lrs, lrs[1:])), lrs
 
 
 @needs_hf
