@@ -51,6 +51,18 @@ Sources = (
 )
 
 
+class BadRecordsError(ValueError):
+    """Bad records under ``on_missing="raise"``: the message in the API's words, and
+    ``cli_message`` the same in the CLI's flags (what ``ddk`` prints)."""
+
+    def __init__(self, message: str, cli_message: str = "") -> None:
+        super().__init__(message)
+        self.cli_message = cli_message or message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # both messages survive pickling (worker processes)
+        return type(self), (str(self), self.cli_message)
+
+
 def _record_problem(
     rec: Mapping[str, Any],
     text_field: str,
@@ -270,10 +282,11 @@ class RecordStream:
                     if self.partitioner is not None
                     else f"a non-empty str {self.domain_field!r}"
                 )
-                raise ValueError(
-                    f"{fn}: every record must have a str {self.text_field!r} and {field}, within the size cap; got "
-                    f"{total_bad} bad record(s) "
-                    f"(fix them, or drop them with on_missing='skip', CLI flag --skip-bad-records):\n  {listing}{hint}"
+                must = f"{fn}: every record must have a str {self.text_field!r} and {field}, within the size cap; got "
+                raise BadRecordsError(
+                    f"{must}{total_bad} bad record(s) "
+                    f"(fix them, or drop them with on_missing='skip', CLI flag --skip-bad-records):\n  {listing}{hint}",
+                    f"{must}{total_bad} bad record(s):\n  {listing}\n{self._cli_fix(bad, bad_per_source, fields_seen)}",
                 )
             per = ", ".join(f"{k}: {v}" for k, v in bad_per_source.items())
             warn_user(f"{fn}: skipped {total_bad} bad record(s) ({per}); the first:\n  {listing}")
@@ -281,6 +294,20 @@ class RecordStream:
             raise ValueError(
                 f"{fn}: paths must hold at least one valid record; got none in {[str(s) for _, s in self.sources]}.{hint}"
             )
+
+    def _cli_fix(self, bad: list[str], bad_per_source: dict[str, int], fields_seen: set[str]) -> str:
+        """What to do about bad records, in ``ddk``'s flags: a file without a domain field gets its
+        domain with ``--data NAME=FILE``."""
+        fields = f" (the records have the fields {sorted(fields_seen)})" if fields_seen else ""
+        if self.partitioner is None and any(b.endswith(f"missing field {self.domain_field!r}") for b in bad):
+            pairs = " ".join(f"{Path(x).stem or 'NAME'}={x}" for x in list(bad_per_source)[:3])
+            return (
+                f"Give each file its domain with --data NAME=FILE (here: --data {pairs}), or name the records' "
+                f"domain field with --domain-field{fields}, or drop the bad records with --skip-bad-records."
+            )
+        if fields_seen and self.text_field not in fields_seen:
+            return f"Name the records' text field with --text-field{fields}, or fix or drop them (--skip-bad-records)."
+        return "Fix them, or drop them with --skip-bad-records."
 
 
 def load_records(

@@ -325,8 +325,8 @@ def _main(argv: list[str] | None) -> int:
     warnings.formatwarning = lambda message, *_: f"ddk {args.command}: warning: {message}\n"  # no source line
     try:
         return int(args.func(args))
-    except ValueError as e:  # bad options or inputs: the message says what to fix
-        print(f"ddk {args.command}: error: {e}", file=sys.stderr)
+    except ValueError as e:  # bad options or inputs: the message says what to fix (in flags, where it has them)
+        print(f"ddk {args.command}: error: {getattr(e, 'cli_message', e)}", file=sys.stderr)
         return 2
     except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is written; the same command resumes
         print(f"ddk {args.command}: {e}", file=sys.stderr)

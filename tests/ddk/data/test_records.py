@@ -115,6 +115,36 @@ def test_load_records_missing_domain_raises_with_file_and_line(tmp_path, corpus)
     assert "on_missing='skip'" in msg and "--skip-bad-records" in msg
 
 
+def test_load_records_bad_records_cli_message_names_the_flags_and_the_name_file_form(tmp_path):
+    import pickle
+
+    from ddk.data.records import BadRecordsError
+
+    code = tmp_path / "code.jsonl"
+    code.write_text("".join(json.dumps({"text": f"x{i}"}) + "\n" for i in range(40)))  # no domain field
+    with pytest.raises(BadRecordsError) as e:
+        load_records(code, progress=False)
+    cli = e.value.cli_message
+    assert cli.splitlines()[1:] == [  # the count, the first few, and what to do: 8 lines, not 40
+        *(f"  {code}:{i}: missing field 'domain'" for i in range(1, 6)),
+        "  ... and 35 more",
+        f"Give each file its domain with --data NAME=FILE (here: --data code={code}), or name the records' domain "
+        "field with --domain-field (the records have the fields ['text']), or drop the bad records with "
+        "--skip-bad-records.",
+    ]
+    assert "on_missing" not in cli and "got 40 bad record(s):" in cli
+    assert "on_missing='skip'" in str(e.value)  # the API's message keeps the API's names
+    again = pickle.loads(pickle.dumps(e.value))
+    assert isinstance(again, BadRecordsError) and (str(again), again.cli_message) == (str(e.value), cli)
+    # another bad record than a missing domain: no NAME=FILE advice
+    code.write_text(
+        json.dumps({"text": 3, "domain": "code"}) + "\n" + json.dumps({"text": "x", "domain": "code"}) + "\n"
+    )
+    with pytest.raises(BadRecordsError) as e:
+        load_records(code, progress=False)
+    assert e.value.cli_message.endswith("Fix them, or drop them with --skip-bad-records.")
+
+
 def test_load_records_skip_drops_bad_records_with_one_warning(tmp_path, corpus):
     path, recs = corpus
     good = [{"text": r["text"], "domain": r["domain"]} for i, r in enumerate(recs) if i not in (1, 3, 5)]

@@ -223,6 +223,29 @@ def test_cli_warnings_are_one_line_without_source_and_seq_len_fails_before_packi
 
 
 @needs_hf
+def test_cli_distill_a_file_without_domains_is_told_of_name_equals_file_in_flags(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from recipe_cases import own_models
+
+    from ddk.recipes.cli import main
+
+    teacher, student, _ = own_models(tmp_path)
+    code = tmp_path / "code.jsonl"
+    code.write_text("".join(json.dumps({"text": f"def f{i}(): return {i}"}) + "\n" for i in range(150)))
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(code)]
+    capsys.readouterr()  # the models' making
+    assert main([*argv, "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cache"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 8 and err[0].startswith("ddk distill: error: ") and "got 150 bad record(s):" in err[0], err
+    assert err[-2:] == [
+        "  ... and 145 more",
+        f"Give each file its domain with --data NAME=FILE (here: --data code={code}), or name the records' domain "
+        "field with --domain-field (the records have the fields ['text']), or drop the bad records with "
+        "--skip-bad-records.",
+    ]
+    assert "on_missing" not in "\n".join(err)
+
+
+@needs_hf
 def test_cli_distill_one_file_per_domain_jsonl_and_parquet_mixed_with_a_labelled_file(tmp_path: Path) -> None:
     """``--data NAME=FILE``: every record of FILE in domain NAME (no domain field in it); a plain
     file's records carry theirs. The same for --validation-data and --test-data; JSONL and Parquet."""
