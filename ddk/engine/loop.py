@@ -474,11 +474,7 @@ class _Run:
                         self.save(step)
                     report.close()
                     name = stop.signame or f"signal {signum}"
-                    log(
-                        f"distill: stopped by {name} after step {step}; checkpoint-{step} written. Rerun the same "
-                        "command to resume."
-                    )
-                    stop.handled = True
+                    stop.handled = True  # Preempted's message says it (the CLI prints it: one line)
                     raise Preempted(name, step, str(self.out / f"checkpoint-{step}"))
             self._metrics_file = None
         report.close()

@@ -74,6 +74,7 @@ def test_cli_distill_exits_75_on_sigterm_with_its_checkpoint(tmp_path):
     (path,) = [p for _, p in ckpt.checkpoints(Path(cfg.out))]
     step = ckpt.load_checkpoint(path)["step"]
     assert 2 <= step < 200 and f"ddk distill: stopped by SIGTERM after step {step}" in err
+    assert err.count(f"after step {step}") == 1, err[-2000:]  # one line says it, not the loop's and the CLI's
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
