@@ -209,6 +209,7 @@ class _Run:
         self._last_log = (0, 0.0)  # (step, time) of the previous logging step: the throughput
         self.cfg_dict = cfg.to_dict()
         self.steps = cfg.total_steps
+        self.start_step = 0  # the step training starts after (start_or_resume)
         self._build()
 
     def _load(self, prepared: Any) -> None:
@@ -306,7 +307,11 @@ class _Run:
         if self.rank == 0:
             ckpt.truncate_jsonl(self.metrics_path, start)
             ckpt.truncate_jsonl(self.ctrl_path, start)
-        log(f"distill: resumed {out} at step {start}")  # a status line, with or without progress bars
+        if start >= self.steps:  # a finished run: finish() validates it again and rewrites its files
+            log(f"distill: {out} is finished (step {start} of {self.steps}); nothing to train")
+        else:
+            log(f"distill: resumed {out} at step {start}")  # a status line, with or without progress bars
+        self.start_step = start
         return start
 
     def _pick_checkpoint(self) -> Path | None:
@@ -572,9 +577,15 @@ class _Run:
         if self.rank == 0:
             atomic_json(out / "summary.json", summary)
         worst = int(np.argmax(final["gap"]))
+        secs, start = summary["wall_seconds"], self.start_step
+        if start >= self.steps:
+            done = f"nothing trained (finished before); validated again in {secs:.0f} s"
+        else:
+            done = f"done: {self.steps} steps" + (f" ({self.steps - start} after the resume)" if start else "")
+            done += f" in {secs:.0f} s"
         log(
-            f"distill: done: {self.steps} steps in {summary['wall_seconds']:.0f} s; validation gap mean "
-            f"{final['mean_gap']:.4f}, worst {final['worst_gap']:.4f} ({printable(self.names[worst])}); student in {out / 'student'}"
+            f"distill: {done}; validation gap mean {final['mean_gap']:.4f}, worst {final['worst_gap']:.4f} "
+            f"({printable(self.names[worst])}); student in {out / 'student'}"
         )
         return summary
 

@@ -312,9 +312,11 @@ def test_cli_distill_log_file_gets_plain_lines_and_status_lines_without_bars(tmp
     assert "distill: step 3/6: saved checkpoint-3" in lines and "distill: step 6/6: saved checkpoint-6" in lines
     assert any(x.startswith("distill: done: 6 steps in ") for x in lines)
     capsys.readouterr()
-    assert main([*argv, "--no-progress"]) == 0  # the finished run resumes at its last checkpoint
+    assert main([*argv, "--no-progress"]) == 0  # the finished run: said so, nothing trained, validated again
     err = capsys.readouterr().err
-    assert f"distill: resumed {out} at step 6" in err and "\r" not in err
+    assert f"distill: {out} is finished (step 6 of 6); nothing to train" in err and "\r" not in err
+    assert "resumed" not in err and "done:" not in err and "distill ddk: step" not in err
+    assert "distill: nothing trained (finished before); validated again in " in err
 
 
 def test_cli_teacher_prints_the_distill_command_of_the_demo_models(
