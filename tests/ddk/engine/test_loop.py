@@ -117,8 +117,11 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resumes_bit_identical
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     run = Path(cfg.out)
     assert [p.name for _, p in ckpt.checkpoints(run)] == ["checkpoint-3"] and not (run / "summary.json").exists()
+    capsys.readouterr()
     real.distill(cfg)
     _same_student(Path(ref.out), run)
+    err = capsys.readouterr().err
+    assert f"distill: resumed {run} at step 3" in err and "distill: done: 6 steps (3 after the resume) in " in err
 
 
 def test_unwritable_out_and_torn_model_files_are_errors_not_tracebacks(tmp_path, monkeypatch, capsys):
