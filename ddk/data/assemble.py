@@ -36,8 +36,8 @@ from ddk.data.tokens import _DTYPE, _Windows
 
 __all__: list[str] = []
 
-_DOMAIN_BUFFER = 1 << 20  # tokens buffered per domain before its stream file is appended to
-_ALL_BUFFERS = 8 << 20  # tokens buffered over all domains before every buffer is written
+_DOMAIN_BUFFER = 1 << 18  # tokens buffered per domain before its stream file is appended to
+_ALL_BUFFERS = 1 << 21  # tokens buffered over all domains before every buffer is written
 _COPY = 8 << 20  # bytes per read/write of the compaction
 _MIN_CANDIDATES = 4096  # candidates kept before the first pruning
 

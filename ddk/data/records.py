@@ -41,7 +41,7 @@ __all__ = ["RecordStream", "load_records"]
 
 _SHOW = 5  # bad records listed in an error or warning
 BATCH_RECORDS = 1000  # most records per batch of RecordStream.batches
-BATCH_CHARS = 1 << 20  # most text characters per batch (a batch is never split inside a record)
+BATCH_CHARS = 1 << 19  # most text characters per batch (a batch is never split inside a record)
 
 Sources = (
     str

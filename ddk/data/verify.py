@@ -156,6 +156,7 @@ def first_outside(a: np.ndarray, low: float, high: float) -> tuple[tuple[int, ..
 
 # ---------------------------------------------------------------------------- the values
 _CHUNK_BYTES = 1 << 26  # rows per step of a values pass: bounds its temporaries
+_TOKEN_CHUNK_BYTES = 1 << 23  # bytes read per step of the token ids' pass (one reduction each)
 _F16_MIN = float(np.finfo(np.float16).min)
 _F32_MIN = float(np.finfo(np.float32).min)
 
@@ -350,7 +351,7 @@ def check_token_values(root: Path, arrays: Mapping[str, Any], vocab: int, eos_to
         for a in per_domain:
             if int(np.prod(a.shape)) == 0:
                 continue
-            rows = max(1, _CHUNK_BYTES // (4 * int(a.shape[1])))
+            rows = max(1, _TOKEN_CHUNK_BYTES // (4 * int(a.shape[1])))
             for s, part in _row_chunks(a, rows):
                 bad = first_out_of_range(part, vocab)
                 if bad is not None:
