@@ -457,3 +457,52 @@ def test_load_records_50_mb_line_costs_memory_near_the_cap_not_its_size(tmp_path
         f"got {len(record)} bytes"
     )
     assert int(grew) <= 8 << 20, f"reading grew the process by {int(grew) >> 20} MiB"
+
+
+# ----------------------------------------------------------------------------- RecordStream
+def test_record_stream_batches_are_bounded_and_equal_load_records(tmp_path):
+    from ddk.data.records import RecordStream
+
+    path = write_jsonl(tmp_path / "c.jsonl", docs_per_domain=30, words=12)
+    stream = RecordStream(path, progress=False)
+    sizes = [(len(t), sum(map(len, t))) for t, _ in stream.batches(max_records=7, max_chars=400)]
+    assert all(n <= 7 for n, _ in sizes) and sum(n for n, _ in sizes) == 90 == stream.records
+    assert all(chars < 400 + 12 * 10 for _, chars in sizes)  # the batch ends at the record that crosses it
+    texts = [t for ts, _ in stream.batches(max_records=7) for t in ts]
+    assert texts == load_records(path, progress=False)["text"]
+
+
+def test_record_stream_fingerprint_follows_the_files(tmp_path, corpus):
+    import os
+
+    from ddk.data.records import RecordStream
+
+    path, _ = corpus
+    first = RecordStream([("code", path)], progress=False).fingerprint()
+    assert first == RecordStream([("code", path)], progress=False).fingerprint()
+    assert first != RecordStream([("math", path)], progress=False).fingerprint()  # the domain of a pair counts
+    assert first != RecordStream([("code", path)], max_record_bytes=100, progress=False).fingerprint()
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert first != RecordStream([("code", path)], progress=False).fingerprint()
+    part = DomainPartitioner.by_field("domain")
+    assert RecordStream(path, partitioner=part, progress=False).fingerprint() is None  # a function: unknowable
+    assert RecordStream("org/name", progress=False).fingerprint() is None  # a hub dataset
+
+
+def test_record_stream_failing_turns_true_at_the_first_bad_record(tmp_path, corpus):
+    from ddk.data.records import RecordStream
+
+    path, recs = corpus
+    del recs[3]["domain"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    stream = RecordStream(path, progress=False)
+    seen = []
+    with pytest.raises(ValueError, match=re.escape(f"{path}:4: missing field 'domain'")):
+        for texts, _ in stream.batches(max_records=2):
+            seen.append((len(texts), stream.failing))
+    assert seen[0] == (2, False) and seen[-1][1] is True and sum(n for n, _ in seen) == len(recs) - 1
+    skip = RecordStream(path, on_missing="skip", progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 bad record"):
+        list(skip.batches())
+    assert not skip.failing
