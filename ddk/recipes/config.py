@@ -282,7 +282,7 @@ _HELP: dict[str, str] = {
     "skip_bad_records": "drop records without the domain or text field (warned and counted) instead of failing",
     "max_record_mb": "largest record read, in MiB (a JSONL or CSV line, a Parquet row's strings): a larger one is a "
     "bad record named by file and line (dropped with --skip-bad-records); it bounds the memory of reading the data",
-    "dtype": "bf16: autocast with float32 master weights (default on CUDA); fp32 (default on the CPU)",
+    "dtype": "bf16 (autocast with float32 master weights) or fp32; auto (default): bf16 on CUDA, fp32 on the CPU",
     "grad_accum": "micro-batches per optimizer step; batch_size is split and normalised by the global token count",
     "gradient_checkpointing": "recompute the student's activations in the backward pass (less memory)",
     "tokens": "token budget of the run; > 0 overrides steps (steps = ceil(tokens / (batch_size * seq_len)))",
@@ -322,7 +322,9 @@ def _add_flag(parser: Any, name: str, help_text: str | None) -> None:
         assert f.default_factory is not dataclasses.MISSING  # every RecipeConfig field has a default
         default = f.default_factory()
     text = help_text or _HELP.get(name) or f.metadata.get("help")
-    help_ = f"{text} (default: {default!r})" if text else f"(default: {default!r})"
+    # one default: none where the text states its own, or where it is empty (a path or list to give)
+    shown = "" if (text and "(default" in text) or default in ("", (), None) else f"(default: {default!r})"
+    help_ = " ".join(x for x in (text, shown) if x)
     if hint is bool:
         parser.add_argument(
             flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_

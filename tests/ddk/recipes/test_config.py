@@ -84,3 +84,25 @@ def test_max_record_mb_flag_reaches_load_records_and_is_checked(tmp_path: Path) 
     assert make_config().max_record_bytes == 32 << 20
     with pytest.raises(ValueError, match=r"max_record_mb must be a number in \(0, 1048576\] \(MiB per record\); got 0"):
         make_config(max_record_mb=0)
+
+
+@pytest.mark.parametrize("command", ["distill", "demo-real", "teacher", "teacher-cache"])
+def test_help_shows_one_default_per_flag_and_none_for_an_empty_one(command: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    from ddk.recipes.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = capsys.readouterr().out
+    entries = [e for e in re.split(r"\n(?=  -)", text.split("options:", 1)[1]) if e.strip()]  # one per flag
+    twice = [e.split()[0] for e in entries if len(re.findall(r"\(default", e)) > 1]
+    assert not twice, twice
+    empty = [e.split()[0] for e in entries if re.search(r"\(default: (''|\(\)|None)\)", " ".join(e.split()))]
+    assert not empty, empty
+    if command == "distill":
+        flat = {e.split()[0]: " ".join(e.split()) for e in entries}
+        assert "(default" not in flat["--teacher"] and "(default" not in flat["--student"]
+        assert flat["--out"].endswith("run folder (default: runs/real/<method>-s<seed>)")
+        assert flat["--validation-data"].endswith("(default: a stable per-domain split of --data)")
+        assert flat["--lr"].endswith("(default: 0.002)")
