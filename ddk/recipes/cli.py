@@ -140,6 +140,7 @@ def _cmd_teacher_cache(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ddk.recipes.distill import evaluate
 
+    _third_party_bars(True)  # as distill: no loading bars of transformers where stderr is no terminal
     evaluate(args.run)
     return 0
 

@@ -351,3 +351,18 @@ def test_cli_teacher_prints_the_distill_command_of_the_demo_models(
     want = built(config_from_args(build_parser().parse_args(["teacher", "--seq-len", "32"]), command="teacher"))
     for k in ("teacher", "student", "tokenizer", "data", "validation_data", "seq_len"):
         assert getattr(cfg, k) == getattr(want, k), k
+
+
+@needs_hf
+def test_cli_evaluate_into_a_log_file_has_no_loading_bars(tmp_path: Path) -> None:
+    """Like distill, ``ddk evaluate`` with stderr not a terminal prints no ``\\r`` bars of transformers."""
+    from ddk.recipes.distill import distill
+
+    cfg = _cfg(tmp_path, "run", steps=2, warmup_steps=1)
+    distill(cfg)
+    res = subprocess.run(
+        [sys.executable, "-m", "ddk.recipes.cli", "evaluate", str(cfg.out)], env=_env(), capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "\r" not in res.stderr and "Loading weights" not in res.stderr, res.stderr[-2000:]
+    assert "student CE" in res.stdout
