@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from ddk._io import disk_full_message, fsync_file, is_disk_full, open_nofollow, printable, warn_user
 from ddk.distributed import (
+    all_reduce_sum_,
     broadcast_object,
     check_same_across_ranks,
     collective_device,
@@ -206,6 +207,9 @@ class _Run:
         self.metrics_path, self.ctrl_path = self.out / "metrics.jsonl", self.out / "controller.jsonl"
         self._metrics_file: Any = None  # open while training (rank 0); fsynced before each checkpoint
         self.tracker: Tracker = NullTracker()  # report_to's, open while training (rank 0); flushed likewise
+        self._span_tokens: torch.Tensor | None = (
+            None  # (D,) valid target tokens since the last logging step (report_to)
+        )
         self._last_log = (0, 0.0)  # (step, time) of the previous logging step: the throughput
         self.cfg_dict = cfg.to_dict()
         self.steps = cfg.total_steps
@@ -454,6 +458,9 @@ class _Run:
             self._metrics_file = mf if self.rank == 0 else None
             for step in range(start_step + 1, steps + 1):
                 lo, finite = self.train_step(step, collate)
+                if self.cfg.report_to != "none":  # tokens/<domain>: the span since the previous logging step
+                    d = lo.domain_tokens.detach().double()
+                    self._span_tokens = d if self._span_tokens is None else self._span_tokens + d
                 n_rec = len(self.controller.records)
                 self.controller.step_end(step, self.step_mod)
                 rec = _metrics(self, step, lo, finite, n_rec)
@@ -508,14 +515,19 @@ class _Run:
         return (step - last_step) * self.cfg.batch_size * self.cfg.sequence_length / max(now - last_time, 1e-9)
 
     def _track(self, step: int, rec: dict[str, Any] | None, n_rec: int, tokens_per_s: float | None) -> None:
-        """The step's scalars to the tracker: the controller's new records, the logging step's terms and throughput."""
+        """The step's scalars to the tracker: the controller's new records, the logging step's terms and
+        throughput, and the valid target tokens per domain since the previous logging step (as ``DDKTrainer``)."""
+        span = None
+        if rec is not None and self._span_tokens is not None:  # every rank: one all-reduce per logging step
+            span = all_reduce_sum_(self._span_tokens).round().long().tolist()
+            self._span_tokens = None
         if isinstance(self.tracker, NullTracker):
             return
         scalars: dict[str, float] = {}
         for r in self.controller.records[n_rec:]:
             scalars.update(interval_scalars(r))
         if rec is not None:
-            scalars.update(step_scalars(rec, self.names, tokens_per_s))
+            scalars.update(step_scalars(rec, self.names, tokens_per_s, domain_tokens=span))
         if scalars:
             self.tracker.log_scalars(scalars, step)
 

@@ -7,9 +7,10 @@ What is reported, written once for both clients (``ddk distill`` and ``DDKTraine
   ``teacher_ce/<d>`` (validation CE, nats/token), ``gap/<d>`` (student CE - teacher CE) and
   ``ratio/<d>`` (``ppl_S / ppl_T``, the signal of Eq. 1/2): ``interval_scalars``;
 * at each logging step: ``train/loss``, ``train/ce`` and ``train/kd`` (the CE and divergence
-  terms per valid token; ``loss = ce + gamma * kd``), ``train/lr``, ``tokens/<d>`` (the step's
-  valid target tokens of domain ``d``) and ``throughput/tokens_per_s`` (tokens trained per second
-  since the previous logging step): ``step_scalars``.
+  terms per valid token; ``loss = ce + gamma * kd``), ``train/lr``, ``tokens/<d>`` (the valid
+  target tokens of domain ``d`` trained since the previous logging step, over all ranks) and
+  ``throughput/tokens_per_s`` (tokens trained per second since the previous logging step):
+  ``step_scalars``.
 
 Where: ``open_tracker(report_to, out, start_step=...)`` returns a ``Tracker`` (``log_scalars``,
 ``flush``, ``close``). ``tensorboard`` writes event files into ``<out>/tensorboard/`` with
@@ -191,10 +192,15 @@ def interval_scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def step_scalars(
-    metrics: Mapping[str, Any], domain_names: Sequence[str], tokens_per_s: float | None = None
+    metrics: Mapping[str, Any],
+    domain_names: Sequence[str],
+    tokens_per_s: float | None = None,
+    domain_tokens: Sequence[float] | None = None,
 ) -> dict[str, float]:
     """The logging step's scalars from its ``metrics.jsonl`` record (``loss``, ``ce``, ``kd`` per
     token, None for a skipped batch; ``lr``; ``batch_domain_tokens``, D ints) and the throughput.
+    ``tokens/<d>`` is ``domain_tokens`` (D counts: ``ddk distill`` passes those since the previous
+    logging step, as ``DDKTrainer`` logs), else the record's ``batch_domain_tokens``.
 
     Examples:
         >>> rec = {"loss": 2.2, "ce": 2.0, "kd": 1.0, "lr": 1e-3, "batch_domain_tokens": [10, 20]}
@@ -202,7 +208,8 @@ def step_scalars(
         20.0
     """
     out = {f"train/{k}": float(metrics[k]) for k in ("loss", "ce", "kd", "lr") if metrics.get(k) is not None}
-    for name, n in zip(domain_names, metrics.get("batch_domain_tokens", ())):
+    counts = metrics.get("batch_domain_tokens", ()) if domain_tokens is None else domain_tokens
+    for name, n in zip(domain_names, counts):
         out[f"tokens/{name}"] = float(n)
     if tokens_per_s is not None:
         out["throughput/tokens_per_s"] = float(tokens_per_s)

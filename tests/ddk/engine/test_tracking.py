@@ -155,7 +155,13 @@ def test_distill_report_to_tensorboard_writes_weights_per_domain_and_loss_terms(
         assert [v for _, v in _series(acc, f"gap/{name}")] == pytest.approx(gap, rel=1e-5, abs=1e-6)
         for key in ("student_ce", "teacher_ce", "ratio"):
             assert [v for _, v in _series(acc, f"{key}/{name}")] == pytest.approx([r[key][i] for r in ctrl], rel=1e-6)
-        assert [s for s, _ in _series(acc, f"tokens/{name}")] == [m["step"] for m in metrics]
+        # tokens/<domain>: the valid target tokens since the previous logging step (as DDKTrainer), read back
+        tokens = _series(acc, f"tokens/{name}")
+        assert [s for s, _ in tokens] == [m["step"] for m in metrics] == [2, 3, 4, 6]
+        batch = {m["step"]: m["batch_domain_tokens"][i] for m in metrics}
+        assert tokens[1][1] == batch[3] and tokens[2][1] == batch[4]  # one-step spans: that step's batch
+        summary = json.loads((out / "summary.json").read_text())  # every step's tokens once: steps 1-2, 3, 4, 5-6
+        assert sum(v for _, v in tokens) == summary["samples_per_domain"][i] * (cfg.seq_len - 1)
     for key in ("ce", "kd", "loss", "lr"):
         got = _series(acc, f"train/{key}")
         assert [s for s, _ in got] == [m["step"] for m in metrics] == [2, 3, 4, 6]
