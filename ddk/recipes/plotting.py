@@ -226,6 +226,11 @@ def plot_losses(
     rows = [r for r in records if all(isinstance(r.get(k), (int, float)) for k in ("step", "loss", "ce", "kd"))]
     if not rows:
         raise ValueError(f"{fn}: metrics_path_or_records must hold a record with step, loss, ce and kd; got none.")
+    return _save(_loss_figure(rows, title), None, out_png)
+
+
+def _loss_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """``plot_losses``' figure: its legend below the axes, where it covers no curve."""
     steps = [r["step"] for r in rows]
     fig, ax = _figure(title, "optimizer step", "nats/token")
     ax.plot(steps, [r["ce"] for r in rows], label="CE (student, labels)", color="tab:blue")
@@ -236,5 +241,13 @@ def plot_losses(
     kd_ax.tick_params(axis="y", labelcolor="tab:red")
     handles, labels = ax.get_legend_handles_labels()
     kd_handles, kd_labels = kd_ax.get_legend_handles_labels()
-    ax.legend(handles + kd_handles, labels + kd_labels, loc="upper right", fontsize="small")
-    return _save(fig, None, out_png)
+    ax.legend(
+        handles + kd_handles,
+        labels + kd_labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),  # under the step axis' label
+        ncol=3,
+        fontsize="small",
+        frameon=False,
+    )
+    return fig

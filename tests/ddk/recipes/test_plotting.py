@@ -87,3 +87,25 @@ def test_plot_losses_leaves_out_skipped_steps(tmp_path: Path) -> None:
         plot_losses(recs[1:2], tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"plot_losses: metrics_path_or_records must be an existing JSON-lines file"):
         plot_losses(tmp_path / "missing.jsonl", tmp_path / "x.png")
+
+
+def test_plot_losses_legend_covers_no_curve_and_fits_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddk.recipes.plotting as plotting
+
+    saved: list[object] = []
+    real_save = plotting._save
+
+    def keep(fig, ax, out_png):  # type: ignore[no-untyped-def]
+        saved.append(fig)
+        return real_save(fig, ax, out_png)
+
+    monkeypatch.setattr(plotting, "_save", keep)
+    # the KD curve ends at the top right, where the legend used to sit
+    recs = [{"step": s, "loss": 5.0 - 0.02 * s, "ce": 4.9 - 0.02 * s, "kd": 0.06 + 0.004 * s} for s in range(10, 21)]
+    plotting.plot_losses(recs, tmp_path / "loss.png")
+    (fig,) = saved
+    renderer = fig.canvas.get_renderer()
+    (legend,) = [a.get_legend() for a in fig.axes if a.get_legend() is not None]
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(a.get_window_extent(renderer)) for a in fig.axes)  # outside both axes
+    assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)  # and not cut off
