@@ -40,6 +40,7 @@ from ddk.data.pack_cache import (
     _check_root,
     _commit,
     _may_hold,
+    _merged,
     _open_cache,
     _sources_json,
 )
@@ -272,13 +273,17 @@ def _cap_message(fn: str, capped: dict[str, int], val_samples: int, max_val_frac
     )
 
 
-def _opened(opts: _Options, root: Path, key: str, verify: bool, fingerprint: str | None) -> PackedDomains:
-    """The finished cache ``root``, verified; the capped warning; ``fingerprint`` recorded in it."""
+Sources = Callable[[], dict[str, str | None]]  # the sources' fingerprints per kind (pack_cache.SOURCE_KINDS)
+
+
+def _opened(opts: _Options, root: Path, key: str, verify: bool, sources: Sources | None) -> PackedDomains:
+    """The finished cache ``root``, verified; the capped warning; the ``sources``' fingerprints
+    recorded in it."""
     packed, capped = _open_cache(root, key=key, verify=verify, vocab=opts.vocab)
     if capped:
         warn_user(_cap_message(opts.fn, capped, opts.val_samples, opts.max_val_fraction))
-    if fingerprint is not None:
-        _add_sources(root, fingerprint)
+    if sources is not None:
+        _add_sources(root, sources())
     return packed
 
 
@@ -292,16 +297,22 @@ def _build(
     progress: bool,
     verify: bool,
     failing: Callable[[], bool] = lambda: False,
-    fingerprint: str | None = None,
+    sources: Sources | None = None,
+    scan_first: bool | None = None,
 ) -> PackedDomains:
-    """Pack ``sides`` (see the module docstring): open the cache of their key, or build it."""
+    """Pack ``sides`` (see the module docstring): open the cache of their key, or build it.
+    ``sources`` gives the fingerprints to record in the cache (``pack_files``); ``scan_first``
+    overrides whether a scanning pass looks for the key first (default: when a cache of the same
+    options exists)."""
     warned = False
-    if cache_dir is not None and _may_hold(cache_dir, opts.meta()):
+    if scan_first is None:
+        scan_first = cache_dir is not None and _may_hold(cache_dir, opts.meta())
+    if cache_dir is not None and scan_first:
         scanned = _run_pass(opts, sides, tokenizer, None, num_proc=num_proc, progress=progress, failing=failing)
         _key(opts, scanned, warn=True)
         warned = True
         if (cache_dir / scanned.key / _META).is_file():
-            return _opened(opts, cache_dir / scanned.key, scanned.key, verify, fingerprint)
+            return _opened(opts, cache_dir / scanned.key, scanned.key, verify, sources)
     start = time.perf_counter()
     tmp = _build_folder(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="ddk-pack-"))
     try:
@@ -317,7 +328,7 @@ def _build(
         _key(opts, built, warn=not warned)
         root = cache_dir / built.key if cache_dir is not None else None
         if root is not None and (root / _META).is_file():  # built meanwhile by another process
-            return _opened(opts, root, built.key, verify, fingerprint)
+            return _opened(opts, root, built.key, verify, sources)
         if root is not None:
             _check_root(root)
         train, val, entries, capped = assembler.finish(opts.fn, built.names, in_memory=root is None)
@@ -336,8 +347,8 @@ def _build(
         for stray in tmp.glob("*_*.bin"):  # streams of dropped domains
             if not stray.name.startswith(("train_", "validation_")):
                 stray.unlink()
-        if fingerprint is not None:
-            (tmp / _SOURCES).write_text(_sources_json([fingerprint]), encoding="utf-8")
+        if sources is not None:
+            (tmp / _SOURCES).write_text(_sources_json(_merged(None, sources())), encoding="utf-8")
         meta = {
             "format": _FORMAT,
             "version": _VERSION,

@@ -3,16 +3,18 @@ finished cache, and the atomic commit of a build.
 
 Cache layout (``cache_dir`` given), one folder per key::
 
-    <cache_dir>/<key>/meta.json            names, shapes, seq_len, eos id, tokenizer hash, sha256s
+    <cache_dir>/<key>/meta.json            names, shapes, seq_len, eos id, tokenizer hash, sha256s,
+                                           options, and who built it (pid, host, processes, seconds)
     <cache_dir>/<key>/train_<i>.bin        (n_i, seq_len) int32 little-endian, domain index i
     <cache_dir>/<key>/validation_<i>.bin   (m_i, seq_len) int32 little-endian
 
 A build writes into ``<cache_dir>/.tmp-pack-<pid>-*`` (the building process's id) and renames it
 to ``<cache_dir>/<key>`` with ``os.replace`` once the key is known, so a killed build leaves no half
-cache (only a ``.tmp-*`` folder, safe to delete). A cache built from files by ``pack_files`` also
-holds ``sources.json``: the fingerprints of the sources (paths, sizes, times, inodes, reading and
-packing options) it was built from, so that a later call with unchanged files opens it without
-reading them (``_find_by_sources``).
+cache (only a ``.tmp-*`` folder, safe to delete). A cache built or opened from files by
+``pack_files`` also holds ``sources.json``: fingerprints of the sources it came from, of their
+identities (paths, sizes, times, inodes) and of their contents (SHA-256s), each with the reading
+and packing options, so that a later call with unchanged files opens it without parsing them
+(``_find_by_sources``; see ``ddk.data.streaming``).
 
 Every open verifies the cache (``ddk.data.verify``): the first open after its files changed hashes
 them against ``meta.json`` and checks every token id below the tokenizer's vocabulary, then writes
@@ -111,37 +113,64 @@ def _may_hold(cache_dir: Path, options: dict[str, Any]) -> bool:
 
 _SOURCES = "sources.json"
 _SOURCES_FORMAT = "ddk.pack_sources"
-_SOURCES_KEPT = 64  # fingerprints kept per cache (the newest)
+_SOURCES_KEPT = 64  # fingerprints kept per kind and cache (the newest)
+#: the kinds of fingerprint a cache records: the sources' file identities (``stat``: sizes, times,
+#: inodes) and their contents (the SHA-256 of their bytes); both with the reading and packing options
+SOURCE_KINDS = ("stat", "contents")
 
 
-def _find_by_sources(cache_dir: Path, fingerprint: str) -> Path | None:
-    """The finished cache built from sources of this fingerprint, if one is recorded."""
+def _read_sources(root: Path) -> dict[str, list[str]] | None:
+    """The fingerprints recorded in ``root/sources.json`` per kind, or None (none recorded)."""
+    try:
+        got = loads_json(read_capped(root / _SOURCES), where=str(root / _SOURCES))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(got, dict) or got.get("format") != _SOURCES_FORMAT:
+        return None
+    return {k: [v for v in got.get(k) or [] if isinstance(v, str)] for k in SOURCE_KINDS}
+
+
+def _find_by_sources(cache_dir: Path, kind: str, fingerprint: str) -> Path | None:
+    """The finished cache recorded as built from sources of this ``kind`` of fingerprint, if any."""
     for root in _finished(cache_dir):
-        try:
-            got = loads_json(read_capped(root / _SOURCES), where=str(root / _SOURCES))
-        except (OSError, ValueError):
-            continue
-        if isinstance(got, dict) and got.get("format") == _SOURCES_FORMAT and fingerprint in (got.get("keys") or []):
+        got = _read_sources(root)
+        if got is not None and fingerprint in got[kind]:
             return root
     return None
 
 
-def _sources_json(keys: list[str]) -> str:
-    return json.dumps({"format": _SOURCES_FORMAT, "keys": keys[-_SOURCES_KEPT:]}, indent=0) + "\n"
+def _unfingerprinted(cache_dir: Path, options: dict[str, Any]) -> bool:
+    """Whether a finished cache of ``options`` records no contents fingerprint (built by
+    ``pack_domains``, or before ``pack_files``): only reading the records can tell if it is theirs."""
+    return any(
+        _same_options(meta, options) and not (_read_sources(root) or {}).get("contents")
+        for root in _finished(cache_dir)
+        if (meta := _read_meta(root)) is not None
+    )
 
 
-def _add_sources(root: Path, fingerprint: str) -> None:
-    """Record in the finished cache ``root`` that sources of ``fingerprint`` give it (best effort:
-    a cache that cannot be written is only found by reading the sources)."""
-    keys: list[str] = []
+def _sources_json(recorded: dict[str, list[str]]) -> str:
+    kept = {k: recorded.get(k, [])[-_SOURCES_KEPT:] for k in SOURCE_KINDS}
+    return json.dumps({"format": _SOURCES_FORMAT, **kept}, indent=0) + "\n"
+
+
+def _merged(old: dict[str, list[str]] | None, new: dict[str, str | None]) -> dict[str, list[str]]:
+    out = {k: list((old or {}).get(k, [])) for k in SOURCE_KINDS}
+    for k, v in new.items():
+        if v is not None:
+            out[k] = [x for x in out[k] if x != v] + [v]
+    return out
+
+
+def _add_sources(root: Path, new: dict[str, str | None]) -> None:
+    """Record in the finished cache ``root`` that sources of these fingerprints give it (best
+    effort: a cache that cannot be written is only found by reading the sources)."""
+    old = _read_sources(root)
+    merged = _merged(old, new)
+    if merged == old:
+        return  # nothing new: nothing written
     try:
-        got = loads_json(read_capped(root / _SOURCES), where=str(root / _SOURCES))
-        if isinstance(got, dict) and isinstance(got.get("keys"), list):
-            keys = [k for k in got["keys"] if isinstance(k, str) and k != fingerprint]
-    except (OSError, ValueError):
-        pass
-    try:
-        atomic_write_text(root / _SOURCES, _sources_json([*keys, fingerprint]))
+        atomic_write_text(root / _SOURCES, _sources_json(merged))
     except OSError:
         pass
 

@@ -300,3 +300,20 @@ def source_state(src: str | os.PathLike[str]) -> Any:
         return [str(path.resolve()), _state(path)]
     except OSError:
         return None
+
+
+def source_contents(src: str | os.PathLike[str]) -> Any:
+    """The SHA-256 of a local source's bytes (a folder's: of each of its files), JSON-serialisable,
+    or ``None`` for a hub dataset name or a missing path."""
+    from ddk._io import file_sha256
+
+    if not _looks_local(src):
+        return None
+    path = Path(src).expanduser()
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            return [[str(p.relative_to(path)), file_sha256(p)] for p in files]
+        return file_sha256(path)
+    except OSError:
+        return None

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddk._io import warn_user
-from ddk.data.readers import MAX_RECORD_BYTES, _Bad, _check_domain_name, _rows, _too_big, source_state
+from ddk.data.readers import MAX_RECORD_BYTES, _Bad, _check_domain_name, _rows, _too_big, source_contents, source_state
 
 if TYPE_CHECKING:
     import datasets
@@ -152,8 +152,13 @@ class RecordStream:
     ``load_records`` reads, without ever holding more than one batch (and one source's reader).
 
     Args:
-        paths, text_field, domain_field, partitioner, on_missing, max_record_bytes, progress: as
-            ``load_records``'s.
+        paths: the sources, as ``load_records`` takes them.
+        text_field: as ``load_records``'s.
+        domain_field: as ``load_records``'s.
+        partitioner: as ``load_records``'s.
+        on_missing: as ``load_records``'s.
+        max_record_bytes: as ``load_records``'s.
+        progress: a tqdm bar per source.
         fn: the public function named in messages.
         bar: the tqdm bar's word before each source's name (``"load"``: ``load corpus.jsonl``).
 
@@ -200,13 +205,16 @@ class RecordStream:
         self.records = 0  # valid records handed out so far
         self.failing = False
 
-    def fingerprint(self) -> list[Any] | None:
-        """What the records read depend on, now: every source's domain, path and file identity
-        (size, times, inode) and the reading options; ``None`` when that cannot be known without
-        reading (a hub dataset, a partitioner, a missing file)."""
+    def fingerprint(self, kind: str = "stat") -> list[Any] | None:
+        """What the records read depend on: every source's domain with, for ``kind="stat"``, its
+        path and file identity now (size, times, inode: a ``stat`` per file), for
+        ``kind="contents"`` the SHA-256 of its bytes (a read at disk speed, no parsing); and the
+        reading options. ``None`` when it cannot be known without parsing the records (a hub
+        dataset, a partitioner, a missing file)."""
         if self.partitioner is not None:
             return None
-        states = [[named, source_state(src)] for named, src in self.sources]
+        of = source_state if kind == "stat" else source_contents
+        states = [[named, of(src)] for named, src in self.sources]
         if any(state is None for _, state in states):
             return None
         return [states, self.text_field, self.domain_field, self.on_missing, self.max_record_bytes]

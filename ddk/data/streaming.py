@@ -8,15 +8,20 @@ tokenized in ``num_proc`` processes, and each domain's tokens written to disk as
 MiB of buffers, whatever the corpus' size. The result is the one ``pack_domains`` gives for the same
 records and options: the same key, the same files byte for byte, for every ``num_proc``.
 
-Once per cache folder. With ``cache_dir``, the cache records the fingerprint of the sources it was
-built from (paths, sizes, modification and change times, inodes, and the reading and packing
-options): a later call whose files are unchanged opens it without reading them. A build holds an
-advisory lock on ``cache_dir`` (``flock`` on the folder itself, which the kernel drops if the
-process dies), so under ``torchrun`` the first rank to take it builds and every other rank waits,
-then opens the result by the fingerprint: no other rank reads the corpus. (A file system without
-``flock`` on folders builds without the lock; two builders then race harmlessly, the second
-finding the first's cache at its commit.) When the fingerprint cannot be taken (a hub dataset, a
-``partitioner``), the records are read to find the key.
+Once per cache folder. With ``cache_dir``, the cache records two fingerprints of the sources it
+was built from, each with the reading and packing options (``<key>/sources.json``): their identity
+(paths, sizes, modification and change times, inodes) and their contents (the SHA-256 of their
+bytes). A later call whose files are unchanged opens the cache after a ``stat`` per file, reading
+nothing; files touched, copied or moved with the same bytes are hashed at disk speed, not parsed
+or tokenized. Only a cache of the same options that records no contents fingerprint (built by
+``pack_domains``, or by ddk before ``pack_files``) makes the records be parsed (not tokenized)
+first, to find their key. A build holds an advisory lock on ``cache_dir`` (``flock`` on the folder
+itself, which the kernel drops if the process dies), so under ``torchrun`` the first rank to take
+it builds and every other rank waits, then opens the result by the fingerprint: no other rank
+reads the corpus. (A file system without ``flock`` on folders builds without the lock; two
+builders then race harmlessly, the second finding the first's cache at its commit.) When the
+fingerprints cannot be taken (a hub dataset, a ``partitioner``), the records are parsed to find
+the key whenever a cache of the same options exists.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ddk._io import json_fingerprint
 from ddk.data.build import _build, _opened, _Options, _Side
-from ddk.data.pack_cache import _find_by_sources
+from ddk.data.pack_cache import _find_by_sources, _may_hold, _unfingerprinted
 from ddk.data.packed import PackedDomains
 from ddk.data.packing import _options
 from ddk.data.readers import MAX_RECORD_BYTES
@@ -54,12 +59,15 @@ def _side(stream: RecordStream, arg: str, validation: bool) -> _Side:
     return _Side(arg, batches, "text", True, validation)
 
 
-def _fingerprint(opts: _Options, data: RecordStream, validation: RecordStream | None) -> str | None:
-    """What the packed result depends on, without reading the records (None when unknowable)."""
-    parts = [data.fingerprint(), validation.fingerprint() if validation is not None else []]
+def _fingerprint(opts: _Options, data: RecordStream, validation: RecordStream | None, kind: str) -> str | None:
+    """What the packed result depends on, without parsing the records (None when unknowable):
+    the sources' identities (``kind="stat"``) or contents (``"contents"``), and the options."""
+    parts = [data.fingerprint(kind), validation.fingerprint(kind) if validation is not None else []]
     if any(p is None for p in parts):
         return None
-    return json_fingerprint({"format": _FINGERPRINT, "data": parts[0], "validation": parts[1], **opts.meta()})
+    return json_fingerprint(
+        {"format": _FINGERPRINT, "kind": kind, "data": parts[0], "validation": parts[1], **opts.meta()}
+    )
 
 
 def _builders(cache: Path) -> str:
@@ -127,17 +135,25 @@ def pack_files(
         paths: the training records' sources, as ``load_records`` takes them (files, folders,
             ``(domain, path)`` pairs, a ``{domain: path}`` mapping).
         tokenizer: a ``transformers`` tokenizer with an EOS token.
-        seq_len, val_samples, seed, domains, max_val_fraction, verify: as ``pack_domains``'s.
+        seq_len: tokens per sequence, as ``pack_domains``'s.
+        val_samples: validation sequences per domain, as ``pack_domains``'s.
         validation: the validation records' sources (the first ``val_samples`` sequences of each
             domain), or ``None`` for the stable hash split of ``paths``.
+        seed: seed of the split hash, as ``pack_domains``'s.
         cache_dir: folder of the cache (``<cache_dir>/<key>``); ``None`` builds in a temporary
             folder and returns the arrays in memory.
-        text_field, domain_field, partitioner, on_missing, max_record_bytes: as
-            ``load_records``'s (a bad record with ``on_missing="raise"`` stops the tokenizing; the
-            reading goes on to list the bad records).
+        domains: the domains kept, as ``pack_domains``'s.
+        max_val_fraction: as ``pack_domains``'s.
+        text_field: as ``load_records``'s.
+        domain_field: as ``load_records``'s.
+        partitioner: as ``load_records``'s.
+        on_missing: as ``load_records``'s; a bad record with ``"raise"`` stops the tokenizing (the
+            reading goes on, to list the bad records).
+        max_record_bytes: as ``load_records``'s.
         num_proc: processes that tokenize (``None`` or 0: the CPU count); the result does not
             depend on it.
         progress: a tqdm bar per source.
+        verify: check the cache's files on a hit, as ``pack_domains``'s.
 
     Returns:
         ``PackedDomains``, as ``pack_domains`` returns.
@@ -192,7 +208,7 @@ def pack_files(
     procs = resolve_num_proc(fn, num_proc)
     streams = [s for s in (data, val) if s is not None]
 
-    def build(cache: Path | None, fingerprint: str | None) -> PackedDomains:
+    def build(cache: Path | None, sources: Any = None, scan_first: bool | None = None) -> PackedDomains:
         return _build(
             opts,
             sides,
@@ -202,20 +218,35 @@ def pack_files(
             progress=progress,
             verify=verify,
             failing=lambda: any(s.failing for s in streams),
-            fingerprint=fingerprint,
+            sources=sources,
+            scan_first=scan_first,
         )
 
     if cache_dir is None:
-        return build(None, None)
+        return build(None)
     cache = Path(cache_dir).expanduser()
-    fingerprint = _fingerprint(opts, data, val)
-    if fingerprint is not None:  # unchanged files: open what they gave, reading nothing (and writing nothing)
-        root = _find_by_sources(cache, fingerprint)
+    stat = _fingerprint(opts, data, val, "stat")
+    if stat is not None:  # unchanged files: open what they gave, reading nothing (and writing nothing)
+        root = _find_by_sources(cache, "stat", stat)
         if root is not None:
             return _opened(opts, root, root.name, verify, None)
+    contents: list[str | None] = []
+
+    def fingerprints() -> dict[str, str | None]:
+        if not contents:
+            contents.append(_fingerprint(opts, data, val, "contents"))
+        return {"stat": stat, "contents": contents[0]}
+
     with _cache_lock(cache, fn):
-        if fingerprint is not None:  # built while this process waited for the lock
-            root = _find_by_sources(cache, fingerprint)
+        if stat is not None:  # built while this process waited for the lock
+            root = _find_by_sources(cache, "stat", stat)
             if root is not None:
                 return _opened(opts, root, root.name, verify, None)
-        return build(cache, fingerprint)
+        scan_first = False
+        if _may_hold(cache, opts.meta()):  # a cache of these options: maybe of these records
+            found = fingerprints()["contents"]
+            root = _find_by_sources(cache, "contents", found) if found is not None else None
+            if root is not None:  # the same bytes (touched, copied or moved files): no parsing
+                return _opened(opts, root, root.name, verify, fingerprints)
+            scan_first = _unfingerprinted(cache, opts.meta())  # only parsing the records can tell
+        return build(cache, fingerprints, scan_first)

@@ -482,9 +482,13 @@ def test_record_stream_fingerprint_follows_the_files(tmp_path, corpus):
     assert first == RecordStream([("code", path)], progress=False).fingerprint()
     assert first != RecordStream([("math", path)], progress=False).fingerprint()  # the domain of a pair counts
     assert first != RecordStream([("code", path)], max_record_bytes=100, progress=False).fingerprint()
+    contents = RecordStream([("code", path)], progress=False).fingerprint("contents")
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert first != RecordStream([("code", path)], progress=False).fingerprint()
+    assert contents == RecordStream([("code", path)], progress=False).fingerprint("contents")  # the same bytes
+    path.write_text(path.read_text() + "\n")
+    assert contents != RecordStream([("code", path)], progress=False).fingerprint("contents")
     part = DomainPartitioner.by_field("domain")
     assert RecordStream(path, partitioner=part, progress=False).fingerprint() is None  # a function: unknowable
     assert RecordStream("org/name", progress=False).fingerprint() is None  # a hub dataset

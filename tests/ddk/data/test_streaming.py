@@ -161,7 +161,7 @@ def test_pack_files_equals_pack_domains_of_load_records(tok, tmp_path, case):
         got = pack_files(paths, tok, validation=val, cache_dir=cache, num_proc=2, **kw)
         _same(got, ref)
     assert _entries(got.root) == _entries(ref.root)
-    assert (got.root / "sources.json").is_file() and not (ref.root / "sources.json").exists()
+    assert (got.root / "sources.json").is_file() and not (ref.root / "sources.json").exists()  # no fingerprint
 
 
 def test_pack_files_same_files_for_any_number_of_processes(tok, tmp_path):
@@ -181,28 +181,45 @@ def test_pack_files_unchanged_files_open_the_cache_without_being_read(tok, tmp_p
     kw: dict[str, Any] = dict(seq_len=L, val_samples=3, cache_dir=tmp_path / "packed", progress=False)
     first = pack_files(path, tok, **kw)
     assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == [first.key]  # no lock file, no index
-    sources = json.loads((first.root / "sources.json").read_text())["keys"]
-    assert len(sources) == 1
+    recorded = json.loads((first.root / "sources.json").read_text())
+    assert len(recorded["stat"]) == len(recorded["contents"]) == 1
 
     def unread(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise AssertionError("unchanged files must not be read")
+        raise AssertionError("the records must not be parsed")
+
+    def untokenized(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the records must not be tokenized")
 
     with monkeypatch.context() as m:
         m.setattr(RecordStream, "batches", unread)
-        _same(pack_files(path, tok, **kw), first)
+        m.setattr(type(tok), "__call__", untokenized)
+        _same(pack_files(path, tok, **kw), first)  # unchanged: a stat per file
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched, same bytes
+        _same(pack_files(path, tok, **kw), first)  # hashed, not parsed
+        moved = path.rename(tmp_path / "moved.jsonl")
+        _same(pack_files(moved, tok, **kw), first)
+    recorded = json.loads((first.root / "sources.json").read_text())
+    assert len(recorded["stat"]) == 3 and len(recorded["contents"]) == 1
+    with moved.open("a") as f:
+        f.write(json.dumps({"domain": "code", "text": "def more(): return 1"}) + "\n")
+    edited = pack_files(moved, tok, **kw)
+    assert edited.key != first.key and edited.sizes[0] >= first.sizes[0]
+
+
+def test_pack_files_finds_a_cache_pack_domains_built_by_parsing_without_tokenizing(tok, tmp_path, monkeypatch):
+    """A cache of the same options without a contents fingerprint (pack_domains', or one packed
+    before pack_files) may hold these records: they are parsed to find the key, not tokenized."""
+    path = write_jsonl(tmp_path / "c.jsonl", docs_per_domain=20, words=12)
+    kw: dict[str, Any] = dict(seq_len=L, val_samples=3, cache_dir=tmp_path / "packed", progress=False)
+    first = pack_domains(load_records(path, progress=False), tok, **kw)
 
     def untokenized(self, *a, **k):  # type: ignore[no-untyped-def]
-        raise AssertionError("a cache of the same records must not be tokenized again")
+        raise AssertionError("the records must not be tokenized")
 
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched, same bytes
     with monkeypatch.context() as m:
         m.setattr(type(tok), "__call__", untokenized)
-        _same(pack_files(path, tok, **kw), first)  # read (to find the key), not tokenized
-    assert len(json.loads((first.root / "sources.json").read_text())["keys"]) == 2  # both fingerprints now
-    with path.open("a") as f:
-        f.write(json.dumps({"domain": "code", "text": "def more(): return 1"}) + "\n")
-    edited = pack_files(path, tok, **kw)
-    assert edited.key != first.key and edited.sizes[0] >= first.sizes[0]
+        _same(pack_files(path, tok, **kw), first)
+    assert len(json.loads((first.root / "sources.json").read_text())["contents"]) == 1  # now it has one
 
 
 def test_pack_files_bad_record_stops_the_tokenizing_and_is_listed(tok, tmp_path, monkeypatch):
