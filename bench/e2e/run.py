@@ -61,7 +61,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddk-no-smoothing": ("ddk-no-smoothing", {}),
     "ddk-online": ("ddk-online", {}),
 }
-DEFAULT_VARIANTS = ("cpt", "kd", "kd-doremi", "ddk", "ddk-floored", "ddk-uniform-init", "ddk-log-ratio", "ddk-gain")
+DEFAULT_VARIANTS = (
+    "cpt",
+    "kd",
+    "kd-doremi",
+    "ddk",
+    "ddk-floored",
+    "ddk-uniform-init",
+    "ddk-log-ratio",
+    "ddk-gain",
+    "ddk-tempered",
+    "ddk-alpha-0.2",
+)
 CANDIDATES = tuple(v for v in VARIANTS if v.startswith("ddk-") and VARIANTS[v][0] == "ddk")
 
 
