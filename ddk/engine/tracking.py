@@ -19,7 +19,9 @@ step it trains again, so TensorBoard drops what the interrupted run wrote after 
 no step appears twice. ``wandb`` logs to Weights & Biases (optional: ``pip install wandb``; its
 files in ``<out>/wandb/``, the run id kept there so a resumed run continues the same W&B run, which
 ignores steps it already holds; ``WANDB_PROJECT`` names the project, ``ddk`` by default,
-``WANDB_MODE=offline`` keeps it local). ``none`` reports nothing.
+``WANDB_MODE=offline`` keeps it local: there a resume writes a second ``offline-run-*-<id>`` folder of
+the same run, holding again the steps logged after the checkpoint, with the same values, for
+``wandb sync`` to upload after the first). ``none`` reports nothing.
 """
 
 from __future__ import annotations

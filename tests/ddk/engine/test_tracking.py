@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -76,42 +74,24 @@ def test_run_config_report_to_must_be_a_backend(tmp_path: Path) -> None:
         RunConfig(report_to="tb").validate()
 
 
-class _FakeRun:
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.kwargs, self.logged, self.finished = kwargs, [], False
+def test_wandb_tracker_offline_resume_keeps_the_run_id_and_a_fresh_start_takes_a_new_one(tmp_path: Path) -> None:
+    from wandb_offline import offline_env, offline_runs
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        self.logged.append((step, values))
-
-    def finish(self) -> None:
-        self.finished = True
-
-
-def test_wandb_tracker_keeps_the_run_id_for_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    runs: list[_FakeRun] = []
-    fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: runs.append(_FakeRun(kw)) or runs[-1]  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    t = tracking.WandbTracker(tmp_path / "run", config={"method": "ddk"})
-    t.log_scalars({"weight/a": 0.5}, step=3)
-    t.close()
-    first = runs[0]
-    assert first.logged == [(3, {"weight/a": 0.5})] and first.finished
-    assert first.kwargs["dir"] == str(tmp_path / "run") and first.kwargs["resume"] == "allow"
-    assert first.kwargs["config"] == {"method": "ddk"} and first.kwargs["name"] == "run"
-    tracking.WandbTracker(tmp_path / "run", resumed=True).close()  # a resume: the same W&B run
-    tracking.WandbTracker(tmp_path / "run", resumed=False).close()  # a fresh start: a new one
-    assert runs[1].kwargs["id"] == first.kwargs["id"] != runs[2].kwargs["id"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is optional and not installed")
-def test_wandb_tracker_offline_writes_its_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    t = open_tracker("wandb", tmp_path, start_step=0, config={"method": "ddk"})
-    t.log_scalars({"weight/a": 0.5, "train/ce": 2.0}, step=1)
-    t.close()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    out = tmp_path / "run"
+    with offline_env(tmp_path):
+        t = open_tracker("wandb", out, config={"method": "ddk", "steps": 6})
+        t.log_scalars({"weight/a": 0.5, "train/ce": 2.0}, step=1)
+        t.log_scalars({"weight/a": 0.25}, step=3)
+        t.close()
+        open_tracker("wandb", out, start_step=2).close()  # a resume: the same W&B run
+        open_tracker("wandb", out).close()  # a fresh start in the same folder: a new one
+    first, resumed, fresh = offline_runs(out / "wandb")
+    assert first.run_id == resumed.run_id != fresh.run_id
+    assert (out / "wandb" / "ddk-run-id").read_text() == fresh.run_id + "\n"
+    assert (first.project, first.name) == ("ddk", "run")
+    assert first.config["method"] == "ddk" and first.config["steps"] == 6
+    assert first.series("weight/a") == [(1, 0.5), (3, 0.25)] and first.series("train/ce") == [(1, 2.0)]
+    assert resumed.history == fresh.history == []
 
 
 @needs_tb
@@ -189,3 +169,64 @@ def test_distill_report_to_tensorboard_resumed_run_has_no_duplicate_steps(
     assert [v for _, v in ce] == pytest.approx([m["ce"] for m in metrics], rel=1e-6)
     name = _jsonl(out / "controller.jsonl")[0]["domain_names"][0]
     assert [s for s, _ in _series(acc, f"weight/{name}")] == [0, 3, 6]
+
+
+def _without_clock(row: dict[str, Any]) -> dict[str, Any]:
+    """A W&B history row less what depends on the clock (its time stamps and the throughput)."""
+    return {k: v for k, v in row.items() if k not in ("_timestamp", "_runtime", "throughput/tokens_per_s")}
+
+
+@pytestmark_hf
+def test_distill_report_to_wandb_offline_continues_the_run_after_a_resume_with_the_runs_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recipe_cases import crash_in_step, run_cfg
+    from wandb_offline import offline_env, offline_runs
+
+    import ddk.recipes.distill as real
+
+    cfg = run_cfg(tmp_path, "wb", report_to="wandb")
+    out = Path(cfg.out)
+    with offline_env(tmp_path):
+        crash_in_step(monkeypatch, cfg, 5)  # checkpoint-3 written; steps 4 (logged) and 5 are trained again
+        real.distill(cfg)
+    first, resumed = offline_runs(out / "wandb")  # offline, a resume writes a second folder of the same run
+    assert first.run_id == resumed.run_id == (out / "wandb" / "ddk-run-id").read_text().strip()
+    assert (first.project, first.name, first.config["method"]) == ("ddk", "wb", "ddk")
+    assert [r["_step"] for r in first.history] == [0, 2, 3, 4]  # the init record, then logging steps to the crash
+    assert [r["_step"] for r in resumed.history] == [4, 6]  # from checkpoint-3 on: no init record again
+    # step 4, logged again, holds the same values (the resume is bit-exact), so whichever copy W&B keeps
+    # (online, a resumed run drops steps the run holds) is the run's; the series are those of the files
+    assert _without_clock(resumed.history[0]) == pytest.approx(_without_clock(first.history[-1]), rel=1e-6)
+    rows: dict[int, dict[str, Any]] = {}
+    for run in (first, resumed):
+        for row in run.history:
+            rows.setdefault(row["_step"], row)  # a step's first copy, as W&B keeps online
+
+    def series(key: str) -> list[tuple[int, Any]]:
+        return [(step, row[key]) for step, row in sorted(rows.items()) if key in row]
+
+    ctrl, metrics = _jsonl(out / "controller.jsonl"), _jsonl(out / "metrics.jsonl")
+    names = ctrl[0]["domain_names"]
+    assert len(names) == 3
+    for i, name in enumerate(names):
+        for key, tag in (
+            ("weights", "weight"),
+            ("student_ce", "student_ce"),
+            ("teacher_ce", "teacher_ce"),
+            ("ratio", "ratio"),
+        ):
+            got = series(f"{tag}/{name}")
+            assert [s for s, _ in got] == [r["step"] for r in ctrl] == [0, 3, 6]
+            assert [v for _, v in got] == pytest.approx([r[key][i] for r in ctrl], rel=1e-6)
+        gap = [r["student_ce"][i] - r["teacher_ce"][i] for r in ctrl]
+        assert [v for _, v in series(f"gap/{name}")] == pytest.approx(gap, rel=1e-5, abs=1e-6)
+        tokens = series(f"tokens/{name}")
+        assert [s for s, _ in tokens] == [m["step"] for m in metrics] == [2, 3, 4, 6]
+        summary = json.loads((out / "summary.json").read_text())  # every step's tokens once: steps 1-2, 3, 4, 5-6
+        assert sum(v for _, v in tokens) == summary["samples_per_domain"][i] * (cfg.seq_len - 1)
+    for key in ("ce", "kd", "loss", "lr"):
+        got = series(f"train/{key}")
+        assert [s for s, _ in got] == [m["step"] for m in metrics] == [2, 3, 4, 6]
+        assert [v for _, v in got] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+    assert all(v > 0 for _, v in series("throughput/tokens_per_s"))

@@ -950,3 +950,35 @@ def test_ddktrainer_report_to_tensorboard_logs_weights_per_domain_and_loss_terms
     for h in history:  # one step per log, no accumulation: the Trainer's loss is ce + gamma * kd
         assert h["loss"] == pytest.approx(h["ce"] + gamma * h["kd"], rel=1e-4)
         assert sum(h[f"tokens/{n}"] for n in names) == 4 * 15  # 4 sequences of 16 tokens, 15 targets each
+
+
+def test_ddktrainer_report_to_wandb_offline_logs_weights_per_domain_and_loss_terms(tmp_path, tok):
+    from wandb_offline import offline_env, offline_runs
+
+    with offline_env(tmp_path):
+        import wandb
+
+        tr = DDKTrainer(
+            model=make_model("llama", len(tok), seed=2),
+            teacher=make_model("llama", len(tok), hidden=48, seed=1),
+            args=_config(tmp_path / "out", max_steps=3, interval=2, report_to=["wandb"], logging_steps=1),
+            train_dataset=_records(),
+            processing_class=tok,
+        )
+        try:
+            tr.train()
+        finally:
+            wandb.finish()  # transformers' callback leaves the run open for the caller
+    (run,) = offline_runs(tmp_path / "wandb-home" / "dir" / "wandb")  # under WANDB_DIR: the Trainer passes no dir
+    names, records = tr.controller.estimator.domain_names, tr.controller.records
+    for i, name in enumerate(names):  # the Trainer's callback prefixes train/ and logs train/global_step
+        got = run.series(f"train/weight/{name}", step="train/global_step")
+        assert [s for s, _ in got] == [r["step"] for r in records] == [0, 2]
+        assert [v for _, v in got] == pytest.approx([r["weights"][i] for r in records], rel=1e-6)
+        for key in ("student_ce", "teacher_ce", "gap", "ratio"):
+            assert [s for s, _ in run.series(f"train/{key}/{name}", step="train/global_step")] == [0, 2]
+        assert [s for s, _ in run.series(f"train/tokens/{name}", step="train/global_step")] == [1, 2, 3]
+    history = [h for h in tr.state.log_history if "loss" in h]
+    for key in ("ce", "kd"):
+        got = run.series(f"train/{key}", step="train/global_step")
+        assert got == [(h["step"], pytest.approx(h[key], rel=1e-6)) for h in history]
