@@ -9,8 +9,9 @@ processes started when a second batch arrives (a corpus of one batch starts none
 back in submission order, whatever the number of workers, and a batch's ids do not depend on which
 batch it was tokenized with, so the packed result is the same for every ``num_proc``. Workers are
 forked on Linux (nothing to pickle, no re-import of the caller's script) and spawned elsewhere;
-each ignores SIGINT (the parent handles Ctrl-C and stops them) and tokenizes single-threaded
-(``TOKENIZERS_PARALLELISM=false``: the processes are the parallelism).
+each ignores SIGINT (the parent handles Ctrl-C and stops them), dies with its parent on Linux
+(``PR_SET_PDEATHSIG``) and tokenizes single-threaded (``TOKENIZERS_PARALLELISM=false``: the
+processes are the parallelism).
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def _init_worker(tokenizer: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: terminate() stops us
+    if sys.platform.startswith("linux"):  # a parent killed outright (SIGKILL) takes its workers with it
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = _TokenizeBatch(tokenizer)
 
