@@ -85,7 +85,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.e2e
 def test_docs_build_strict_without_warnings(site: Path) -> None:
     assert (site / "index.html").is_file() and (site / "reference" / "kernels" / "index.html").is_file()
-    assert (site / "results" / "index.html").is_file() and (site / "figures" / "e2e_uniform_ddk_weights.png").is_file()
+    assert (site / "results" / "index.html").is_file() and (site / "figures" / "e2e_uniform_weights.png").is_file()
 
 
 def _resolve(path: str) -> Any:
