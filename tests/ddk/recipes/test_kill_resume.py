@@ -183,7 +183,7 @@ owner, attr = {
     "start-up": (loop, "load_models"),
     "training": (loop._Run, "train_step"),
     "the final validation": (loop, "discrepancy_report"),
-    "saving the student": (loop, "save_student"),
+    "saving the student": (loop, "save_final_student"),
     "writing the plots": (report, "plots"),
     "cache start-up": (components, "load_run_data"),
     "the teacher-cache build": (tc, "_teacher_topk"),
