@@ -26,7 +26,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ddk._io import json_fingerprint
 from ddk.distributed import DIST_BACKENDS
@@ -40,6 +40,7 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "LOSSES",
+    "TEACHER_OFFLOADS",
     "DistillOptions",
     "RunConfig",
     "check_cache_backend",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+TEACHER_OFFLOADS: tuple[str, ...] = ("none", "cpu")
 DTYPES: tuple[str, ...] = ("auto", "bf16", "fp32")
 LOSSES: tuple[str, ...] = ("fused", "logits")
 
@@ -275,6 +277,8 @@ class RunConfig(DistillOptions):
     # --- many processes (torchrun --nproc_per_node=R: batch_size is the global batch, split over ranks)
     dist_backend: str = "auto"  # "auto" (nccl with CUDA, else gloo), "gloo", "nccl"
     fsdp: bool = False  # shard the student with FSDP2 (fully_shard) instead of DDP; needs torchrun
+    # "cpu": the teacher's FSDP2 shards live in host memory, copied to the device block by block (needs fsdp)
+    teacher_offload: Literal["none", "cpu"] = "none"
     debug_checks: bool = False  # at each DDK interval, check every rank holds the same weights (also: DDK_DEBUG=1)
     device: str = "auto"  # one process: "auto" (cuda:0 when CUDA is available, else cpu), "cpu" or "cuda"
 
@@ -378,6 +382,7 @@ class RunConfig(DistillOptions):
                 f"{fn}: dist_backend must match device (gloo runs on the CPU, nccl on CUDA); got device "
                 f"{self.device!r} with dist_backend {self.dist_backend!r}."
             )
+        self._check_teacher_offload(fn)
         if self.report_to not in REPORT_TO:  # its package is checked when a run starts (ddk.engine.tracking)
             raise ValueError(f"{fn}: report_to must be one of {REPORT_TO}; got {self.report_to!r}.")
         if self.on_nonfinite not in NONFINITE_POLICIES:
@@ -394,6 +399,32 @@ class RunConfig(DistillOptions):
                 f"{fn}: max_record_mb must be a number in (0, 1048576] (MiB per record); got {self.max_record_mb!r}."
             )
         return self
+
+    def _check_teacher_offload(self, fn: str) -> None:
+        """``teacher_offload="cpu"`` offloads the shards of a teacher model that FSDP2 shards: it needs
+        ``fsdp`` and a teacher model (not a teacher cache)."""
+        if self.teacher_offload not in TEACHER_OFFLOADS:
+            raise ValueError(f"{fn}: teacher_offload must be one of {TEACHER_OFFLOADS}; got {self.teacher_offload!r}.")
+        if self.teacher_offload == "none":
+            return
+        if self.teacher_cache:
+            raise ValueError(
+                f"{fn}: teacher_offload must be 'none' with teacher_cache (the cache replaces the teacher: no "
+                f"teacher model is loaded, so none is offloaded); got teacher_offload={self.teacher_offload!r} with "
+                f"teacher_cache={self.teacher_cache!r}. Drop --teacher-offload, or distill from --teacher and --data."
+            )
+        if self.student and not self.teacher:
+            raise ValueError(
+                f"{fn}: teacher_offload {self.teacher_offload!r} must have a teacher model to offload (--teacher); "
+                f"got none (method {self.method!r} without a teacher). Drop --teacher-offload."
+            )
+        if not self.fsdp:
+            raise ValueError(
+                f"{fn}: teacher_offload {self.teacher_offload!r} must run with fsdp (FSDP2 keeps the teacher's shards "
+                "in host memory and copies each block to the device for its forward); got fsdp=False. Launch with "
+                "`torchrun --nproc_per_node=R -m ddk.recipes.cli distill --fsdp --teacher-offload cpu ...` "
+                "(--nproc_per_node=1 on one GPU), or drop --teacher-offload."
+            )
 
     def _absolute_paths(self) -> None:
         """Local paths made absolute (hub ids left as typed), so ``config.json`` and ``ddk evaluate``
@@ -536,6 +567,10 @@ def coerce_field(cls: type, name: str, value: Any) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
+    if origin is typing.Literal:  # a closed set of strings (teacher_offload)
+        if value not in args:
+            raise ValueError(f"{fn}: {name} must be one of {args}; got {value!r}.")
+        return value
     try:
         if hint is bool:
             if not isinstance(value, bool):

@@ -55,6 +55,7 @@ RESUME_IGNORED = (
     "device",
     "report_to",
     "fsdp",  # DDP, FSDP2 and one process follow one trajectory; a checkpoint resumes under any of them
+    "teacher_offload",  # where the teacher's shards wait between forwards: the same gathered weights, the same result
 )
 
 

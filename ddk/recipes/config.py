@@ -259,7 +259,12 @@ _HELP: dict[str, str] = {
     "device": "where one process distills: auto (cuda:0 when CUDA is available, else cpu), cpu or cuda "
     "(under torchrun: NCCL ranks use cuda:<LOCAL_RANK>, gloo ranks the CPU; with --dist-backend auto, "
     "--device cpu picks gloo and --device cuda nccl)",
-    "fsdp": "under torchrun, shard the student with FSDP2 (fully_shard per decoder layer + root) instead of DDP",
+    "fsdp": "under torchrun, shard the student and the teacher with FSDP2 (fully_shard per decoder layer + root) "
+    "instead of DDP",
+    "teacher_offload": "cpu: keep the teacher's FSDP2 shards in host memory (pinned on CUDA), each block copied to "
+    "the device for its forward; the GPU then holds only the gathered blocks and root group of the teacher, at the "
+    "cost of a host-to-device copy per block and forward (needs --fsdp under torchrun; "
+    "--nproc_per_node=1 on one GPU). The same results as none",
     "debug_checks": "at each DDK interval all-gather checksums of the domain weights and the student parameters "
     "and fail naming the ranks that differ (also on with the environment variable DDK_DEBUG=1)",
     "batch_size": "global batch (sequences per optimizer step over all ranks; a multiple of the number of ranks)",
@@ -344,6 +349,8 @@ def _add_flag(parser: Any, name: str, help_text: str | None) -> None:
             metavar="NAME=DIR",
             help="extra domain from a folder of files (repeatable)",
         )
+    elif typing.get_origin(hint) is typing.Literal:  # a closed set of strings (teacher_offload)
+        parser.add_argument(flag, dest=name, choices=typing.get_args(hint), default=argparse.SUPPRESS, help=help_)
     elif "choices" in f.metadata:  # the shared DistillOptions (method, divergence, loss, ddk_init)
         parser.add_argument(flag, dest=name, choices=f.metadata["choices"], default=argparse.SUPPRESS, help=help_)
     elif name == "student_start":

@@ -86,7 +86,7 @@ _OPTIMISATION = (
     "on_nonfinite",
     "seed",
 )
-_PROCESSES = ("device", "dtype", "dist_backend", "fsdp", "debug_checks", "threads")
+_PROCESSES = ("device", "dtype", "dist_backend", "fsdp", "teacher_offload", "debug_checks", "threads")
 _CHECKPOINTS = ("out", "checkpoint_every", "keep_checkpoints", "resume")
 _LOGGING = ("log_every", "progress", "report_to")
 _DEMO_CORPUS = (

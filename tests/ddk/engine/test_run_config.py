@@ -56,3 +56,44 @@ def test_run_config_record_options_with_a_teacher_cache_are_an_error(option: str
         f"RunConfig: {option} must be left out with teacher_cache (the cache holds the sequences and the validation "
         f"sets it was built from; no record is read); got {option}={shown}. Drop --{option.replace('_', '-')}"
     )
+
+
+def test_run_config_teacher_offload_without_fsdp_is_an_error_naming_the_torchrun_command() -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(teacher="t", student="s", data=("d.jsonl",), teacher_offload="cpu").validate("distill")
+    assert str(info.value) == (
+        "distill: teacher_offload 'cpu' must run with fsdp (FSDP2 keeps the teacher's shards in host memory and "
+        "copies each block to the device for its forward); got fsdp=False. Launch with `torchrun "
+        "--nproc_per_node=R -m ddk.recipes.cli distill --fsdp --teacher-offload cpu ...` (--nproc_per_node=1 on "
+        "one GPU), or drop --teacher-offload."
+    )
+    cfg = RunConfig(teacher="t", student="s", data=("d.jsonl",), fsdp=True, teacher_offload="cpu").validate()
+    assert cfg.teacher_offload == "cpu"
+
+
+def test_run_config_teacher_offload_without_a_teacher_model_is_an_error_naming_the_conflict() -> None:
+    with pytest.raises(ValueError) as info:
+        RunConfig(student="s", teacher_cache="tc", fsdp=True, teacher_offload="cpu").validate()
+    assert str(info.value) == (
+        "RunConfig: teacher_offload must be 'none' with teacher_cache (the cache replaces the teacher: no teacher "
+        "model is loaded, so none is offloaded); got teacher_offload='cpu' with teacher_cache='tc'. Drop "
+        "--teacher-offload, or distill from --teacher and --data."
+    )
+    with pytest.raises(ValueError) as info:
+        RunConfig(student="s", data=("d.jsonl",), method="cpt", fsdp=True, teacher_offload="cpu").validate()
+    assert str(info.value) == (
+        "RunConfig: teacher_offload 'cpu' must have a teacher model to offload (--teacher); got none (method 'cpt' "
+        "without a teacher). Drop --teacher-offload."
+    )
+
+
+def test_run_config_teacher_offload_other_than_none_or_cpu_is_an_error() -> None:
+    from ddk.engine.config import coerce_field
+
+    with pytest.raises(ValueError) as info:
+        RunConfig(teacher_offload="gpu").validate()  # type: ignore[arg-type]
+    assert str(info.value) == "RunConfig: teacher_offload must be one of ('none', 'cpu'); got 'gpu'."
+    with pytest.raises(ValueError) as info:  # a YAML or config.json value
+        coerce_field(RunConfig, "teacher_offload", True)
+    assert str(info.value) == "RunConfig: teacher_offload must be one of ('none', 'cpu'); got True."
+    assert coerce_field(RunConfig, "teacher_offload", "cpu") == "cpu"

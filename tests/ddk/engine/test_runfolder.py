@@ -147,3 +147,19 @@ def test_a_dangling_metrics_link_planted_before_a_resume_is_an_error_naming_it(t
     with pytest.raises(ValueError, match=r"distill: .*metrics\.jsonl must not be a symbolic link"):
         real.distill(cfg)
     assert not (tmp_path / "elsewhere.jsonl").exists()  # was created by the resumed run's append
+
+
+def test_teacher_offload_may_change_on_resume_and_leaves_the_config_digest() -> None:
+    """Where the teacher's shards wait (host memory or the device) changes no result: a run resumes
+    with or without ``--teacher-offload cpu`` and ``ddk evaluate`` accepts its student either way
+    (the end-to-end resume: tests/ddk/engine/test_parallel.py)."""
+    from ddk.engine.config import RunConfig
+    from ddk.engine.runfolder import RESUME_IGNORED, config_digest, result_options
+
+    plain, offloaded = (
+        RunConfig(teacher="t", student="s", data=("d.jsonl",), fsdp=True, teacher_offload=mode)
+        for mode in ("none", "cpu")
+    )
+    assert "teacher_offload" in RESUME_IGNORED
+    assert result_options(plain.run_dict()) == result_options(offloaded.run_dict())
+    assert config_digest(plain) == config_digest(offloaded)

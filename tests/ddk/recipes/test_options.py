@@ -119,3 +119,21 @@ def test_options_method_option_the_method_has_no_use_for_is_an_error() -> None:
     assert _config(["distill", "--divergence", "jsd", "--beta", "0.2", "--ddk-init", "floored"]).beta == 0.2
     assert _config(["distill", "--method", "kd-doremi", "--doremi-smoothing", "0.01"]).doremi_smoothing == 0.01
     assert _config(["demo-real", "--alpha", "0.2"], ("demo",)).alpha == 0.2  # its ddk run uses it
+
+
+def test_options_teacher_offload_is_a_processes_flag_and_without_fsdp_an_error_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ddk.recipes.cli import main
+
+    text = _help("distill")
+    section = text[text.index("\ndevices and processes:\n") : text.index("\nrun folder and checkpoints:\n")]
+    assert "--teacher-offload {none,cpu}" in section and "(default: 'none')" in section
+    assert _config(["distill", "--fsdp", "--teacher-offload", "cpu"]).teacher_offload == "cpu"
+    assert main(["distill", "--teacher-offload", "cpu"]) == 2  # before anything is loaded or built
+    err = capsys.readouterr().err
+    assert err.startswith("ddk distill: error: RecipeConfig: teacher_offload 'cpu' must run with fsdp "), err
+    assert "`torchrun --nproc_per_node=R -m ddk.recipes.cli distill --fsdp --teacher-offload cpu ...`" in err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--teacher-offload", "gpu"])
+    assert "argument --teacher-offload: invalid choice: 'gpu' (choose from 'none', 'cpu')" in capsys.readouterr().err
