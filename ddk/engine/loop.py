@@ -62,7 +62,7 @@ from ddk.engine.config import RunConfig
 from ddk.engine.evaluate import discrepancy_report, validation_identity
 from ddk.engine.export import save_final_student
 from ddk.engine.methods import method_spec
-from ddk.engine.models import autocast_dtype, load_models, teacher_identity
+from ddk.engine.models import autocast_dtype, load_models, teacher_identity, teacher_place
 from ddk.engine.parallel import device_for, global_sums, parallelize, train_state
 from ddk.engine.preempt import Preempted, StopSignals, set_stage, stop_signals
 from ddk.engine.progress import TrainLog, show_bars
@@ -90,8 +90,9 @@ def distill(cfg: RunConfig, *, prepared: Any = None) -> dict[str, Any]:
 
     Many processes (``torchrun --nproc_per_node=R -m ddk.recipes.cli distill ...``): when
     ``WORLD_SIZE > 1`` (or with ``fsdp``) it initialises the process group (``dist_backend``) and
-    destroys it at the end. The step is wrapped in DDP, or the student sharded with FSDP2; the
-    teacher is replicated. ``batch_size`` is the global batch (a multiple of ``R * grad_accum``):
+    destroys it at the end. The step is wrapped in DDP (the teacher replicated), or the student and
+    the teacher sharded with FSDP2 (the teacher's shards in host memory with ``teacher_offload="cpu"``).
+    ``batch_size`` is the global batch (a multiple of ``R * grad_accum``):
     every rank draws the same global batch and trains on ``batch[rank::R]``, in ``grad_accum``
     micro-batches. Each rank's loss is ``(its CE sum + gamma * its KL sum) / (N / R)``, ``N`` the
     all-reduced number of valid tokens of the whole global batch, so DDP/FSDP's mean of the R
@@ -227,7 +228,7 @@ class _Run:
         else:
             teacher, student, tokenizer, data = prepared
             student = student.to(device)
-            teacher = teacher.to(device) if teacher is not None else None
+            teacher = teacher.to(teacher_place(cfg, device)) if teacher is not None else None
         self.spec = method_spec(cfg.method, "distill")
         # cpt measures the gap against a given teacher but never distills from it
         self.teacher, self.student, self.tokenizer, self.data = teacher, student, tokenizer, data

@@ -32,6 +32,7 @@ __all__ = [
     "position_limit",
     "save_student",
     "teacher_identity",
+    "teacher_place",
     "teacher_tokenizer_of",
     "warn_larger_student",
 ]
@@ -169,7 +170,9 @@ def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
     """``(teacher or None, student, tokenizer)``: loaded, checked and on ``device``.
 
     The student keeps float32 master weights (bf16 runs use autocast); the teacher is loaded in
-    bf16 when the run computes in bf16, in eval mode with no gradients (``load_teacher``). Without
+    bf16 when the run computes in bf16, in eval mode with no gradients (``load_teacher``), and left in
+    host memory with ``teacher_offload="cpu"`` (FSDP2 then copies one block at a time to ``device``
+    while it shards it, ``ddk.engine.parallel.shard_teacher``). Without
     ``cfg.teacher`` (allowed for ``cpt`` only) the teacher is None; ``cpt`` with a teacher uses it
     only to measure the gap. ``--seq-len`` above either model's position limit is an error; a
     student larger than the teacher, a warning.
@@ -177,7 +180,8 @@ def load_models(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any]:
     tok_flag = "--tokenizer" if cfg.tokenizer else "--student"  # the tokenizer comes from the student's folder
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.student, flag=tok_flag)
     student = load_pretrained("student", cfg.student, flag="--student", dtype=torch.float32).to(device)
-    teacher = load_teacher(cfg, device, tokenizer, student) if cfg.teacher else None
+    place = teacher_place(cfg, device)
+    teacher = load_teacher(cfg, device, tokenizer, student, place=place) if cfg.teacher else None
     warn_larger_student(teacher, student)
     check_positions(cfg.sequence_length, teacher, student)  # before any data is packed
     if cfg.gradient_checkpointing:
@@ -199,14 +203,29 @@ def load_tokenizer(name: str, *, fn: str = "distill", flag: str = "--tokenizer")
     return tokenizer
 
 
+def teacher_place(cfg: RunConfig, device: torch.device) -> torch.device:
+    """Where the engine puts the teacher before ``parallelize``: the CPU with ``teacher_offload="cpu"``
+    (FSDP2 keeps its shards there; the whole teacher never sits on the GPU), else ``device``."""
+    return torch.device("cpu") if cfg.teacher_offload == "cpu" else device
+
+
 def load_teacher(
-    cfg: RunConfig, device: torch.device, tokenizer: Any, student: Any, *, fn: str = "distill", flag: str = "--teacher"
+    cfg: RunConfig,
+    device: torch.device,
+    tokenizer: Any,
+    student: Any,
+    *,
+    fn: str = "distill",
+    flag: str = "--teacher",
+    place: torch.device | None = None,
 ) -> Any:
-    """``cfg.teacher`` on ``device``, frozen, in eval mode and in the run's compute dtype, checked
-    against the student and ``tokenizer`` by the one tokenizer rule (``check_vocabularies``; the
-    tokenizer saved in the teacher's folder, if any, must tokenize as ``tokenizer`` does)."""
+    """``cfg.teacher`` on ``place`` (default ``device``), frozen, in eval mode and in the compute
+    dtype of a run on ``device``, checked against the student and ``tokenizer`` by the one tokenizer
+    rule (``check_vocabularies``; the tokenizer saved in the teacher's folder, if any, must tokenize
+    as ``tokenizer`` does)."""
     t_dtype = autocast_dtype(cfg, device) or torch.float32
-    teacher = load_pretrained("teacher", cfg.teacher, fn=fn, flag=flag, dtype=t_dtype).to(device).eval()
+    where = device if place is None else place
+    teacher = load_pretrained("teacher", cfg.teacher, fn=fn, flag=flag, dtype=t_dtype).to(where).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     t_path = Path(os.path.expanduser(cfg.teacher))

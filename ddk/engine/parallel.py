@@ -66,7 +66,7 @@ def _fully_shard() -> Any:
     return fully_shard
 
 
-def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+def shard_teacher(teacher: torch.nn.Module, offload: bool = False) -> torch.nn.Module:
     """Shard the frozen teacher over the ranks with FSDP2, in place; return it.
 
     Every decoder block is its own group, gathered for its forward and freed after it, so a rank
@@ -74,11 +74,27 @@ def shard_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     norm, output layer) is gathered by the teacher's forward and kept until the loss has read the
     output layer; ``ddk.losses.causal_lm`` frees it after each call (one gather per step). No
     gradients, no optimizer state. Every rank must run the same number of teacher forwards (the
-    estimator pads uneven validation shards with forwards whose result it drops)."""
+    estimator pads uneven validation shards with forwards whose result it drops).
+
+    Args:
+        teacher: the frozen teacher (a transformers causal LM with ``decoder.layers`` or ``.h``).
+        offload: FSDP2's ``CPUOffloadPolicy`` on every group: each rank's shards (``1/R`` of the
+            teacher) stay in host memory, pinned when the ranks train on CUDA (NCCL), and each
+            group's shard is copied to the device when the group is gathered; the device then holds
+            only the gathered groups. Pass the teacher still in host memory: FSDP2 moves one group
+            at a time to the device while it shards it (a teacher placed on the GPU first would
+            have to fit there whole). The gathered weights, and so the results, are the same.
+    """
     fully_shard = _fully_shard()
+    kw: dict[str, Any] = {}
+    if offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        pin = torch.cuda.is_available() and dist.get_backend() == "nccl"  # pinned memory needs CUDA
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=pin)
     for layer in _decoder_layers(teacher, "teacher"):
-        fully_shard(layer, reshard_after_forward=True)
-    fully_shard(teacher, reshard_after_forward=False)
+        fully_shard(layer, reshard_after_forward=True, **kw)
+    fully_shard(teacher, reshard_after_forward=False, **kw)
     return teacher
 
 
@@ -98,7 +114,7 @@ def parallelize(
     * one process: ``step`` itself;
     * ``cfg.fsdp``: FSDP2 in place (``fully_shard`` on every decoder block, then on ``step``, the
       root, with ``reshard_after_forward=True``), and the ``teacher``, when given, sharded too
-      (:func:`shard_teacher`);
+      (:func:`shard_teacher`; its shards in host memory with ``cfg.teacher_offload == "cpu"``);
     * else DDP without buffer syncs in forward (the student's buffers are constants, and the
       estimator runs uneven numbers of forwards on the bare student, which must start no collective),
       its gradients views into its all-reduce buckets (no second copy of the gradients).
@@ -112,7 +128,7 @@ def parallelize(
             fully_shard(layer, reshard_after_forward=True)
         fully_shard(step, reshard_after_forward=True)
         if teacher is not None:
-            shard_teacher(teacher)
+            shard_teacher(teacher, offload=cfg.teacher_offload == "cpu")
         return step
     if world == 1:
         return step

@@ -176,3 +176,24 @@ def test_a_signal_while_a_model_loads_is_not_wrapped_as_a_load_error(recipe, mon
     with pytest.raises(Preempted):
         load_pretrained("student", cfg.student, flag="--student")
     assert not issubclass(Preempted, Exception)  # no `except Exception` anywhere can swallow it
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_load_models_teacher_offload_cpu_leaves_the_teacher_in_host_memory(recipe, offload: str) -> None:  # type: ignore[no-untyped-def]
+    """With ``teacher_offload="cpu"`` the teacher stays in host memory for FSDP2 to shard (the meta
+    device stands in for the GPU: the student goes there, the teacher does not), in the dtype of
+    a run on that device; without, both go to the device."""
+    import dataclasses
+
+    from ddk.engine.models import load_models, teacher_place
+
+    _, cfg = recipe
+    cfg = dataclasses.replace(cfg, fsdp=True, teacher_offload=offload, dtype="bf16").validate()
+    meta = torch.device("meta")
+    teacher, student, _ = load_models(cfg, meta)
+    want = "cpu" if offload == "cpu" else "meta"
+    assert teacher_place(cfg, meta).type == want
+    assert {p.device.type for p in teacher.parameters()} == {want}
+    assert {p.device.type for p in student.parameters()} == {"meta"}
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in teacher.parameters())
