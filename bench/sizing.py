@@ -154,8 +154,8 @@ def tables(workload: Workload, tokens: int = PAPER_TOKENS) -> str:
         "",
         "**Per-GPU memory** (GiB; the student FSDP2-sharded over R except in the DDP column; no activation "
         "checkpointing except in its column). What `ddk distill` runs: without `--fsdp`, the replicated row's DDP "
-        "column; with `--fsdp`, the FSDP2-sharded row; with `--teacher-cache`, the top-k cache row, either way. "
-        "The CPU-offloaded row is on paper only (ddk has no teacher offload):",
+        "column; with `--fsdp`, the FSDP2-sharded row; with `--fsdp --teacher-offload cpu`, the CPU-offloaded row "
+        "(the teacher's shards in host RAM); with `--teacher-cache`, the top-k cache row, either way:",
         "",
         _row(
             [

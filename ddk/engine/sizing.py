@@ -35,11 +35,15 @@ What it models is what ``ddk distill`` does (``--dtype bf16``, the CUDA default)
   does without ``--fsdp``), ``"fsdp"`` (what ``--fsdp`` does, ``ddk.engine.parallel.shard_teacher``:
   ``2 N_t / R`` on each rank, plus two blocks in flight and the root group, embedding, final norm
   and output layer, gathered from the teacher's forward until the loss has read the output
-  layer), ``"cpu_offload"`` (not in ``ddk``: what it would cost, the shards in host memory and
-  only the gathered blocks and root group on the GPU), ``"cache"`` (the offline top-k cache of
-  ``ddk teacher-cache``, ``--teacher-cache``: no teacher at all; the batch carries ``k`` ids,
-  ``k`` log-probabilities and the tail per token, ``ddk.data.bytes_per_token(k)`` bytes per
-  token on disk). Its no-grad forward needs a working set of about ``n (6 f_t + 8 h_t)`` bytes
+  layer), ``"cpu_offload"`` (what ``--fsdp --teacher-offload cpu`` does: FSDP2's
+  ``CPUOffloadPolicy`` on the same groups, so the shards, ``2 N_t / R`` bytes, sit in host memory,
+  pinned under NCCL, and the GPU holds the same gathered blocks and root group, plus the
+  host-to-device copy of the shard of the group being gathered, which FSDP2 copies into the
+  all-gather buffer and frees: ``2 b_t / R`` while the blocks run (``b_t`` one block's
+  parameters), ``2 root_t / R`` when the root group is gathered, before any block), ``"cache"``
+  (the offline top-k cache of ``ddk teacher-cache``, ``--teacher-cache``: no teacher at all; the
+  batch carries ``k`` ids, ``k`` log-probabilities and the tail per token,
+  ``ddk.data.bytes_per_token(k)`` bytes per token on disk). Its no-grad forward needs a working set of about ``n (6 f_t + 8 h_t)`` bytes
   (an estimate: three ``(n, f_t)`` bfloat16 MLP tensors and the float32 norm temporaries).
 * **the loss**: the logits path keeps the student's and the teacher's ``(n, V)`` bfloat16 logits
   and allocates the student's logit gradient, ``2 n (2 V + V_t)`` bytes, plus the bfloat16 hidden
@@ -244,8 +248,9 @@ class MemoryEstimate:
 
     Attributes:
         placement: one of :data:`PLACEMENTS`.
-        teacher_resident: the teacher's weights kept on the GPU (all, or this rank's shard).
-        teacher_gathered: blocks gathered in flight and the root group (sharded placements).
+        teacher_resident: the teacher's weights kept on the GPU (all, or this rank's shard; none offloaded).
+        teacher_gathered: blocks gathered in flight and the root group (sharded placements; offloaded,
+            with the host-to-device copy of the shard being gathered).
         teacher_working: the no-grad forward's temporaries (0 with a cache).
         cache_batch: the cached top-k batch on the GPU (``"cache"`` only).
         student_states: weights, gradients and AdamW moments (and DDP's buckets).
@@ -253,7 +258,8 @@ class MemoryEstimate:
         weight_copies: autocast's bfloat16 copies of the block weights kept for backward.
         activations: what the student's blocks keep for backward.
         loss_fused, loss_logits: the loss's own memory on each path.
-        teacher_host: host memory per rank for the teacher (``"cpu_offload"``).
+        teacher_host: host memory per rank for the teacher's shards (``"cpu_offload"``, after
+            ``fully_shard``; at load time every rank maps the whole teacher, see ``docs/guides/scale.md``).
         cache_disk_per_token: bytes per token of the cache on disk (``"cache"``).
     """
 
@@ -336,6 +342,10 @@ def estimate_memory(teacher: Any, student: Any, workload: Workload, placement: s
     elif placement == "fsdp":
         teacher_resident = math.ceil(_BF16 * t.parameters / r)
     teacher_gathered = _BF16 * (2 * t.block_params + t.root_params) if sharded_teacher else 0
+    if placement == "cpu_offload":  # plus the host-to-device copy of the shard being gathered
+        teacher_gathered = _BF16 * (
+            t.root_params + max(2 * t.block_params + math.ceil(t.block_params / r), math.ceil(t.root_params / r))
+        )
     teacher_working = 0 if cache else n * (6 * t.intermediate + 8 * t.hidden)
     cache_batch = n * (12 * workload.top_k + 4) if cache else 0  # int64 ids, float32 log-probs, float32 tail
 

@@ -160,9 +160,14 @@ def test_estimate_memory_hand_computed_terms() -> None:
     assert fsdp.teacher_resident == 2 * T_PARAMS // 4
     assert fsdp.teacher_gathered == 2 * (2 * T_BLOCK + 2 * 1008 * 96 + 96)  # two blocks in flight, the root group
 
+    # --teacher-offload cpu: the shards in host memory; on the GPU the same gathered groups plus the
+    # host-to-device copy of the shard being gathered (a block's while the blocks run)
     off = estimate_memory(T, S, W, "cpu_offload")
-    assert off.teacher_resident == 0 and off.teacher_gathered == fsdp.teacher_gathered
+    assert off.teacher_resident == 0 and off.teacher_gathered == fsdp.teacher_gathered + 2 * T_BLOCK // 4
     assert off.teacher_host == 2 * T_PARAMS // 4
+    # one rank and a root larger than three blocks: the root's copy, gathered before any block, is the peak
+    one = estimate_memory(S, S, Workload(gpus=1, micro_batch=2, seq_len=8), "cpu_offload")
+    assert S_ROOT > 3 * S_BLOCK and one.teacher_gathered == 2 * (S_ROOT + S_ROOT)
 
     cache = estimate_memory(T, S, W, "cache")
     assert cache.teacher_resident == cache.teacher_gathered == cache.teacher_working == 0
