@@ -34,6 +34,12 @@ from doc_examples import COMMAND_PREFIXES, ROOT, code_blocks, command_lines, mak
 DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
 PAGES = sorted(DOCS.rglob("*.md"))
+
+
+def _rel_docs(p: Path) -> str:
+    return str(p.relative_to(DOCS))
+
+
 RUNNABLE = [
     p
     for p in PAGES
@@ -166,8 +172,19 @@ def user_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_user_folder(tmp_path_factory.mktemp("docs-user"))
 
 
+# The pages whose examples are whole multi-process or multi-run sessions (20-45 s each on 2 cores)
+# run in `make test-all`; every other page's examples run in `make test`.
+SLOW_PAGES = {"guides/cli.md", "guides/distributed.md", "guides/teacher-cache.md"}
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(DOCS)) for p in RUNNABLE])
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, id=str(p.relative_to(DOCS)), marks=[pytest.mark.slow] if _rel_docs(p) in SLOW_PAGES else [])
+        for p in RUNNABLE
+    ],
+)
 def test_docs_examples_run_as_printed(user_folder: Path, tmp_path: Path, page: Path) -> None:
     cwd = tmp_path / "work"
     shutil.copytree(user_folder, cwd)

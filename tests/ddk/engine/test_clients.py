@@ -318,6 +318,7 @@ torch.distributed.destroy_process_group()
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_trainer_ddk_online_on_two_ranks_resumes_bit_identically(tmp_path: Path) -> None:
     """2 gloo ranks, ``ddk-online`` with K = 4, stopped at step 2 (checkpoint-2, mid-interval) and
     resumed: the step-4 update sees every rank's batches of steps 1-2 (the saved online sums are

@@ -195,6 +195,7 @@ def test_teacher_under_torchrun_from_a_cold_cache(tmp_path):  # type: ignore[no-
     assert f"teacher: {teachers[0]}" in res.stdout
 
 
+@pytest.mark.slow
 def test_teacher_cache_under_torchrun_equals_one_process_and_ddp_distills_from_it(tmp):  # type: ignore[no-untyped-def]
     import numpy as np
 

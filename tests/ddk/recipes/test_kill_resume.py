@@ -197,7 +197,15 @@ from ddk.recipes.cli import main
 sys.exit(main(argv))
 """
 
-_DISTILL_STAGES = ["start-up", "training", "the final validation", "saving the student", "writing the plots"]
+# start-up and training run in `make test`; the later stages (15-20 s each) in `make test-all`.
+_DISTILL_STAGES = [
+    "start-up",
+    "training",
+    *(
+        pytest.param(s, marks=pytest.mark.slow)
+        for s in ("the final validation", "saving the student", "writing the plots")
+    ),
+]
 
 
 @pytest.mark.parametrize("stage", _DISTILL_STAGES)
