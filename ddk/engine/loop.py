@@ -208,9 +208,9 @@ class _Run:
         self.metrics_path, self.ctrl_path = self.out / "metrics.jsonl", self.out / "controller.jsonl"
         self._metrics_file: Any = None  # open while training (rank 0); fsynced before each checkpoint
         self.tracker: Tracker = NullTracker()  # report_to's, open while training (rank 0); flushed likewise
-        self._span_tokens: torch.Tensor | None = (
-            None  # (D,) valid target tokens since the last logging step (report_to)
-        )
+        # (3 + D,) float64 since the previous logging step (report_to): CE sum, divergence sum and valid
+        # target tokens of the trained (finite) batches, then the valid target tokens per domain
+        self._span: torch.Tensor | None = None
         self._last_log = (0, 0.0)  # (step, time) of the previous logging step: the throughput
         self.cfg_dict = cfg.to_dict()
         self.steps = cfg.total_steps
@@ -459,9 +459,8 @@ class _Run:
             self._metrics_file = mf if self.rank == 0 else None
             for step in range(start_step + 1, steps + 1):
                 lo, finite = self.train_step(step, collate)
-                if self.cfg.report_to != "none":  # tokens/<domain>: the span since the previous logging step
-                    d = lo.domain_tokens.detach().double()
-                    self._span_tokens = d if self._span_tokens is None else self._span_tokens + d
+                if self.cfg.report_to != "none":  # the terms and tokens of the span since the previous logging step
+                    self._add_span(lo, finite)
                 n_rec = len(self.controller.records)
                 self.controller.step_end(step, self.step_mod)
                 rec = _metrics(self, step, lo, finite, n_rec)
@@ -515,20 +514,33 @@ class _Run:
         self._last_log = (step, now)
         return (step - last_step) * self.cfg.batch_size * self.cfg.sequence_length / max(now - last_time, 1e-9)
 
+    def _add_span(self, lo: KDLossOutput, finite: bool) -> None:
+        """Add a step's sums (this rank's, on its device: no host sync) to those of the logging span."""
+        head = torch.stack([lo.ce_sum.detach(), lo.kd_sum.detach(), lo.num_tokens.detach()]).double()
+        if not finite:  # a skipped batch trained nothing: only its tokens count
+            head = torch.zeros_like(head)
+        v = torch.cat([head, lo.domain_tokens.detach().double()])
+        self._span = v if self._span is None else self._span + v
+
     def _track(self, step: int, rec: dict[str, Any] | None, n_rec: int, tokens_per_s: float | None) -> None:
-        """The step's scalars to the tracker: the controller's new records, the logging step's terms and
-        throughput, and the valid target tokens per domain since the previous logging step (as ``DDKTrainer``)."""
-        span = None
-        if rec is not None and self._span_tokens is not None:  # every rank: one all-reduce per logging step
-            span = all_reduce_sum_(self._span_tokens).round().long().tolist()
-            self._span_tokens = None
+        """The step's scalars to the tracker: the controller's new records, throughput, and over the
+        span since the previous logging step, all ranks (as ``DDKTrainer`` logs): ``loss``, ``ce``
+        and ``kd`` per valid target token of the trained batches, and the valid target tokens per domain."""
+        span, terms = None, None
+        if rec is not None and self._span is not None:  # every rank: one all-reduce per logging step
+            v = all_reduce_sum_(self._span).tolist()
+            self._span = None
+            span = [round(x) for x in v[3:]]
+            if v[2] > 0:
+                gamma = self.parts.loss.gamma
+                terms = {"loss": (v[0] + gamma * v[1]) / v[2], "ce": v[0] / v[2], "kd": v[1] / v[2]}
         if isinstance(self.tracker, NullTracker):
             return
         scalars: dict[str, float] = {}
         for r in self.controller.records[n_rec:]:
             scalars.update(interval_scalars(r))
         if rec is not None:
-            scalars.update(step_scalars(rec, self.names, tokens_per_s, domain_tokens=span))
+            scalars.update(step_scalars(rec, self.names, tokens_per_s, domain_tokens=span, terms=terms))
         if scalars:
             self.tracker.log_scalars(scalars, step)
 

@@ -7,7 +7,8 @@ What is reported, written once for both clients (``ddk distill`` and ``DDKTraine
   ``teacher_ce/<d>`` (validation CE, nats/token), ``gap/<d>`` (student CE - teacher CE) and
   ``ratio/<d>`` (``ppl_S / ppl_T``, the signal of Eq. 1/2): ``interval_scalars``;
 * at each logging step: ``train/loss``, ``train/ce`` and ``train/kd`` (the CE and divergence
-  terms per valid token; ``loss = ce + gamma * kd``), ``train/lr``, ``tokens/<d>`` (the valid
+  terms per valid target token of the batches trained since the previous logging step, over all
+  ranks; ``loss = ce + gamma * kd``), ``train/lr``, ``tokens/<d>`` (the valid
   target tokens of domain ``d`` trained since the previous logging step, over all ranks) and
   ``throughput/tokens_per_s`` (tokens trained per second since the previous logging step):
   ``step_scalars``.
@@ -198,18 +199,21 @@ def step_scalars(
     domain_names: Sequence[str],
     tokens_per_s: float | None = None,
     domain_tokens: Sequence[float] | None = None,
+    terms: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """The logging step's scalars from its ``metrics.jsonl`` record (``loss``, ``ce``, ``kd`` per
     token, None for a skipped batch; ``lr``; ``batch_domain_tokens``, D ints) and the throughput.
     ``tokens/<d>`` is ``domain_tokens`` (D counts: ``ddk distill`` passes those since the previous
-    logging step, as ``DDKTrainer`` logs), else the record's ``batch_domain_tokens``.
+    logging step, as ``DDKTrainer`` logs), else the record's ``batch_domain_tokens``; ``terms``
+    (``loss``, ``ce``, ``kd``: ``ddk distill`` passes those over the same span) replace the record's.
 
     Examples:
         >>> rec = {"loss": 2.2, "ce": 2.0, "kd": 1.0, "lr": 1e-3, "batch_domain_tokens": [10, 20]}
         >>> step_scalars(rec, ["a", "b"], tokens_per_s=300.0)["tokens/b"]
         20.0
     """
-    out = {f"train/{k}": float(metrics[k]) for k in ("loss", "ce", "kd", "lr") if metrics.get(k) is not None}
+    values = {**metrics, **(terms or {})}
+    out = {f"train/{k}": float(values[k]) for k in ("loss", "ce", "kd", "lr") if values.get(k) is not None}
     counts = metrics.get("batch_domain_tokens", ()) if domain_tokens is None else domain_tokens
     for name, n in zip(domain_names, counts):
         out[f"tokens/{name}"] = float(n)

@@ -142,10 +142,27 @@ def test_distill_report_to_tensorboard_writes_weights_per_domain_and_loss_terms(
         assert tokens[1][1] == batch[3] and tokens[2][1] == batch[4]  # one-step spans: that step's batch
         summary = json.loads((out / "summary.json").read_text())  # every step's tokens once: steps 1-2, 3, 4, 5-6
         assert sum(v for _, v in tokens) == summary["samples_per_domain"][i] * (cfg.seq_len - 1)
+    # train/loss, ce, kd: per valid target token over the span (as DDKTrainer), from every step's record
+    every = run_cfg(tmp_path, "every", log_every=1)
+    real.distill(every)
+    per_step = {m["step"]: m for m in _jsonl(Path(every.out) / "metrics.jsonl")}
+    assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
+    gamma = cfg.gamma
     for key in ("ce", "kd", "loss", "lr"):
         got = _series(acc, f"train/{key}")
         assert [s for s, _ in got] == [m["step"] for m in metrics] == [2, 3, 4, 6]
-        assert [v for _, v in got] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+        if key == "lr":
+            assert [v for _, v in got] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+            continue
+        want = []
+        for span in ([1, 2], [3], [4], [5, 6]):
+            tok = [sum(per_step[s]["batch_domain_tokens"]) for s in span]
+            ce = sum(per_step[s]["ce"] * t for s, t in zip(span, tok)) / sum(tok)
+            kd = sum(per_step[s]["kd"] * t for s, t in zip(span, tok)) / sum(tok)
+            want.append({"ce": ce, "kd": kd, "loss": ce + gamma * kd}[key])
+        assert [v for _, v in got] == pytest.approx(want, rel=1e-6)
+        assert got[1][1] == pytest.approx(metrics[1][key], rel=1e-6)  # a one-step span: that step's record
+        assert got[0][1] != pytest.approx(metrics[0][key], rel=1e-6)  # steps 1-2, not step 2 alone
     assert all(v > 0 for _, v in _series(acc, "throughput/tokens_per_s"))
 
 
@@ -166,7 +183,8 @@ def test_distill_report_to_tensorboard_resumed_run_has_no_duplicate_steps(
     metrics = _jsonl(out / "metrics.jsonl")
     ce = _series(acc, "train/ce")
     assert [s for s, _ in ce] == [m["step"] for m in metrics] == [2, 3, 4, 6]
-    assert [v for _, v in ce] == pytest.approx([m["ce"] for m in metrics], rel=1e-6)
+    # the one-step spans (steps 3 and 4, step 4 logged again after the resume) are those steps' records
+    assert [v for _, v in ce[1:3]] == pytest.approx([m["ce"] for m in metrics[1:3]], rel=1e-6)
     name = _jsonl(out / "controller.jsonl")[0]["domain_names"][0]
     assert [s for s, _ in _series(acc, f"weight/{name}")] == [0, 3, 6]
 
@@ -228,5 +246,8 @@ def test_distill_report_to_wandb_offline_continues_the_run_after_a_resume_with_t
     for key in ("ce", "kd", "loss", "lr"):
         got = series(f"train/{key}")
         assert [s for s, _ in got] == [m["step"] for m in metrics] == [2, 3, 4, 6]
-        assert [v for _, v in got] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+        # the terms are span averages (checked against every step's record in the TensorBoard test):
+        # the one-step spans (steps 3 and 4) are those steps' records; the learning rate is the step's
+        checked = slice(None) if key == "lr" else slice(1, 3)
+        assert [v for _, v in got[checked]] == pytest.approx([m[key] for m in metrics[checked]], rel=1e-6)
     assert all(v > 0 for _, v in series("throughput/tokens_per_s"))
