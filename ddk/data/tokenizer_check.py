@@ -43,7 +43,9 @@ def output_rows(model: Any) -> int:
     """Rows of the model's output embedding (its logits' width)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    shape = getattr(getattr(head, "weight", None), "shape", None)
+    weight = getattr(head, "weight", None)
+    # a ZeRO-3 parameter (loaded under deepspeed.zero.Init) is empty while partitioned: its ds_shape is the whole one
+    shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", None)
     if shape is not None and len(shape) == 2:
         return int(shape[0])
     return int(model.config.vocab_size)

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ddk.distributed import all_reduce_sum_, collective_device, is_fsdp, rank_world, unsharded
+from ddk.zero3 import is_zero3
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -347,7 +348,9 @@ class DiscrepancyEstimator:
         # FSDP2: a trained model is gathered whole once, so uneven shards run no per-forward
         # collective; a frozen one (a sharded teacher, too large to gather) stays sharded and every
         # rank runs as many forwards as rank 0, the missing ones on a spare batch, result dropped.
-        balanced = world > 1 and is_fsdp(model) and not any(p.requires_grad for p in model.parameters())
+        # ZeRO-3 (DeepSpeed): every model stays sharded, balanced so.
+        frozen = not any(p.requires_grad for p in model.parameters())
+        balanced = world > 1 and ((is_fsdp(model) and frozen) or is_zero3(model))
         try:
             with torch.no_grad(), contextlib.nullcontext(model) if balanced else unsharded(model):
                 for d, (name, batches) in enumerate(zip(self._names, self._sets)):

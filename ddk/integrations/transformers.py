@@ -71,6 +71,7 @@ from ddk.engine.models import check_positions, check_vocabularies, warn_larger_s
 from ddk.engine.resume import keep_settings, optimizer_settings
 from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss, check_loss_models
 from ddk.engine.tracking import interval_scalars
+from ddk.integrations.deepspeed import prepare_zero3_teacher, zero3_enabled
 from ddk.integrations.trainer_data import DomainBatcher, IndexedDataset, ValidationDataset, pack_records
 
 __all__ = [
@@ -228,7 +229,12 @@ class DDKTrainer(Trainer):
             ``ddk.fused_linear_sparse_kd_loss``) and its exact per-domain teacher CE; checked against
             ``processing_class``, ``args.temperature`` and ``args.seq_len``.
         teacher: the frozen teacher (same tokenizer; a larger padded vocabulary is sliced); None
-            only with ``method="cpt"``.
+            only with ``method="cpt"``. Under DeepSpeed ZeRO-3 (``args.deepspeed`` with
+            ``zero_optimization.stage`` 3) it becomes a ZeRO-3 inference engine of the student's
+            configuration without optimizer (``ddk.integrations.deepspeed.prepare_zero3_teacher``):
+            ``1/R`` of it per rank, gathered one module at a time in its forward, and its output
+            layer once per step for the fused loss (the student's, too, differentiably: its
+            gradient is reduce-scattered by ZeRO-3 as any other).
         teacher_tokenizer: the teacher's own tokenizer, checked against ``processing_class`` by the
             one tokenizer rule (``ddk.data.check_tokenizers``: the same ids of a probe text, size
             and special tokens); default the tokenizer saved in ``teacher.name_or_path``. Without
@@ -388,7 +394,10 @@ class DDKTrainer(Trainer):
         self.step_loss = self.parts.loss if self.parts is not None else StepLoss.of(options, len(names), autocast)
         if cfg is None:
             self.step_loss.check_models(model, teacher)
-        self.teacher = self._prepare_teacher(teacher)
+        if teacher is not None and zero3_enabled(self.accelerator):  # DeepSpeed ZeRO-3: a sharded inference engine
+            self.teacher: torch.nn.Module | None = prepare_zero3_teacher(teacher, self.accelerator)
+        else:
+            self.teacher = self._prepare_teacher(teacher)
         self.args.ignore_data_skip = True  # the sampler state says where the stream is
         self.model_accepts_loss_kwargs = False  # the Trainer neither counts tokens nor rescales: we do
         self._pending_rng: Path | None = None

@@ -29,6 +29,7 @@ from ddk.losses.kd import (
     validate_labels_domains,
 )
 from ddk.losses.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
+from ddk.zero3 import is_partitioned, whole_parameter, whole_shape
 from ddk_kernels.types import KDLossOutput
 
 __all__ = ["causal_lm_kd_loss", "check_fused_models"]
@@ -138,8 +139,8 @@ class _Head:
 
 def _output_layer(model: nn.Module, role: str, *, gather: bool = True) -> _Head:
     """The model's ``lm_head`` weight, bias and final logit softcap, or an error naming what the
-    fused path cannot compute. ``gather=False`` leaves an FSDP2-sharded weight as it is (its
-    ``shape`` is the whole one)."""
+    fused path cannot compute. ``gather=False`` leaves a sharded weight as it is (FSDP2's
+    ``shape`` is the whole one; ZeRO-3's is ``whole_shape``)."""
     model = _unwrap(model)
     cfg = getattr(model, "config", None)
     for attr, identity in _UNFUSED_CONFIG.items():
@@ -164,14 +165,21 @@ def _output_layer(model: nn.Module, role: str, *, gather: bool = True) -> _Head:
             f"got {type(model).__name__} without one. Pass the ...ForCausalLM model, not its bare decoder."
         )
     weight, bias = head.weight, getattr(head, "bias", None)
-    if gather:  # FSDP2: a sharded output layer (read outside the model's forward) is gathered whole, once per call
-        weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)
+    if gather:  # a sharded output layer (read outside the model's forward) is gathered whole, once per call
+        weight, bias = _whole(weight), None if bias is None else _whole(bias)
     return _Head(weight, bias, None if softcap is None else float(softcap))
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: an FSDP2 ``DTensor`` all-gathered (differentiable), a ZeRO-3 parameter gathered
+    (``ddk.zero3.whole_parameter``: differentiable for the student, its gradient
+    reduce-scattered by ZeRO-3), any other tensor as it is."""
+    return whole_parameter(t) if is_partitioned(t) else full_tensor(t)
 
 
 def _vocab(model: nn.Module, role: str) -> int:
     """Rows ``V`` of the model's output layer (checked as :func:`_output_layer` does; nothing gathered)."""
-    return int(_output_layer(model, role, gather=False).weight.shape[0])
+    return int(whole_shape(_output_layer(model, role, gather=False).weight)[0])
 
 
 def _release(model: nn.Module | None) -> None:
