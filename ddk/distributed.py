@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -251,9 +251,15 @@ def unsharded(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     Inside, forward passes run no collective, so ranks may run different numbers of them (the
     estimator's validation shards are uneven). Every rank must enter and leave together: the
-    entry all-gathers and the exit frees the gathered parameters and sets every FSDP2 module's
-    ``reshard_after_forward`` to True (so shard with ``reshard_after_forward=True``, as
-    ``ddk distill --fsdp`` does). A module without FSDP2 is yielded unchanged.
+    entry all-gathers, the exit frees the gathered parameters. The body leaves no trace in
+    FSDP2's state: every group gets back the ``reshard_after_forward`` it had (``ddk distill
+    --fsdp``'s groups all reshard; accelerate's FSDP2 keeps its output-layer group and its root
+    gathered after the forward, where the fused loss reads the output layer), and the forwards of
+    the body are dropped from the forward order FSDP2 prefetches the next backward by (uneven
+    counts there would make the ranks' backward collectives differ). A ``module`` sharded itself
+    (the root, as under accelerate) is set up as its first forward would set it up before
+    anything is gathered (set up inside the body, the next backward crashed). A module without
+    FSDP2 is yielded unchanged.
 
     Args:
         module: the model (``fully_shard`` applied to its blocks and to itself, or not at all).
@@ -273,6 +279,11 @@ def unsharded(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     if not mods:
         yield module
         return
+    if isinstance(module, FSDPModule):  # the root (accelerate's): set up as its first forward would, before any gather
+        state = module._get_fsdp_state()
+        if getattr(state, "_is_root", False) is None and callable(getattr(state, "_lazy_init", None)):
+            state._lazy_init()
+    restore = _fsdp_snapshot(mods)
     for m in mods:  # unshard() is not recursive: gather every sharded block, in the same order on every rank
         m.unshard()
     for m in mods:
@@ -282,7 +293,59 @@ def unsharded(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+        if restore is not None:
+            restore()
+        else:  # a torch whose FSDP2 state is laid out otherwise: every group reshards, as ddk distill's
+            for m in mods:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def _fsdp_snapshot(mods: Sequence[Any]) -> Callable[[], None] | None:
+    """A function putting back what FSDP2 (torch 2.13's private fields; there is no public getter)
+    keeps of ``mods`` that forwards change: each state's reshard-after-forward (the root's automatic
+    choice and every group's post-forward mesh) and the forward order recorded for the next
+    backward's prefetches (each group's indices, each shared context's order). None when the state
+    has no such fields. Modules sharded together (``fully_shard([a, b])``, as accelerate's
+    output-layer group) share one state, taken once."""
+    states: list[Any] = []
+    for m in mods:
+        state = m._get_fsdp_state()
+        if all(state is not s for s in states):
+            states.append(state)
+    groups = [g for s in states for g in getattr(s, "_fsdp_param_groups", None) or ()]
+    fields = ("post_forward_mesh_info", "_post_forward_indices", "comm_ctx")
+    if not all(
+        hasattr(s, "_auto_reshard_after_forward") and isinstance(getattr(s, "_fsdp_param_groups", None), list)
+        for s in states
+    ):
+        return None
+    if not all(all(hasattr(g, f) for f in fields) for g in groups):
+        return None
+    contexts: list[Any] = []
+    for g in groups:
+        if all(g.comm_ctx is not c for c in contexts):
+            contexts.append(g.comm_ctx)
+    if not all(isinstance(getattr(c, "post_forward_order", None), list) for c in contexts):
+        return None
+    autos = [s._auto_reshard_after_forward for s in states]
+    meshes = [g.post_forward_mesh_info for g in groups]
+    indices = [len(g._post_forward_indices) for g in groups]
+    orders = [len(c.post_forward_order) for c in contexts]
+
+    def restore() -> None:
+        for g, mesh, n in zip(groups, meshes, indices):
+            g.post_forward_mesh_info = mesh
+            del g._post_forward_indices[n:]
+        for s, auto in zip(states, autos):
+            s._auto_reshard_after_forward = auto
+            # the root's automatic choice, which its first forward makes (maybe one inside the body)
+            if auto and getattr(s, "_is_root", None):
+                for g in s._fsdp_param_groups:
+                    g.post_forward_mesh_info = None
+        for c, n in zip(contexts, orders):
+            del c.post_forward_order[n:]
+
+    return restore
 
 
 # ---------------------------------------------------------------------------- debug checksums

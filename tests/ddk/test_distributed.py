@@ -194,3 +194,94 @@ def test_two_ranks_global_token_normalizer_and_checksum_gloo(tmp_path) -> None: 
         assert err is not None and err.startswith("check_same_across_ranks: every rank must hold identical")
         assert "at step 2" in err and "domain weights differ on ranks [1] from rank 0" in err
         assert "student parameters" not in err
+
+
+# ---------------------------------------------------------------------- unsharded on accelerate's FSDP2 layout
+_UNSHARDED_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[5])
+    from test_distributed import fsdp_batch, fsdp_student
+    from ddk.distributed import unsharded
+    from ddk.losses.causal_lm import causal_lm_kd_loss
+
+    # as accelerate 1.16's fsdp2_prepare_model lays out a causal LM (DDKTrainer under fsdp_version 2):
+    # every decoder block, the embeddings, the final norm with the output layer (kept gathered after
+    # the forward, where the fused loss reads it), then the root
+    from torch.distributed.fsdp import fully_shard
+    student = fsdp_student()
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student.model.embed_tokens)
+    fully_shard([student.model.norm, student.lm_head], reshard_after_forward=False)
+    fully_shard(student)
+    ids = fsdp_batch()
+    mine = ids[2 * rank : 2 * rank + 2]
+    res = {"grads": [], "head_after_forward": []}
+    for step in range(2):
+        # the estimator's pass: uneven shards (rank 0 runs 3 forwards, rank 1 none), the first one
+        # before any training forward (FSDP2's root not yet set up)
+        with torch.no_grad(), unsharded(student):
+            for _ in range(3 if rank == 0 else 0):
+                student(input_ids=ids[:2])
+        out_ = causal_lm_kd_loss(student, None, {"input_ids": mine})
+        res["head_after_forward"].append(type(student.lm_head.weight).__name__)
+        out_.loss.backward()
+        res["grads"].append({n: p.grad.full_tensor().tolist() for n, p in student.named_parameters()})
+        student.zero_grad(set_to_none=True)
+    res["sharded"] = all(isinstance(p, DTensor) for p in student.parameters())
+    with open(f"{out}-{rank}.json", "w") as f:
+        json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def fsdp_student() -> torch.nn.Module:
+    """A float64 tiny Llama (2 blocks, untied output layer)."""
+    from hf_models import make_model
+
+    return make_model("llama", 61, hidden=16, layers=2, seed=2).double()
+
+
+def fsdp_batch() -> torch.Tensor:
+    return torch.randint(2, 61, (4, 9), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.e2e
+def test_unsharded_leaves_accelerates_fsdp2_layout_training_as_one_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Uneven forwards inside ``unsharded`` (before the first training forward and between steps)
+    leave FSDP2 as they found it: the output-layer group stays gathered after the forward, the
+    backward's collectives pair up (they deadlocked, or crashed, when the body's forwards stayed in
+    FSDP2's prefetch order or its root was set up inside the body), and the gradients are those of
+    one process (float64; summation order only)."""
+    pytest.importorskip("transformers")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from ddk.losses.causal_lm import causal_lm_kd_loss
+
+    script = tmp_path / "worker.py"
+    script.write_text(_UNSHARDED_WORKER)
+    out = tmp_path / "out"
+    run_workers(script, lambda r, port: [r, 2, port, out, Path(__file__).parent], timeout=180)
+    got = [json.loads((tmp_path / f"out-{r}.json").read_text()) for r in range(2)]
+
+    student, ids = fsdp_student(), fsdp_batch()
+    for r in got:
+        assert r["head_after_forward"] == ["Parameter", "Parameter"]  # reshard_after_forward=False kept
+        assert r["sharded"]
+    for step in range(2):
+        for r in range(2):  # FSDP2 averages the ranks' gradients: the mean of the two halves' losses
+            (causal_lm_kd_loss(student, None, {"input_ids": ids[2 * r : 2 * r + 2]}).loss / 2).backward()
+        for name, p in student.named_parameters():
+            for r in range(2):
+                torch.testing.assert_close(torch.tensor(got[r]["grads"][step][name], dtype=torch.float64), p.grad)
+        student.zero_grad(set_to_none=True)
