@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddk.distributed import all_reduce_sum_, collective_device, is_fsdp, rank_world, unsharded
+from ddk.distributed import all_reduce_sum_, collective_device, is_fsdp, is_fsdp_root, rank_world, unsharded
 from ddk.zero3 import is_zero3
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], "tuple[torch.Tensor, torch.Tensor]"]
@@ -368,6 +368,9 @@ class DiscrepancyEstimator:
                         acc[d, 1] += torch.as_tensor(tokens).to(device=acc.device, dtype=torch.float64)
                     for _ in range(-(-seen // world) - mine if balanced else 0):
                         self.loss_fn(model, _to_device(spare, device))
+                # a sharded teacher keeps its root group gathered after its forward: freed, whatever loss_fn does
+                if balanced and is_fsdp_root(model):
+                    model.reshard()  # type: ignore[operator]
         finally:
             bar.close()
             model.train(was_training)

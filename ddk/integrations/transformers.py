@@ -25,7 +25,11 @@ by the number of valid shifted target tokens of the *whole accumulated batch* ov
 gradient accumulation and data parallelism weight every token equally (see ``DDKTrainer``). Under
 a data-parallel wrapper (``DistributedDataParallel``, accelerate's, DeepSpeed's) the fused loss
 calls the wrapper's ``forward`` for the hidden states (no logits), so the wrapper synchronises
-the gradients; a student sharded in place with FSDP2 needs ``loss="logits"``.
+the gradients. A student sharded in place by accelerate's FSDP2 (``fsdp_version: 2``) is called
+the same way: FSDP2 gathers its output layer in that forward and the loss reads it there. The
+teacher is then sharded too (``ddk.engine.parallel.shard_teacher``, as ``ddk distill --fsdp``
+shards it): ``1/R`` of it per rank, its root group gathered once per micro-step and freed after
+the loss.
 
 ``DDKCallback`` starts the controller at ``on_train_begin`` (Eq. 1), calls
 ``controller.step_end(global_step, model)`` at ``on_step_end`` (Eq. 2 every ``interval`` steps)
@@ -68,6 +72,7 @@ from ddk.engine.components import Components, build_components, open_teacher_cac
 from ddk.engine.config import DistillOptions, check_cache_backend
 from ddk.engine.methods import method_spec
 from ddk.engine.models import check_positions, check_vocabularies, warn_larger_student
+from ddk.engine.parallel import shard_teacher
 from ddk.engine.resume import keep_settings, optimizer_settings
 from ddk.engine.step import CACHED_KEYS, MODEL_KEYS, StepLoss, check_loss_models
 from ddk.engine.tracking import interval_scalars
@@ -212,7 +217,12 @@ class DDKTrainer(Trainer):
     it is the student's CE alone (no divergence term), the mean over the batch's valid tokens. ``method="cpt"`` needs no teacher (CE only).
 
     The teacher is moved to the trainer's device, put in eval mode, frozen and prepared through
-    accelerate (``prepare_model(..., evaluation_mode=True)``); it is never differentiated.
+    accelerate (``prepare_model(..., evaluation_mode=True)``); it is never differentiated. Under
+    accelerate's FSDP2 it is then sharded over the ranks block by block
+    (``ddk.engine.parallel.shard_teacher``): every rank runs as many teacher forwards (its
+    validation CE over uneven shards padded with dropped forwards; ``evaluate()`` runs none), and
+    each micro-step gathers its root group (embeddings, final norm, output layer) once and frees it
+    after the loss. Under DDP or FSDP1 every rank holds it whole.
 
     Args:
         model: the student (a transformers causal LM).
@@ -427,13 +437,21 @@ class DDKTrainer(Trainer):
         )
 
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The teacher frozen, in eval mode, on the trainer's device and prepared by accelerate; under
+        accelerate's FSDP2 sharded over the ranks as ``ddk distill --fsdp`` shards it
+        (``ddk.engine.parallel.shard_teacher``), after its identity was checked and before its
+        first forward. Under DDP (or FSDP1) it stays whole on every rank; a teacher spread over
+        devices (``hf_device_map``) stays where it is."""
         if teacher is None:
             return None
         teacher.requires_grad_(False)
         teacher.eval()
-        if getattr(teacher, "hf_device_map", None) is None:  # a teacher spread over devices stays where it is
-            teacher = teacher.to(self.args.device)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if getattr(teacher, "hf_device_map", None) is not None:  # a teacher spread over devices stays where it is
+            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        teacher = self.accelerator.prepare_model(teacher.to(self.args.device), evaluation_mode=True)
+        if getattr(self.accelerator, "is_fsdp2", False):
+            shard_teacher(teacher)
+        return teacher
 
     # ------------------------------------------------------------------ data
     def get_train_dataloader(self) -> DataLoader:
@@ -551,7 +569,8 @@ class DDKTrainer(Trainer):
         data-parallel wrapper, or sharded in place with FSDP2, the fused loss calls the model's
         ``forward`` (hidden states only, no logits), so the wrapper synchronises the gradients and
         FSDP2 gathers the output layer the loss then reads (its gradient is reduce-scattered with
-        the rest of the root group)."""
+        the rest of its group: accelerate's holds the final norm and the output layer, kept
+        gathered after the forward)."""
         return model
 
     # ------------------------------------------------------------------ resume

@@ -797,6 +797,214 @@ def test_ddktrainer_data_parallel_equals_one_process_on_uneven_tokens(tmp_path, 
         torch.testing.assert_close(ranks[0][k], one[k], atol=1e-12, rtol=1e-10, msg=k)
 
 
+# ---------------------------------------------------------------------------- FSDP2 (accelerate)
+FSDP2 = dict(fsdp=True, fsdp_config={"fsdp_version": 2})  # accelerate's FSDP2, its default layout
+
+
+def accelerate_fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on the CPU with gloo, for the test workers.
+
+    accelerate 1.16 takes its FSDP branch only on an accelerator device: on the CPU
+    (``use_cpu=True``, several processes) its state is ``MULTI_CPU`` and the FSDP plugin is dropped
+    without a word, so a Trainer given ``fsdp`` runs DDP. Here gloo on the CPU stands in for the
+    device: ``AcceleratorState`` takes the branch it takes on GPUs (distributed type FSDP, the
+    plugin kept, its mixed precision set). From there on everything (``fsdp2_prepare_model``, the
+    Trainer's FSDP paths, ``DDKTrainer``'s) is accelerate's, transformers' and ddk's own code.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):  # type: ignore[no-untyped-def]
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type  # as its __init__ ends
+
+    AcceleratorState.__init__ = fsdp_on_cpu  # type: ignore[method-assign]
+
+
+class _CountingTrainer(DDKTrainer):
+    """Counts the teacher's forwards and the gathers of its root group (embeddings, final norm,
+    output layer); records, for each training micro-step, the root group's gathers, the sharded
+    tensors the loss gathered besides, and whether the whole teacher was sharded again afterwards."""
+
+    def __init__(self, *a, **k):  # type: ignore[no-untyped-def]
+        super().__init__(*a, **k)
+        self.teacher_forwards = self.root_gathers = self.full_tensors = 0
+        self.steps: list[tuple[int, int, bool]] = []
+
+    def count(self) -> None:
+        import ddk.losses.causal_lm as causal_lm
+
+        root = self.teacher._get_fsdp_state()._fsdp_param_groups[0]  # FSDP2's group of the root's own parameters
+        unshard, full_tensor = root.unshard, causal_lm.full_tensor
+
+        def counting_unshard(*a, **k):  # type: ignore[no-untyped-def]
+            self.root_gathers += not root.is_unsharded
+            return unshard(*a, **k)
+
+        def counting_full_tensor(t):  # type: ignore[no-untyped-def]
+            self.full_tensors += callable(getattr(t, "full_tensor", None))
+            return full_tensor(t)
+
+        def forward(*_):  # type: ignore[no-untyped-def]
+            self.teacher_forwards += 1
+
+        root.unshard, causal_lm.full_tensor = counting_unshard, counting_full_tensor
+        self.teacher.register_forward_pre_hook(forward)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        from torch.distributed.tensor import DTensor
+
+        before = (self.root_gathers, self.full_tensors)
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            sharded = all(isinstance(p, DTensor) for p in self.teacher.parameters())
+            self.steps.append((self.root_gathers - before[0], self.full_tensors - before[1], sharded))
+        return out
+
+
+def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool) -> dict:  # type: ignore[type-arg]
+    """``DDKTrainer.train()`` of a float64 tiny pair of ``family`` (teacher: 4 blocks; ``qwen2``: tied
+    output layers, the teacher's vocabulary padded by 8 rows) for 4 steps of a
+    global batch of 4 (``method="ddk"``, interval 2: two updates of the weights; ragged labels:
+    uneven tokens per rank; one validation batch per domain: uneven shards over 2 ranks), then
+    ``evaluate()`` on 4 sequences per domain. Under ``fsdp`` accelerate's FSDP2 shards the student
+    and ``DDKTrainer`` the teacher. Returns the logs, the controller's records, the evaluation,
+    the student's full parameters and what this rank held and gathered of the teacher."""
+    from ddk.distributed import local_bytes
+
+    train, val = _data(ragged=True)
+    args = DDKConfig(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        seed=0,
+        method="ddk",
+        loss=loss,
+        **{**COMMON, "logging_steps": 1},
+        **(FSDP2 if fsdp else {}),
+    )
+    world = args.world_size
+    controller = DDKController(
+        DiscrepancyEstimator(val, progress=False),
+        FactorSmoother(3),
+        MixtureSampler(
+            list(SIZES), per_device * world, seed=3, domain_names=NAMES, rank=args.process_index, world_size=world
+        ),
+        interval=2,
+    )
+    evals = {n: [{"input_ids": r, "domain_id": d} for r in val[n][0]["input_ids"]] for d, n in enumerate(NAMES)}
+    teacher = make_model(family, VOCAB + (8 if family == "qwen2" else 0), hidden=48, layers=4, seed=1).double()
+    whole = local_bytes(teacher)
+    tr = _CountingTrainer(
+        model=make_model(family, VOCAB, seed=2).double(),
+        args=args,
+        train_dataset=train,
+        eval_dataset=evals,
+        teacher=teacher,
+        controller=controller,
+    )
+    if fsdp:
+        tr.count()
+    tr.train()
+    # (before evaluate(): accelerate keeps the student's output-layer group gathered after a forward)
+    student_sharded = all(type(p).__name__ == "DTensor" for p in tr.model.parameters())
+    evaluation = tr.evaluate()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    params = {n: getattr(p, "full_tensor", p.detach)().detach().clone() for n, p in tr.model.named_parameters()}
+    return {
+        "fsdp2": bool(tr.accelerator.is_fsdp2),
+        "student_sharded": student_sharded,
+        "logs": {k: [h[k] for h in logs] for k in ("loss", "ce", "kd", "grad_norm")},
+        "weights": [r["weights"] for r in controller.records],
+        "validation_ce": [r["student_ce"] + r["teacher_ce"] for r in controller.records],
+        "eval": {k: v for k, v in evaluation.items() if k.endswith("_loss")},
+        "params": params,
+        "teacher_whole": whole,
+        "teacher_local": local_bytes(tr.teacher),  # type: ignore[arg-type]
+        "steps": tr.steps,
+        "root_gathers": tr.root_gathers,
+        "teacher_forwards": tr.teacher_forwards,
+    }
+
+
+_FSDP_WORKER = """
+import json
+import os
+import sys
+from pathlib import Path
+
+out, rank, port, family, loss = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=port, OMP_NUM_THREADS="1")
+sys.path.insert(0, sys.argv[6])
+
+import torch
+from safetensors.torch import save_file
+from test_transformers import accelerate_fsdp_on_cpu, fsdp_run
+
+accelerate_fsdp_on_cpu()
+result = fsdp_run(out / "run", per_device=2, family=family, loss=loss, fsdp=True)
+save_file(result.pop("params"), str(out / f"rank{rank}.safetensors"))
+(out / f"rank{rank}.json").write_text(json.dumps(result))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("family,loss", [("llama", "fused"), ("llama", "logits"), ("qwen2", "fused")])
+@pytest.mark.e2e
+def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_path, family, loss):
+    """A real ``DDKTrainer.train()`` under accelerate's FSDP2 on 2 gloo ranks x 2 sequences = 1 process
+    x 4 sequences: per-step losses, the controller's weights and validation CEs, the evaluation and
+    the final student parameters agree to float64 rounding: FSDP2 reduce-scatters the halves' sums
+    where one process sums the whole batch (measured: parameters within 2.8e-17, ce, kd and the
+    gradient norm within 3.5e-15 relative, weights and validation CEs equal, evaluation within
+    2.1e-16). Each rank holds half of the teacher's bytes; every micro-step gathers its root group
+    once (its output layer read as gathered, nothing else gathered for the loss) and frees it; both
+    ranks run as many teacher forwards (the teacher CE over uneven validation shards padded, none in
+    ``evaluate()``)."""
+    from gloo_workers import run_workers
+    from safetensors.torch import load_file
+
+    script = tmp_path / "worker.py"
+    script.write_text(_FSDP_WORKER)
+    here = Path(__file__).resolve().parent
+    run_workers(script, lambda r, port: [tmp_path, r, port, family, loss, here], timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    params = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    one = fsdp_run(tmp_path / "one", per_device=4, family=family, loss=loss, fsdp=False)
+    init = make_model(family, VOCAB, seed=2).double().state_dict()
+    assert not one["fsdp2"] and any(not torch.equal(one["params"][k], init[k]) for k in one["params"])  # it trained
+    for got in ranks:
+        assert got["fsdp2"] and got["student_sharded"]
+        assert got["teacher_local"] / got["teacher_whole"] == pytest.approx(0.5, abs=0.01)
+        assert got["steps"] == [[1, 0, True]] * 4  # one gather of the root group per micro-step, freed after it
+        # the teacher CE: one batch per domain, on rank 0; rank 1 runs a spare one per domain (dropped)
+        assert got["teacher_forwards"] == len(NAMES) + 4
+        assert got["root_gathers"] == 1 + 4  # the root group held through the teacher-CE pass, freed at its end
+        assert got["logs"] == ranks[0]["logs"]  # logged over both ranks
+        assert got["logs"]["loss"] == pytest.approx(one["logs"]["loss"], rel=1e-6)  # the Trainer sums it in float32
+        for key in ("ce", "kd", "grad_norm"):
+            assert got["logs"][key] == pytest.approx(one["logs"][key], rel=1e-10), key
+        for key in ("weights", "validation_ce"):
+            torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(one[key]), rtol=1e-12, atol=0, msg=key)
+        assert got["eval"] == pytest.approx(one["eval"], rel=1e-12)
+    for k, want in one["params"].items():
+        assert torch.equal(params[0][k], params[1][k]), k
+        torch.testing.assert_close(params[0][k], want, atol=1e-12, rtol=1e-10, msg=k)
+
+
 # ---------------------------------------------------------------------------- from a teacher cache
 def test_ddktrainer_distills_from_a_teacher_cache_without_a_teacher(tmp_path, tok):
     from torch.utils.data import DataLoader
