@@ -64,32 +64,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Last hidden states ``(B, L, H)`` of a transformers causal LM, without its ``lm_head`` work.
-
-    A bare model runs its decoder. A model inside a data-parallel wrapper, or one sharded in place
-    with FSDP2 (``fully_shard`` on the model itself), is called through its ``forward``
-    (``output_hidden_states=True`` and an empty ``logits_to_keep``, so no logits are computed),
-    because a wrapper synchronises gradients only of the forwards it sees and FSDP2 gathers the
-    model's own parameters (embeddings, final norm, ``lm_head``) in its forward hooks.
-    """
-    inner = _unwrap(model)
-    if inner is not model or is_fsdp_root(model):
-        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=True,
-            logits_to_keep=empty,
-        )
-        hidden = getattr(out, "hidden_states", None)
-        if not hidden:
-            raise TypeError(
-                f"{_CAUSAL}: a wrapped model must return hidden_states with output_hidden_states=True; got "
-                f"{type(out).__name__} without them. Use loss='logits' for this model (ddk distill --loss logits; DDKConfig(loss='logits'))."
-            )
-        return hidden[-1]
+def _find_decoder(model: nn.Module) -> nn.Module | None:
+    """The decoder of a transformers causal LM (``get_decoder()``, ``.base_model`` or ``.model``), or None."""
     decoder = None
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
@@ -97,13 +73,62 @@ def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     if decoder is None or decoder is model:
         base = getattr(model, "base_model", None)
         decoder = base if base is not None and base is not model else getattr(model, "model", None)
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
+def _last_hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Last hidden states ``(B, L, H)`` of a transformers causal LM, without its ``lm_head`` work.
+
+    A bare model runs its decoder. A model inside a data-parallel wrapper, or one sharded in place
+    with FSDP2 (``fully_shard`` on the model itself), is called through its ``forward`` with an
+    empty ``logits_to_keep`` (no logits are computed), because a wrapper synchronises gradients
+    only of the forwards it sees and FSDP2 gathers the model's own parameters (embeddings, final
+    norm, ``lm_head``) in its forward hooks; the decoder's output is taken by a forward hook on
+    the decoder, so no layer's hidden states are kept beyond what autograd saves (a frozen
+    teacher keeps none). A model without a decoder to hook returns them with
+    ``output_hidden_states=True``.
+    """
+    inner = _unwrap(model)
+    if inner is not model or is_fsdp_root(model):
+        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        decoder = _find_decoder(inner)
+        captured: list[torch.Tensor] = []
+        handle = (
+            decoder.register_forward_hook(lambda _m, _a, o: captured.append(_last_hidden(o)))
+            if decoder is not None
+            else None
+        )
+        try:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                output_hidden_states=decoder is None,
+                logits_to_keep=empty,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        if captured:
+            return captured[-1]
+        hidden = getattr(out, "hidden_states", None)
+        if not hidden:
+            raise TypeError(
+                f"{_CAUSAL}: a wrapped model must return hidden_states with output_hidden_states=True; got "
+                f"{type(out).__name__} without them. Use loss='logits' for this model (ddk distill --loss logits; DDKConfig(loss='logits'))."
+            )
+        return hidden[-1]
+    decoder = _find_decoder(model)
     if decoder is None:
         raise TypeError(
             f"{_CAUSAL}: model must be a transformers causal LM with get_decoder(), .base_model or .model; "
             f"got {type(model).__name__}. Use loss='logits' for other models (ddk distill --loss logits; DDKConfig(loss='logits'))."
         )
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return _last_hidden(decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
 
 
 def _named(model: nn.Module) -> str:

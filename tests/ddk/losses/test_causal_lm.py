@@ -470,3 +470,41 @@ def test_causal_lm_kd_loss_output_is_a_kd_loss_output() -> None:
     out = causal_lm_kd_loss(student, teacher, _batch(seed=4))
     assert dataclasses.is_dataclass(out) and out.domain_tokens.shape == (1,)
     assert int(out.num_tokens) == 3 * 9 - 1 - 3
+
+
+class _Wrapper(torch.nn.Module):
+    """A data-parallel-like wrapper: the causal LM as ``.module``, called through its forward."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.calls: list[dict[str, object]] = []
+
+    def forward(self, **kwargs: object) -> object:
+        self.calls.append(kwargs)
+        return self.module(**kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma2", "phi"])
+def test_fused_through_a_wrapper_equals_the_bare_models_and_keeps_no_layer_outputs(family: str) -> None:
+    """Wrapped models (DDP, accelerate, DeepSpeed hold the model as ``.module``; FSDP2 roots take
+    the same path) run their own forward with no logits and no per-layer hidden states: the
+    decoder's output is taken by a hook. Same loss and gradients as the bare models, bit for bit."""
+    student, teacher = _pair(family)
+    batch = _batch()
+    dom = torch.tensor([0, 2, 1])
+    bare = causal_lm_kd_loss(student, teacher, batch, domain_ids=dom, num_domains=3, gamma=0.5)
+    bare.loss.backward()
+    want = _grads(student)
+    student.zero_grad(set_to_none=True)
+    ws, wt = _Wrapper(student), _Wrapper(teacher)
+    out = causal_lm_kd_loss(ws, wt, batch, domain_ids=dom, num_domains=3, gamma=0.5)
+    out.loss.backward()
+    got = _grads(student)
+    for w in (ws, wt):
+        assert len(w.calls) == 1 and w.calls[0]["output_hidden_states"] is False
+        assert w.calls[0]["logits_to_keep"].numel() == 0  # type: ignore[union-attr]
+    for field in ("loss", "ce_sum", "kd_sum", "domain_ce_sum", "domain_kd_sum"):
+        assert torch.equal(getattr(out, field), getattr(bare, field)), field
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not student.get_decoder()._forward_hooks and not teacher.get_decoder()._forward_hooks  # removed
