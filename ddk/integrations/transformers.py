@@ -117,9 +117,18 @@ class DDKConfig(TrainingArguments, DistillOptions):
     pack_cache_dir: str | None = field(
         default=None, metadata={"help": "Folder caching the packed token sequences (keyed by content); None: no cache."}
     )
+    teacher_offload: str = field(
+        default="none",
+        metadata={
+            "help": "'cpu': under accelerate's FSDP2 the teacher's shards wait in host memory (FSDP2's "
+            "CPUOffloadPolicy), as ddk distill --teacher-offload cpu; 'none': they stay on the device."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.check_options("DDKConfig")
+        if self.teacher_offload not in ("none", "cpu"):
+            raise ValueError(f"DDKConfig: teacher_offload must be 'none' or 'cpu'; got {self.teacher_offload!r}.")
         if self.pack_cache_dir is not None and not isinstance(self.pack_cache_dir, (str, os.PathLike)):
             raise ValueError(f"DDKConfig: pack_cache_dir must be None or a folder path; got {self.pack_cache_dir!r}.")
         TrainingArguments.__post_init__(self)
@@ -404,6 +413,7 @@ class DDKTrainer(Trainer):
         self.step_loss = self.parts.loss if self.parts is not None else StepLoss.of(options, len(names), autocast)
         if cfg is None:
             self.step_loss.check_models(model, teacher)
+        self._check_teacher_offload(teacher)
         if teacher is not None and zero3_enabled(self.accelerator):  # DeepSpeed ZeRO-3: a sharded inference engine
             self.teacher: torch.nn.Module | None = prepare_zero3_teacher(teacher, self.accelerator)
         else:
@@ -436,21 +446,43 @@ class DDKTrainer(Trainer):
             teacher_cache, tokenizer, temperature=float(getattr(args, "temperature", 1.0)), seq_len=seq_len, fn=fn
         )
 
+    def _check_teacher_offload(self, teacher: torch.nn.Module | None) -> None:
+        """``teacher_offload="cpu"`` needs a teacher sharded by accelerate's FSDP2."""
+        if getattr(self.args, "teacher_offload", "none") != "cpu":
+            return
+        if teacher is None or not getattr(self.accelerator, "is_fsdp2", False):
+            raise ValueError(
+                "DDKTrainer: teacher_offload='cpu' keeps a teacher sharded by accelerate's FSDP2 in host memory; "
+                + (
+                    "got no teacher (a teacher cache needs none). Drop teacher_offload."
+                    if teacher is None
+                    else f"got distributed type {self.accelerator.distributed_type} (not FSDP2). Set "
+                    "DDKConfig(fsdp=True, fsdp_config={'fsdp_version': 2}) (or fsdp_version: 2 in the accelerate "
+                    "config) and launch several processes, or drop teacher_offload."
+                )
+            )
+
     def _prepare_teacher(self, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
         """The teacher frozen, in eval mode, on the trainer's device and prepared by accelerate; under
         accelerate's FSDP2 sharded over the ranks as ``ddk distill --fsdp`` shards it
-        (``ddk.engine.parallel.shard_teacher``), after its identity was checked and before its
-        first forward. Under DDP (or FSDP1) it stays whole on every rank; a teacher spread over
-        devices (``hf_device_map``) stays where it is."""
+        (``ddk.engine.parallel.shard_teacher``; with ``teacher_offload="cpu"`` its shards in host
+        memory), after its identity was checked and before its first forward. Under DDP (or FSDP1)
+        it stays whole on every rank; a teacher spread over devices (``hf_device_map``) stays where
+        it is."""
+        offload = getattr(self.args, "teacher_offload", "none") == "cpu"
+        fsdp2 = bool(getattr(self.accelerator, "is_fsdp2", False))
         if teacher is None:
             return None
         teacher.requires_grad_(False)
         teacher.eval()
         if getattr(teacher, "hf_device_map", None) is not None:  # a teacher spread over devices stays where it is
             return self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        teacher = self.accelerator.prepare_model(teacher.to(self.args.device), evaluation_mode=True)
-        if getattr(self.accelerator, "is_fsdp2", False):
-            shard_teacher(teacher)
+        # offloaded: left in host memory, FSDP2 moves one group at a time to the device while sharding it
+        teacher = self.accelerator.prepare_model(
+            teacher if offload else teacher.to(self.args.device), evaluation_mode=True
+        )
+        if fsdp2:
+            shard_teacher(teacher, offload=offload)
         return teacher
 
     # ------------------------------------------------------------------ data

@@ -869,7 +869,7 @@ class _CountingTrainer(DDKTrainer):
         return out
 
 
-def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool) -> dict:  # type: ignore[type-arg]
+def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool, offload: str = "none") -> dict:  # type: ignore[type-arg]
     """``DDKTrainer.train()`` of a float64 tiny pair of ``family`` (teacher: 4 blocks; ``qwen2``: tied
     output layers, the teacher's vocabulary padded by 8 rows) for 4 steps of a
     global batch of 4 (``method="ddk"``, interval 2: two updates of the weights; ragged labels:
@@ -892,7 +892,7 @@ def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool) -> 
         method="ddk",
         loss=loss,
         **{**COMMON, "logging_steps": 1},
-        **(FSDP2 if fsdp else {}),
+        **(dict(FSDP2, teacher_offload=offload) if fsdp else {}),
     )
     world = args.world_size
     controller = DDKController(
@@ -921,6 +921,13 @@ def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool) -> 
     student_sharded = all(type(p).__name__ == "DTensor" for p in tr.model.parameters())
     evaluation = tr.evaluate()
     logs = [h for h in tr.state.log_history if "loss" in h]
+    from torch.distributed.fsdp import FSDPModule
+
+    policies = [  # FSDP2's offload policy of each of the teacher's groups
+        type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+        for m in tr.teacher.modules()  # type: ignore[union-attr]
+        if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group is not None
+    ]
     params = {n: getattr(p, "full_tensor", p.detach)().detach().clone() for n, p in tr.model.named_parameters()}
     return {
         "fsdp2": bool(tr.accelerator.is_fsdp2),
@@ -932,6 +939,10 @@ def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool) -> 
         "params": params,
         "teacher_whole": whole,
         "teacher_local": local_bytes(tr.teacher),  # type: ignore[arg-type]
+        "teacher_devices": sorted(
+            {str(p.to_local().device) for p in tr.teacher.parameters() if hasattr(p, "to_local")}
+        ),  # type: ignore[union-attr]
+        "teacher_policies": policies,
         "steps": tr.steps,
         "root_gathers": tr.root_gathers,
         "teacher_forwards": tr.teacher_forwards,
@@ -944,7 +955,7 @@ import os
 import sys
 from pathlib import Path
 
-out, rank, port, family, loss = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+out, rank, port, family, loss, offload = (Path(sys.argv[1]), *sys.argv[2:6], sys.argv[7])
 os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=port, OMP_NUM_THREADS="1")
 sys.path.insert(0, sys.argv[6])
@@ -954,7 +965,7 @@ from safetensors.torch import save_file
 from test_transformers import accelerate_fsdp_on_cpu, fsdp_run
 
 accelerate_fsdp_on_cpu()
-result = fsdp_run(out / "run", per_device=2, family=family, loss=loss, fsdp=True)
+result = fsdp_run(out / "run", per_device=2, family=family, loss=loss, fsdp=True, offload=offload)
 save_file(result.pop("params"), str(out / f"rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 torch.distributed.barrier()
@@ -962,9 +973,12 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("family,loss", [("llama", "fused"), ("llama", "logits"), ("qwen2", "fused")])
+@pytest.mark.parametrize(
+    "family,loss,offload",
+    [("llama", "fused", "none"), ("llama", "logits", "none"), ("qwen2", "fused", "none"), ("llama", "fused", "cpu")],
+)
 @pytest.mark.e2e
-def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_path, family, loss):
+def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_path, family, loss, offload):
     """A real ``DDKTrainer.train()`` under accelerate's FSDP2 on 2 gloo ranks x 2 sequences = 1 process
     x 4 sequences: per-step losses, the controller's weights and validation CEs, the evaluation and
     the final student parameters agree to float64 rounding: FSDP2 reduce-scatters the halves' sums
@@ -980,7 +994,7 @@ def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_
     script = tmp_path / "worker.py"
     script.write_text(_FSDP_WORKER)
     here = Path(__file__).resolve().parent
-    run_workers(script, lambda r, port: [tmp_path, r, port, family, loss, here], timeout=300)
+    run_workers(script, lambda r, port: [tmp_path, r, port, family, loss, here, offload], timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     params = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     one = fsdp_run(tmp_path / "one", per_device=4, family=family, loss=loss, fsdp=False)
@@ -989,6 +1003,11 @@ def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_
     for got in ranks:
         assert got["fsdp2"] and got["student_sharded"]
         assert got["teacher_local"] / got["teacher_whole"] == pytest.approx(0.5, abs=0.01)
+        # teacher_offload="cpu": FSDP2's CPUOffloadPolicy on every group of the teacher, its shards CPU tensors
+        # (on this CPU-only machine the device is the CPU too: the policy is what tells the two apart)
+        want_policy = "CPUOffloadPolicy" if offload == "cpu" else "OffloadPolicy"
+        assert len(got["teacher_policies"]) == 4 + 1 and set(got["teacher_policies"]) == {want_policy}
+        assert got["teacher_devices"] == ["cpu"]
         assert got["steps"] == [[1, 0, True]] * 4  # one gather of the root group per micro-step, freed after it
         # the teacher CE: one batch per domain, on rank 0; rank 1 runs a spare one per domain (dropped)
         assert got["teacher_forwards"] == len(NAMES) + 4
@@ -1003,6 +1022,27 @@ def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_
     for k, want in one["params"].items():
         assert torch.equal(params[0][k], params[1][k]), k
         torch.testing.assert_close(params[0][k], want, atol=1e-12, rtol=1e-10, msg=k)
+
+
+def test_ddktrainer_teacher_offload_needs_fsdp2_and_a_teacher(tmp_path):
+    """``teacher_offload="cpu"`` outside accelerate's FSDP2 (one process here) is refused at once,
+    naming the FSDP2 settings; another value is refused by ``DDKConfig``."""
+    train, val = _data()
+    with pytest.raises(ValueError, match="teacher_offload must be 'none' or 'cpu'; got 'gpu'"):
+        DDKConfig(output_dir=str(tmp_path), max_steps=1, teacher_offload="gpu", **COMMON)
+    args = DDKConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=BATCH, teacher_offload="cpu", **COMMON
+    )
+    est = DiscrepancyEstimator(val, progress=False)
+    ctrl = DDKController(est, FactorSmoother(3), MixtureSampler(list(SIZES), BATCH, domain_names=NAMES), interval=2)
+    with pytest.raises(ValueError, match=r"not FSDP2\). Set DDKConfig\(fsdp=True, fsdp_config=\{'fsdp_version': 2\}\)"):
+        DDKTrainer(
+            model=make_model("llama", VOCAB),
+            args=args,
+            train_dataset=train,
+            teacher=make_model("llama", VOCAB, seed=1),
+            controller=ctrl,
+        )
 
 
 # ---------------------------------------------------------------------------- from a teacher cache
