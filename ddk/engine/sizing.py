@@ -10,13 +10,14 @@ What it models is what ``ddk distill`` does (``--dtype bf16``, the CUDA default)
 * **the student** keeps float32 master weights (``load_models``), float32 gradients and AdamW's
   two float32 moments (``make_optimizer``): 16 bytes per parameter, divided by R under FSDP2
   (``--fsdp``); under DDP every rank holds them and DDP's gradient buckets (a second copy of
-  the gradients, ``gradient_as_bucket_view=False``): 20 bytes per parameter. FSDP2 also holds
-  the blocks it has gathered: two float32 blocks in flight (the one computing and the one
-  prefetched) and the unsharded gradient of one block, 12 bytes per block parameter; and the
-  root group (``fully_shard(step)``: embedding, final norm, output layer), whose forward is the
-  whole step, so it is gathered through the forward and again through the backward, 4 bytes per
-  parameter, with the output layer's unsharded gradient (the first of the backward; the
-  embedding's comes last, when the activations are gone), 4 bytes per output weight.
+  the gradients, ``gradient_as_bucket_view=False``): 20 bytes per parameter. FSDP2 also holds,
+  in float32, what it has gathered: the root group (``fully_shard(step)``: embedding, final
+  norm, output layer), whose forward is the whole step, gathered through the forward and again
+  through the backward; and either the root group's all-gather buffer, still held while the
+  first block is gathered, with that block's buffer, or two blocks (the one computing and the
+  one prefetched): ``root + max(root + block, 2 block)`` parameters (measured by
+  ``bench/shard_teacher.py``); plus the unsharded gradient of one block and the output layer's
+  (the first of the backward; the embedding's comes last, when the activations are gone).
 * **autocast's bfloat16 weight copies**: every ``nn.Linear`` under autocast casts its float32
   weight to bfloat16 and keeps that copy for backward, so the autograd graph holds 2 bytes per
   block matmul parameter from forward to backward, sharded or not (one block's with activation
@@ -33,14 +34,14 @@ What it models is what ``ddk distill`` does (``--dtype bf16``, the CUDA default)
 * **the teacher** in bfloat16, frozen (no gradient, no optimizer state), placed one of
   :data:`PLACEMENTS`: ``"replicated"`` (2 bytes per parameter on every GPU; what ``ddk distill``
   does without ``--fsdp``), ``"fsdp"`` (what ``--fsdp`` does, ``ddk.engine.parallel.shard_teacher``:
-  ``2 N_t / R`` on each rank, plus two blocks in flight and the root group, embedding, final norm
-  and output layer, gathered from the teacher's forward until the loss has read the output
-  layer), ``"cpu_offload"`` (what ``--fsdp --teacher-offload cpu`` does: FSDP2's
-  ``CPUOffloadPolicy`` on the same groups, so the shards, ``2 N_t / R`` bytes, sit in host memory,
-  pinned under NCCL, and the GPU holds the same gathered blocks and root group, plus the
-  host-to-device copy of the shard of the group being gathered, which FSDP2 copies into the
-  all-gather buffer and frees: ``2 b_t / R`` while the blocks run (``b_t`` one block's
-  parameters), ``2 root_t / R`` when the root group is gathered, before any block), ``"cache"``
+  ``2 N_t / R`` on each rank, plus what FSDP2 holds gathered at once, as for the student:
+  ``root_t + max(root_t + b_t, 2 b_t)`` parameters (``b_t`` one block's, ``root_t`` the
+  embedding, final norm and output layer, gathered from the teacher's forward until the loss
+  has read the output layer)), ``"cpu_offload"`` (what ``--fsdp --teacher-offload cpu`` does:
+  FSDP2's ``CPUOffloadPolicy`` on the same groups, so the shards, ``2 N_t / R`` bytes, sit in
+  host memory, pinned under NCCL, and the GPU holds the same gathered groups, plus the
+  host-to-device copy of the shard of the block being gathered, which FSDP2 copies into the
+  all-gather buffer and frees: ``2 b_t / R``), ``"cache"``
   (the offline top-k cache of ``ddk teacher-cache``, ``--teacher-cache``: no teacher at all; the
   batch carries ``k`` ids, ``k`` log-probabilities and the tail per token,
   ``ddk.data.bytes_per_token(k)`` bytes per token on disk). Its no-grad forward needs a working set of about ``n (6 f_t + 8 h_t)`` bytes
@@ -249,12 +250,13 @@ class MemoryEstimate:
     Attributes:
         placement: one of :data:`PLACEMENTS`.
         teacher_resident: the teacher's weights kept on the GPU (all, or this rank's shard; none offloaded).
-        teacher_gathered: blocks gathered in flight and the root group (sharded placements; offloaded,
-            with the host-to-device copy of the shard being gathered).
+        teacher_gathered: the peak FSDP2 holds gathered, ``root + max(root + block, 2 block)``
+            (sharded placements; offloaded, with the host-to-device copy of a block's shard).
         teacher_working: the no-grad forward's temporaries (0 with a cache).
         cache_batch: the cached top-k batch on the GPU (``"cache"`` only).
         student_states: weights, gradients and AdamW moments (and DDP's buckets).
-        student_gathered: FSDP2's gathered blocks, unsharded block gradient and root group.
+        student_gathered: FSDP2's gathered peak (as the teacher's), one block's and the output
+            layer's unsharded gradients.
         weight_copies: autocast's bfloat16 copies of the block weights kept for backward.
         activations: what the student's blocks keep for backward.
         loss_fused, loss_logits: the loss's own memory on each path.
@@ -304,6 +306,14 @@ def _shape(fn: str, name: str, model: Any) -> ModelShape:
     raise TypeError(f"{fn}: {name} must be a ModelShape or a transformers config; got {type(model).__name__}.")
 
 
+def _gathered_peak(m: ModelShape) -> int:
+    """Parameters FSDP2 holds gathered at once in a forward (bench/shard_teacher.py measures it): the
+    root group (embeddings, final norm, output layer) from the first forward on, and either its
+    all-gather buffer, still held while the first block is gathered, with that block's buffer,
+    or two blocks (the one computing and the one prefetched): ``root + max(root + block, 2 block)``."""
+    return m.root_params + max(m.root_params + m.block_params, 2 * m.block_params)
+
+
 def estimate_memory(teacher: Any, student: Any, workload: Workload, placement: str = "replicated") -> MemoryEstimate:
     """Bytes one GPU holds at the peak of a step (the module docstring states every term).
 
@@ -341,17 +351,15 @@ def estimate_memory(teacher: Any, student: Any, workload: Workload, placement: s
         teacher_resident = _BF16 * t.parameters
     elif placement == "fsdp":
         teacher_resident = math.ceil(_BF16 * t.parameters / r)
-    teacher_gathered = _BF16 * (2 * t.block_params + t.root_params) if sharded_teacher else 0
-    if placement == "cpu_offload":  # plus the host-to-device copy of the shard being gathered
-        teacher_gathered = _BF16 * (
-            t.root_params + max(2 * t.block_params + math.ceil(t.block_params / r), math.ceil(t.root_params / r))
-        )
+    teacher_gathered = _BF16 * _gathered_peak(t) if sharded_teacher else 0
+    if placement == "cpu_offload":  # plus the host-to-device copy of the shard of the block being gathered
+        teacher_gathered += _BF16 * math.ceil(t.block_params / r)
     teacher_working = 0 if cache else n * (6 * t.intermediate + 8 * t.hidden)
     cache_batch = n * (12 * workload.top_k + 4) if cache else 0  # int64 ids, float32 log-probs, float32 tail
 
     if workload.student == "fsdp":
         student_states = math.ceil(16 * s.parameters / r)
-        student_gathered = 3 * _FLOAT32 * s.block_params + _FLOAT32 * (s.root_params + s.output_params)
+        student_gathered = _FLOAT32 * (_gathered_peak(s) + s.block_params + s.output_params)
     else:
         student_states = (16 + (4 if r > 1 else 0)) * s.parameters
         student_gathered = 0
