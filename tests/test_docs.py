@@ -174,7 +174,7 @@ def user_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The pages whose examples are whole multi-process or multi-run sessions (20-45 s each on 2 cores)
 # run in `make test-all`; every other page's examples run in `make test`.
-SLOW_PAGES = {"guides/cli.md", "guides/distributed.md", "guides/teacher-cache.md"}
+SLOW_PAGES = {"guides/cli.md", "guides/distributed.md", "guides/reliability.md", "guides/teacher-cache.md"}
 
 
 @pytest.mark.e2e

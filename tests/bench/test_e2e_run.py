@@ -34,6 +34,7 @@ def test_bootstrap_ci_brackets_the_mean_and_matches_a_direct_resampling() -> Non
     assert e2e.bootstrap_ci([1.5]) == (1.5, 1.5)
 
 
+@pytest.mark.slow  # 25 s: make test-all
 def test_e2e_matrix_writes_the_report_and_reuses_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, _, corpus = own_models(tmp_path)
     tiny = dict(

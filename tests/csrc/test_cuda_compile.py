@@ -45,6 +45,7 @@ def test_cuda_source_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 10 s of nvcc: make test-all (the kernel sources compile in make test)
 def test_cuda_binding_compiles_against_the_shared_checks_header(tmp_path: Path) -> None:
     """csrc/cuda/binding_cuda.cpp (host code: torch and the CUDA runtime headers) with
     csrc/kd_checks.h, syntax-checked by the host compiler with DDK_WITH_CUDA set. A CPU build of

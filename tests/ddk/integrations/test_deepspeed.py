@@ -201,7 +201,9 @@ torch.distributed.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied output layer; tied, padded teacher vocabulary
+@pytest.mark.parametrize(
+    "family", [pytest.param("llama", marks=pytest.mark.slow), "qwen2"]
+)  # untied output layer (make test-all); tied, padded teacher vocabulary
 @pytest.mark.e2e
 def test_ddktrainer_zero3_equals_one_process_with_half_the_teacher_per_rank(tmp_path, family):
     """2 gloo ranks x 2 sequences under ZeRO-3 = 1 process x 4 sequences, fused loss: per-step

@@ -975,7 +975,12 @@ torch.distributed.destroy_process_group()
 
 @pytest.mark.parametrize(
     "family,loss,offload",
-    [("llama", "fused", "none"), ("llama", "logits", "none"), ("qwen2", "fused", "none"), ("llama", "fused", "cpu")],
+    [  # make test runs the tied, padded Qwen2 and the offloaded Llama; make test-all the other two
+        pytest.param("llama", "fused", "none", marks=pytest.mark.slow),
+        pytest.param("llama", "logits", "none", marks=pytest.mark.slow),
+        ("qwen2", "fused", "none"),
+        ("llama", "fused", "cpu"),
+    ],
 )
 @pytest.mark.e2e
 def test_ddktrainer_fsdp2_equals_one_process_with_half_the_teacher_per_rank(tmp_path, family, loss, offload):
