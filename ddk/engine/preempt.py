@@ -13,6 +13,7 @@ at once), so an impatient user is never stuck. Imported by the CLI without torch
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any, ClassVar
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "StopSignals", "set_stage", "stop_signals"]
+__all__ = ["EXIT_PREEMPTED", "Preempted", "StopSignals", "first_rank", "set_stage", "stop_signals"]
 
 #: exit status of ``ddk distill`` stopped by SIGTERM/SIGINT after writing its checkpoint
 #: (``EX_TEMPFAIL`` of sysexits.h: "try again later" -- rerun the same command to resume).
@@ -77,12 +78,13 @@ class StopSignals:
         if self.at_once and not self._deferred:
             self.handled = True
             raise Preempted(self.signame, -1, "", stage=self.stage, kept=self.kept)
-        print(
-            f"{self.fn}: got {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if first_rank():  # under torchrun every rank gets the signal; rank 0 says it once
+            print(
+                f"{self.fn}: got {signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @contextlib.contextmanager
     def defer(self) -> Iterator[StopSignals]:
@@ -109,6 +111,11 @@ class StopSignals:
         if self._old:
             StopSignals._current = self._outer
         self._old.clear()
+
+
+def first_rank() -> bool:
+    """Whether this process is rank 0 of a torchrun launch, or not launched by torchrun (``RANK``)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ Examples:
     >>> s.block_params, s.parameters  # 2*16*16 + 2*16*8 + 3*16*32 + 2*16; 2 * 2336 + 2*100*16 + 16
     (2336, 7888)
     >>> round(estimate_memory(s, s, Workload(gpus=2), "fsdp").total("fused") / GIB, 3)
-    1.017
+    0.026
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ class Workload:
         student: ``"fsdp"`` (``--fsdp``) or ``"ddp"``.
         checkpointing: activation checkpointing of the student (``--gradient-checkpointing``).
         top_k: entries per token of the offline teacher cache.
-        fused_workspace_bytes: the fused loss's tile workspace (its CUDA cap, 1 GiB, by default).
+        fused_workspace_bytes: the fused loss's tile workspace (its CUDA cap, 1 GiB, by default); a
+            small batch uses less (three float32 ``(n, V)`` blocks at most).
     """
 
     gpus: int = 16
@@ -367,12 +368,14 @@ def estimate_memory(teacher: Any, student: Any, workload: Workload, placement: s
     activations = s.activation_bytes(workload.micro_batch, workload.seq_len, workload.checkpointing)
 
     v, hs = s.vocab, s.hidden
+    # a workspace is a cap: the tiles never hold more than three float32 (n, V) blocks of the batch
+    whole = 3 * _FLOAT32 * n * max(v, t.vocab)
     if cache:
         loss_logits = 4 * n * v + 2 * n * hs + 2 * v * hs
-        loss_fused = _SPARSE_WORKSPACE + 8 * v * hs + 6 * n * hs
+        loss_fused = min(_SPARSE_WORKSPACE, whole) + 8 * v * hs + 6 * n * hs
     else:
         loss_logits = 2 * n * (2 * v + t.vocab) + 2 * n * hs + 2 * v * hs
-        loss_fused = workload.fused_workspace_bytes + 8 * v * hs + 6 * n * hs + 2 * n * t.hidden
+        loss_fused = min(workload.fused_workspace_bytes, whole) + 8 * v * hs + 6 * n * hs + 2 * n * t.hidden
     return MemoryEstimate(
         placement=placement,
         teacher_resident=teacher_resident,

@@ -195,6 +195,23 @@ class DDKCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------- trainer
+def _offload_refusal(has_teacher: bool, distributed_type: Any, fsdp_requested: bool) -> str:
+    """Why ``DDKTrainer`` refuses ``teacher_offload="cpu"``, and what to do."""
+    head = "DDKTrainer: teacher_offload='cpu' keeps a teacher sharded by accelerate's FSDP2 in host memory; "
+    if not has_teacher:
+        return head + "got no teacher (a teacher cache needs none). Drop teacher_offload."
+    head += f"got distributed type {distributed_type} (not FSDP2). "
+    if fsdp_requested:
+        return head + (
+            "accelerate runs FSDP only on an accelerator device: on the CPU it leaves fsdp out (the Trainer "
+            "runs DDP, or one process). Run on GPUs, or drop teacher_offload."
+        )
+    return head + (
+        "Set DDKConfig(fsdp=True, fsdp_config={'fsdp_version': 2}) (or fsdp_version: 2 in the accelerate config) "
+        "and launch with torchrun or accelerate launch (one process per GPU; one GPU works), or drop teacher_offload."
+    )
+
+
 class DDKTrainer(Trainer):
     """A ``transformers.Trainer`` that distills a student from a frozen teacher with DDK.
 
@@ -452,13 +469,8 @@ class DDKTrainer(Trainer):
             return
         if teacher is None or not getattr(self.accelerator, "is_fsdp2", False):
             raise ValueError(
-                "DDKTrainer: teacher_offload='cpu' keeps a teacher sharded by accelerate's FSDP2 in host memory; "
-                + (
-                    "got no teacher (a teacher cache needs none). Drop teacher_offload."
-                    if teacher is None
-                    else f"got distributed type {self.accelerator.distributed_type} (not FSDP2). Set "
-                    "DDKConfig(fsdp=True, fsdp_config={'fsdp_version': 2}) (or fsdp_version: 2 in the accelerate "
-                    "config) and launch several processes, or drop teacher_offload."
+                _offload_refusal(
+                    teacher is not None, self.accelerator.distributed_type, bool(getattr(self.args, "fsdp", None))
                 )
             )
 

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from ddk.engine.preempt import EXIT_PREEMPTED, Preempted
+    from ddk.engine.preempt import EXIT_PREEMPTED, Preempted, first_rank
 
     args = build_parser().parse_args(argv)
     formatwarning = warnings.formatwarning
@@ -330,7 +330,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"ddk {args.command}: error: {getattr(e, 'cli_message', e)}", file=sys.stderr)
         return 2
     except Preempted as e:  # SIGTERM/SIGINT: the checkpoint is written; the same command resumes
-        print(f"ddk {args.command}: {e}", file=sys.stderr)
+        if first_rank():  # every rank stops with 75; rank 0 says it once
+            print(f"ddk {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
     finally:
         warnings.formatwarning = formatwarning

@@ -229,3 +229,23 @@ def test_nan_in_the_final_checkpoint_is_refused_and_keeps_the_good_student(tmp_p
     ):
         real.distill(cfg)
     assert {p.name: p.read_bytes() for p in (run / "student").iterdir()} == student
+
+
+@pytest.mark.parametrize("rank", [None, "0", "1"])
+def test_a_deferred_signal_is_announced_by_rank_zero_alone(monkeypatch, capsys, rank):
+    """Under torchrun every rank gets SIGTERM: only rank 0 (or a process outside torchrun) says it."""
+    import os
+    import signal
+
+    from ddk.engine.preempt import stop_signals
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    with stop_signals("distill", "training") as stop, stop.defer():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        stop.handled = True
+    said = "distill: got SIGTERM: finishing this step" in capsys.readouterr().err
+    assert said == (rank != "1")

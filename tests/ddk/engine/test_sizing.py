@@ -179,7 +179,9 @@ def test_estimate_memory_hand_computed_terms() -> None:
     assert cache.cache_batch == N * (5 * 8 + 5 * 4 + 4)  # int64 ids, float32 log-probs, float32 tail
     assert cache.cache_disk_per_token == 4 + 4 * 5 + 2 * 5 + 4 + 4
     assert cache.loss_logits == 4 * N * 1000 + 2 * N * 64 + 2 * 1000 * 64
-    assert cache.loss_fused == (128 << 20) + 8 * 1000 * 64 + 6 * N * 64
+    assert cache.loss_fused == 3 * 4 * N * 1008 + 8 * 1000 * 64 + 6 * N * 64  # a workspace no larger than the batch
+    big = estimate_memory(T, S, Workload(gpus=4, micro_batch=64, seq_len=2048, top_k=5), "cache")
+    assert big.loss_fused == (128 << 20) + 8 * 1000 * 64 + 6 * 64 * 2048 * 64  # the sparse loss's 128 MiB cap
 
 
 def test_estimate_memory_ddp_student_and_checkpointing() -> None:

@@ -1048,6 +1048,12 @@ def test_ddktrainer_teacher_offload_needs_fsdp2_and_a_teacher(tmp_path):
             teacher=make_model("llama", VOCAB, seed=1),
             controller=ctrl,
         )
+    # fsdp asked for, but accelerate left it out (the CPU: MULTI_CPU under torchrun): the error says so
+    # instead of asking for what was set
+    from ddk.integrations.transformers import _offload_refusal
+
+    said = _offload_refusal(True, "DistributedType.MULTI_CPU", fsdp_requested=True)
+    assert "accelerate runs FSDP only on an accelerator device" in said and "Set DDKConfig" not in said
 
 
 # ---------------------------------------------------------------------------- from a teacher cache
