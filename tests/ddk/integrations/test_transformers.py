@@ -143,6 +143,19 @@ def test_ddktrainer_online_observes_training_batches(tmp_path):
     assert sum(tr.controller.records[-1]["tokens"]) == 2 * BATCH * (SEQ - 1)
 
 
+def _rank_controller(val, args, per_device: int, smoother, interval: int) -> DDKController:  # type: ignore[no-untyped-def]
+    """A controller whose sampler draws this rank's ``per_device`` of a global batch of ``per_device * world``."""
+    world = args.world_size
+    return DDKController(
+        DiscrepancyEstimator(val, progress=False),
+        smoother,
+        MixtureSampler(
+            list(SIZES), per_device * world, seed=3, domain_names=NAMES, rank=args.process_index, world_size=world
+        ),
+        interval=interval,
+    )
+
+
 def test_ddktrainer_rejects_mismatched_batch_size(tmp_path):
     train, val = _data()
     est = DiscrepancyEstimator(val, progress=False)
@@ -239,15 +252,7 @@ def _final_weights(
         loss=loss,
         **COMMON,
     )
-    world = args.world_size
-    controller = DDKController(
-        DiscrepancyEstimator(val, progress=False),
-        FactorSmoother(3, mode="uniform"),
-        MixtureSampler(
-            list(SIZES), per_device * world, seed=3, domain_names=NAMES, rank=args.process_index, world_size=world
-        ),
-        interval=1000,
-    )
+    controller = _rank_controller(val, args, per_device, FactorSmoother(3, mode="uniform"), interval=1000)
     # Two domains of weight 1/2: a global batch of 4 = the union of two consecutive batches of 2.
     controller.sampler.set_weights([0.5, 0.5, 0.0])
     tr = DDKTrainer(model=student, args=args, train_dataset=train, teacher=teacher, controller=controller)
@@ -894,15 +899,7 @@ def fsdp_run(out: Path, per_device: int, family: str, loss: str, fsdp: bool, off
         **{**COMMON, "logging_steps": 1},
         **(dict(FSDP2, teacher_offload=offload) if fsdp else {}),
     )
-    world = args.world_size
-    controller = DDKController(
-        DiscrepancyEstimator(val, progress=False),
-        FactorSmoother(3),
-        MixtureSampler(
-            list(SIZES), per_device * world, seed=3, domain_names=NAMES, rank=args.process_index, world_size=world
-        ),
-        interval=2,
-    )
+    controller = _rank_controller(val, args, per_device, FactorSmoother(3), interval=2)
     evals = {n: [{"input_ids": r, "domain_id": d} for r in val[n][0]["input_ids"]] for d, n in enumerate(NAMES)}
     teacher = make_model(family, VOCAB + (8 if family == "qwen2" else 0), hidden=48, layers=4, seed=1).double()
     whole = local_bytes(teacher)
